@@ -1,0 +1,3 @@
+"""Pure tensor maths behind the callbacks, testable without a Trainer."""
+
+__all__: list[str] = []
