@@ -24,6 +24,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_diag.batch import NoLossError
 from lightning_diag.findings import DiagnosticError, DiagnosticWarning, Finding, Severity
 from lightning_diag.tb import log_scalars, tensorboard_writer
 
@@ -196,9 +197,13 @@ class FitStartCheck(DiagnosticCallback):
                                                 f"{self.check_name} skipped: {reason}.")])
             return
         try:
-            self.publish(trainer, self.run_check(trainer, pl_module))
+            found = self.run_check(trainer, pl_module)
+        except NoLossError as err:  # e.g. a step returning None: a skip, not a crash of the fit
+            found = [self.finding(trainer, f"{self.slug}.skipped", Severity.INFO,
+                                  f"{self.check_name} skipped: {err}")]
         finally:
             self.done = True
+        self.publish(trainer, found)
 
     def _skip_reason(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
         if getattr(trainer, "fast_dev_run", False):

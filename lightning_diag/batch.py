@@ -22,6 +22,7 @@ import torch
 __all__ = [
     "BatchFn",
     "INPUT_KEYS",
+    "NoLossError",
     "TARGET_KEYS",
     "default_batch_to_input",
     "default_batch_to_target",
@@ -32,6 +33,10 @@ __all__ = [
 ]
 
 BatchFn = Callable[[Any], Any]
+
+
+class NoLossError(ValueError):
+    """``training_step`` returned no loss (None, or no ``"loss"`` entry): nothing to measure."""
 
 INPUT_KEYS = ("x", "input", "inputs", "image", "images", "img", "data", "features")
 TARGET_KEYS = ("y", "target", "targets", "label", "labels", "class", "classes")
@@ -76,13 +81,14 @@ def loss_from_output(output: Any) -> torch.Tensor:
     """The loss tensor of a ``training_step`` output (a tensor, or a dict with ``"loss"``).
 
     Raises:
-        ValueError: the step returned None or something without a loss, naming what it returned.
+        NoLossError: (a ValueError) the step returned None or something without a loss, naming
+            what it returned.
     """
     if isinstance(output, torch.Tensor):
         return output
     if isinstance(output, Mapping) and isinstance(output.get("loss"), torch.Tensor):
         return output["loss"]
-    raise ValueError(
+    raise NoLossError(
         "`training_step` must return the loss as a tensor or a dict with a 'loss' tensor for this "
         f"diagnostic, but it returned {type(output).__name__}. Return the loss, or use a model "
         "with automatic optimization."

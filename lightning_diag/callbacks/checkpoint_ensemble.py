@@ -1,0 +1,160 @@
+"""CheckpointEnsemble: keep k checkpoints of one run and measure their ensemble (recipe step 7.3).
+
+At the end of each ``every_n_epochs``-th training epoch (after validation) the weights are saved
+(``Trainer.save_checkpoint(weights_only=True)``); the last ``k``, or the best ``k`` by ``monitor``,
+are kept. At fit end every kept checkpoint and their ensemble are evaluated on the validation
+data; the numbers go to TensorBoard under ``diag/ensemble/...`` and an info finding
+``ensemble.gain`` states the ensemble's accuracy next to the best member's.
+
+Example:
+    >>> from lightning_diag.callbacks.checkpoint_ensemble import CheckpointEnsemble
+    >>> cb = CheckpointEnsemble(k=3, monitor="val_loss", mode="min")
+    >>> trainer = pl.Trainer(callbacks=[cb], max_epochs=10)  # doctest: +SKIP
+    >>> trainer.fit(model, datamodule)  # doctest: +SKIP
+    >>> ensemble = EnsembleModel.from_checkpoints(type(model), cb.paths)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.fabric.utilities.apply_func import move_data_to_device
+
+from lightning_diag.base import DiagnosticCallback
+from lightning_diag.checkpoints import check_state_dict, load_checkpoint, state_dict_of
+from lightning_diag.ensemble import evaluate_members
+from lightning_diag.findings import Severity
+from lightning_diag.functional.ensemble import COMBINE
+from lightning_diag.isolation import clone_module, preserved_rng
+from lightning_diag.tb import log_dir, log_scalars
+
+__all__ = ["CheckpointEnsemble"]
+
+
+class CheckpointEnsemble(DiagnosticCallback):
+    """Keep the last (or best) ``k`` checkpoints and report their ensemble at fit end.
+
+    Args:
+        k: How many checkpoints to keep (>= 2 for an ensemble).
+        monitor: Metric in ``trainer.callback_metrics`` to rank by; None keeps the last ``k``.
+        mode: ``"min"`` or ``"max"`` for ``monitor``.
+        every_n_epochs: Save at the end of every n-th epoch.
+        combine: How the ensemble combines members (see :class:`~lightning_diag.EnsembleModel`).
+        dirpath: Where checkpoints go; default ``<log dir>/ensemble`` (or the root dir).
+        strict: Raise on a FAIL finding (this callback emits none).
+    """
+
+    slug = "ensemble"
+
+    def __init__(self, k: int = 3, monitor: str | None = None, mode: str = "min",
+                 every_n_epochs: int = 1, combine: str = "mean_prob",
+                 dirpath: str | Path | None = None, strict: bool = False) -> None:
+        super().__init__(strict=strict)
+        for name, val in (("k", k), ("every_n_epochs", every_n_epochs)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"`{name}` must be a positive int, got {val!r}.")
+        if monitor is not None and not isinstance(monitor, str):
+            raise TypeError(f"`monitor` must be a metric name or None, got {monitor!r}.")
+        if mode not in ("min", "max"):
+            raise ValueError(f"`mode` must be 'min' or 'max', got {mode!r}.")
+        if combine not in COMBINE:
+            raise ValueError(f"`combine` must be one of {COMBINE}, got {combine!r}.")
+        self.k, self.monitor, self.mode, self.every_n_epochs = k, monitor, mode, every_n_epochs
+        self.combine = combine
+        self.dirpath = Path(dirpath) if dirpath is not None else None
+        self.kept: list[dict[str, Any]] = []  # {"path", "score", "epoch", "step"}
+        self.results: dict[str, Any] = {}
+
+    @property
+    def paths(self) -> list[str]:
+        """The kept checkpoints, oldest first."""
+        return [m["path"] for m in sorted(self.kept, key=lambda m: m["step"])]
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if (trainer.current_epoch + 1) % self.every_n_epochs == 0 and not trainer.sanity_checking:
+            self._save(trainer)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self._evaluate(trainer, pl_module)
+
+    def _save(self, trainer: pl.Trainer) -> None:
+        score = None
+        if self.monitor is not None:
+            value = trainer.callback_metrics.get(self.monitor)
+            if value is None:
+                self._say(trainer, "ensemble.no_monitor", f"`{self.monitor}` was not logged by "
+                          f"epoch {trainer.current_epoch}; this checkpoint is ranked last.")
+            score = float(value) if value is not None else None
+        root = log_dir(trainer) or Path(trainer.default_root_dir)
+        directory = self.dirpath or root / "ensemble"
+        path = directory / f"epoch={trainer.current_epoch}-step={trainer.global_step}.ckpt"
+        trainer.save_checkpoint(path, weights_only=True)
+        self.kept.append({"path": str(path), "score": score, "epoch": trainer.current_epoch,
+                          "step": trainer.global_step})
+        if len(self.kept) > self.k:
+            drop = self._worst()
+            self.kept.remove(drop)
+            if trainer.is_global_zero:
+                Path(drop["path"]).unlink(missing_ok=True)
+
+    def _worst(self) -> dict[str, Any]:
+        if self.monitor is None:
+            return min(self.kept, key=lambda m: m["step"])
+        sign = 1.0 if self.mode == "min" else -1.0
+        return max(self.kept, key=lambda m: (m["score"] is None,
+                                             sign * (m["score"] or 0.0), -m["step"]))
+
+    def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        loaders = trainer.val_dataloaders
+        limit = int(min(trainer.num_val_batches[0], 1e12)) if trainer.num_val_batches else 0
+        if len(self.kept) < 2 or loaders is None or limit == 0:
+            self._say(trainer, "ensemble.skipped", f"{len(self.kept)} checkpoint(s) kept and "
+                      f"{'a' if loaders is not None else 'no'} validation loader: an ensemble "
+                      "needs >= 2 checkpoints and validation data.")
+            return
+        loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+        with preserved_rng():
+            members = []
+            for path in self.paths:
+                state = state_dict_of(load_checkpoint(path), path)
+                member = clone_module(pl_module)
+                check_state_dict(member, state, path)
+                member.load_state_dict(state)
+                members.append(member.eval())
+            batches = (move_data_to_device(b, pl_module.device)
+                       for i, b in zip(range(limit), loader, strict=False))
+            self.results = evaluate_members(members, batches, self.combine, pl_module.device)
+        self._report(trainer)
+
+    def _report(self, trainer: pl.Trainer) -> None:
+        ens, rows = self.results["ensemble"], self.results["members"]
+        best = max(rows, key=lambda r: r["acc"])
+        gain = ens["acc"] - best["acc"]
+        scalars = {f"diag/ensemble/member_{i}/{m}": r[m] for i, r in enumerate(rows)
+                   for m in ("acc", "loss")}
+        scalars.update({"diag/ensemble/ensemble_acc": ens["acc"],
+                        "diag/ensemble/ensemble_loss": ens["loss"],
+                        "diag/ensemble/best_member_acc": best["acc"], "diag/ensemble/gain": gain})
+        log_scalars(trainer, scalars, trainer.global_step)
+        members = ", ".join(f"{r['acc']:.4f}" for r in rows)
+        self.publish(trainer, [self.finding(
+            trainer, "ensemble.gain", Severity.INFO,
+            f"Ensemble of {len(rows)} checkpoints ({self.combine}): val accuracy {ens['acc']:.4f}, "
+            f"loss {ens['loss']:.4f}; members' accuracy {members} (best {best['acc']:.4f}, "
+            f"loss {best['loss']:.4f}); gain {gain:+.4f}.",
+            advice="Ensembles usually gain a few percent (recipe step 7); load them with "
+                   "EnsembleModel.from_checkpoints(ModelClass, callback.paths).",
+            value=gain, details=self.results)])
+
+    def _say(self, trainer: pl.Trainer, code: str, message: str) -> None:
+        if not any(f.code == code for f in self.findings):
+            self.publish(trainer, [self.finding(trainer, code, Severity.INFO, message)])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kept": [dict(m) for m in self.kept]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.kept = [dict(m) for m in state_dict.get("kept", [])]

@@ -1,0 +1,335 @@
+"""Recipe step 6.4: read the curves, say what to change (LR decay, capacity, regularization).
+
+Example:
+    >>> from lightning_diag.callbacks.lr_advisor import LRPlateauAdvisor
+    >>> advisor = LRPlateauAdvisor(patience=3, act=False)
+    >>> advisor.slug
+    'advisor'
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from torch.utils.data import BatchSampler, SequentialSampler
+
+from lightning_diag.base import DiagnosticCallback
+from lightning_diag.batch import loss_from_output
+from lightning_diag.findings import Finding, Severity
+from lightning_diag.functional.curves import is_jump, jump_threshold, plateau_length
+from lightning_diag.isolation import train_dataloader_of
+from lightning_diag.tb import log_dir
+
+__all__ = ["LRPlateauAdvisor", "batch_indices", "save_batch"]
+
+INDEX_KEYS = ("index", "indices", "idx")
+
+ADVICE = {
+    "plateau": "Decay the learning rate (the loss plateaus while still high).",
+    "underfit": "Underfitting: use a bigger model, train longer, perhaps raise the learning rate.",
+    "overfit": "Overfitting: add weight decay or other regularization, or get more data.",
+    "divergence": "The model may be wrong (e.g. vanishing gradients) or the batch holds abnormal "
+                  "samples (corrupted data): inspect the saved batch and these dataset indices.",
+}
+
+
+def batch_indices(trainer: pl.Trainer, batch: Any, batch_idx: int) -> tuple[tuple[int, ...], str]:
+    """Dataset indices of a training batch, and how they were found (``""`` when unknown).
+
+    Supported: a batch that carries them (third element of a tuple/list, or an ``index``,
+    ``indices`` or ``idx`` key of a dict, as a 1-D integer tensor), or a single-process loader
+    whose sampler is a ``SequentialSampler`` over a map-style dataset (``shuffle=False``), where
+    batch ``i`` holds ``range(i * batch_size, ...)``. Shuffled loaders draw their order from a
+    generator that cannot be replayed without advancing it, so their indices stay unknown.
+    """
+    carried: Any = None
+    if isinstance(batch, Mapping):
+        carried = next((batch[k] for k in INDEX_KEYS if k in batch), None)
+    elif isinstance(batch, (list, tuple)) and len(batch) > 2:
+        carried = batch[2]
+    if (isinstance(carried, torch.Tensor) and carried.dim() == 1
+            and not carried.is_floating_point()):
+        return tuple(int(i) for i in carried.tolist()), "carried by the batch"
+    if trainer.world_size != 1:
+        return (), ""
+    try:
+        loader = train_dataloader_of(trainer)
+    except ValueError:
+        return (), ""
+    sampler = loader.batch_sampler
+    if isinstance(sampler, BatchSampler) and isinstance(sampler.sampler, SequentialSampler):
+        start = batch_idx * sampler.batch_size
+        stop = min(start + sampler.batch_size, len(sampler.sampler))
+        return tuple(range(start, stop)), "sequential sampler"
+    return (), ""
+
+
+def save_batch(trainer: pl.Trainer, batch: Any, name: str) -> Path | None:
+    """``torch.save`` a batch (moved to CPU) as ``name`` in the run's log directory (rank 0)."""
+    directory = log_dir(trainer) if trainer.is_global_zero else None
+    if directory is None:
+        return None
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    torch.save(move_data_to_device(batch, "cpu"), path)
+    return path
+
+
+def _validate(names: dict[str, Any], counts: dict[str, Any], fractions: dict[str, Any],
+              others: dict[str, tuple[Any, float, bool]], flags: dict[str, Any]) -> None:
+    """Raise a ValueError/TypeError naming the first bad argument of LRPlateauAdvisor."""
+    for name, value in names.items():
+        if value is not None and (not isinstance(value, str) or not value):
+            raise TypeError(f"`{name}` must be a non-empty metric name, got {value!r}.")
+    for name, value in counts.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"`{name}` must be an int >= 1, got {value!r}.")
+    for name, value in fractions.items():
+        if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"`{name}` must be a number in [0, 1], got {value!r}.")
+    for name, (value, low, inclusive) in others.items():
+        if not isinstance(value, (int, float)) or value < low or (value == low and not inclusive):
+            raise ValueError(f"`{name}` must be a number {'>=' if inclusive else '>'} {low}, "
+                             f"got {value!r}.")
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"`{name}` must be a bool, got {value!r}.")
+
+
+class LRPlateauAdvisor(DiagnosticCallback):
+    """Reads epoch curves and step losses; reports plateaus, under/overfitting and divergences.
+
+    Epoch checks run at ``on_train_epoch_end`` (epoch-end validation has already run then) on
+    ``trainer.callback_metrics``; a key logged with ``on_step`` and ``on_epoch`` is read as
+    ``<key>_epoch``. Divergence is checked on every training step's returned loss.
+
+    Args:
+        monitor: Loss curve watched for plateaus; default the validation loss when logged, else
+            the training loss.
+        train_loss_key, val_loss_key, train_acc_key, val_acc_key: Logged metric names
+            (accuracies as fractions in [0, 1]).
+        patience: Epochs without a relative improvement of ``min_rel_delta`` that make a plateau.
+        min_rel_delta: Relative decrease of the best loss that counts as an improvement.
+        high_fraction: A plateau matters while the best loss is still >= this fraction of the
+            starting loss (the first step loss, else the first epoch value).
+        act: Also scale every param group's learning rate by ``factor`` on a plateau.
+        factor: LR multiplier used when ``act=True``. min_lr: floor for the scaled LR.
+        min_epochs: Epochs before under/overfitting is judged.
+        low_acc: Training accuracy below this is "low" (task-dependent; 0.9 suits digits).
+        close_gap: Train-val accuracy gap at or below which the two are "too close".
+        overfit_gap: Train-val accuracy gap above which the run overfits.
+        jump_factor, min_jump_fraction: A step loss diverges when non-finite or above
+            ``max(jump_factor * median, median + min_jump_fraction * start_loss)`` of the last
+            ``window`` finite step losses; before ``min_history`` are known, the median is
+            replaced by the start loss (the first finite step loss).
+        save_batch: Save the offending batch with ``torch.save`` to the run's log directory.
+        strict: Raise on FAIL findings (a non-finite loss).
+    """
+
+    slug = "advisor"
+
+    def __init__(self, monitor: str | None = None, train_loss_key: str = "train_loss",
+                 val_loss_key: str = "val_loss", train_acc_key: str = "train_acc",
+                 val_acc_key: str = "val_acc", patience: int = 3, min_rel_delta: float = 0.01,
+                 high_fraction: float = 0.2, act: bool = False, factor: float = 0.1,
+                 min_lr: float = 0.0, min_epochs: int = 5, low_acc: float = 0.9,
+                 close_gap: float = 0.02, overfit_gap: float = 0.1, jump_factor: float = 5.0,
+                 min_jump_fraction: float = 0.5, window: int = 50, min_history: int = 10,
+                 save_batch: bool = True, strict: bool = False) -> None:
+        super().__init__(strict=strict)
+        _validate(names={"monitor": monitor, "train_loss_key": train_loss_key,
+                         "val_loss_key": val_loss_key, "train_acc_key": train_acc_key,
+                         "val_acc_key": val_acc_key},
+                  counts={"patience": patience, "min_epochs": min_epochs, "window": window,
+                          "min_history": min_history},
+                  fractions={"min_rel_delta": min_rel_delta, "high_fraction": high_fraction,
+                             "factor": factor, "low_acc": low_acc, "close_gap": close_gap,
+                             "overfit_gap": overfit_gap},
+                  others={"jump_factor": (jump_factor, 1.0, False),
+                          "min_jump_fraction": (min_jump_fraction, 0.0, True),
+                          "min_lr": (min_lr, 0.0, True)},
+                  flags={"act": act, "save_batch": save_batch})
+        if min_history > window:
+            raise ValueError(f"`min_history` ({min_history}) must be <= `window` ({window}): the "
+                             "running median keeps only the last `window` losses.")
+        self.monitor, self.act, self.save_batch = monitor, act, save_batch
+        self.keys = {"train_loss": train_loss_key, "val_loss": val_loss_key,
+                     "train_acc": train_acc_key, "val_acc": val_acc_key}
+        self.patience, self.min_rel_delta = patience, min_rel_delta
+        self.high_fraction = high_fraction
+        self.factor, self.min_lr, self.min_epochs = factor, min_lr, min_epochs
+        self.low_acc, self.close_gap, self.overfit_gap = low_acc, close_gap, overfit_gap
+        self.jump_factor, self.min_jump_fraction = jump_factor, min_jump_fraction
+        self.window, self.min_history = window, min_history
+        self._reset()
+
+    def _reset(self) -> None:
+        self.history: dict[str, list[float]] = {}
+        self.step_losses: deque[float] = deque(maxlen=self.window)
+        self.start_loss: float | None = None
+        self.plateau_from = 0
+        self.reported: set[str] = set()
+        self.lr_changes: list[dict[str, Any]] = []
+        self._batch_step = 0
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            self._reset()  # a checkpoint restored after setup brings the history back
+
+    # ---- per step: divergence -------------------------------------------------------------
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                             batch: Any, batch_idx: int) -> None:
+        self._batch_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        try:
+            loss = float(loss_from_output(outputs).detach())
+        except ValueError:  # manual optimization or a step that skipped the batch
+            return
+        self._check_step(trainer, loss, batch, batch_idx)
+
+    def _check_step(self, trainer: pl.Trainer, loss: float, batch: Any, batch_idx: int) -> None:
+        if self.start_loss is None and math.isfinite(loss):
+            self.start_loss = loss
+        history = list(self.step_losses)
+        if len(history) < self.min_history:  # too few for a median: compare with the start
+            history = [self.start_loss] if self.start_loss is not None else []
+        if "advisor.divergence" not in self.reported and is_jump(
+                loss, history, self.jump_factor, self._min_jump()):
+            self.reported.add("advisor.divergence")
+            self.publish(trainer, [self._divergence(trainer, loss, history, batch, batch_idx)])
+        if math.isfinite(loss):
+            self.step_losses.append(loss)
+
+    def _divergence(self, trainer: pl.Trainer, loss: float, history: list[float], batch: Any,
+                    batch_idx: int) -> Finding:
+        step = self._batch_step
+        indices, source = batch_indices(trainer, batch, batch_idx)
+        median = float(torch.tensor(history).median()) if history else float("nan")
+        if math.isfinite(loss):
+            what = f"jumped to {loss:.4g}, {loss / median:.1f}x the running median {median:.4g}"
+        else:
+            what = f"is {loss}"
+        where = f"global step {step}, batch {batch_idx} of epoch {trainer.current_epoch}"
+        idx_text = (f"dataset indices {list(indices[:16])}{'...' if len(indices) > 16 else ''} "
+                    f"({source})" if indices else "dataset indices unknown (make the dataset "
+                    "return its index as a third element, or use a sequential loader)")
+        path = save_batch(trainer, batch, f"advisor_divergence_step{step}.pt") \
+            if self.save_batch else None
+        saved = f" Batch saved to {path}." if path else ""
+        return self.finding(
+            trainer, "advisor.divergence", Severity.WARN if math.isfinite(loss) else Severity.FAIL,
+            f"Step loss {what} at {where}; {idx_text}.{saved}", advice=ADVICE["divergence"],
+            value=loss, expected=(0.0, jump_threshold(median, self.jump_factor, self._min_jump()))
+            if history else None,
+            step=step, indices=indices,
+            details={"batch_idx": batch_idx, "indices_source": source,
+                     "batch_path": str(path) if path else None})
+
+    def _min_jump(self) -> float:
+        return self.min_jump_fraction * abs(self.start_loss or 0.0)
+
+    # ---- per epoch: plateau, underfit, overfit --------------------------------------------
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.record(trainer.callback_metrics)
+        self.publish(trainer, self.assess(trainer))
+
+    def record(self, metrics: Mapping[str, Any]) -> None:
+        """Append this epoch's value of every configured key (``<key>_epoch`` first) to history."""
+        for key in {*self.keys.values(), *([self.monitor] if self.monitor else [])}:
+            value = metrics.get(f"{key}_epoch", metrics.get(key))  # the epoch value first
+            if value is not None:
+                self.history.setdefault(key, []).append(float(value))
+
+    def assess(self, trainer: pl.Trainer | None) -> list[Finding]:
+        """The findings the current history supports (each verdict once, plateaus repeatable)."""
+        out = [f for f in (self._plateau(trainer), self._fit_gap(trainer)) if f is not None]
+        self.reported.update(f.code for f in out if f.code != "advisor.plateau")
+        return out
+
+    def _monitor_key(self) -> str:
+        if self.monitor:
+            return self.monitor
+        val = self.keys["val_loss"]
+        return val if self.history.get(val) else self.keys["train_loss"]
+
+    def _plateau(self, trainer: pl.Trainer | None) -> Finding | None:
+        key = self._monitor_key()
+        curve = self.history.get(key, [])
+        waited = plateau_length(curve[self.plateau_from:], self.min_rel_delta)
+        finite = [v for v in curve if math.isfinite(v)]
+        if waited < self.patience or not finite:
+            return None
+        start = self.start_loss if self.start_loss is not None else finite[0]
+        best = min(finite)
+        if best < self.high_fraction * start:
+            return None  # converged low: a plateau there is the end of training, not a problem
+        self.plateau_from = len(curve) - 1
+        msg = (f"`{key}` has not improved by {self.min_rel_delta:.0%} for {waited} epochs "
+               f"(patience {self.patience}); best {best:.4g} is still {best / start:.0%} of the "
+               f"starting loss {start:.4g} (>= {self.high_fraction:.0%}).")
+        if self.act and trainer is not None:
+            msg += " " + self._scale_lr(trainer)
+        return self.finding(trainer, "advisor.plateau", Severity.WARN, msg,
+                            advice=ADVICE["plateau"], value=best,
+                            expected=(0.0, self.high_fraction * start),
+                            details={"monitor": key, "epochs_without_improvement": waited})
+
+    def _scale_lr(self, trainer: pl.Trainer) -> str:
+        changes = []
+        for opt in trainer.optimizers:
+            for group in opt.param_groups:
+                old = float(group["lr"])
+                group["lr"] = max(old * self.factor, self.min_lr)
+                changes.append({"epoch": trainer.current_epoch, "old": old, "new": group["lr"]})
+        self.lr_changes.extend(changes)
+        if not changes:
+            return "No optimizer to act on."
+        return (f"Scaled the learning rate of {len(changes)} param group(s) by {self.factor}: "
+                f"{changes[0]['old']:.3g} -> {changes[0]['new']:.3g} (act=True).")
+
+    def _fit_gap(self, trainer: pl.Trainer | None) -> Finding | None:
+        tr = self.history.get(self.keys["train_acc"], [])
+        va = self.history.get(self.keys["val_acc"], [])
+        if min(len(tr), len(va)) < self.min_epochs:
+            return None
+        train, val = tr[-1], va[-1]
+        gap = train - val
+        if (gap > self.overfit_gap and "advisor.overfit" not in self.reported):
+            return self.finding(
+                trainer, "advisor.overfit", Severity.WARN,
+                f"Training accuracy {train:.3f} is {gap:.3f} above validation accuracy {val:.3f} "
+                f"(gap > {self.overfit_gap}).", advice=ADVICE["overfit"], value=gap,
+                expected=(0.0, self.overfit_gap))
+        if (abs(gap) <= self.close_gap and train < self.low_acc
+                and "advisor.underfit" not in self.reported):
+            return self.finding(
+                trainer, "advisor.underfit", Severity.WARN,
+                f"Training accuracy {train:.3f} is low (< {self.low_acc}) and within "
+                f"{abs(gap):.3f} of validation accuracy {val:.3f} (<= {self.close_gap}).",
+                advice=ADVICE["underfit"], value=train, expected=(self.low_acc, 1.0))
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": {k: list(v) for k, v in self.history.items()},
+                "step_losses": list(self.step_losses), "start_loss": self.start_loss,
+                "plateau_from": self.plateau_from, "reported": sorted(self.reported),
+                "lr_changes": list(self.lr_changes)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._reset()
+        self.history = {k: list(v) for k, v in state_dict.get("history", {}).items()}
+        self.step_losses.extend(state_dict.get("step_losses", []))
+        self.start_loss = state_dict.get("start_loss")
+        self.plateau_from = int(state_dict.get("plateau_from", 0))
+        self.reported = set(state_dict.get("reported", []))
+        self.lr_changes = list(state_dict.get("lr_changes", []))

@@ -1,0 +1,195 @@
+"""The ratio of each weight update to the weight, ``||dw|| / ||w||`` (step 5.5 of the recipe).
+
+Example:
+    >>> import lightning.pytorch as pl
+    >>> from lightning_diag.callbacks.update_ratio import UpdateRatioMonitor
+    >>> trainer = pl.Trainer(callbacks=[UpdateRatioMonitor(every_n_steps=50)], logger=False)
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from lightning_diag.base import DiagnosticCallback
+from lightning_diag.callbacks._monitor_plots import merge_custom_scalars
+from lightning_diag.findings import Finding, Severity
+from lightning_diag.functional.monitors import is_logging_step, update_ratios
+from lightning_diag.tb import log_scalars, tensorboard_writer
+
+__all__ = ["UpdateRatioMonitor"]
+
+GUIDE = 1e-3
+_CODES = ("too_low", "too_high", "zero_updates")
+
+
+class UpdateRatioMonitor(DiagnosticCallback):
+    """Per-layer ``||w_after - w_before|| / ||w_before||``, once every ``every_n_steps`` steps.
+
+    On a logging step the weights of each optimizer that steps are copied (one foreach copy) in
+    ``on_before_optimizer_step`` and compared after the step in ``on_train_batch_end``, so a
+    step counts once however many micro-batches gradient accumulation has; nothing is kept
+    between logging steps. Weight tensors (2 or more dimensions) are logged one by one under
+    ``diag/update_ratio/layer/<name>``; their median is ``diag/update_ratio/median``, drawn with
+    the recipe's guide ``diag/update_ratio/guide_1e-3`` in one custom-scalars chart.
+
+    Findings (WARN): ``update_ratio.too_low`` (median below ``low`` for ``patience`` logging
+    steps), ``update_ratio.too_high`` (above ``high`` for ``patience`` steps, or once at
+    ``extreme`` or non-finite), ``update_ratio.zero_updates`` (no weight moved for ``patience``
+    steps: zero gradients, i.e. a dead network, or a zero learning rate; not a small one).
+
+    Args:
+        every_n_steps: Measure every this many optimizer steps, plus steps 0, 1, 2, 4, ... below
+            it (early divergence shows there).
+        low: Median ratio below which updates are too small (default 1e-5, 100x below 1e-3;
+            SGD at lr 1e-6 gives ~4e-8 on the digits MLP).
+        high: Median ratio above which updates are too large (default 0.2; healthy Adam 1e-3
+            gives 2e-3 to 2e-2 and SGD 0.1 with momentum up to 6e-2 on the digits MLP).
+        extreme: A single median reading at or above this is flagged at once (an update as
+            large as the weight).
+        patience: Consecutive logging steps outside the band before a finding.
+        strict: Raise on FAIL findings (these findings are WARN).
+
+    Example:
+        >>> cb = UpdateRatioMonitor(every_n_steps=10, patience=2)
+    """
+
+    slug = "update_ratio"
+
+    def __init__(self, every_n_steps: int = 100, low: float = 1e-5, high: float = 0.2,
+                 extreme: float = 1.0, patience: int = 3, strict: bool = False) -> None:
+        super().__init__(strict=strict)
+        for name, val in (("every_n_steps", every_n_steps), ("patience", patience)):
+            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+                raise ValueError(f"`{name}` must be a positive int, got {val!r}.")
+        nums = (low, high, extreme)
+        if not all(isinstance(v, (int, float)) for v in nums) or not 0 < low < high <= extreme:
+            raise ValueError("`low`, `high` and `extreme` must satisfy 0 < low < high <= extreme, "
+                             f"got low={low!r}, high={high!r}, extreme={extreme!r}.")
+        self.every_n_steps, self.patience = every_n_steps, patience
+        self.low, self.high, self.extreme = float(low), float(high), float(extreme)
+        self.streak = dict.fromkeys(_CODES, 0)
+        self.last: dict[str, float] = {}
+        self._armed = False
+        self._step = 0
+        self._pending: list[tuple[list[str], list[torch.Tensor], list[torch.Tensor],
+                                  torch.Tensor]] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                             batch: Any, batch_idx: int) -> None:
+        self._armed = is_logging_step(trainer.global_step, self.every_n_steps)
+        if self._armed and not self._pending:
+            self._step = trainer.global_step
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        if self._armed:
+            self._snapshot(pl_module, optimizer)
+
+    def _snapshot(self, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        names = {id(p): n for n, p in pl_module.named_parameters()}
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        if not params:
+            return
+        grads = [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in params]
+        gnorm = torch.stack([n.float() for n in torch._foreach_norm(grads)])
+        snapshot = list(torch._foreach_mul([p.detach() for p in params], 1.0))
+        labels = [names.get(id(p), f"optimizer_param_{i}") for i, p in enumerate(params)]
+        self._pending.append((labels, params, snapshot, gnorm))
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._pending:
+            self._measure(trainer)
+
+    def _measure(self, trainer: pl.Trainer) -> None:
+        pending, self._pending, self._armed = self._pending, [], False
+        device = pending[0][2][0].device
+        parts = [update_ratios(snap, params).to(device) for _, params, snap, _ in pending]
+        parts += [g.to(device) for *_, g in pending]
+        values = torch.cat(parts).cpu().tolist()  # the one host sync
+        labels = [n for names, *_ in pending for n in names]
+        shapes = [p.dim() for _, params, *_ in pending for p in params]
+        weights = [i for i, d in enumerate(shapes) if d >= 2] or list(range(len(labels)))
+        still = [i for i in weights if values[i] == 0.0]
+        grad_norm = math.sqrt(sum(values[len(labels) + i] ** 2 for i in still))
+        self.last = {labels[i]: values[i] for i in weights}
+        finite = [v for v in self.last.values() if math.isfinite(v)]
+        median = statistics.median(finite) if finite else math.nan
+        if any(math.isnan(v) for v in self.last.values()):
+            median = math.nan
+        step, tag = self._step, f"diag/{self.slug}"
+        scalars = {f"{tag}/layer/{n}": v for n, v in self.last.items()}
+        scalars.update({f"{tag}/median": median, f"{tag}/guide_1e-3": GUIDE})
+        log_scalars(trainer, scalars, step)
+        writer = tensorboard_writer(trainer)
+        if writer is not None:
+            merge_custom_scalars(writer, "update_ratio", {
+                "median update ratio vs 1e-3 guide": [f"{tag}/median", f"{tag}/guide_1e-3"],
+                "per-layer update ratio": [f"{tag}/layer/.*", f"{tag}/guide_1e-3"]})
+        self.publish(trainer, self._check(trainer, median, len(still), grad_norm))
+
+    def _check(self, trainer: pl.Trainer, median: float, still: int,
+               grad_norm: float) -> list[Finding]:
+        zero = median == 0.0  # most weight tensors did not move at all
+        state = {"zero_updates": zero, "too_low": not zero and median < self.low,
+                 "too_high": math.isnan(median) or median > self.high}
+        for code in _CODES:
+            self.streak[code] = self.streak[code] + 1 if state[code] else 0
+        extreme = math.isnan(median) or median >= self.extreme
+        out = []
+        if self.streak["zero_updates"] == self.patience:
+            cause = ("their gradients are zero: the network is dead (e.g. its ReLUs died after a "
+                     "divergence) or the loss does not depend on those weights" if grad_norm == 0
+                     else f"their gradients are non-zero (norm {grad_norm:.3g}) but the "
+                     "optimizer did not move them: learning rate 0 or skipped steps")
+            out.append(self._finding(trainer, "zero_updates", 0.0,
+                f"{still} of {len(self.last)} weight tensors did not change at all in "
+                f"{self.patience} logged optimizer steps: {cause}. This is not a learning "
+                "rate that is merely too low.",
+                "If the loss diverged earlier, restart with a lower learning rate; check that "
+                "the loss is connected to the parameters and the learning-rate schedule."))
+        if self.streak["too_low"] == self.patience:
+            out.append(self._finding(trainer, "too_low", median,
+                f"Median update ratio ||dw||/||w|| is {median:.3g} for {self.patience} logged "
+                f"steps, below {self.low:g} (healthy: around {GUIDE:g}).",
+                "The learning rate is probably too low: raise it (try 10x)."))
+        if (extreme and self.streak["too_high"] == 1) or self.streak["too_high"] == self.patience:
+            what = ("a single update as large as the weights" if extreme
+                    else f"for {self.patience} logged steps")
+            out.append(self._finding(trainer, "too_high", median,
+                f"Median update ratio ||dw||/||w|| is {median:.3g} ({what}), above "
+                f"{self.high:g} (healthy: around {GUIDE:g}).",
+                "The learning rate is probably too high: lower it (try 10x), or clip gradients."))
+        return out
+
+    def _finding(self, trainer: pl.Trainer, code: str, value: float, message: str,
+                 advice: str) -> Finding:
+        return self.finding(trainer, f"{self.slug}.{code}", Severity.WARN, message, advice=advice,
+                            value=value, step=self._step, expected=(self.low, self.high),
+                            details={"ratios": dict(self.last)})
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            self.streak, self.last = dict.fromkeys(_CODES, 0), {}
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        self._pending, self._armed = [], False
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                     exception: BaseException) -> None:
+        super().on_exception(trainer, pl_module, exception)
+        self._pending, self._armed = [], False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"streak": dict(self.streak)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.streak.update({k: int(v) for k, v in state_dict.get("streak", {}).items()
+                            if k in self.streak})

@@ -1,0 +1,115 @@
+"""The ``lightning-diag`` command: ``demo``, ``report LOGDIR`` and ``tune``.
+
+Example:
+    >>> from lightning_diag.cli import main
+    >>> main(["report", "/no/such/dir"])
+    2
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["build_parser", "main"]
+
+_TUNE_MODULE = "lightning_diag.tuning.cli"
+
+
+def build_parser(with_tune_args: bool = False) -> argparse.ArgumentParser:
+    """The argument parser; the tuning options are added only when ``tune`` is the command, so
+    that ``demo`` and ``report`` never import Optuna."""
+    parser = argparse.ArgumentParser(
+        prog="lightning-diag",
+        description="The 'babysit your network' recipe as PyTorch Lightning callbacks.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="train a small CNN on digits with the whole recipe attached",
+                          description="Train the digits CNN with every diagnostic attached, print "
+                          "the findings, the TensorBoard command and the HTML report path.")
+    demo.add_argument("--inject", action="store_true",
+                      help="plant bugs (duplicates, leaks, mis-scaled last layer, too-high LR)")
+    demo.add_argument("--epochs", type=int, default=10, help="training epochs (default 10)")
+    demo.add_argument("--out", default="runs/demo", help="log directory (default runs/demo)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    demo.add_argument("--limit-batches", type=int, default=None,
+                      help="train/val batches per epoch (default: all)")
+    demo.add_argument("--no-progress-bar", action="store_true", help="hide the progress bar")
+    demo.add_argument("--no-report", action="store_true", help="skip the HTML report")
+
+    report = sub.add_parser("report", help="build a self-contained HTML report from a log dir",
+                            description="Build one self-contained HTML file (figures embedded) "
+                            "from the TensorBoard event files under LOGDIR.")
+    report.add_argument("logdir", metavar="LOGDIR", help="a TensorBoard log directory")
+    report.add_argument("-o", "--out", default=None,
+                        help="output HTML file (default LOGDIR/report.html)")
+
+    tune = sub.add_parser("tune", help="learning-rate sweep, random search and refinement",
+                          description="Learning-rate sweep -> random search -> refinement "
+                          "(recipe step 6); needs the `tune` extra (Optuna).")
+    if with_tune_args:
+        from lightning_diag.tuning.cli import add_tune_arguments
+
+        add_tune_arguments(tune)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the process exit status."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    wants_tune = bool(args_list) and args_list[0] == "tune"
+    if wants_tune:
+        problem = _tune_unavailable()
+        if problem:
+            print(problem, file=sys.stderr)
+            return 2
+    args = build_parser(with_tune_args=wants_tune).parse_args(args_list)
+    if args.command == "demo":
+        return _demo(args)
+    if args.command == "report":
+        return _report(args)
+    from lightning_diag.tuning.cli import run_tune
+
+    return int(run_tune(args))
+
+
+def _tune_unavailable() -> str:
+    try:
+        import lightning_diag.tuning.cli  # noqa: F401
+    except ModuleNotFoundError as err:
+        if err.name in ("lightning_diag.tuning", _TUNE_MODULE):
+            return ("lightning-diag tune: the tuning module (lightning_diag.tuning.cli) is not "
+                    "available in this installation.")
+        return (f"lightning-diag tune needs the package {err.name!r}: install the tune extra "
+                "with pip install 'lightning-diag[tune]'.")
+    return ""
+
+
+def _demo(args: argparse.Namespace) -> int:
+    if args.epochs < 1:
+        print(f"lightning-diag demo: --epochs must be >= 1, got {args.epochs}.", file=sys.stderr)
+        return 2
+    if args.limit_batches is not None and args.limit_batches < 1:
+        print(f"lightning-diag demo: --limit-batches must be >= 1, got {args.limit_batches}.",
+              file=sys.stderr)
+        return 2
+    from lightning_diag.demo import run_demo
+
+    run_demo(args.out, inject=args.inject, epochs=args.epochs, seed=args.seed,
+             limit_batches=args.limit_batches, progress_bar=not args.no_progress_bar,
+             report=not args.no_report)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from lightning_diag.report import build_report
+
+    if not Path(args.logdir).is_dir():
+        print(f"lightning-diag report: log directory {args.logdir!r} does not exist.",
+              file=sys.stderr)
+        return 2
+    print(build_report(args.logdir, args.out))
+    return 0

@@ -1,0 +1,127 @@
+"""Read a run's TensorBoard event files into plain Python data (used by the HTML report).
+
+A log directory may hold one run (a ``version_N`` folder) or several (``runs/demo`` with a clean
+and an injected run); every folder that holds event files is one run, named by its path relative
+to the log directory. Each series keeps the run it came from.
+
+Example:
+    >>> import tempfile
+    >>> from torch.utils.tensorboard import SummaryWriter
+    >>> d = tempfile.mkdtemp()
+    >>> with SummaryWriter(d) as w:
+    ...     w.add_scalar("diag/curves/loss/train", 2.3, 0)
+    >>> data = load_runs(d)
+    >>> (series,) = data.scalars["diag/curves/loss/train"]
+    >>> series.values
+    [2.299999952316284]
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["Histogram", "Image", "RunData", "Series", "Text", "load_runs", "run_dirs"]
+
+_TEXT_SUFFIX = "/text_summary"
+
+
+@dataclass
+class Series:
+    """One scalar tag of one run."""
+
+    run: str
+    steps: list[int]
+    values: list[float]
+
+
+@dataclass
+class Text:
+    run: str
+    step: int
+    text: str
+
+
+@dataclass
+class Image:
+    run: str
+    step: int
+    png: bytes
+    width: int
+    height: int
+
+
+@dataclass
+class Histogram:
+    run: str
+    step: int
+    limits: list[float]
+    counts: list[float]
+
+
+@dataclass
+class RunData:
+    """Everything read from a log directory, keyed by tag; each value lists one entry per run."""
+
+    runs: list[str] = field(default_factory=list)
+    scalars: dict[str, list[Series]] = field(default_factory=lambda: defaultdict(list))
+    texts: dict[str, list[Text]] = field(default_factory=lambda: defaultdict(list))
+    images: dict[str, list[Image]] = field(default_factory=lambda: defaultdict(list))
+    histograms: dict[str, list[Histogram]] = field(default_factory=lambda: defaultdict(list))
+
+    @property
+    def empty(self) -> bool:
+        return not (self.scalars or self.texts or self.images or self.histograms)
+
+
+def run_dirs(logdir: Path) -> list[Path]:
+    """Every directory under ``logdir`` (itself included) holding TensorBoard event files."""
+    found = {p.parent for p in logdir.rglob("events.out.tfevents.*") if p.is_file()}
+    return sorted(found)
+
+
+def load_runs(logdir: str | Path) -> RunData:
+    """Load scalars, texts, images and histograms of every run under ``logdir``.
+
+    Raises:
+        FileNotFoundError: ``logdir`` does not exist or is not a directory.
+    """
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root = Path(logdir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"Log directory {str(root)!r} does not exist or is not a folder.")
+    data = RunData()
+    guidance = {"scalars": 0, "images": 0, "histograms": 0, "tensors": 0}
+    for directory in run_dirs(root):
+        run = directory.relative_to(root).as_posix()
+        run = "." if run in ("", ".") else run
+        acc = EventAccumulator(str(directory), size_guidance=guidance)
+        acc.Reload()
+        tags = acc.Tags()
+        data.runs.append(run)
+        for tag in tags.get("scalars", []):
+            events = acc.Scalars(tag)
+            data.scalars[tag].append(
+                Series(run, [e.step for e in events], [float(e.value) for e in events])
+            )
+        for tag in tags.get("tensors", []):
+            if tag.endswith(_TEXT_SUFFIX):
+                for ev in acc.Tensors(tag):
+                    strings = ev.tensor_proto.string_val
+                    if strings:
+                        text = strings[0].decode("utf-8", "replace")
+                        data.texts[tag[: -len(_TEXT_SUFFIX)]].append(Text(run, ev.step, text))
+        for tag in tags.get("images", []):
+            for im in acc.Images(tag):
+                data.images[tag].append(
+                    Image(run, im.step, im.encoded_image_string, im.width, im.height)
+                )
+        for tag in tags.get("histograms", []):
+            for h in acc.Histograms(tag):
+                hv = h.histogram_value
+                data.histograms[tag].append(
+                    Histogram(run, h.step, list(hv.bucket_limit), list(hv.bucket))
+                )
+    return data

@@ -1,0 +1,183 @@
+"""The findings of a data inspection, built from a
+:class:`~lightning_diag.inspection_report.DataReport`: one per problem and set, a summary first.
+
+Example:
+    >>> import torch
+    >>> from torch.utils.data import TensorDataset
+    >>> from lightning_diag.inspection import inspect_dataset
+    >>> x = torch.rand(4, 3)
+    >>> x[2, 0] = float("nan")
+    >>> [(f.code, f.indices) for f in inspect_dataset(TensorDataset(x)) if f.code != "data.summary"]
+    [('data.no_labels', ()), ('data.non_finite', (2,))]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from lightning_diag.findings import Finding, Severity
+from lightning_diag.functional.data import imbalance_ratio
+from lightning_diag.inspection_report import DataReport, SplitScan
+
+__all__ = ["findings_of"]
+
+Make = Callable[..., Finding]
+
+_DUP = ("Look at the data first: remove the copies; they over-weight some samples and make the "
+        "training loss look better than it is.")
+_CORRUPT = ("Remove or repair these samples: corrupted data can make the loss diverge suddenly "
+            "(recipe step 6.4).")
+
+
+def findings_of(report: DataReport, make: Make) -> list[Finding]:
+    """All findings of ``report``, the info summary first."""
+    out = [_summary(report, make)]
+    for scan in report.scans():
+        if len(scan.indices) < scan.size:
+            out.append(make("data.sampled", Severity.INFO,
+                            f"{_where(scan)}inspected a seeded random subset of "
+                            f"{len(scan.indices)} of {scan.size} samples (`max_samples`).",
+                            value=float(len(scan.indices)), details={"split": scan.name}))
+    if report.train.label_kind != "class":
+        kind = "no targets" if report.train.label_kind == "none" else "non-integer targets"
+        out.append(make("data.no_labels", Severity.INFO,
+                        f"The training samples have {kind}: label checks (range, imbalance, "
+                        "conflicting duplicates) skipped."))
+    for scan in report.scans():
+        out += _per_sample(scan, make)
+        out += _duplicates(report, scan, make)
+        out += _labels(report, scan, make)
+    if report.val is not None and report.leaks["pairs"]:
+        out.append(_leakage(report, report.val, make))
+    return out
+
+
+def _where(scan: SplitScan) -> str:
+    return "" if scan.name == "train" else "Validation set: "
+
+
+def _summary(report: DataReport, make: Make) -> Finding:
+    parts = []
+    for name, s in report.summary().items():
+        if isinstance(s, dict):
+            parts.append(f"{name}: {s['inspected']}/{s['samples']} samples read, "
+                         f"{s['unreadable']} unreadable, {s['non_finite']} non-finite, "
+                         f"{s['constant']} constant, {s['exact_duplicate_groups']} exact and "
+                         f"{s['near_duplicate_groups']} near duplicate groups")
+    leaks = f"; {len(report.leaks['pairs'])} train/validation leak pairs" if report.val else ""
+    shape = report.train.shape
+    return make("data.summary", Severity.INFO,
+                f"Data inspected (input shape {shape}, {report.num_classes} classes): "
+                + "; ".join(parts) + leaks + ".", details=report.summary())
+
+
+def _per_sample(scan: SplitScan, make: Make) -> list[Finding]:
+    out = []
+    split = {"split": scan.name}
+    if scan.unreadable:
+        idx, err = scan.unreadable[0]
+        out.append(make("data.unreadable", Severity.FAIL,
+                        f"{_where(scan)}{len(scan.unreadable)} sample(s) raised in `__getitem__` "
+                        f"(first: index {idx}, {err}).", advice=_CORRUPT,
+                        value=float(len(scan.unreadable)), expected=0.0,
+                        indices=tuple(i for i, _ in scan.unreadable),
+                        details={**split, "errors": dict(scan.unreadable)}))
+    if scan.non_finite:
+        out.append(make("data.non_finite", Severity.FAIL,
+                        f"{_where(scan)}{len(scan.non_finite)} input(s) hold NaN or Inf.",
+                        advice=_CORRUPT, value=float(len(scan.non_finite)), expected=0.0,
+                        indices=tuple(scan.non_finite), details=split))
+    if scan.constant:
+        out.append(make("data.constant_input", Severity.WARN,
+                        f"{_where(scan)}{len(scan.constant)} input(s) are constant (blank).",
+                        advice="Look at them: blank images are usually failed reads or crops.",
+                        value=float(len(scan.constant)), expected=0.0,
+                        indices=tuple(scan.constant), details=split))
+    if scan.other_shape:
+        out.append(make("data.mixed_shapes", Severity.INFO,
+                        f"{_where(scan)}{scan.other_shape} input(s) differ from the shape "
+                        f"{scan.shape} of the first one; duplicate search skipped them.",
+                        details=split))
+    return out
+
+
+def _duplicates(report: DataReport, scan: SplitScan, make: Make) -> list[Finding]:
+    out = []
+    split = {"split": scan.name}
+    for code, groups, what in (("data.exact_duplicate", report.exact[scan.name], "identical"),
+                               ("data.near_duplicate", report.near[scan.name], "near-identical")):
+        if not groups:
+            continue
+        members = sorted(i for g in groups for i in g)
+        threshold = "" if code == "data.exact_duplicate" else (
+            f" (centred cosine >= {report.config.near_threshold})")
+        out.append(make(code, Severity.WARN,
+                        f"{_where(scan)}{len(groups)} group(s) of {what} inputs{threshold}: "
+                        f"{len(members)} samples, {len(members) - len(groups)} redundant.",
+                        advice=_DUP, value=float(len(groups)), expected=0.0,
+                        indices=tuple(members), details={**split, "groups": groups}))
+    labels = dict(zip(scan.indices.tolist(), scan.labels, strict=True))
+    conflicts = [g for g in report.exact[scan.name]
+                 if len({labels[i] for i in g if labels[i] is not None}) > 1]
+    if conflicts:
+        out.append(make("data.conflicting_labels", Severity.WARN,
+                        f"{_where(scan)}{len(conflicts)} group(s) of identical inputs carry "
+                        "different labels.",
+                        advice="Look at the data first: at most one of these labels is right; "
+                               "fix or drop the others.",
+                        value=float(len(conflicts)), expected=0.0,
+                        indices=tuple(sorted(i for g in conflicts for i in g)),
+                        details={**split,
+                                 "groups": [{i: labels[i] for i in g} for g in conflicts]}))
+    return out
+
+
+def _labels(report: DataReport, scan: SplitScan, make: Make) -> list[Finding]:
+    n = report.num_classes
+    counts = report.counts(scan)
+    if counts is None or n is None:
+        return []
+    out = []
+    split = {"split": scan.name}
+    bad = [i for i, v in zip(scan.indices.tolist(), scan.labels, strict=True)
+           if v is not None and not 0 <= v < n]
+    if bad:
+        source = "given" if report.config.num_classes is not None else "inferred from train"
+        out.append(make("data.label_out_of_range", Severity.FAIL,
+                        f"{_where(scan)}{len(bad)} label(s) outside [0, {n}) ({n} classes, "
+                        f"{source}).",
+                        advice="Fix the labels or `num_classes`; cross-entropy fails on them.",
+                        value=float(len(bad)), expected=(0.0, float(n - 1)), indices=tuple(bad),
+                        details=split))
+    missing = [c for c, k in enumerate(counts.tolist()) if k == 0]
+    ratio = imbalance_ratio(counts)
+    limit = report.config.imbalance_ratio
+    if missing or ratio >= limit:
+        present = counts.clone().float()
+        present[counts == 0] = float("inf")
+        rare, common = int(present.argmin()), int(counts.argmax())
+        text = (f"the commonest class ({common}, {int(counts[common])} samples) has {ratio:.1f}x "
+                f"the samples of the rarest ({rare}, {int(counts[rare])}); expected < {limit:g}x")
+        if missing:
+            text = f"class(es) {missing} have no sample; " + text
+        out.append(make("data.class_imbalance", Severity.WARN, _where(scan) + text + ".",
+                        advice="Look at the data first: collect or re-weight the rare classes "
+                               "and watch per-class accuracy.",
+                        value=ratio, expected=float(limit),
+                        details={**split, "counts": counts.tolist(), "missing": missing}))
+    return out
+
+
+def _leakage(report: DataReport, val: SplitScan, make: Make) -> Finding:
+    pairs: list[tuple[int, int]] = report.leaks["pairs"]
+    train_idx = sorted({i for i, _ in pairs})
+    val_hit = len({j for _, j in pairs})
+    share = val_hit / max(len(val.indices), 1)
+    exact = report.leaks["exact"]
+    return make("data.leakage", Severity.FAIL if exact else Severity.WARN,
+                f"{len(train_idx)} training sample(s) also appear in validation ({exact} exact "
+                f"pair(s)): {val_hit} validation samples, {share:.1%} of the validation set.",
+                advice="Remove them from one side: validation must measure unseen data, or it "
+                       "overstates accuracy.",
+                value=share, expected=0.0, indices=tuple(train_idx),
+                details={"pairs": pairs, "validation_matched": val_hit})

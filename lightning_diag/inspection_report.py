@@ -1,0 +1,240 @@
+"""Reading a dataset by index for :mod:`lightning_diag.inspection`, and turning what was found
+into findings.
+
+A :class:`SplitScan` keeps, per inspected sample, only a 16-byte hash, a small reduced
+representation and the label, so memory grows as ``N * (dim + a few)`` numbers whatever the input
+size; inputs are re-read by index when a full one is needed (verification, image grids).
+
+Example:
+    >>> import torch
+    >>> from torch.utils.data import TensorDataset
+    >>> from lightning_diag.inspection import InspectionConfig
+    >>> scan = SplitScan.read(TensorDataset(torch.rand(4, 3), torch.arange(4)), "train",
+    ...                       InspectionConfig())
+    >>> scan.shape, scan.labels
+    ((3,), [0, 1, 2, 3])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from lightning_diag.findings import Finding
+from lightning_diag.functional.data import (
+    class_counts,
+    constant_mask,
+    projection_matrix,
+    reduce_samples,
+    sample_hashes,
+)
+
+if TYPE_CHECKING:
+    from lightning_diag.inspection import InspectionConfig
+
+__all__ = ["DataReport", "SplitScan", "as_tensor"]
+
+_FLUSH = 1024
+_INT_TYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+_OTHER = object()  # a target that is not a class label (a float, a vector, ...)
+
+
+def as_tensor(x: Any) -> torch.Tensor:
+    """A sample's input as a CPU tensor (tensors, NumPy arrays, PIL images, numbers)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu()
+    return torch.as_tensor(np.asarray(x))
+
+
+def _label(target: Any) -> Any:
+    """An int class label, None (no target), or ``_OTHER`` (regression or multi-label target)."""
+    if target is None:
+        return None
+    if isinstance(target, torch.Tensor) and target.dim() == 0 and target.dtype in _INT_TYPES:
+        return int(target)  # the common case, first
+    if isinstance(target, (bool, np.bool_)):
+        return _OTHER
+    if isinstance(target, (int, np.integer)):
+        return int(target)
+    if isinstance(target, (torch.Tensor, np.ndarray)):
+        t = as_tensor(target)
+        if t.numel() == 1 and not t.dtype.is_floating_point and not t.dtype.is_complex \
+                and t.dtype is not torch.bool:
+            return int(t.reshape(()))
+    return _OTHER
+
+
+@dataclass
+class SplitScan:
+    """What was read from one dataset: per-position hashes, representations, labels, problems."""
+
+    name: str
+    dataset: Any
+    config: InspectionConfig
+    indices: torch.Tensor
+    hashes: list[bytes | None] = field(default_factory=list)
+    reps: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 1))
+    valid: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
+    labels: list[Any] = field(default_factory=list)
+    label_kind: str = "none"
+    unreadable: list[tuple[int, str]] = field(default_factory=list)
+    non_finite: list[int] = field(default_factory=list)
+    constant: list[int] = field(default_factory=list)
+    other_shape: int = 0
+    shape: tuple[int, ...] | None = None
+    size: int = 0
+    projection: torch.Tensor | None = None
+
+    @property
+    def features(self) -> int:
+        return int(np.prod(self.shape)) if self.shape else 0
+
+    @classmethod
+    def read(cls, dataset: Any, name: str, config: InspectionConfig) -> SplitScan:
+        """Read every sample of ``dataset`` (or a seeded subset of ``max_samples``) by index."""
+        try:
+            size = len(dataset)
+        except TypeError as err:
+            raise ValueError(f"The {name} dataset ({type(dataset).__name__}) has no len(): data "
+                             "inspection needs a map-style dataset.") from err
+        indices = torch.arange(size)
+        if size > config.max_samples:
+            gen = torch.Generator().manual_seed(config.seed)
+            indices = torch.randperm(size, generator=gen)[: config.max_samples].sort().values
+        scan = cls(name, dataset, config, indices, hashes=[None] * len(indices),
+                   labels=[None] * len(indices), size=size)
+        scan._read_all()
+        return scan
+
+    def _read_all(self) -> None:
+        from tqdm.auto import tqdm
+
+        show = self.config.progress and len(self.indices) >= self.config.progress_min
+        buffer: list[tuple[int, torch.Tensor]] = []
+        for pos, idx in enumerate(tqdm(self.indices.tolist(), desc=f"inspect {self.name}",
+                                       disable=not show, leave=False)):
+            try:
+                sample = self.dataset[idx]
+            except Exception as err:  # a corrupt file: recorded, the inspection goes on
+                self.unreadable.append((idx, f"{type(err).__name__}: {err}"))
+                continue
+            x = as_tensor(self.config.batch_to_input(sample))
+            self._take_label(pos, self.config.batch_to_target(sample))
+            if self.shape is None:
+                self._start(tuple(x.shape))
+            if tuple(x.shape) != self.shape:
+                self.other_shape += 1
+                if not bool(torch.isfinite(x.float()).all()):
+                    self.non_finite.append(idx)
+                continue
+            buffer.append((pos, x))
+            if len(buffer) == _FLUSH:
+                self._flush(buffer)
+        self._flush(buffer)
+
+    def _take_label(self, pos: int, target: Any) -> None:
+        label = _label(target)
+        if self.shape is None:  # the first readable sample decides what the targets are
+            self.label_kind = "none" if label is None else "other" if label is _OTHER else "class"
+        if self.label_kind == "class" and isinstance(label, int):
+            self.labels[pos] = label
+
+    def _start(self, shape: tuple[int, ...]) -> None:
+        self.shape = shape
+        self.projection = projection_matrix(self.features, self.config.dim, self.config.seed)
+        width = self.features if self.projection is None else self.config.dim
+        self.reps = torch.zeros(len(self.indices), width)
+        self.valid = torch.zeros(len(self.indices), dtype=torch.bool)
+
+    def _flush(self, buffer: list[tuple[int, torch.Tensor]]) -> None:
+        if not buffer:
+            return
+        pos = torch.tensor([p for p, _ in buffer])
+        x = torch.stack([t for _, t in buffer]).reshape(len(buffer), -1).float()
+        buffer.clear()
+        finite = torch.isfinite(x).all(dim=1)
+        self.non_finite.extend(int(self.indices[p]) for p in pos[~finite])
+        pos, x = pos[finite], x[finite]
+        self.constant.extend(int(self.indices[p]) for p in pos[constant_mask(x)])
+        for p, key in zip(pos.tolist(), sample_hashes(x), strict=True):
+            self.hashes[p] = key
+        self.reps[pos] = reduce_samples(x, self.projection)
+        self.valid[pos] = True
+
+    def keys(self) -> list[Any]:
+        """Hashes by position; excluded positions get a unique key so they never group."""
+        return [key if key is not None else ("excluded", p) for p, key in enumerate(self.hashes)]
+
+    def valid_reps(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Representations of the comparable samples and their positions."""
+        pos = self.valid.nonzero().flatten()
+        return self.reps[pos], pos
+
+    def to_indices(self, positions: list[int]) -> list[int]:
+        return [int(self.indices[p]) for p in positions]
+
+    def exclude_all(self) -> None:
+        self.valid[:] = False
+        self.hashes = [None] * len(self.hashes)
+
+    def full_input(self, pos: int) -> torch.Tensor:
+        """The flattened float input at ``pos``, read again from the dataset."""
+        return self.sample(int(self.indices[pos])).reshape(-1).float()
+
+    def sample(self, index: int) -> torch.Tensor:
+        """The input at dataset ``index``, read again from the dataset."""
+        return as_tensor(self.config.batch_to_input(self.dataset[index]))
+
+    def label_tensor(self) -> torch.Tensor:
+        return torch.tensor([v for v in self.labels if v is not None], dtype=torch.long)
+
+
+@dataclass
+class DataReport:
+    """Everything one inspection found; ``findings`` is what :func:`inspect_dataset` returns."""
+
+    train: SplitScan
+    val: SplitScan | None
+    config: InspectionConfig
+    exact: dict[str, list[list[int]]] = field(default_factory=dict)
+    near: dict[str, list[list[int]]] = field(default_factory=dict)
+    leaks: dict[str, Any] = field(default_factory=lambda: {"pairs": [], "exact": 0})
+    findings: list[Finding] = field(default_factory=list)
+
+    def scans(self) -> list[SplitScan]:
+        return [self.train] if self.val is None else [self.train, self.val]
+
+    @property
+    def num_classes(self) -> int | None:
+        if self.config.num_classes is not None:
+            return self.config.num_classes
+        labels = self.train.label_tensor()
+        top = int(labels.max()) if len(labels) else -1
+        return top + 1 if top >= 0 else None
+
+    def counts(self, scan: SplitScan) -> torch.Tensor | None:
+        """Samples per class of ``scan`` (None without class labels)."""
+        if scan.label_kind != "class" or self.num_classes is None:
+            return None
+        return class_counts(scan.label_tensor(), self.num_classes)
+
+    def summary(self) -> dict[str, Any]:
+        """Every count of the inspection, per set, for the summary finding and TensorBoard."""
+        out: dict[str, Any] = {}
+        for scan in self.scans():
+            counts = self.counts(scan)
+            out[scan.name] = {
+                "samples": scan.size, "inspected": len(scan.indices),
+                "unreadable": len(scan.unreadable), "non_finite": len(scan.non_finite),
+                "constant": len(scan.constant), "other_shape": scan.other_shape,
+                "exact_duplicate_groups": len(self.exact[scan.name]),
+                "near_duplicate_groups": len(self.near[scan.name]),
+                "class_counts": None if counts is None else counts.tolist(),
+            }
+        if self.val is not None:
+            out["leak_pairs"] = len(self.leaks["pairs"])
+        return out
+

@@ -1,0 +1,31 @@
+"""Step 6 of the recipe: learning-rate sweep, random search (Optuna), refinement, ``tune``.
+
+Example:
+    >>> from lightning_diag.tuning import lr_sweep, random_search, refine, tune
+    >>> callable(tune)
+    True
+"""
+
+from lightning_diag.tuning.pipeline import TuneSummary, tune
+from lightning_diag.tuning.search import RefineResult, SearchResult, random_search, refine
+from lightning_diag.tuning.sweep import (
+    LRComparison,
+    ModelFactory,
+    SweepResult,
+    compare_with_lr_find,
+    lr_sweep,
+)
+
+__all__ = [
+    "LRComparison",
+    "ModelFactory",
+    "RefineResult",
+    "SearchResult",
+    "SweepResult",
+    "TuneSummary",
+    "compare_with_lr_find",
+    "lr_sweep",
+    "random_search",
+    "refine",
+    "tune",
+]

@@ -1,0 +1,293 @@
+"""Tuning steps 2-3: a resumable random search around the sweep's learning rate, then refinement.
+
+Optuna is the engine (``pip install 'lightning-diag[tune]'``). By default the study lives in
+``<run_dir>/study.db`` so that an interrupted search resumes where it stopped; any Optuna storage
+URL (``storage="postgresql://..."``) lets several processes or machines share one study.
+
+Example:
+    >>> from functools import partial
+    >>> from lightning_diag.examples import DigitsClassifier, DigitsDataModule
+    >>> from lightning_diag.tuning import random_search, refine
+    >>> found = random_search(partial(DigitsClassifier, arch="mlp"), DigitsDataModule(),
+    ...                       center_lr=1e-2, n_trials=4, epochs=(1, 2),
+    ...                       run_dir="runs/tune")  # doctest: +SKIP
+    >>> print(refine(found, top_k=2, epochs=10).table())  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from lightning_diag.callbacks.lr_advisor import LRPlateauAdvisor
+from lightning_diag.findings import Severity
+from lightning_diag.tuning.sweep import ModelFactory, build_model, quiet_trainer
+
+__all__ = ["RefineResult", "SearchResult", "random_search", "refine", "require_optuna"]
+
+
+def require_optuna() -> Any:
+    """Import Optuna or explain how to install it."""
+    try:
+        import optuna
+    except ImportError as err:
+        raise ImportError("The random search needs Optuna: pip install 'lightning-diag[tune]'.") \
+            from err
+    return optuna
+
+
+def _fit_data(data: Any) -> dict[str, Any]:
+    """``Trainer.fit`` keyword arguments for a datamodule or a ``(train, val)`` loader pair."""
+    if isinstance(data, pl.LightningDataModule):
+        return {"datamodule": data}
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        return {"train_dataloaders": data[0], "val_dataloaders": data[1]}
+    raise TypeError("`data` must be a LightningDataModule or a (train_loader, val_loader) pair, "
+                    f"got {type(data).__name__}.")
+
+
+def _trial_sampler(optuna: Any, seed: int) -> Any:
+    """A random sampler whose draws depend on ``(seed, trial.number, name)`` only.
+
+    Optuna's ``RandomSampler(seed)`` replays the same sequence in every process and after every
+    restart, so workers sharing a study, or a resumed search, would repeat configurations; trial
+    numbers are unique within a study, hence so are these draws.
+    """
+    dists = optuna.distributions
+
+    class TrialSeededSampler(optuna.samplers.BaseSampler):  # type: ignore[misc,name-defined]
+        def infer_relative_search_space(self, study: Any, trial: Any) -> dict[str, Any]:
+            return {}
+
+        def sample_relative(self, study: Any, trial: Any, search_space: Any) -> dict[str, Any]:
+            return {}
+
+        def sample_independent(self, study: Any, trial: Any, name: str, dist: Any) -> Any:
+            rng = np.random.default_rng([seed, trial.number, zlib.crc32(name.encode())])
+            if isinstance(dist, dists.CategoricalDistribution):
+                return dist.choices[int(rng.integers(len(dist.choices)))]
+            if isinstance(dist, dists.IntDistribution):
+                return int(rng.integers(dist.low, dist.high + 1))
+            if dist.log:
+                return float(math.exp(rng.uniform(math.log(dist.low), math.log(dist.high))))
+            return float(rng.uniform(dist.low, dist.high))
+
+    return TrialSeededSampler()
+
+
+class _Pruning(pl.Callback):
+    """Reports ``monitor`` after each validation and stops the fit when Optuna says prune."""
+
+    def __init__(self, trial: Any, monitor: str) -> None:
+        self.trial, self.monitor = trial, monitor
+        self.curve: list[float] = []
+        self.pruned = False
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        value = trainer.callback_metrics.get(self.monitor)
+        if trainer.sanity_checking or value is None:
+            return
+        self.curve.append(float(value))
+        self.trial.report(float(value), step=trainer.current_epoch)
+        if self.trial.should_prune():
+            self.pruned = True
+            trainer.should_stop = True
+
+
+@dataclass
+class SearchResult:
+    """A finished (or resumed) search: every trial, best first, and what is needed to refine.
+
+    Attributes:
+        rows: One dict per finished trial (number, lr, weight_decay, value, state, epochs,
+            worker), best first.
+        study_name, storage: Where the study lives.
+        monitor, direction: The objective.
+    """
+
+    rows: list[dict[str, Any]]
+    study_name: str
+    storage: str
+    monitor: str
+    direction: str
+    model_factory: ModelFactory = field(repr=False)
+    data: Any = field(repr=False)
+    run_dir: Path = field(repr=False)
+    trainer_kwargs: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def table(self) -> str:
+        head = (f"| trial | lr | weight decay | {self.monitor} | state | epochs |\n"
+                "|---|---|---|---|---|---|")
+        return head + "".join(
+            f"\n| {r['number']} | {r['lr']:.3e} | {r['weight_decay']:g} | {r['value']:.4f} | "
+            f"{r['state']} | {r['epochs']} |" for r in self.rows)
+
+
+def _epochs(epochs: int | tuple[int, int]) -> tuple[int, int]:
+    lo, hi = (epochs, epochs) if isinstance(epochs, int) else tuple(epochs)
+    if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi):
+        raise ValueError(f"`epochs` must be an int >= 1 or a (min, max) pair, got {epochs!r}.")
+    return lo, hi
+
+
+def random_search(model_factory: ModelFactory, data: Any, center_lr: float, n_trials: int,
+                  epochs: int | tuple[int, int] = (1, 5),
+                  weight_decays: Sequence[float] = (1e-4, 1e-5, 0.0), storage: Any = None,
+                  study_name: str = "lightning_diag_search", run_dir: str | Path = "tune_runs",
+                  monitor: str = "val_acc", direction: str = "maximize", lr_span: float = 3.0,
+                  seed: int = 0, pruner: Any = None, **trainer_kwargs: Any) -> SearchResult:
+    """Random search of learning rate and weight decay, ``n_trials`` in total across resumes.
+
+    The learning rate is log-uniform in ``[center_lr / lr_span, center_lr * lr_span]``, the weight
+    decay drawn from ``weight_decays``. Each trial trains up to ``epochs[1]`` epochs; after
+    ``epochs[0]`` epochs, Optuna's ``MedianPruner`` (or ``pruner``) may stop a trial whose
+    ``monitor`` is worse than the median of earlier trials at the same epoch.
+
+    Args:
+        model_factory: ``model_factory(lr=..., weight_decay=...)`` returns a fresh LightningModule.
+        data: A LightningDataModule or a ``(train_loader, val_loader)`` pair.
+        center_lr: The sweep's learning rate.
+        n_trials: Total finished (complete or pruned) trials wanted in the study.
+        storage: Optuna storage URL or object; default ``sqlite:///<run_dir>/study.db``. Running
+            trials left by a killed process are marked failed only with this default (one
+            process per run dir); shared storages keep them (use Optuna's heartbeat).
+        study_name: The study's name in the storage.
+        run_dir: TensorBoard logs of each trial (``search/trial_<n>``) and the default study.
+        monitor, direction: Metric logged by the model and ``"maximize"`` or ``"minimize"``.
+        seed: Trial ``n`` draws its values from ``(seed, n)``, so workers never repeat each other.
+        **trainer_kwargs: Passed to ``pl.Trainer``.
+
+    Raises:
+        ImportError: Optuna is not installed. ValueError/TypeError: a bad argument, named.
+    """
+    optuna = require_optuna()
+    if not (isinstance(center_lr, (int, float)) and center_lr > 0):
+        raise ValueError(f"`center_lr` must be a positive number, got {center_lr!r}.")
+    if not isinstance(n_trials, int) or n_trials < 1:
+        raise ValueError(f"`n_trials` must be an int >= 1, got {n_trials!r}.")
+    if not weight_decays or any(w < 0 for w in weight_decays):
+        raise ValueError(f"`weight_decays` must be non-empty and >= 0, got {weight_decays!r}.")
+    if direction not in ("maximize", "minimize"):
+        raise ValueError(f"`direction` must be 'maximize' or 'minimize', got {direction!r}.")
+    if not lr_span > 1:
+        raise ValueError(f"`lr_span` must be > 1, got {lr_span!r}.")
+    lo_ep, hi_ep = _epochs(epochs)
+    _fit_data(data)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    embedded = storage is None
+    storage = storage if storage is not None else f"sqlite:///{(run_dir / 'study.db').resolve()}"
+    study = optuna.create_study(
+        storage=storage, study_name=study_name, direction=direction, load_if_exists=True,
+        sampler=_trial_sampler(optuna, seed),
+        pruner=pruner or optuna.pruners.MedianPruner(n_startup_trials=2,
+                                                     n_warmup_steps=lo_ep - 1))
+    states = optuna.trial.TrialState
+    if embedded:  # one process per embedded study: RUNNING trials are leftovers of a crash
+        for t in study.get_trials(deepcopy=False, states=(states.RUNNING,)):
+            study.tell(t.number, state=states.FAIL)
+    done = len(study.get_trials(deepcopy=False, states=(states.COMPLETE, states.PRUNED)))
+    if done < n_trials:
+        def objective(trial: Any) -> float:
+            lr = trial.suggest_float("lr", center_lr / lr_span, center_lr * lr_span, log=True)
+            wd = trial.suggest_categorical("weight_decay", [float(w) for w in weight_decays])
+            trial.set_user_attr("worker", os.getpid())
+            pruning = _Pruning(trial, monitor)
+            logger = TensorBoardLogger(str(run_dir), name="search", version=f"trial_{trial.number}")
+            trainer = quiet_trainer(max_epochs=hi_ep, logger=logger, callbacks=[pruning],
+                                    **trainer_kwargs)
+            trainer.fit(build_model(model_factory, lr, wd, seed), **_fit_data(data))
+            trial.set_user_attr("curve", pruning.curve)
+            if pruning.pruned:
+                raise optuna.TrialPruned()
+            if not pruning.curve:
+                raise ValueError(f"`{monitor}` was never logged after validation; logged: "
+                                 f"{sorted(trainer.callback_metrics)}.")
+            return pruning.curve[-1]
+
+        finished = optuna.study.MaxTrialsCallback(n_trials, states=(states.COMPLETE, states.PRUNED))
+        study.optimize(objective, n_trials=n_trials - done, callbacks=[finished])
+    return _result(study, storage, monitor, direction, model_factory, data, run_dir, trainer_kwargs)
+
+
+def _result(study: Any, storage: Any, monitor: str, direction: str, model_factory: ModelFactory,
+            data: Any, run_dir: Path, trainer_kwargs: dict[str, Any]) -> SearchResult:
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        curve = t.user_attrs.get("curve", [])
+        value = t.value if t.value is not None else (curve[-1] if curve else math.nan)
+        if t.state.name in ("COMPLETE", "PRUNED"):
+            rows.append({"number": t.number, "lr": t.params["lr"],
+                         "weight_decay": t.params["weight_decay"], "value": float(value),
+                         "state": t.state.name.lower(), "epochs": len(curve), "curve": curve,
+                         "worker": t.user_attrs.get("worker")})
+    sign = -1.0 if direction == "maximize" else 1.0
+    rows.sort(key=lambda r: (r["state"] != "complete", sign * r["value"]
+                             if math.isfinite(r["value"]) else math.inf))
+    return SearchResult(rows, study.study_name, str(storage), monitor, direction, model_factory,
+                        data, run_dir, dict(trainer_kwargs))
+
+
+@dataclass
+class RefineResult:
+    """The best configurations trained longer, ranked, with the advisor's reading of each run."""
+
+    rows: list[dict[str, Any]]
+    monitor: str
+
+    def table(self) -> str:
+        head = (f"| rank | lr | weight decay | {self.monitor} | advisor |\n"
+                "|---|---|---|---|---|")
+        return head + "".join(
+            f"\n| {r['rank']} | {r['lr']:.3e} | {r['weight_decay']:g} | {r['value']:.4f} | "
+            f"{', '.join(r['advisor']) or 'healthy'} |" for r in self.rows)
+
+
+def refine(results: SearchResult, top_k: int = 3, epochs: int = 10, seed: int = 0,
+           advisor: dict[str, Any] | None = None, **trainer_kwargs: Any) -> RefineResult:
+    """Train the ``top_k`` best completed configurations for ``epochs`` (recipe: 10-20) with no
+    learning-rate decay and an :class:`LRPlateauAdvisor` attached (``advisor`` = its kwargs).
+
+    The factory's model must not decay its learning rate (a scheduler triggers a warning).
+    Logs go to ``<run_dir>/refine/config_<rank>``.
+    """
+    if not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"`top_k` must be an int >= 1, got {top_k!r}.")
+    if not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"`epochs` must be an int >= 1, got {epochs!r}.")
+    best = [r for r in results.rows if r["state"] == "complete"][:top_k]
+    if not best:
+        raise ValueError("The search has no completed trial to refine.")
+    rows = []
+    for i, cfg in enumerate(best):
+        adv = LRPlateauAdvisor(**(advisor or {}))
+        logger = TensorBoardLogger(str(results.run_dir), name="refine", version=f"config_{i}")
+        trainer = quiet_trainer(max_epochs=epochs, logger=logger, callbacks=[adv],
+                                **{**results.trainer_kwargs, **trainer_kwargs})
+        trainer.fit(build_model(results.model_factory, cfg["lr"], cfg["weight_decay"], seed),
+                    **_fit_data(results.data))
+        if trainer.lr_scheduler_configs:
+            warnings.warn("refine: the model decays its learning rate; the recipe's step 3 trains "
+                          "without decay so that the advisor can choose one.", stacklevel=2)
+        value = trainer.callback_metrics.get(results.monitor)
+        rows.append({"lr": cfg["lr"], "weight_decay": cfg["weight_decay"], "trial": cfg["number"],
+                     "value": float(value) if value is not None else math.nan,
+                     "advisor": sorted({f.code for f in adv.findings
+                                        if f.severity >= Severity.WARN}),
+                     "reading": [f.format() for f in adv.findings],
+                     "curve": list(adv.history.get(results.monitor, []))})
+    sign = -1.0 if results.direction == "maximize" else 1.0
+    rows.sort(key=lambda r: sign * r["value"] if math.isfinite(r["value"]) else math.inf)
+    for rank, row in enumerate(rows, 1):
+        row["rank"] = rank
+    return RefineResult(rows, results.monitor)

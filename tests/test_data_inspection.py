@@ -1,0 +1,241 @@
+"""DataInspection / inspect_dataset: injected problems found with the right indices, clean digits
+quiet, the main run unchanged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, TensorDataset
+
+from lightning_diag.callbacks.data_inspection import DataInspection
+from lightning_diag.examples import DigitsDataModule, load_digits_tensors
+from lightning_diag.findings import Finding, Severity
+from lightning_diag.inspection import inspect_dataset
+from tests.helpers import Classifier, codes, events, loader, mlp, text_events, trainer
+
+
+def by_code(found: list[Finding], code: str) -> list[Finding]:
+    return [f for f in found if f.code == code]
+
+
+def one(found: list[Finding], code: str) -> Finding:
+    hits = by_code(found, code)
+    assert len(hits) == 1, [f.format() for f in found]
+    return hits[0]
+
+
+@pytest.fixture(scope="module")
+def split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    x, y = load_digits_tensors()
+    return x[:400].clone(), y[:400].clone(), x[1500:].clone(), y[1500:].clone()
+
+
+def test_clean_digits_as_shipped_are_quiet() -> None:
+    dm = DigitsDataModule()
+    dm.setup("fit")
+    found = inspect_dataset(dm.train_set, dm.val_set, num_classes=10)
+    assert codes(found, "warn") == set()
+    summary = one(found, "data.summary")
+    assert summary.details["train"]["class_counts"] is not None
+    assert summary.details["train"]["exact_duplicate_groups"] == 0
+
+
+def test_exact_duplicates_and_conflicting_labels(split: Any) -> None:
+    x, y, _, _ = split
+    x, y = x.clone(), y.clone()
+    x[10], x[11] = x[3], x[3]
+    x[200], y[200] = x[100], y[100]
+    y[10], y[11] = y[3], (y[3] + 1) % 10
+    found = inspect_dataset(TensorDataset(x, y))
+    dup = one(found, "data.exact_duplicate")
+    assert dup.indices == (3, 10, 11, 100, 200) and dup.severity is Severity.WARN
+    assert "2 group(s)" in dup.message
+    assert one(found, "data.conflicting_labels").indices == (3, 10, 11)
+    assert not by_code(found, "data.near_duplicate")
+
+
+def test_noisy_near_duplicates(split: Any) -> None:
+    x, y, _, _ = split
+    x = x.clone()
+    gen = torch.Generator().manual_seed(1)
+    x[50] = x[7] + 0.01 * torch.randn(1, 8, 8, generator=gen)
+    x[60] = x[8] * 0.9 + 0.05  # re-encoded: other contrast and brightness
+    near = one(inspect_dataset(TensorDataset(x, y)), "data.near_duplicate")
+    assert near.indices == (7, 8, 50, 60)
+    assert near.details["groups"] == [[7, 50], [8, 60]]
+
+
+def test_near_duplicates_of_large_images_through_the_projection() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = F.interpolate(torch.randn(300, 1, 7, 7, generator=gen), size=28, mode="bilinear")
+    x[120] = x[4] + 0.01 * torch.randn(1, 28, 28, generator=gen)
+    x[130] = x[5]
+    found = inspect_dataset(TensorDataset(x, torch.arange(300) % 3))
+    assert one(found, "data.near_duplicate").indices == (4, 120)
+    assert one(found, "data.exact_duplicate").indices == (5, 130)
+
+
+def test_non_finite_constant_and_out_of_range(split: Any) -> None:
+    x, y, xv, yv = split
+    x, y, yv = x.clone(), y.clone(), yv.clone()
+    x[30, 0, 2, 2] = float("nan")
+    x[31, 0, 0, 0] = float("inf")
+    x[40] = 0.0
+    y[50], y[51] = -1, 10
+    yv[5] = 11
+    found = inspect_dataset(TensorDataset(x, y), TensorDataset(xv, yv), num_classes=10)
+    assert one(found, "data.non_finite").indices == (30, 31)
+    assert one(found, "data.constant_input").indices == (40,)
+    out = by_code(found, "data.label_out_of_range")
+    assert [(f.details["split"], f.indices) for f in out] == [("train", (50, 51)),
+                                                              ("validation", (5,))]
+    assert all(f.severity is Severity.FAIL for f in out)
+
+
+def test_validation_leak_reports_train_indices_and_share(split: Any) -> None:
+    x, y, xv, yv = split
+    xv, yv = xv.clone(), yv.clone()
+    xv[0], xv[1] = x[20], x[21]
+    xv[2] = x[22] + 0.01 * torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(0))
+    leak = one(inspect_dataset(TensorDataset(x, y), TensorDataset(xv, yv)), "data.leakage")
+    assert leak.indices == (20, 21, 22)
+    assert leak.severity is Severity.FAIL
+    share = 3 / len(xv)
+    assert leak.value == pytest.approx(share) and f"{share:.1%}" in leak.message
+    assert sorted(leak.details["pairs"]) == [(20, 0), (21, 1), (22, 2)]
+
+
+class Flaky(Dataset):
+    """Digits whose reads fail for some indices (a corrupt file)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, broken: set[int]) -> None:
+        self.x, self.y, self.broken = x, y, broken
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if i in self.broken:
+            raise OSError(f"cannot decode image {i}")
+        return {"image": self.x[i], "label": int(self.y[i])}
+
+
+def test_unreadable_samples_are_recorded_and_inspection_goes_on(split: Any) -> None:
+    x, y, _, _ = split
+    x = x.clone()
+    x[90] = x[9]
+    found = inspect_dataset(Flaky(x, y, {4, 77}))
+    bad = one(found, "data.unreadable")
+    assert bad.indices == (4, 77) and "cannot decode image 4" in bad.message
+    assert one(found, "data.exact_duplicate").indices == (9, 90)
+
+
+def test_removed_class_and_imbalance(split: Any) -> None:
+    x, y, _, _ = split
+    keep = y != 3
+    found = inspect_dataset(TensorDataset(x[keep], y[keep]))
+    imb = one(found, "data.class_imbalance")
+    assert imb.details["missing"] == [3] and "[3]" in imb.message
+    rare = (y != 5) | (torch.arange(len(y)) % 20 == 0)  # class 5 cut to a couple of samples
+    imb = one(inspect_dataset(TensorDataset(x[rare], y[rare]), imbalance_ratio=5.0),
+              "data.class_imbalance")
+    assert imb.value is not None and imb.value >= 5.0 and imb.details["missing"] == []
+
+
+def test_regression_targets_skip_label_checks_and_sampling_is_said(split: Any) -> None:
+    x, _, _, _ = split
+    targets = torch.rand(len(x))
+    before, threads = torch.get_rng_state(), torch.get_num_threads()
+    found = inspect_dataset(TensorDataset(x, targets), max_samples=100, num_threads=1)
+    assert torch.equal(before, torch.get_rng_state()) and torch.get_num_threads() == threads
+    assert {f.code for f in found} == {"data.summary", "data.sampled", "data.no_labels"}
+    assert one(found, "data.sampled").value == 100
+
+
+@pytest.mark.parametrize("kw", [{"num_classes": 0}, {"max_samples": 1.5},
+                                {"near_threshold": 1.0}, {"imbalance_ratio": 1},
+                                {"batch_to_input": 3}, {"num_threads": 0}, {"max_images": 0}])
+def test_bad_arguments_name_themselves(kw: dict[str, Any]) -> None:
+    with pytest.raises((ValueError, TypeError), match=next(iter(kw))):
+        DataInspection(**kw)
+
+
+def _fit(tmp_path: Path, callbacks: list[pl.Callback], train: Any, val: Any) -> torch.Tensor:
+    pl.seed_everything(0)
+    model = Classifier(mlp(dropout=0.1))
+    run = trainer(tmp_path, callbacks, max_epochs=1, deterministic=True, limit_train_batches=3)
+    run.fit(model, loader(train, 32), loader(val, 64, shuffle=False))
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_callback_leaves_the_main_run_unchanged_and_logs(tmp_path: Path, split: Any) -> None:
+    x, y, xv, yv = split
+    x, y, xv = x.clone(), y.clone(), xv.clone()
+    x[10], y[10] = x[3], y[3]
+    xv[0] = x[20]
+    train, val = TensorDataset(x, y), TensorDataset(xv, yv)
+    reference = _fit(tmp_path / "ref", [], train, val)
+    check = DataInspection()
+    weights = _fit(tmp_path / "cb", [check], train, val)
+    assert torch.equal(reference, weights)
+    assert codes(check.findings) == {"data.exact_duplicate", "data.leakage"}
+    assert one(check.findings, "data.leakage").indices == (20,)
+    assert len(check.hooks) == 0
+    acc = events(tmp_path / "cb" / "tb" / "version_0")
+    images = set(acc.Tags()["images"])
+    assert {"diag/data/class_counts", "diag/data/samples_per_class",
+            "diag/data/exact_duplicates", "diag/data/leakage_train_vs_validation"} <= images
+    assert {"diag/data/labels/train", "diag/data/labels/validation"} <= set(
+        acc.Tags()["histograms"])
+    assert "exact_duplicate_groups | 1" in text_events(acc, "diag/data/summary")[0]
+    leftovers = {p.name for p in (tmp_path / "cb").rglob("*") if p.is_file()}
+    assert all(name.startswith("events.out.tfevents") or name == "hparams.yaml"
+               for name in leftovers), leftovers
+
+
+class Manual(Classifier):
+    def __init__(self) -> None:
+        super().__init__(mlp())
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        opt = self.optimizers()
+        assert isinstance(opt, torch.optim.Optimizer | pl.core.optimizer.LightningOptimizer)
+        loss = F.cross_entropy(self(batch[0]), batch[1])
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+
+
+def test_datamodule_and_manual_optimization_are_inspected(tmp_path: Path) -> None:
+    check = DataInspection()
+    run = trainer(tmp_path, [check], logger=False, max_steps=1, limit_val_batches=0)
+    run.fit(Manual(), datamodule=DigitsDataModule(flatten=True))
+    assert codes(check.findings, "warn") == set()
+    summary = one(check.findings, "data.summary")
+    assert summary.details["train"]["samples"] == 1437
+    assert summary.details["validation"]["samples"] == 360
+    assert "data.no_tensorboard" in {f.code for f in check.findings}
+
+
+class Stream(torch.utils.data.IterableDataset):
+    def __iter__(self) -> Any:
+        yield from zip(torch.rand(8, 4), torch.arange(8), strict=True)
+
+
+def test_mixed_shapes_and_iterable_training_data() -> None:
+    samples = [(torch.rand(4), 0), (torch.rand(4), 1), (torch.rand(6), 1), (torch.rand(4), 0)]
+    found = inspect_dataset(samples)
+    assert one(found, "data.mixed_shapes").details["split"] == "train"
+    assert codes(found, "warn") == set()  # 4 values: too few for a near-duplicate search
+    check = DataInspection()
+    run = pl.Trainer(max_steps=1, logger=False, callbacks=[check], enable_progress_bar=False,
+                     enable_model_summary=False, enable_checkpointing=False)
+    model = Classifier(mlp(in_features=4, classes=8))
+    run.fit(model, torch.utils.data.DataLoader(Stream(), batch_size=4))
+    assert [f.code for f in check.findings] == ["data.skipped"]

@@ -1,0 +1,208 @@
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
+
+from lightning_diag.callbacks.gradient_check import GradientCheck, check_gradients, error_table
+from lightning_diag.findings import DiagnosticError
+from tests.helpers import Classifier, cnn, codes, digits, events, loader, mlp, text_events, trainer
+
+
+class WrongSquare(torch.autograd.Function):
+    """x ** 2 with a backward that forgets the factor 2."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * x
+
+
+class RightSquare(WrongSquare):
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 2 * grad * x
+
+
+class Apply(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn.apply(x)
+
+
+class Detached(nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x).detach()
+
+
+class Regressor(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x).squeeze(1), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def batch_of(n=16, flatten=False):
+    data = digits(n, flatten=flatten)
+    return data.tensors[0], data.tensors[1]
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.Tanh])
+@pytest.mark.parametrize("make", ["mlp", "cnn"])
+def test_healthy_models_pass_despite_dropout_and_batchnorm(make, act):
+    net = mlp(act, width=16, dropout=0.5) if make == "mlp" else cnn(act, dropout=0.5)
+    found = check_gradients(Classifier(net), batch_of(), coords_per_tensor=3)
+    assert codes(found) == set()
+    assert [f.code for f in found] == ["gradient_check.ok"]
+    assert found[0].value < found[0].expected
+
+
+def test_wrong_backward_is_caught_and_named():
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), Apply(WrongSquare), nn.Linear(8, 10))
+    (f,) = check_gradients(Classifier(net), batch_of(), coords_per_tensor=3)
+    assert f.code == "gradient_check.mismatch" and f.severity == "fail"
+    assert "net.1.weight" in f.message and "net.3.weight" not in f.message
+    assert f.value == pytest.approx(0.5, rel=1e-3)  # analytic is half the true gradient
+
+
+def test_detached_layer_is_caught():
+    net = nn.Sequential(nn.Flatten(), Detached(nn.Linear(64, 8)), nn.Tanh(), nn.Linear(8, 10))
+    (f,) = check_gradients(Classifier(net), batch_of(), coords_per_tensor=3)
+    assert f.code == "gradient_check.mismatch" and "net.1.layer.bias" in f.message
+    rows = {t.name: t for t in f.details["table"]}
+    assert rows["net.1.layer.bias"].worst_error == pytest.approx(1.0)
+    assert rows["net.3.weight"].worst_error < 1e-6
+    assert "| `net.1.layer.bias` |" in error_table(f.details["table"])
+
+
+@pytest.mark.parametrize(("fn", "ok"), [(WrongSquare, False), (RightSquare, True)])
+def test_verdict_agrees_with_torch_autograd_gradcheck(fn, ok):
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(fn.apply, (x,), raise_exception=False) is ok
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 4), Apply(fn), nn.Linear(4, 10))
+    (f,) = check_gradients(Classifier(net), batch_of(), coords_per_tensor=2)
+    assert (f.code == "gradient_check.ok") is ok
+
+
+def test_user_model_and_rng_untouched():
+    model = Classifier(cnn(nn.ReLU, dropout=0.5))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    check_gradients(model, batch_of(), coords_per_tensor=2)
+    assert torch.equal(torch.get_rng_state(), rng)
+    for k, v in model.state_dict().items():  # BatchNorm buffers and dtype included
+        assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_cost_is_bounded_by_the_sample():
+    (f,) = check_gradients(Classifier(mlp(width=16)), batch_of(), coords_per_tensor=2,
+                           direction=False)
+    assert all(t.checked == 2 for t in f.details["table"])
+    assert f.details["samples"] == 4
+
+
+def test_nan_loss_and_regression():
+    bad = Classifier(mlp(width=8))
+    with torch.no_grad():
+        bad.net[1].weight[0, 0] = float("nan")
+    (f,) = check_gradients(bad, batch_of())
+    assert f.code == "gradient_check.non_finite" and f.severity == "fail"
+    x = torch.randn(8, 3)
+    (f,) = check_gradients(Regressor(), (x, x.sum(1)), coords_per_tensor=3)
+    assert f.code == "gradient_check.ok"
+
+
+def test_callback_logs_table_and_leaves_nothing_behind(tmp_path):
+    cb = GradientCheck(coords_per_tensor=2)
+    model = Classifier(mlp(width=8))
+    t = trainer(tmp_path, [cb], limit_train_batches=1)
+    t.fit(model, loader(digits(64, flatten=True)))
+    assert [f.code for f in cb.findings] == ["gradient_check.ok"]
+    assert cb.findings[0].step == 0
+    acc = events(tmp_path / "tb" / "version_0")
+    assert "net.1.weight" in text_events(acc, "diag/gradient_check/errors")[0]
+    assert "diag/gradient_check/worst_error" in acc.Tags()["scalars"]
+    assert len(cb.hooks) == 0 and not any(m._forward_hooks for m in model.modules())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tb"]
+
+
+def test_callback_strict_raises_and_no_logger_is_fine(tmp_path):
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 4), Apply(WrongSquare), nn.Linear(4, 10))
+    t = trainer(tmp_path, [GradientCheck(coords_per_tensor=2, strict=True)], logger=False,
+                limit_train_batches=1)
+    with pytest.raises(DiagnosticError, match="gradient_check.mismatch"):
+        t.fit(Classifier(net), loader(digits(32, flatten=True)))
+
+
+def test_bad_inputs_give_findings(tmp_path):
+    class Stream(IterableDataset):
+        def __iter__(self):
+            x, y = batch_of(32, flatten=True)
+            return iter(zip(x, y, strict=True))
+
+    cb = GradientCheck(coords_per_tensor=2)
+    trainer(tmp_path, [cb], limit_train_batches=1).fit(
+        Classifier(mlp(width=8)), DataLoader(Stream(), batch_size=8))
+    assert [f.code for f in cb.findings] == ["gradient_check.ok"]
+    cb = GradientCheck()
+    empty = loader(digits(0, flatten=True), shuffle=False)
+    trainer(tmp_path, [cb]).fit(Classifier(mlp(width=8)), empty)
+    assert [f.code for f in cb.findings] == ["gradient_check.skipped"]
+    assert "no batch" in cb.findings[0].message
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"num_samples": 0}, "num_samples"), ({"coords_per_tensor": 1.5}, "coords_per_tensor"),
+    ({"h": 0.0}, "`h`"), ({"tolerance": -1.0}, "tolerance"), ({"seed": "a"}, "seed"),
+    ({"direction": 1}, "direction"), ({"kinks": "yes"}, "kinks"), ({"strict": 1}, "strict")])
+def test_init_validates(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        GradientCheck(**kwargs)
+
+
+def test_overrides_tolerance_and_kinks():
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 4), Apply(WrongSquare), nn.Linear(4, 10))
+    (f,) = check_gradients(Classifier(net), batch_of(), tolerance=0.6, coords_per_tensor=2)
+    assert f.code == "gradient_check.ok" and f.expected == 0.6  # its error is 0.5
+    (f,) = check_gradients(Classifier(mlp(width=8)), batch_of(flatten=True), kinks=False,
+                           coords_per_tensor=2)
+    assert f.expected == 1e-6
+
+
+class NearKink(pl.LightningModule):
+    """loss = relu(w).sum() with one w a third of a step from the kink."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([3e-6, 0.5, -0.5]))
+
+    def training_step(self, batch, batch_idx):
+        return torch.relu(self.w).sum() * batch[0].mean()
+
+
+def test_a_kink_within_h_is_set_aside_not_failed():
+    (f,) = check_gradients(NearKink(), (torch.ones(4, 1),), coords_per_tensor=3,
+                           direction=False)
+    (row,) = f.details["table"]
+    assert f.code == "gradient_check.ok" and row.kinks == 1 and row.both_zero == 1
+    assert "1 across a kink" in f.message

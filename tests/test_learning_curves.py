@@ -1,0 +1,101 @@
+import pytest
+import torch.nn.functional as F
+
+from lightning_diag.callbacks.learning_curves import LearningCurves
+from lightning_diag.callbacks.update_ratio import UpdateRatioMonitor
+from tests.helpers import Classifier, codes, digits, events, loader, mlp, trainer
+
+
+def _fit(tmp_path, model, cbs, epochs=3, val=True, **kw):
+    t = trainer(tmp_path, cbs, max_epochs=epochs, limit_train_batches=2, **kw)
+    t.fit(model, loader(digits(64), batch_size=32),
+          loader(digits(64), batch_size=32, shuffle=False) if val else None)
+    return t
+
+
+def _layout(acc):
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    event = acc.Tensors("custom_scalars__config__")[-1]
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(event.tensor_proto.string_val[0])
+    return {c.title: {ch.title: list(ch.multiline.tag) for ch in c.chart}
+            for c in layout.category}
+
+
+def test_epoch_curves_gap_layout_and_figure(tmp_path):
+    cb = LearningCurves()
+    t = _fit(tmp_path, Classifier(mlp()), [cb, UpdateRatioMonitor(every_n_steps=1)])
+    assert codes(cb.findings, "info") == set()
+    acc = events(t.logger.log_dir)
+    for series in ("loss/train", "loss/val", "accuracy/train", "accuracy/val", "accuracy/gap"):
+        assert [e.step for e in acc.Scalars(f"diag/curves/{series}")] == [0, 1, 2]
+    last = t.callback_metrics
+    assert acc.Scalars("diag/curves/loss/val")[-1].value == pytest.approx(float(last["val_loss"]))
+    gap = float(last["train_acc"]) - float(last["val_acc"])
+    assert acc.Scalars("diag/curves/accuracy/gap")[-1].value == pytest.approx(gap, abs=1e-6)
+    layout = _layout(acc)
+    assert layout["learning curves"]["loss (train vs val)"] == [
+        "diag/curves/loss/train", "diag/curves/loss/val"]
+    assert "update_ratio" in layout  # the other monitor's charts are kept
+    assert "diag/curves/figure" in acc.Tags()["images"]
+    assert (tmp_path / "tb" / "version_0" / "learning_curves.png").is_file()
+
+
+def test_missing_keys_give_one_info_finding(tmp_path):
+    class NoAcc(Classifier):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = F.cross_entropy(self(x), y)
+            self.log("train_loss", loss, on_step=True, on_epoch=True)  # -> train_loss_epoch
+            return loss
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val_loss", F.cross_entropy(self(batch[0]), batch[1]))
+
+    cb = LearningCurves()
+    _fit(tmp_path, NoAcc(mlp()), [cb], logger=False)
+    (f,) = [f for f in cb.findings if f.code == "curves.missing_keys"]
+    assert f.severity == "info" and codes(cb.findings, "warn") == set()
+    assert f.details["missing"] == ["train_acc", "val_acc"]
+    assert [e for e, _ in cb.history["loss/train"]] == [0, 1, 2]  # found as train_loss_epoch
+    assert "accuracy/gap" not in cb.history
+
+
+def test_without_validation_only_train_curves(tmp_path):
+    cb = LearningCurves()
+    _fit(tmp_path, Classifier(mlp()), [cb], epochs=2, val=False, logger=False)
+    assert set(cb.history) == {"loss/train", "accuracy/train"}
+    assert codes(cb.findings, "warn") == set()
+
+
+def test_state_dict_round_trip_and_validation():
+    cb = LearningCurves()
+    cb.history = {"loss/train": [(0, 1.5)]}
+    other = LearningCurves()
+    other.load_state_dict(cb.state_dict())
+    assert other.history == cb.history
+    with pytest.raises(ValueError, match="val_acc"):
+        LearningCurves(val_acc="")
+    with pytest.raises(ValueError, match="figure_every_n_epochs"):
+        LearningCurves(figure_every_n_epochs=-2)
+
+
+def test_all_four_monitors_leave_the_main_run_bit_identical(tmp_path):
+    import lightning.pytorch as pl
+    import torch
+
+    from lightning_diag.callbacks.activation_histogram import ActivationHistogram
+    from lightning_diag.callbacks.first_layer import FirstLayerVisualization
+    from tests.helpers import cnn
+
+    def run(cbs, sub):
+        pl.seed_everything(0)
+        model = Classifier(cnn(), optimizer="sgd", lr=0.05)
+        _fit(tmp_path / sub, model, cbs, epochs=1, deterministic=True)
+        return [p.detach().clone() for p in model.parameters()]
+
+    watched = [LearningCurves(figure_every_n_epochs=1), FirstLayerVisualization(every_n_epochs=1),
+               ActivationHistogram(every_n_steps=1), UpdateRatioMonitor(every_n_steps=1)]
+    plain, seen = run([], "plain"), run(watched, "watched")
+    assert all(torch.equal(a, b) for a, b in zip(plain, seen, strict=True))

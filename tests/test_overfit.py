@@ -1,0 +1,165 @@
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+
+from lightning_diag.callbacks.overfit import (
+    OverfitResult,
+    OverfitSmallBatch,
+    overfit_batches,
+    overfit_small_batch,
+)
+from tests.helpers import Classifier, cnn, codes, digits, events, loader, mlp, trainer
+
+
+class Regressor(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 1))
+
+    def training_step(self, batch, batch_idx):  # does not go through forward()
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x).squeeze(1), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def data(n=64, flatten=True, batch_size=16):
+    return loader(digits(n, flatten=flatten), batch_size=batch_size)
+
+
+@pytest.mark.parametrize(("make", "act"), [("mlp", nn.ReLU), ("mlp", nn.Tanh), ("cnn", nn.ReLU),
+                                           ("cnn", nn.Tanh)])
+def test_healthy_models_overfit(make, act):
+    net = mlp(act, width=32, dropout=0.3) if make == "mlp" else cnn(act, dropout=0.3)
+    result = overfit_small_batch(Classifier(net, lr=1e-2), data(flatten=make == "mlp"),
+                                 num_batches=2, max_steps=400)
+    assert result.reached and result.best_accuracy == 1.0
+    assert result.best_loss <= 0.05 * result.initial_loss
+    assert result.steps < 400 and "1 dropout layer(s)" in result.turned_off
+    assert codes(result.findings()) == set()
+    assert [f.code for f in result.findings()] == ["overfit.reached"]
+
+
+def test_softmax_before_cross_entropy_fails_on_the_loss_floor():
+    model = Classifier(mlp(width=32), lr=1e-2, softmax_before_ce=True)
+    result = overfit_small_batch(model, data(), num_batches=2, max_steps=300)
+    assert not result.reached and result.steps == 300
+    assert result.best_loss > 0.3 * result.initial_loss  # stuck near log(1 + 9/e) = 1.46
+    (f,) = result.findings()
+    assert f.code == "overfit.not_reached" and f.severity == "fail"
+    assert "best loss" in f.message and "300 steps" in f.message and "softmax" in f.advice
+
+
+def test_unlearnable_labels_with_a_tiny_model_fail():
+    x, _ = digits(96, flatten=True).tensors
+    y = torch.randint(0, 10, (96,), generator=torch.Generator().manual_seed(0))
+    tiny = Classifier(mlp(width=2), lr=1e-2)
+    result = overfit_small_batch(tiny, loader(TensorDataset(x, y), batch_size=32),
+                                 num_batches=3, max_steps=150)
+    assert not result.reached and result.best_accuracy < 1.0
+    assert [f.code for f in result.findings()] == ["overfit.not_reached"]
+
+
+def test_regularization_is_turned_off_on_the_copy_only():
+    model = Classifier(mlp(width=32, dropout=0.5), lr=1e-2, weight_decay=0.5, reg_strength=1.0)
+    result = overfit_small_batch(model, data(), num_batches=2, max_steps=400,
+                                 reg_attr="reg_strength")
+    assert result.reached
+    assert set(result.turned_off) == {"1 dropout layer(s)", "optimizer weight decay",
+                                      "`reg_strength`"}
+    assert model.reg_strength == 1.0 and model.net[3].training
+
+
+def test_regression_uses_the_loss_criterion_only():
+    x = torch.randn(64, 3, generator=torch.Generator().manual_seed(0))
+    dl = DataLoader(TensorDataset(x, x.sin().sum(1)), batch_size=16)
+    result = overfit_small_batch(Regressor(), dl, num_batches=2, max_steps=600)
+    assert result.best_accuracy is None and not result.classification
+    assert result.reached and result.best_loss <= 0.05 * result.initial_loss
+
+
+def test_nan_loss_is_a_clear_failure():
+    net = mlp(width=8)
+    with torch.no_grad():
+        net[1].bias[0] = float("nan")
+    result = overfit_small_batch(Classifier(net), data(), num_batches=1, max_steps=10)
+    assert [f.code for f in result.findings()] == ["overfit.non_finite"]
+
+
+def test_model_rng_and_sampler_untouched():
+    model = Classifier(cnn(dropout=0.5), lr=1e-2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dl = data(flatten=False)
+    gen, rng = dl.generator.get_state().clone(), torch.get_rng_state()
+    overfit_small_batch(model, dl, num_batches=2, max_steps=20, progress_bar=True)
+    assert torch.equal(torch.get_rng_state(), rng) and torch.equal(dl.generator.get_state(), gen)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not model._forward_hooks
+
+
+def test_curve_is_reported_per_pass():
+    seen = []
+    result = overfit_batches(Classifier(mlp(width=16), lr=1e-2),
+                             [next(iter(data()))] * 3, max_steps=7,
+                             on_pass=lambda s, loss, acc: seen.append(s), loss_fraction=0.001)
+    assert seen == [3, 6, 7] and [s for s, _, _ in result.curve] == seen
+    assert isinstance(result, OverfitResult) and result.num_batches == 3
+
+
+def test_callback_logs_curve_to_tensorboard(tmp_path):
+    cb = OverfitSmallBatch(num_batches=2, max_steps=400)
+    model = Classifier(mlp(width=32), lr=1e-2)
+    trainer(tmp_path, [cb], limit_train_batches=1).fit(model, data())
+    assert [f.code for f in cb.findings] == ["overfit.reached"]
+    acc = events(tmp_path / "tb" / "version_0")
+    losses = acc.Scalars("diag/overfit/loss")
+    assert len(losses) == len(cb.result.curve) and losses[-1].step == cb.result.steps
+    assert acc.Scalars("diag/overfit/accuracy")[-1].value == 1.0
+    assert len(cb.hooks) == 0 and not any(m._forward_hooks for m in model.modules())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tb"]
+
+
+def test_bad_inputs_give_findings_or_clear_errors(tmp_path):
+    class Stream(IterableDataset):
+        def __iter__(self):
+            x, y = digits(32, flatten=True).tensors
+            return iter(zip(x, y, strict=True))
+
+    cb = OverfitSmallBatch(num_batches=2, max_steps=300)
+    trainer(tmp_path, [cb], limit_train_batches=1).fit(
+        Classifier(mlp(width=32), lr=1e-2), DataLoader(Stream(), batch_size=16))
+    assert [f.code for f in cb.findings] == ["overfit.reached"]
+    cb = OverfitSmallBatch()
+    trainer(tmp_path, [cb]).fit(Classifier(mlp(width=8)), loader(digits(0, True), shuffle=False))
+    assert [f.code for f in cb.findings] == ["overfit.skipped"]
+    with pytest.raises(ValueError, match="no batch"):
+        overfit_small_batch(Classifier(mlp()), loader(digits(0, True), shuffle=False))
+    manual = Classifier(mlp())
+    manual.automatic_optimization = False
+    with pytest.raises(ValueError, match="manual optimization"):
+        overfit_small_batch(manual, data())
+
+
+def test_several_optimizers_are_refused_clearly_by_lightning(tmp_path):
+    class Two(Classifier):
+        def configure_optimizers(self):
+            return [torch.optim.SGD(self.parameters(), lr=0.1),
+                    torch.optim.SGD(self.parameters(), lr=0.1)]
+
+    with pytest.raises(Exception, match="multiple optimizers") as info:
+        trainer(tmp_path, [OverfitSmallBatch()]).fit(Two(mlp(width=8)), data())
+    assert "lightning_diag" not in str(info.traceback[-1].path)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"num_batches": 0}, "num_batches"), ({"max_steps": 2.5}, "max_steps"),
+    ({"loss_fraction": 1.0}, "loss_fraction"), ({"reg_attr": 3}, "reg_attr"),
+    ({"batch_to_input": "x"}, "batch_to_input"), ({"batch_to_target": 1}, "batch_to_target"),
+    ({"progress_bar": 1}, "progress_bar"), ({"strict": None}, "strict")])
+def test_init_validates(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        OverfitSmallBatch(**kwargs)

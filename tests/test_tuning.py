@@ -1,0 +1,180 @@
+"""lr_sweep, random_search (resume, shared study, pruning), refine, tune, CLI; tiny budgets."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lightning_diag.examples import DigitsClassifier
+from lightning_diag.tuning.cli import add_tune_arguments, load_class, run_tune
+from lightning_diag.tuning.pipeline import tune
+from lightning_diag.tuning.search import random_search, refine
+from lightning_diag.tuning.sweep import lr_sweep
+from tests.helpers import digits, events, loader
+
+optuna = pytest.importorskip("optuna")
+ROOT = Path(__file__).resolve().parents[1]
+FACTORY = functools.partial(DigitsClassifier, arch="mlp", width=16, dropout=0.0)
+
+
+def data(n: int = 128) -> tuple:
+    return loader(digits(n), batch_size=32), loader(digits(64), batch_size=64, shuffle=False)
+
+
+class TinyDigits(pl.LightningDataModule):
+    def __init__(self, n: int = 128, batch_size: int = 32) -> None:
+        super().__init__()
+        self.n, self.batch_size = n, batch_size
+
+    def train_dataloader(self):
+        return loader(digits(self.n), batch_size=self.batch_size)
+
+    def val_dataloader(self):
+        return loader(digits(64), batch_size=64, shuffle=False)
+
+
+def test_sweep_same_init_picks_and_charts(tmp_path):
+    result = lr_sweep(FACTORY, train_dataloaders=data()[0], lrs=(30.0, 1e-2, 1e-6), steps=8,
+                      alpha=0.5, run_dir=tmp_path, accelerator="cpu")
+    first = {lr: c[0] for lr, c in result.curves.items()}
+    assert len(set(first.values())) == 1, first  # same weights, same first batch
+    assert all(len(c) == 8 for c in result.curves.values() if torch.isfinite(torch.tensor(c)).all())
+    assert result.best_lr == 1e-2 and 30.0 in result.diverged
+    assert result.scores[1e-2] < result.scores[1e-6]
+    assert result.png_path == tmp_path / "sweep.png" and result.png_path.stat().st_size > 0
+    acc = events(tmp_path / "sweep")
+    tags = set(acc.Tags()["scalars"])
+    assert {"diag/tuning/sweep/lr_1e-02", "diag/tuning/sweep/lr_1e-06"} <= tags
+    assert len(acc.Scalars("diag/tuning/sweep/lr_1e-02")) == 8
+    assert "| 1e-02 |" in result.table()
+
+
+def test_sweep_validates_arguments():
+    with pytest.raises(ValueError, match="exactly one"):
+        lr_sweep(FACTORY)
+    with pytest.raises(ValueError, match="lrs"):
+        lr_sweep(FACTORY, train_dataloaders=data()[0], lrs=(0.1, -1.0))
+    with pytest.raises(TypeError, match="LightningModule"):
+        lr_sweep(lambda lr, weight_decay: torch.nn.Linear(1, 1), train_dataloaders=data()[0],
+                 steps=1)
+
+
+def test_search_resumes_after_interruption(tmp_path):
+    kw = dict(center_lr=1e-2, epochs=(1, 1), run_dir=tmp_path, accelerator="cpu",
+              limit_train_batches=2)
+    first = random_search(FACTORY, data(), n_trials=2, **kw)
+    assert [r["number"] for r in sorted(first.rows, key=lambda r: r["number"])] == [0, 1]
+    assert (tmp_path / "study.db").exists()
+    for r in first.rows:
+        assert 1e-2 / 3 <= r["lr"] <= 1e-2 * 3 and r["weight_decay"] in (1e-4, 1e-5, 0.0)
+
+    def interrupted(lr: float, weight_decay: float):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        random_search(interrupted, data(), n_trials=4, **kw)
+    resumed = random_search(FACTORY, data(), n_trials=4, **kw)
+    by_number = {r["number"]: r for r in resumed.rows}
+    assert len(resumed.rows) == 4 and {0, 1} <= set(by_number)
+    for r in first.rows:  # the finished trials are kept, not rerun
+        kept = by_number[r["number"]]
+        assert kept["lr"] == r["lr"] and kept["value"] == r["value"]
+    assert len({(r["lr"], r["weight_decay"]) for r in resumed.rows}) == 4
+    study = optuna.load_study(study_name=resumed.study_name, storage=resumed.storage)
+    assert [t.state.name for t in study.trials].count("FAIL") == 1  # the interrupted one
+    again = random_search(FACTORY, data(), n_trials=4, **kw)  # nothing left to do
+    assert len(again.rows) == 4
+
+
+WORKER = textwrap.dedent("""
+    import functools, sys
+    sys.path.insert(0, {root!r})
+    from lightning_diag.examples import DigitsClassifier
+    from lightning_diag.tuning.search import random_search
+    from tests.helpers import digits, loader
+    factory = functools.partial(DigitsClassifier, arch="mlp", width=16, dropout=0.0)
+    data = (loader(digits(128), 32), loader(digits(64), 64, shuffle=False))
+    random_search(factory, data, center_lr=1e-2, n_trials=4, epochs=(1, 1),
+                  storage={storage!r}, study_name="shared", run_dir=sys.argv[1],
+                  accelerator="cpu", limit_train_batches=2, enable_model_summary=False)
+""")
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_study(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    optuna.create_study(storage=storage, study_name="shared", direction="maximize")
+    code = WORKER.format(root=str(ROOT), storage=storage)
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / f"w{i}")],
+                              cwd=tmp_path, stderr=subprocess.PIPE) for i in range(2)]
+    errors = [p.communicate(timeout=240)[1].decode()[-2000:] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errors
+    trials = [t for t in optuna.load_study(study_name="shared", storage=storage).trials
+              if t.state.name in ("COMPLETE", "PRUNED")]
+    assert 4 <= len(trials) <= 5  # a trial in flight when the 4th finished may also finish
+    assert len({t.number for t in trials}) == len(trials)
+    assert len({(t.params["lr"], t.params["weight_decay"]) for t in trials}) == len(trials)
+    assert len({t.user_attrs["worker"] for t in trials}) == 2, "one worker did all the trials"
+
+
+def test_pruning_stops_poor_trials_early(tmp_path):
+    found = random_search(FACTORY, data(), center_lr=1e-2, n_trials=2, epochs=(1, 3),
+                          run_dir=tmp_path, pruner=optuna.pruners.ThresholdPruner(lower=1.01),
+                          accelerator="cpu", limit_train_batches=2)
+    assert [r["state"] for r in found.rows] == ["pruned", "pruned"]
+    assert all(r["epochs"] == 1 for r in found.rows)  # stopped after the first of 3 epochs
+
+
+def test_refine_ranks_with_advisor_reading(tmp_path):
+    found = random_search(FACTORY, data(), center_lr=1e-2, n_trials=2, epochs=(1, 1),
+                          run_dir=tmp_path, accelerator="cpu", limit_train_batches=2)
+    refined = refine(found, top_k=2, epochs=2, advisor={"min_epochs": 1, "low_acc": 1.0,
+                                                         "close_gap": 1.0})
+    assert [r["rank"] for r in refined.rows] == [1, 2]
+    assert refined.rows[0]["value"] >= refined.rows[1]["value"]
+    assert all(r["advisor"] == ["advisor.underfit"] for r in refined.rows)  # forced thresholds
+    assert all(len(r["curve"]) == 2 for r in refined.rows)
+    assert "advisor.underfit" in refined.table()
+    assert (tmp_path / "refine" / "config_0").is_dir()
+
+
+def test_missing_optuna_says_how_to_install(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "optuna", None)
+    with pytest.raises(ImportError, match=r"lightning-diag\[tune\]"):
+        random_search(FACTORY, data(), center_lr=1e-2, n_trials=1)
+    parser = argparse.ArgumentParser()
+    add_tune_arguments(parser)
+    assert run_tune(parser.parse_args([])) == 2  # before any training
+    assert "lightning-diag[tune]" in capsys.readouterr().err
+
+
+def test_tune_and_cli(tmp_path, capsys):
+    summary = tune(FACTORY, TinyDigits(), lrs=(1e-2, 1e-4), sweep_steps=3, n_trials=2,
+                   epochs=(1, 1), top_k=1, refine_epochs=1, run_dir=tmp_path / "api",
+                   accelerator="cpu", limit_train_batches=2)
+    assert summary.sweep.best_lr == 1e-2 and len(summary.refine.rows) == 1
+    assert "## 3. Refined" in capsys.readouterr().out
+    acc = events(tmp_path / "api" / "summary")
+    assert acc.Tags()["tensors"] and "diag/tuning/refine/rank_1" in acc.Tags()["scalars"]
+
+    parser = argparse.ArgumentParser()
+    add_tune_arguments(parser)
+    args = parser.parse_args(["--datamodule", "tests.test_tuning:TinyDigits", "--lrs", "1e-2",
+                              "--sweep-steps", "2", "--trials", "1", "--epochs", "1", "1",
+                              "--top-k", "1", "--refine-epochs", "1", "--accelerator", "cpu",
+                              "--model-kwargs", '{"arch": "mlp", "width": 8}',
+                              "--run-dir", str(tmp_path / "cli")])
+    assert run_tune(args) == 0
+    assert "**Best**" in capsys.readouterr().out and (tmp_path / "cli" / "study.db").exists()
+    bad = parser.parse_args(["--model", "no_such_module:Model"])
+    assert run_tune(bad) == 2 and "no_such_module" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="package.module:Class"):
+        load_class("DigitsClassifier")

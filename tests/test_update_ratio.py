@@ -1,0 +1,159 @@
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_diag.callbacks.update_ratio import UpdateRatioMonitor
+from tests.helpers import Classifier, cnn, codes, digits, events, loader, mlp, trainer
+
+
+def _fit(tmp_path, model, cb, epochs=2, n=256, logger=False, **kw):
+    t = trainer(tmp_path, [cb], max_epochs=epochs, logger=logger, **kw)
+    t.fit(model, loader(digits(n), batch_size=32))
+    return t
+
+
+@pytest.mark.parametrize("net,opt,lr", [
+    (lambda: mlp(), "adam", 1e-3),
+    (lambda: mlp(), "sgd", 0.1),
+    (lambda: cnn(), "sgd", 0.05),
+])
+def test_healthy_optimizers_are_quiet(tmp_path, net, opt, lr):
+    pl.seed_everything(0)
+    cb = UpdateRatioMonitor(every_n_steps=2)
+    _fit(tmp_path, Classifier(net(), lr=lr, optimizer=opt), cb)
+    assert codes(cb.findings) == set()
+    assert 1e-4 < sorted(cb.last.values())[len(cb.last) // 2] < 0.2
+    assert not cb._pending
+
+
+def test_tiny_learning_rate_is_too_low(tmp_path):
+    pl.seed_everything(0)
+    cb = UpdateRatioMonitor(every_n_steps=2)
+    _fit(tmp_path, Classifier(mlp(), lr=1e-6, optimizer="sgd"), cb, epochs=1)
+    (f,) = [f for f in cb.findings if f.severity >= "warn"]
+    assert f.code == "update_ratio.too_low" and f.value < 1e-6
+    assert "1e-05" in f.message
+
+
+def test_diverging_learning_rate_is_too_high(tmp_path):
+    pl.seed_everything(0)
+    cb = UpdateRatioMonitor(every_n_steps=100)  # the early steps 1, 2, 4 catch the spike
+    _fit(tmp_path, Classifier(mlp(), lr=20.0, optimizer="sgd"), cb, epochs=1)
+    high = [f for f in cb.findings if f.code == "update_ratio.too_high"]
+    assert high and high[0].value >= 1.0 and high[0].step in (1, 2)
+
+
+def test_zero_gradients_are_zero_updates_not_a_small_lr(tmp_path):
+    pl.seed_everything(0)
+    net = mlp()
+    with torch.no_grad():
+        net[1].bias.fill_(-50.0)  # every ReLU dead: all weights get zero gradients
+        net[3].bias.fill_(-50.0)
+    cb = UpdateRatioMonitor(every_n_steps=1)
+    _fit(tmp_path, Classifier(net, lr=0.1, optimizer="sgd"), cb, epochs=1)
+    found = codes(cb.findings)
+    assert found == {"update_ratio.zero_updates"}
+    (f,) = cb.findings
+    assert "3 of 3 weight tensors" in f.message and "gradients are zero" in f.message
+    assert "not a learning rate" in f.message
+
+
+def test_median_and_guide_are_logged_with_a_layout(tmp_path):
+    pl.seed_everything(0)
+    cb = UpdateRatioMonitor(every_n_steps=4)
+    t = _fit(tmp_path, Classifier(mlp()), cb, epochs=1, logger=True)
+    acc = events(t.logger.log_dir)
+    median = acc.Scalars("diag/update_ratio/median")
+    assert [e.step for e in median] == [0, 1, 2, 4]
+    assert [e.value for e in acc.Scalars("diag/update_ratio/guide_1e-3")] == pytest.approx(
+        [1e-3] * 4)
+    assert "diag/update_ratio/layer/net.1.weight" in acc.Tags()["scalars"]
+    assert "diag/update_ratio/layer/net.1.bias" not in acc.Tags()["scalars"]
+    assert "custom_scalars__config__" in acc.Tags()["tensors"]
+
+
+def test_exact_ratio_once_per_optimizer_step_with_accumulation_and_clipping(tmp_path):
+    ratios = []
+
+    class Spy(UpdateRatioMonitor):
+        def _check(self, trainer, median, still, grad_norm):
+            ratios.append(dict(self.last))
+            return super()._check(trainer, median, still, grad_norm)
+
+    pl.seed_everything(0)
+    model = Classifier(mlp(), lr=0.1, optimizer="sgd")
+    snapshots = []
+
+    class Recorder(pl.Callback):  # the same step, measured independently
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            snapshots.append(pl_module.net[3].weight.detach().clone())
+
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            if len(snapshots) > len(after):
+                after.append(pl_module.net[3].weight.detach().clone())
+
+    after: list[torch.Tensor] = []
+    t = trainer(tmp_path, [Spy(every_n_steps=1), Recorder()], max_epochs=1, logger=False,
+                accumulate_grad_batches=2, gradient_clip_val=0.5)
+    t.fit(model, loader(digits(256), batch_size=32))
+    assert len(ratios) == 4 == t.global_step  # 8 batches, 4 optimizer steps
+    direct = ((after[0] - snapshots[0]).norm() / snapshots[0].norm()).item()
+    assert ratios[0]["net.3.weight"] == pytest.approx(direct, rel=1e-5)
+
+
+def test_several_optimizers_and_param_groups(tmp_path):
+    class TwoOpts(Classifier):
+        def __init__(self):
+            super().__init__(mlp())
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            opt_a, opt_b = self.optimizers()
+            x, y = batch
+            loss = F.cross_entropy(self(x), y)
+            opt_a.zero_grad()
+            opt_b.zero_grad()
+            self.manual_backward(loss)
+            opt_a.step()
+            opt_b.step()
+
+        def configure_optimizers(self):
+            head = list(self.net[5].parameters())
+            body = [{"params": self.net[1].parameters(), "lr": 1e-3},
+                    {"params": self.net[3].parameters(), "lr": 1e-4}]
+            return torch.optim.Adam(body), torch.optim.SGD(head, lr=0.1)
+
+    cb = UpdateRatioMonitor(every_n_steps=2)
+    _fit(tmp_path, TwoOpts(), cb, epochs=1, n=128)
+    assert set(cb.last) == {"net.1.weight", "net.3.weight", "net.5.weight"}
+    assert all(v > 0 for v in cb.last.values()) and codes(cb.findings) == set()
+
+
+def test_main_run_weights_unchanged(tmp_path):
+    def run(cbs):
+        pl.seed_everything(0)
+        model = Classifier(mlp(), optimizer="adam")
+        t = trainer(tmp_path, cbs, max_epochs=1, deterministic=True, logger=False)
+        t.fit(model, loader(digits(128), batch_size=32))
+        return [p.detach().clone() for p in model.parameters()]
+
+    plain, watched = run([]), run([UpdateRatioMonitor(every_n_steps=1)])
+    assert all(torch.equal(a, b) for a, b in zip(plain, watched, strict=True))
+
+
+def test_state_dict_keeps_streaks():
+    cb = UpdateRatioMonitor()
+    cb.streak["too_low"] = 2
+    other = UpdateRatioMonitor()
+    other.load_state_dict(cb.state_dict())
+    assert other.streak["too_low"] == 2
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"every_n_steps": 0}, "every_n_steps"), ({"patience": True}, "patience"),
+    ({"low": 0.5, "high": 0.1}, "low"), ({"extreme": 0.01}, "extreme"),
+])
+def test_arguments_are_validated(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        UpdateRatioMonitor(**kwargs)
