@@ -127,17 +127,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cost-repeats", type=int, default=1)
     parser.add_argument("--cost-batches", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--models", nargs="*", default=list(MODELS))
     parser.add_argument("--out", default="benchmarks/results/monitors.md")
     args = parser.parse_args()
-    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
+    # One intra-op thread: on a shared machine, spinning OpenMP workers make CPU time meaningless.
+    torch.set_num_threads(args.threads)
     lines = [
         "## Step-5 monitors (issue 3)", "",
         f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {os.cpu_count()} CPU cores "
         f"({platform.processor() or platform.machine()}), torch {torch.__version__}, shared with "
         f"other jobs (load average at start {os.getloadavg()[0]:.1f}); "
         "`python benchmarks/bench_monitors.py --epochs "
-        f"{' '.join(map(str, args.epochs))} --repeats {args.repeats}`.",
+        f"{' '.join(map(str, args.epochs))} --repeats {args.repeats} --cost-batches "
+        f"{args.cost_batches} --threads {args.threads}`.",
         "", "All four monitors at their defaults vs a plain Trainer (TensorBoardLogger in both), "
         "digits train split (1437 images, batch 64, 23 steps/epoch), runs alternated:", "",
         "| model | epochs | steps | plain (s) | with monitors (s) | wall ratio (median) | "

@@ -3,11 +3,14 @@ import os
 import warnings
 
 import pytest
+import torch
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*GPU available but not used.*")
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+# The suite's models are tiny: intra-op threads only add scheduling overhead on 2 cores.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -173,7 +173,7 @@ def test_model_without_logits(tmp_path: Path) -> None:
 class NoneStep(Classifier):
     """A training_step returning None (Lightning skips the batch)."""
 
-    def training_step(self, batch: Any, batch_idx: int) -> None:
+    def training_step(self, batch: Any, batch_idx: int) -> None:  # type: ignore[override]
         super().training_step(batch, batch_idx)
 
 

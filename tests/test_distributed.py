@@ -15,6 +15,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -93,8 +94,8 @@ def test_ema_refuses_sharded_strategies_at_setup(strategy: str) -> None:
     trainer = SimpleNamespace(strategy=fake)
     ema = EMAWeights()
     with pytest.raises(ValueError, match=f"{strategy}.*shard"):
-        ema.setup(trainer, torch.nn.Linear(1, 1), "fit")  # type: ignore[arg-type]
-    ema.setup(trainer, torch.nn.Linear(1, 1), "validate")  # only training keeps an average
+        ema.setup(trainer, pl.LightningModule(), "fit")  # type: ignore[arg-type]
+    ema.setup(trainer, pl.LightningModule(), "validate")  # type: ignore[arg-type]
 
 
 def test_ema_refuses_a_real_fsdp_strategy_when_constructible() -> None:
@@ -105,4 +106,4 @@ def test_ema_refuses_a_real_fsdp_strategy_when_constructible() -> None:
         pytest.skip(f"FSDPStrategy() cannot be built here: {err}")
     with pytest.raises(ValueError, match="sharded strategy FSDPStrategy"):
         EMAWeights().setup(SimpleNamespace(strategy=strategy),  # type: ignore[arg-type]
-                           torch.nn.Linear(1, 1), "fit")
+                           pl.LightningModule(), "fit")

@@ -120,7 +120,7 @@ def test_fault_is_reraised_and_leaves_no_trace(fault: str, tmp_path: Path, priva
         callbacks = [cb for cb in callbacks if type(cb).__name__ not in
                      ("InitialLossCheck", "GradientCheck")]
     rng = torch.get_rng_state()
-    t = trainer(tmp_path, callbacks, max_epochs=2)
+    t = trainer(tmp_path, list[pl.Callback](callbacks), max_epochs=2)
     RAISED.clear()
     with pytest.raises(expected):
         t.fit(model, loader(digits(64), batch_size=16), loader(digits(32), shuffle=False))
@@ -177,7 +177,8 @@ class StateProbe(pl.Callback):
     """Records every diagnostic's state when the resumed run starts training."""
 
     def __init__(self, callbacks: list[DiagnosticCallback]) -> None:
-        self.callbacks, self.states = callbacks, {}
+        self.callbacks = callbacks
+        self.states: dict[str, Any] = {}
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.states = {cb.state_key: copy.deepcopy(cb.state_dict()) for cb in self.callbacks}

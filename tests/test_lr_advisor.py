@@ -13,11 +13,11 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from lightning_diag.callbacks.lr_advisor import LRPlateauAdvisor, batch_indices
 from lightning_diag.functional.curves import (
     diverged,
-    ema,
     is_jump,
     pick_learning_rate,
     plateau_length,
     running_median,
+    smooth_ema,
 )
 from tests.helpers import Classifier, codes, digits, events, loader, mlp, text_events, trainer
 
@@ -217,7 +217,7 @@ def test_curve_maths_against_direct_expressions():
     expect = [3.0]
     for x in v[1:].tolist():
         expect.append((1 - alpha) * expect[-1] + alpha * x)
-    assert torch.allclose(ema(v, alpha), torch.tensor(expect, dtype=torch.float64))
+    assert torch.allclose(smooth_ema(v, alpha), torch.tensor(expect, dtype=torch.float64))
     med = running_median(v, 3)
     assert med.tolist() == [torch.median(v[max(0, i - 2): i + 1]).item() for i in range(len(v))]
     assert plateau_length([5.0, 4.0, 3.0], 0.01) == 0
@@ -232,7 +232,7 @@ def test_curve_maths_against_direct_expressions():
     steady = [2.3, 0.7, 0.6, 0.55, 0.5, 0.5]
     assert pick_learning_rate({0.1: noisy, 0.01: steady}, alpha=0.3, tail=0.34)[0] == 0.01
     with pytest.raises(ValueError, match="alpha"):
-        ema([1.0], 0.0)
+        smooth_ema([1.0], 0.0)
 
 
 def test_advice_only_leaves_the_run_bit_identical(tmp_path):

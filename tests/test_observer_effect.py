@@ -114,7 +114,8 @@ def train(callbacks: list[pl.Callback], root: Path, num_workers: int = 0,
         "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
         "optimizer": trainer.optimizers[0].state_dict(),
         "batches": list(model.seen),
-        "rng": (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()),
+        "rng": (torch.get_rng_state(), np.random.get_state()[1].copy(),  # type: ignore[index]
+                random.getstate()),
         "training": model.training,
     }
 

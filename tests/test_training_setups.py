@@ -71,7 +71,7 @@ class Manual(Full):
         self.automatic_optimization = False
         self.two = two_optimizers
 
-    def training_step(self, batch: Any, batch_idx: int) -> None:
+    def training_step(self, batch: Any, batch_idx: int) -> None:  # type: ignore[override]
         x, y = batch
         opts = self.optimizers()
         opts = opts if isinstance(opts, list) else [opts]

@@ -55,9 +55,10 @@ class EMAWeights(DiagnosticCallback):
             afterwards), ``"raw"`` leaves validation alone, ``"both"`` also logs every validation
             metric of the average with an ``_ema`` suffix. Only validation inside ``fit`` is
             affected; use :meth:`swapped` for ``validate``/``test``/``predict``.
-        check_weights: Before each update, also check every weight for NaN/Inf (one fused norm
-            pass, about a third of the update's memory traffic). The loss is always checked; a
-            non-finite loss or weight skips the update and keeps the last finite average.
+        check_weights: Before each update, also check every weight for NaN/Inf (one extra fused
+            pass over the weights, which costs about as much as the update itself). Off by
+            default: the loss is always checked, and a non-finite loss skips the update and keeps
+            the last finite average, which covers weights poisoned by a diverging step.
         strict: Raise on a FAIL finding (this callback emits none).
     """
 
@@ -65,7 +66,7 @@ class EMAWeights(DiagnosticCallback):
 
     def __init__(self, decay: float = 0.999, warmup: bool = True, update_every_n_steps: int = 1,
                  start_step: int = 0, device: str | torch.device | None = None,
-                 evaluate: str = "ema", check_weights: bool = True, strict: bool = False) -> None:
+                 evaluate: str = "ema", check_weights: bool = False, strict: bool = False) -> None:
         super().__init__(strict=strict)
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
             raise ValueError(f"`decay` must be a float in [0, 1), got {decay!r}.")

@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 __all__ = [
-    "GOOD_GRADIENT_ERROR",
     "KINK_MODULES",
     "centered_difference",
     "count_param_layers",
@@ -32,9 +31,6 @@ __all__ = [
     "kink_gap",
     "relative_error",
 ]
-
-#: Recipe step 2.4: "about 1e-7 is good".
-GOOD_GRADIENT_ERROR = 1e-7
 
 #: Modules whose output is not differentiable everywhere (ReLU family, max, abs-like shrinkage).
 KINK_MODULES: tuple[type[nn.Module], ...] = (

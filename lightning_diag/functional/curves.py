@@ -4,8 +4,8 @@ Every function takes plain sequences of floats (or a 1-D tensor) and returns pla
 1-D float64 tensor, so it can be checked without a Trainer.
 
 Example:
-    >>> from lightning_diag.functional.curves import ema, plateau_length, pick_learning_rate
-    >>> ema([4.0, 2.0, 2.0], alpha=0.5).tolist()
+    >>> from lightning_diag.functional.curves import smooth_ema, plateau_length, pick_learning_rate
+    >>> smooth_ema([4.0, 2.0, 2.0], alpha=0.5).tolist()
     [4.0, 3.0, 2.5]
     >>> plateau_length([2.0, 1.0, 0.99, 1.0, 1.01], min_rel_delta=0.05)
     3
@@ -22,7 +22,7 @@ import torch
 
 __all__ = [
     "diverged",
-    "ema",
+    "smooth_ema",
     "is_jump",
     "jump_threshold",
     "pick_learning_rate",
@@ -37,7 +37,7 @@ def _as_tensor(values: Curve) -> torch.Tensor:
     return torch.as_tensor(values, dtype=torch.float64).reshape(-1)
 
 
-def ema(values: Curve, alpha: float = 0.1) -> torch.Tensor:
+def smooth_ema(values: Curve, alpha: float = 0.1) -> torch.Tensor:
     """Exponential moving average ``s_t = (1 - alpha) s_{t-1} + alpha v_t`` with ``s_0 = v_0``.
 
     A non-finite value makes every later smoothed value non-finite, which is what a divergence
@@ -125,7 +125,7 @@ def diverged(values: Curve, alpha: float = 0.1, factor: float = 4.0) -> bool:
         return False
     if not bool(torch.isfinite(v).all()):
         return True
-    return bool((ema(v, alpha) > factor * float(v[0])).any()) if float(v[0]) > 0 else False
+    return bool((smooth_ema(v, alpha) > factor * float(v[0])).any()) if float(v[0]) > 0 else False
 
 
 def pick_learning_rate(
@@ -157,7 +157,7 @@ def pick_learning_rate(
             bad.add(lr)
             scores[lr] = math.inf
             continue
-        smooth = ema(v, alpha)
+        smooth = smooth_ema(v, alpha)
         k = max(1, round(tail * smooth.numel()))
         scores[lr] = float(smooth[-k:].mean())
     good = [lr for lr in scores if lr not in bad]

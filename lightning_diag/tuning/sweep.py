@@ -22,7 +22,7 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_diag.batch import loss_from_output
-from lightning_diag.functional.curves import ema, pick_learning_rate
+from lightning_diag.functional.curves import pick_learning_rate, smooth_ema
 
 __all__ = ["LRComparison", "ModelFactory", "SweepResult", "compare_with_lr_find", "lr_sweep"]
 
@@ -153,7 +153,7 @@ def lr_sweep(model_factory: ModelFactory, train_dataloaders: Any = None,
         for g, state in zip(generators, saved, strict=True):
             g.set_state(state)
     best, scores, bad = pick_learning_rate(curves, alpha=alpha)
-    smoothed = {lr: ema(c, alpha).tolist() if c else [] for lr, c in curves.items()}
+    smoothed = {lr: smooth_ema(c, alpha).tolist() if c else [] for lr, c in curves.items()}
     result = SweepResult(best, curves, smoothed, scores, bad, RULE.format(alpha=alpha))
     if run_dir is not None:
         result.png_path = _write_charts(result, Path(run_dir))
