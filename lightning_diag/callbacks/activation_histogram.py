@@ -17,17 +17,19 @@ import torch
 from torch import nn
 
 from lightning_diag.base import DiagnosticCallback
+from lightning_diag.callbacks._monitor_plots import (
+    layer_summary_figure,
+    log_image,
+    log_step_summary,
+)
 from lightning_diag.findings import Finding, Severity
 from lightning_diag.functional.monitors import (
     HIST_HEADER,
     STAT_NAMES,
     gradient_flow,
-    histogram_edges,
-    histogram_row,
-    is_logging_step,
-    layer_stats,
+    layer_summary,
 )
-from lightning_diag.tb import log_figure, log_scalars, tensorboard_writer
+from lightning_diag.tb import figure_to_array
 
 __all__ = ["ActivationHistogram"]
 
@@ -86,26 +88,31 @@ def _validate(every_n_steps: Any, layers: Any, bins: Any, dead_fraction: Any,
                         f"(name, module) -> bool, got {layers!r}.")
 
 
-def _parse(row: list[float], has_grad: bool, numel: int, bins: int) -> dict[str, Any]:
-    k, h = len(STAT_NAMES), len(HIST_HEADER) + bins
+def _parse(row: list[float], has_grad: bool, numel: int) -> dict[str, Any]:
+    """One layer's host row: its activation summary, then its gradient's (layer_summary)."""
+    k, width = len(STAT_NAMES), len(row) // 2
     out: dict[str, Any] = dict(zip(STAT_NAMES, row[:k], strict=True))
-    out["act_hist"] = row[k:k + h]
-    norm = row[k + h]
-    out["grad_norm"] = (math.inf if math.isnan(norm) else norm) if has_grad else math.nan
+    out["act_hist"], grad, out["grad_hist"] = row[k:width], row[width:], row[width + k:]
+    num, squares = grad[k + 2], grad[k + 4]
+    # A non-finite gradient value (left out of the sums) makes the norm infinite.
+    norm = math.sqrt(squares) if num == numel and math.isfinite(squares) else math.inf
+    out["grad_norm"] = norm if has_grad else math.nan
     out["grad_rms"] = out["grad_norm"] / math.sqrt(max(numel, 1))
-    out["grad_hist"] = row[k + h + 1:]
     return out
 
 
 class ActivationHistogram(DiagnosticCallback):
     """Histograms and statistics of each layer's activations and of the gradients into them.
 
-    On every ``every_n_steps``-th optimizer step (training only), forward hooks on the chosen
-    layers compute, on the tensors' device: mean, std, zero fraction, dead fraction (units zero
-    on the whole batch), saturated fraction (bounded activations: tanh, sigmoid, hardtanh,
-    ...), a 64-bin histogram, and for the gradient flowing back into the output its norm and
-    histogram, unscaled under mixed precision. Everything is copied to the host once per
-    logging step. The hooks exist only during that step's batch.
+    On optimizer step 0 and every ``every_n_steps``-th step (training only), forward hooks on
+    the chosen layers compute, on the tensors' device and in one fused pass per tensor
+    (:func:`~lightning_diag.functional.monitors.layer_summary`): mean, std, zero fraction, dead
+    fraction (units zero on the whole batch), saturated fraction (bounded activations: tanh,
+    sigmoid, hardtanh, ...), a 64-bin histogram, and for the gradient flowing back into the
+    output its norm and histogram, unscaled under mixed precision. Everything is copied to the
+    host once per logging step and written to TensorBoard as one event. The hooks exist only
+    during that step's batch. The per-layer summary figure is drawn once, at the end of
+    training (a figure costs several logging steps).
 
     Findings: ``activations.dead_units`` (most units of a layer dead), ``activations.saturation``
     (most values of a bounded layer saturated), ``gradients.vanishing`` / ``gradients.exploding``
@@ -113,17 +120,16 @@ class ActivationHistogram(DiagnosticCallback):
     ``exploding_ratio``, or non-finite). Each is reported once per layer per fit.
 
     Args:
-        every_n_steps: Log every this many optimizer steps, plus steps 0, 1, 2, 4, ... below it
-            (initialization problems show early).
+        every_n_steps: Log on step 0 (initialization problems show there) and every this many
+            optimizer steps.
         layers: None (leaf modules), a list of module names, or ``fn(name, module) -> bool``.
         bins: Histogram bins.
         dead_fraction: Fraction of dead units above which a layer is flagged.
         saturated_fraction: Fraction of saturated values above which a layer is flagged.
         vanishing_ratio / exploding_ratio: Thresholds of ``first-layer / last-layer`` gradient
             RMS.
-        figure_every_n_logs: Draw the per-layer summary figure on every this many logging
-            steps (the 10th, 20th, ... by default) and at the end of training; 0: only at the
-            end (a figure costs far more than a logging step).
+        figure_every_n_logs: Also draw the per-layer summary figure on every this many logging
+            steps; 0 (default): only at the end of training (a figure costs ~10 logging steps).
         strict: Raise on FAIL findings (these findings are WARN).
 
     Example:
@@ -135,7 +141,7 @@ class ActivationHistogram(DiagnosticCallback):
     def __init__(self, every_n_steps: int = 100, layers: Sequence[str] | LayerFilter | None = None,
                  bins: int = 64, dead_fraction: float = 0.5, saturated_fraction: float = 0.5,
                  vanishing_ratio: float = 1e-3, exploding_ratio: float = 1e3,
-                 figure_every_n_logs: int = 10, strict: bool = False) -> None:
+                 figure_every_n_logs: int = 0, strict: bool = False) -> None:
         super().__init__(strict=strict)
         _validate(every_n_steps, layers, bins, dead_fraction, saturated_fraction,
                   vanishing_ratio, exploding_ratio, figure_every_n_logs)
@@ -165,7 +171,7 @@ class ActivationHistogram(DiagnosticCallback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                              batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
-        if not is_logging_step(step, self.every_n_steps) or step == self._logged_step:
+        if step % self.every_n_steps or step == self._logged_step:
             return
         self._logged_step = step
         scale_grads = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
@@ -178,7 +184,7 @@ class ActivationHistogram(DiagnosticCallback):
         def hook(module: nn.Module, args: Any, out: Any) -> None:
             if not isinstance(out, torch.Tensor) or name in self._act or not trainer.training:
                 return
-            self._act[name] = torch.cat([layer_stats(out, bounds), histogram_row(out, self.bins)])
+            self._act[name] = layer_summary(out, bounds, self.bins)
             if out.requires_grad and torch.is_grad_enabled():
                 self.hooks.add(out.register_hook(grad_hook))
 
@@ -187,8 +193,7 @@ class ActivationHistogram(DiagnosticCallback):
                 return
             true = grad.detach().float() * (accumulation / _loss_scale(trainer))
             self._numel[name] = grad.numel()
-            self._grad[name] = torch.cat([torch.linalg.vector_norm(true).reshape(1),
-                                          histogram_row(true, self.bins)])
+            self._grad[name] = layer_summary(true, None, self.bins)
         return hook
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -202,12 +207,12 @@ class ActivationHistogram(DiagnosticCallback):
         self._act, self._grad, self._numel = {}, {}, {}
         if not acts:
             return
-        width = 1 + len(HIST_HEADER) + self.bins
+        width = len(STAT_NAMES) + len(HIST_HEADER) + self.bins
         device = next(iter(acts.values())).device
         empty = torch.full((width,), math.nan, device=device)
         rows = torch.stack([torch.cat([a.to(device), grads.get(n, empty).to(device)])
                             for n, a in acts.items()]).cpu()  # the one host sync
-        self.last = {name: _parse(row.tolist(), name in grads, numel.get(name, 0), self.bins)
+        self.last = {name: _parse(row.tolist(), name in grads, numel.get(name, 0))
                      for name, row in zip(acts, rows, strict=True)}
         self._logs += 1
         self._log(trainer)
@@ -220,28 +225,18 @@ class ActivationHistogram(DiagnosticCallback):
             for stat in (*STAT_NAMES, "grad_norm"):
                 if not (stat in ("saturated_fraction", "grad_norm") and math.isnan(s[stat])):
                     scalars[f"{tag}/{stat}/{name}"] = s[stat]
-        log_scalars(trainer, scalars, step)
+        histograms = {f"{tag}/{kind.split('_')[0]}/{name}": s[kind]
+                      for name, s in self.last.items() for kind in ("act_hist", "grad_hist")}
+        log_step_summary(trainer, scalars, histograms, step)
         if not self.require_tensorboard(trainer, "activation histograms and figure"):
             return
-        writer = tensorboard_writer(trainer)
-        assert writer is not None
-        for name, s in self.last.items():
-            for kind in ("act_hist", "grad_hist"):
-                lo, hi, num, total, sq, *counts = s[kind]
-                if num > 0:
-                    writer.add_histogram_raw(
-                        f"{tag}/{kind.split('_')[0]}/{name}", min=lo, max=hi, num=int(num),
-                        sum=total, sum_squares=sq, bucket_limits=histogram_edges(lo, hi, self.bins),
-                        bucket_counts=counts, global_step=step)
         n = self.figure_every_n_logs
         if n and self._logs % n == 0:
             self._figure(trainer)
 
     def _figure(self, trainer: pl.Trainer) -> None:
-        from lightning_diag.callbacks._monitor_plots import layer_summary_figure
-
-        fig = layer_summary_figure(self.last, self.bins)
-        log_figure(trainer, f"diag/{self.slug}/summary", fig, self._logged_step)
+        log_image(trainer, f"diag/{self.slug}/summary",
+                  figure_to_array(layer_summary_figure(self.last, self.bins)), self._logged_step)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         n = self.figure_every_n_logs

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from lightning_diag.base import DiagnosticCallback
-from lightning_diag.callbacks._monitor_plots import filter_grid, grid_figure
+from lightning_diag.callbacks._monitor_plots import filter_grid, log_image
 from lightning_diag.findings import Severity
-from lightning_diag.tb import log_dir, log_figure
+from lightning_diag.tb import log_dir
 
 __all__ = ["FirstLayerVisualization"]
 
@@ -27,9 +27,11 @@ __all__ = ["FirstLayerVisualization"]
 class FirstLayerVisualization(DiagnosticCallback):
     """Draw the first Conv2d's filters (or a Linear's rows seen as images) as a normalized grid.
 
-    Each filter is min-max normalized on its own, tiled into a grid, and logged as the
-    TensorBoard image ``diag/first_layer/filters`` and as ``first_layer_step<N>.png`` in the
-    run's log directory, every ``every_n_epochs`` epochs and at the end of training. Smooth,
+    Each filter is min-max normalized on its own, tiled into a grid (pixels enlarged to about
+    256 px), and logged as the TensorBoard image ``diag/first_layer/filters`` and as
+    ``first_layer_step<N>.png`` in the run's log directory, every ``every_n_epochs`` epochs and
+    at the end of training (once when both fall on the same step). No matplotlib figure is
+    drawn: a draw costs about a millisecond. Smooth,
     varied filters mean the layer learned; noisy ones suggest too little training or too little
     regularization. Filters with 3 input channels are drawn in colour,
     other channel counts as the channel mean. Without a layer to draw, one INFO finding
@@ -111,9 +113,14 @@ class FirstLayerVisualization(DiagnosticCallback):
             return
         if not self.require_tensorboard(trainer, "first-layer image") and log_dir(trainer) is None:
             return
-        title = f"first layer, step {step} (epoch {trainer.current_epoch})"
-        log_figure(trainer, f"diag/{self.slug}/filters", grid_figure(filter_grid(weight), title),
-                   step, png_name=f"first_layer_step{step:07d}.png")
+        # The grid is already an image: no matplotlib figure to lay out and render (~1 ms vs
+        # ~100 ms); pixels are enlarged so that 3x3 filters stay visible.
+        grid = filter_grid(weight)
+        zoom = max(1, 256 // max(grid.shape[0], grid.shape[1]))
+        grid = grid.repeat_interleave(zoom, 0).repeat_interleave(zoom, 1)
+        log_image(trainer, f"diag/{self.slug}/filters",
+                  (grid * 255).round().to(torch.uint8).numpy(), step,
+                  png_name=f"first_layer_step{step:07d}.png")
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)

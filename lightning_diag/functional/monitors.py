@@ -28,6 +28,7 @@ __all__ = [
     "histogram_edges",
     "is_logging_step",
     "layer_stats",
+    "layer_summary",
     "update_ratios",
 ]
 
@@ -35,33 +36,77 @@ STAT_NAMES = ("mean", "std", "zero_fraction", "dead_fraction", "saturated_fracti
 HIST_HEADER = ("min", "max", "num", "sum", "sum_squares")
 
 
-def _finite(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def layer_summary(
+    x: torch.Tensor,
+    bounds: tuple[float, float] | None = None,
+    bins: int = 64,
+    saturation_tol: float = 0.02,
+) -> torch.Tensor:
+    """:func:`layer_stats` followed by :func:`histogram_row` of ``x``, in one fused pass.
+
+    ``[mean, std, zero_fraction, dead_fraction, saturated_fraction, min, max, num, sum,
+    sum_squares, counts...]`` as one float32 tensor. About 25 small float kernels per tensor
+    and no host sync: the monitors call this once per layer and copy all layers' rows to the
+    host together. The variance is two-pass (no cancellation); the counts come from one
+    ``torch.bincount``.
+
+    Example:
+        >>> layer_summary(torch.tensor([[0.0, 1.0], [0.0, 3.0]]), bins=2).tolist()
+        [1.0, 1.4142135381698608, 0.5, 0.5, nan, 0.0, 3.0, 4.0, 4.0, 10.0, 3.0, 1.0]
+    """
+    # Float arithmetic only: on CPU a boolean mask costs ~10x a float op of the same size.
     flat = x.detach().reshape(-1).float()
-    return flat, torch.isfinite(flat)
+    size = flat.numel()
+    bad = (flat - flat).nan_to_num_(1.0)  # 1 where non-finite (inf - inf is NaN), else 0
+    vals = flat.nan_to_num(0.0, 0.0, 0.0)
+    k = bad.sum().double()
+    n = size - k
+    total = vals.sum()
+    dev = vals - total / max(size, 1)
+    total, m2 = total.double(), torch.dot(dev, dev).double()  # two-pass: no cancellation
+    # Undo the zeros that stand in for non-finite values: M2 over n = M2 over size - S^2 k/(N n).
+    mean = total / n
+    var = ((m2 - total * total * k / (size * n)) / (n - 1).clamp(min=1)).clamp(min=0)
+    squares = m2 + total * total / max(size, 1)
+    # The mean stands in for non-finite values: it lies within [min, max] of the finite ones.
+    lo, hi = torch.aminmax(vals.addcmul(bad, mean.float())) if size else (k * math.nan,) * 2
+    zero = (n - vals.sign().abs().sum()) / n
+    if x.dim() >= 2 and size:
+        other = tuple(d for d in range(x.dim()) if d != 1)
+        shaped = flat.view(x.shape)
+        dead = ((shaped.amax(dim=other) == 0) & (shaped.amin(dim=other) == 0)).double().mean()
+    else:
+        dead = ((flat.amax() == 0) & (flat.amin() == 0)).double() if size else mean * math.nan
+    if bounds is None:
+        sat = mean * math.nan
+    else:
+        mid, half = (bounds[0] + bounds[1]) / 2, (bounds[1] - bounds[0]) / 2
+        thr = half - saturation_tol * (bounds[1] - bounds[0])
+        dist = flat.nan_to_num(mid, mid, mid).sub_(mid).abs_().sub_(thr)
+        sat = dist.sign_().add_(1).clamp_(max=1).sum() / n  # 1 where |x - mid| >= thr
+    # Bin index per value; non-finite ones go to an overflow bin that is dropped. An
+    # overflowing range (hi - lo = inf) puts values in the first bin rather than none.
+    pos = ((flat - lo) * (bins / (hi - lo).clamp(min=1e-30))).nan_to_num_(0.0, bins - 1.0, 0.0)
+    idx = pos.clamp_(0, bins - 1).add_(bad, alpha=bins).long()
+    counts = torch.bincount(idx, minlength=bins + 1)[:bins].float()
+    head = torch.stack([mean, var.sqrt(), zero, dead.reshape(()), sat, lo.double(),
+                        hi.double(), n, total, squares])
+    return torch.cat([head.float(), counts])
 
 
 def histogram_row(x: torch.Tensor, bins: int = 64) -> torch.Tensor:
     """``[min, max, num, sum, sum_squares, counts...]`` of the finite values of ``x``.
 
-    Computed without a host sync (masked reductions and ``scatter_add_``, no boolean indexing),
-    so rows of many tensors can be stacked and copied once. Equal-width bins span
-    ``[min, max]``; see :func:`histogram_edges`. ``num == 0`` means there is nothing to draw.
+    Computed without a host sync, so rows of many tensors can be stacked and copied once.
+    Equal-width bins span ``[min, max]``; see :func:`histogram_edges`. ``num == 0`` means there
+    is nothing to draw. A slice of :func:`layer_summary`.
 
     Example:
         >>> row = histogram_row(torch.tensor([0.0, 1.0, float("nan"), 1.0]), bins=2)
         >>> row.tolist()
         [0.0, 1.0, 3.0, 2.0, 2.0, 1.0, 2.0]
     """
-    flat, mask = _finite(x)
-    inf = torch.tensor(math.inf, device=flat.device)
-    lo = torch.where(mask, flat, inf).amin() if flat.numel() else inf
-    hi = torch.where(mask, flat, -inf).amax() if flat.numel() else -inf
-    vals = torch.where(mask, flat, torch.zeros_like(flat))
-    pos = (vals - lo) / (hi - lo) * bins
-    idx = torch.nan_to_num(pos, nan=0.0, posinf=0.0, neginf=0.0).clamp(0, bins - 1).long()
-    counts = torch.zeros(bins, device=flat.device).scatter_add_(0, idx, mask.float())
-    header = torch.stack([lo, hi, mask.sum().float(), vals.sum(), (vals * vals).sum()])
-    return torch.cat([header, counts])
+    return layer_summary(x, bins=bins)[len(STAT_NAMES):]
 
 
 def histogram_edges(lo: float, hi: float, bins: int) -> list[float]:
@@ -84,33 +129,13 @@ def layer_stats(
             saturated (for tanh, ``|x| >= 0.96``: local gradient ``1 - x**2 < 0.08``).
 
     A unit is dead when it is exactly zero for every sample and position of the batch (a ReLU
-    that never fires). Statistics ignore non-finite values.
+    that never fires). Statistics ignore non-finite values. A slice of :func:`layer_summary`.
 
     Example:
         >>> layer_stats(torch.tensor([[0.99, -0.2]]), bounds=(-1.0, 1.0))[4].item()
         0.5
     """
-    flat, mask = _finite(x)
-    n = mask.sum().float()
-    vals = torch.where(mask, flat, torch.zeros_like(flat))
-    mean = vals.sum() / n
-    var = torch.where(mask, flat - mean, torch.zeros_like(flat)).square().sum() / (n - 1).clamp(1)
-    zero = ((flat == 0) & mask).sum() / n
-    if x.dim() >= 2 and x.numel():
-        other = [d for d in range(x.dim()) if d != 1]
-        alive = (x.detach() != 0).any(dim=other[0], keepdim=True)
-        for d in other[1:]:
-            alive = alive.any(dim=d, keepdim=True)
-        dead = 1.0 - alive.float().mean()
-    else:
-        dead = (~(x.detach() != 0).any()).float() if x.numel() else mean * math.nan
-    if bounds is None:
-        sat = mean * math.nan
-    else:
-        low, high = bounds
-        tol = saturation_tol * (high - low)
-        sat = (((flat >= high - tol) | (flat <= low + tol)) & mask).sum() / n
-    return torch.stack([mean, var.sqrt(), zero, dead.reshape(()), sat])
+    return layer_summary(x, bounds, bins=1, saturation_tol=saturation_tol)[:len(STAT_NAMES)]
 
 
 def is_logging_step(step: int, every_n_steps: int) -> bool:
