@@ -107,11 +107,11 @@ def overhead(name: str, epochs: int, repeats: int) -> dict:
     for r in range(repeats):
         for with_monitors in ([False, True] if r % 2 == 0 else [True, False]):
             cbs = monitors(MODELS[name][2]) if with_monitors else []
-            wall, cpu, steps = fit(name, cbs, epochs)
+            seconds, cpu_seconds, steps = fit(name, cbs, epochs)
             found |= {f.code for cb in cbs for f in getattr(cb, "findings", [])
                       if f.severity >= "warn"}
-            (watched if with_monitors else plain).append((wall, cpu))
-            print(f"  {name} monitors={with_monitors} wall {wall:.2f}s cpu {cpu:.2f}s "
+            (watched if with_monitors else plain).append((seconds, cpu_seconds))
+            print(f"  {name} monitors={with_monitors} wall {seconds:.2f}s cpu {cpu_seconds:.2f}s "
                   f"load {os.getloadavg()[0]:.2f}", flush=True)
     wall = [w[0] / p[0] for w, p in zip(watched, plain, strict=True)]
     cpu = [w[1] / p[1] for w, p in zip(watched, plain, strict=True)]

@@ -28,13 +28,34 @@ from lightning_diag.batch import NoLossError
 from lightning_diag.findings import DiagnosticError, DiagnosticWarning, Finding, Severity
 from lightning_diag.tb import log_scalars, tensorboard_writer
 
-__all__ = ["DiagnosticCallback", "FitStartCheck", "HookRegistry", "findings"]
+__all__ = ["DiagnosticCallback", "FitStartCheck", "HookRegistry", "findings", "refuse_sharded"]
 
 log = logging.getLogger("lightning_diag")
 
 _LOG_LEVEL = {
     Severity.INFO: logging.INFO, Severity.WARN: logging.WARNING, Severity.FAIL: logging.ERROR
 }
+
+
+SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+
+
+def refuse_sharded(trainer: pl.Trainer, who: str, why: str) -> None:
+    """Raise a clear error at setup when the trainer shards the weights across ranks.
+
+    Matched by class name along the strategy's MRO, so subclasses are caught without importing
+    optional backends (DeepSpeed).
+
+    Raises:
+        ValueError: naming ``who``, the strategy and what to use instead.
+    """
+    names = {c.__name__ for c in type(trainer.strategy).__mro__}
+    hit = next((n for n in SHARDED_STRATEGIES if n in names), None)
+    if hit is not None:
+        raise ValueError(
+            f"{who} does not support the sharded strategy {type(trainer.strategy).__name__} "
+            f"({hit}): {why}. Use DDP or a single device, or remove {who}."
+        )
 
 
 class HookRegistry:
@@ -178,6 +199,9 @@ class FitStartCheck(DiagnosticCallback):
     repeat it. Subclasses implement :meth:`run_check`.
     """
 
+    #: Whether the check deep-copies the module (impossible to do meaningfully on a shard).
+    copies_module: ClassVar[bool] = True
+
     def __init__(self, strict: bool = False) -> None:
         super().__init__(strict=strict)
         self.done = False
@@ -188,6 +212,9 @@ class FitStartCheck(DiagnosticCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
+            if self.copies_module:
+                refuse_sharded(trainer, self.check_name,
+                               "its side experiment runs on a full copy of the module")
             self.done = False  # a checkpoint restored after setup sets it back
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -3,7 +3,8 @@
 Usage: ``python tests/ddp_script.py OUT_DIR``. Lightning's "ddp" launcher re-executes this script
 for rank 1, so it must be a standalone script. Each rank logs under ``OUT_DIR/rank<r>/`` (only rank
 0 may write files) and writes ``OUT_DIR/rank<r>.json`` (its findings' codes per callback, a few
-counters) and ``OUT_DIR/ema_rank<r>.pt`` (its EMA average and final weights).
+counters) and ``OUT_DIR/ema_rank<r>.pt`` (its EMA average and final parameters; the live
+BatchNorm buffers are left out: DDP syncs them from rank 0 only at the next forward).
 """
 
 from __future__ import annotations
@@ -96,7 +97,8 @@ def main(out: Path) -> None:
         "world_size": trainer.world_size,
     }
     torch.save({"ema": cbs["EMAWeights"].ema_state_dict(),  # type: ignore[attr-defined]
-                "weights": model.state_dict()}, out / f"ema_rank{rank}.pt")
+                "weights": {n: p.detach() for n, p in model.named_parameters()}},
+               out / f"ema_rank{rank}.pt")
     (out / f"rank{rank}.json").write_text(json.dumps(summary, indent=1))
 
 

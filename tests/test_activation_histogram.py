@@ -1,3 +1,5 @@
+from typing import cast
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -49,7 +51,7 @@ def test_dead_relus_are_flagged(tmp_path):
     pl.seed_everything(0)
     net = mlp()
     with torch.no_grad():
-        net[1].bias.fill_(-20.0)  # every first-layer ReLU off for inputs in [0, 1]
+        cast(nn.Linear, net[1]).bias.fill_(-20.0)  # every first-layer ReLU off for inputs in [0, 1]
     cb = ActivationHistogram(every_n_steps=4)
     _fit(tmp_path, Classifier(net), cb, epochs=1, logger=False)
     dead = [f for f in cb.findings if f.code == "activations.dead_units"]
@@ -61,7 +63,7 @@ def test_saturated_tanh_is_flagged(tmp_path):
     pl.seed_everything(0)
     net = mlp(nn.Tanh)
     with torch.no_grad():
-        for layer in (net[1], net[3]):
+        for layer in (cast(nn.Linear, net[1]), cast(nn.Linear, net[3])):
             layer.weight.mul_(30.0)
     cb = ActivationHistogram(every_n_steps=4)
     _fit(tmp_path, Classifier(net), cb, epochs=1, logger=False)

@@ -29,7 +29,8 @@ def test_conv_filters_are_logged_as_image_and_png(tmp_path):
 
 def test_linear_on_images_needs_input_shape(tmp_path):
     cb = FirstLayerVisualization(every_n_epochs=5, input_shape=(8, 8))
-    assert cb.filters(Classifier(mlp())).shape == (32, 1, 8, 8)
+    drawn = cb.filters(Classifier(mlp()))
+    assert drawn is not None and drawn.shape == (32, 1, 8, 8)
     t = _fit(tmp_path, Classifier(mlp()), cb, epochs=1)
     assert len(events(t.logger.log_dir).Images("diag/first_layer/filters")) == 1
     quiet = FirstLayerVisualization()
@@ -53,7 +54,8 @@ def test_filter_grid_normalizes_each_filter():
 
 def test_named_layer_and_argument_validation():
     model = Classifier(nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 6, 3)))
-    assert FirstLayerVisualization(layer="net.1").filters(model).shape == (6, 4, 3, 3)
+    drawn = FirstLayerVisualization(layer="net.1").filters(model)
+    assert drawn is not None and drawn.shape == (6, 4, 3, 3)
     with pytest.raises(ValueError, match="net.7"):
         FirstLayerVisualization(layer="net.7").filters(model)
     with pytest.raises(ValueError, match="every_n_epochs"):

@@ -220,7 +220,11 @@ def test_fit_then_validate_test_predict_without_ema_leak(tmp_path: Path) -> None
         assert all(torch.equal(probe.seen[stage][k], raw[k]) for k in raw), stage
     assert all(torch.equal(model.state_dict()[k], raw[k]) for k in raw)
     probe.seen.clear()
-    with ema.swapped(model):  # asked for explicitly: the average is used
+    with ema.swapped(model):  # asked for explicitly: the average is used, hooks leave it in
+        t2.validate(model, val, verbose=False)
         t2.test(model, val, verbose=False)
-    assert all(torch.equal(probe.seen["test"][k], average[k].to(raw[k].dtype)) for k in raw)
+        t2.predict(model, val)
+    for stage in ("validate", "test", "predict"):
+        assert all(torch.equal(probe.seen[stage][k], average[k].to(raw[k].dtype))
+                   for k in raw), stage
     assert all(torch.equal(model.state_dict()[k], raw[k]) for k in raw)

@@ -1,7 +1,10 @@
+from typing import Any, cast
+
 import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from lightning_diag.callbacks.update_ratio import UpdateRatioMonitor
 from tests.helpers import Classifier, cnn, codes, digits, events, loader, mlp, trainer
@@ -32,7 +35,7 @@ def test_tiny_learning_rate_is_too_low(tmp_path):
     cb = UpdateRatioMonitor(every_n_steps=2)
     _fit(tmp_path, Classifier(mlp(), lr=1e-6, optimizer="sgd"), cb, epochs=1)
     (f,) = [f for f in cb.findings if f.severity >= "warn"]
-    assert f.code == "update_ratio.too_low" and f.value < 1e-6
+    assert f.code == "update_ratio.too_low" and f.value is not None and f.value < 1e-6
     assert "1e-05" in f.message
 
 
@@ -41,15 +44,16 @@ def test_diverging_learning_rate_is_too_high(tmp_path):
     cb = UpdateRatioMonitor(every_n_steps=100)  # the early steps 1, 2, 4 catch the spike
     _fit(tmp_path, Classifier(mlp(), lr=20.0, optimizer="sgd"), cb, epochs=1)
     high = [f for f in cb.findings if f.code == "update_ratio.too_high"]
-    assert high and high[0].value >= 1.0 and high[0].step in (1, 2)
+    value = high[0].value if high else None
+    assert value is not None and value >= 1.0 and high[0].step in (1, 2)
 
 
 def test_zero_gradients_are_zero_updates_not_a_small_lr(tmp_path):
     pl.seed_everything(0)
     net = mlp()
     with torch.no_grad():
-        net[1].bias.fill_(-50.0)  # every ReLU dead: all weights get zero gradients
-        net[3].bias.fill_(-50.0)
+        cast(nn.Linear, net[1]).bias.fill_(-50.0)  # every ReLU dead: all gradients zero
+        cast(nn.Linear, net[3]).bias.fill_(-50.0)
     cb = UpdateRatioMonitor(every_n_steps=1)
     _fit(tmp_path, Classifier(net, lr=0.1, optimizer="sgd"), cb, epochs=1)
     found = codes(cb.findings)
@@ -109,7 +113,7 @@ def test_several_optimizers_and_param_groups(tmp_path):
             self.automatic_optimization = False
 
         def training_step(self, batch, batch_idx):
-            opt_a, opt_b = self.optimizers()
+            opt_a, opt_b = cast("list[Any]", self.optimizers())
             x, y = batch
             loss = F.cross_entropy(self(x), y)
             opt_a.zero_grad()
@@ -119,9 +123,10 @@ def test_several_optimizers_and_param_groups(tmp_path):
             opt_b.step()
 
         def configure_optimizers(self):
-            head = list(self.net[5].parameters())
-            body = [{"params": self.net[1].parameters(), "lr": 1e-3},
-                    {"params": self.net[3].parameters(), "lr": 1e-4}]
+            net = cast(nn.Sequential, self.net)
+            head = list(net[5].parameters())
+            body = [{"params": net[1].parameters(), "lr": 1e-3},
+                    {"params": net[3].parameters(), "lr": 1e-4}]
             return torch.optim.Adam(body), torch.optim.SGD(head, lr=0.1)
 
     cb = UpdateRatioMonitor(every_n_steps=2)

@@ -101,17 +101,34 @@ def log_image(trainer: pl.Trainer, tag: str, image: np.ndarray, step: int,
                                               step)
 
 
+def _figure(width: float, height: float, bottom: float) -> tuple[Figure, Any]:
+    """A 1 x 2 figure built for speed; most of a figure's cost is tick and text objects.
+
+    No pyplot (no figure manager to create and close), fixed margins (``tight_layout`` draws
+    the figure an extra time), at most 5 major ticks per numeric axis, 80 dpi.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(width, height), dpi=80)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
+    fig.subplots_adjust(left=0.06, right=0.99, top=0.9, bottom=bottom, wspace=0.18)
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(5))
+        ax.yaxis.set_major_locator(MaxNLocator(5))
+    return fig, axes
+
+
 def layer_summary_figure(stats: dict[str, dict[str, Any]], bins: int) -> Figure:
     """CS231n-style summary: mean and std per layer, and each layer's activation histogram.
 
-    Kept cheap (~0.1-0.2 s): two axes, fixed margins (``tight_layout`` draws the figure once
-    more), and log10 densities on a linear axis (a log axis typesets every tick as mathtext).
+    Kept cheap (~0.1-0.2 s, see :func:`_figure`): two axes, and log10 densities on a linear
+    axis (a log axis typesets every tick label as mathtext).
     """
-    import matplotlib.pyplot as plt
-
     names = list(stats)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.6), dpi=80)
-    fig.subplots_adjust(left=0.06, right=0.99, top=0.92, bottom=0.3, wspace=0.15)
+    fig, (left, right) = _figure(11, 3.6, bottom=0.3)
     x = list(range(len(names)))
     for key in ("mean", "std"):
         left.plot(x, [stats[n][key] for n in names], "o-", label=key)
@@ -156,10 +173,7 @@ def filter_grid(weight: torch.Tensor, pad: int = 1) -> torch.Tensor:
 
 def curves_figure(history: dict[str, list[tuple[int, float]]]) -> Figure:
     """Loss and accuracy against epochs, train and val on the same axes."""
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=80)
-    fig.subplots_adjust(left=0.07, right=0.98, top=0.9, bottom=0.15, wspace=0.2)
+    fig, axes = _figure(9, 3.4, bottom=0.15)
     for ax, what in zip(axes, ("loss", "accuracy"), strict=False):
         for split in ("train", "val"):
             points = history.get(f"{what}/{split}", [])

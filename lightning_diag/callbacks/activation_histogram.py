@@ -191,7 +191,8 @@ class ActivationHistogram(DiagnosticCallback):
         def grad_hook(grad: torch.Tensor) -> None:
             if name in self._grad:
                 return
-            true = grad.detach().float() * (accumulation / _loss_scale(trainer))
+            factor = accumulation / _loss_scale(trainer)
+            true = grad if isinstance(factor, float) and factor == 1.0 else grad.float() * factor
             self._numel[name] = grad.numel()
             self._grad[name] = layer_summary(true, None, self.bins)
         return hook

@@ -77,8 +77,13 @@ class CheckpointEnsemble(DiagnosticCallback):
             self._save(trainer)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        before = len(self.findings)
         if trainer.is_global_zero:
             self._evaluate(trainer, pl_module)
+        if trainer.world_size > 1:  # evaluated once, on rank 0; every rank gets its findings
+            new = trainer.strategy.broadcast(self.findings[before:], src=0)
+            if not trainer.is_global_zero:
+                self.findings.extend(new)
 
     def _save(self, trainer: pl.Trainer) -> None:
         score = None

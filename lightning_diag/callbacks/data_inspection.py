@@ -64,6 +64,7 @@ class DataInspection(FitStartCheck):
     """
 
     slug = "data"
+    copies_module = False  # reads the dataset only; works whatever the strategy
 
     def __init__(
         self, num_classes: int | None = None, max_samples: int = 100_000,
@@ -89,14 +90,23 @@ class DataInspection(FitStartCheck):
         return "" if reason.startswith("manual optimization") else reason
 
     def run_check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Finding]:
-        if not trainer.is_global_zero:
-            return []
+        # the data is read once, on rank 0; every rank reports rank 0's findings
+        found = self._inspect(trainer) if trainer.is_global_zero else None
+        if trainer.world_size > 1:
+            found = trainer.strategy.broadcast(found, src=0)
+        return found or []
+
+    def _inspect(self, trainer: pl.Trainer) -> list[Finding]:
         with preserved_rng():  # the user's dataloader hooks and `__getitem__` may draw numbers
             try:
                 train = _map_dataset(train_dataloader_of(trainer))
             except ValueError as err:
                 return [self.finding(trainer, "data.skipped", Severity.INFO,
                                      f"DataInspection skipped: {err}")]
+            if _is_empty(train):
+                return [self.finding(trainer, "data.skipped", Severity.INFO,
+                                     "DataInspection skipped: the training dataset is empty "
+                                     "(0 samples).", advice="Give the Trainer training data.")]
             config = dataclasses.replace(
                 self.config, progress=trainer.progress_bar_callback is not None)
 
@@ -116,6 +126,13 @@ def _map_dataset(loader: Any) -> Any:
         raise ValueError("data inspection reads samples by index and needs a map-style dataset "
                          f"behind the dataloader, got {type(dataset).__name__}.")
     return dataset
+
+
+def _is_empty(dataset: Any) -> bool:
+    try:
+        return len(dataset) == 0
+    except TypeError:  # a map-style dataset without __len__
+        return False
 
 
 def _val_dataset(trainer: pl.Trainer) -> Any:

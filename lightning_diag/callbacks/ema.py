@@ -28,7 +28,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch import nn
 
-from lightning_diag.base import DiagnosticCallback
+from lightning_diag.base import DiagnosticCallback, refuse_sharded
 from lightning_diag.batch import loss_from_output
 from lightning_diag.findings import Severity
 from lightning_diag.functional.ema import all_finite, ema_update_, warmup_decay
@@ -37,7 +37,6 @@ from lightning_diag.isolation import clone_module, preserved_rng
 __all__ = ["EMAWeights"]
 
 _EVALUATE = ("ema", "raw", "both")
-_SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")  # by name: no imports
 
 
 class EMAWeights(DiagnosticCallback):
@@ -95,6 +94,8 @@ class EMAWeights(DiagnosticCallback):
         self._ema_i: list[torch.Tensor] = []
         self._stage: list[torch.Tensor] | None = None
         self._backup: list[torch.Tensor] | None = None
+        self._user_swap = False  # a `swapped()` block is open: hooks must not undo it
+        self._ema_buffers: list[torch.Tensor] = []
         self._pending: dict[str, Any] | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -102,12 +103,7 @@ class EMAWeights(DiagnosticCallback):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
-        name = type(trainer.strategy).__name__
-        if name in _SHARDED:
-            raise ValueError(
-                f"EMAWeights does not support the sharded strategy {name}: each rank holds only a "
-                "shard of the weights. Use DDP or a single device, or drop EMAWeights."
-            )
+        refuse_sharded(trainer, "EMAWeights", "each rank holds only a shard of the weights")
         # a new fit starts a new average; a checkpoint restored after setup sets these back
         self.num_updates = self.num_skipped = self._last_step = 0
         self._names, self._pending = [], None
@@ -122,11 +118,17 @@ class EMAWeights(DiagnosticCallback):
             self._maybe_update(trainer, outputs)
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._in_fit(trainer) and self._names:
+            self._sync_ranks(trainer)
         if self.evaluate == "ema" and self._in_fit(trainer) and self.num_updates:
             self._swap_in()
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._names:
+            self._sync_ranks(trainer)
+
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._backup is not None:
+        if self._backup is not None and not self._user_swap:
             self._restore()
         elif self.evaluate == "both" and self._in_fit(trainer) and self.num_updates:
             for key, value in _validate_copy(trainer, pl_module, self.ema_state_dict()).items():
@@ -140,13 +142,13 @@ class EMAWeights(DiagnosticCallback):
                                         checkpoint["state_dict"].items()}
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._backup is not None:
+        if self._backup is not None and not self._user_swap:
             self._restore()
         super().teardown(trainer, pl_module, stage)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:
-        if self._backup is not None:
+        if self._backup is not None and not self._user_swap:
             self._restore()
         super().on_exception(trainer, pl_module, exception)
 
@@ -156,6 +158,8 @@ class EMAWeights(DiagnosticCallback):
         self._names = list(state)
         self._live = [t.detach() for t in state.values()]
         self._ema = [self._new_slot(t) for t in self._live]
+        self._ema_buffers = [e for t, e in zip(state.values(), self._ema, strict=True)
+                             if not isinstance(t, nn.Parameter)]
         pairs = list(zip(self._live, self._ema, strict=True))
         self._live_f = [w for w, _ in pairs if w.is_floating_point()]
         self._ema_f = [e for w, e in pairs if w.is_floating_point()]
@@ -217,9 +221,11 @@ class EMAWeights(DiagnosticCallback):
                 [t.data_ptr() for t in self._live]:
             raise ValueError("EMAWeights.swapped: the module given is not the one trained.")
         self._swap_in()
+        self._user_swap = True
         try:
             yield pl_module
         finally:
+            self._user_swap = False
             self._restore()
 
     def _swap_in(self) -> None:
@@ -232,6 +238,19 @@ class EMAWeights(DiagnosticCallback):
         with torch.no_grad():
             torch._foreach_copy_(self._live, self._backup)
         self._backup = None
+
+    def _sync_ranks(self, trainer: pl.Trainer) -> None:
+        """Give every rank rank 0's averaged buffers (a collective: called on every rank).
+
+        DDP broadcasts buffers at each forward, but each rank then updates its BatchNorm
+        statistics with its own batch, so the averages of buffers drift apart between ranks.
+        """
+        if trainer.world_size < 2 or not self._ema_buffers:
+            return
+        synced = trainer.strategy.broadcast([t.cpu() for t in self._ema_buffers], src=0)
+        with torch.no_grad():
+            for mine, theirs in zip(self._ema_buffers, synced, strict=True):
+                mine.copy_(theirs)
 
     def _require_built(self) -> None:
         if not self._names:

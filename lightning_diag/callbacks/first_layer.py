@@ -98,10 +98,10 @@ class FirstLayerVisualization(DiagnosticCallback):
 
     def _draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = trainer.global_step
-        if step == self._drawn_step or not trainer.is_global_zero:
+        if step == self._drawn_step:
             return
         self._drawn_step = step
-        weight = self.filters(pl_module)
+        weight = self.filters(pl_module)  # on every rank, so that all report `not_found`
         if weight is None:
             if not self.findings:
                 self.publish(trainer, [self.finding(
@@ -110,6 +110,8 @@ class FirstLayerVisualization(DiagnosticCallback):
                     f"`input_shape`={self.input_shape}.",
                     advice="Pass `input_shape=(C, H, W)` for an MLP on flattened images, or "
                            "`layer=` to name the module.")])
+            return
+        if not trainer.is_global_zero:  # files and images from rank 0 only
             return
         if not self.require_tensorboard(trainer, "first-layer image") and log_dir(trainer) is None:
             return

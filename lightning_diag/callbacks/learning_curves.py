@@ -108,7 +108,7 @@ class LearningCurves(DiagnosticCallback):
     def _report_missing(self, trainer: pl.Trainer, missing: list[str],
                         available: list[str]) -> None:
         new = [k for k in missing if k not in self._reported_missing]
-        if not new or not trainer.is_global_zero:
+        if not new:  # on every rank (same keys everywhere), so that findings agree across ranks
             return
         self._reported_missing.update(new)
         self.publish(trainer, [self.finding(
