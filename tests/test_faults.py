@@ -130,7 +130,7 @@ def test_fault_is_reraised_and_leaves_no_trace(fault: str, tmp_path: Path, priva
     assert hook_count(model) == 0
     assert all(p.dtype == torch.float32 for p in model.parameters())
     ema = next(cb for cb in callbacks if isinstance(cb, EMAWeights))
-    assert ema._backup is None  # nothing left swapped in
+    assert ema._slots is None or not ema._slots.swapped_in  # nothing left swapped in
     if in_copy:  # failed before the first step: weights untouched, RNG streams restored
         after = model.state_dict()
         assert all(torch.equal(before[k], after[k]) for k in before)
@@ -157,7 +157,7 @@ def test_error_during_ema_validation_restores_raw_weights(tmp_path: Path) -> Non
     # the weights seen in validation were the average; the raw ones came back afterwards
     average = ema.ema_state_dict()
     assert all(torch.equal(model.raw_at_failure[k], average[k]) for k in average)
-    assert ema._backup is None
+    assert not ema._built().swapped_in
     assert any(not torch.equal(model.state_dict()[k], average[k]) for k in average
                if average[k].is_floating_point())
 

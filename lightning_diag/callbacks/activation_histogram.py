@@ -31,7 +31,7 @@ from lightning_diag.functional.monitors import (
 )
 from lightning_diag.tb import figure_to_array
 
-__all__ = ["ActivationHistogram"]
+__all__ = ["PASS_THROUGH", "ActivationHistogram"]
 
 _BOUNDED: dict[type[nn.Module], Callable[[Any], tuple[float, float]]] = {
     nn.Tanh: lambda m: (-1.0, 1.0),
@@ -41,6 +41,10 @@ _BOUNDED: dict[type[nn.Module], Callable[[Any], tuple[float, float]]] = {
     nn.Hardtanh: lambda m: (float(m.min_val), float(m.max_val)),
 }
 LayerFilter = Callable[[str, nn.Module], bool]
+# Leaf layers whose output is their input reshaped, unchanged, or randomly masked: their
+# statistics repeat the layer before them, so by default they cost a logging step for nothing.
+PASS_THROUGH: tuple[type[nn.Module], ...] = (nn.Flatten, nn.Unflatten, nn.Identity,
+                                             nn.modules.dropout._DropoutNd)
 
 
 def _bounds(module: nn.Module) -> tuple[float, float] | None:
@@ -53,7 +57,7 @@ def _bounds(module: nn.Module) -> tuple[float, float] | None:
 def _default_layer(name: str, module: nn.Module) -> bool:
     # Metrics and losses are leaf modules too, but their outputs are not activations.
     return (bool(name) and not any(True for _ in module.children())
-            and not isinstance(module, nn.modules.loss._Loss)
+            and not isinstance(module, (nn.modules.loss._Loss, *PASS_THROUGH))
             and not type(module).__module__.startswith("torchmetrics"))
 
 
@@ -112,7 +116,7 @@ class ActivationHistogram(DiagnosticCallback):
     output its norm and histogram, unscaled under mixed precision. Everything is copied to the
     host once per logging step and written to TensorBoard as one event. The hooks exist only
     during that step's batch. The per-layer summary figure is drawn once, at the end of
-    training (a figure costs several logging steps).
+    training (a figure costs about one logging step).
 
     Findings: ``activations.dead_units`` (most units of a layer dead), ``activations.saturation``
     (most values of a bounded layer saturated), ``gradients.vanishing`` / ``gradients.exploding``
@@ -122,14 +126,16 @@ class ActivationHistogram(DiagnosticCallback):
     Args:
         every_n_steps: Log on step 0 (initialization problems show there) and every this many
             optimizer steps.
-        layers: None (leaf modules), a list of module names, or ``fn(name, module) -> bool``.
+        layers: None (leaf modules, except pass-through ones whose output repeats their input:
+            ``PASS_THROUGH`` = Flatten, Unflatten, Identity and dropout layers), a list of
+            module names, or ``fn(name, module) -> bool`` (which may pick those too).
         bins: Histogram bins.
         dead_fraction: Fraction of dead units above which a layer is flagged.
         saturated_fraction: Fraction of saturated values above which a layer is flagged.
         vanishing_ratio / exploding_ratio: Thresholds of ``first-layer / last-layer`` gradient
             RMS.
         figure_every_n_logs: Also draw the per-layer summary figure on every this many logging
-            steps; 0 (default): only at the end of training (a figure costs ~10 logging steps).
+            steps; 0 (default): only at the end of training (a figure costs ~1 logging step).
         strict: Raise on FAIL findings (these findings are WARN).
 
     Example:

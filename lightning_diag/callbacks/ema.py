@@ -23,16 +23,15 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.data import extract_batch_size
 from torch import nn
 
 from lightning_diag.base import DiagnosticCallback, refuse_sharded
 from lightning_diag.batch import loss_from_output
+from lightning_diag.callbacks._ema_slots import EMASlots
+from lightning_diag.callbacks._validate_copy import validate_copy
 from lightning_diag.findings import Severity
-from lightning_diag.functional.ema import all_finite, ema_update_, warmup_decay
-from lightning_diag.isolation import clone_module, preserved_rng
+from lightning_diag.functional.ema import warmup_decay
 
 __all__ = ["EMAWeights"]
 
@@ -67,17 +66,7 @@ class EMAWeights(DiagnosticCallback):
                  start_step: int = 0, device: str | torch.device | None = None,
                  evaluate: str = "ema", check_weights: bool = False, strict: bool = False) -> None:
         super().__init__(strict=strict)
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
-            raise ValueError(f"`decay` must be a float in [0, 1), got {decay!r}.")
-        for flag, flag_val in (("warmup", warmup), ("check_weights", check_weights)):
-            if not isinstance(flag_val, bool):
-                raise TypeError(f"`{flag}` must be a bool, got {flag_val!r}.")
-        for name, val, low in (("update_every_n_steps", update_every_n_steps, 1),
-                               ("start_step", start_step, 0)):
-            if isinstance(val, bool) or not isinstance(val, int) or val < low:
-                raise ValueError(f"`{name}` must be an int >= {low}, got {val!r}.")
-        if evaluate not in _EVALUATE:
-            raise ValueError(f"`evaluate` must be one of {_EVALUATE}, got {evaluate!r}.")
+        _check_args(decay, warmup, update_every_n_steps, start_step, evaluate, check_weights)
         self.decay, self.warmup, self.evaluate = float(decay), warmup, evaluate
         self.check_weights = check_weights
         self.update_every_n_steps, self.start_step = update_every_n_steps, start_step
@@ -85,17 +74,7 @@ class EMAWeights(DiagnosticCallback):
         self.num_updates = 0
         self.num_skipped = 0
         self._last_step = 0
-        self._names: list[str] = []
-        self._live: list[torch.Tensor] = []
-        self._ema: list[torch.Tensor] = []
-        self._live_f: list[torch.Tensor] = []
-        self._ema_f: list[torch.Tensor] = []
-        self._live_i: list[torch.Tensor] = []
-        self._ema_i: list[torch.Tensor] = []
-        self._stage: list[torch.Tensor] | None = None
-        self._backup: list[torch.Tensor] | None = None
-        self._user_swap = False  # a `swapped()` block is open: hooks must not undo it
-        self._ema_buffers: list[torch.Tensor] = []
+        self._slots: EMASlots | None = None  # built at fit start
         self._pending: dict[str, Any] | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -106,7 +85,7 @@ class EMAWeights(DiagnosticCallback):
         refuse_sharded(trainer, "EMAWeights", "each rank holds only a shard of the weights")
         # a new fit starts a new average; a checkpoint restored after setup sets these back
         self.num_updates = self.num_skipped = self._last_step = 0
-        self._names, self._pending = [], None
+        self._slots, self._pending = None, None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._build(pl_module)
@@ -118,81 +97,54 @@ class EMAWeights(DiagnosticCallback):
             self._maybe_update(trainer, outputs)
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._in_fit(trainer) and self._names:
-            self._sync_ranks(trainer)
-        if self.evaluate == "ema" and self._in_fit(trainer) and self.num_updates:
-            self._swap_in()
+        if _in_fit(trainer) and self._slots is not None:
+            self._slots.sync_ranks(trainer)
+        if self.evaluate == "ema" and _in_fit(trainer) and self.num_updates:
+            self._built().swap_in()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._names:
-            self._sync_ranks(trainer)
+        if self._slots is not None:
+            self._slots.sync_ranks(trainer)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._backup is not None and not self._user_swap:
-            self._restore()
-        elif self.evaluate == "both" and self._in_fit(trainer) and self.num_updates:
-            for key, value in _validate_copy(trainer, pl_module, self.ema_state_dict()).items():
+        if not self._undo_hook_swap() and self.evaluate == "both" and _in_fit(trainer) \
+                and self.num_updates:
+            for key, value in validate_copy(trainer, pl_module, self.ema_state_dict()).items():
                 pl_module.log(f"{key}_ema", value, on_step=False, on_epoch=True, sync_dist=True)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
-        if self._backup is not None:  # saved mid-swap: the training slot gets the raw weights
-            raw = dict(zip(self._names, self._backup, strict=True))
+        if self._slots is not None and self._slots.swapped_in:
+            raw = self._slots.raw_state()  # saved mid-swap: the training slot gets the raw ones
             checkpoint["state_dict"] = {k: raw.get(k, v) for k, v in
                                         checkpoint["state_dict"].items()}
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._backup is not None and not self._user_swap:
-            self._restore()
+        self._undo_hook_swap()
         super().teardown(trainer, pl_module, stage)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:
-        if self._backup is not None and not self._user_swap:
-            self._restore()
+        self._undo_hook_swap()
         super().on_exception(trainer, pl_module, exception)
 
     # --- the average -----------------------------------------------------------------------
     def _build(self, module: nn.Module) -> None:
-        state = module.state_dict(keep_vars=True)
-        self._names = list(state)
-        self._live = [t.detach() for t in state.values()]
-        self._ema = [self._new_slot(t) for t in self._live]
-        self._ema_buffers = [e for t, e in zip(state.values(), self._ema, strict=True)
-                             if not isinstance(t, nn.Parameter)]
-        pairs = list(zip(self._live, self._ema, strict=True))
-        self._live_f = [w for w, _ in pairs if w.is_floating_point()]
-        self._ema_f = [e for w, e in pairs if w.is_floating_point()]
-        self._live_i = [w for w, _ in pairs if not w.is_floating_point()]
-        self._ema_i = [e for w, e in pairs if not w.is_floating_point()]
-        self._stage = None
-        if any(e.dtype != w.dtype or e.device != w.device for w, e in pairs):
-            self._stage = [torch.empty_like(e) for e in self._ema_f]
+        self._slots = EMASlots(module, self.device)
         pending, self._pending = self._pending, None
         if pending is not None:
-            self._load_pending(pending)
-
-    def _new_slot(self, t: torch.Tensor) -> torch.Tensor:
-        dtype = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
-        return t.to(device=self.device or t.device, dtype=dtype, copy=True)
+            self._slots.load(pending["ema"])
 
     def _maybe_update(self, trainer: pl.Trainer, outputs: Any) -> None:
         step = trainer.global_step - 1
         if step < self.start_step or (step - self.start_step) % self.update_every_n_steps:
             return
-        live = self._live_f
-        if not (_finite_loss(outputs) and (not self.check_weights or all_finite(live))):
+        slots = self._built()
+        if not (_finite_loss(outputs) and (not self.check_weights or slots.weights_finite())):
             self._skip(trainer)
             return
-        with torch.no_grad():
-            if self._stage is not None:
-                torch._foreach_copy_(self._stage, live)
-                live = self._stage
-            restart = self.num_updates == 0 and self.start_step > 0
-            ema_update_(self._ema_f, live, 0.0 if restart else
-                        warmup_decay(self.decay, self.num_updates, self.warmup))
-            if self._ema_i:
-                torch._foreach_copy_(self._ema_i, self._live_i)
+        restart = self.num_updates == 0 and self.start_step > 0
+        slots.update(0.0 if restart else warmup_decay(self.decay, self.num_updates, self.warmup))
         self.num_updates += 1
 
     def _skip(self, trainer: pl.Trainer) -> None:
@@ -207,62 +159,30 @@ class EMAWeights(DiagnosticCallback):
 
     def ema_state_dict(self) -> dict[str, torch.Tensor]:
         """The averaged state, keyed exactly like ``pl_module.state_dict()`` (detached copies)."""
-        self._require_built()
-        return {k: t.detach().clone() for k, t in zip(self._names, self._ema, strict=True)}
+        return {k: t.detach().clone() for k, t in self._built().state().items()}
 
     # --- swapping --------------------------------------------------------------------------
     @contextmanager
     def swapped(self, pl_module: nn.Module) -> Iterator[nn.Module]:
         """Use the averaged weights inside the block; the raw ones come back bit-identically."""
-        self._require_built()
-        if self._backup is not None:
-            raise RuntimeError("EMAWeights: the average is already swapped in.")
-        if [t.data_ptr() for t in pl_module.state_dict().values()] != \
-                [t.data_ptr() for t in self._live]:
-            raise ValueError("EMAWeights.swapped: the module given is not the one trained.")
-        self._swap_in()
-        self._user_swap = True
-        try:
+        with self._built().swapped(pl_module):
             yield pl_module
-        finally:
-            self._user_swap = False
-            self._restore()
 
-    def _swap_in(self) -> None:
-        self._backup = [t.clone() for t in self._live]
-        with torch.no_grad():
-            torch._foreach_copy_(self._live, self._ema)
+    def _undo_hook_swap(self) -> bool:
+        """Put back the raw weights a hook swapped out (never those of a `swapped()` block)."""
+        if self._slots is None or not self._slots.swapped_in or self._slots.pinned:
+            return False
+        self._slots.restore()
+        return True
 
-    def _restore(self) -> None:
-        assert self._backup is not None
-        with torch.no_grad():
-            torch._foreach_copy_(self._live, self._backup)
-        self._backup = None
-
-    def _sync_ranks(self, trainer: pl.Trainer) -> None:
-        """Give every rank rank 0's averaged buffers (a collective: called on every rank).
-
-        DDP broadcasts buffers at each forward, but each rank then updates its BatchNorm
-        statistics with its own batch, so the averages of buffers drift apart between ranks.
-        """
-        if trainer.world_size < 2 or not self._ema_buffers:
-            return
-        synced = trainer.strategy.broadcast([t.cpu() for t in self._ema_buffers], src=0)
-        with torch.no_grad():
-            for mine, theirs in zip(self._ema_buffers, synced, strict=True):
-                mine.copy_(theirs)
-
-    def _require_built(self) -> None:
-        if not self._names:
+    def _built(self) -> EMASlots:
+        if self._slots is None:
             raise RuntimeError("EMAWeights has no average yet: call trainer.fit first.")
-
-    @staticmethod
-    def _in_fit(trainer: pl.Trainer) -> bool:
-        return trainer.state.fn == TrainerFn.FITTING
+        return self._slots
 
     # --- checkpointing ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        ema = dict(zip(self._names, self._ema, strict=True)) if self._names else (
+        ema = self._slots.state() if self._slots is not None else (
             (self._pending or {}).get("ema", {}))
         return {"ema": ema, "num_updates": self.num_updates, "num_skipped": self.num_skipped,
                 "last_step": self._last_step}
@@ -271,19 +191,30 @@ class EMAWeights(DiagnosticCallback):
         self.num_updates = int(state_dict["num_updates"])
         self.num_skipped = int(state_dict.get("num_skipped", 0))
         self._last_step = int(state_dict["last_step"])
-        if self._names:
-            self._load_pending(state_dict)
+        if self._slots is not None:
+            self._slots.load(state_dict["ema"])
         else:  # restored before fit start: copied in once the slots exist
             self._pending = state_dict
 
-    def _load_pending(self, state: dict[str, Any]) -> None:
-        saved = state["ema"]
-        if list(saved) != self._names:
-            raise ValueError("EMAWeights: the checkpoint's EMA keys do not match the model "
-                             f"(missing {sorted(set(self._names) - set(saved))}, unexpected "
-                             f"{sorted(set(saved) - set(self._names))}).")
-        with torch.no_grad():
-            torch._foreach_copy_(self._ema, [saved[k] for k in self._names])
+
+def _check_args(decay: float, warmup: bool, update_every_n_steps: int, start_step: int,
+                evaluate: str, check_weights: bool) -> None:
+    """Fail with a message naming the argument, what was given and what is allowed."""
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
+        raise ValueError(f"`decay` must be a float in [0, 1), got {decay!r}.")
+    for flag, flag_val in (("warmup", warmup), ("check_weights", check_weights)):
+        if not isinstance(flag_val, bool):
+            raise TypeError(f"`{flag}` must be a bool, got {flag_val!r}.")
+    for name, val, low in (("update_every_n_steps", update_every_n_steps, 1),
+                           ("start_step", start_step, 0)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < low:
+            raise ValueError(f"`{name}` must be an int >= {low}, got {val!r}.")
+    if evaluate not in _EVALUATE:
+        raise ValueError(f"`evaluate` must be one of {_EVALUATE}, got {evaluate!r}.")
+
+
+def _in_fit(trainer: pl.Trainer) -> bool:
+    return trainer.state.fn == TrainerFn.FITTING
 
 
 def _finite_loss(outputs: Any) -> bool:
@@ -293,56 +224,3 @@ def _finite_loss(outputs: Any) -> bool:
         return True
     return bool(torch.isfinite(loss.detach()).all())
 
-
-def _validate_copy(trainer: pl.Trainer, pl_module: pl.LightningModule,
-                   weights: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Run ``validation_step`` of a copy holding ``weights`` over the validation batches.
-
-    Returns the epoch value of everything the step logs: batch-size-weighted means of tensors,
-    ``compute()`` of torchmetrics objects (reset first on the copy).
-    """
-    from torchmetrics import Metric
-
-    sums: dict[str, list[float]] = {}
-    metrics: dict[str, Metric] = {}
-    current = {"batch_size": 1}  # Lightning's default weight: the size inferred from the batch
-
-    def capture(name: str, value: Any, *args: Any, batch_size: int | None = None,
-                **kwargs: Any) -> None:
-        if isinstance(value, Metric):
-            metrics[name] = value
-            return
-        n = float(batch_size or current["batch_size"])
-        total = sums.setdefault(name, [0.0, 0.0])
-        total[0] += float(value) * n
-        total[1] += n
-
-    def capture_dict(values: Any, *args: Any, batch_size: int | None = None, **kw: Any) -> None:
-        for name, value in values.items():
-            capture(name, value, batch_size=batch_size)
-
-    with preserved_rng(), torch.no_grad():
-        clone = clone_module(pl_module)
-        clone.load_state_dict(weights)
-        for m in clone.modules():
-            if isinstance(m, Metric):
-                m.reset()
-        clone.log = capture  # type: ignore[method-assign]
-        clone.log_dict = capture_dict  # type: ignore[method-assign,assignment]
-        loaders = trainer.val_dataloaders
-        loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
-        limits = trainer.num_val_batches
-        for dl_idx, (loader, limit) in enumerate(zip(loaders, limits, strict=False)):
-            for idx, batch in enumerate(loader):
-                if idx >= limit:
-                    break
-                batch = move_data_to_device(batch, pl_module.device)
-                try:
-                    current["batch_size"] = extract_batch_size(batch)
-                except Exception:  # no tensor to size: an unweighted mean over batches
-                    current["batch_size"] = 1
-                args = (batch, idx, dl_idx) if len(loaders) > 1 else (batch, idx)
-                clone.validation_step(*args)
-        out = {k: s / n for k, (s, n) in sums.items() if n}
-        out.update({k: float(m.compute()) for k, m in metrics.items()})
-    return out

@@ -12,24 +12,24 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.utilities.apply_func import move_data_to_device
-from torch.utils.data import BatchSampler, SequentialSampler
 
 from lightning_diag.base import DiagnosticCallback
 from lightning_diag.batch import loss_from_output
+from lightning_diag.callbacks._advisor_rules import (
+    Verdict,
+    fit_gap_verdict,
+    plateau_verdict,
+    scale_lr,
+)
+from lightning_diag.callbacks._divergence import batch_indices, describe_divergence, save_batch
 from lightning_diag.findings import Finding, Severity
-from lightning_diag.functional.curves import is_jump, jump_threshold, plateau_length
-from lightning_diag.isolation import train_dataloader_of
-from lightning_diag.tb import log_dir
+from lightning_diag.functional.curves import is_jump, jump_threshold
 
 __all__ = ["LRPlateauAdvisor", "batch_indices", "save_batch"]
-
-INDEX_KEYS = ("index", "indices", "idx")
 
 ADVICE = {
     "plateau": "Decay the learning rate (the loss plateaus while still high).",
@@ -38,48 +38,6 @@ ADVICE = {
     "divergence": "The model may be wrong (e.g. vanishing gradients) or the batch holds abnormal "
                   "samples (corrupted data): inspect the saved batch and these dataset indices.",
 }
-
-
-def batch_indices(trainer: pl.Trainer, batch: Any, batch_idx: int) -> tuple[tuple[int, ...], str]:
-    """Dataset indices of a training batch, and how they were found (``""`` when unknown).
-
-    Supported: a batch that carries them (third element of a tuple/list, or an ``index``,
-    ``indices`` or ``idx`` key of a dict, as a 1-D integer tensor), or a single-process loader
-    whose sampler is a ``SequentialSampler`` over a map-style dataset (``shuffle=False``), where
-    batch ``i`` holds ``range(i * batch_size, ...)``. Shuffled loaders draw their order from a
-    generator that cannot be replayed without advancing it, so their indices stay unknown.
-    """
-    carried: Any = None
-    if isinstance(batch, Mapping):
-        carried = next((batch[k] for k in INDEX_KEYS if k in batch), None)
-    elif isinstance(batch, (list, tuple)) and len(batch) > 2:
-        carried = batch[2]
-    if (isinstance(carried, torch.Tensor) and carried.dim() == 1
-            and not carried.is_floating_point()):
-        return tuple(int(i) for i in carried.tolist()), "carried by the batch"
-    if trainer.world_size != 1:
-        return (), ""
-    try:
-        loader = train_dataloader_of(trainer)
-    except ValueError:
-        return (), ""
-    sampler = loader.batch_sampler
-    if isinstance(sampler, BatchSampler) and isinstance(sampler.sampler, SequentialSampler):
-        start = batch_idx * sampler.batch_size
-        stop = min(start + sampler.batch_size, len(sampler.sampler))
-        return tuple(range(start, stop)), "sequential sampler"
-    return (), ""
-
-
-def save_batch(trainer: pl.Trainer, batch: Any, name: str) -> Path | None:
-    """``torch.save`` a batch (moved to CPU) as ``name`` in the run's log directory (rank 0)."""
-    directory = log_dir(trainer) if trainer.is_global_zero else None
-    if directory is None:
-        return None
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / name
-    torch.save(move_data_to_device(batch, "cpu"), path)
-    return path
 
 
 def _validate(names: dict[str, Any], counts: dict[str, Any], fractions: dict[str, Any],
@@ -212,28 +170,15 @@ class LRPlateauAdvisor(DiagnosticCallback):
 
     def _divergence(self, trainer: pl.Trainer, loss: float, history: list[float], batch: Any,
                     batch_idx: int) -> Finding:
-        step = self._batch_step
-        indices, source = batch_indices(trainer, batch, batch_idx)
         median = float(torch.tensor(history).median()) if history else float("nan")
-        if math.isfinite(loss):
-            what = f"jumped to {loss:.4g}, {loss / median:.1f}x the running median {median:.4g}"
-        else:
-            what = f"is {loss}"
-        where = f"global step {step}, batch {batch_idx} of epoch {trainer.current_epoch}"
-        idx_text = (f"dataset indices {list(indices[:16])}{'...' if len(indices) > 16 else ''} "
-                    f"({source})" if indices else "dataset indices unknown (make the dataset "
-                    "return its index as a third element, or use a sequential loader)")
-        path = save_batch(trainer, batch, f"advisor_divergence_step{step}.pt") \
-            if self.save_batch else None
-        saved = f" Batch saved to {path}." if path else ""
+        message, indices, details = describe_divergence(
+            trainer, loss, median, batch, batch_idx, self._batch_step, self.save_batch)
         return self.finding(
             trainer, "advisor.divergence", Severity.WARN if math.isfinite(loss) else Severity.FAIL,
-            f"Step loss {what} at {where}; {idx_text}.{saved}", advice=ADVICE["divergence"],
-            value=loss, expected=(0.0, jump_threshold(median, self.jump_factor, self._min_jump()))
+            message, advice=ADVICE["divergence"], value=loss,
+            expected=(0.0, jump_threshold(median, self.jump_factor, self._min_jump()))
             if history else None,
-            step=step, indices=indices,
-            details={"batch_idx": batch_idx, "indices_source": source,
-                     "batch_path": str(path) if path else None})
+            step=self._batch_step, indices=indices, details=details)
 
     def _min_jump(self) -> float:
         return self.min_jump_fraction * abs(self.start_loss or 0.0)
@@ -265,59 +210,32 @@ class LRPlateauAdvisor(DiagnosticCallback):
     def _plateau(self, trainer: pl.Trainer | None) -> Finding | None:
         key = self._monitor_key()
         curve = self.history.get(key, [])
-        waited = plateau_length(curve[self.plateau_from:], self.min_rel_delta)
-        finite = [v for v in curve if math.isfinite(v)]
-        if waited < self.patience or not finite:
+        verdict = plateau_verdict(key, curve, self.plateau_from, self.start_loss, self.patience,
+                                  self.min_rel_delta, self.high_fraction)
+        if verdict is None:
             return None
-        start = self.start_loss if self.start_loss is not None else finite[0]
-        best = min(finite)
-        if best < self.high_fraction * start:
-            return None  # converged low: a plateau there is the end of training, not a problem
         self.plateau_from = len(curve) - 1
-        msg = (f"`{key}` has not improved by {self.min_rel_delta:.0%} for {waited} epochs "
-               f"(patience {self.patience}); best {best:.4g} is still {best / start:.0%} of the "
-               f"starting loss {start:.4g} (>= {self.high_fraction:.0%}).")
         if self.act and trainer is not None:
-            msg += " " + self._scale_lr(trainer)
-        return self.finding(trainer, "advisor.plateau", Severity.WARN, msg,
-                            advice=ADVICE["plateau"], value=best,
-                            expected=(0.0, self.high_fraction * start),
-                            details={"monitor": key, "epochs_without_improvement": waited})
-
-    def _scale_lr(self, trainer: pl.Trainer) -> str:
-        changes = []
-        for opt in trainer.optimizers:
-            for group in opt.param_groups:
-                old = float(group["lr"])
-                group["lr"] = max(old * self.factor, self.min_lr)
-                changes.append({"epoch": trainer.current_epoch, "old": old, "new": group["lr"]})
-        self.lr_changes.extend(changes)
-        if not changes:
-            return "No optimizer to act on."
-        return (f"Scaled the learning rate of {len(changes)} param group(s) by {self.factor}: "
-                f"{changes[0]['old']:.3g} -> {changes[0]['new']:.3g} (act=True).")
+            changes, text = scale_lr(trainer.optimizers, self.factor, self.min_lr,
+                                     trainer.current_epoch)
+            self.lr_changes.extend(changes)
+            verdict = verdict._replace(message=f"{verdict.message} {text}")
+        return self._verdict_finding(trainer, verdict)
 
     def _fit_gap(self, trainer: pl.Trainer | None) -> Finding | None:
         tr = self.history.get(self.keys["train_acc"], [])
         va = self.history.get(self.keys["val_acc"], [])
         if min(len(tr), len(va)) < self.min_epochs:
             return None
-        train, val = tr[-1], va[-1]
-        gap = train - val
-        if (gap > self.overfit_gap and "advisor.overfit" not in self.reported):
-            return self.finding(
-                trainer, "advisor.overfit", Severity.WARN,
-                f"Training accuracy {train:.3f} is {gap:.3f} above validation accuracy {val:.3f} "
-                f"(gap > {self.overfit_gap}).", advice=ADVICE["overfit"], value=gap,
-                expected=(0.0, self.overfit_gap))
-        if (abs(gap) <= self.close_gap and train < self.low_acc
-                and "advisor.underfit" not in self.reported):
-            return self.finding(
-                trainer, "advisor.underfit", Severity.WARN,
-                f"Training accuracy {train:.3f} is low (< {self.low_acc}) and within "
-                f"{abs(gap):.3f} of validation accuracy {val:.3f} (<= {self.close_gap}).",
-                advice=ADVICE["underfit"], value=train, expected=(self.low_acc, 1.0))
-        return None
+        verdict = fit_gap_verdict(tr[-1], va[-1], self.reported, self.overfit_gap,
+                                  self.close_gap, self.low_acc)
+        return None if verdict is None else self._verdict_finding(trainer, verdict)
+
+    def _verdict_finding(self, trainer: pl.Trainer | None, verdict: Verdict) -> Finding:
+        return self.finding(trainer, verdict.code, Severity.WARN, verdict.message,
+                            advice=ADVICE[verdict.code.removeprefix("advisor.")],
+                            value=verdict.value, expected=verdict.expected,
+                            details=verdict.details or {})
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": {k: list(v) for k, v in self.history.items()},

@@ -1,0 +1,185 @@
+"""Tag bookkeeping and shared drawing of the report (:mod:`lightning_diag.report`).
+
+A :class:`Canvas` hands each tag to the first section that asks for it and renders scalars,
+texts, images and histograms the same way in every section.
+
+Example:
+    >>> from lightning_diag.events import RunData
+    >>> Canvas(RunData()).slug("diag/")
+    ''
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from collections.abc import Callable, Iterable
+
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from lightning_diag.events import Histogram, Image, RunData, Series, Text
+from lightning_diag.report_html import bars, img, legend, markdown_html
+
+__all__ = ["Canvas"]
+
+
+class Canvas:
+    """The run data of one report; each section marks the tags it consumed."""
+
+    def __init__(self, data: RunData) -> None:
+        self.data = data
+        self._used: set[tuple[int, str]] = set()
+        self.multi = len(data.runs) > 1
+
+    # -- data selection -------------------------------------------------------------------
+    def take(self, kind: dict[str, list], pred: Callable[[str], bool]) -> list[str]:
+        """Tags of one kind (scalars, texts, ...) matching ``pred`` that no section showed yet."""
+        tags = sorted(t for t in kind if pred(t) and (id(kind), t) not in self._used)
+        self._used.update((id(kind), t) for t in tags)
+        return tags
+
+    def prefixed(self, prefix: str) -> tuple[list[str], list[str], list[str], list[str]]:
+        d, p = self.data, (lambda t: t.startswith(prefix))
+        return (self.take(d.scalars, p), self.take(d.texts, p), self.take(d.images, p),
+                self.take(d.histograms, p))
+
+    def slug(self, prefix: str, x_label: str = "step") -> str:
+        """Everything under ``prefix``: texts, images, values, line charts and histograms."""
+        scalars, texts, images, hists = self.prefixed(prefix)
+        parts = [self.texts(texts), self.images(images)]
+        # A number logged once (an initial loss, a final score) reads better as a table row.
+        single = [t for t in scalars if all(len(s.values) == 1 for s in self.data.scalars[t])]
+        if single:
+            parts.append(self.value_table(single, prefix))
+        if series := [t for t in scalars if t not in single]:
+            parts.append(self.panels([(t[len(prefix):], [t]) for t in series], prefix, x_label))
+        if hists:
+            parts.append(self.histograms(hists, prefix))
+        return "".join(parts)
+
+    # -- rendering ------------------------------------------------------------------------
+    def value_table(self, tags: list[str], prefix: str) -> str:
+        run_head = "<th>run</th>" if self.multi else ""
+        rows = "".join(
+            f"<tr><td>{html.escape(t[len(prefix):])}</td>"
+            + (f"<td>{html.escape(s.run)}</td>" if self.multi else "")
+            + f"<td>{s.values[0]:.6g}</td><td>{s.steps[0]}</td></tr>"
+            for t in tags for s in self.data.scalars[t]
+        )
+        return (f"<table class='values'><thead><tr><th>name</th>{run_head}<th>value</th>"
+                f"<th>step</th></tr></thead><tbody>{rows}</tbody></table>")
+
+    def panels(self, panels: list[tuple[str, list[str]]], prefix: str, x_label: str,
+               per_row: int = 3, strip_stat: bool = False) -> str:
+        out = []
+        for start in range(0, len(panels), 12):  # bounded figure size
+            chunk = panels[start:start + 12]
+            cols = min(per_row, len(chunk))
+            rows = -(-len(chunk) // cols)
+            fig = Figure(figsize=(4.4 * cols, 3.0 * rows))
+            axes = fig.subplots(rows, cols, squeeze=False).ravel()
+            for ax, (title, tags) in zip(axes, chunk, strict=False):
+                label_x = self.plot_tags(ax, tags, prefix, strip_stat=strip_stat,
+                                         epoch_axis=x_label == "epoch-or-step")
+                ax.set_title(title, fontsize=9)
+                ax.set_xlabel(label_x if x_label == "epoch-or-step" else x_label, fontsize=8)
+            for ax in axes[len(chunk):]:
+                ax.set_visible(False)
+            out.append(img(fig, ", ".join(t for t, _ in chunk)))
+        return "".join(out)
+
+    def plot_tags(self, ax: Axes, tags: Iterable[str], prefix: str,
+                  emphasize: tuple[str, ...] = (), strip_stat: bool = False,
+                  epoch_axis: bool = False) -> str:
+        x_label = "step"
+        n = 0
+        for tag in tags:
+            name = tag[len(prefix):] if prefix and tag.startswith(prefix) else tag
+            if strip_stat and "/" in name:
+                name = name.split("/", 1)[1]
+            for s in self.data.scalars[tag]:
+                xs: list[float] = list(s.steps)
+                if epoch_axis and (epochs := self._epochs_of(s)) is not None:
+                    xs, x_label = epochs, "epoch"
+                label = f"{name} ({s.run})" if self.multi else name
+                bold = any(e in name for e in emphasize)
+                ax.plot(xs, s.values, marker="o" if len(xs) < 30 else None,
+                        ms=3, lw=2.4 if bold else 1.2, label=label)
+                n += 1
+        ax.grid(alpha=0.3)
+        if 1 < n <= 12:
+            legend(ax)
+        return x_label
+
+    def _epochs_of(self, series: Series) -> list[float] | None:
+        """Lightning logs an ``epoch`` scalar at every logging step: use it as the x-axis."""
+        for epoch_series in self.data.scalars.get("epoch", []):
+            if epoch_series.run == series.run:
+                at = dict(zip(epoch_series.steps, epoch_series.values, strict=False))
+                if all(step in at for step in series.steps):
+                    return [at[step] for step in series.steps]
+        return None
+
+    def texts(self, tags: list[str]) -> str:
+        out = []
+        for tag in tags:
+            latest: dict[str, Text] = {}
+            for t in self.data.texts[tag]:
+                if t.run not in latest or t.step >= latest[t.run].step:
+                    latest[t.run] = t
+            for t in latest.values():
+                head = f"{tag} ({t.run})" if self.multi else tag
+                out.append(f"<h4>{html.escape(head)} <small>step {t.step}</small></h4>"
+                           f"<div class='text'>{markdown_html(t.text)}</div>")
+        return "".join(out)
+
+    def images(self, tags: list[str]) -> str:
+        cells = []
+        for tag in tags:
+            latest: dict[str, Image] = {}
+            for im in self.data.images[tag]:
+                if im.run not in latest or im.step >= latest[im.run].step:
+                    latest[im.run] = im
+            for im in latest.values():
+                cap = f"{tag} ({im.run})" if self.multi else tag
+                src = base64.b64encode(im.png).decode()
+                kind = "jpeg" if im.png[:2] == b"\xff\xd8" else "png"
+                cells.append(f"<figure><img src='data:image/{kind};base64,{src}' alt="
+                             f"'{html.escape(cap, quote=True)}'><figcaption>{html.escape(cap)} "
+                             f"&middot; step {im.step}</figcaption></figure>")
+        return f"<div class='gallery'>{''.join(cells)}</div>" if cells else ""
+
+    def histograms(self, tags: list[str], prefix: str) -> str:
+        """The last logged histogram of each tag, as small multiples."""
+        last: list[tuple[str, Histogram]] = []
+        for tag in tags:
+            for h in self.data.histograms[tag]:
+                if not last or last[-1][0] != tag or last[-1][1].run != h.run:
+                    last.append((tag, h))
+                elif h.step >= last[-1][1].step:
+                    last[-1] = (tag, h)
+        out = [_histogram_grid(last[start:start + 16], prefix, self.multi)
+               for start in range(0, len(last), 16)]
+        return "<h4>Histograms (last logged step)</h4>" + "".join(out) if out else ""
+
+
+def _histogram_grid(chunk: list[tuple[str, Histogram]], prefix: str, multi: bool) -> str:
+    """One figure of up to 16 histograms, four per row."""
+    cols = min(4, len(chunk))
+    rows = -(-len(chunk) // cols)
+    fig = Figure(figsize=(3.4 * cols, 2.4 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, (tag, h) in zip(axes, chunk, strict=False):
+        bars(ax, h)
+        name = tag[len(prefix):] if prefix else tag
+        ax.set_title(f"{name} @ {h.step}" + (f" ({h.run})" if multi else ""), fontsize=8)
+        # Shapes matter here, not counts: fewer tick labels keep the drawing fast.
+        ax.set_yticks([])
+        ax.locator_params(axis="x", nbins=4)
+        ax.tick_params(labelsize=7)
+    for ax in axes[len(chunk):]:
+        ax.set_visible(False)
+    fig.subplots_adjust(left=0.03, right=0.98, bottom=0.6 / (2.4 * rows),
+                        top=1 - 0.35 / (2.4 * rows), wspace=0.12, hspace=0.45)
+    return img(fig, "histograms", tight=False)

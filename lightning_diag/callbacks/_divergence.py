@@ -1,0 +1,100 @@
+"""Where a diverging training step happened: its dataset indices and a saved copy of its batch.
+
+Used by :class:`~lightning_diag.callbacks.lr_advisor.LRPlateauAdvisor`, whose module exports
+:func:`batch_indices` and :func:`save_batch`.
+
+Example:
+    >>> import torch
+    >>> batch_indices(None, (torch.zeros(2, 4), torch.zeros(2), torch.tensor([7, 3])), 0)
+    ((7, 3), 'carried by the batch')
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from torch.utils.data import BatchSampler, SequentialSampler
+
+from lightning_diag.isolation import train_dataloader_of
+from lightning_diag.tb import log_dir
+
+__all__ = ["INDEX_KEYS", "batch_indices", "describe_divergence", "save_batch"]
+
+INDEX_KEYS = ("index", "indices", "idx")
+
+
+def batch_indices(trainer: pl.Trainer, batch: Any, batch_idx: int) -> tuple[tuple[int, ...], str]:
+    """Dataset indices of a training batch, and how they were found (``""`` when unknown).
+
+    Supported: a batch that carries them (third element of a tuple/list, or an ``index``,
+    ``indices`` or ``idx`` key of a dict, as a 1-D integer tensor), or a single-process loader
+    whose sampler is a ``SequentialSampler`` over a map-style dataset (``shuffle=False``), where
+    batch ``i`` holds ``range(i * batch_size, ...)``. Shuffled loaders draw their order from a
+    generator that cannot be replayed without advancing it, so their indices stay unknown.
+    """
+    carried: Any = None
+    if isinstance(batch, Mapping):
+        carried = next((batch[k] for k in INDEX_KEYS if k in batch), None)
+    elif isinstance(batch, (list, tuple)) and len(batch) > 2:
+        carried = batch[2]
+    if (isinstance(carried, torch.Tensor) and carried.dim() == 1
+            and not carried.is_floating_point()):
+        return tuple(int(i) for i in carried.tolist()), "carried by the batch"
+    if trainer.world_size != 1:
+        return (), ""
+    try:
+        loader = train_dataloader_of(trainer)
+    except ValueError:
+        return (), ""
+    sampler = loader.batch_sampler
+    if isinstance(sampler, BatchSampler) and isinstance(sampler.sampler, SequentialSampler):
+        start = batch_idx * sampler.batch_size
+        stop = min(start + sampler.batch_size, len(sampler.sampler))
+        return tuple(range(start, stop)), "sequential sampler"
+    return (), ""
+
+
+def save_batch(trainer: pl.Trainer, batch: Any, name: str) -> Path | None:
+    """``torch.save`` a batch (moved to CPU) as ``name`` in the run's log directory (rank 0)."""
+    directory = log_dir(trainer) if trainer.is_global_zero else None
+    if directory is None:
+        return None
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    torch.save(move_data_to_device(batch, "cpu"), path)
+    return path
+
+
+def describe_divergence(trainer: pl.Trainer, loss: float, median: float, batch: Any,
+                        batch_idx: int, step: int, save: bool
+                        ) -> tuple[str, tuple[int, ...], dict[str, Any]]:
+    """The finding's message, the batch's dataset indices and details of a diverging step.
+
+    Args:
+        trainer: The trainer running the step.
+        loss: The step loss (non-finite or a jump).
+        median: Running median of the step losses before it (NaN when none).
+        batch, batch_idx: The offending batch and its index in the epoch.
+        step: Global step of the batch.
+        save: Also save the batch with :func:`save_batch`.
+    """
+    indices, source = batch_indices(trainer, batch, batch_idx)
+    if math.isfinite(loss):
+        what = f"jumped to {loss:.4g}, {loss / median:.1f}x the running median {median:.4g}"
+    else:
+        what = f"is {loss}"
+    where = f"global step {step}, batch {batch_idx} of epoch {trainer.current_epoch}"
+    idx_text = (f"dataset indices {list(indices[:16])}{'...' if len(indices) > 16 else ''} "
+                f"({source})" if indices else "dataset indices unknown (make the dataset "
+                "return its index as a third element, or use a sequential loader)")
+    path = save_batch(trainer, batch, f"advisor_divergence_step{step}.pt") if save else None
+    saved = f" Batch saved to {path}." if path else ""
+    return (f"Step loss {what} at {where}; {idx_text}.{saved}", indices,
+            {"batch_idx": batch_idx, "indices_source": source,
+             "batch_path": str(path) if path else None})
