@@ -144,7 +144,7 @@ class ActivationHistogram(DiagnosticCallback):
 
     slug = "activations"
 
-    def __init__(self, every_n_steps: int = 100, layers: Sequence[str] | LayerFilter | None = None,
+    def __init__(self, every_n_steps: int = 200, layers: Sequence[str] | LayerFilter | None = None,
                  bins: int = 64, dead_fraction: float = 0.5, saturated_fraction: float = 0.5,
                  vanishing_ratio: float = 1e-3, exploding_ratio: float = 1e3,
                  figure_every_n_logs: int = 0, strict: bool = False) -> None:
