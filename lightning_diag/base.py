@@ -124,6 +124,11 @@ class DiagnosticCallback(pl.Callback):
             kw.setdefault("epoch", trainer.current_epoch)
         return Finding(check=self.check_name, code=code, severity=severity, message=message, **kw)
 
+    def skipped(self, trainer: pl.Trainer | None, reason: str, advice: str = "") -> Finding:
+        """The info finding ``<slug>.skipped`` saying why this check did not run."""
+        return self.finding(trainer, f"{self.slug}.skipped", Severity.INFO,
+                            f"{self.check_name} skipped: {reason}", advice=advice)
+
     def publish(self, trainer: pl.Trainer | None, new: Iterable[Finding]) -> list[Finding]:
         """Record, log and (in strict mode) raise on a batch of findings from one check."""
         batch = list(new)
@@ -220,14 +225,12 @@ class FitStartCheck(DiagnosticCallback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         reason = self._skip_reason(trainer, pl_module)
         if reason:
-            self.publish(trainer, [self.finding(trainer, f"{self.slug}.skipped", Severity.INFO,
-                                                f"{self.check_name} skipped: {reason}.")])
+            self.publish(trainer, [self.skipped(trainer, f"{reason}.")])
             return
         try:
             found = self.run_check(trainer, pl_module)
         except NoLossError as err:  # e.g. a step returning None: a skip, not a crash of the fit
-            found = [self.finding(trainer, f"{self.slug}.skipped", Severity.INFO,
-                                  f"{self.check_name} skipped: {err}")]
+            found = [self.skipped(trainer, str(err))]
         finally:
             self.done = True
         self.publish(trainer, found)

@@ -34,6 +34,7 @@ __all__ = [
     "clone_module",
     "disable_regularization",
     "first_batches",
+    "first_loader",
     "fresh_optimizer",
     "preserved_rng",
     "side_experiment",
@@ -121,7 +122,7 @@ def train_dataloader_of(trainer: pl.Trainer) -> DataLoader:
         source = getattr(getattr(trainer, "fit_loop", None), "_data_source", None)
         if source is not None and source.is_defined():
             loader = source.dataloader()
-    loader = _first_loader(loader)
+    loader = first_loader(loader)
     if not isinstance(loader, DataLoader):
         raise ValueError(
             "lightning_diag needs a torch DataLoader for training (from `train_dataloaders=`, "
@@ -130,14 +131,15 @@ def train_dataloader_of(trainer: pl.Trainer) -> DataLoader:
     return loader
 
 
-def _first_loader(obj: Any) -> Any:
+def first_loader(obj: Any) -> Any:
+    """The first DataLoader inside a loader, a CombinedLoader, a list or a dict of loaders."""
     inner = getattr(obj, "iterables", None)  # CombinedLoader
     if inner is not None:
         obj = inner
     if isinstance(obj, Mapping):
-        return _first_loader(next(iter(obj.values()), None))
+        return first_loader(next(iter(obj.values()), None))
     if isinstance(obj, Sequence) and not isinstance(obj, (DataLoader, str)):
-        return _first_loader(obj[0] if obj else None)
+        return first_loader(obj[0] if obj else None)
     return obj
 
 

@@ -11,6 +11,7 @@ Tag scheme (documented in docs/tensorboard.md):
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,10 +28,28 @@ __all__ = [
     "log_dir",
     "log_figure",
     "log_histogram_counts",
+    "log_image",
     "log_scalars",
+    "markdown_table",
+    "merge_custom_scalars",
     "tensorboard_writer",
-    "to_python",
 ]
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table (as TensorBoard's text plugin and terminals show it); pipes escaped.
+
+    Example:
+        >>> print(markdown_table(["lr", "loss"], [["1e-3", "0.5"]]))
+        | lr | loss |
+        |---|---|
+        | 1e-3 | 0.5 |
+    """
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
+
+    return "\n".join([line(header), "|" + "---|" * len(header), *map(line, rows)])
 
 
 def tensorboard_writer(trainer: pl.Trainer) -> SummaryWriter | None:
@@ -78,23 +97,52 @@ def figure_to_array(fig: Figure) -> np.ndarray:
 
 def log_figure(
     trainer: pl.Trainer, tag: str, fig: Figure, step: int, png_name: str | None = None
-) -> Path | None:
-    """Log a figure as a TensorBoard image and optionally save it as a PNG in the log directory.
+) -> None:
+    """Render a matplotlib figure once and log it like :func:`log_image` (TensorBoard + PNG)."""
+    log_image(trainer, tag, figure_to_array(fig), step, png_name)
 
-    Returns:
-        The PNG path when one was written.
+
+def log_image(trainer: pl.Trainer, tag: str, image: np.ndarray, step: int,
+              png_name: str | None = None) -> None:
+    """Log a uint8 ``(H, W)`` or ``(H, W, 3)`` image to TensorBoard and optionally as a PNG.
+
+    The PNG is encoded once (Pillow, fast compression) for both, instead of once by
+    ``SummaryWriter.add_image`` (which also converts to float and back) and once more by the
+    file writer: ~10 ms instead of ~100-200 ms for a 500 x 500 image.
     """
-    path = None
+    from PIL import Image
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    writer = tensorboard_writer(trainer)
     directory = log_dir(trainer) if png_name and trainer.is_global_zero else None
+    if writer is None and directory is None:
+        return
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
+    png = buffer.getvalue()
     if directory is not None and png_name:
         directory.mkdir(parents=True, exist_ok=True)
-        path = directory / png_name
-        fig.savefig(path, dpi=100, bbox_inches="tight")
-    image = figure_to_array(fig)
-    writer = tensorboard_writer(trainer)
+        (directory / png_name).write_bytes(png)
     if writer is not None:
-        writer.add_image(tag, image, global_step=step, dataformats="HWC")
-    return path
+        proto = Summary.Image(height=image.shape[0], width=image.shape[1],
+                              colorspace=1 if image.ndim == 2 else 3, encoded_image_string=png)
+        writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=proto)]),
+                                              step)
+
+
+def merge_custom_scalars(writer: SummaryWriter, category: str,
+                         charts: dict[str, list[str]]) -> None:
+    """Add a custom-scalars category without dropping those other callbacks added.
+
+    TensorBoard shows only the latest layout of a run, so the categories are remembered on the
+    writer and the whole layout is written again when one is added.
+    """
+    layouts: dict[str, Any] = writer.__dict__.setdefault("_lightning_diag_layout", {})
+    new = {title: ["Multiline", tags] for title, tags in charts.items()}
+    if layouts.get(category) == new:
+        return
+    layouts[category] = new
+    writer.add_custom_scalars(dict(layouts))
 
 
 def log_histogram_counts(
@@ -125,12 +173,3 @@ def log_histogram_counts(
         bucket_counts=counts.cpu().tolist(),
         global_step=step,
     )
-
-
-def to_python(value: Any) -> Any:
-    """Convert tensors and numpy scalars to plain Python numbers (for findings and JSON)."""
-    if isinstance(value, torch.Tensor):
-        return value.item() if value.numel() == 1 else value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value

@@ -8,7 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 
 from lightning_diag.base import FitStartCheck
-from lightning_diag.findings import Finding, Severity
+from lightning_diag.findings import Finding
 from lightning_diag.isolation import first_batches, preserved_rng, train_dataloader_of
 
 __all__ = ["fit_start_batches", "stamp"]
@@ -26,8 +26,7 @@ def fit_start_batches(
         with preserved_rng():
             return first_batches(loader, num_batches, pl_module.device), []
     except ValueError as err:  # no loader, not a DataLoader, or an empty dataset
-        message = f"{check.check_name} skipped: {err}"
-        return [], [check.finding(trainer, f"{check.slug}.skipped", Severity.INFO, message)]
+        return [], [check.skipped(trainer, str(err))]
 
 
 def stamp(check: FitStartCheck, trainer: pl.Trainer, found: list[Finding]) -> list[Finding]:

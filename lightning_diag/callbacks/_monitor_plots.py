@@ -9,24 +9,20 @@ Example:
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 from lightning_diag.functional.monitors import histogram_edges
-from lightning_diag.tb import log_dir, log_scalars, tensorboard_writer
+from lightning_diag.tb import log_scalars, tensorboard_writer
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
     from matplotlib.figure import Figure
-    from torch.utils.tensorboard import SummaryWriter
 
-__all__ = ["curves_figure", "filter_grid", "layer_summary_figure", "log_image",
-           "log_step_summary", "merge_custom_scalars"]
+__all__ = ["curves_figure", "filter_grid", "layer_summary_figure", "log_step_summary"]
 
 
 def log_step_summary(trainer: pl.Trainer, scalars: dict[str, float],
@@ -57,49 +53,6 @@ def log_step_summary(trainer: pl.Trainer, scalars: dict[str, float],
     for logger in trainer.loggers:
         if not (isinstance(logger, TensorBoardLogger) and logger.experiment is writer):
             logger.log_metrics({k: float(v) for k, v in scalars.items()}, step=step)
-
-
-def merge_custom_scalars(writer: SummaryWriter, category: str,
-                         charts: dict[str, list[str]]) -> None:
-    """Add a custom-scalars category without dropping those other callbacks added.
-
-    TensorBoard shows only the latest layout of a run, so the categories are remembered on the
-    writer and the whole layout is written again when one is added.
-    """
-    layouts: dict[str, Any] = writer.__dict__.setdefault("_lightning_diag_layout", {})
-    new = {title: ["Multiline", tags] for title, tags in charts.items()}
-    if layouts.get(category) == new:
-        return
-    layouts[category] = new
-    writer.add_custom_scalars(dict(layouts))
-
-
-def log_image(trainer: pl.Trainer, tag: str, image: np.ndarray, step: int,
-              png_name: str | None = None) -> None:
-    """Log a uint8 ``(H, W)`` or ``(H, W, 3)`` image to TensorBoard and optionally as a PNG.
-
-    The PNG is encoded once (Pillow, fast compression) for both, instead of once by
-    ``SummaryWriter.add_image`` (which also converts to float and back) and once more by the
-    file writer: ~10 ms instead of ~100-200 ms for a 500 x 500 image.
-    """
-    from PIL import Image
-    from tensorboard.compat.proto.summary_pb2 import Summary
-
-    writer = tensorboard_writer(trainer)
-    directory = log_dir(trainer) if png_name and trainer.is_global_zero else None
-    if writer is None and directory is None:
-        return
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
-    png = buffer.getvalue()
-    if directory is not None and png_name:
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / png_name).write_bytes(png)
-    if writer is not None:
-        proto = Summary.Image(height=image.shape[0], width=image.shape[1],
-                              colorspace=1 if image.ndim == 2 else 3, encoded_image_string=png)
-        writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=proto)]),
-                                              step)
 
 
 Series = tuple[Sequence[float], Sequence[float], dict[str, Any]]

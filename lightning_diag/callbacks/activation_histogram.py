@@ -17,11 +17,7 @@ import torch
 from torch import nn
 
 from lightning_diag.base import DiagnosticCallback
-from lightning_diag.callbacks._monitor_plots import (
-    layer_summary_figure,
-    log_image,
-    log_step_summary,
-)
+from lightning_diag.callbacks._monitor_plots import layer_summary_figure, log_step_summary
 from lightning_diag.findings import Finding, Severity
 from lightning_diag.functional.monitors import (
     HIST_HEADER,
@@ -29,7 +25,7 @@ from lightning_diag.functional.monitors import (
     gradient_flow,
     layer_summary,
 )
-from lightning_diag.tb import figure_to_array
+from lightning_diag.tb import log_figure
 
 __all__ = ["PASS_THROUGH", "ActivationHistogram"]
 
@@ -242,8 +238,8 @@ class ActivationHistogram(DiagnosticCallback):
             self._figure(trainer)
 
     def _figure(self, trainer: pl.Trainer) -> None:
-        log_image(trainer, f"diag/{self.slug}/summary",
-                  figure_to_array(layer_summary_figure(self.last, self.bins)), self._logged_step)
+        log_figure(trainer, f"diag/{self.slug}/summary",
+                   layer_summary_figure(self.last, self.bins), self._logged_step)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         n = self.figure_every_n_logs

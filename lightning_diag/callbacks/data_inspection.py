@@ -34,7 +34,7 @@ from lightning_diag.findings import Finding, Severity
 from lightning_diag.functional.data import image_grid
 from lightning_diag.inspection import InspectionConfig, run_inspection
 from lightning_diag.inspection_report import DataReport, SplitScan
-from lightning_diag.isolation import _first_loader, preserved_rng, train_dataloader_of
+from lightning_diag.isolation import first_loader, preserved_rng, train_dataloader_of
 from lightning_diag.tb import log_figure, log_histogram_counts, tensorboard_writer
 
 if TYPE_CHECKING:
@@ -101,12 +101,10 @@ class DataInspection(FitStartCheck):
             try:
                 train = _map_dataset(train_dataloader_of(trainer))
             except ValueError as err:
-                return [self.finding(trainer, "data.skipped", Severity.INFO,
-                                     f"DataInspection skipped: {err}")]
+                return [self.skipped(trainer, str(err))]
             if _is_empty(train):
-                return [self.finding(trainer, "data.skipped", Severity.INFO,
-                                     "DataInspection skipped: the training dataset is empty "
-                                     "(0 samples).", advice="Give the Trainer training data.")]
+                return [self.skipped(trainer, "the training dataset is empty (0 samples).",
+                                     advice="Give the Trainer training data.")]
             config = dataclasses.replace(
                 self.config, progress=trainer.progress_bar_callback is not None)
 
@@ -143,7 +141,7 @@ def _val_dataset(trainer: pl.Trainer) -> Any:
         source = getattr(loop, "_data_source", None)
         if source is not None and source.instance is not None and source.is_defined():
             loader = source.dataloader()
-    loader = _first_loader(loader)
+    loader = first_loader(loader)
     if not isinstance(loader, DataLoader):
         return None
     try:

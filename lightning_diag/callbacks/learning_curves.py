@@ -14,13 +14,9 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_diag.base import DiagnosticCallback
-from lightning_diag.callbacks._monitor_plots import (
-    curves_figure,
-    log_image,
-    merge_custom_scalars,
-)
+from lightning_diag.callbacks._monitor_plots import curves_figure
 from lightning_diag.findings import Severity
-from lightning_diag.tb import figure_to_array, log_scalars, tensorboard_writer
+from lightning_diag.tb import log_figure, log_scalars, merge_custom_scalars, tensorboard_writer
 
 __all__ = ["LearningCurves"]
 
@@ -120,9 +116,8 @@ class LearningCurves(DiagnosticCallback):
 
     def _figure(self, trainer: pl.Trainer) -> None:
         if self.history and self.require_tensorboard(trainer, "learning-curve figure"):
-            log_image(trainer, f"diag/{self.slug}/figure",
-                      figure_to_array(curves_figure(self.history)), trainer.current_epoch,
-                      png_name="learning_curves.png")
+            log_figure(trainer, f"diag/{self.slug}/figure", curves_figure(self.history),
+                       trainer.current_epoch, png_name="learning_curves.png")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._figure(trainer)

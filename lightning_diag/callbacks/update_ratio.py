@@ -16,10 +16,9 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_diag.base import DiagnosticCallback
-from lightning_diag.callbacks._monitor_plots import merge_custom_scalars
 from lightning_diag.findings import Finding, Severity
 from lightning_diag.functional.monitors import is_logging_step, update_ratios
-from lightning_diag.tb import log_scalars, tensorboard_writer
+from lightning_diag.tb import log_scalars, merge_custom_scalars, tensorboard_writer
 
 __all__ = ["UpdateRatioMonitor"]
 

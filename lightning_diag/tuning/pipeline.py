@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lightning_diag.tb import merge_custom_scalars
 from lightning_diag.tuning.search import (
     RefineResult,
     SearchResult,
@@ -97,8 +98,8 @@ def _log_summary(summary: TuneSummary, run_dir: Path) -> None:
             tags.append(tag)
             for epoch, value in enumerate(row["curve"]):
                 writer.add_scalar(tag, value, epoch)
-        writer.add_custom_scalars({"diag/tuning": {
-            f"refine: {summary.refine.monitor} per epoch": ["Multiline", tags]}})
+        merge_custom_scalars(writer, "diag/tuning",
+                             {f"refine: {summary.refine.monitor} per epoch": tags})
         writer.add_text("diag/tuning/summary", summary.text())
     finally:
         writer.close()

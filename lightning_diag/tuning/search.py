@@ -31,6 +31,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_diag.callbacks.lr_advisor import LRPlateauAdvisor
 from lightning_diag.findings import Severity
+from lightning_diag.tb import markdown_table
 from lightning_diag.tuning.sweep import ModelFactory, build_model, quiet_trainer
 
 __all__ = ["RefineResult", "SearchResult", "random_search", "refine", "require_optuna"]
@@ -126,11 +127,10 @@ class SearchResult:
     trainer_kwargs: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def table(self) -> str:
-        head = (f"| trial | lr | weight decay | {self.monitor} | state | epochs |\n"
-                "|---|---|---|---|---|---|")
-        return head + "".join(
-            f"\n| {r['number']} | {r['lr']:.3e} | {r['weight_decay']:g} | {r['value']:.4f} | "
-            f"{r['state']} | {r['epochs']} |" for r in self.rows)
+        return markdown_table(
+            ["trial", "lr", "weight decay", self.monitor, "state", "epochs"],
+            [[str(r["number"]), f"{r['lr']:.3e}", f"{r['weight_decay']:g}", f"{r['value']:.4f}",
+              str(r["state"]), str(r["epochs"])] for r in self.rows])
 
 
 def _epochs(epochs: int | tuple[int, int]) -> tuple[int, int]:
@@ -246,11 +246,10 @@ class RefineResult:
     monitor: str
 
     def table(self) -> str:
-        head = (f"| rank | lr | weight decay | {self.monitor} | advisor |\n"
-                "|---|---|---|---|---|")
-        return head + "".join(
-            f"\n| {r['rank']} | {r['lr']:.3e} | {r['weight_decay']:g} | {r['value']:.4f} | "
-            f"{', '.join(r['advisor']) or 'healthy'} |" for r in self.rows)
+        return markdown_table(
+            ["rank", "lr", "weight decay", self.monitor, "advisor"],
+            [[str(r["rank"]), f"{r['lr']:.3e}", f"{r['weight_decay']:g}", f"{r['value']:.4f}",
+              ", ".join(r["advisor"]) or "healthy"] for r in self.rows])
 
 
 def refine(results: SearchResult, top_k: int = 3, epochs: int = 10, seed: int = 0,

@@ -23,6 +23,7 @@ import torch
 
 from lightning_diag.batch import loss_from_output
 from lightning_diag.functional.curves import pick_learning_rate, smooth_ema
+from lightning_diag.tb import figure_to_array, markdown_table, merge_custom_scalars
 
 __all__ = ["LRComparison", "ModelFactory", "SweepResult", "compare_with_lr_find", "lr_sweep"]
 
@@ -58,12 +59,10 @@ class SweepResult:
 
     def table(self) -> str:
         """A markdown table: one row per learning rate, the pick marked."""
-        rows = ["| lr | final smoothed loss | diverged | pick |", "|---|---|---|---|"]
-        for lr in sorted(self.curves, reverse=True):
-            bad = "yes" if lr in self.diverged else ""
-            pick = "<-" if lr == self.best_lr else ""
-            rows.append(f"| {lr:.0e} | {self.scores[lr]:.4g} | {bad} | {pick} |")
-        return "\n".join(rows)
+        return markdown_table(
+            ["lr", "final smoothed loss", "diverged", "pick"],
+            [[f"{lr:.0e}", f"{self.scores[lr]:.4g}", "yes" if lr in self.diverged else "",
+              "<-" if lr == self.best_lr else ""] for lr in sorted(self.curves, reverse=True)])
 
 
 class _StepLosses(pl.Callback):
@@ -180,14 +179,13 @@ def _write_charts(result: SweepResult, run_dir: Path) -> Path:
     import matplotlib.pyplot as plt
     from torch.utils.tensorboard import SummaryWriter
 
-    from lightning_diag.tb import figure_to_array
 
     run_dir.mkdir(parents=True, exist_ok=True)
     tags = {lr: f"diag/tuning/sweep/lr_{lr:.0e}" for lr in result.curves}
     writer = SummaryWriter(str(run_dir / "sweep"))
     try:
-        writer.add_custom_scalars({"diag/tuning": {
-            "sweep: smoothed training loss per learning rate": ["Multiline", list(tags.values())]}})
+        merge_custom_scalars(writer, "diag/tuning", {
+            "sweep: smoothed training loss per learning rate": list(tags.values())})
         for lr, curve in result.smoothed.items():
             for step, value in enumerate(curve):
                 writer.add_scalar(tags[lr], value, step)
@@ -225,12 +223,10 @@ class LRComparison:
         def fmt(x: float | None, spec: str) -> str:
             return "n/a" if x is None else format(x, spec)
 
-        return "\n".join([
-            f"| method | suggested lr | {self.metric} after {self.epochs} epochs |",
-            "|---|---|---|",
-            f"| lightning_diag lr_sweep | {self.sweep_lr:.2e} | {self.sweep_score:.4f} |",
-            f"| Tuner.lr_find | {fmt(self.lr_find_lr, '.2e')} | {fmt(self.lr_find_score, '.4f')} |",
-        ])
+        return markdown_table(
+            ["method", "suggested lr", f"{self.metric} after {self.epochs} epochs"],
+            [["lightning_diag lr_sweep", f"{self.sweep_lr:.2e}", f"{self.sweep_score:.4f}"],
+             ["Tuner.lr_find", fmt(self.lr_find_lr, ".2e"), fmt(self.lr_find_score, ".4f")]])
 
 
 def train_and_score(model_factory: ModelFactory, datamodule: pl.LightningDataModule, lr: float,
