@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from lightning_diag.inspection import inspect_dataset
+from lightning_diag.checks.data.inspect import inspect_dataset
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 

@@ -18,8 +18,8 @@ import torch
 
 from lightning_diag.callbacks.checkpoint_ensemble import CheckpointEnsemble
 from lightning_diag.callbacks.ema import EMAWeights
-from lightning_diag.ensemble import evaluate_members, train_ensemble, train_top_configs
-from lightning_diag.examples import DigitsClassifier, DigitsDataModule
+from lightning_diag.examples.digits import DigitsClassifier, DigitsDataModule
+from lightning_diag.inference.ensemble import evaluate_members, train_ensemble, train_top_configs
 
 
 def _row(name: str, members: list[dict[str, float]], ensemble: dict[str, float]) -> str:

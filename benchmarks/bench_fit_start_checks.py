@@ -17,10 +17,11 @@ from typing import TypeVar
 import lightning.pytorch as pl
 import torch
 
-from lightning_diag.callbacks.gradient_check import GradientCheck, check_gradients
-from lightning_diag.callbacks.initial_loss import InitialLossCheck, check_initial_loss
-from lightning_diag.callbacks.overfit import OverfitSmallBatch, overfit_small_batch
-from lightning_diag.examples import DigitsClassifier, DigitsDataModule
+from lightning_diag.callbacks import GradientCheck, InitialLossCheck, OverfitSmallBatch
+from lightning_diag.checks.gradients import check_gradients
+from lightning_diag.checks.initial_loss import check_initial_loss
+from lightning_diag.checks.overfit import overfit_small_batch
+from lightning_diag.examples.digits import DigitsClassifier, DigitsDataModule
 from lightning_diag.isolation import first_batches
 
 T = TypeVar("T")

@@ -43,7 +43,7 @@ from lightning_diag.callbacks.activation_histogram import ActivationHistogram
 from lightning_diag.callbacks.first_layer import FirstLayerVisualization
 from lightning_diag.callbacks.learning_curves import LearningCurves
 from lightning_diag.callbacks.update_ratio import UpdateRatioMonitor
-from lightning_diag.examples import DigitsClassifier, DigitsDataModule
+from lightning_diag.examples.digits import DigitsClassifier, DigitsDataModule
 
 Data = Callable[[], Any]
 

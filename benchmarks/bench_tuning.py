@@ -17,7 +17,7 @@ import time
 import warnings
 from pathlib import Path
 
-from lightning_diag.examples import DigitsClassifier, DigitsDataModule
+from lightning_diag.examples.digits import DigitsClassifier, DigitsDataModule
 from lightning_diag.tuning.sweep import compare_with_lr_find
 
 

@@ -21,14 +21,18 @@ from lightning_diag.callbacks import (
     OverfitSmallBatch,
     UpdateRatioMonitor,
 )
-from lightning_diag.callbacks.gradient_check import check_gradients
-from lightning_diag.callbacks.initial_loss import check_initial_loss
-from lightning_diag.callbacks.overfit import OverfitResult, overfit_small_batch
-from lightning_diag.checkpoints import CheckpointLoadError
-from lightning_diag.ensemble import EnsembleModel, train_ensemble, train_top_configs
+from lightning_diag.checks.data.inspect import inspect_dataset
+from lightning_diag.checks.gradients import check_gradients
+from lightning_diag.checks.initial_loss import check_initial_loss
+from lightning_diag.checks.overfit import OverfitResult, overfit_small_batch
 from lightning_diag.findings import DiagnosticError, DiagnosticWarning, Finding, Severity
-from lightning_diag.inference import load_ema_weights
-from lightning_diag.inspection import inspect_dataset
+from lightning_diag.inference import (
+    CheckpointLoadError,
+    EnsembleModel,
+    load_ema_weights,
+    train_ensemble,
+    train_top_configs,
+)
 
 __version__ = "0.1.0"
 

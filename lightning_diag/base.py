@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
@@ -26,7 +27,8 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_diag.batch import NoLossError
 from lightning_diag.findings import DiagnosticError, DiagnosticWarning, Finding, Severity
-from lightning_diag.tb import log_scalars, tensorboard_writer
+from lightning_diag.isolation import first_batches, preserved_rng, train_dataloader_of
+from lightning_diag.tensorboard.writer import log_scalars, tensorboard_writer
 
 __all__ = ["DiagnosticCallback", "FitStartCheck", "HookRegistry", "findings", "refuse_sharded"]
 
@@ -131,7 +133,7 @@ class DiagnosticCallback(pl.Callback):
 
     def publish(self, trainer: pl.Trainer | None, new: Iterable[Finding]) -> list[Finding]:
         """Record, log and (in strict mode) raise on a batch of findings from one check."""
-        batch = list(new)
+        batch = [self._stamped(trainer, f) for f in new]
         if not batch:
             return batch
         self.findings.extend(batch)
@@ -145,6 +147,13 @@ class DiagnosticCallback(pl.Callback):
         if self.strict and failures:
             raise DiagnosticError(failures)
         return batch
+
+    @staticmethod
+    def _stamped(trainer: pl.Trainer | None, f: Finding) -> Finding:
+        """``f`` with the trainer's step and epoch where the (Trainer-free) check left them out."""
+        if trainer is None or f.step is not None:
+            return f
+        return dataclasses.replace(f, step=trainer.global_step, epoch=trainer.current_epoch)
 
     def require_tensorboard(self, trainer: pl.Trainer, what: str) -> bool:
         """True when a TensorBoard writer exists; else say once (info finding) what is skipped."""
@@ -213,6 +222,19 @@ class FitStartCheck(DiagnosticCallback):
 
     def run_check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Finding]:
         raise NotImplementedError
+
+    def fit_start_batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                          num_batches: int) -> tuple[list[Any], list[Finding]]:
+        """The first ``num_batches`` training batches, or no batch and an info ``<slug>.skipped``.
+
+        The user's sampler and the global RNG streams are left untouched.
+        """
+        try:
+            loader = train_dataloader_of(trainer)
+            with preserved_rng():
+                return first_batches(loader, num_batches, pl_module.device), []
+        except ValueError as err:  # no loader, not a DataLoader, or an empty dataset
+            return [], [self.skipped(trainer, str(err))]
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)

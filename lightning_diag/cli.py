@@ -96,7 +96,7 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"lightning-diag demo: --limit-batches must be >= 1, got {args.limit_batches}.",
               file=sys.stderr)
         return 2
-    from lightning_diag.demo import run_demo
+    from lightning_diag.examples.demo import run_demo
 
     run_demo(args.out, inject=args.inject, epochs=args.epochs, seed=args.seed,
              limit_batches=args.limit_batches, progress_bar=not args.no_progress_bar,

@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_diag.examples import load_digits_tensors
+from lightning_diag.examples.digits import load_digits_tensors
 
 _DIGITS: tuple[torch.Tensor, torch.Tensor] | None = None
 

@@ -33,7 +33,7 @@ from lightning_diag.callbacks.overfit import OverfitSmallBatch
 from lightning_diag.callbacks.update_ratio import UpdateRatioMonitor
 from lightning_diag.findings import Severity
 from lightning_diag.functional.monitors import histogram_row, layer_stats
-from lightning_diag.tb import log_histogram_counts
+from lightning_diag.tensorboard.writer import log_histogram_counts
 from tests.helpers import Classifier, digits, mlp, trainer
 
 FIT_START = ("InitialLossCheck", "GradientCheck", "OverfitSmallBatch", "DataInspection")

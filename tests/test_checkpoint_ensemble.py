@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lightning_diag.callbacks.checkpoint_ensemble import CheckpointEnsemble
-from lightning_diag.ensemble import EnsembleModel, evaluate_members
+from lightning_diag.inference.ensemble import EnsembleModel, evaluate_members
 from tests.helpers import Classifier, codes, digits, events, loader, mlp, trainer
 
 

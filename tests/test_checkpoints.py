@@ -9,14 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_diag.checkpoints import (
+from lightning_diag.examples.digits import DigitsClassifier
+from lightning_diag.inference.checkpoints import (
     CheckpointLoadError,
     check_state_dict,
     load_checkpoint,
     module_from_checkpoint,
     state_dict_of,
 )
-from lightning_diag.examples import DigitsClassifier
 
 
 def _good(tmp_path: Path) -> Path:

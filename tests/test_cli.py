@@ -44,7 +44,7 @@ def test_report_missing_dir_is_a_clear_error(tmp_path, capsys):
 
 
 def test_demo_forwards_arguments(monkeypatch):
-    import lightning_diag.demo as demo
+    import lightning_diag.examples.demo as demo
 
     calls = []
     monkeypatch.setattr(demo, "run_demo", lambda *a, **kw: calls.append((a, kw)))

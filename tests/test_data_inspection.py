@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
 from lightning_diag.callbacks.data_inspection import DataInspection
-from lightning_diag.examples import DigitsDataModule, load_digits_tensors
+from lightning_diag.checks.data.inspect import inspect_dataset
+from lightning_diag.examples.digits import DigitsDataModule, load_digits_tensors
 from lightning_diag.findings import Finding, Severity
-from lightning_diag.inspection import inspect_dataset
 from tests.helpers import Classifier, codes, events, loader, mlp, text_events, trainer
 
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_diag.demo import (
+from lightning_diag.examples.demo import (
     BrokenDigitsDataModule,
     format_findings,
     mis_scale_last_layer,
     recipe_callbacks,
     run_demo,
 )
-from lightning_diag.examples import DigitsClassifier
+from lightning_diag.examples.digits import DigitsClassifier
 from lightning_diag.findings import Finding, Severity
 
 

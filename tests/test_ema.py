@@ -12,9 +12,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import FSDPStrategy
 
 from lightning_diag.callbacks.ema import EMAWeights
-from lightning_diag.checkpoints import CheckpointLoadError
 from lightning_diag.functional.ema import all_finite, ema_update_, warmup_decay
-from lightning_diag.inference import load_ema_weights
+from lightning_diag.inference.checkpoints import CheckpointLoadError
+from lightning_diag.inference.ema import load_ema_weights
 from tests.helpers import Classifier, cnn, codes, digits, events, loader, mlp, trainer
 
 

@@ -9,15 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_diag.checkpoints import CheckpointLoadError
-from lightning_diag.ensemble import (
+from lightning_diag.examples.digits import DigitsClassifier
+from lightning_diag.functional.ensemble import combine_logits
+from lightning_diag.inference.checkpoints import CheckpointLoadError
+from lightning_diag.inference.ensemble import (
     EnsembleModel,
     evaluate_members,
     train_ensemble,
     train_top_configs,
 )
-from lightning_diag.examples import DigitsClassifier
-from lightning_diag.functional.ensemble import combine_logits
 from tests.helpers import digits, loader
 
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_diag.callbacks._monitor_plots import filter_grid
 from lightning_diag.callbacks.first_layer import FirstLayerVisualization
+from lightning_diag.tensorboard.figures import filter_grid
 from tests.helpers import Classifier, cnn, digits, events, loader, mlp, trainer
 
 

@@ -4,7 +4,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from lightning_diag.callbacks.gradient_check import GradientCheck, check_gradients, error_table
+from lightning_diag.callbacks import GradientCheck
+from lightning_diag.checks.gradients import check_gradients, error_table
 from lightning_diag.findings import DiagnosticError
 from tests.helpers import Classifier, cnn, codes, digits, events, loader, mlp, text_events, trainer
 

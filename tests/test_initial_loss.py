@@ -6,11 +6,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from lightning_diag.callbacks.initial_loss import (
-    InitialLossCheck,
-    check_initial_loss,
-    loss_tolerance,
-)
+from lightning_diag.callbacks import InitialLossCheck
+from lightning_diag.checks.initial_loss import check_initial_loss, loss_tolerance
 from tests.helpers import Classifier, cnn, codes, digits, events, loader, mlp, text_events, trainer
 
 

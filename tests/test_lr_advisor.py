@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from lightning_diag.callbacks.lr_advisor import LRPlateauAdvisor, batch_indices
+from lightning_diag.callbacks.lr_advisor import LRPlateauAdvisor
+from lightning_diag.checks.divergence import batch_indices
 from lightning_diag.functional.curves import (
     diverged,
     is_jump,

@@ -32,7 +32,7 @@ from lightning_diag.callbacks.learning_curves import LearningCurves
 from lightning_diag.callbacks.lr_advisor import LRPlateauAdvisor
 from lightning_diag.callbacks.overfit import OverfitSmallBatch
 from lightning_diag.callbacks.update_ratio import UpdateRatioMonitor
-from lightning_diag.examples import load_digits_tensors
+from lightning_diag.examples.digits import load_digits_tensors
 from tests.helpers import Classifier, cnn
 
 # Tiny settings for every callback: side experiments short, monitors firing several times,

@@ -4,12 +4,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
-from lightning_diag.callbacks.overfit import (
-    OverfitResult,
-    OverfitSmallBatch,
-    overfit_batches,
-    overfit_small_batch,
-)
+from lightning_diag.callbacks import OverfitSmallBatch
+from lightning_diag.checks.overfit import OverfitResult, overfit_batches, overfit_small_batch
 from tests.helpers import Classifier, cnn, codes, digits, events, loader, mlp, trainer
 
 

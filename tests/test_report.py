@@ -17,8 +17,8 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from lightning_diag.findings import Finding, Severity
-from lightning_diag.report import build_report, parse_findings_table
-from lightning_diag.tb import log_histogram_counts
+from lightning_diag.report.build import build_report, parse_findings_table
+from lightning_diag.tensorboard.writer import log_histogram_counts
 
 TABLE_HEAD = "| severity | code | message | advice |\n|---|---|---|---|\n"
 

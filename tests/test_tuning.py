@@ -13,7 +13,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lightning_diag.examples import DigitsClassifier
+from lightning_diag.examples.digits import DigitsClassifier
 from lightning_diag.tuning.cli import add_tune_arguments, load_class, run_tune
 from lightning_diag.tuning.pipeline import tune
 from lightning_diag.tuning.search import random_search, refine
@@ -97,7 +97,7 @@ def test_search_resumes_after_interruption(tmp_path):
 WORKER = textwrap.dedent("""
     import functools, pathlib, sys, time
     sys.path.insert(0, {root!r})
-    from lightning_diag.examples import DigitsClassifier
+    from lightning_diag.examples.digits import DigitsClassifier
     from lightning_diag.tuning.search import random_search
     from tests.helpers import digits, loader
     # Start together (imports take seconds): otherwise one worker may finish every trial alone.

@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from lightning_diag.base import DiagnosticCallback
-from lightning_diag.callbacks._monitor_plots import layer_summary_figure, log_step_summary
 from lightning_diag.findings import Finding, Severity
 from lightning_diag.functional.monitors import (
     HIST_HEADER,
@@ -25,7 +24,8 @@ from lightning_diag.functional.monitors import (
     gradient_flow,
     layer_summary,
 )
-from lightning_diag.tb import log_figure
+from lightning_diag.tensorboard.figures import layer_summary_figure
+from lightning_diag.tensorboard.writer import log_figure, log_step_summary
 
 __all__ = ["PASS_THROUGH", "ActivationHistogram"]
 

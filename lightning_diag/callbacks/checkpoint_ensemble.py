@@ -23,12 +23,12 @@ import lightning.pytorch as pl
 from lightning.fabric.utilities.apply_func import move_data_to_device
 
 from lightning_diag.base import DiagnosticCallback
-from lightning_diag.checkpoints import check_state_dict, load_checkpoint, state_dict_of
-from lightning_diag.ensemble import evaluate_members
 from lightning_diag.findings import Severity
 from lightning_diag.functional.ensemble import COMBINE
+from lightning_diag.inference.checkpoints import check_state_dict, load_checkpoint, state_dict_of
+from lightning_diag.inference.ensemble import evaluate_members
 from lightning_diag.isolation import clone_module, preserved_rng
-from lightning_diag.tb import log_dir, log_scalars
+from lightning_diag.tensorboard.writer import log_dir, log_scalars
 
 __all__ = ["CheckpointEnsemble"]
 

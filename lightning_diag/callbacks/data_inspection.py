@@ -1,6 +1,6 @@
 """DataInspection: look at the data first (step 1 of the recipe), at fit start.
 
-Runs :func:`lightning_diag.inspection.inspect_dataset` on the datasets behind the trainer's
+Runs :func:`lightning_diag.checks.data.inspect.inspect_dataset` on the datasets behind the trainer's
 training and validation dataloaders, reading samples by index (the user's dataloaders are never
 iterated, so the batch order does not change), and draws what it found in TensorBoard under
 ``diag/data/...``.
@@ -8,7 +8,7 @@ iterated, so the batch order does not change), and draws what it found in Tensor
 Example:
     >>> import lightning.pytorch as pl
     >>> from lightning_diag.callbacks.data_inspection import DataInspection
-    >>> from lightning_diag.examples import DigitsClassifier, DigitsDataModule
+    >>> from lightning_diag.examples.digits import DigitsClassifier, DigitsDataModule
     >>> check = DataInspection()
     >>> trainer = pl.Trainer(max_steps=1, limit_val_batches=0, logger=False, callbacks=[check],
     ...                      enable_progress_bar=False, enable_model_summary=False,
@@ -30,12 +30,12 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_diag.base import FitStartCheck
 from lightning_diag.batch import BatchFn, default_batch_to_input, default_batch_to_target
+from lightning_diag.checks.data.inspect import InspectionConfig, run_inspection
+from lightning_diag.checks.data.scan import DataReport, SplitScan
 from lightning_diag.findings import Finding, Severity
 from lightning_diag.functional.data import image_grid
-from lightning_diag.inspection import InspectionConfig, run_inspection
-from lightning_diag.inspection_report import DataReport, SplitScan
 from lightning_diag.isolation import first_loader, preserved_rng, train_dataloader_of
-from lightning_diag.tb import log_figure, log_histogram_counts, tensorboard_writer
+from lightning_diag.tensorboard.writer import log_figure, log_histogram_counts, tensorboard_writer
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter

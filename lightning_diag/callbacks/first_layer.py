@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from lightning_diag.base import DiagnosticCallback
-from lightning_diag.callbacks._monitor_plots import filter_grid
 from lightning_diag.findings import Severity
-from lightning_diag.tb import log_dir, log_image
+from lightning_diag.tensorboard.figures import filter_grid
+from lightning_diag.tensorboard.writer import log_dir, log_image
 
 __all__ = ["FirstLayerVisualization"]
 

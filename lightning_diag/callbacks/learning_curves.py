@@ -14,9 +14,14 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_diag.base import DiagnosticCallback
-from lightning_diag.callbacks._monitor_plots import curves_figure
 from lightning_diag.findings import Severity
-from lightning_diag.tb import log_figure, log_scalars, merge_custom_scalars, tensorboard_writer
+from lightning_diag.tensorboard.figures import curves_figure
+from lightning_diag.tensorboard.writer import (
+    log_figure,
+    log_scalars,
+    merge_custom_scalars,
+    tensorboard_writer,
+)
 
 __all__ = ["LearningCurves"]
 

@@ -19,17 +19,17 @@ import torch
 
 from lightning_diag.base import DiagnosticCallback
 from lightning_diag.batch import loss_from_output
-from lightning_diag.callbacks._advisor_rules import (
+from lightning_diag.checks.advisor import (
     Verdict,
     fit_gap_verdict,
     plateau_verdict,
     scale_lr,
 )
-from lightning_diag.callbacks._divergence import batch_indices, describe_divergence, save_batch
+from lightning_diag.checks.divergence import describe_divergence
 from lightning_diag.findings import Finding, Severity
 from lightning_diag.functional.curves import is_jump, jump_threshold
 
-__all__ = ["LRPlateauAdvisor", "batch_indices", "save_batch"]
+__all__ = ["LRPlateauAdvisor"]
 
 ADVICE = {
     "plateau": "Decay the learning rate (the loss plateaus while still high).",

@@ -18,7 +18,7 @@ import torch
 from lightning_diag.base import DiagnosticCallback
 from lightning_diag.findings import Finding, Severity
 from lightning_diag.functional.monitors import is_logging_step, update_ratios
-from lightning_diag.tb import log_scalars, merge_custom_scalars, tensorboard_writer
+from lightning_diag.tensorboard.writer import log_scalars, merge_custom_scalars, tensorboard_writer
 
 __all__ = ["UpdateRatioMonitor"]
 

@@ -6,7 +6,7 @@ Example:
     >>> parser = argparse.ArgumentParser()
     >>> add_tune_arguments(parser)
     >>> parser.parse_args([]).model
-    'lightning_diag.examples:DigitsClassifier'
+    'lightning_diag.examples.digits:DigitsClassifier'
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 
 __all__ = ["add_tune_arguments", "load_class", "run_tune"]
 
-DEFAULT_MODEL = "lightning_diag.examples:DigitsClassifier"
+DEFAULT_MODEL = "lightning_diag.examples.digits:DigitsClassifier"
 
 
 def load_class(spec: str) -> Any:
@@ -51,7 +51,7 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-kwargs", default=None,
                         help="JSON dict of other constructor arguments of the model (default "
                              "for the demo model: '{\"arch\": \"mlp\"}', else '{}').")
-    parser.add_argument("--datamodule", default="lightning_diag.examples:DigitsDataModule",
+    parser.add_argument("--datamodule", default="lightning_diag.examples.digits:DigitsDataModule",
                         help="LightningDataModule class as package.module:Class.")
     parser.add_argument("--datamodule-kwargs", default="{}",
                         help="JSON dict of the datamodule's constructor arguments.")

@@ -2,7 +2,7 @@
 
 Example:
     >>> from functools import partial
-    >>> from lightning_diag.examples import DigitsClassifier, DigitsDataModule
+    >>> from lightning_diag.examples.digits import DigitsClassifier, DigitsDataModule
     >>> from lightning_diag.tuning import tune
     >>> summary = tune(partial(DigitsClassifier, arch="mlp"), DigitsDataModule(),
     ...                run_dir="runs/tune", n_trials=6)  # doctest: +SKIP
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lightning_diag.tb import merge_custom_scalars
+from lightning_diag.tensorboard.writer import merge_custom_scalars
 from lightning_diag.tuning.search import (
     RefineResult,
     SearchResult,

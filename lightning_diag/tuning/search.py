@@ -6,7 +6,7 @@ URL (``storage="postgresql://..."``) lets several processes or machines share on
 
 Example:
     >>> from functools import partial
-    >>> from lightning_diag.examples import DigitsClassifier, DigitsDataModule
+    >>> from lightning_diag.examples.digits import DigitsClassifier, DigitsDataModule
     >>> from lightning_diag.tuning import random_search, refine
     >>> found = random_search(partial(DigitsClassifier, arch="mlp"), DigitsDataModule(),
     ...                       center_lr=1e-2, n_trials=4, epochs=(1, 2),
@@ -31,7 +31,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_diag.callbacks.lr_advisor import LRPlateauAdvisor
 from lightning_diag.findings import Severity
-from lightning_diag.tb import markdown_table
+from lightning_diag.tensorboard.writer import markdown_table
 from lightning_diag.tuning.sweep import ModelFactory, build_model, quiet_trainer
 
 __all__ = ["RefineResult", "SearchResult", "random_search", "refine", "require_optuna"]

@@ -2,7 +2,7 @@
 
 Example:
     >>> from functools import partial
-    >>> from lightning_diag.examples import DigitsClassifier, DigitsDataModule
+    >>> from lightning_diag.examples.digits import DigitsClassifier, DigitsDataModule
     >>> from lightning_diag.tuning import lr_sweep
     >>> result = lr_sweep(partial(DigitsClassifier, arch="mlp"), datamodule=DigitsDataModule(),
     ...                   lrs=(1e-2, 1e-3), steps=5)  # doctest: +SKIP
@@ -23,7 +23,7 @@ import torch
 
 from lightning_diag.batch import loss_from_output
 from lightning_diag.functional.curves import pick_learning_rate, smooth_ema
-from lightning_diag.tb import figure_to_array, markdown_table, merge_custom_scalars
+from lightning_diag.tensorboard.writer import figure_to_array, markdown_table, merge_custom_scalars
 
 __all__ = ["LRComparison", "ModelFactory", "SweepResult", "compare_with_lr_find", "lr_sweep"]
 

@@ -1,10 +1,10 @@
 """The findings of a data inspection, built from a
-:class:`~lightning_diag.inspection_report.DataReport`: one per problem and set, a summary first.
+:class:`~lightning_diag.checks.data.scan.DataReport`: one per problem and set, a summary first.
 
 Example:
     >>> import torch
     >>> from torch.utils.data import TensorDataset
-    >>> from lightning_diag.inspection import inspect_dataset
+    >>> from lightning_diag.checks.data.inspect import inspect_dataset
     >>> x = torch.rand(4, 3)
     >>> x[2, 0] = float("nan")
     >>> [(f.code, f.indices) for f in inspect_dataset(TensorDataset(x)) if f.code != "data.summary"]
@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from lightning_diag.checks.data.scan import DataReport, SplitScan
 from lightning_diag.findings import Finding, Severity
 from lightning_diag.functional.data import imbalance_ratio
-from lightning_diag.inspection_report import DataReport, SplitScan
 
 __all__ = ["findings_of"]
 

@@ -7,7 +7,7 @@
 Example:
     >>> import torch
     >>> from torch.utils.data import TensorDataset
-    >>> from lightning_diag.inspection import inspect_dataset
+    >>> from lightning_diag.checks.data.inspect import inspect_dataset
     >>> x = torch.rand(6, 1, 4, 4)
     >>> x[5] = x[0]
     >>> found = inspect_dataset(TensorDataset(x, torch.tensor([0, 1, 0, 1, 0, 0])))
@@ -19,12 +19,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from lightning_diag.batch import BatchFn, default_batch_to_input, default_batch_to_target
+from lightning_diag.checks.data.config import InspectionConfig
+from lightning_diag.checks.data.findings import findings_of
+from lightning_diag.checks.data.scan import DataReport, SplitScan
 from lightning_diag.findings import Finding
 from lightning_diag.functional.data import (
     candidate_threshold,
@@ -33,8 +35,6 @@ from lightning_diag.functional.data import (
     duplicate_groups,
     similar_pairs,
 )
-from lightning_diag.inspection_findings import findings_of
-from lightning_diag.inspection_report import DataReport, SplitScan
 from lightning_diag.isolation import preserved_rng
 
 __all__ = [
@@ -51,49 +51,6 @@ MakeFinding = Callable[..., Finding]
 # Below this many features a correlation of 0.997 happens by chance (3 random numbers often
 # correlate that well): near duplicates are searched only on inputs with at least this many.
 MIN_NEAR_FEATURES = 16
-
-
-@dataclass(frozen=True)
-class InspectionConfig:
-    """Validated settings of a data inspection (see :func:`inspect_dataset` for their meaning)."""
-
-    num_classes: int | None = None
-    max_samples: int = 100_000
-    near_threshold: float = 0.997
-    imbalance_ratio: float = 10.0
-    dim: int = 64
-    chunk_size: int = 2048
-    seed: int = 0
-    progress: bool = True
-    progress_min: int = 10_000
-    num_threads: int | None = 1
-    batch_to_input: BatchFn = default_batch_to_input
-    batch_to_target: BatchFn = default_batch_to_target
-
-    def __post_init__(self) -> None:
-        def need(ok: bool, name: str, allowed: str) -> None:
-            if not ok:
-                raise ValueError(f"`{name}` must be {allowed}, got {getattr(self, name)!r}.")
-
-        def integer(name: str) -> bool:
-            value = getattr(self, name)
-            return isinstance(value, int) and not isinstance(value, bool)
-
-        need(self.num_classes is None or (integer("num_classes") and self.num_classes >= 1),
-             "num_classes", "None or an int >= 1")
-        for name, low in (("max_samples", 2), ("dim", 8), ("chunk_size", 1), ("progress_min", 0)):
-            need(integer(name) and getattr(self, name) >= low, name, f"an int >= {low}")
-        need(integer("seed"), "seed", "an int")
-        need(self.num_threads is None or (integer("num_threads") and self.num_threads >= 1),
-             "num_threads", "None or an int >= 1")
-        need(isinstance(self.near_threshold, (int, float)) and 0 < self.near_threshold < 1,
-             "near_threshold", "a float in (0, 1) (cosine similarity of centred samples)")
-        need(isinstance(self.imbalance_ratio, (int, float)) and self.imbalance_ratio > 1,
-             "imbalance_ratio", "a number > 1 (commonest / rarest class count)")
-        need(isinstance(self.progress, bool), "progress", "a bool")
-        for name in ("batch_to_input", "batch_to_target"):
-            if not callable(getattr(self, name)):
-                raise TypeError(f"`{name}` must be callable, got {getattr(self, name)!r}.")
 
 
 def inspect_dataset(
@@ -131,7 +88,7 @@ def inspect_dataset(
         The findings: ``data.*`` codes, see ``docs/callbacks/data_inspection.md``.
 
     Example:
-        >>> from lightning_diag.examples import load_digits_tensors
+        >>> from lightning_diag.examples.digits import load_digits_tensors
         >>> from torch.utils.data import TensorDataset
         >>> x, y = load_digits_tensors()
         >>> found = inspect_dataset(TensorDataset(x[:1400], y[:1400]),

@@ -2,7 +2,7 @@
 
 Example:
     >>> import torch
-    >>> from lightning_diag.ensemble import EnsembleModel
+    >>> from lightning_diag.inference.ensemble import EnsembleModel
     >>> members = [torch.nn.Linear(4, 3) for _ in range(3)]
     >>> ensemble = EnsembleModel(members).eval()
     >>> with torch.inference_mode():
@@ -23,14 +23,14 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import nn
 
 from lightning_diag.batch import default_batch_to_input, default_batch_to_target
-from lightning_diag.checkpoints import (
+from lightning_diag.functional.ensemble import COMBINE, combine_logits, ensemble_log_probs
+from lightning_diag.inference.checkpoints import (
     PathLike,
     check_state_dict,
     load_checkpoint,
     module_from_checkpoint,
     state_dict_of,
 )
-from lightning_diag.functional.ensemble import COMBINE, combine_logits, ensemble_log_probs
 
 __all__ = ["EnsembleModel", "evaluate_members", "train_ensemble", "train_top_configs"]
 
@@ -142,7 +142,7 @@ def train_ensemble(model_factory: Callable[[], pl.LightningModule], data: Any,
         trainer_kwargs: Passed to each ``pl.Trainer`` (default: no logger, no checkpoints).
 
     Example:
-        >>> from lightning_diag.examples import DigitsClassifier, DigitsDataModule
+        >>> from lightning_diag.examples.digits import DigitsClassifier, DigitsDataModule
         >>> ens = train_ensemble(lambda: DigitsClassifier(arch="mlp"), DigitsDataModule(),
         ...                      seeds=(0, 1), max_epochs=1)  # doctest: +SKIP
     """

@@ -1,8 +1,8 @@
-"""Figures and TensorBoard layouts shared by the step-5 monitors (matplotlib imported lazily).
+"""Figures shared by the step-5 monitors (matplotlib imported lazily).
 
 Example:
     >>> import torch
-    >>> from lightning_diag.callbacks._monitor_plots import filter_grid
+    >>> from lightning_diag.tensorboard.figures import filter_grid
     >>> filter_grid(torch.randn(8, 1, 3, 3)).shape
     torch.Size([13, 13])
 """
@@ -15,44 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lightning_diag.functional.monitors import histogram_edges
-from lightning_diag.tb import log_scalars, tensorboard_writer
-
 if TYPE_CHECKING:
-    import lightning.pytorch as pl
     from matplotlib.figure import Figure
 
-__all__ = ["curves_figure", "filter_grid", "layer_summary_figure", "log_step_summary"]
-
-
-def log_step_summary(trainer: pl.Trainer, scalars: dict[str, float],
-                     histograms: dict[str, list[float]], step: int) -> None:
-    """Scalars and raw histograms of one step as ONE TensorBoard event (rank zero only).
-
-    A ``Summary`` holds any number of tagged values and TensorBoard reads each as if it had its
-    own event, so tags and charts are unchanged; writing one event instead of ~8 per layer is
-    most of a logging step's cost saved. Histogram rows are ``[min, max, num, sum,
-    sum_squares, counts...]`` (:func:`~lightning_diag.functional.monitors.histogram_row`);
-    empty ones are skipped. Loggers other than that TensorBoard logger get the scalars as usual.
-    """
-    from lightning.pytorch.loggers import TensorBoardLogger
-    from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
-
-    writer = tensorboard_writer(trainer)
-    if writer is None:
-        log_scalars(trainer, scalars, step)
-        return
-    values = [Summary.Value(tag=tag, simple_value=v) for tag, v in scalars.items()]
-    for tag, (lo, hi, num, total, squares, *counts) in histograms.items():
-        if num > 0:
-            values.append(Summary.Value(tag=tag, histo=HistogramProto(
-                min=lo, max=hi, num=num, sum=total, sum_squares=squares,
-                bucket_limit=histogram_edges(lo, hi, len(counts)), bucket=counts)))
-    # The public add_* calls write one event per value; the file writer takes a whole Summary.
-    writer._get_file_writer().add_summary(Summary(value=values), step)
-    for logger in trainer.loggers:
-        if not (isinstance(logger, TensorBoardLogger) and logger.experiment is writer):
-            logger.log_metrics({k: float(v) for k, v in scalars.items()}, step=step)
+__all__ = ["curves_figure", "filter_grid", "layer_summary_figure"]
 
 
 Series = tuple[Sequence[float], Sequence[float], dict[str, Any]]

@@ -1,11 +1,11 @@
 """The report's sections with a layout of their own (:mod:`lightning_diag.report`).
 
-Each function renders one section from a :class:`~lightning_diag._report_canvas.Canvas` and
+Each function renders one section from a :class:`~lightning_diag.report.canvas.Canvas` and
 returns ``""`` when the run logged none of its tags.
 
 Example:
-    >>> from lightning_diag._report_canvas import Canvas
-    >>> from lightning_diag.events import RunData
+    >>> from lightning_diag.report.canvas import Canvas
+    >>> from lightning_diag.tensorboard.events import RunData
     >>> curves(Canvas(RunData()))
     ''
 """
@@ -16,8 +16,8 @@ import html
 
 from matplotlib.figure import Figure
 
-from lightning_diag._report_canvas import Canvas
-from lightning_diag.report_html import img, legend
+from lightning_diag.report.canvas import Canvas
+from lightning_diag.report.html import img, legend
 
 __all__ = ["activations", "before_training", "curves", "ema", "ensemble", "other",
            "update_ratio"]

@@ -4,7 +4,7 @@ A :class:`Canvas` hands each tag to the first section that asks for it and rende
 texts, images and histograms the same way in every section.
 
 Example:
-    >>> from lightning_diag.events import RunData
+    >>> from lightning_diag.tensorboard.events import RunData
     >>> Canvas(RunData()).slug("diag/")
     ''
 """
@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterable
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from lightning_diag.events import Histogram, Image, RunData, Series, Text
-from lightning_diag.report_html import bars, img, legend, markdown_html
+from lightning_diag.report.html import bars, img, legend, markdown_html
+from lightning_diag.tensorboard.events import Histogram, Image, RunData, Series, Text
 
 __all__ = ["Canvas"]
 

@@ -15,7 +15,7 @@ with ``torch.serialization.add_safe_globals`` or pass ``trust=True`` for a file 
 
 Example:
     >>> import torch, tempfile, os
-    >>> from lightning_diag.checkpoints import load_checkpoint, CheckpointLoadError
+    >>> from lightning_diag.inference.checkpoints import load_checkpoint, CheckpointLoadError
     >>> path = os.path.join(tempfile.mkdtemp(), "w.ckpt")
     >>> torch.save({"state_dict": {"w": torch.ones(2)}}, path)
     >>> load_checkpoint(path)["state_dict"]["w"].tolist()

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from lightning_diag.functional.monitors import histogram_edges
+
 if TYPE_CHECKING:
     import lightning.pytorch as pl
     from matplotlib.figure import Figure
@@ -30,6 +32,7 @@ __all__ = [
     "log_histogram_counts",
     "log_image",
     "log_scalars",
+    "log_step_summary",
     "markdown_table",
     "merge_custom_scalars",
     "tensorboard_writer",
@@ -173,3 +176,33 @@ def log_histogram_counts(
         bucket_counts=counts.cpu().tolist(),
         global_step=step,
     )
+
+
+def log_step_summary(trainer: pl.Trainer, scalars: dict[str, float],
+                     histograms: dict[str, list[float]], step: int) -> None:
+    """Scalars and raw histograms of one step as ONE TensorBoard event (rank zero only).
+
+    A ``Summary`` holds any number of tagged values and TensorBoard reads each as if it had its
+    own event, so tags and charts are unchanged; writing one event instead of ~8 per layer is
+    most of a logging step's cost saved. Histogram rows are ``[min, max, num, sum,
+    sum_squares, counts...]`` (:func:`~lightning_diag.functional.monitors.histogram_row`);
+    empty ones are skipped. Loggers other than that TensorBoard logger get the scalars as usual.
+    """
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
+
+    writer = tensorboard_writer(trainer)
+    if writer is None:
+        log_scalars(trainer, scalars, step)
+        return
+    values = [Summary.Value(tag=tag, simple_value=v) for tag, v in scalars.items()]
+    for tag, (lo, hi, num, total, squares, *counts) in histograms.items():
+        if num > 0:
+            values.append(Summary.Value(tag=tag, histo=HistogramProto(
+                min=lo, max=hi, num=num, sum=total, sum_squares=squares,
+                bucket_limit=histogram_edges(lo, hi, len(counts)), bucket=counts)))
+    # The public add_* calls write one event per value; the file writer takes a whole Summary.
+    writer._get_file_writer().add_summary(Summary(value=values), step)
+    for logger in trainer.loggers:
+        if not (isinstance(logger, TensorBoardLogger) and logger.experiment is writer):
+            logger.log_metrics({k: float(v) for k, v in scalars.items()}, step=step)

@@ -7,7 +7,7 @@ data and model (duplicated and leaked samples, a mis-scaled last layer, a far to
 rate) so that each finding can be seen once.
 
 Example:
-    >>> from lightning_diag.demo import run_demo
+    >>> from lightning_diag.examples.demo import run_demo
     >>> result = run_demo("runs/demo", epochs=1, limit_batches=2, progress_bar=False,
     ...                   echo=False)  # doctest: +SKIP
     >>> result.report.exists()  # doctest: +SKIP
@@ -41,7 +41,7 @@ from lightning_diag.callbacks.learning_curves import LearningCurves
 from lightning_diag.callbacks.lr_advisor import LRPlateauAdvisor
 from lightning_diag.callbacks.overfit import OverfitSmallBatch
 from lightning_diag.callbacks.update_ratio import UpdateRatioMonitor
-from lightning_diag.examples import DigitsClassifier, DigitsDataModule
+from lightning_diag.examples.digits import DigitsClassifier, DigitsDataModule
 from lightning_diag.findings import Finding, Severity
 from lightning_diag.report import build_report
 

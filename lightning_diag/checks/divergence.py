@@ -22,7 +22,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch.utils.data import BatchSampler, SequentialSampler
 
 from lightning_diag.isolation import train_dataloader_of
-from lightning_diag.tb import log_dir
+from lightning_diag.tensorboard.writer import log_dir
 
 __all__ = ["INDEX_KEYS", "batch_indices", "describe_divergence", "save_batch"]
 

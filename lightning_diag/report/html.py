@@ -16,7 +16,7 @@ import io
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from lightning_diag.events import Histogram
+from lightning_diag.tensorboard.events import Histogram
 
 __all__ = ["CSS", "bars", "img", "legend", "markdown_html", "section"]
 

@@ -1,8 +1,8 @@
 """Inference helpers: put the weight average saved by :class:`EMAWeights` into a model.
 
 Example:
-    >>> from lightning_diag.examples import DigitsClassifier
-    >>> from lightning_diag.inference import load_ema_weights
+    >>> from lightning_diag.examples.digits import DigitsClassifier
+    >>> from lightning_diag.inference.ema import load_ema_weights
     >>> model = load_ema_weights(DigitsClassifier(), "last.ckpt")  # doctest: +SKIP
 """
 
@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from lightning_diag.callbacks.ema import EMAWeights
-from lightning_diag.checkpoints import (
+from lightning_diag.inference.checkpoints import (
     CheckpointLoadError,
     PathLike,
     check_state_dict,
@@ -19,6 +18,9 @@ from lightning_diag.checkpoints import (
 )
 
 __all__ = ["load_ema_weights"]
+
+#: ``EMAWeights.state_key`` starts with the class name (kept as text: inference needs no callback).
+_EMA_STATE_PREFIX = "EMAWeights"
 
 
 def load_ema_weights(module: nn.Module, checkpoint_path: PathLike, *,
@@ -34,7 +36,7 @@ def load_ema_weights(module: nn.Module, checkpoint_path: PathLike, *,
     checkpoint = load_checkpoint(checkpoint_path, trust=trust)
     callbacks = checkpoint.get("callbacks") or {}
     states = [v for k, v in callbacks.items()
-              if str(k).startswith(EMAWeights.__qualname__) and isinstance(v, dict) and "ema" in v]
+              if str(k).startswith(_EMA_STATE_PREFIX) and isinstance(v, dict) and "ema" in v]
     if not states or not states[0]["ema"]:
         raise CheckpointLoadError(checkpoint_path, "it holds no EMA state",
                                   "Train with the EMAWeights callback and save a checkpoint "

@@ -26,10 +26,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
-from lightning_diag import _report_sections as sections
-from lightning_diag._report_canvas import Canvas
-from lightning_diag.events import load_runs
-from lightning_diag.report_html import CSS, section
+from lightning_diag.report import sections
+from lightning_diag.report.canvas import Canvas
+from lightning_diag.report.html import CSS, section
+from lightning_diag.tensorboard.events import load_runs
 
 __all__ = ["ReportFinding", "build_report", "parse_findings_table"]
 

@@ -2,7 +2,7 @@
 small classifiers. Used by the demo, the tuning CLI's defaults, the docs and the tests.
 
 Example:
-    >>> from lightning_diag.examples import DigitsDataModule, DigitsClassifier
+    >>> from lightning_diag.examples.digits import DigitsDataModule, DigitsClassifier
     >>> dm = DigitsDataModule(batch_size=64)
     >>> model = DigitsClassifier(arch="mlp")
     >>> dm.setup("fit"); len(dm.train_set), len(dm.val_set)

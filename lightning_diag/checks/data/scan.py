@@ -1,5 +1,5 @@
-"""Reading a dataset by index for :mod:`lightning_diag.inspection`, and turning what was found
-into findings.
+"""Reading a dataset by index for :mod:`lightning_diag.checks.data.inspect`, and turning what was
+found into findings.
 
 A :class:`SplitScan` keeps, per inspected sample, only a 16-byte hash, a small reduced
 representation and the label, so memory grows as ``N * (dim + a few)`` numbers whatever the input
@@ -8,7 +8,7 @@ size; inputs are re-read by index when a full one is needed (verification, image
 Example:
     >>> import torch
     >>> from torch.utils.data import TensorDataset
-    >>> from lightning_diag.inspection import InspectionConfig
+    >>> from lightning_diag.checks.data.config import InspectionConfig
     >>> scan = SplitScan.read(TensorDataset(torch.rand(4, 3), torch.arange(4)), "train",
     ...                       InspectionConfig())
     >>> scan.shape, scan.labels
@@ -18,11 +18,12 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
+from lightning_diag.checks.data.config import InspectionConfig
 from lightning_diag.findings import Finding
 from lightning_diag.functional.data import (
     class_counts,
@@ -31,9 +32,6 @@ from lightning_diag.functional.data import (
     reduce_samples,
     sample_hashes,
 )
-
-if TYPE_CHECKING:
-    from lightning_diag.inspection import InspectionConfig
 
 __all__ = ["DataReport", "SplitScan", "as_tensor"]
 
