@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv browser demo test lint bench clean
+.PHONY: venv browser demo test lint bench clean tag-table
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ test: $(STAMP) browser
 lint: $(STAMP)
 	$(BIN)/ruff check lightning_diag tests benchmarks
 	$(BIN)/mypy lightning_diag
+
+# docs/tensorboard.md's tag table, generated from lightning_diag/tensorboard/tags.py.
+tag-table:
+	$(BIN)/python -c "from lightning_diag.tensorboard.tags import write_table; \
+	  write_table('docs/tensorboard.md')"
 
 # Cost and quality figures for docs/performance.md (minutes; not part of the tests).
 bench: $(STAMP)

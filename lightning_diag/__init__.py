@@ -25,7 +25,13 @@ from lightning_diag.checks.data.inspect import inspect_dataset
 from lightning_diag.checks.gradients import check_gradients
 from lightning_diag.checks.initial_loss import check_initial_loss
 from lightning_diag.checks.overfit import OverfitResult, overfit_small_batch
-from lightning_diag.findings import DiagnosticError, DiagnosticWarning, Finding, Severity
+from lightning_diag.findings import (
+    DiagnosticError,
+    DiagnosticWarning,
+    Finding,
+    Severity,
+    load_findings,
+)
 from lightning_diag.inference import (
     CheckpointLoadError,
     EnsembleModel,
@@ -61,6 +67,7 @@ __all__ = [
     "findings",
     "inspect_dataset",
     "load_ema_weights",
+    "load_findings",
     "overfit_small_batch",
     "train_ensemble",
     "train_top_configs",

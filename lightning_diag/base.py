@@ -2,7 +2,9 @@
 
 A diagnostic callback collects :class:`~lightning_diag.findings.Finding` objects in ``.findings``
 (reset at each ``fit``), publishes each to Python logging, to Lightning's rank-zero warnings (WARN
-and FAIL), and to TensorBoard (a markdown table under ``diagnostics/<Check>``, numbers as scalars),
+and FAIL), to the run's ``findings.jsonl`` (one :meth:`~lightning_diag.findings.Finding.to_dict`
+record a line, appended as published) and to TensorBoard (a markdown table rendered from those
+records under the tag :func:`~lightning_diag.tensorboard.tags.findings_text`, numbers as scalars),
 and raises :class:`~lightning_diag.findings.DiagnosticError` on a FAIL when ``strict=True``.
 
 Example:
@@ -24,11 +26,26 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.hooks import RemovableHandle
+from typing_extensions import override
 
-from lightning_diag.batch import NoLossError
-from lightning_diag.findings import DiagnosticError, DiagnosticWarning, Finding, Severity
+from lightning_diag.batch import NoLossError, UserCodeError
+from lightning_diag.findings import (
+    FINDINGS_FILE,
+    DiagnosticError,
+    DiagnosticWarning,
+    Finding,
+    Severity,
+    append_findings,
+)
 from lightning_diag.isolation import first_batches, preserved_rng, train_dataloader_of
-from lightning_diag.tensorboard.writer import log_scalars, tensorboard_writer
+from lightning_diag.tensorboard.tags import finding_value, findings_text
+from lightning_diag.tensorboard.writer import (
+    log_dir,
+    log_scalars,
+    markdown_table,
+    tensorboard_writer,
+)
+from lightning_diag.validation import check_flag
 
 __all__ = ["DiagnosticCallback", "FitStartCheck", "HookRegistry", "findings", "refuse_sharded"]
 
@@ -96,7 +113,12 @@ class DiagnosticCallback(pl.Callback):
     """Base class: finding collection, publication, strict mode, and hook cleanup.
 
     Subclasses set ``slug`` (the short name used in tags and codes, e.g. ``"overfit"``) and call
-    :meth:`publish` with the findings of each check they run.
+    :meth:`publish` with the findings of each check they run. A subclass with state builds its
+    ``state_key`` with ``self._generate_state_key(...)`` from the constructor arguments that change
+    what it measures, as Lightning's ``EarlyStopping`` does, so that two differently configured
+    instances can share a Trainer and each finds its own state in a checkpoint. Presentation
+    arguments (figures, progress bars, ``strict``) are left out of the key: changing them before
+    resuming must not orphan the saved state.
 
     Args:
         strict: When True, a FAIL finding raises :class:`DiagnosticError` as soon as it is
@@ -106,16 +128,30 @@ class DiagnosticCallback(pl.Callback):
     slug: ClassVar[str] = "diag"
 
     def __init__(self, strict: bool = False) -> None:
-        if not isinstance(strict, bool):
-            raise TypeError(f"`strict` must be a bool, got {strict!r}.")
+        check_flag("strict", strict)
         self.strict = strict
         self.findings: list[Finding] = []
         self.hooks = HookRegistry()
         self._said_no_tensorboard = False
+        self._said_record_failed = False
 
     @property
     def check_name(self) -> str:
         return type(self).__name__
+
+    @override
+    def _generate_state_key(self, **kwargs: Any) -> str:
+        """Lightning's key (class name and the repr of ``kwargs``), the same in every process.
+
+        Functions are named by module and qualified name (their repr holds a memory address),
+        sequences become tuples, paths and devices strings.
+
+        Example:
+            >>> from lightning_diag.batch import default_batch_to_input
+            >>> DiagnosticCallback()._generate_state_key(n=2, fn=default_batch_to_input)
+            "DiagnosticCallback{'n': 2, 'fn': 'lightning_diag.batch.default_batch_to_input'}"
+        """
+        return super()._generate_state_key(**{k: _stable(v) for k, v in kwargs.items()})
 
     def finding(
         self, trainer: pl.Trainer | None, code: str, severity: Severity, message: str, **kw: Any
@@ -142,6 +178,7 @@ class DiagnosticCallback(pl.Callback):
             if f.severity >= Severity.WARN:
                 rank_zero_warn(f.format(), category=DiagnosticWarning)
         if trainer is not None:
+            self._write_record(trainer, batch)
             self._write_tensorboard(trainer, batch)
         failures = [f for f in batch if f.severity is Severity.FAIL]
         if self.strict and failures:
@@ -176,10 +213,24 @@ class DiagnosticCallback(pl.Callback):
             )
         return False
 
+    def _write_record(self, trainer: pl.Trainer, batch: list[Finding]) -> None:
+        """Append ``batch`` to ``<log_dir>/findings.jsonl`` now, so that a crash later keeps it."""
+        directory = log_dir(trainer) if trainer.is_global_zero else None
+        if directory is None:
+            return
+        try:
+            append_findings(directory / FINDINGS_FILE, batch)
+        except OSError as err:
+            if not self._said_record_failed:
+                self._said_record_failed = True
+                log.warning("%s could not append its findings to %s (%s); they are still in "
+                            "`.findings`, the logs and TensorBoard.", self.check_name,
+                            directory / FINDINGS_FILE, err)
+
     def _write_tensorboard(self, trainer: pl.Trainer, batch: list[Finding]) -> None:
         step = trainer.global_step
         numbers = {
-            f"diagnostics/{self.check_name}/{f.code}": float(f.value)
+            finding_value(self.check_name, f.code): float(f.value)
             for f in batch
             if isinstance(f.value, (int, float))
         }
@@ -187,22 +238,62 @@ class DiagnosticCallback(pl.Callback):
         writer = tensorboard_writer(trainer)
         if writer is None:
             return
-        rows = "\n".join(f.to_markdown_row() for f in batch)
-        table = "| severity | code | message | advice |\n|---|---|---|---|\n" + rows
-        writer.add_text(f"diagnostics/{self.check_name}", table, global_step=step)
+        table = markdown_table(_TABLE_HEADER, [_table_row(f.to_dict()) for f in batch])
+        writer.add_text(findings_text(self.check_name), table, global_step=step)
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self.findings = []
             self._said_no_tensorboard = False
+            self._said_record_failed = False
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.hooks.remove_all()
 
+    @override
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         self.hooks.remove_all()
+
+
+def _stable(value: Any) -> Any:
+    """``value`` as a literal whose repr does not change between processes."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return tuple(_stable(v) for v in value)
+    if callable(value):
+        name = getattr(value, "__qualname__", type(value).__qualname__)
+        return f"{getattr(value, '__module__', type(value).__module__)}.{name}"
+    return str(value)
+
+
+#: Advice stays the fourth column, where readers of the older four-column table look for it.
+_TABLE_HEADER = ["severity", "code", "message", "advice", "value", "expected", "step"]
+
+
+def _table_row(record: dict[str, Any]) -> list[str]:
+    """The cells of one :meth:`Finding.to_dict` record in the TensorBoard findings table.
+
+    Example:
+        >>> _table_row(Finding("X", "x.a", Severity.WARN, "m", value=0.123456,
+        ...                    expected=(0, float("inf")), step=3).to_dict())
+        ['WARN', '`x.a`', 'm', '-', '0.1235', '[0, Infinity]', '3']
+    """
+    return [record["severity"].upper(), f"`{record['code']}`", record["message"],
+            record["advice"] or "-", _cell(record["value"]), _cell(record["expected"]),
+            _cell(record["step"])]
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, list):
+        return "[" + ", ".join(map(_cell, value)) + "]"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 class FitStartCheck(DiagnosticCallback):
@@ -236,6 +327,7 @@ class FitStartCheck(DiagnosticCallback):
         except ValueError as err:  # no loader, not a DataLoader, or an empty dataset
             return [], [self.skipped(trainer, str(err))]
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
@@ -244,6 +336,7 @@ class FitStartCheck(DiagnosticCallback):
                                "its side experiment runs on a full copy of the module")
             self.done = False  # a checkpoint restored after setup sets it back
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         reason = self._skip_reason(trainer, pl_module)
         if reason:
@@ -253,9 +346,21 @@ class FitStartCheck(DiagnosticCallback):
             found = self.run_check(trainer, pl_module)
         except NoLossError as err:  # e.g. a step returning None: a skip, not a crash of the fit
             found = [self.skipped(trainer, str(err))]
+        except UserCodeError as err:  # the user's code failed where the check called it
+            found = [self.user_error(trainer, err)]
         finally:
             self.done = True
         self.publish(trainer, found)
+
+    def user_error(self, trainer: pl.Trainer | None, err: UserCodeError) -> Finding:
+        """The WARN finding ``<slug>.user_error``: which of the user's functions raised what."""
+        return self.finding(
+            trainer, f"{self.slug}.user_error", Severity.WARN,
+            f"{self.check_name} did not run: {err}",
+            advice="The error is in your code, called by the check on the first training "
+                   "batches outside `training_step`: fix it, or pass `batch_to_input=` if the "
+                   "check gave your `forward` the wrong part of the batch.",
+            details={"where": err.where, "exception": type(err.error).__name__})
 
     def _skip_reason(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
         if getattr(trainer, "fast_dev_run", False):
@@ -267,9 +372,11 @@ class FitStartCheck(DiagnosticCallback):
                     "(it steps the optimizers itself)")
         return ""
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"done": self.done}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.done = bool(state_dict.get("done", False))
 

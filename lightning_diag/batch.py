@@ -14,7 +14,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning.pytorch as pl
 import torch
@@ -23,9 +23,14 @@ __all__ = [
     "BatchFn",
     "INPUT_KEYS",
     "NoLossError",
+    "OutputCapture",
     "TARGET_KEYS",
+    "UserCodeError",
+    "call_user",
     "default_batch_to_input",
     "default_batch_to_target",
+    "defines_forward",
+    "forward_output",
     "loss_from_output",
     "map_floats",
     "select_samples",
@@ -33,10 +38,71 @@ __all__ = [
 ]
 
 BatchFn = Callable[[Any], Any]
+T = TypeVar("T")
 
 
 class NoLossError(ValueError):
     """``training_step`` returned no loss (None, or no ``"loss"`` entry): nothing to measure."""
+
+
+class UserCodeError(Exception):
+    """The user's code raised where a diagnostic called it outside training (not a skip).
+
+    Raised by :func:`call_user` around ``forward``, ``configure_optimizers``, a dataset's
+    ``__getitem__``/``__iter__``, a ``collate_fn`` or a ``batch_to_*`` function; the message
+    names the function, the exception type and its message. Deliberately not a ValueError, so
+    that no ``except ValueError`` meant for a skip takes it.
+
+    Attributes:
+        where: The function, e.g. ``"`MyData.__getitem__`"``.
+        error: The exception it raised (also the ``__cause__``, with its traceback).
+
+    Example:
+        >>> str(UserCodeError("`Net.forward`", RuntimeError("boom")))
+        '`Net.forward` raised RuntimeError: boom'
+    """
+
+    def __init__(self, where: str, error: Exception) -> None:
+        self.where, self.error = where, error
+        super().__init__(f"{where} raised {type(error).__name__}: {error}")
+
+
+def call_user(where: str, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``, where ``fn`` is the user's code: any exception becomes a UserCodeError.
+
+    The user's code may raise anything, so this is the one place that catches every
+    ``Exception``; it names it and never swallows it. ``KeyboardInterrupt`` passes through.
+
+    Example:
+        >>> call_user("`parse`", int, "12")
+        12
+        >>> call_user("`lookup`", {}.__getitem__, "x")
+        Traceback (most recent call last):
+        ...
+        lightning_diag.batch.UserCodeError: `lookup` raised KeyError: 'x'
+    """
+    try:
+        return fn(*args)
+    except Exception as err:
+        raise UserCodeError(where, err) from err
+
+
+def defines_forward(module: torch.nn.Module) -> bool:
+    """Whether ``module``'s class implements ``forward`` (LightningModule's is a placeholder)."""
+    return type(module).forward not in (pl.LightningModule.forward, torch.nn.Module.forward)
+
+
+def forward_output(module: torch.nn.Module, batch: Any, batch_to_input: BatchFn) -> Any:
+    """``module(batch_to_input(batch))`` without gradients; None when it defines no ``forward``.
+
+    Raises:
+        UserCodeError: ``batch_to_input`` or ``forward`` raised.
+    """
+    if not defines_forward(module):
+        return None
+    x = call_user("`batch_to_input`", batch_to_input, batch)
+    with torch.no_grad():
+        return call_user(f"`{type(module).__name__}.forward`", module, x)
 
 INPUT_KEYS = ("x", "input", "inputs", "image", "images", "img", "data", "features")
 TARGET_KEYS = ("y", "target", "targets", "label", "labels", "class", "classes")
@@ -98,6 +164,61 @@ def loss_from_output(output: Any) -> torch.Tensor:
 def step_loss(module: pl.LightningModule, batch: Any, batch_idx: int = 0) -> torch.Tensor:
     """Run the module's own ``training_step`` on ``batch`` and return the loss tensor."""
     return loss_from_output(module.training_step(batch, batch_idx))
+
+
+class OutputCapture:
+    """Records what the model computed inside the user's own step, through forward hooks.
+
+    The prediction is the output of the module's own ``forward`` when the step calls it
+    (``self(x)``), else that of the outermost submodule the step called last (``self.net(x)``):
+    the step is never replaced by a call on a guessed input. Use as a context manager around
+    one or many steps; the hooks are removed on exit, also when the step raises.
+
+    Example:
+        >>> import torch, lightning.pytorch as pl
+        >>> class M(pl.LightningModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU())
+        ...     def training_step(self, batch, batch_idx):
+        ...         return self.net(batch[0]).sum()
+        >>> m = M()
+        >>> with OutputCapture(m) as capture:
+        ...     loss = m.training_step((torch.zeros(2, 3),), 0)
+        >>> capture.output.shape, len(m.net._forward_hooks)
+        (torch.Size([2, 4]), 0)
+    """
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+        self._handles: list[Any] = []
+        self._calls: list[tuple[int, Any]] = []
+        self._depth = {id(m): name.count(".") + 1 if name else 0
+                       for name, m in module.named_modules()}
+
+    def __enter__(self) -> OutputCapture:
+        for m in self.module.modules():
+            self._handles.append(m.register_forward_hook(self._record))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+
+    def _record(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        self._calls.append((self._depth.get(id(module), 1 << 30), output))
+
+    def clear(self) -> None:
+        """Forget what was recorded (call between steps)."""
+        self._calls.clear()
+
+    @property
+    def output(self) -> Any:
+        """The step's prediction (see the class docstring), or None when no module ran."""
+        if not self._calls:
+            return None
+        top = min(depth for depth, _ in self._calls)
+        return next(out for depth, out in reversed(self._calls) if depth == top)
 
 
 def map_floats(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:

@@ -1,4 +1,4 @@
-"""The ``lightning-diag`` command: ``demo``, ``report LOGDIR`` and ``tune``.
+"""The ``lightning-diag`` command: ``demo``, ``report LOGDIR``, ``check LOGDIR`` and ``tune``.
 
 Example:
     >>> from lightning_diag.cli import main
@@ -47,6 +47,15 @@ def build_parser(with_tune_args: bool = False) -> argparse.ArgumentParser:
     report.add_argument("-o", "--out", default=None,
                         help="output HTML file (default LOGDIR/report.html)")
 
+    check = sub.add_parser("check", help="print the findings of a run or a tree of runs; exit 1 "
+                           "on failures", description="Print the findings recorded in the "
+                           "findings.jsonl of every run under LOGDIR, worst first, with the advice "
+                           "of warnings and failures; exit 1 when any finding is at or above "
+                           "--fail-on (for CI), 2 when there is nothing to check.")
+    check.add_argument("logdir", metavar="LOGDIR", help="a run's log directory or a folder of runs")
+    check.add_argument("--fail-on", choices=["warn", "fail"], default="fail",
+                       help="exit 1 when a finding is at least this severe (default fail)")
+
     tune = sub.add_parser("tune", help="learning-rate sweep, random search and refinement",
                           description="Learning-rate sweep -> random search -> refinement "
                           "(recipe step 6); needs the `tune` extra (Optuna).")
@@ -71,6 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _demo(args)
     if args.command == "report":
         return _report(args)
+    if args.command == "check":
+        return _check(args)
     from lightning_diag.tuning.cli import run_tune
 
     return int(run_tune(args))
@@ -113,3 +124,37 @@ def _report(args: argparse.Namespace) -> int:
         return 2
     print(build_report(args.logdir, args.out))
     return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from lightning_diag.findings import FINDINGS_FILE, Severity, load_findings_by_run
+    from lightning_diag.tensorboard.writer import markdown_table
+
+    try:
+        runs = load_findings_by_run(args.logdir)
+    except FileNotFoundError:
+        print(f"lightning-diag check: log directory {args.logdir!r} does not exist.",
+              file=sys.stderr)
+        return 2
+    if not runs:
+        print(f"lightning-diag check: no {FINDINGS_FILE} under {args.logdir!r}: no run with "
+              "lightning_diag callbacks and a logger was found there.", file=sys.stderr)
+        return 2
+    # sorted() is stable, so equally severe findings keep their run and publication order.
+    rows = sorted(((run, f) for run, found in runs.items() for f in found),
+                  key=lambda row: -row[1].severity.rank)
+    print(markdown_table(["run", "severity", "code", "message", "step"], [
+        [run, f.severity.value.upper(), f.code, f.message, "-" if f.step is None else str(f.step)]
+        for run, f in rows
+    ]))
+    advice = dict.fromkeys((f.severity.value.upper(), f.code, f.advice) for _, f in rows
+                           if f.severity >= Severity.WARN and f.advice)
+    if advice:
+        print("\nAdvice:")
+        for severity, code, text in advice:
+            print(f"  [{severity}] {code}: {text}")
+    counts = ", ".join(f"{sum(f.severity is s for _, f in rows)} {s.value}"
+                       for s in (Severity.FAIL, Severity.WARN, Severity.INFO))
+    print(f"\n{len(rows)} finding(s) in {len(runs)} run(s): {counts}.")
+    threshold = Severity(args.fail_on)
+    return int(any(f.severity >= threshold for _, f in rows))

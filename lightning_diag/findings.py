@@ -11,11 +11,42 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import json
+import math
+import os
+import re
+import warnings
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-__all__ = ["DiagnosticError", "DiagnosticWarning", "Finding", "Severity"]
+import numpy as np
+import torch
+
+__all__ = [
+    "FINDINGS_FILE",
+    "FORMAT_VERSION",
+    "DiagnosticError",
+    "DiagnosticWarning",
+    "Finding",
+    "Severity",
+    "append_findings",
+    "load_findings",
+    "load_findings_by_run",
+]
+
+#: Name of the JSON Lines file, one finding per line, that each run writes in its log directory.
+FINDINGS_FILE = "findings.jsonl"
+#: Version of the record :meth:`Finding.to_dict` writes; bumped when a field changes meaning.
+FORMAT_VERSION = 1
+#: Strict JSON has no non-finite numbers; they are written as these strings (which JavaScript's
+#: ``Number()`` and Python's ``float()`` both parse) and read back as floats.
+_NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+_FIELDS = ("check", "code", "severity", "message", "advice", "value", "expected", "step",
+           "epoch", "indices", "details")
 
 _ORDER = {"info": 0, "warn": 1, "fail": 2}
 
@@ -96,10 +127,262 @@ class Finding:
         text = f"[{self.severity.value.upper()}] {self.code}: {self.message}"
         return f"{text} Advice: {self.advice}" if self.advice else text
 
-    def to_markdown_row(self) -> str:
-        """The finding as a row of the markdown table logged to TensorBoard."""
-        cells = [self.severity.value.upper(), f"`{self.code}`", self.message, self.advice or "-"]
-        return "| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
+    def to_dict(self) -> dict[str, Any]:
+        """The finding as a record strict JSON can hold: one line of ``findings.jsonl``.
+
+        Tensors and numpy values become numbers or lists, dataclasses (e.g. the per-tensor rows
+        of ``details["table"]``) become dicts, tuples become lists, enums their value, and
+        anything else JSON cannot hold its ``repr``: it never raises. Strict JSON has no NaN or
+        infinity, so non-finite floats are written as the strings ``"NaN"``, ``"Infinity"`` and
+        ``"-Infinity"``; :meth:`from_dict` reads them back as floats (in ``details`` too, so a
+        ``details`` string spelled exactly like one of them also comes back as a float).
+
+        Example:
+            >>> f = Finding("X", "x.bad", Severity.WARN, "loss 2.5", value=2.5, expected=(0, 1),
+            ...             details={"loss": float("nan")})
+            >>> d = f.to_dict()
+            >>> d["version"], d["severity"], d["expected"], d["details"]
+            (1, 'warn', [0, 1], {'loss': 'NaN'})
+            >>> Finding.from_dict(d) == f
+            True
+        """
+        record: dict[str, Any] = {"version": FORMAT_VERSION}
+        for name in _FIELDS:
+            record[name] = _jsonable(getattr(self, name))
+        record["severity"] = self.severity.value
+        return record
+
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any]) -> Finding:
+        """The finding a :meth:`to_dict` record describes; keys it does not know are ignored.
+
+        ``expected`` comes back as a number or a ``(low, high)`` tuple, ``indices`` as a tuple,
+        and the strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"`` as floats. ``details``
+        comes back as plain JSON data (dicts, lists, numbers, strings), not as the objects that
+        were written.
+
+        Raises:
+            ValueError: ``record`` is not a finding record (a field is missing or has the wrong
+                type), or it was written by a newer format version than this one reads.
+        """
+        if not isinstance(record, Mapping):
+            raise ValueError(f"a finding record is a JSON object, got {type(record).__name__}")
+        version = record.get("version", FORMAT_VERSION)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise ValueError(f"finding record version {version!r} is not one this lightning_diag "
+                             f"reads (<= {FORMAT_VERSION}); upgrade lightning_diag")
+        try:
+            expected = record.get("expected")
+            details = record.get("details", {})
+            if not isinstance(details, Mapping):
+                raise TypeError(f"`details` is a {type(details).__name__}, not an object")
+            return cls(
+                check=_text(record["check"]),
+                code=_text(record["code"]),
+                severity=Severity(record["severity"]),
+                message=_text(record["message"]),
+                advice=_text(record.get("advice", "")),
+                value=_optional_number(record.get("value")),
+                expected=(_pair(expected) if isinstance(expected, list)
+                          else _optional_number(expected)),
+                step=_optional_int(record.get("step")),
+                epoch=_optional_int(record.get("epoch")),
+                indices=tuple(_integer(i) for i in record.get("indices", ())),
+                details=_from_jsonable(dict(details)),
+            )
+        except KeyError as err:
+            raise ValueError(f"finding record lacks the field {err.args[0]!r}") from err
+        except TypeError as err:
+            raise ValueError(f"malformed finding record: {err}") from err
+
+
+def _jsonable(obj: Any, active: frozenset[int] = frozenset()) -> Any:
+    """``obj`` as strict-JSON data (see :meth:`Finding.to_dict`); ``active`` guards cycles."""
+    if isinstance(obj, enum.Enum):
+        return _jsonable(obj.value, active)
+    if obj is None or isinstance(obj, bool):
+        return obj
+    if isinstance(obj, str):
+        return str(obj)
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return float(obj) if math.isfinite(obj) else _spelled(obj)
+    if isinstance(obj, (np.generic, np.ndarray)):
+        return _jsonable(obj.tolist(), active)
+    if isinstance(obj, torch.Tensor):
+        try:
+            return _jsonable(obj.detach().cpu().tolist(), active)
+        except (RuntimeError, NotImplementedError):  # e.g. a meta tensor has no values to copy
+            return _safe_repr(obj)
+    if isinstance(obj, os.PathLike):
+        return _jsonable(os.fspath(obj), active)
+    is_dataclass = dataclasses.is_dataclass(obj) and not isinstance(obj, type)
+    if not (is_dataclass or isinstance(obj, (Mapping, list, tuple, set, frozenset))):
+        return _safe_repr(obj)
+    if id(obj) in active:
+        return "..."
+    inner = active | {id(obj)}
+    if is_dataclass:
+        return {f.name: _jsonable(getattr(obj, f.name), inner) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {_key(k): _jsonable(v, inner) for k, v in obj.items()}
+    return [_jsonable(v, inner) for v in obj]
+
+
+def _spelled(x: float) -> str:
+    return "NaN" if math.isnan(x) else ("Infinity" if x > 0 else "-Infinity")
+
+
+def _key(key: Any) -> str:
+    value = key.value if isinstance(key, enum.Enum) else key
+    return value if isinstance(value, str) else str(value)
+
+
+def _safe_repr(obj: Any) -> str:
+    try:
+        return repr(obj)
+    # A user object's __repr__ may raise anything, and the record must still be written.
+    except Exception:
+        return f"<{type(obj).__name__} object>"
+
+
+def _from_jsonable(obj: Any) -> Any:
+    if isinstance(obj, str):
+        return _NON_FINITE.get(obj, obj)
+    if isinstance(obj, dict):
+        return {k: _from_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_from_jsonable(v) for v in obj]
+    return obj
+
+
+def _text(x: Any) -> str:
+    if not isinstance(x, str):
+        raise TypeError(f"expected a string, got {x!r}")
+    return x
+
+
+def _number(x: Any) -> float:
+    if isinstance(x, str) and x in _NON_FINITE:
+        return _NON_FINITE[x]
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"expected a number, got {x!r}")
+    return x
+
+
+def _optional_number(x: Any) -> float | None:
+    return None if x is None else _number(x)
+
+
+def _pair(x: list[Any]) -> tuple[float, float]:
+    if len(x) != 2:
+        raise TypeError(f"`expected` is a number or a (low, high) pair, got {x!r}")
+    return _number(x[0]), _number(x[1])
+
+
+def _integer(x: Any) -> int:
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise TypeError(f"expected an integer, got {x!r}")
+    return x
+
+
+def _optional_int(x: Any) -> int | None:
+    return None if x is None else _integer(x)
+
+
+def append_findings(path: str | Path, findings: Iterable[Finding]) -> None:
+    """Append ``findings`` to the JSON Lines file ``path``, one :meth:`Finding.to_dict` a line.
+
+    The lines are strict JSON and ASCII, written in one call and closed (flushed) before this
+    returns, so a run that crashes afterwards keeps them.
+
+    Raises:
+        OSError: The file or its folder cannot be written; the caller decides whether it matters.
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / FINDINGS_FILE
+        >>> append_findings(path, [Finding("X", "x.ok", Severity.INFO, "fine", value=1.0)])
+        >>> path.read_text().count("\\n"), '"code": "x.ok"' in path.read_text()
+        (1, True)
+    """
+    lines = "".join(json.dumps(f.to_dict(), allow_nan=False) + "\n" for f in findings)
+    if not lines:
+        return
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with target.open("a", encoding="utf-8") as fh:
+        fh.write(lines)
+
+
+def load_findings_by_run(logdir: str | Path) -> dict[str, list[Finding]]:
+    """The findings of every run under ``logdir``, keyed by run folder, in the order written.
+
+    Every ``findings.jsonl`` under ``logdir`` (``logdir`` itself included) is one run, keyed by
+    its folder relative to ``logdir`` (e.g. ``"tb/version_0"``), or by the folder's own name when
+    the file sits directly in ``logdir``. Runs are in natural order (``version_2`` before
+    ``version_10``). A line that is not a finding record (e.g. the last line of a run killed
+    mid-write) is skipped with a warning naming the file and line.
+
+    Raises:
+        FileNotFoundError: ``logdir`` does not exist or is not a directory.
+
+    Example:
+        >>> import tempfile
+        >>> root = Path(tempfile.mkdtemp())
+        >>> append_findings(root / "tb" / "version_0" / FINDINGS_FILE,
+        ...                 [Finding("X", "x.bad", Severity.WARN, "bad")])
+        >>> {run: [f.code for f in found] for run, found in load_findings_by_run(root).items()}
+        {'tb/version_0': ['x.bad']}
+    """
+    root = Path(logdir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"log directory {str(root)!r} does not exist or is not a directory")
+    runs: dict[str, list[Finding]] = {}
+    files = (p for p in root.rglob(FINDINGS_FILE) if p.is_file())
+    for path in sorted(files, key=lambda p: _natural(p.relative_to(root).as_posix())):
+        folder = path.parent.relative_to(root).as_posix()
+        run = (root.resolve().name or str(root)) if folder == "." else folder
+        runs[run] = _read_findings_file(path)
+    return runs
+
+
+def load_findings(logdir: str | Path) -> list[Finding]:
+    """The findings of every run under ``logdir``, run after run (see :func:`load_findings_by_run`).
+
+    Raises:
+        FileNotFoundError: ``logdir`` does not exist or is not a directory.
+
+    Example:
+        >>> import tempfile
+        >>> root = Path(tempfile.mkdtemp())
+        >>> append_findings(root / FINDINGS_FILE, [Finding("X", "x.nan", Severity.FAIL, "NaN loss",
+        ...                                                value=float("nan"), step=7)])
+        >>> (found,) = load_findings(root)
+        >>> found.code, found.value, found.step
+        ('x.nan', nan, 7)
+    """
+    return [f for found in load_findings_by_run(logdir).values() for f in found]
+
+
+def _natural(text: str) -> list[Any]:
+    # re.split with a group alternates text and digits, so ints only meet ints when compared.
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
+
+def _read_findings_file(path: Path) -> list[Finding]:
+    found = []
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            if not raw.strip():
+                continue
+            try:
+                found.append(Finding.from_dict(json.loads(raw)))
+            except ValueError as err:  # bad JSON, bad UTF-8 or not a finding record
+                warnings.warn(f"{path}:{lineno}: skipped a line that is not a finding record "
+                              f"({err}).", stacklevel=3)
+    return found
 
 
 class DiagnosticError(RuntimeError):

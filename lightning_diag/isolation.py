@@ -18,6 +18,8 @@ Example:
 from __future__ import annotations
 
 import copy
+import itertools
+import pickle
 import random
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -27,7 +29,9 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from lightning_diag.batch import call_user
 
 __all__ = [
     "RNGState",
@@ -90,7 +94,9 @@ def clone_module(module: pl.LightningModule) -> pl.LightningModule:
         memo[id(trainer)] = trainer
     try:
         clone = copy.deepcopy(module, memo)
-    except Exception as err:  # a module holding an uncopyable object (lock, file, compiled graph)
+    # what deepcopy raises on an uncopyable attribute: TypeError (a lock, an open file),
+    # RuntimeError (a non-leaf tensor), copy.Error and pickle.PicklingError (custom reducers)
+    except (TypeError, RuntimeError, copy.Error, pickle.PicklingError) as err:
         raise RuntimeError(
             f"lightning_diag could not copy {type(module).__name__} for a side experiment "
             f"({type(err).__name__}: {err}). Make the module deep-copyable or remove this callback."
@@ -146,26 +152,26 @@ def first_loader(obj: Any) -> Any:
 def first_batches(loader: DataLoader, num_batches: int, device: torch.device) -> list[Any]:
     """The first ``num_batches`` batches in dataset order, without touching ``loader``'s sampler.
 
-    Map-style datasets are read sequentially by index with the loader's batch size and collate
-    function; iterable datasets through a fresh iterator in the main process. Call it inside
-    :func:`preserved_rng` (a DataLoader iterator draws a seed from the global RNG).
+    Map-style datasets are read sequentially by index (through ``__getitems__`` when the dataset
+    has it, as a DataLoader does) with the loader's batch size and collate function; iterable
+    datasets through a fresh iterator, in the main process. Call it inside
+    :func:`preserved_rng`: the dataset's own code may draw random numbers.
 
     Raises:
         ValueError: the dataset yields no batch.
+        UserCodeError: the dataset's ``__getitem__``/``__getitems__``/``__iter__`` or the
+            loader's ``collate_fn`` raised (named, with the exception type and message).
     """
     from lightning.fabric.utilities.apply_func import move_data_to_device
 
     dataset: Dataset = loader.dataset
     batch_size = loader.batch_size or getattr(loader.batch_sampler, "batch_size", None) or 32
-    kwargs: dict[str, Any] = {"batch_size": batch_size, "collate_fn": loader.collate_fn}
-    if not isinstance(dataset, IterableDataset):
-        kwargs["sampler"] = SequentialSampler(dataset)  # type: ignore[arg-type]
-    reader = DataLoader(dataset, num_workers=0, **kwargs)
+    collate = getattr(loader.collate_fn, "__name__", type(loader.collate_fn).__name__)
     batches: list[Any] = []
-    for batch in reader:
+    for samples in itertools.islice(_sample_lists(dataset, batch_size), num_batches):
+        batch = call_user(f"the training loader's `collate_fn` ({collate})", loader.collate_fn,
+                          samples)
         batches.append(move_data_to_device(batch, device))
-        if len(batches) >= num_batches:
-            break
     if not batches:
         raise ValueError(
             "The training dataloader yielded no batch (empty dataset?). Give the Trainer training "
@@ -174,9 +180,37 @@ def first_batches(loader: DataLoader, num_batches: int, device: torch.device) ->
     return batches
 
 
+def _sample_lists(dataset: Dataset, batch_size: int) -> Iterator[list[Any]]:
+    """Lists of ``batch_size`` samples in dataset order (the last may be shorter), not collated."""
+    name = type(dataset).__name__
+    if isinstance(dataset, IterableDataset):
+        samples = call_user(f"`{name}.__iter__`", iter, dataset)
+        while chunk := call_user(f"`{name}.__iter__`", _take, samples, batch_size):
+            yield chunk
+        return
+    getitems = getattr(dataset, "__getitems__", None)
+    for start in range(0, len(dataset), batch_size):  # type: ignore[arg-type]
+        index = list(range(start, min(start + batch_size, len(dataset))))  # type: ignore[arg-type]
+        if getitems:
+            yield call_user(f"`{name}.__getitems__`", getitems, index)
+        else:
+            yield [call_user(f"`{name}.__getitem__` (index {i})", dataset.__getitem__, i)
+                   for i in index]
+
+
+def _take(iterator: Iterator[Any], n: int) -> list[Any]:
+    return list(itertools.islice(iterator, n))
+
+
 def fresh_optimizer(module: pl.LightningModule) -> torch.optim.Optimizer:
-    """The first optimizer of ``module.configure_optimizers()``, whatever shape it returns."""
-    out: Any = module.configure_optimizers()
+    """The first optimizer of ``module.configure_optimizers()``, whatever shape it returns.
+
+    Raises:
+        UserCodeError: ``configure_optimizers`` raised.
+        ValueError: it returned no torch optimizer.
+    """
+    out: Any = call_user(f"`{type(module).__name__}.configure_optimizers`",
+                         module.configure_optimizers)
     for _ in range(4):
         if isinstance(out, torch.optim.Optimizer):
             return out

@@ -20,3 +20,17 @@ def _no_leftover_files(tmp_path):
     os.chdir(tmp_path)
     yield
     os.chdir(cwd)
+
+
+@pytest.fixture(scope="session")
+def real_run(tmp_path_factory):
+    """tests/real_run.py's fit (every callback on planted digits), run once for all its readers."""
+    from tests.real_run import real_run as fit
+
+    root = tmp_path_factory.mktemp("real_run")
+    cwd = os.getcwd()
+    os.chdir(root)  # like every test: stray files never land in the repo
+    try:
+        return fit(root)
+    finally:
+        os.chdir(cwd)

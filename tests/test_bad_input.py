@@ -1,11 +1,14 @@
 """Bad input: clear findings or errors naming the problem and the fix, never an internal traceback.
 
 Covers an IterableDataset without ``len``, empty dataloaders, dict batches, a model without logits,
-a ``training_step`` returning None, and histograms of all-NaN, empty, huge and bf16 tensors.
+a ``training_step`` returning None, histograms of all-NaN, empty, huge and bf16 tensors, a bad value
+for every argument of every callback (TypeError for a wrong type, ValueError for a bad value), and
+the user's own ``forward``, ``configure_optimizers`` and ``__getitem__`` raising.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import traceback
 from collections.abc import Callable, Iterator
@@ -16,10 +19,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    SubsetRandomSampler,
+    TensorDataset,
+)
 from torch.utils.tensorboard import SummaryWriter
 
+import lightning_diag.callbacks
 from lightning_diag.base import DiagnosticCallback
+from lightning_diag.batch import UserCodeError
 from lightning_diag.callbacks.activation_histogram import ActivationHistogram
 from lightning_diag.callbacks.checkpoint_ensemble import CheckpointEnsemble
 from lightning_diag.callbacks.data_inspection import DataInspection
@@ -31,6 +42,8 @@ from lightning_diag.callbacks.learning_curves import LearningCurves
 from lightning_diag.callbacks.lr_advisor import LRPlateauAdvisor
 from lightning_diag.callbacks.overfit import OverfitSmallBatch
 from lightning_diag.callbacks.update_ratio import UpdateRatioMonitor
+from lightning_diag.checks.initial_loss import check_initial_loss
+from lightning_diag.checks.overfit import overfit_batches
 from lightning_diag.findings import Severity
 from lightning_diag.functional.monitors import histogram_row, layer_stats
 from lightning_diag.tensorboard.writer import log_histogram_counts
@@ -230,3 +243,167 @@ def test_activation_histogram_on_bad_activations(value: float, tmp_path: Path) -
     t = trainer(tmp_path, [hist], max_steps=2)
     t.fit(Classifier(net), DataLoader(digits(32), batch_size=16))
     assert hist.last and len(hist.hooks) == 0
+
+
+T, V = TypeError, ValueError
+#: For each callback, bad values of every constructor argument and the exception each must raise.
+BAD_ARGUMENTS: dict[type[DiagnosticCallback], list[tuple[str, Any, type[Exception]]]] = {
+    InitialLossCheck: [
+        ("num_batches", 0, V), ("num_batches", True, T), ("num_classes", 1, V),
+        ("num_classes", 2.5, T), ("expected_loss", math.nan, V), ("expected_loss", "2.3", T),
+        ("rel_tol", -0.1, V), ("abs_tol", "x", T), ("reg_attr", "", V), ("reg_attr", 3, T),
+        ("reg_strengths", [0.0, 0.0], V), ("reg_strengths", [1.0], V), ("reg_strengths", 0.1, T),
+        ("batch_to_input", 3, T), ("batch_to_target", None, T), ("strict", "no", T)],
+    GradientCheck: [
+        ("num_samples", 0, V), ("coords_per_tensor", 1.5, T), ("direction", 1, T), ("h", 0.0, V),
+        ("h", 1.0, V), ("tolerance", -1.0, V), ("tolerance", math.inf, V), ("kinks", "yes", T),
+        ("seed", "a", T), ("seed", True, T), ("strict", 1, T)],
+    OverfitSmallBatch: [
+        ("num_batches", 0, V), ("max_steps", 2.5, T), ("loss_fraction", 1.0, V),
+        ("loss_fraction", 0, V), ("reg_attr", 3, T), ("batch_to_input", "x", T),
+        ("batch_to_target", 1, T), ("progress_bar", 1, T), ("strict", None, T)],
+    DataInspection: [
+        ("num_classes", 0, V), ("max_samples", 1.5, T), ("max_samples", 1, V),
+        ("near_threshold", 1.0, V), ("imbalance_ratio", 1, V), ("batch_to_input", 3, T),
+        ("batch_to_target", "y", T), ("max_images", 0, V), ("seed", 0.5, T),
+        ("num_threads", 0, V), ("strict", "x", T)],
+    ActivationHistogram: [
+        ("every_n_steps", True, T), ("every_n_steps", 0, V), ("layers", 3, T),
+        ("layers", "net.1", T), ("layers", [], V), ("layers", ["net.1", 2], T), ("bins", 1.5, T),
+        ("dead_fraction", 2, V), ("dead_fraction", 0, V), ("saturated_fraction", 0.0, V),
+        ("vanishing_ratio", 2, V), ("exploding_ratio", 1, V), ("figure_every_n_logs", -1, V),
+        ("figure_every_n_logs", True, T), ("strict", 0, T)],
+    UpdateRatioMonitor: [
+        ("every_n_steps", True, T), ("low", 0, V), ("low", "a", T), ("high", 1e-6, V),
+        ("extreme", 0.01, V), ("patience", True, T), ("patience", 0, V), ("strict", "x", T)],
+    FirstLayerVisualization: [
+        ("every_n_epochs", 0, V), ("every_n_epochs", True, T), ("input_shape", (8,), V),
+        ("input_shape", (8, 0), V), ("input_shape", "8x8", T), ("input_shape", (8.0, 8), T),
+        ("layer", 3, T), ("layer", "", V), ("strict", 1, T)],
+    LearningCurves: [
+        ("train_loss", None, T), ("val_loss", "", V), ("train_acc", 3, T), ("val_acc", "", V),
+        ("figure_every_n_epochs", -2, V), ("figure_every_n_epochs", True, T), ("strict", 1, T)],
+    LRPlateauAdvisor: [
+        ("monitor", "", V), ("monitor", 3, T), ("train_loss_key", None, T), ("val_loss_key", "", V),
+        ("train_acc_key", 1, T), ("val_acc_key", "", V), ("patience", 0, V),
+        ("min_rel_delta", -0.1, V), ("high_fraction", 1.5, V), ("act", "yes", T),
+        ("factor", 0.0, V), ("factor", 1.0, V), ("factor", 2.0, V), ("min_lr", -1.0, V),
+        ("min_epochs", 0, V), ("low_acc", 2, V), ("close_gap", -1, V), ("overfit_gap", "x", T),
+        ("jump_factor", 1.0, V), ("min_jump_fraction", -0.5, V), ("window", 0, V),
+        ("min_history", 60, V), ("save_batch", None, T), ("strict", 1, T)],
+    EMAWeights: [
+        ("decay", 1.0, V), ("decay", -0.1, V), ("decay", True, T), ("warmup", 1, T),
+        ("update_every_n_steps", 0, V), ("update_every_n_steps", True, T), ("start_step", -1, V),
+        ("device", "gpu", V), ("device", 0, T), ("evaluate", "best", V), ("evaluate", None, T),
+        ("check_weights", "no", T), ("strict", 1, T)],
+    CheckpointEnsemble: [
+        ("k", 0, V), ("k", True, T), ("monitor", 3, T), ("monitor", "", V), ("mode", "avg", V),
+        ("every_n_epochs", 0, V), ("combine", "median", V), ("dirpath", 3, T), ("dirpath", "", V),
+        ("strict", 1, T)],
+}
+CASES = [(cls, name, value, error) for cls, cases in BAD_ARGUMENTS.items()
+         for name, value, error in cases]
+
+
+def test_every_argument_of_every_callback_has_a_bad_value_case() -> None:
+    assert {cls.__name__ for cls in BAD_ARGUMENTS} == set(lightning_diag.callbacks.__all__)
+    for cls, cases in BAD_ARGUMENTS.items():
+        params = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        assert params == {name for name, _, _ in cases}, cls.__name__
+
+
+@pytest.mark.parametrize(("cls", "name", "value", "error"), CASES,
+                         ids=[f"{c.__name__}-{n}={v!r}" for c, n, v, _ in CASES])
+def test_bad_argument_is_refused_naming_itself(cls: type[DiagnosticCallback], name: str,
+                                               value: Any, error: type[Exception]) -> None:
+    with pytest.raises(error) as info:
+        cls(**{name: value})
+    message = str(info.value)
+    assert type(info.value) is error, message  # TypeError: wrong type; ValueError: bad value
+    assert message.startswith(f"`{name}") and " must be " in message, message
+    assert ", got " in message and message.endswith("."), message
+
+
+class Flaky(Dataset):
+    """Digits whose sample 3 cannot be read; the training sampler skips it, the checks do not."""
+
+    def __init__(self) -> None:
+        self.data = digits(64)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if i == 3:
+            raise ValueError("corrupt sample 3")
+        return self.data[i]
+
+
+def test_failing_getitem_is_named_as_the_users_error_not_a_skip(tmp_path: Path) -> None:
+    readable = [i for i in range(64) if i != 3]
+    train = DataLoader(Flaky(), batch_size=16, sampler=SubsetRandomSampler(readable))
+    cbs = fit_all(tmp_path, Classifier(mlp()), train)
+    for name in ("InitialLossCheck", "GradientCheck", "OverfitSmallBatch"):
+        (f,) = cbs[name].findings
+        assert f.code == f"{cbs[name].slug}.user_error" and f.severity is Severity.WARN, f
+        assert f"{name} did not run: `Flaky.__getitem__` (index 3) raised ValueError: corrupt " \
+               "sample 3" == f.message
+        assert f.details == {"where": "`Flaky.__getitem__` (index 3)", "exception": "ValueError"}
+    unreadable = [f for f in cbs["DataInspection"].findings if f.code == "data.unreadable"]
+    assert unreadable and unreadable[0].indices == (3,)
+    assert "ValueError: corrupt sample 3" in unreadable[0].message
+
+
+class ForwardFails(Classifier):
+    """``training_step`` goes through ``self.net``; ``forward`` itself is broken."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("forward boom")
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+
+def test_failing_forward_is_named_as_the_users_error_not_no_logits(tmp_path: Path) -> None:
+    batch = next(iter(DataLoader(digits(32), batch_size=16)))
+    with pytest.raises(UserCodeError, match="`ForwardFails.forward` raised RuntimeError: "
+                                            "forward boom") as info:
+        check_initial_loss(ForwardFails(mlp()), [batch])
+    assert isinstance(info.value.__cause__, RuntimeError)
+    with pytest.raises(UserCodeError, match="ForwardFails.forward"):
+        overfit_batches(ForwardFails(mlp()), [batch], max_steps=2)
+    cbs = fit_all(tmp_path, ForwardFails(mlp()), DataLoader(digits(32), batch_size=16))
+    for name in ("InitialLossCheck", "OverfitSmallBatch"):
+        (f,) = cbs[name].findings
+        assert f.code.endswith(".user_error") and "`ForwardFails.forward` raised RuntimeError: " \
+               "forward boom" in f.message, f
+    assert [f.code for f in cbs["GradientCheck"].findings] == ["gradient_check.ok"]
+
+
+class OptimizerFailsOnCopies(Classifier):
+    """Builds its optimizer for the trainer, then raises when a copy asks again."""
+
+    def __init__(self) -> None:
+        super().__init__(mlp())
+        self.live_id = id(self)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if id(self) != self.live_id:
+            raise RuntimeError("needs the scheduler config")
+        return super().configure_optimizers()
+
+
+def test_failing_configure_optimizers_is_not_weight_decay_zero(tmp_path: Path) -> None:
+    batch = next(iter(DataLoader(digits(32), batch_size=16)))
+    found = check_initial_loss(OptimizerFailsOnCopies(), [batch])
+    (opt,) = [f for f in found if "optimizer" in f.code or f.code.endswith("regularization")]
+    assert opt.code == "initial_loss.optimizer_error" and opt.severity is Severity.WARN
+    assert "could not be built" in opt.message and "weight decay 0" not in opt.message
+    assert "`OptimizerFailsOnCopies.configure_optimizers` raised RuntimeError: needs the " \
+           "scheduler config" in opt.message
+    cbs = fit_all(tmp_path, OptimizerFailsOnCopies(), DataLoader(digits(32), batch_size=16))
+    assert "initial_loss.optimizer_error" in [f.code for f in cbs["InitialLossCheck"].findings]
+    (f,) = cbs["OverfitSmallBatch"].findings
+    assert f.code == "overfit.user_error"
+    assert "configure_optimizers` raised RuntimeError" in f.message

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import types
 from pathlib import Path
+from typing import Any
 
 import pytest
 from torch.utils.tensorboard import SummaryWriter
@@ -13,12 +14,12 @@ from torch.utils.tensorboard import SummaryWriter
 from lightning_diag import cli
 
 
-def test_help_lists_the_three_commands(capsys):
+def test_help_lists_the_four_commands(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    assert all(cmd in out for cmd in ("demo", "report", "tune"))
+    assert all(cmd in out for cmd in ("demo", "report", "check", "tune"))
 
 
 def test_no_command_is_a_usage_error(capsys):
@@ -89,3 +90,94 @@ def test_python_dash_m_entry_point():
                           capture_output=True, text=True, cwd=root, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "LOGDIR" in proc.stdout
+
+
+# --- lightning-diag check: the findings.jsonl of real short fits -------------------------------
+
+
+def _fit_run(root: Path, version: int, problem: str) -> None:
+    """One tiny fit logging to ``root/tb/version_<version>``: a FAIL (last layer scaled up 30x,
+    caught by InitialLossCheck) or only a WARN (two duplicated samples, found by DataInspection).
+    """
+    import torch
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from torch.utils.data import TensorDataset
+
+    from lightning_diag import DataInspection, InitialLossCheck
+    from tests.helpers import Classifier, digits, loader, mlp, trainer
+
+    torch.manual_seed(0)
+    net = mlp(width=8)
+    x, y = digits(64, flatten=True).tensors
+    callback: Any
+    if problem == "fail":
+        with torch.no_grad():
+            net[-1].weight.mul_(30)
+        callback, data = InitialLossCheck(num_batches=1), TensorDataset(x, y)
+    else:
+        callback = DataInspection(max_images=1)
+        data = TensorDataset(torch.cat([x, x[:2]]), torch.cat([y, y[:2]]))
+    logger = TensorBoardLogger(str(root), name="tb", version=version)
+    with pytest.warns(UserWarning):  # the findings are WARN/FAIL, so they warn as published
+        trainer(root, [callback], logger=logger, limit_train_batches=1,
+                limit_val_batches=0).fit(Classifier(net), loader(data))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("runs")
+    _fit_run(root / "failing", 0, "fail")
+    _fit_run(root / "warning", 0, "warn")
+    _fit_run(root / "both", 2, "warn")
+    _fit_run(root / "both", 10, "fail")
+    return {name: root / name for name in ("failing", "warning", "both")}
+
+
+def _lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("| ")]
+
+
+def test_check_fail_run_exits_1_and_prints_table_advice_and_count(runs, capsys):
+    assert cli.main(["check", str(runs["failing"])]) == 1
+    out = capsys.readouterr().out
+    header, *rows = _lines(out)
+    assert header == "| run | severity | code | message | step |"
+    assert rows[0].startswith("| tb/version_0 | FAIL | initial_loss.mismatch | Initial data loss ")
+    assert rows[0].endswith(" | 0 |") and all("| INFO |" in r for r in rows[1:])
+    assert "[FAIL] initial_loss.mismatch: " in out and "last layer" in out
+    assert f"{len(rows)} finding(s) in 1 run(s): 1 fail, 0 warn, {len(rows) - 1} info." in out
+
+
+def test_check_warn_run_exits_0_by_default_and_1_with_fail_on_warn(runs, capsys):
+    assert cli.main(["check", str(runs["warning"])]) == 0
+    out = capsys.readouterr().out
+    rows = _lines(out)[1:]
+    assert rows[0].startswith("| tb/version_0 | WARN | data.exact_duplicate | ")
+    assert "[WARN] data.exact_duplicate: " in out and "0 fail, 1 warn" in out
+    assert cli.main(["check", str(runs["warning"]), "--fail-on", "warn"]) == 1
+    assert cli.main(["check", str(runs["failing"]), "--fail-on", "fail"]) == 1
+
+
+def test_check_tree_of_runs_lists_every_run_worst_first(runs, capsys):
+    assert cli.main(["check", str(runs["both"]), "--fail-on", "warn"]) == 1
+    out = capsys.readouterr().out
+    rows = _lines(out)[1:]
+    severities = [r.split(" | ")[1] for r in rows]
+    assert severities == sorted(severities, key=["FAIL", "WARN", "INFO"].index)
+    assert rows[0].startswith("| tb/version_10 | FAIL | initial_loss.mismatch")
+    assert rows[1].startswith("| tb/version_2 | WARN | data.exact_duplicate")
+    assert "in 2 run(s): 1 fail, 1 warn" in out
+
+
+def test_check_missing_dir_exits_2(tmp_path, capsys):
+    assert cli.main(["check", str(tmp_path / "nope")]) == 2
+    captured = capsys.readouterr()
+    assert "does not exist" in captured.err and "nope" in captured.err and captured.out == ""
+
+
+def test_check_dir_without_findings_exits_2(tmp_path, capsys):
+    with SummaryWriter(str(tmp_path / "run")) as w:  # a TensorBoard run, but no diagnostics
+        w.add_scalar("loss", 1.0, 0)
+    assert cli.main(["check", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "no findings.jsonl" in err and "no run with lightning_diag callbacks" in err

@@ -15,7 +15,7 @@ from torch.utils.data import Dataset, TensorDataset
 from lightning_diag.callbacks.data_inspection import DataInspection
 from lightning_diag.checks.data.inspect import inspect_dataset
 from lightning_diag.examples.digits import DigitsDataModule, load_digits_tensors
-from lightning_diag.findings import Finding, Severity
+from lightning_diag.findings import FINDINGS_FILE, Finding, Severity
 from tests.helpers import Classifier, codes, events, loader, mlp, text_events, trainer
 
 
@@ -194,7 +194,7 @@ def test_callback_leaves_the_main_run_unchanged_and_logs(tmp_path: Path, split: 
         acc.Tags()["histograms"])
     assert "exact_duplicate_groups | 1" in text_events(acc, "diag/data/summary")[0]
     leftovers = {p.name for p in (tmp_path / "cb").rglob("*") if p.is_file()}
-    assert all(name.startswith("events.out.tfevents") or name == "hparams.yaml"
+    assert all(name.startswith("events.out.tfevents") or name in ("hparams.yaml", FINDINGS_FILE)
                for name in leftovers), leftovers
 
 

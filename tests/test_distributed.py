@@ -89,6 +89,7 @@ def test_ddp_files_and_data_inspection_on_rank_zero_only(ddp_run: dict[str, Any]
     names = {p.name for p in rank0}
     assert any(n.startswith("events.out.tfevents") for n in names)
     assert "learning_curves.png" in names
+    assert "findings.jsonl" in names  # and none on rank 1, whose logger has its own log dir
     assert sum(p.suffix == ".ckpt" for p in rank0) == 2  # the ensemble's k=2 checkpoints
     r0, r1 = ddp_run["ranks"]
     assert r0["data_inspected"] and not r1["data_inspected"]  # no duplicated work on rank 1

@@ -161,7 +161,7 @@ def test_resume_restores_ema_exactly(tmp_path: Path) -> None:
     _fit(tmp_path / "first", _model(), [first, ckpt], shuffle=False, max_steps=-1, max_epochs=1,
          limit_train_batches=2, limit_val_batches=1, enable_checkpointing=True)
     path = next((tmp_path / "ck").glob("*.ckpt"))
-    saved = torch.load(path, weights_only=True)["callbacks"]["EMAWeights"]
+    saved = torch.load(path, weights_only=True)["callbacks"][first.state_key]
 
     class AtStart(pl.Callback):
         def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:

@@ -145,6 +145,20 @@ def test_scripted_divergence_jump_and_nan(tmp_path):
     assert f.details["batch_path"] is None
 
 
+def test_loss_at_exactly_zero_then_a_jump_reads_well_and_never_divides_by_zero(tmp_path):
+    # a median of 0 used to raise ZeroDivisionError inside on_train_batch_end (5.0 / 0), and a
+    # start loss of 0 inside the plateau verdict at epoch end (0 / 0)
+    epochs = _stream([0.0] * 4, [0.0] * 4, [1.0] * 4, [1.0] * 4)
+    adv = LRPlateauAdvisor(min_epochs=99, patience=2, save_batch=False)
+    _run(tmp_path, epochs, adv, step_losses=[0.0] * 12 + [5.0] + [0.0] * 3)
+    (f,) = adv.findings  # no plateau: a loss that sits at 0 has converged
+    assert f.code == "advisor.divergence" and f.severity == "warn" and f.step == 12
+    assert f.message.startswith("Step loss jumped to 5 from a running median of 0 at global step "
+                                "12, batch 0 of epoch 3; dataset indices [0] (sequential "
+                                "sampler)."), f.message
+    assert f.value == 5.0 and f.expected == (0.0, 0.0)
+
+
 class Indexed(Dataset):
     def __init__(self, base: TensorDataset) -> None:
         self.base = base

@@ -1,5 +1,6 @@
-"""The HTML report: sections from documented tags, findings parsed, robust to empty logdirs,
-and a real render in headless Chromium."""
+"""The HTML report of a real run of every callback: the sections it fills, the findings table
+read from the runs' findings.jsonl, nothing logged dropped; robust to empty logdirs; a real
+render in headless Chromium."""
 
 from __future__ import annotations
 
@@ -11,83 +12,79 @@ import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from lightning_diag.findings import Finding, Severity
-from lightning_diag.report.build import build_report, parse_findings_table
-from lightning_diag.tensorboard.writer import log_histogram_counts
+from lightning_diag.findings import FINDINGS_FILE, Finding, Severity, append_findings
+from lightning_diag.report.build import build_report
+from lightning_diag.tensorboard import tags
+from lightning_diag.tensorboard.events import load_runs
+from tests.real_run import LEAKED_TRAIN_INDEX, TRAIN_DUPLICATE
 
-TABLE_HEAD = "| severity | code | message | advice |\n|---|---|---|---|\n"
-
-
-def _table(*findings: Finding) -> str:
-    return TABLE_HEAD + "\n".join(f.to_markdown_row() for f in findings)
-
-
-def _finding(code: str, sev: Severity, msg: str, advice: str = "") -> Finding:
-    return Finding(check="X", code=code, severity=sev, message=msg, advice=advice)
+#: What the test model and Lightning log themselves: the report's "other" section.
+USER_SCALARS = {"train_loss", "train_acc", "val_loss", "val_acc", "epoch"}
 
 
-def write_full_logdir(path: Path) -> Path:
-    """One run logging every documented tag family, as the callbacks do."""
-    run = path / "tb" / "version_0"
-    with SummaryWriter(str(run)) as w:
-        w.add_text("diagnostics/InitialLossCheck", _table(_finding(
-            "initial_loss.mismatch", Severity.FAIL, "Initial loss 9.1 is outside [2.07, 2.53].",
-            "Scale down the last layer | check init.")), 0)
-        w.add_text("diagnostics/DataInspection", _table(
-            _finding("data.leakage", Severity.WARN, "12 train samples also in val.", "Remove."),
-            _finding("data.summary", Severity.INFO, "1437 samples, 10 classes.")), 0)
-        w.add_scalar("diagnostics/InitialLossCheck/initial_loss.mismatch", 9.1, 0)
-        w.add_scalar("diag/initial_loss/loss", 9.1, 0)
-        for epoch in range(4):
-            w.add_scalar("diag/curves/loss/train", 2.3 / (epoch + 1), epoch)
-            w.add_scalar("diag/curves/loss/val", 2.4 / (epoch + 1), epoch)
-            w.add_scalar("diag/curves/acc/train", 0.2 * epoch, epoch)
-            w.add_scalar("diag/curves/acc/val", 0.18 * epoch, epoch)
-            w.add_scalar("diag/curves/acc_gap", 0.02 * epoch, epoch)
-            w.add_scalar("diag/ema/val_acc", 0.2 * epoch + 0.01, epoch)
-            w.add_scalar("val_acc_ema", 0.2 * epoch + 0.01, epoch)
-            w.add_scalar("val_acc", 0.2 * epoch, epoch)
-            w.add_scalar("custom/thing", float(epoch), epoch)
-        for step in range(0, 50, 10):
-            for layer in ("net.0", "net.3"):
-                w.add_scalar(f"diag/activations/mean/{layer}", 0.1 * step, step)
-                w.add_scalar(f"diag/activations/dead_fraction/{layer}", 0.01, step)
-                w.add_scalar(f"diag/update_ratio/{layer}.weight", 1e-3 * (1 + step / 50), step)
-            w.add_scalar("diag/update_ratio/median", 1.2e-3, step)
-            log_histogram_counts(w, "diag/activations/act/net.0", torch.randn(500), step)
-        rng = np.random.default_rng(0)
-        w.add_image("diag/first_layer/filters", rng.random((3, 24, 24)), 0)
-        w.add_image("diag/data/flagged/exact_duplicate", rng.random((3, 16, 32)), 0)
-        w.add_text("diag/data/summary", "| count | n |\n|---|---|\n| duplicates | 12 |", 0)
-        for name, val in (("member_0/val_acc", 0.95), ("member_1/val_acc", 0.96),
-                          ("ensemble/val_acc", 0.97)):
-            w.add_scalar(f"diag/ensemble/{name}", val, 10)
-        w.add_text("diag/tuning/search", "| lr | wd | val_acc |\n|---|---|---|\n| 1e-3 | 0 | 0.9 |")
-        w.add_scalar("diag/tuning/sweep/lr_0.001", 1.0, 0)
-    return run
+class _Section:
+    def __init__(self) -> None:
+        self.alts: list[str] = []  # of embedded images: plots name what they draw
+        self.srcs: list[str] = []
+        self.captions: list[str] = []  # of logged images
+        self.headings: list[str] = []  # h3/h4: texts, groups
+        self.cells: list[str] = []  # of every table
+        self.rows: list[list[str]] = []  # of the findings table
 
 
 class _Collect(HTMLParser):
+    """The report's sections in order, each with what it shows."""
+
     def __init__(self) -> None:
         super().__init__()
-        self.sections: list[str] = []
-        self.images: list[str] = []
-        self.text: list[str] = []
+        self.sections: dict[str, _Section] = {}
+        self._section: _Section | None = None
+        self._capture: str | None = None  # the element whose text is being read
+        self._text = ""
+        self._findings = False
+        self._body = False  # in a table's body
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         a = dict(attrs)
         if tag == "section":
-            self.sections.append(a["id"] or "")
+            self._section = self.sections.setdefault(a["id"] or "", _Section())
+        s = self._section
+        if s is None:
+            return
         if tag == "img":
-            self.images.append(a["src"] or "")
+            s.alts.append(a["alt"] or "")
+            s.srcs.append(a["src"] or "")
+        if tag == "table":
+            self._findings = a.get("class") == "findings"
+        if tag == "tr" and self._findings and self._body:
+            s.rows.append([])
+        if tag == "tbody":
+            self._body = True
+        if tag in ("figcaption", "h3", "h4", "td"):
+            self._capture, self._text = tag, ""
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "tbody":
+            self._body = False
+        s = self._section
+        if s is None or tag != self._capture:
+            return
+        text, self._capture = self._text.strip(), None
+        if tag == "figcaption":
+            s.captions.append(text.split(" \u00b7 ")[0])
+        elif tag == "td":
+            s.cells.append(text)
+            if self._findings and s.rows:
+                s.rows[-1].append(text)
+        else:
+            s.headings.append(text.split(" step ")[0].strip())
 
     def handle_data(self, data: str) -> None:
-        self.text.append(data)
+        if self._capture:
+            self._text += data
 
 
 def _parse(path: Path) -> _Collect:
@@ -96,62 +93,115 @@ def _parse(path: Path) -> _Collect:
     return p
 
 
-def test_parse_findings_table_roundtrips_finding_rows():
-    f = _finding("a.b", Severity.WARN, "x | y\nz", "do it")
-    assert parse_findings_table(_table(f)) == [("WARN", "a.b", "x | y z", "do it")]
-    assert parse_findings_table(_table(_finding("c", Severity.INFO, "m"))) == [
-        ("INFO", "c", "m", "")]
-    assert parse_findings_table("no table here") == []
-
-
 @pytest.fixture(scope="module")
-def full_report(tmp_path_factory) -> Path:
-    """The report of a run with every documented tag family (built once: it is the slow part)."""
-    root = tmp_path_factory.mktemp("full")
-    write_full_logdir(root)
-    return build_report(root, root / "r.html")
+def full_report(real_run, tmp_path_factory) -> Path:
+    """The report of the real run (built once: it is the slow part)."""
+    return build_report(real_run.root, tmp_path_factory.mktemp("report") / "r.html")
 
 
-def test_full_report_has_every_section_and_embedded_images(full_report):
-    out = full_report
-    page = _parse(out)
-    assert page.sections == ["findings", "data", "before", "curves", "activations",
-                             "update_ratio", "first_layer", "ema", "ensemble", "tuning", "other"]
-    assert page.images and all(src.startswith("data:image/") for src in page.images)
-    for src in page.images:  # every image is a decodable PNG
+def test_a_real_run_fills_every_section_with_embedded_images(full_report):
+    page = _parse(full_report)
+    assert list(page.sections) == ["findings", "data", "before", "curves", "activations",
+                                   "update_ratio", "first_layer", "ema", "ensemble", "other"]
+    srcs = [src for s in page.sections.values() for src in s.srcs]
+    assert len(srcs) >= 20 and all(src.startswith("data:image/png;base64,") for src in srcs)
+    for src in srcs:  # every image is a decodable PNG
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
-    html = out.read_text()
-    # Findings sorted FAIL before WARN before INFO, advice kept, escaped pipe restored.
-    assert html.index("initial_loss.mismatch") < html.index("data.leakage") < html.index(
-        "data.summary")
-    assert "Scale down the last layer | check init." in html
-    assert "custom/thing" in html  # generic fallback
-    assert "<td>duplicates</td>" in html  # markdown text table rendered
+    s = page.sections
+    assert {tags.DATA_SUMMARY} <= set(s["data"].headings)
+    assert {tags.DATA_CLASS_COUNTS, tags.data_grid("leakage_train_vs_validation"),
+            tags.data_grid("exact_duplicates")} <= set(s["data"].captions)
+    assert tags.GRADIENT_CHECK_ERRORS in s["before"].headings
+    assert "worst_error" in s["before"].cells  # a single value: a table row
+    assert any("loss" in alt for alt in s["before"].alts)  # the overfitting curve
+    assert "Histograms (last logged step)" in s["activations"].headings
+    assert tags.FIRST_LAYER_FILTERS in s["first_layer"].captions
+    assert tags.CURVES_FIGURE in s["curves"].captions
+    assert {"val_acc", "val_loss"} <= {t for alt in s["ema"].alts for t in alt.split(", ")}
+    assert s["ensemble"].alts == ["ensemble vs members"]
+    html = full_report.read_text()
     assert "http://" not in html and "https://" not in html  # self-contained
+
+
+def test_findings_table_shows_each_recorded_finding_fail_first(full_report, real_run):
+    rows = _parse(full_report).sections["findings"].rows
+    found = [f for cb in real_run.callbacks for f in cb.findings]
+    assert len(rows) == len(found) >= 10  # one row per finding, none dropped or merged
+    order = [r[0] for r in rows]
+    assert order == sorted(order, key=["FAIL", "WARN", "INFO"].index)
+    assert {r[2] for r in rows[:2]} == {"data.leakage", "overfit.not_reached"}
+    # severity, check, code, message, advice, value, expected, step, epoch, indices
+    by_code = {r[2]: r for r in rows}
+
+    def one(code: str) -> Finding:
+        return next(f for f in found if f.code == code)
+
+    leak = by_code["data.leakage"]
+    assert leak[1] == "DataInspection" and leak[5:] == [
+        f"{one('data.leakage').value:.4g}", "0", "0", "0",
+        ", ".join(map(str, one("data.leakage").indices))]
+    assert str(LEAKED_TRAIN_INDEX) in leak[9].split(", ")
+    low, high = one("initial_loss.ok").expected  # type: ignore[misc]
+    assert by_code["initial_loss.ok"][5:7] == [f"{one('initial_loss.ok').value:.4g}",
+                                               f"[{low:.4g}, {high:.4g}]"]
+    underfit = one("advisor.underfit")
+    assert underfit.step and underfit.epoch  # found after training started
+    assert by_code["advisor.underfit"][7:] == [str(underfit.step), str(underfit.epoch), "-"]
+    assert next(r[9] for r in rows if r[2] == "data.exact_duplicate") == ", ".join(
+        map(str, TRAIN_DUPLICATE))
+    assert by_code["data.summary"][5:7] == ["-", "-"]  # no number: nothing invented
+
+
+def test_nothing_logged_is_dropped(full_report, real_run):
+    page = _parse(full_report)
+    data = load_runs(real_run.root)
+    shown_texts = {h for s in page.sections.values() for h in s.headings}
+    captions = {c for s in page.sections.values() for c in s.captions}
+    findings = [t for t in data.texts if t.startswith(tags.FINDINGS.prefix)]
+    assert findings and not shown_texts & set(findings)  # shown as the findings table
+    assert set(data.texts) - set(findings) <= shown_texts
+    assert set(data.images) <= captions
+    other = page.sections["other"]
+    drawn = {t for alt in other.alts for t in alt.split(", ")}
+    # each tag of lightning_diag in its own section; only the model's metrics land in "other"
+    assert drawn == USER_SCALARS & set(data.scalars)
+    assert not other.captions and not other.cells
 
 
 def test_partial_logdir_shows_only_present_sections(tmp_path):
     with SummaryWriter(str(tmp_path / "v0")) as w:
         for e in range(3):
-            w.add_scalar("diag/curves/loss/train", 1.0 / (e + 1), e)
+            w.add_scalar(tags.curve("loss/train"), 1.0 / (e + 1), e)
     page = _parse(build_report(tmp_path))
-    assert page.sections == ["curves"]
+    assert list(page.sections) == ["curves"]
     assert (tmp_path / "report.html").exists()
 
 
 def test_several_runs_are_labelled(tmp_path):
     for name in ("clean", "inject"):
-        with SummaryWriter(str(tmp_path / name / "version_0")) as w:
-            w.add_text("diagnostics/C", _table(_finding(f"{name}.x", Severity.WARN, "m")), 0)
+        run = tmp_path / name / "version_0"
+        append_findings(run / FINDINGS_FILE, [Finding("C", f"{name}.x", Severity.WARN, "m")])
+        with SummaryWriter(str(run)) as w:
             w.add_scalar("train_loss", 1.0, 0)
-    html = build_report(tmp_path).read_text()
-    assert "clean/version_0" in html and "inject/version_0" in html
-    assert "clean.x" in html and "inject.x" in html
+    rows = _parse(build_report(tmp_path)).sections["findings"].rows
+    assert sorted((r[1], r[3]) for r in rows) == [("clean/version_0", "clean.x"),
+                                                  ("inject/version_0", "inject.x")]
+
+
+def test_findings_without_events_and_tables_without_findings(tmp_path):
+    append_findings(tmp_path / "csv" / FINDINGS_FILE,
+                    [Finding("C", "c.nan", Severity.FAIL, "NaN loss", value=float("nan"))])
+    page = _parse(build_report(tmp_path / "csv"))
+    assert list(page.sections) == ["findings"] and page.sections["findings"].rows[0][5] == "nan"
+    with SummaryWriter(str(tmp_path / "old")) as w:  # a run from before findings.jsonl
+        w.add_text(tags.findings_text("C"), "| severity |\n|---|\n| WARN |", 0)
+    html = build_report(tmp_path / "old").read_text()
+    assert "have no findings.jsonl" in html and "Other" not in html
 
 
 def test_empty_and_missing_logdirs(tmp_path):
     page = _parse(build_report(tmp_path))
-    assert page.sections == ["empty"]
+    assert list(page.sections) == ["empty"]
     with pytest.raises(FileNotFoundError, match="does not exist"):
         build_report(tmp_path / "nope")
 

@@ -155,10 +155,11 @@ def test_state_dict_keeps_streaks():
     assert other.streak["too_low"] == 2
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"every_n_steps": 0}, "every_n_steps"), ({"patience": True}, "patience"),
-    ({"low": 0.5, "high": 0.1}, "low"), ({"extreme": 0.01}, "extreme"),
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"every_n_steps": 0}, ValueError, "every_n_steps"),
+    ({"patience": True}, TypeError, "patience"),
+    ({"low": 0.5, "high": 0.1}, ValueError, "low"), ({"extreme": 0.01}, ValueError, "extreme"),
 ])
-def test_arguments_are_validated(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_arguments_are_validated(kwargs, error, match):
+    with pytest.raises(error, match=match):
         UpdateRatioMonitor(**kwargs)

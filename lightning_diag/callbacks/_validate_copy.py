@@ -13,6 +13,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.data import extract_batch_size
 
 from lightning_diag.isolation import clone_module, preserved_rng
@@ -65,7 +66,7 @@ def validate_copy(trainer: pl.Trainer, pl_module: pl.LightningModule,
                 batch = move_data_to_device(batch, pl_module.device)
                 try:
                     current["batch_size"] = extract_batch_size(batch)
-                except Exception:  # no tensor to size: an unweighted mean over batches
+                except MisconfigurationException:  # no tensor to size: an unweighted mean
                     current["batch_size"] = 1
                 args = (batch, idx, dl_idx) if len(loaders) > 1 else (batch, idx)
                 clone.validation_step(*args)

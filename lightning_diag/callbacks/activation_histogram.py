@@ -15,6 +15,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch import nn
+from typing_extensions import override
 
 from lightning_diag.base import DiagnosticCallback
 from lightning_diag.findings import Finding, Severity
@@ -25,7 +26,19 @@ from lightning_diag.functional.monitors import (
     layer_summary,
 )
 from lightning_diag.tensorboard.figures import layer_summary_figure
+from lightning_diag.tensorboard.tags import (
+    ACTIVATIONS_SUMMARY,
+    activation_histogram,
+    activation_stat,
+)
 from lightning_diag.tensorboard.writer import log_figure, log_step_summary
+from lightning_diag.validation import (
+    check_int,
+    check_number,
+    check_sequence,
+    check_str,
+    require,
+)
 
 __all__ = ["PASS_THROUGH", "ActivationHistogram"]
 
@@ -68,24 +81,18 @@ def _loss_scale(trainer: pl.Trainer) -> torch.Tensor | float:
 def _validate(every_n_steps: Any, layers: Any, bins: Any, dead_fraction: Any,
               saturated_fraction: Any, vanishing_ratio: Any, exploding_ratio: Any,
               figure_every_n_logs: Any) -> None:
-    for name, val in (("every_n_steps", every_n_steps), ("bins", bins)):
-        if not isinstance(val, int) or isinstance(val, bool) or val < 1:
-            raise ValueError(f"`{name}` must be a positive int, got {val!r}.")
-    if not isinstance(figure_every_n_logs, int) or figure_every_n_logs < 0:
-        raise ValueError(f"`figure_every_n_logs` must be an int >= 0, got "
-                         f"{figure_every_n_logs!r}.")
-    for name, frac in (("dead_fraction", dead_fraction),
-                       ("saturated_fraction", saturated_fraction)):
-        if not isinstance(frac, (int, float)) or not 0 < frac <= 1:
-            raise ValueError(f"`{name}` must be in (0, 1], got {frac!r}.")
-    if not (isinstance(vanishing_ratio, (int, float)) and isinstance(exploding_ratio,
-            (int, float)) and 0 < vanishing_ratio < 1 < exploding_ratio):
-        raise ValueError("`vanishing_ratio` must be in (0, 1) and `exploding_ratio` > 1, got "
-                         f"{vanishing_ratio!r} and {exploding_ratio!r}.")
-    if layers is not None and not callable(layers) and not (
-            isinstance(layers, Sequence) and all(isinstance(s, str) for s in layers)):
-        raise TypeError("`layers` must be None, a list of module names or a callable "
-                        f"(name, module) -> bool, got {layers!r}.")
+    check_int("every_n_steps", every_n_steps)
+    if not callable(layers):
+        require(layers is None or (isinstance(layers, Sequence) and not isinstance(layers, str)),
+                "layers", layers, "None, a sequence of module names or a callable "
+                "(name, module) -> bool", TypeError)
+        check_sequence("layers", layers, check_str, optional=True)
+    check_int("bins", bins)
+    check_number("dead_fraction", dead_fraction, low=0, high=1, low_open=True)
+    check_number("saturated_fraction", saturated_fraction, low=0, high=1, low_open=True)
+    check_number("vanishing_ratio", vanishing_ratio, low=0, high=1, low_open=True, high_open=True)
+    check_number("exploding_ratio", exploding_ratio, low=1, low_open=True)
+    check_int("figure_every_n_logs", figure_every_n_logs, low=0)
 
 
 def _parse(row: list[float], has_grad: bool, numel: int) -> dict[str, Any]:
@@ -160,6 +167,14 @@ class ActivationHistogram(DiagnosticCallback):
         self._grad: dict[str, torch.Tensor] = {}
         self._numel: dict[str, int] = {}
 
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            every_n_steps=self.every_n_steps, layers=self.layers, bins=self.bins,
+            dead_fraction=self.dead_fraction, saturated_fraction=self.saturated_fraction,
+            vanishing_ratio=self.vanishing_ratio, exploding_ratio=self.exploding_ratio)
+
     def _chosen(self, pl_module: pl.LightningModule) -> list[tuple[str, nn.Module]]:
         names = self.layers
         pick: LayerFilter = (names if callable(names) else _default_layer if names is None
@@ -170,6 +185,7 @@ class ActivationHistogram(DiagnosticCallback):
             raise ValueError(f"`layers` names modules that do not exist: {missing}.")
         return chosen
 
+    @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                              batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
@@ -199,6 +215,7 @@ class ActivationHistogram(DiagnosticCallback):
             self._grad[name] = layer_summary(true, None, self.bins)
         return hook
 
+    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         if len(self.hooks) or self._act:
@@ -222,13 +239,13 @@ class ActivationHistogram(DiagnosticCallback):
         self.publish(trainer, self._check(trainer))
 
     def _log(self, trainer: pl.Trainer) -> None:
-        step, tag = self._logged_step, f"diag/{self.slug}"
+        step = self._logged_step
         scalars: dict[str, float] = {}
         for name, s in self.last.items():
             for stat in (*STAT_NAMES, "grad_norm"):
                 if not (stat in ("saturated_fraction", "grad_norm") and math.isnan(s[stat])):
-                    scalars[f"{tag}/{stat}/{name}"] = s[stat]
-        histograms = {f"{tag}/{kind.split('_')[0]}/{name}": s[kind]
+                    scalars[activation_stat(stat, name)] = s[stat]
+        histograms = {activation_histogram(kind.split("_")[0], name): s[kind]
                       for name, s in self.last.items() for kind in ("act_hist", "grad_hist")}
         log_step_summary(trainer, scalars, histograms, step)
         if not self.require_tensorboard(trainer, "activation histograms and figure"):
@@ -238,9 +255,10 @@ class ActivationHistogram(DiagnosticCallback):
             self._figure(trainer)
 
     def _figure(self, trainer: pl.Trainer) -> None:
-        log_figure(trainer, f"diag/{self.slug}/summary",
+        log_figure(trainer, ACTIVATIONS_SUMMARY,
                    layer_summary_figure(self.last, self.bins), self._logged_step)
 
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         n = self.figure_every_n_logs
         drawn = n and self._logs % n == 0
@@ -288,23 +306,28 @@ class ActivationHistogram(DiagnosticCallback):
                             value=float(value), expected=expected,
                             details={"layer": layer} if layer else {})
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
             self.reported, self.last, self._logs, self._logged_step = set(), {}, 0, -1
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
         self._act, self._grad, self._numel = {}, {}, {}
 
+    @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:
         super().on_exception(trainer, pl_module, exception)
         self._act, self._grad, self._numel = {}, {}, {}
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"reported": sorted(self.reported), "logs": self._logs}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.reported = set(state_dict.get("reported", []))
         self._logs = int(state_dict.get("logs", 0))

@@ -16,11 +16,13 @@ Example:
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.fabric.utilities.apply_func import move_data_to_device
+from typing_extensions import override
 
 from lightning_diag.base import DiagnosticCallback
 from lightning_diag.findings import Severity
@@ -28,7 +30,15 @@ from lightning_diag.functional.ensemble import COMBINE
 from lightning_diag.inference.checkpoints import check_state_dict, load_checkpoint, state_dict_of
 from lightning_diag.inference.ensemble import evaluate_members
 from lightning_diag.isolation import clone_module, preserved_rng
+from lightning_diag.tensorboard.tags import (
+    ENSEMBLE_ACC,
+    ENSEMBLE_BEST_MEMBER_ACC,
+    ENSEMBLE_GAIN,
+    ENSEMBLE_LOSS,
+    ensemble_member,
+)
 from lightning_diag.tensorboard.writer import log_dir, log_scalars
+from lightning_diag.validation import check_choice, check_int, check_str, require
 
 __all__ = ["CheckpointEnsemble"]
 
@@ -52,15 +62,14 @@ class CheckpointEnsemble(DiagnosticCallback):
                  every_n_epochs: int = 1, combine: str = "mean_prob",
                  dirpath: str | Path | None = None, strict: bool = False) -> None:
         super().__init__(strict=strict)
-        for name, val in (("k", k), ("every_n_epochs", every_n_epochs)):
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {val!r}.")
-        if monitor is not None and not isinstance(monitor, str):
-            raise TypeError(f"`monitor` must be a metric name or None, got {monitor!r}.")
-        if mode not in ("min", "max"):
-            raise ValueError(f"`mode` must be 'min' or 'max', got {mode!r}.")
-        if combine not in COMBINE:
-            raise ValueError(f"`combine` must be one of {COMBINE}, got {combine!r}.")
+        check_int("k", k)
+        check_str("monitor", monitor, optional=True)
+        check_choice("mode", mode, ("min", "max"))
+        check_int("every_n_epochs", every_n_epochs)
+        check_choice("combine", combine, COMBINE)
+        require(dirpath is None or isinstance(dirpath, (str, os.PathLike)), "dirpath", dirpath,
+                "a directory path (str or os.PathLike) or None", TypeError)
+        require(dirpath != "", "dirpath", dirpath, "a directory path (str or os.PathLike) or None")
         self.k, self.monitor, self.mode, self.every_n_epochs = k, monitor, mode, every_n_epochs
         self.combine = combine
         self.dirpath = Path(dirpath) if dirpath is not None else None
@@ -68,14 +77,41 @@ class CheckpointEnsemble(DiagnosticCallback):
         self.results: dict[str, Any] = {}
 
     @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(k=self.k, monitor=self.monitor, mode=self.mode,
+                                        every_n_epochs=self.every_n_epochs)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            self._refuse_shared_directory(trainer)
+
+    def _directory(self, trainer: pl.Trainer) -> Path:
+        root = log_dir(trainer) or Path(trainer.default_root_dir)
+        return self.dirpath or root / "ensemble"
+
+    def _refuse_shared_directory(self, trainer: pl.Trainer) -> None:
+        # two instances in one directory would write the same file names and delete each other's
+        mine = self._directory(trainer).resolve()
+        if any(isinstance(cb, CheckpointEnsemble) and cb is not self
+               and cb._directory(trainer).resolve() == mine
+               for cb in trainer.callbacks):  # type: ignore[attr-defined]
+            raise ValueError(f"Two CheckpointEnsemble callbacks would keep their checkpoints in "
+                             f"{mine} and delete each other's: give each its own `dirpath=`.")
+
+    @property
     def paths(self) -> list[str]:
         """The kept checkpoints, oldest first."""
         return [m["path"] for m in sorted(self.kept, key=lambda m: m["step"])]
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if (trainer.current_epoch + 1) % self.every_n_epochs == 0 and not trainer.sanity_checking:
             self._save(trainer)
 
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         before = len(self.findings)
         if trainer.is_global_zero:
@@ -93,9 +129,8 @@ class CheckpointEnsemble(DiagnosticCallback):
                 self._say(trainer, "ensemble.no_monitor", f"`{self.monitor}` was not logged by "
                           f"epoch {trainer.current_epoch}; this checkpoint is ranked last.")
             score = float(value) if value is not None else None
-        root = log_dir(trainer) or Path(trainer.default_root_dir)
-        directory = self.dirpath or root / "ensemble"
-        path = directory / f"epoch={trainer.current_epoch}-step={trainer.global_step}.ckpt"
+        name = f"epoch={trainer.current_epoch}-step={trainer.global_step}.ckpt"
+        path = self._directory(trainer) / name
         trainer.save_checkpoint(path, weights_only=True)
         self.kept.append({"path": str(path), "score": score, "epoch": trainer.current_epoch,
                           "step": trainer.global_step})
@@ -138,11 +173,9 @@ class CheckpointEnsemble(DiagnosticCallback):
         ens, rows = self.results["ensemble"], self.results["members"]
         best = max(rows, key=lambda r: r["acc"])
         gain = ens["acc"] - best["acc"]
-        scalars = {f"diag/ensemble/member_{i}/{m}": r[m] for i, r in enumerate(rows)
-                   for m in ("acc", "loss")}
-        scalars.update({"diag/ensemble/ensemble_acc": ens["acc"],
-                        "diag/ensemble/ensemble_loss": ens["loss"],
-                        "diag/ensemble/best_member_acc": best["acc"], "diag/ensemble/gain": gain})
+        scalars = {ensemble_member(i, m): r[m] for i, r in enumerate(rows) for m in ("acc", "loss")}
+        scalars.update({ENSEMBLE_ACC: ens["acc"], ENSEMBLE_LOSS: ens["loss"],
+                        ENSEMBLE_BEST_MEMBER_ACC: best["acc"], ENSEMBLE_GAIN: gain})
         log_scalars(trainer, scalars, trainer.global_step)
         members = ", ".join(f"{r['acc']:.4f}" for r in rows)
         self.publish(trainer, [self.finding(
@@ -158,8 +191,10 @@ class CheckpointEnsemble(DiagnosticCallback):
         if not any(f.code == code for f in self.findings):
             self.publish(trainer, [self.finding(trainer, code, Severity.INFO, message)])
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"kept": [dict(m) for m in self.kept]}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.kept = [dict(m) for m in state_dict.get("kept", [])]

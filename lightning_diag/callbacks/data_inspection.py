@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset
+from typing_extensions import override
 
 from lightning_diag.base import FitStartCheck
 from lightning_diag.batch import BatchFn, default_batch_to_input, default_batch_to_target
@@ -35,7 +36,9 @@ from lightning_diag.checks.data.scan import DataReport, SplitScan
 from lightning_diag.findings import Finding, Severity
 from lightning_diag.functional.data import image_grid
 from lightning_diag.isolation import first_loader, preserved_rng, train_dataloader_of
+from lightning_diag.tensorboard.tags import DATA_CLASS_COUNTS, DATA_SUMMARY, data_grid, data_labels
 from lightning_diag.tensorboard.writer import log_figure, log_histogram_counts, tensorboard_writer
+from lightning_diag.validation import check_int
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -79,16 +82,26 @@ class DataInspection(FitStartCheck):
             imbalance_ratio=imbalance_ratio, seed=seed, batch_to_input=batch_to_input,
             batch_to_target=batch_to_target, num_threads=num_threads,
         )
-        if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1:
-            raise ValueError(f"`max_images` must be an int >= 1, got {max_images!r}.")
+        check_int("max_images", max_images)
         self.max_images = max_images
         self.report: DataReport | None = None
 
+    @property
+    @override
+    def state_key(self) -> str:
+        c = self.config
+        return self._generate_state_key(
+            num_classes=c.num_classes, max_samples=c.max_samples, near_threshold=c.near_threshold,
+            imbalance_ratio=c.imbalance_ratio, seed=c.seed, batch_to_input=c.batch_to_input,
+            batch_to_target=c.batch_to_target)
+
+    @override
     def _skip_reason(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
         reason = super()._skip_reason(trainer, pl_module)
         # the inspection reads no loss, so manual optimization is no reason to skip it
         return "" if reason.startswith("manual optimization") else reason
 
+    @override
     def run_check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Finding]:
         # the data is read once, on rank 0; every rank reports rank 0's findings
         found = self._inspect(trainer) if trainer.is_global_zero else None
@@ -175,19 +188,18 @@ class _TensorBoardView:
         if not imageable:
             return
         train, val = self.report.train, self.report.val
-        self._grid("samples_per_class", train, self._per_class())
+        self._grid(data_grid("samples_per_class"), train, self._per_class())
         for scan in self.report.scans():
-            suffix = "" if scan is train else "_validation"
-            self._grid(f"exact_duplicates{suffix}", scan,
+            self._grid(data_grid("exact_duplicates", scan.name), scan,
                        [g[:4] for g in self.report.exact[scan.name]])
-            self._grid(f"near_duplicates{suffix}", scan,
+            self._grid(data_grid("near_duplicates", scan.name), scan,
                        [g[:4] for g in self.report.near[scan.name]])
-            self._grid(f"non_finite{suffix}", scan, _rows_of(scan.non_finite))
-            self._grid(f"constant{suffix}", scan, _rows_of(scan.constant))
+            self._grid(data_grid("non_finite", scan.name), scan, _rows_of(scan.non_finite))
+            self._grid(data_grid("constant", scan.name), scan, _rows_of(scan.constant))
         if val is not None and self.report.leaks["pairs"]:
             pairs = self.report.leaks["pairs"][: self.rows]
             cells = [[train.sample(i), val.sample(j)] for i, j in pairs]
-            self._add_image("leakage_train_vs_validation", cells)
+            self._add_image(data_grid("leakage_train_vs_validation"), cells)
 
     def _summary(self) -> None:
         lines = ["| set | count | value |", "|---|---|---|"]
@@ -196,7 +208,7 @@ class _TensorBoardView:
                 lines.append(f"| both | {name} | {counts} |")
                 continue
             lines += [f"| {name} | {key} | {value} |" for key, value in counts.items()]
-        self.writer.add_text("diag/data/summary", "\n".join(lines), global_step=self.step)
+        self.writer.add_text(DATA_SUMMARY, "\n".join(lines), global_step=self.step)
 
     def _class_counts(self) -> None:
         import matplotlib.pyplot as plt
@@ -212,12 +224,12 @@ class _TensorBoardView:
             scan = self.report.train if name == "train" else self.report.val
             assert scan is not None
             labels = scan.label_tensor().float()
-            log_histogram_counts(self.writer, f"diag/data/labels/{name}", labels, self.step,
+            log_histogram_counts(self.writer, data_labels(name), labels, self.step,
                                  bins=len(c))
         ax.set_xlabel("class")
         ax.set_ylabel("samples")
         ax.legend()
-        log_figure(self.trainer, "diag/data/class_counts", fig, self.step)
+        log_figure(self.trainer, DATA_CLASS_COUNTS, fig, self.step)
 
     def _per_class(self) -> list[list[int]]:
         scan, groups = self.report.train, dict[int, list[int]]()
@@ -226,11 +238,11 @@ class _TensorBoardView:
                 groups[label].append(index)
         return [groups[c] for c in sorted(groups)][:32]
 
-    def _grid(self, name: str, scan: SplitScan, rows: list[list[int]]) -> None:
+    def _grid(self, tag: str, scan: SplitScan, rows: list[list[int]]) -> None:
         cells = [[scan.sample(i) for i in row] for row in rows[: self.rows] if row]
-        self._add_image(name, cells)
+        self._add_image(tag, cells)
 
-    def _add_image(self, name: str, cells: list[list[torch.Tensor]]) -> None:
+    def _add_image(self, tag: str, cells: list[list[torch.Tensor]]) -> None:
         images = [[_as_image(x) for x in row] for row in cells]
         first = next((x for row in images for x in row if x is not None), None)
         if first is None:
@@ -239,7 +251,7 @@ class _TensorBoardView:
         if any(same):
             # small images (8x8 digits) enlarged to about 32 pixels to be seen
             grid = image_grid([row for row in same if row], scale=max(1, 32 // first.shape[-1]))
-            self.writer.add_image(f"diag/data/{name}", grid, global_step=self.step)
+            self.writer.add_image(tag, grid, global_step=self.step)
 
 
 def _rows_of(indices: list[int], per_row: int = 8) -> list[list[int]]:

@@ -25,6 +25,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
+from typing_extensions import override
 
 from lightning_diag.base import DiagnosticCallback, refuse_sharded
 from lightning_diag.batch import loss_from_output
@@ -32,6 +33,8 @@ from lightning_diag.callbacks._ema_slots import EMASlots
 from lightning_diag.callbacks._validate_copy import validate_copy
 from lightning_diag.findings import Severity
 from lightning_diag.functional.ema import warmup_decay
+from lightning_diag.tensorboard.tags import ema_metric
+from lightning_diag.validation import check_choice, check_flag, check_int, check_number, require
 
 __all__ = ["EMAWeights"]
 
@@ -66,7 +69,8 @@ class EMAWeights(DiagnosticCallback):
                  start_step: int = 0, device: str | torch.device | None = None,
                  evaluate: str = "ema", check_weights: bool = False, strict: bool = False) -> None:
         super().__init__(strict=strict)
-        _check_args(decay, warmup, update_every_n_steps, start_step, evaluate, check_weights)
+        _check_args(decay, warmup, update_every_n_steps, start_step, device, evaluate,
+                    check_weights)
         self.decay, self.warmup, self.evaluate = float(decay), warmup, evaluate
         self.check_weights = check_weights
         self.update_every_n_steps, self.start_step = update_every_n_steps, start_step
@@ -77,41 +81,57 @@ class EMAWeights(DiagnosticCallback):
         self._slots: EMASlots | None = None  # built at fit start
         self._pending: dict[str, Any] | None = None
 
+    @property
+    @override
+    def state_key(self) -> str:
+        # what the average depends on; `device`, `evaluate` and `check_weights` may change on resume
+        return self._generate_state_key(decay=self.decay, warmup=self.warmup,
+                                        update_every_n_steps=self.update_every_n_steps,
+                                        start_step=self.start_step)
+
     # --- lifecycle -------------------------------------------------------------------------
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
         refuse_sharded(trainer, "EMAWeights", "each rank holds only a shard of the weights")
+        _refuse_clashing_evaluation(trainer, self)
         # a new fit starts a new average; a checkpoint restored after setup sets these back
         self.num_updates = self.num_skipped = self._last_step = 0
         self._slots, self._pending = None, None
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._build(pl_module)
 
+    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         if trainer.global_step > self._last_step:  # an optimizer step happened (accumulation)
             self._last_step = trainer.global_step
             self._maybe_update(trainer, outputs)
 
+    @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if _in_fit(trainer) and self._slots is not None:
             self._slots.sync_ranks(trainer)
         if self.evaluate == "ema" and _in_fit(trainer) and self.num_updates:
             self._built().swap_in()
 
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._slots is not None:
             self._slots.sync_ranks(trainer)
 
+    @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._undo_hook_swap() and self.evaluate == "both" and _in_fit(trainer) \
                 and self.num_updates:
             for key, value in validate_copy(trainer, pl_module, self.ema_state_dict()).items():
-                pl_module.log(f"{key}_ema", value, on_step=False, on_epoch=True, sync_dist=True)
+                pl_module.log(ema_metric(key), value, on_step=False, on_epoch=True, sync_dist=True)
 
+    @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
         if self._slots is not None and self._slots.swapped_in:
@@ -119,10 +139,12 @@ class EMAWeights(DiagnosticCallback):
             checkpoint["state_dict"] = {k: raw.get(k, v) for k, v in
                                         checkpoint["state_dict"].items()}
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._undo_hook_swap()
         super().teardown(trainer, pl_module, stage)
 
+    @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:
         self._undo_hook_swap()
@@ -181,12 +203,15 @@ class EMAWeights(DiagnosticCallback):
         return self._slots
 
     # --- checkpointing ---------------------------------------------------------------------
+    @override
     def state_dict(self) -> dict[str, Any]:
         ema = self._slots.state() if self._slots is not None else (
             (self._pending or {}).get("ema", {}))
+        # `decay` lets load_ema_weights(decay=...) pick this average among several
         return {"ema": ema, "num_updates": self.num_updates, "num_skipped": self.num_skipped,
-                "last_step": self._last_step}
+                "last_step": self._last_step, "decay": self.decay}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.num_updates = int(state_dict["num_updates"])
         self.num_skipped = int(state_dict.get("num_skipped", 0))
@@ -197,20 +222,42 @@ class EMAWeights(DiagnosticCallback):
             self._pending = state_dict
 
 
-def _check_args(decay: float, warmup: bool, update_every_n_steps: int, start_step: int,
-                evaluate: str, check_weights: bool) -> None:
-    """Fail with a message naming the argument, what was given and what is allowed."""
-    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
-        raise ValueError(f"`decay` must be a float in [0, 1), got {decay!r}.")
-    for flag, flag_val in (("warmup", warmup), ("check_weights", check_weights)):
-        if not isinstance(flag_val, bool):
-            raise TypeError(f"`{flag}` must be a bool, got {flag_val!r}.")
-    for name, val, low in (("update_every_n_steps", update_every_n_steps, 1),
-                           ("start_step", start_step, 0)):
-        if isinstance(val, bool) or not isinstance(val, int) or val < low:
-            raise ValueError(f"`{name}` must be an int >= {low}, got {val!r}.")
-    if evaluate not in _EVALUATE:
-        raise ValueError(f"`evaluate` must be one of {_EVALUATE}, got {evaluate!r}.")
+def _check_args(decay: Any, warmup: Any, update_every_n_steps: Any, start_step: Any,
+                device: Any, evaluate: Any, check_weights: Any) -> None:
+    """Check the arguments of EMAWeights (see :mod:`lightning_diag.validation`)."""
+    check_number("decay", decay, low=0, high=1, high_open=True)
+    check_flag("warmup", warmup)
+    check_int("update_every_n_steps", update_every_n_steps)
+    check_int("start_step", start_step, low=0)
+    allowed = "a torch.device, a device name such as 'cpu' or 'cuda:0', or None"
+    require(device is None or isinstance(device, (str, torch.device)), "device", device, allowed,
+            TypeError)
+    require(not isinstance(device, str) or _is_device_name(device), "device", device, allowed)
+    check_choice("evaluate", evaluate, _EVALUATE)
+    check_flag("check_weights", check_weights)
+
+
+def _is_device_name(name: str) -> bool:
+    try:
+        torch.device(name)
+    except RuntimeError:  # an unknown device type or a malformed index
+        return False
+    return True
+
+
+def _refuse_clashing_evaluation(trainer: pl.Trainer, ema: EMAWeights) -> None:
+    """Two averages swapped into the module at once ("ema"), or logged under the same ``_ema``
+    names ("both"), would corrupt the weights or mix the metrics: refuse the second."""
+    if ema.evaluate == "raw":
+        return
+    others = [cb for cb in trainer.callbacks  # type: ignore[attr-defined]
+              if isinstance(cb, EMAWeights) and cb is not ema and cb.evaluate == ema.evaluate]
+    if others:
+        raise ValueError(
+            f"Two EMAWeights on one Trainer have evaluate={ema.evaluate!r}: "
+            + ("both would swap their average into the module for validation"
+               if ema.evaluate == "ema" else "both would log their metrics as `<name>_ema`")
+            + ". Give one of them evaluate='raw' and validate it with `with ema.swapped(model):`.")
 
 
 def _in_fit(trainer: pl.Trainer) -> bool:

@@ -15,11 +15,14 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch import nn
+from typing_extensions import override
 
 from lightning_diag.base import DiagnosticCallback
 from lightning_diag.findings import Severity
 from lightning_diag.tensorboard.figures import filter_grid
+from lightning_diag.tensorboard.tags import FIRST_LAYER_FILTERS
 from lightning_diag.tensorboard.writer import log_dir, log_image
+from lightning_diag.validation import check_int, check_sequence, check_str
 
 __all__ = ["FirstLayerVisualization"]
 
@@ -53,20 +56,19 @@ class FirstLayerVisualization(DiagnosticCallback):
     def __init__(self, every_n_epochs: int = 10, input_shape: Sequence[int] | None = None,
                  layer: str | None = None, strict: bool = False) -> None:
         super().__init__(strict=strict)
-        if not isinstance(every_n_epochs, int) or isinstance(every_n_epochs, bool) \
-                or every_n_epochs < 1:
-            raise ValueError(f"`every_n_epochs` must be a positive int, got {every_n_epochs!r}.")
-        if input_shape is not None and not (
-                isinstance(input_shape, Sequence) and len(input_shape) in (2, 3)
-                and all(isinstance(d, int) and d > 0 for d in input_shape)):
-            raise ValueError("`input_shape` must be None, (H, W) or (C, H, W) of positive ints, "
-                             f"got {input_shape!r}.")
-        if layer is not None and not isinstance(layer, str):
-            raise TypeError(f"`layer` must be a module name (str) or None, got {layer!r}.")
+        check_int("every_n_epochs", every_n_epochs)
+        check_sequence("input_shape", input_shape, check_int, min_len=2, max_len=3, optional=True)
+        check_str("layer", layer, optional=True)
         self.every_n_epochs = every_n_epochs
         self.input_shape = tuple(input_shape) if input_shape is not None else None
         self.layer = layer
         self._drawn_step = -1
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(every_n_epochs=self.every_n_epochs,
+                                        input_shape=self.input_shape, layer=self.layer)
 
     def filters(self, pl_module: nn.Module) -> torch.Tensor | None:
         """The weights to draw as ``(out, C, H, W)``, or None when there is no such layer."""
@@ -89,10 +91,12 @@ class FirstLayerVisualization(DiagnosticCallback):
                     return None  # the first Linear does not see the images
         return None
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
             self._draw(trainer, pl_module)
 
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._draw(trainer, pl_module)
 
@@ -120,17 +124,20 @@ class FirstLayerVisualization(DiagnosticCallback):
         grid = filter_grid(weight)
         zoom = max(1, 256 // max(grid.shape[0], grid.shape[1]))
         grid = grid.repeat_interleave(zoom, 0).repeat_interleave(zoom, 1)
-        log_image(trainer, f"diag/{self.slug}/filters",
+        log_image(trainer, FIRST_LAYER_FILTERS,
                   (grid * 255).round().to(torch.uint8).numpy(), step,
                   png_name=f"first_layer_step{step:07d}.png")
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
             self._drawn_step = -1
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"drawn_step": self._drawn_step}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._drawn_step = int(state_dict.get("drawn_step", -1))

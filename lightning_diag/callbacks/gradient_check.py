@@ -12,10 +12,12 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
+from typing_extensions import override
 
 from lightning_diag.base import FitStartCheck
-from lightning_diag.checks.gradients import _validate, check_gradients, error_table
+from lightning_diag.checks.gradients import check_gradients, error_table, validate_arguments
 from lightning_diag.findings import Finding
+from lightning_diag.tensorboard.tags import GRADIENT_CHECK_ERRORS, GRADIENT_CHECK_WORST
 from lightning_diag.tensorboard.writer import log_scalars, tensorboard_writer
 
 __all__ = ["GradientCheck"]
@@ -40,15 +42,17 @@ class GradientCheck(FitStartCheck):
                  h: float | None = None, tolerance: float | None = None, kinks: bool | None = None,
                  seed: int = 0, strict: bool = False) -> None:
         super().__init__(strict=strict)
-        _validate(num_samples, coords_per_tensor, h, tolerance, seed)
-        for name, flag in (("direction", direction), ("kinks", kinks)):
-            if flag is not None and not isinstance(flag, bool):
-                raise TypeError(f"`{name}` must be a bool{' or None' * (name == 'kinks')}, "
-                                f"got {flag!r}.")
         self.options: dict[str, Any] = {
             "num_samples": num_samples, "coords_per_tensor": coords_per_tensor,
             "direction": direction, "h": h, "tolerance": tolerance, "kinks": kinks, "seed": seed}
+        validate_arguments(**self.options)
 
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(**self.options)
+
+    @override
     def run_check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Finding]:
         batches, skipped = self.fit_start_batches(trainer, pl_module, 1)
         if skipped:
@@ -62,8 +66,8 @@ class GradientCheck(FitStartCheck):
         if not table:
             return
         worst = max(t.worst_error for t in table)
-        log_scalars(trainer, {"diag/gradient_check/worst_error": worst}, trainer.global_step)
+        log_scalars(trainer, {GRADIENT_CHECK_WORST: worst}, trainer.global_step)
         if self.require_tensorboard(trainer, "the gradient-check table"):
             writer = tensorboard_writer(trainer)
             assert writer is not None  # require_tensorboard said so
-            writer.add_text("diag/gradient_check/errors", error_table(table), trainer.global_step)
+            writer.add_text(GRADIENT_CHECK_ERRORS, error_table(table), trainer.global_step)

@@ -13,11 +13,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+from typing_extensions import override
 
 from lightning_diag.base import FitStartCheck
 from lightning_diag.batch import BatchFn, default_batch_to_input, default_batch_to_target
-from lightning_diag.checks.initial_loss import _validate, check_initial_loss
+from lightning_diag.checks.initial_loss import check_initial_loss, validate_arguments
 from lightning_diag.findings import Finding
+from lightning_diag.validation import check_int
 
 __all__ = ["InitialLossCheck"]
 
@@ -40,18 +42,20 @@ class InitialLossCheck(FitStartCheck):
                  batch_to_input: BatchFn = default_batch_to_input,
                  batch_to_target: BatchFn = default_batch_to_target, strict: bool = False) -> None:
         super().__init__(strict=strict)
-        if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
-            raise ValueError(f"`num_batches` must be an int >= 1, got {num_batches!r}.")
-        _validate(num_classes, expected_loss, rel_tol, abs_tol, reg_attr, reg_strengths)
-        for name, fn in (("batch_to_input", batch_to_input), ("batch_to_target", batch_to_target)):
-            if not callable(fn):
-                raise TypeError(f"`{name}` must be callable, got {fn!r}.")
+        check_int("num_batches", num_batches)
         self.num_batches = num_batches
         self.options: dict[str, Any] = {
             "num_classes": num_classes, "expected_loss": expected_loss, "rel_tol": rel_tol,
             "abs_tol": abs_tol, "reg_attr": reg_attr, "reg_strengths": reg_strengths,
             "batch_to_input": batch_to_input, "batch_to_target": batch_to_target}
+        validate_arguments(**self.options)
 
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(num_batches=self.num_batches, **self.options)
+
+    @override
     def run_check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Finding]:
         batches, skipped = self.fit_start_batches(trainer, pl_module, self.num_batches)
         if skipped:

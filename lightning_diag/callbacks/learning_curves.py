@@ -12,16 +12,19 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from typing_extensions import override
 
 from lightning_diag.base import DiagnosticCallback
 from lightning_diag.findings import Severity
 from lightning_diag.tensorboard.figures import curves_figure
+from lightning_diag.tensorboard.tags import CURVES_FIGURE, curve, curves_layout
 from lightning_diag.tensorboard.writer import (
     log_figure,
     log_scalars,
     merge_custom_scalars,
     tensorboard_writer,
 )
+from lightning_diag.validation import check_int, check_str
 
 __all__ = ["LearningCurves"]
 
@@ -56,11 +59,8 @@ class LearningCurves(DiagnosticCallback):
         keys = {"train_loss": train_loss, "val_loss": val_loss, "train_acc": train_acc,
                 "val_acc": val_acc}
         for arg, key in keys.items():
-            if not isinstance(key, str) or not key:
-                raise ValueError(f"`{arg}` must be a non-empty metric name, got {key!r}.")
-        if not isinstance(figure_every_n_epochs, int) or figure_every_n_epochs < 0:
-            raise ValueError("`figure_every_n_epochs` must be an int >= 0, got "
-                             f"{figure_every_n_epochs!r}.")
+            check_str(arg, key)
+        check_int("figure_every_n_epochs", figure_every_n_epochs, low=0)
         self.keys = {"loss/train": train_loss, "loss/val": val_loss,
                      "accuracy/train": train_acc, "accuracy/val": val_acc}
         self.figure_every_n_epochs = figure_every_n_epochs
@@ -68,10 +68,19 @@ class LearningCurves(DiagnosticCallback):
         self._reported_missing: set[str] = set()
         self._val_ran = False
 
+    @property
+    @override
+    def state_key(self) -> str:
+        k = self.keys
+        return self._generate_state_key(train_loss=k["loss/train"], val_loss=k["loss/val"],
+                                        train_acc=k["accuracy/train"], val_acc=k["accuracy/val"])
+
+    @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking:
             self._val_ran = True
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._record(trainer)
 
@@ -92,16 +101,12 @@ class LearningCurves(DiagnosticCallback):
             found["accuracy/gap"] = found["accuracy/train"] - found["accuracy/val"]
         for series, value in found.items():
             self.history.setdefault(series, []).append((epoch, value))
-        log_scalars(trainer, {f"diag/{self.slug}/{s}": v for s, v in found.items()}, epoch)
+        log_scalars(trainer, {curve(s): v for s, v in found.items()}, epoch)
         self._report_missing(trainer, [self.keys[s] for s, v in values.items() if v is None],
                              sorted(metrics))
         writer = tensorboard_writer(trainer)
         if writer is not None:
-            tag = f"diag/{self.slug}"
-            merge_custom_scalars(writer, "learning curves", {
-                "loss (train vs val)": [f"{tag}/loss/train", f"{tag}/loss/val"],
-                "accuracy (train vs val)": [f"{tag}/accuracy/train", f"{tag}/accuracy/val"],
-                "train - val accuracy gap": [f"{tag}/accuracy/gap"]})
+            merge_custom_scalars(writer, *curves_layout())
         n = self.figure_every_n_epochs
         if n and (epoch + 1) % n == 0:
             self._figure(trainer)
@@ -121,20 +126,24 @@ class LearningCurves(DiagnosticCallback):
 
     def _figure(self, trainer: pl.Trainer) -> None:
         if self.history and self.require_tensorboard(trainer, "learning-curve figure"):
-            log_figure(trainer, f"diag/{self.slug}/figure", curves_figure(self.history),
+            log_figure(trainer, CURVES_FIGURE, curves_figure(self.history),
                        trainer.current_epoch, png_name="learning_curves.png")
 
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._figure(trainer)
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
             self.history, self._reported_missing, self._val_ran = {}, set(), False
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"history": {k: list(v) for k, v in self.history.items()}}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = {k: [(int(e), float(v)) for e, v in pts]
                         for k, pts in state_dict.get("history", {}).items()}

@@ -16,6 +16,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from typing_extensions import override
 
 from lightning_diag.base import DiagnosticCallback
 from lightning_diag.batch import loss_from_output
@@ -28,6 +29,7 @@ from lightning_diag.checks.advisor import (
 from lightning_diag.checks.divergence import describe_divergence
 from lightning_diag.findings import Finding, Severity
 from lightning_diag.functional.curves import is_jump, jump_threshold
+from lightning_diag.validation import check_flag, check_int, check_number, check_str, require
 
 __all__ = ["LRPlateauAdvisor"]
 
@@ -40,25 +42,24 @@ ADVICE = {
 }
 
 
-def _validate(names: dict[str, Any], counts: dict[str, Any], fractions: dict[str, Any],
-              others: dict[str, tuple[Any, float, bool]], flags: dict[str, Any]) -> None:
-    """Raise a ValueError/TypeError naming the first bad argument of LRPlateauAdvisor."""
-    for name, value in names.items():
-        if value is not None and (not isinstance(value, str) or not value):
-            raise TypeError(f"`{name}` must be a non-empty metric name, got {value!r}.")
-    for name, value in counts.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"`{name}` must be an int >= 1, got {value!r}.")
-    for name, value in fractions.items():
-        if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-            raise ValueError(f"`{name}` must be a number in [0, 1], got {value!r}.")
-    for name, (value, low, inclusive) in others.items():
-        if not isinstance(value, (int, float)) or value < low or (value == low and not inclusive):
-            raise ValueError(f"`{name}` must be a number {'>=' if inclusive else '>'} {low}, "
-                             f"got {value!r}.")
-    for name, value in flags.items():
-        if not isinstance(value, bool):
-            raise TypeError(f"`{name}` must be a bool, got {value!r}.")
+def _validate(**args: Any) -> None:
+    """Check the arguments of LRPlateauAdvisor, given by name (see lightning_diag.validation)."""
+    check_str("monitor", args["monitor"], optional=True)
+    for name in ("train_loss_key", "val_loss_key", "train_acc_key", "val_acc_key"):
+        check_str(name, args[name])
+    for name in ("patience", "min_epochs", "window", "min_history"):
+        check_int(name, args[name])
+    require(args["min_history"] <= args["window"], "min_history", args["min_history"],
+            f"an int <= `window` ({args['window']}), the number of losses the median keeps")
+    for name in ("min_rel_delta", "high_fraction", "low_acc", "close_gap", "overfit_gap"):
+        check_number(name, args[name], low=0, high=1)
+    # a factor of 0 would stop training, one of 1 or more would not decay
+    check_number("factor", args["factor"], low=0, high=1, low_open=True, high_open=True)
+    check_number("min_lr", args["min_lr"], low=0)
+    check_number("jump_factor", args["jump_factor"], low=1, low_open=True)
+    check_number("min_jump_fraction", args["min_jump_fraction"], low=0)
+    check_flag("act", args["act"])
+    check_flag("save_batch", args["save_batch"])
 
 
 class LRPlateauAdvisor(DiagnosticCallback):
@@ -102,21 +103,13 @@ class LRPlateauAdvisor(DiagnosticCallback):
                  min_jump_fraction: float = 0.5, window: int = 50, min_history: int = 10,
                  save_batch: bool = True, strict: bool = False) -> None:
         super().__init__(strict=strict)
-        _validate(names={"monitor": monitor, "train_loss_key": train_loss_key,
-                         "val_loss_key": val_loss_key, "train_acc_key": train_acc_key,
-                         "val_acc_key": val_acc_key},
-                  counts={"patience": patience, "min_epochs": min_epochs, "window": window,
-                          "min_history": min_history},
-                  fractions={"min_rel_delta": min_rel_delta, "high_fraction": high_fraction,
-                             "factor": factor, "low_acc": low_acc, "close_gap": close_gap,
-                             "overfit_gap": overfit_gap},
-                  others={"jump_factor": (jump_factor, 1.0, False),
-                          "min_jump_fraction": (min_jump_fraction, 0.0, True),
-                          "min_lr": (min_lr, 0.0, True)},
-                  flags={"act": act, "save_batch": save_batch})
-        if min_history > window:
-            raise ValueError(f"`min_history` ({min_history}) must be <= `window` ({window}): the "
-                             "running median keeps only the last `window` losses.")
+        _validate(monitor=monitor, train_loss_key=train_loss_key, val_loss_key=val_loss_key,
+                  train_acc_key=train_acc_key, val_acc_key=val_acc_key, patience=patience,
+                  min_rel_delta=min_rel_delta, high_fraction=high_fraction, act=act,
+                  factor=factor, min_lr=min_lr, min_epochs=min_epochs, low_acc=low_acc,
+                  close_gap=close_gap, overfit_gap=overfit_gap, jump_factor=jump_factor,
+                  min_jump_fraction=min_jump_fraction, window=window, min_history=min_history,
+                  save_batch=save_batch)
         self.monitor, self.act, self.save_batch = monitor, act, save_batch
         self.keys = {"train_loss": train_loss_key, "val_loss": val_loss_key,
                      "train_acc": train_acc_key, "val_acc": val_acc_key}
@@ -128,6 +121,17 @@ class LRPlateauAdvisor(DiagnosticCallback):
         self.window, self.min_history = window, min_history
         self._reset()
 
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            monitor=self.monitor, **self.keys, patience=self.patience,
+            min_rel_delta=self.min_rel_delta, high_fraction=self.high_fraction, act=self.act,
+            factor=self.factor, min_lr=self.min_lr, min_epochs=self.min_epochs,
+            low_acc=self.low_acc, close_gap=self.close_gap, overfit_gap=self.overfit_gap,
+            jump_factor=self.jump_factor, min_jump_fraction=self.min_jump_fraction,
+            window=self.window, min_history=self.min_history)
+
     def _reset(self) -> None:
         self.history: dict[str, list[float]] = {}
         self.step_losses: deque[float] = deque(maxlen=self.window)
@@ -137,16 +141,19 @@ class LRPlateauAdvisor(DiagnosticCallback):
         self.lr_changes: list[dict[str, Any]] = []
         self._batch_step = 0
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
             self._reset()  # a checkpoint restored after setup brings the history back
 
     # ---- per step: divergence -------------------------------------------------------------
+    @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                              batch: Any, batch_idx: int) -> None:
         self._batch_step = trainer.global_step
 
+    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         try:
@@ -184,6 +191,7 @@ class LRPlateauAdvisor(DiagnosticCallback):
         return self.min_jump_fraction * abs(self.start_loss or 0.0)
 
     # ---- per epoch: plateau, underfit, overfit --------------------------------------------
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.record(trainer.callback_metrics)
         self.publish(trainer, self.assess(trainer))
@@ -237,12 +245,14 @@ class LRPlateauAdvisor(DiagnosticCallback):
                             value=verdict.value, expected=verdict.expected,
                             details=verdict.details or {})
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"history": {k: list(v) for k, v in self.history.items()},
                 "step_losses": list(self.step_losses), "start_loss": self.start_loss,
                 "plateau_from": self.plateau_from, "reported": sorted(self.reported),
                 "lr_changes": list(self.lr_changes)}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._reset()
         self.history = {k: list(v) for k, v in state_dict.get("history", {}).items()}

@@ -12,12 +12,15 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
+from typing_extensions import override
 
 from lightning_diag.base import FitStartCheck
 from lightning_diag.batch import BatchFn, default_batch_to_input, default_batch_to_target
-from lightning_diag.checks.overfit import OverfitResult, _validate, overfit_batches
+from lightning_diag.checks.overfit import OverfitResult, overfit_batches, validate_arguments
 from lightning_diag.findings import Finding
+from lightning_diag.tensorboard.tags import OVERFIT_ACCURACY, OVERFIT_LOSS
 from lightning_diag.tensorboard.writer import log_scalars
+from lightning_diag.validation import check_flag, check_int
 
 __all__ = ["OverfitSmallBatch"]
 
@@ -41,19 +44,23 @@ class OverfitSmallBatch(FitStartCheck):
                  batch_to_target: BatchFn = default_batch_to_target, progress_bar: bool = True,
                  strict: bool = False) -> None:
         super().__init__(strict=strict)
-        if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
-            raise ValueError(f"`num_batches` must be an int >= 1, got {num_batches!r}.")
-        _validate(max_steps, loss_fraction, reg_attr, batch_to_input, batch_to_target)
-        if not isinstance(progress_bar, bool):
-            raise TypeError(f"`progress_bar` must be a bool, got {progress_bar!r}.")
-        self.progress_bar = progress_bar
-        self.num_batches = num_batches
+        check_int("num_batches", num_batches)
         self.options: dict[str, Any] = {
             "max_steps": max_steps, "loss_fraction": loss_fraction,
             "reg_attr": reg_attr, "batch_to_input": batch_to_input,
             "batch_to_target": batch_to_target}
+        validate_arguments(**self.options)
+        check_flag("progress_bar", progress_bar)
+        self.progress_bar = progress_bar
+        self.num_batches = num_batches
         self.result: OverfitResult | None = None
 
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(num_batches=self.num_batches, **self.options)
+
+    @override
     def run_check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Finding]:
         batches, skipped = self.fit_start_batches(trainer, pl_module, self.num_batches)
         if skipped:
@@ -68,7 +75,7 @@ class OverfitSmallBatch(FitStartCheck):
 
     @staticmethod
     def _log_point(trainer: pl.Trainer, step: int, loss: float, acc: float | None) -> None:
-        point = {"diag/overfit/loss": loss}
+        point = {OVERFIT_LOSS: loss}
         if acc is not None:
-            point["diag/overfit/accuracy"] = acc
+            point[OVERFIT_ACCURACY] = acc
         log_scalars(trainer, point, step)

@@ -14,11 +14,19 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from typing_extensions import override
 
 from lightning_diag.base import DiagnosticCallback
 from lightning_diag.findings import Finding, Severity
 from lightning_diag.functional.monitors import is_logging_step, update_ratios
+from lightning_diag.tensorboard.tags import (
+    UPDATE_RATIO_GUIDE,
+    UPDATE_RATIO_MEDIAN,
+    update_ratio_layer,
+    update_ratio_layout,
+)
 from lightning_diag.tensorboard.writer import log_scalars, merge_custom_scalars, tensorboard_writer
+from lightning_diag.validation import check_int, check_number, require
 
 __all__ = ["UpdateRatioMonitor"]
 
@@ -62,13 +70,12 @@ class UpdateRatioMonitor(DiagnosticCallback):
     def __init__(self, every_n_steps: int = 100, low: float = 1e-5, high: float = 0.2,
                  extreme: float = 1.0, patience: int = 3, strict: bool = False) -> None:
         super().__init__(strict=strict)
-        for name, val in (("every_n_steps", every_n_steps), ("patience", patience)):
-            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {val!r}.")
-        nums = (low, high, extreme)
-        if not all(isinstance(v, (int, float)) for v in nums) or not 0 < low < high <= extreme:
-            raise ValueError("`low`, `high` and `extreme` must satisfy 0 < low < high <= extreme, "
-                             f"got low={low!r}, high={high!r}, extreme={extreme!r}.")
+        check_int("every_n_steps", every_n_steps)
+        for name, value in (("low", low), ("high", high), ("extreme", extreme)):
+            check_number(name, value, low=0, low_open=True)
+        require(high > low, "high", high, f"a number > `low` ({low!r})")
+        require(extreme >= high, "extreme", extreme, f"a number >= `high` ({high!r})")
+        check_int("patience", patience)
         self.every_n_steps, self.patience = every_n_steps, patience
         self.low, self.high, self.extreme = float(low), float(high), float(extreme)
         self.streak = dict.fromkeys(_CODES, 0)
@@ -78,12 +85,21 @@ class UpdateRatioMonitor(DiagnosticCallback):
         self._pending: list[tuple[list[str], list[torch.Tensor], list[torch.Tensor],
                                   torch.Tensor]] = []
 
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(every_n_steps=self.every_n_steps, low=self.low,
+                                        high=self.high, extreme=self.extreme,
+                                        patience=self.patience)
+
+    @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                              batch: Any, batch_idx: int) -> None:
         self._armed = is_logging_step(trainer.global_step, self.every_n_steps)
         if self._armed and not self._pending:
             self._step = trainer.global_step
 
+    @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
         if self._armed:
@@ -100,6 +116,7 @@ class UpdateRatioMonitor(DiagnosticCallback):
         labels = [names.get(id(p), f"optimizer_param_{i}") for i, p in enumerate(params)]
         self._pending.append((labels, params, snapshot, gnorm))
 
+    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._pending:
@@ -121,15 +138,13 @@ class UpdateRatioMonitor(DiagnosticCallback):
         median = statistics.median(finite) if finite else math.nan
         if any(math.isnan(v) for v in self.last.values()):
             median = math.nan
-        step, tag = self._step, f"diag/{self.slug}"
-        scalars = {f"{tag}/layer/{n}": v for n, v in self.last.items()}
-        scalars.update({f"{tag}/median": median, f"{tag}/guide_1e-3": GUIDE})
+        step = self._step
+        scalars = {update_ratio_layer(n): v for n, v in self.last.items()}
+        scalars.update({UPDATE_RATIO_MEDIAN: median, UPDATE_RATIO_GUIDE: GUIDE})
         log_scalars(trainer, scalars, step)
         writer = tensorboard_writer(trainer)
         if writer is not None:
-            merge_custom_scalars(writer, "update_ratio", {
-                "median update ratio vs 1e-3 guide": [f"{tag}/median", f"{tag}/guide_1e-3"],
-                "per-layer update ratio": [f"{tag}/layer/.*", f"{tag}/guide_1e-3"]})
+            merge_custom_scalars(writer, *update_ratio_layout())
         self.publish(trainer, self._check(trainer, median, len(still), grad_norm))
 
     def _check(self, trainer: pl.Trainer, median: float, still: int,
@@ -172,23 +187,28 @@ class UpdateRatioMonitor(DiagnosticCallback):
                             value=value, step=self._step, expected=(self.low, self.high),
                             details={"ratios": dict(self.last)})
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
             self.streak, self.last = dict.fromkeys(_CODES, 0), {}
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
         self._pending, self._armed = [], False
 
+    @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:
         super().on_exception(trainer, pl_module, exception)
         self._pending, self._armed = [], False
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"streak": dict(self.streak)}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.streak.update({k: int(v) for k, v in state_dict.get("streak", {}).items()
                             if k in self.streak})

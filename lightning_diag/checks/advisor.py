@@ -38,7 +38,9 @@ def plateau_verdict(key: str, curve: list[float], plateau_from: int, start_loss:
                     patience: int, min_rel_delta: float, high_fraction: float) -> Verdict | None:
     """``advisor.plateau`` when ``curve[plateau_from:]`` stalled while the loss is still high.
 
-    The start loss defaults to the first finite value of ``curve``.
+    The start loss defaults to the first finite value of ``curve``. "Still high" is a fraction
+    of the start loss, so a start loss of 0 or below gives no verdict (a loss that starts at 0
+    has nowhere to go).
     """
     waited = plateau_length(curve[plateau_from:], min_rel_delta)
     finite = [v for v in curve if math.isfinite(v)]
@@ -46,7 +48,7 @@ def plateau_verdict(key: str, curve: list[float], plateau_from: int, start_loss:
         return None
     start = start_loss if start_loss is not None else finite[0]
     best = min(finite)
-    if best < high_fraction * start:
+    if start <= 0 or best < high_fraction * start:
         return None  # converged low: a plateau there is the end of training, not a problem
     msg = (f"`{key}` has not improved by {min_rel_delta:.0%} for {waited} epochs "
            f"(patience {patience}); best {best:.4g} is still {best / start:.0%} of the "

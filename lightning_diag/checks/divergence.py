@@ -71,6 +71,20 @@ def save_batch(trainer: pl.Trainer, batch: Any, name: str) -> Path | None:
     return path
 
 
+def _jump_text(loss: float, median: float) -> str:
+    """How far a finite ``loss`` jumped above ``median``, in words that hold for a median of 0.
+
+    Example:
+        >>> _jump_text(5.0, 0.5)
+        'jumped to 5, 10.0x the running median 0.5'
+        >>> _jump_text(5.0, 0.0)
+        'jumped to 5 from a running median of 0'
+    """
+    if median > 0:
+        return f"jumped to {loss:.4g}, {loss / median:.1f}x the running median {median:.4g}"
+    return f"jumped to {loss:.4g} from a running median of {median:.4g}"  # no ratio to 0
+
+
 def describe_divergence(trainer: pl.Trainer, loss: float, median: float, batch: Any,
                         batch_idx: int, step: int, save: bool
                         ) -> tuple[str, tuple[int, ...], dict[str, Any]]:
@@ -85,10 +99,7 @@ def describe_divergence(trainer: pl.Trainer, loss: float, median: float, batch: 
         save: Also save the batch with :func:`save_batch`.
     """
     indices, source = batch_indices(trainer, batch, batch_idx)
-    if math.isfinite(loss):
-        what = f"jumped to {loss:.4g}, {loss / median:.1f}x the running median {median:.4g}"
-    else:
-        what = f"is {loss}"
+    what = _jump_text(loss, median) if math.isfinite(loss) else f"is {loss}"
     where = f"global step {step}, batch {batch_idx} of epoch {trainer.current_epoch}"
     idx_text = (f"dataset indices {list(indices[:16])}{'...' if len(indices) > 16 else ''} "
                 f"({source})" if indices else "dataset indices unknown (make the dataset "

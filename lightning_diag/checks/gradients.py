@@ -32,8 +32,9 @@ from lightning_diag.functional.checks import (
     relative_error,
 )
 from lightning_diag.isolation import RNGState, side_experiment
+from lightning_diag.validation import check_flag, check_int, check_number
 
-__all__ = ["TensorGradientError", "check_gradients", "error_table"]
+__all__ = ["TensorGradientError", "check_gradients", "error_table", "validate_arguments"]
 
 CHECK = "GradientCheck"
 ADVICE = (
@@ -100,7 +101,8 @@ def check_gradients(
         ``gradient_check.ok`` (INFO); ``gradient_check.non_finite`` (FAIL) for a NaN/Inf loss.
         The per-tensor table is in ``details["table"]`` (a list of :class:`TensorGradientError`).
     """
-    _validate(num_samples, coords_per_tensor, h, tolerance, seed)
+    validate_arguments(num_samples=num_samples, coords_per_tensor=coords_per_tensor,
+                       direction=direction, h=h, tolerance=tolerance, kinks=kinks, seed=seed)
     with side_experiment(module) as clone:
         clone.double().train()
         size = _first_dim(batch)
@@ -135,17 +137,24 @@ def check_gradients(
     return [_summarize(table, tol, kinky, len(index) if size else None)]
 
 
-def _validate(num_samples: int, coords: int, h: float | None, tolerance: float | None,
-              seed: int) -> None:
-    for name, value in (("num_samples", num_samples), ("coords_per_tensor", coords)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"`{name}` must be an int >= 1, got {value!r}.")
-    if h is not None and (not isinstance(h, (int, float)) or not 0 < h < 1):
-        raise ValueError(f"`h` must be a float in (0, 1) or None, got {h!r}.")
-    if tolerance is not None and (not isinstance(tolerance, (int, float)) or not tolerance > 0):
-        raise ValueError(f"`tolerance` must be a positive float or None, got {tolerance!r}.")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"`seed` must be an int, got {seed!r}.")
+def validate_arguments(*, num_samples: Any, coords_per_tensor: Any, direction: Any, h: Any,
+                       tolerance: Any, kinks: Any, seed: Any) -> None:
+    """Check the arguments of :func:`check_gradients` (see :mod:`lightning_diag.validation`).
+
+    Example:
+        >>> validate_arguments(num_samples=4, coords_per_tensor=10, direction=True, h=1.0,
+        ...                    tolerance=None, kinks=None, seed=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: `h` must be a number in (0, 1) or None, got 1.0.
+    """
+    check_int("num_samples", num_samples)
+    check_int("coords_per_tensor", coords_per_tensor)
+    check_flag("direction", direction)
+    check_number("h", h, low=0, high=1, low_open=True, high_open=True, optional=True)
+    check_number("tolerance", tolerance, low=0, low_open=True, optional=True)
+    check_flag("kinks", kinks, optional=True)
+    check_int("seed", seed, low=None)
 
 
 def _first_dim(batch: Any) -> int:

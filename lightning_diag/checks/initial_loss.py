@@ -19,7 +19,14 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from lightning_diag.batch import BatchFn, default_batch_to_input, default_batch_to_target, step_loss
+from lightning_diag.batch import (
+    BatchFn,
+    UserCodeError,
+    default_batch_to_input,
+    default_batch_to_target,
+    forward_output,
+    step_loss,
+)
 from lightning_diag.findings import Finding, Severity
 from lightning_diag.functional.checks import expected_initial_loss, is_classification
 from lightning_diag.isolation import (
@@ -29,8 +36,16 @@ from lightning_diag.isolation import (
     set_reg_strength,
     side_experiment,
 )
+from lightning_diag.validation import (
+    check_callable,
+    check_int,
+    check_number,
+    check_sequence,
+    check_str,
+    require,
+)
 
-__all__ = ["check_initial_loss", "loss_tolerance"]
+__all__ = ["check_initial_loss", "loss_tolerance", "validate_arguments"]
 
 CHECK = "InitialLossCheck"
 MISMATCH_ADVICE = (
@@ -85,8 +100,14 @@ def check_initial_loss(
             current strength ``s`` (``1e-3`` when it is 0).
         batch_to_input: Extracts the model input from a batch.
         batch_to_target: Extracts the target from a batch.
+
+    Raises:
+        UserCodeError: ``forward`` or ``batch_to_input`` raised (``training_step``'s own
+            exceptions pass through unchanged).
     """
-    _validate(num_classes, expected_loss, rel_tol, abs_tol, reg_attr, reg_strengths)
+    validate_arguments(num_classes=num_classes, expected_loss=expected_loss, rel_tol=rel_tol,
+                       abs_tol=abs_tol, reg_attr=reg_attr, reg_strengths=reg_strengths,
+                       batch_to_input=batch_to_input, batch_to_target=batch_to_target)
     if not batches:
         raise ValueError("`batches` is empty: give at least one training batch.")
     with side_experiment(module) as clone:
@@ -101,7 +122,7 @@ def check_initial_loss(
                 rng.restore()
                 losses.append(float(step_loss(clone, batch, i)))
                 rng.restore()
-                outputs.append(_forward(clone, batch, batch_to_input))
+                outputs.append(forward_output(clone, batch, batch_to_input))
                 targets.append(batch_to_target(batch))
         loss = sum(losses) / len(losses)
         found = _loss_findings(loss, outputs, targets, num_classes, expected_loss, rel_tol, abs_tol)
@@ -112,31 +133,30 @@ def check_initial_loss(
     return found
 
 
-def _validate(num_classes: int | None, expected_loss: float | None, rel_tol: float,
-              abs_tol: float, reg_attr: str | None, reg_strengths: Sequence[float] | None) -> None:
-    if num_classes is not None:
-        expected_initial_loss(num_classes)  # raises a ValueError naming `num_classes`
-    if expected_loss is not None and (not isinstance(expected_loss, (int, float))
-                                      or not math.isfinite(expected_loss)):
-        raise ValueError(f"`expected_loss` must be a finite float or None, got {expected_loss!r}.")
-    for name, tol in (("rel_tol", rel_tol), ("abs_tol", abs_tol)):
-        if not isinstance(tol, (int, float)) or not tol >= 0:
-            raise ValueError(f"`{name}` must be a float >= 0, got {tol!r}.")
-    if reg_attr is not None and (not isinstance(reg_attr, str) or not reg_attr):
-        raise ValueError(
-            f"`reg_attr` must be a non-empty attribute name or None, got {reg_attr!r}.")
+def validate_arguments(*, num_classes: Any, expected_loss: Any, rel_tol: Any, abs_tol: Any,
+                       reg_attr: Any, reg_strengths: Any, batch_to_input: Any,
+                       batch_to_target: Any) -> None:
+    """Check the arguments of :func:`check_initial_loss` (see :mod:`lightning_diag.validation`).
+
+    Example:
+        >>> validate_arguments(num_classes=1, expected_loss=None, rel_tol=0.1, abs_tol=0.05,
+        ...                    reg_attr=None, reg_strengths=None, batch_to_input=print,
+        ...                    batch_to_target=print)
+        Traceback (most recent call last):
+        ...
+        ValueError: `num_classes` must be an int >= 2 or None, got 1.
+    """
+    check_int("num_classes", num_classes, low=2, optional=True)
+    check_number("expected_loss", expected_loss, optional=True)
+    check_number("rel_tol", rel_tol, low=0)
+    check_number("abs_tol", abs_tol, low=0)
+    check_str("reg_attr", reg_attr, optional=True)
+    check_sequence("reg_strengths", reg_strengths, check_number, min_len=2, optional=True)
     if reg_strengths is not None:
-        values = list(reg_strengths)
-        if len(values) < 2 or any(b <= a for a, b in itertools.pairwise(values)):
-            raise ValueError("`reg_strengths` must hold at least two strictly increasing values, "
-                             f"got {reg_strengths!r}.")
-
-
-def _forward(module: pl.LightningModule, batch: Any, batch_to_input: BatchFn) -> Any:
-    try:
-        return module(batch_to_input(batch))
-    except Exception:  # a module without forward(): no logits, so no class count from them
-        return None
+        require(all(b > a for a, b in itertools.pairwise(reg_strengths)), "reg_strengths",
+                reg_strengths, "a sequence of strictly increasing numbers")
+    check_callable("batch_to_input", batch_to_input)
+    check_callable("batch_to_target", batch_to_target)
 
 
 def _loss_findings(loss: float, outputs: list[Any], targets: list[Any], num_classes: int | None,
@@ -223,10 +243,18 @@ def _reg_finding(module: pl.LightningModule, batch: Any, rng: RNGState, reg_attr
 
 def _weight_decay_finding(module: pl.LightningModule) -> Finding:
     try:
-        decays = sorted({float(g.get("weight_decay", 0.0))
-                         for g in fresh_optimizer(module).param_groups})
-    except Exception:  # configure_optimizers needing the trainer, or returning no optimizer
-        decays = []
+        optimizer = fresh_optimizer(module)
+    except UserCodeError as err:  # not a measurement: the decay is unknown, not 0
+        return Finding(CHECK, "initial_loss.optimizer_error", Severity.WARN,
+                       f"The optimizer could not be built to read its weight decay: {err}",
+                       advice="Fix `configure_optimizers`; if it needs the Trainer, run the "
+                       "check through the InitialLossCheck callback.",
+                       details={"where": err.where, "exception": type(err.error).__name__})
+    except ValueError:  # it returned no optimizer: there is no decay to report
+        return Finding(CHECK, "initial_loss.regularization", Severity.INFO,
+                       "Regularization: `configure_optimizers()` returned no optimizer, so "
+                       "there is no weight decay to report.")
+    decays = sorted({float(g.get("weight_decay", 0.0)) for g in optimizer.param_groups})
     where = (f"optimizer weight decay {', '.join(f'{d:g}' for d in decays)}" if any(decays)
              else "none found in the optimizer (weight decay 0)")
     return Finding(CHECK, "initial_loss.regularization", Severity.INFO,

@@ -22,7 +22,13 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_diag.batch import BatchFn, default_batch_to_input, default_batch_to_target, step_loss
+from lightning_diag.batch import (
+    BatchFn,
+    default_batch_to_input,
+    default_batch_to_target,
+    forward_output,
+    step_loss,
+)
 from lightning_diag.findings import Finding, Severity
 from lightning_diag.functional.checks import is_classification
 from lightning_diag.isolation import (
@@ -32,8 +38,9 @@ from lightning_diag.isolation import (
     preserved_rng,
     side_experiment,
 )
+from lightning_diag.validation import check_callable, check_int, check_number, check_str
 
-__all__ = ["OverfitResult", "overfit_batches", "overfit_small_batch"]
+__all__ = ["OverfitResult", "overfit_batches", "overfit_small_batch", "validate_arguments"]
 
 CHECK = "OverfitSmallBatch"
 ADVICE = (
@@ -94,18 +101,22 @@ class OverfitResult:
                         expected=target)]
 
 
-def _validate(max_steps: int, loss_fraction: float, reg_attr: str | None,
-              batch_to_input: Any, batch_to_target: Any) -> None:
-    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
-        raise ValueError(f"`max_steps` must be an int >= 1, got {max_steps!r}.")
-    if not isinstance(loss_fraction, (int, float)) or not 0 < loss_fraction < 1:
-        raise ValueError(f"`loss_fraction` must be a float in (0, 1), got {loss_fraction!r}.")
-    if reg_attr is not None and (not isinstance(reg_attr, str) or not reg_attr):
-        raise ValueError(
-            f"`reg_attr` must be a non-empty attribute name or None, got {reg_attr!r}.")
-    for name, fn in (("batch_to_input", batch_to_input), ("batch_to_target", batch_to_target)):
-        if not callable(fn):
-            raise TypeError(f"`{name}` must be callable, got {fn!r}.")
+def validate_arguments(*, max_steps: Any, loss_fraction: Any, reg_attr: Any,
+                       batch_to_input: Any, batch_to_target: Any) -> None:
+    """Check the arguments of :func:`overfit_batches` (see :mod:`lightning_diag.validation`).
+
+    Example:
+        >>> validate_arguments(max_steps=100, loss_fraction=1.0, reg_attr=None,
+        ...                    batch_to_input=print, batch_to_target=print)
+        Traceback (most recent call last):
+        ...
+        ValueError: `loss_fraction` must be a number in (0, 1), got 1.0.
+    """
+    check_int("max_steps", max_steps)
+    check_number("loss_fraction", loss_fraction, low=0, high=1, low_open=True, high_open=True)
+    check_str("reg_attr", reg_attr, optional=True)
+    check_callable("batch_to_input", batch_to_input)
+    check_callable("batch_to_target", batch_to_target)
 
 
 def overfit_small_batch(
@@ -118,9 +129,9 @@ def overfit_small_batch(
 
     Raises:
         ValueError: an empty dataloader, manual optimization or no optimizer.
+        UserCodeError: the dataset, ``configure_optimizers`` or ``forward`` raised.
     """
-    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
-        raise ValueError(f"`num_batches` must be an int >= 1, got {num_batches!r}.")
+    check_int("num_batches", num_batches)
     with preserved_rng():
         batches = first_batches(dataloader, num_batches, module.device)
     return overfit_batches(module, batches, **kwargs)
@@ -161,8 +172,11 @@ def overfit_batches(
 
     Raises:
         ValueError: manual optimization, no batches, or no optimizer.
+        UserCodeError: ``configure_optimizers``, ``forward`` or ``batch_to_input`` raised
+            (``training_step``'s own exceptions pass through unchanged).
     """
-    _validate(max_steps, loss_fraction, reg_attr, batch_to_input, batch_to_target)
+    validate_arguments(max_steps=max_steps, loss_fraction=loss_fraction, reg_attr=reg_attr,
+                       batch_to_input=batch_to_input, batch_to_target=batch_to_target)
     if not batches:
         raise ValueError("`batches` is empty: give at least one training batch.")
     if not module.automatic_optimization:
@@ -231,17 +245,10 @@ def _pass(clone: pl.LightningModule, batches: list[Any], outputs: list[Any],
             optimizer.step()
         losses.append(float(loss.detach()))
         target = to_target(batch)
-        logits = outputs[-1] if outputs else _forward(clone, batch, to_input)
+        # the forward hook saw nothing when training_step does not call forward()
+        logits = outputs[-1] if outputs else forward_output(clone, batch, to_input)
         classified = classified and is_classification(logits, target)
         if classified:
             correct += int((logits.detach().argmax(1) == target).sum())
             total += int(target.shape[0])
     return sum(losses) / len(losses), (correct / total if classified and total else None)
-
-
-def _forward(module: pl.LightningModule, batch: Any, to_input: BatchFn) -> Any:
-    try:
-        with torch.no_grad():
-            return module(to_input(batch))
-    except Exception:  # training_step does not go through forward(): loss criterion only
-        return None

@@ -33,6 +33,7 @@ import inspect
 import os
 import pickle
 import re
+import struct
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -40,6 +41,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from lightning_diag.validation import check_flag
 
 __all__ = [
     "CheckpointLoadError",
@@ -78,6 +81,12 @@ class CheckpointLoadError(RuntimeError):
         super().__init__(f"{text} {advice}" if advice else text)
 
 
+#: What ``torch.load`` raised on checkpoints corrupted byte by byte (truncated, overwritten,
+#: zip and legacy formats; torch 2.x): a damaged file, not a bug to hide.
+_CORRUPT_FILE_ERRORS = (RuntimeError, OSError, EOFError, ValueError, KeyError, IndexError,
+                        TypeError, AssertionError, struct.error)
+
+
 def load_checkpoint(path: PathLike, *, trust: bool = False) -> dict[str, Any]:
     """Read a checkpoint onto the CPU with ``weights_only=True``.
 
@@ -92,8 +101,7 @@ def load_checkpoint(path: PathLike, *, trust: bool = False) -> dict[str, Any]:
         CheckpointLoadError: missing, empty, truncated or corrupt file, not a checkpoint, or one
             that needs pickled globals (listed in the message and in ``unsafe_globals``).
     """
-    if not isinstance(trust, bool):
-        raise TypeError(f"`trust` must be a bool, got {trust!r}.")
+    check_flag("trust", trust)
     p = Path(path)
     if not p.exists():
         raise CheckpointLoadError(p, "file not found", "Check the path.")
@@ -105,7 +113,7 @@ def load_checkpoint(path: PathLike, *, trust: bool = False) -> dict[str, Any]:
         obj = torch.load(p, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as err:
         raise _unpickling_error(p, err) from err
-    except Exception as err:  # torch raises many types (RuntimeError, EOFError, KeyError, ...)
+    except _CORRUPT_FILE_ERRORS as err:
         reason = "truncated or corrupt file" if zipfile.is_zipfile(p) or _looks_zip(p) else (
             "not a PyTorch checkpoint")
         raise CheckpointLoadError(p, f"{reason} ({type(err).__name__}: {_first_line(err)})",
@@ -131,7 +139,9 @@ def _unpickling_error(p: Path, err: pickle.UnpicklingError) -> CheckpointLoadErr
                                    "Give a file written by torch.save / Trainer.save_checkpoint.")
     try:
         names = list(torch.serialization.get_unsafe_globals_in_checkpoint(p))
-    except Exception:  # a legacy (non-zip) file: fall back to the name torch reported
+    # ValueError: a legacy (non-zip) file; the others: a damaged archive. Fall back to the
+    # names torch reported.
+    except (ValueError, RuntimeError, pickle.UnpicklingError):
         names = []
     if not names:
         names = re.findall(r"GLOBAL ([\w.]+)", str(err))

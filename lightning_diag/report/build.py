@@ -1,17 +1,19 @@
-"""One self-contained HTML report built from a run's TensorBoard event files.
+"""One self-contained HTML report built from a run's TensorBoard event files and findings.
 
 Every figure is a matplotlib PNG embedded as base64 and every TensorBoard image is embedded as
-logged, so the file can be mailed or archived alone. Sections follow the tag scheme of
-docs/tensorboard.md and appear only when their tags exist; any other scalar lands in a generic
-section, so nothing a run logged is hidden.
+logged, so the file can be mailed or archived alone. The findings come from each run's
+``findings.jsonl`` (:func:`~lightning_diag.findings.load_findings_by_run`); the other sections
+pick their tags by the roots of :mod:`lightning_diag.tensorboard.tags` and appear only when
+those tags exist; any other tag lands in a generic section, so nothing a run logged is hidden.
 
 Example:
     >>> import tempfile
     >>> from torch.utils.tensorboard import SummaryWriter
+    >>> from lightning_diag.tensorboard.tags import curve
     >>> d = tempfile.mkdtemp()
     >>> with SummaryWriter(d) as w:
     ...     for epoch, loss in enumerate([2.3, 1.1, 0.6]):
-    ...         w.add_scalar("diag/curves/loss/train", loss, epoch)
+    ...         w.add_scalar(curve("loss/train"), loss, epoch)
     >>> path = build_report(d)
     >>> path.name, "Learning curves" in path.read_text()
     ('report.html', True)
@@ -21,53 +23,21 @@ from __future__ import annotations
 
 import datetime as _dt
 import html
-import re
+import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
 
+from lightning_diag.findings import FINDINGS_FILE, Finding, Severity, load_findings_by_run
 from lightning_diag.report import sections
 from lightning_diag.report.canvas import Canvas
 from lightning_diag.report.html import CSS, section
 from lightning_diag.tensorboard.events import load_runs
+from lightning_diag.tensorboard.tags import DATA, FINDINGS, FIRST_LAYER, TUNING
 
-__all__ = ["ReportFinding", "build_report", "parse_findings_table"]
+__all__ = ["build_report"]
 
-_SEVERITIES = ("FAIL", "WARN", "INFO")
-_CELL_SPLIT = re.compile(r"(?<!\\)\|")
-
-
-class ReportFinding(NamedTuple):
-    """A finding read back from a ``diagnostics/<Check>`` table of one run."""
-
-    run: str
-    check: str
-    step: int
-    severity: str
-    code: str
-    message: str
-    advice: str
-
-
-def parse_findings_table(text: str) -> list[tuple[str, str, str, str]]:
-    """Rows ``(SEVERITY, code, message, advice)`` of the markdown table a diagnostic logs.
-
-    Example:
-        >>> parse_findings_table("| severity | code | message | advice |\\n|---|---|---|---|\\n"
-        ...                      "| WARN | `data.leakage` | 3 leaks a\\\\|b | Remove them. |")
-        [('WARN', 'data.leakage', '3 leaks a|b', 'Remove them.')]
-    """
-    rows = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line.startswith("|"):
-            continue
-        cells = [c.strip().replace("\\|", "|") for c in _CELL_SPLIT.split(line.strip("|"))]
-        if len(cells) < 4 or set(cells[0]) <= set("-: ") or cells[0].lower() == "severity":
-            continue
-        severity, code, message, advice = cells[0].upper(), cells[1].strip("`"), *cells[2:4]
-        rows.append((severity, code, message, "" if advice == "-" else advice))
-    return rows
+#: Indices listed per finding; the rest are counted (the run's findings.jsonl has them all).
+MAX_INDICES = 20
 
 
 def build_report(logdir: str | Path, out: str | Path | None = None) -> Path:
@@ -82,11 +52,12 @@ def build_report(logdir: str | Path, out: str | Path | None = None) -> Path:
     """
     root = Path(logdir)
     data = load_runs(root)
+    found = _same_run_names(root, load_findings_by_run(root))
     target = Path(out) if out is not None else root / "report.html"
-    body, toc = _render(Canvas(data))
+    body, toc = _render(Canvas(data), found)
     title = f"lightning_diag report: {root.resolve().name}"
     when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    runs = ", ".join(html.escape(r) for r in data.runs) or "none"
+    runs = ", ".join(html.escape(r) for r in data.runs or found) or "none"
     nav = "".join(f'<li><a href="#{a}">{html.escape(t)}</a></li>' for a, t in toc)
     page = (
         f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
@@ -101,23 +72,31 @@ def build_report(logdir: str | Path, out: str | Path | None = None) -> Path:
     return target
 
 
-def _render(c: Canvas) -> tuple[str, list[tuple[str, str]]]:
+def _same_run_names(root: Path, found: dict[str, list[Finding]]) -> dict[str, list[Finding]]:
+    """``found`` with the run at ``root`` itself named ``"."``, as the events name it."""
+    if not (root / FINDINGS_FILE).is_file():
+        return found
+    alias = root.resolve().name or str(root)
+    return {"." if run == alias else run: f for run, f in found.items()}
+
+
+def _render(c: Canvas, found: dict[str, list[Finding]]) -> tuple[str, list[tuple[str, str]]]:
     """The sections in order, each shown only when it has content, and their table of contents."""
-    if c.data.empty:
-        return section("empty", "No data", "<p>No TensorBoard events were found here "
-                       "(no run yet, or a run that logged nothing).</p>"), [("empty", "No data")]
+    if c.data.empty and not any(found.values()):
+        return section("empty", "No data", "<p>No TensorBoard events or findings were found "
+                       "here (no run yet, or a run that logged nothing).</p>"), [
+                           ("empty", "No data")]
     parts: list[tuple[str, str, Callable[[Canvas], str]]] = [
-        ("findings", "Findings", _findings),
-        ("data", "Data inspection", lambda c: c.slug("diag/data/")),
+        ("findings", "Findings", lambda c: _findings(c, found)),
+        ("data", "Data inspection", lambda c: c.slug(DATA.prefix)),
         ("before", "Before training", sections.before_training),
         ("curves", "Learning curves", sections.curves),
         ("activations", "Activations and gradients", sections.activations),
         ("update_ratio", "Update ratios", sections.update_ratio),
-        ("first_layer", "First-layer filters", lambda c: c.slug("diag/first_layer/")),
-        ("advisor", "Learning-rate advisor", lambda c: c.slug("diag/advisor/")),
+        ("first_layer", "First-layer filters", lambda c: c.slug(FIRST_LAYER.prefix)),
         ("ema", "EMA vs raw weights", sections.ema),
         ("ensemble", "Ensemble vs members", sections.ensemble),
-        ("tuning", "Tuning", lambda c: c.slug("diag/tuning/")),
+        ("tuning", "Tuning", lambda c: c.slug(TUNING.prefix)),
         ("other", "Other scalars", sections.other),
     ]
     out, toc = [], []
@@ -129,38 +108,64 @@ def _render(c: Canvas) -> tuple[str, list[tuple[str, str]]]:
     return "".join(out), toc
 
 
-def _findings(c: Canvas) -> str:
-    found: list[ReportFinding] = []
-    seen: set[tuple[str, ...]] = set()
-    for tag in c.take(c.data.texts, lambda t: t.startswith("diagnostics/")):
-        check = tag.split("/", 1)[1]
-        for text in c.data.texts[tag]:
-            for sev, code, msg, advice in parse_findings_table(text.text):
-                key = (text.run, check, sev, code, msg)
-                if key not in seen:
-                    seen.add(key)
-                    found.append(ReportFinding(text.run, check, text.step, sev, code, msg, advice))
-    # Finding values are already in the table; their scalars would only clutter "Other".
-    c.take(c.data.scalars, lambda t: t.startswith("diagnostics/"))
-    if not found:
-        return ""
-    rank = {s: i for i, s in enumerate(_SEVERITIES)}
-    found.sort(key=lambda f: (rank.get(f.severity, 3), f.run, f.check, f.step, f.code))
+_SEVERITIES = (Severity.FAIL, Severity.WARN, Severity.INFO)
+_HEAD = ("check", "code", "message", "advice", "value", "expected", "step", "epoch", "indices")
+# message and advice keep a readable width; numbers stay on one line
+_CLASS = {**dict.fromkeys((0, 1), " class='id'"), **dict.fromkeys((2, 3), " class='msg'"),
+          **dict.fromkeys((4, 5, 6, 7), " class='n'")}
+
+
+def _findings(c: Canvas, by_run: dict[str, list[Finding]]) -> str:
+    """Every finding of the runs' records, FAIL first, then in the order they were found."""
+    # TensorBoard's copies of the findings (tables, values) say nothing the records do not.
+    tables = c.take(c.data.texts, lambda t: t.startswith(FINDINGS.prefix))
+    c.take(c.data.scalars, lambda t: t.startswith(FINDINGS.prefix))
+    unrecorded = sorted({t.run for tag in tables for t in c.data.texts[tag]} - set(by_run))
+    note = (f"<p class='note'>Run(s) {', '.join(html.escape(r) for r in unrecorded)} logged "
+            "findings tables to TensorBoard but have no findings.jsonl (runs from before "
+            "findings were recorded): see TensorBoard's Text tab.</p>"
+            if unrecorded else "")
+    rows = sorted(((run, f) for run, found in by_run.items() for f in found),
+                  key=lambda row: -row[1].severity.rank)
+    if not rows:
+        return note
+    multi = c.multi or len(by_run) > 1
     counts = " &middot; ".join(
-        f"<span class='sev sev-{s.lower()}'>{s}</span> "
-        f"{sum(f.severity == s for f in found)}" for s in _SEVERITIES
-    )
-    run_head = "<th>run</th>" if c.multi else ""
-    rows = []
-    for f in found:
-        run_cell = f"<td>{html.escape(f.run)}</td>" if c.multi else ""
-        rows.append(
-            f"<tr class='row-{f.severity.lower()}'><td><span class='sev "
-            f"sev-{f.severity.lower()}'>{html.escape(f.severity)}</span></td>{run_cell}"
-            f"<td>{html.escape(f.check)}</td><td><code>{html.escape(f.code)}</code></td>"
-            f"<td>{html.escape(f.message)}</td><td>{html.escape(f.advice)}</td>"
-            f"<td>{f.step}</td></tr>"
-        )
-    return (f"<p class='counts'>{counts}</p><table class='findings'><thead><tr><th>severity"
-            f"</th>{run_head}<th>check</th><th>code</th><th>message</th><th>advice</th>"
-            f"<th>step</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
+        f"<span class='sev sev-{s.value}'>{s.value.upper()}</span> "
+        f"{sum(f.severity is s for _, f in rows)}" for s in _SEVERITIES)
+    head = "".join(f"<th>{h}</th>" for h in (("run",) if multi else ()) + _HEAD)
+    body = "".join(
+        f"<tr class='row-{f.severity.value}'><td><span class='sev sev-{f.severity.value}'>"
+        f"{f.severity.value.upper()}</span></td>"
+        + (f"<td>{html.escape(run)}</td>" if multi else "")
+        + "".join(f"<td{_CLASS.get(i, '')}>{html.escape(cell)}</td>"
+                  for i, cell in enumerate(_cells(f)))
+        + "</tr>" for run, f in rows)
+    return (f"{note}<p class='counts'>{counts}</p><table class='findings'><thead><tr>"
+            f"<th>severity</th>{head}</tr></thead><tbody>{body}</tbody></table>")
+
+
+def _cells(f: Finding) -> list[str]:
+    """The cells of one finding after its severity (and run), as plain text.
+
+    Example:
+        >>> _cells(Finding("X", "x.a", Severity.WARN, "m", value=9.123456, expected=(2, 2.5),
+        ...                step=0, epoch=0, indices=(3, 7)))
+        ['X', 'x.a', 'm', '-', '9.123', '[2, 2.5]', '0', '0', '3, 7']
+    """
+    expected = f.expected
+    shown = ("-" if expected is None else f"[{_num(expected[0])}, {_num(expected[1])}]"
+             if isinstance(expected, tuple) else _num(expected))
+    more = len(f.indices) - MAX_INDICES
+    indices = ", ".join(map(str, f.indices[:MAX_INDICES])) + (f" (+{more} more)" if more > 0
+                                                                 else "")
+    return [f.check, f.code, f.message, f.advice or "-", "-" if f.value is None else _num(f.value),
+            shown, _or_dash(f.step), _or_dash(f.epoch), indices or "-"]
+
+
+def _num(x: float) -> str:
+    return f"{x:.4g}" if math.isfinite(x) else str(x)
+
+
+def _or_dash(x: int | None) -> str:
+    return "-" if x is None else str(x)

@@ -5,7 +5,8 @@ texts, images and histograms the same way in every section.
 
 Example:
     >>> from lightning_diag.tensorboard.events import RunData
-    >>> Canvas(RunData()).slug("diag/")
+    >>> from lightning_diag.tensorboard.tags import CURVES
+    >>> Canvas(RunData()).slug(CURVES.prefix)
     ''
 """
 

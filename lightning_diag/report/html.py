@@ -66,6 +66,8 @@ overflow-wrap:anywhere}
 th{background:#f4f4f4}.sev{font-weight:bold;border-radius:3px;padding:0 .4em;color:#fff}
 .sev-fail{background:#c62828}.sev-warn{background:#ef8f00}.sev-info{background:#1565c0}
 tr.row-fail{background:#fdecea}tr.row-warn{background:#fff6e5}
+.sev,.findings th,.findings td.n{white-space:nowrap}.findings td.msg{min-width:14em}
+.findings td.id{min-width:9em}
 table.values{width:auto;margin:.5em 0}img.plot{max-width:100%;display:block;margin:.6em 0}
 .gallery{display:flex;flex-wrap:wrap;gap:1em}.gallery figure{margin:0;max-width:100%}
 .gallery img{max-width:100%;image-rendering:pixelated;min-width:160px;border:1px solid #eee}

@@ -18,6 +18,16 @@ from matplotlib.figure import Figure
 
 from lightning_diag.report.canvas import Canvas
 from lightning_diag.report.html import img, legend
+from lightning_diag.tensorboard.tags import (
+    ACTIVATIONS,
+    CURVES,
+    ENSEMBLE,
+    GRADIENT_CHECK,
+    OVERFIT,
+    UPDATE_RATIO,
+    UPDATE_RATIO_GUIDE,
+    raw_metric,
+)
 
 __all__ = ["activations", "before_training", "curves", "ema", "ensemble", "other",
            "update_ratio"]
@@ -29,18 +39,17 @@ _UPDATE_RATIO_GUIDE = 1e-3
 def before_training(c: Canvas) -> str:
     return "".join(
         f"<h3>{title}</h3>{content}"
-        for title, prefix in (("Initial loss", "diag/initial_loss/"),
-                              ("Gradient check", "diag/gradient_check/"),
-                              ("Overfitting a small sample", "diag/overfit/"))
+        for title, prefix in (("Gradient check", GRADIENT_CHECK.prefix),
+                              ("Overfitting a small sample", OVERFIT.prefix))
         if (content := c.slug(prefix))
     )
 
 
 def curves(c: Canvas) -> str:
-    scalars, texts, images, _ = c.prefixed("diag/curves/")
+    scalars, texts, images, _ = c.prefixed(CURVES.prefix)
     groups: dict[str, list[str]] = {"loss": [], "accuracy": [], "other": []}
     for tag in scalars:
-        name = tag[len("diag/curves/"):]
+        name = tag[len(CURVES.prefix):]
         key = "loss" if "loss" in name else "accuracy" if "acc" in name else "other"
         groups[key].append(tag)
     panels = [(title, tags) for title, tags in groups.items() if tags]
@@ -49,7 +58,7 @@ def curves(c: Canvas) -> str:
         fig = Figure(figsize=(5.2 * len(panels), 3.6))
         axes = fig.subplots(1, len(panels), squeeze=False)[0]
         for ax, (title, tags) in zip(axes, panels, strict=True):
-            c.plot_tags(ax, tags, "diag/curves/")
+            c.plot_tags(ax, tags, CURVES.prefix)
             ax.set_title(title)
             ax.set_xlabel("epoch")
         figure = img(fig, "learning curves")
@@ -57,31 +66,28 @@ def curves(c: Canvas) -> str:
 
 
 def activations(c: Canvas) -> str:
-    out = []
-    for prefix in ("diag/activations/", "diag/gradients/"):
-        scalars, texts, images, hists = c.prefixed(prefix)
-        # ``diag/activations/<stat>/<layer>``: one chart per statistic, one line per layer.
-        by_stat: dict[str, list[str]] = {}
-        for tag in scalars:
-            by_stat.setdefault(tag[len(prefix):].split("/", 1)[0], []).append(tag)
-        if by_stat:
-            out.append(c.panels(list(by_stat.items()), prefix, "step", per_row=3,
-                                strip_stat=True))
-        out += [c.images(images), c.texts(texts)]
-        if hists:
-            out.append(c.histograms(hists, prefix))
+    prefix = ACTIVATIONS.prefix
+    scalars, texts, images, hists = c.prefixed(prefix)
+    # ``<prefix><stat>/<layer>``: one chart per statistic, one line per layer.
+    by_stat: dict[str, list[str]] = {}
+    for tag in scalars:
+        by_stat.setdefault(tag[len(prefix):].split("/", 1)[0], []).append(tag)
+    out = [c.panels(list(by_stat.items()), prefix, "step", per_row=3, strip_stat=True)
+           if by_stat else "", c.images(images), c.texts(texts)]
+    if hists:
+        out.append(c.histograms(hists, prefix))
     return "".join(out)
 
 
 def update_ratio(c: Canvas) -> str:
-    scalars, texts, images, hists = c.prefixed("diag/update_ratio/")
+    scalars, texts, images, hists = c.prefixed(UPDATE_RATIO.prefix)
     # A logged constant guide line would duplicate the dashed one drawn here.
-    scalars = [t for t in scalars if "guide" not in t]
+    scalars = [t for t in scalars if t != UPDATE_RATIO_GUIDE]
     out = ""
     if scalars:
         fig = Figure(figsize=(9, 4))
         ax = fig.subplots()
-        c.plot_tags(ax, scalars, "diag/update_ratio/", emphasize=("median", "summary"))
+        c.plot_tags(ax, scalars, UPDATE_RATIO.prefix, emphasize=("median",))
         ax.set_yscale("log")
         ax.axhline(_UPDATE_RATIO_GUIDE, color="k", ls="--", lw=1, label="1e-3 guide")
         ax.axhspan(_UPDATE_RATIO_GUIDE / 10, _UPDATE_RATIO_GUIDE * 10, color="g", alpha=0.08)
@@ -91,23 +97,19 @@ def update_ratio(c: Canvas) -> str:
         out = (img(fig, "update ratios") + "<p class='note'>Dashed: the recipe's healthy "
                "ratio of about 1e-3; shaded: a decade either side.</p>")
     return out + c.images(images) + c.texts(texts) + (
-        c.histograms(hists, "diag/update_ratio/") if hists else "")
+        c.histograms(hists, UPDATE_RATIO.prefix) if hists else "")
 
 
 def ema(c: Canvas) -> str:
-    content = c.slug("diag/ema/")
     pairs = []
-    for tag in c.take(c.data.scalars, lambda t: t.endswith("_ema")):
-        raw = tag[: -len("_ema")]
-        tags = [tag] + ([raw] if raw in c.data.scalars else [])
-        pairs.append((raw, tags))
-    if pairs:
-        content += c.panels(pairs, "", "epoch-or-step")
-    return content
+    for tag in c.take(c.data.scalars, lambda t: raw_metric(t) is not None):
+        raw = raw_metric(tag) or tag
+        pairs.append((raw, [tag] + ([raw] if raw in c.data.scalars else [])))
+    return c.panels(pairs, "", "epoch-or-step") if pairs else ""
 
 
 def ensemble(c: Canvas) -> str:
-    prefix = "diag/ensemble/"
+    prefix = ENSEMBLE.prefix
     scalars, texts, images, _ = c.prefixed(prefix)
     groups: dict[str, list[tuple[str, float]]] = {"accuracy": [], "loss": [], "other": []}
     for tag in scalars:

@@ -1,2 +1,2 @@
-"""Where diagnostics meet TensorBoard: writing (:mod:`.writer`), reading back (:mod:`.events`),
-the figures the monitors draw (:mod:`.figures`)."""
+"""Where diagnostics meet TensorBoard: the tag registry (:mod:`.tags`), writing (:mod:`.writer`),
+reading back (:mod:`.events`), the figures the monitors draw (:mod:`.figures`)."""

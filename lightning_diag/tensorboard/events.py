@@ -7,11 +7,12 @@ to the log directory. Each series keeps the run it came from.
 Example:
     >>> import tempfile
     >>> from torch.utils.tensorboard import SummaryWriter
+    >>> from lightning_diag.tensorboard.tags import curve
     >>> d = tempfile.mkdtemp()
     >>> with SummaryWriter(d) as w:
-    ...     w.add_scalar("diag/curves/loss/train", 2.3, 0)
+    ...     w.add_scalar(curve("loss/train"), 2.3, 0)
     >>> data = load_runs(d)
-    >>> (series,) = data.scalars["diag/curves/loss/train"]
+    >>> (series,) = data.scalars[curve("loss/train")]
     >>> series.values
     [2.299999952316284]
 """

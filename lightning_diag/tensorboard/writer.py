@@ -4,9 +4,7 @@ Every artifact goes through these helpers so that a run without a TensorBoard lo
 (no logger, CSVLogger, ...) degrades to scalars through the generic logger API and skips
 images, text and histograms instead of crashing.
 
-Tag scheme (documented in docs/tensorboard.md):
-    ``diag/<slug>/...``          numbers, images and histograms of one diagnostic
-    ``diagnostics/<Check>``      the findings of one diagnostic, as a markdown table
+The tags themselves are built and declared in :mod:`lightning_diag.tensorboard.tags`.
 """
 
 from __future__ import annotations

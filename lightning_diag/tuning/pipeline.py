@@ -16,15 +16,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lightning_diag.tensorboard.tags import TUNING_SUMMARY, refine_curve, refine_layout
 from lightning_diag.tensorboard.writer import merge_custom_scalars
 from lightning_diag.tuning.search import (
     RefineResult,
     SearchResult,
     _fit_data,
+    check_refine_arguments,
+    check_search_arguments,
     random_search,
     refine,
 )
-from lightning_diag.tuning.sweep import ModelFactory, SweepResult, lr_sweep
+from lightning_diag.tuning.sweep import (
+    ModelFactory,
+    SweepResult,
+    check_sweep_arguments,
+    lr_sweep,
+)
+from lightning_diag.validation import check_flag
 
 __all__ = ["TuneSummary", "tune"]
 
@@ -67,8 +76,15 @@ def tune(model_factory: ModelFactory, data: Any, lrs: Sequence[float] = (1e-1, 1
     """Chain :func:`lr_sweep`, :func:`random_search` and :func:`refine` (recipe step 6.1-6.3).
 
     Writes ``sweep.png``, TensorBoard runs under ``run_dir`` (``sweep/``, ``search/``,
-    ``refine/``, ``summary/``) and prints the summary table when ``verbose``.
+    ``refine/``, ``summary/``) and prints the summary table when ``verbose``. Every argument is
+    checked before the sweep starts, so a bad one costs no training.
     """
+    check_sweep_arguments(model_factory=model_factory, lrs=lrs, steps=sweep_steps, seed=seed)
+    check_search_arguments(model_factory=model_factory, n_trials=n_trials, epochs=epochs,
+                           weight_decays=weight_decays, study_name=study_name, monitor=monitor,
+                           direction=direction, seed=seed)
+    check_refine_arguments(top_k=top_k, epochs=refine_epochs, seed=seed)
+    check_flag("verbose", verbose)
     run_dir = Path(run_dir)
     fit = _fit_data(data)
     sweep = lr_sweep(model_factory, train_dataloaders=fit.get("train_dataloaders"),
@@ -94,12 +110,11 @@ def _log_summary(summary: TuneSummary, run_dir: Path) -> None:
     try:
         tags = []
         for row in summary.refine.rows:
-            tag = f"diag/tuning/refine/rank_{row['rank']}"
+            tag = refine_curve(row["rank"])
             tags.append(tag)
             for epoch, value in enumerate(row["curve"]):
                 writer.add_scalar(tag, value, epoch)
-        merge_custom_scalars(writer, "diag/tuning",
-                             {f"refine: {summary.refine.monitor} per epoch": tags})
-        writer.add_text("diag/tuning/summary", summary.text())
+        merge_custom_scalars(writer, *refine_layout(summary.refine.monitor, tags))
+        writer.add_text(TUNING_SUMMARY, summary.text())
     finally:
         writer.close()

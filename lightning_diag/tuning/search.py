@@ -22,6 +22,7 @@ import warnings
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,18 @@ from lightning_diag.callbacks.lr_advisor import LRPlateauAdvisor
 from lightning_diag.findings import Severity
 from lightning_diag.tensorboard.writer import markdown_table
 from lightning_diag.tuning.sweep import ModelFactory, build_model, quiet_trainer
+from lightning_diag.validation import (
+    check_callable,
+    check_choice,
+    check_int,
+    check_number,
+    check_sequence,
+    check_str,
+    require,
+)
 
-__all__ = ["RefineResult", "SearchResult", "random_search", "refine", "require_optuna"]
+__all__ = ["RefineResult", "SearchResult", "check_refine_arguments", "check_search_arguments",
+           "random_search", "refine", "require_optuna"]
 
 
 def require_optuna() -> Any:
@@ -133,11 +144,44 @@ class SearchResult:
               str(r["state"]), str(r["epochs"])] for r in self.rows])
 
 
-def _epochs(epochs: int | tuple[int, int]) -> tuple[int, int]:
-    lo, hi = (epochs, epochs) if isinstance(epochs, int) else tuple(epochs)
-    if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi):
-        raise ValueError(f"`epochs` must be an int >= 1 or a (min, max) pair, got {epochs!r}.")
-    return lo, hi
+def _epochs(epochs: Any) -> tuple[int, int]:
+    """``(min, max)`` epochs of a trial from an int or a pair, checked."""
+    if not isinstance(epochs, Sequence):
+        check_int("epochs", epochs)
+        return epochs, epochs
+    check_sequence("epochs", epochs, check_int, min_len=2, max_len=2)
+    require(epochs[0] <= epochs[1], "epochs", epochs, "a (min, max) pair with min <= max")
+    return epochs[0], epochs[1]
+
+
+def check_search_arguments(*, model_factory: Any, n_trials: Any, epochs: Any,
+                           weight_decays: Any, study_name: Any, monitor: Any, direction: Any,
+                           seed: Any) -> None:
+    """Check the arguments :func:`random_search` shares with ``tune``, before any training.
+
+    Example:
+        >>> check_search_arguments(model_factory=dict, n_trials=4, epochs=(1, 5),
+        ...                        weight_decays=(1e-4, 0.0), study_name="s", monitor="val_acc",
+        ...                        direction="max", seed=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: `direction` must be one of 'maximize', 'minimize', got 'max'.
+    """
+    check_callable("model_factory", model_factory)
+    check_int("n_trials", n_trials)
+    _epochs(epochs)
+    check_sequence("weight_decays", weight_decays, partial(check_number, low=0))
+    check_str("study_name", study_name)
+    check_str("monitor", monitor)
+    check_choice("direction", direction, ("maximize", "minimize"))
+    check_int("seed", seed, low=None)
+
+
+def check_refine_arguments(*, top_k: Any, epochs: Any, seed: Any) -> None:
+    """Check the arguments of :func:`refine`, before any training."""
+    check_int("top_k", top_k)
+    check_int("epochs", epochs)
+    check_int("seed", seed, low=None)
 
 
 def random_search(model_factory: ModelFactory, data: Any, center_lr: float, n_trials: int,
@@ -171,16 +215,11 @@ def random_search(model_factory: ModelFactory, data: Any, center_lr: float, n_tr
         ImportError: Optuna is not installed. ValueError/TypeError: a bad argument, named.
     """
     optuna = require_optuna()
-    if not (isinstance(center_lr, (int, float)) and center_lr > 0):
-        raise ValueError(f"`center_lr` must be a positive number, got {center_lr!r}.")
-    if not isinstance(n_trials, int) or n_trials < 1:
-        raise ValueError(f"`n_trials` must be an int >= 1, got {n_trials!r}.")
-    if not weight_decays or any(w < 0 for w in weight_decays):
-        raise ValueError(f"`weight_decays` must be non-empty and >= 0, got {weight_decays!r}.")
-    if direction not in ("maximize", "minimize"):
-        raise ValueError(f"`direction` must be 'maximize' or 'minimize', got {direction!r}.")
-    if not lr_span > 1:
-        raise ValueError(f"`lr_span` must be > 1, got {lr_span!r}.")
+    check_number("center_lr", center_lr, low=0, low_open=True)
+    check_search_arguments(model_factory=model_factory, n_trials=n_trials, epochs=epochs,
+                           weight_decays=weight_decays, study_name=study_name, monitor=monitor,
+                           direction=direction, seed=seed)
+    check_number("lr_span", lr_span, low=1, low_open=True)
     lo_ep, hi_ep = _epochs(epochs)
     _fit_data(data)
     run_dir = Path(run_dir)
@@ -260,10 +299,7 @@ def refine(results: SearchResult, top_k: int = 3, epochs: int = 10, seed: int = 
     The factory's model must not decay its learning rate (a scheduler triggers a warning).
     Logs go to ``<run_dir>/refine/config_<rank>``.
     """
-    if not isinstance(top_k, int) or top_k < 1:
-        raise ValueError(f"`top_k` must be an int >= 1, got {top_k!r}.")
-    if not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"`epochs` must be an int >= 1, got {epochs!r}.")
+    check_refine_arguments(top_k=top_k, epochs=epochs, seed=seed)
     best = [r for r in results.rows if r["state"] == "complete"][:top_k]
     if not best:
         raise ValueError("The search has no completed trial to refine.")

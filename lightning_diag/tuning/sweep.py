@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,17 @@ import torch
 
 from lightning_diag.batch import loss_from_output
 from lightning_diag.functional.curves import pick_learning_rate, smooth_ema
+from lightning_diag.tensorboard.tags import (
+    TUNING_SWEEP_CHART,
+    TUNING_SWEEP_TABLE,
+    sweep_curve,
+    sweep_layout,
+)
 from lightning_diag.tensorboard.writer import figure_to_array, markdown_table, merge_custom_scalars
+from lightning_diag.validation import check_callable, check_int, check_number, check_sequence
 
-__all__ = ["LRComparison", "ModelFactory", "SweepResult", "compare_with_lr_find", "lr_sweep"]
+__all__ = ["LRComparison", "ModelFactory", "SweepResult", "check_sweep_arguments",
+           "compare_with_lr_find", "lr_sweep"]
 
 ModelFactory = Callable[..., pl.LightningModule]
 """Builds a fresh model; called as ``model_factory(lr=..., weight_decay=...)``."""
@@ -102,6 +111,21 @@ def build_model(model_factory: ModelFactory, lr: float, weight_decay: float, see
     return model
 
 
+def check_sweep_arguments(*, model_factory: Any, lrs: Any, steps: Any, seed: Any) -> None:
+    """Check the arguments :func:`lr_sweep` shares with ``tune``, before any training.
+
+    Example:
+        >>> check_sweep_arguments(model_factory=dict, lrs=[0.1, 0.0], steps=100, seed=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: `lrs[1]` must be a finite number > 0, got 0.0.
+    """
+    check_callable("model_factory", model_factory)
+    check_sequence("lrs", lrs, partial(check_number, low=0, low_open=True))
+    check_int("steps", steps)
+    check_int("seed", seed, low=None)
+
+
 def lr_sweep(model_factory: ModelFactory, train_dataloaders: Any = None,
              datamodule: pl.LightningDataModule | None = None,
              lrs: Sequence[float] = (1e-1, 1e-2, 1e-3, 1e-4), steps: int = 100,
@@ -125,14 +149,14 @@ def lr_sweep(model_factory: ModelFactory, train_dataloaders: Any = None,
         **trainer_kwargs: Passed to ``pl.Trainer`` (e.g. ``accelerator="cpu"``).
 
     Raises:
-        ValueError: no data, an empty or non-positive ``lrs``, or ``steps`` < 1.
+        ValueError: no data, or both; TypeError/ValueError: a bad argument, named (see
+            :mod:`lightning_diag.validation`).
     """
     if (train_dataloaders is None) == (datamodule is None):
         raise ValueError("Give exactly one of `train_dataloaders` or `datamodule` to lr_sweep.")
-    if not lrs or any(not isinstance(lr, (int, float)) or lr <= 0 for lr in lrs):
-        raise ValueError(f"`lrs` must be a non-empty sequence of positive numbers, got {lrs!r}.")
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"`steps` must be an int >= 1, got {steps!r}.")
+    check_sweep_arguments(model_factory=model_factory, lrs=lrs, steps=steps, seed=seed)
+    check_number("weight_decay", weight_decay, low=0)
+    check_number("alpha", alpha, low=0, high=1, low_open=True)
     init = build_model(model_factory, float(lrs[0]), weight_decay, seed).state_dict()
     init = {k: v.detach().clone() for k, v in init.items()}
     generators = _generators(train_dataloaders)
@@ -181,11 +205,10 @@ def _write_charts(result: SweepResult, run_dir: Path) -> Path:
 
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    tags = {lr: f"diag/tuning/sweep/lr_{lr:.0e}" for lr in result.curves}
+    tags = {lr: sweep_curve(lr) for lr in result.curves}
     writer = SummaryWriter(str(run_dir / "sweep"))
     try:
-        merge_custom_scalars(writer, "diag/tuning", {
-            "sweep: smoothed training loss per learning rate": list(tags.values())})
+        merge_custom_scalars(writer, *sweep_layout(list(tags.values())))
         for lr, curve in result.smoothed.items():
             for step, value in enumerate(curve):
                 writer.add_scalar(tags[lr], value, step)
@@ -200,8 +223,8 @@ def _write_charts(result: SweepResult, run_dir: Path) -> Path:
         ax.legend()
         png = run_dir / "sweep.png"
         fig.savefig(png, dpi=100, bbox_inches="tight")
-        writer.add_image("diag/tuning/sweep_chart", figure_to_array(fig), 0, dataformats="HWC")
-        writer.add_text("diag/tuning/sweep", result.table() + "\n\n" + result.rule)
+        writer.add_image(TUNING_SWEEP_CHART, figure_to_array(fig), 0, dataformats="HWC")
+        writer.add_text(TUNING_SWEEP_TABLE, result.table() + "\n\n" + result.rule)
     finally:
         writer.close()
     return png

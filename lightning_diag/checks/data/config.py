@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lightning_diag.batch import BatchFn, default_batch_to_input, default_batch_to_target
+from lightning_diag.validation import check_callable, check_flag, check_int, check_number
 
 __all__ = ["InspectionConfig"]
 
@@ -35,26 +36,14 @@ class InspectionConfig:
     batch_to_target: BatchFn = default_batch_to_target
 
     def __post_init__(self) -> None:
-        def need(ok: bool, name: str, allowed: str) -> None:
-            if not ok:
-                raise ValueError(f"`{name}` must be {allowed}, got {getattr(self, name)!r}.")
-
-        def integer(name: str) -> bool:
-            value = getattr(self, name)
-            return isinstance(value, int) and not isinstance(value, bool)
-
-        need(self.num_classes is None or (integer("num_classes") and self.num_classes >= 1),
-             "num_classes", "None or an int >= 1")
+        check_int("num_classes", self.num_classes, optional=True)
         for name, low in (("max_samples", 2), ("dim", 8), ("chunk_size", 1), ("progress_min", 0)):
-            need(integer(name) and getattr(self, name) >= low, name, f"an int >= {low}")
-        need(integer("seed"), "seed", "an int")
-        need(self.num_threads is None or (integer("num_threads") and self.num_threads >= 1),
-             "num_threads", "None or an int >= 1")
-        need(isinstance(self.near_threshold, (int, float)) and 0 < self.near_threshold < 1,
-             "near_threshold", "a float in (0, 1) (cosine similarity of centred samples)")
-        need(isinstance(self.imbalance_ratio, (int, float)) and self.imbalance_ratio > 1,
-             "imbalance_ratio", "a number > 1 (commonest / rarest class count)")
-        need(isinstance(self.progress, bool), "progress", "a bool")
-        for name in ("batch_to_input", "batch_to_target"):
-            if not callable(getattr(self, name)):
-                raise TypeError(f"`{name}` must be callable, got {getattr(self, name)!r}.")
+            check_int(name, getattr(self, name), low=low)
+        check_int("seed", self.seed, low=None)
+        check_int("num_threads", self.num_threads, optional=True)
+        check_number("near_threshold", self.near_threshold, low=0, high=1, low_open=True,
+                     high_open=True)
+        check_number("imbalance_ratio", self.imbalance_ratio, low=1, low_open=True)
+        check_flag("progress", self.progress)
+        check_callable("batch_to_input", self.batch_to_input)
+        check_callable("batch_to_target", self.batch_to_target)

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lightning_diag.batch import UserCodeError, call_user
 from lightning_diag.checks.data.config import InspectionConfig
 from lightning_diag.findings import Finding
 from lightning_diag.functional.data import (
@@ -115,9 +116,9 @@ class SplitScan:
         for pos, idx in enumerate(tqdm(self.indices.tolist(), desc=f"inspect {self.name}",
                                        disable=not show, leave=False)):
             try:
-                sample = self.dataset[idx]
-            except Exception as err:  # a corrupt file: recorded, the inspection goes on
-                self.unreadable.append((idx, f"{type(err).__name__}: {err}"))
+                sample = call_user("`__getitem__`", self.dataset.__getitem__, idx)
+            except UserCodeError as err:  # a corrupt file: named in data.unreadable, read on
+                self.unreadable.append((idx, f"{type(err.error).__name__}: {err.error}"))
                 continue
             x = as_tensor(self.config.batch_to_input(sample))
             self._take_label(pos, self.config.batch_to_target(sample))

@@ -1,0 +1,194 @@
+"""Two instances of every stateful callback on one Trainer: each saves and gets back its own state.
+
+Every callback with a ``state_dict`` builds its ``state_key`` from the constructor arguments that
+change what it measures (as Lightning's ``EarlyStopping`` does). Each pair below differs in such an
+argument; the test fits, saves a checkpoint, resumes from it with fresh instances, and checks that
+each instance got back its own value, one that differs between the two.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lightning_diag.base import DiagnosticCallback, FitStartCheck
+from lightning_diag.callbacks import (
+    ActivationHistogram,
+    CheckpointEnsemble,
+    DataInspection,
+    EMAWeights,
+    FirstLayerVisualization,
+    GradientCheck,
+    InitialLossCheck,
+    LearningCurves,
+    LRPlateauAdvisor,
+    OverfitSmallBatch,
+    UpdateRatioMonitor,
+)
+from lightning_diag.inference import CheckpointLoadError, load_ema_weights
+from tests.helpers import Classifier, digits, loader, mlp, trainer
+
+Pair = tuple[DiagnosticCallback, DiagnosticCallback]
+
+
+def _ema_sum(cb: Any) -> float:
+    return sum(float(t.double().sum()) for t in cb.ema_state_dict().values()
+               if t.is_floating_point())
+
+
+# name -> (a pair configured differently, the value that differs, a state planted when the runs
+# themselves leave both equal)
+Case = tuple[Callable[[Path], Pair], Callable[[Any], Any], Callable[[Any], None] | None]
+CASES: dict[str, Case] = {
+    "InitialLossCheck": (
+        lambda d: (InitialLossCheck(num_batches=1), InitialLossCheck(num_batches=2)),
+        lambda cb: cb.done, lambda cb: setattr(cb, "done", False)),
+    "GradientCheck": (
+        lambda d: (GradientCheck(num_samples=2, coords_per_tensor=1),
+                   GradientCheck(num_samples=2, coords_per_tensor=2)),
+        lambda cb: cb.done, lambda cb: setattr(cb, "done", False)),
+    "OverfitSmallBatch": (
+        lambda d: (OverfitSmallBatch(num_batches=1, max_steps=2, progress_bar=False),
+                   OverfitSmallBatch(num_batches=1, max_steps=3, progress_bar=False)),
+        lambda cb: cb.done, lambda cb: setattr(cb, "done", False)),
+    "DataInspection": (
+        lambda d: (DataInspection(max_samples=50, max_images=1),
+                   DataInspection(max_samples=60, max_images=1)),
+        lambda cb: cb.done, lambda cb: setattr(cb, "done", False)),
+    "ActivationHistogram": (
+        lambda d: (ActivationHistogram(every_n_steps=1, layers=["net.1"]),
+                   ActivationHistogram(every_n_steps=2, layers=["net.3"])),
+        lambda cb: cb._logs, None),
+    "UpdateRatioMonitor": (
+        lambda d: (UpdateRatioMonitor(every_n_steps=1),
+                   UpdateRatioMonitor(every_n_steps=1, low=0.5, high=0.9, patience=100)),
+        lambda cb: cb.streak["too_low"], None),
+    "FirstLayerVisualization": (
+        lambda d: (FirstLayerVisualization(every_n_epochs=1, input_shape=(8, 8)),
+                   FirstLayerVisualization(every_n_epochs=2, input_shape=(8, 8))),
+        lambda cb: cb._drawn_step, lambda cb: setattr(cb, "_drawn_step", 1234)),
+    "LearningCurves": (
+        lambda d: (LearningCurves(), LearningCurves(train_loss="train_acc")),
+        lambda cb: cb.history.get("loss/train"), None),
+    "LRPlateauAdvisor": (
+        lambda d: (LRPlateauAdvisor(window=2, min_history=1, save_batch=False),
+                   LRPlateauAdvisor(window=50, save_batch=False)),
+        lambda cb: len(cb.step_losses), None),
+    "EMAWeights": (
+        # without warm-up: with it, the first updates of both use the same ramped decay
+        lambda d: (EMAWeights(decay=0.5, warmup=False),
+                   EMAWeights(decay=0.9, warmup=False, evaluate="raw")),
+        _ema_sum, None),
+    "CheckpointEnsemble": (
+        lambda d: (CheckpointEnsemble(k=1, dirpath=d / "a"),
+                   CheckpointEnsemble(k=2, dirpath=d / "b")),
+        lambda cb: len(cb.kept), None),
+}
+
+
+class ValuesAtTrainStart(pl.Callback):
+    """Reads ``value`` of each callback once the resumed run starts training (state restored)."""
+
+    def __init__(self, callbacks: list[DiagnosticCallback], value: Callable[[Any], Any]) -> None:
+        self.callbacks, self.value = callbacks, value
+        self.values: list[Any] = []
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.values = [copy.deepcopy(self.value(cb)) for cb in self.callbacks]
+
+
+def _fit(tmp_path: Path, callbacks: list[pl.Callback], epochs: int, **kw: Any) -> pl.Trainer:
+    t = trainer(tmp_path, callbacks, max_epochs=epochs)
+    torch.manual_seed(0)
+    t.fit(Classifier(mlp()), loader(digits(64), batch_size=16), **kw)
+    return t
+
+
+def test_every_stateful_callback_is_covered() -> None:
+    import lightning_diag.callbacks as module
+
+    stateful = {name for name in module.__all__
+                if "state_dict" in {n for c in getattr(module, name).__mro__[:-2]
+                                    for n in vars(c)}}
+    assert stateful == set(CASES)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_two_instances_each_get_back_their_own_state(name: str, tmp_path: Path) -> None:
+    make, value, plant = CASES[name]
+    first = make(tmp_path)
+    assert first[0].state_key != first[1].state_key
+    t = _fit(tmp_path / "first", list(first), epochs=2)
+    if plant is not None:  # both ran the same way: give the second a state of its own
+        plant(first[1])
+    saved = [copy.deepcopy(value(cb)) for cb in first]
+    assert saved[0] != saved[1], saved
+    ckpt = tmp_path / "both.ckpt"
+    t.save_checkpoint(ckpt)
+    stored = torch.load(ckpt, map_location="cpu", weights_only=True)["callbacks"]
+    assert {cb.state_key for cb in first} <= set(stored)
+
+    second = make(tmp_path)
+    probe = ValuesAtTrainStart(list(second), value)
+    _fit(tmp_path / "second", [probe, *second], epochs=3, ckpt_path=str(ckpt))
+    assert probe.values == saved
+
+
+def test_state_keys_are_the_same_in_every_process() -> None:
+    keys = [InitialLossCheck().state_key,
+            ActivationHistogram(layers=lambda name, module: name == "net.1").state_key,
+            CheckpointEnsemble(dirpath=Path("x")).state_key]
+    assert not any(re.search(r"0x[0-9a-f]+", k) for k in keys), keys  # no memory address
+    assert "lightning_diag.batch.default_batch_to_input" in keys[0]
+    assert "<lambda>" in keys[1]
+    assert EMAWeights(decay=0.5).state_key == EMAWeights(decay=0.5, evaluate="raw",
+                                                         device="cpu").state_key
+    assert EMAWeights(decay=0.5).state_key.startswith("EMAWeights{'decay': 0.5")
+
+
+def test_load_ema_weights_chooses_among_several_averages(tmp_path: Path) -> None:
+    slow = EMAWeights(decay=0.9, warmup=False, evaluate="raw")
+    fast = EMAWeights(decay=0.5, warmup=False)
+    t = _fit(tmp_path, [slow, fast], epochs=1)
+    ckpt = tmp_path / "two.ckpt"
+    t.save_checkpoint(ckpt)
+    loaded = []
+    for ema in (slow, fast):
+        model = load_ema_weights(Classifier(mlp()), ckpt, decay=ema.decay)
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in ema.ema_state_dict().items())
+        by_key = load_ema_weights(Classifier(mlp()), ckpt, key=ema.state_key)
+        assert torch.equal(by_key.state_dict()["net.1.weight"], model.state_dict()["net.1.weight"])
+        loaded.append(model.state_dict()["net.1.weight"])
+    assert not torch.equal(*loaded)
+    with pytest.raises(CheckpointLoadError, match=r"2 EMA averages .*decay 0\.9.*decay 0\.5.*"
+                                                  r"`decay=` or `key=`"):
+        load_ema_weights(Classifier(mlp()), ckpt)
+    with pytest.raises(CheckpointLoadError, match=r"no EMA average matches decay=0\.7"):
+        load_ema_weights(Classifier(mlp()), ckpt, decay=0.7)
+    with pytest.raises(ValueError, match=r"`decay` must be a number in \[0, 1\) or None, got 1\.5"):
+        load_ema_weights(Classifier(mlp()), ckpt, decay=1.5)
+
+
+@pytest.mark.parametrize(("callbacks", "match"), [
+    (lambda d: [CheckpointEnsemble(k=1), CheckpointEnsemble(k=2)], "give each its own `dirpath=`"),
+    (lambda d: [EMAWeights(decay=0.5), EMAWeights(decay=0.9)], "evaluate='ema'.*swap"),
+    (lambda d: [EMAWeights(decay=0.5, evaluate="both"), EMAWeights(decay=0.9, evaluate="both")],
+     "evaluate='both'.*_ema"),
+])
+def test_two_instances_that_would_clash_are_refused_at_setup(callbacks: Any, match: str,
+                                                             tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=match):
+        _fit(tmp_path, callbacks(tmp_path), epochs=1)
+
+
+def test_identical_instances_still_share_one_key() -> None:
+    a, b = UpdateRatioMonitor(patience=2), UpdateRatioMonitor(patience=2)
+    assert a.state_key == b.state_key  # indistinguishable: Lightning refuses the pair
+    assert isinstance(InitialLossCheck(), FitStartCheck)
