@@ -127,8 +127,12 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from lightning_diag.findings import FINDINGS_FILE, Severity, load_findings_by_run
-    from lightning_diag.tensorboard.writer import markdown_table
+    from lightning_diag.findings import (
+        FINDINGS_FILE,
+        Severity,
+        format_findings,
+        load_findings_by_run,
+    )
 
     try:
         runs = load_findings_by_run(args.logdir)
@@ -140,21 +144,11 @@ def _check(args: argparse.Namespace) -> int:
         print(f"lightning-diag check: no {FINDINGS_FILE} under {args.logdir!r}: no run with "
               "lightning_diag callbacks and a logger was found there.", file=sys.stderr)
         return 2
-    # sorted() is stable, so equally severe findings keep their run and publication order.
-    rows = sorted(((run, f) for run, found in runs.items() for f in found),
-                  key=lambda row: -row[1].severity.rank)
-    print(markdown_table(["run", "severity", "code", "message", "step"], [
-        [run, f.severity.value.upper(), f.code, f.message, "-" if f.step is None else str(f.step)]
-        for run, f in rows
-    ]))
-    advice = dict.fromkeys((f.severity.value.upper(), f.code, f.advice) for _, f in rows
-                           if f.severity >= Severity.WARN and f.advice)
-    if advice:
-        print("\nAdvice:")
-        for severity, code, text in advice:
-            print(f"  [{severity}] {code}: {text}")
-    counts = ", ".join(f"{sum(f.severity is s for _, f in rows)} {s.value}"
+    every = [f for found in runs.values() for f in found]
+    for run, found in runs.items():
+        print(f"Run {run}\n{format_findings(found)}\n")
+    counts = ", ".join(f"{sum(f.severity is s for f in every)} {s.value}"
                        for s in (Severity.FAIL, Severity.WARN, Severity.INFO))
-    print(f"\n{len(rows)} finding(s) in {len(runs)} run(s): {counts}.")
+    print(f"{len(every)} finding(s) in {len(runs)} run(s): {counts}.")
     threshold = Severity(args.fail_on)
-    return int(any(f.severity >= threshold for _, f in rows))
+    return int(any(f.severity >= threshold for f in every))

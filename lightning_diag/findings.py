@@ -17,6 +17,8 @@ import json
 import math
 import os
 import re
+import shutil
+import textwrap
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -34,6 +36,7 @@ __all__ = [
     "Finding",
     "Severity",
     "append_findings",
+    "format_findings",
     "load_findings",
     "load_findings_by_run",
 ]
@@ -400,3 +403,32 @@ class DiagnosticError(RuntimeError):
 
 class DiagnosticWarning(UserWarning):
     """Category of the warnings lightning_diag emits for WARN and FAIL findings."""
+
+
+def format_findings(findings: list[Finding], width: int | None = None) -> str:
+    """The findings as terminal text, FAIL first, each with its message and advice, wrapped.
+
+    Example:
+        >>> print(format_findings([Finding("X", "x.bad", Severity.WARN, "3 of 4 broken.",
+        ...                                advice="Fix them.")], width=40))
+        Findings: 0 fail, 1 warn, 0 info
+        ========================================
+        [WARN] x.bad  (X)
+            3 of 4 broken.
+            advice: Fix them.
+    """
+    width = width or min(shutil.get_terminal_size((100, 20)).columns, 120)
+    counts = {s: sum(f.severity is s for f in findings) for s in Severity}
+    head = (f"Findings: {counts[Severity.FAIL]} fail, {counts[Severity.WARN]} warn, "
+            f"{counts[Severity.INFO]} info")
+    lines = [head, "=" * min(width, len(head) + 10)]
+    wrap = textwrap.TextWrapper(width=width, initial_indent="    ", subsequent_indent="    ")
+    for severity in (Severity.FAIL, Severity.WARN, Severity.INFO):
+        for f in sorted((f for f in findings if f.severity is severity), key=lambda f: f.check):
+            lines.append(f"[{severity.value.upper():4}] {f.code}  ({f.check})")
+            lines += wrap.wrap(f.message)
+            if f.advice:
+                lines += wrap.wrap(f"advice: {f.advice}")
+    if not findings:
+        lines.append("(none)")
+    return "\n".join(lines)

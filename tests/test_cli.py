@@ -133,39 +133,35 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {name: root / name for name in ("failing", "warning", "both")}
 
 
-def _lines(text: str) -> list[str]:
-    return [line for line in text.splitlines() if line.startswith("| ")]
-
-
-def test_check_fail_run_exits_1_and_prints_table_advice_and_count(runs, capsys):
+def test_check_fail_run_exits_1_and_prints_findings_advice_and_count(runs, capsys):
     assert cli.main(["check", str(runs["failing"])]) == 1
     out = capsys.readouterr().out
-    header, *rows = _lines(out)
-    assert header == "| run | severity | code | message | step |"
-    assert rows[0].startswith("| tb/version_0 | FAIL | initial_loss.mismatch | Initial data loss ")
-    assert rows[0].endswith(" | 0 |") and all("| INFO |" in r for r in rows[1:])
-    assert "[FAIL] initial_loss.mismatch: " in out and "last layer" in out
-    assert f"{len(rows)} finding(s) in 1 run(s): 1 fail, 0 warn, {len(rows) - 1} info." in out
+    lines = out.splitlines()
+    assert lines[0] == "Run tb/version_0"
+    assert lines[1].startswith("Findings: 1 fail, 0 warn, ")
+    assert lines[3] == "[FAIL] initial_loss.mismatch  (InitialLossCheck)"
+    assert "Initial data loss " in lines[4] and "advice:" in out and "last layer" in out
+    infos = out.count("[INFO]")
+    assert infos >= 1 and out.index("[FAIL]") < out.index("[INFO]")
+    assert f"{infos + 1} finding(s) in 1 run(s): 1 fail, 0 warn, {infos} info." in out
 
 
 def test_check_warn_run_exits_0_by_default_and_1_with_fail_on_warn(runs, capsys):
     assert cli.main(["check", str(runs["warning"])]) == 0
     out = capsys.readouterr().out
-    rows = _lines(out)[1:]
-    assert rows[0].startswith("| tb/version_0 | WARN | data.exact_duplicate | ")
-    assert "[WARN] data.exact_duplicate: " in out and "0 fail, 1 warn" in out
+    assert "[WARN] data.exact_duplicate  (DataInspection)" in out and "0 fail, 1 warn" in out
     assert cli.main(["check", str(runs["warning"]), "--fail-on", "warn"]) == 1
     assert cli.main(["check", str(runs["failing"]), "--fail-on", "fail"]) == 1
 
 
-def test_check_tree_of_runs_lists_every_run_worst_first(runs, capsys):
+def test_check_tree_of_runs_lists_every_run_worst_first_within_it(runs, capsys):
     assert cli.main(["check", str(runs["both"]), "--fail-on", "warn"]) == 1
     out = capsys.readouterr().out
-    rows = _lines(out)[1:]
-    severities = [r.split(" | ")[1] for r in rows]
-    assert severities == sorted(severities, key=["FAIL", "WARN", "INFO"].index)
-    assert rows[0].startswith("| tb/version_10 | FAIL | initial_loss.mismatch")
-    assert rows[1].startswith("| tb/version_2 | WARN | data.exact_duplicate")
+    # Runs in natural order (version_2 before version_10), each with its own findings.
+    assert out.index("Run tb/version_2") < out.index("Run tb/version_10")
+    second = out[out.index("Run tb/version_10"):]
+    assert second.index("[FAIL] initial_loss.mismatch") < second.index("[INFO]")
+    assert "[WARN] data.exact_duplicate" in out[:out.index("Run tb/version_10")]
     assert "in 2 run(s): 1 fail, 1 warn" in out
 
 

@@ -7,13 +7,12 @@ import torch
 
 from lightning_diag.examples.demo import (
     BrokenDigitsDataModule,
-    format_findings,
     mis_scale_last_layer,
     recipe_callbacks,
     run_demo,
 )
 from lightning_diag.examples.digits import DigitsClassifier
-from lightning_diag.findings import Finding, Severity
+from lightning_diag.findings import Finding, Severity, format_findings
 
 
 def _tiny(tmp_path, capsys, inject, report=True):

@@ -17,8 +17,6 @@ Example:
 from __future__ import annotations
 
 import shlex
-import shutil
-import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,13 +40,12 @@ from lightning_diag.callbacks.lr_advisor import LRPlateauAdvisor
 from lightning_diag.callbacks.overfit import OverfitSmallBatch
 from lightning_diag.callbacks.update_ratio import UpdateRatioMonitor
 from lightning_diag.examples.digits import DigitsClassifier, DigitsDataModule
-from lightning_diag.findings import Finding, Severity
+from lightning_diag.findings import Finding, format_findings
 from lightning_diag.report import build_report
 
 __all__ = [
     "BrokenDigitsDataModule",
     "DemoResult",
-    "format_findings",
     "mis_scale_last_layer",
     "recipe_callbacks",
     "run_demo",
@@ -150,25 +147,6 @@ def mis_scale_last_layer(model: nn.Module, factor: float = BROKEN_LAST_LAYER_SCA
         if last[-1].bias is not None:
             last[-1].bias.mul_(factor)
     return model
-
-
-def format_findings(findings: list[Finding], width: int | None = None) -> str:
-    """The findings as a terminal table, FAIL first, each with its message and advice."""
-    width = width or min(shutil.get_terminal_size((100, 20)).columns, 120)
-    counts = {s: sum(f.severity is s for f in findings) for s in Severity}
-    head = (f"Findings: {counts[Severity.FAIL]} fail, {counts[Severity.WARN]} warn, "
-            f"{counts[Severity.INFO]} info")
-    lines = [head, "=" * min(width, len(head) + 10)]
-    wrap = textwrap.TextWrapper(width=width, initial_indent="    ", subsequent_indent="    ")
-    for severity in (Severity.FAIL, Severity.WARN, Severity.INFO):
-        for f in sorted((f for f in findings if f.severity is severity), key=lambda f: f.check):
-            lines.append(f"[{severity.value.upper():4}] {f.code}  ({f.check})")
-            lines += wrap.wrap(f.message)
-            if f.advice:
-                lines += wrap.wrap(f"advice: {f.advice}")
-    if not findings:
-        lines.append("(none)")
-    return "\n".join(lines)
 
 
 def run_demo(
