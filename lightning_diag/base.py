@@ -18,6 +18,8 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import logging
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
@@ -47,7 +49,8 @@ from lightning_diag.tensorboard.writer import (
 )
 from lightning_diag.validation import check_flag
 
-__all__ = ["DiagnosticCallback", "FitStartCheck", "HookRegistry", "findings", "refuse_sharded"]
+__all__ = ["ConfigurationError", "DiagnosticCallback", "FitStartCheck", "HookRegistry", "findings",
+           "refuse_sharded"]
 
 log = logging.getLogger("lightning_diag")
 
@@ -58,6 +61,23 @@ _LOG_LEVEL = {
 
 SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
 
+#: Every hook Lightning may call on a callback: each one a DiagnosticCallback implements runs
+#: under the guard (:func:`_guarded`).
+LIGHTNING_HOOKS = tuple(name for name, value in vars(pl.Callback).items()
+                        if inspect.isfunction(value) and not name.startswith("_"))
+
+
+class ConfigurationError(ValueError):
+    """A setup a callback cannot work with (a sharded strategy, two instances that would clash).
+
+    Raised at ``setup``, before training starts, and passed through the guard to the user: the
+    run cannot be diagnosed as configured, and stepping aside silently would hide it.
+
+    Example:
+        >>> isinstance(ConfigurationError("two EMAWeights swap in their average"), ValueError)
+        True
+    """
+
 
 def refuse_sharded(trainer: pl.Trainer, who: str, why: str) -> None:
     """Raise a clear error at setup when the trainer shards the weights across ranks.
@@ -66,12 +86,12 @@ def refuse_sharded(trainer: pl.Trainer, who: str, why: str) -> None:
     optional backends (DeepSpeed).
 
     Raises:
-        ValueError: naming ``who``, the strategy and what to use instead.
+        ConfigurationError: naming ``who``, the strategy and what to use instead.
     """
     names = {c.__name__ for c in type(trainer.strategy).__mro__}
     hit = next((n for n in SHARDED_STRATEGIES if n in names), None)
     if hit is not None:
-        raise ValueError(
+        raise ConfigurationError(
             f"{who} does not support the sharded strategy {type(trainer.strategy).__name__} "
             f"({hit}): {why}. Use DDP or a single device, or remove {who}."
         )
@@ -120,9 +140,34 @@ class DiagnosticCallback(pl.Callback):
     arguments (figures, progress bars, ``strict``) are left out of the key: changing them before
     resuming must not orphan the saved state.
 
+    Every Lightning hook a subclass implements runs under one guard, applied in
+    ``__init_subclass__`` (a new callback cannot forget it): an exception from inside the library
+    becomes one WARN finding ``<slug>.error`` (the hook, the exception type and message; the
+    traceback goes to the ``lightning_diag`` logger), the callback removes its module hooks and
+    undoes what it changed (:meth:`_release`), and all its hooks are no-ops until the next
+    ``fit``; training goes on. A :class:`~lightning_diag.batch.UserCodeError` (the user's code
+    failing where a check called it on a copy) becomes ``<slug>.user_error`` instead.
+    ``KeyboardInterrupt``, ``SystemExit``, :class:`DiagnosticError` and
+    :class:`ConfigurationError` pass through untouched.
+
     Args:
         strict: When True, a FAIL finding raises :class:`DiagnosticError` as soon as it is
-            published.
+            published, and an internal error is raised instead of reported (except in
+            ``on_exception``, where it would hide the exception that stopped the run).
+
+    Example:
+        >>> class Buggy(DiagnosticCallback):
+        ...     slug = "buggy"
+        ...     def on_train_start(self, trainer, pl_module):
+        ...         raise ZeroDivisionError("a bug of ours")
+        >>> cb = Buggy()
+        >>> cb.on_train_start(None, None)  # reported, not raised
+        >>> [(f.code, f.details) for f in cb.findings]
+        [('buggy.error', {'hook': 'on_train_start', 'exception': 'ZeroDivisionError'})]
+        >>> Buggy(strict=True).on_train_start(None, None)
+        Traceback (most recent call last):
+        ...
+        ZeroDivisionError: a bug of ours
     """
 
     slug: ClassVar[str] = "diag"
@@ -134,6 +179,12 @@ class DiagnosticCallback(pl.Callback):
         self.hooks = HookRegistry()
         self._said_no_tensorboard = False
         self._said_record_failed = False
+        self._off = False  # stepped aside after an error, until the next fit
+        self._running: set[str] = set()  # hooks in progress, to tell a super() call apart
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _guard_hooks(cls)
 
     @property
     def check_name(self) -> str:
@@ -241,6 +292,67 @@ class DiagnosticCallback(pl.Callback):
         table = markdown_table(_TABLE_HEADER, [_table_row(f.to_dict()) for f in batch])
         writer.add_text(findings_text(self.check_name), table, global_step=step)
 
+    def user_error(self, trainer: pl.Trainer | None, err: UserCodeError,
+                   hook: str = "on_fit_start") -> Finding:
+        """The WARN finding ``<slug>.user_error``: which of the user's functions raised what."""
+        what = "did not run" if hook == "on_fit_start" else f"stopped in `{hook}`"
+        return self.finding(
+            trainer, f"{self.slug}.user_error", Severity.WARN,
+            f"{self.check_name} {what}: {err}",
+            advice="The error is in your code, called by the check on a copy of your model or "
+                   "data, outside your training loop: fix it, or pass `batch_to_input=` if the "
+                   "check gave your `forward` the wrong part of the batch.",
+            details={"where": err.where, "exception": type(err.error).__name__})
+
+    def _release(self) -> None:
+        """Remove this callback's module hooks and undo what it swapped or changed in the run.
+
+        Called by ``teardown``, by ``on_exception`` and when the callback steps aside after an
+        error; it must work from any state. Subclasses that change more extend it.
+        """
+        self.hooks.remove_all()
+
+    def _release_quietly(self) -> None:
+        try:
+            self._release()
+        except Exception:  # cleanup after a failure must not become the run's failure
+            log.exception("%s could not undo its changes to the run.", self.check_name)
+
+    def _back_on(self, hook: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """Whether a callback that stepped aside runs ``hook`` (only a new fit's ``setup``).
+
+        That ``setup`` turns it back on; ``teardown`` and ``on_exception`` still clean up.
+        """
+        if hook == "setup" and kwargs.get("stage", args[2] if len(args) > 2 else None) == "fit":
+            self._off = False
+            return True
+        if hook in ("teardown", "on_exception"):
+            self._release_quietly()
+        return False
+
+    def _step_aside(self, hook: str, args: tuple[Any, ...], err: Exception) -> None:
+        """Undo what this callback changed, turn it off until the next fit, report ``err``."""
+        self._off = True
+        self._release_quietly()
+        trainer = args[0] if args and isinstance(args[0], pl.Trainer) else None
+        try:
+            if isinstance(err, UserCodeError):
+                found = self.user_error(trainer, err, hook)
+            else:
+                log.error("%s.%s raised %s; the callback is off for the rest of this fit.",
+                          self.check_name, hook, type(err).__name__, exc_info=err)
+                found = self.finding(
+                    trainer, f"{self.slug}.error", Severity.WARN,
+                    f"{self.check_name} failed in `{hook}` with {type(err).__name__}: {err}. "
+                    "It is off for the rest of this fit; training goes on without it.",
+                    advice="An error inside lightning_diag, not in your model: please report it "
+                           "with the traceback from the `lightning_diag` logger. Pass "
+                           "`strict=True` to raise it instead.",
+                    details={"hook": hook, "exception": type(err).__name__})
+            self.publish(trainer, [found])
+        except Exception:  # e.g. the part that failed is the writer the report goes through
+            log.exception("%s could not report its error in `%s`.", self.check_name, hook)
+
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
@@ -250,13 +362,51 @@ class DiagnosticCallback(pl.Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.hooks.remove_all()
+        self._release()
 
     @override
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        self.hooks.remove_all()
+        self._release()
+
+
+def _guard_hooks(cls: type[DiagnosticCallback]) -> None:
+    """Run each Lightning hook ``cls`` itself defines under :func:`_guarded`."""
+    for name in LIGHTNING_HOOKS:
+        fn = vars(cls).get(name)
+        if inspect.isfunction(fn):
+            setattr(cls, name, _guarded(name, fn))
+
+
+def _guarded(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` (the hook ``name``) under the guard described in :class:`DiagnosticCallback`."""
+
+    @functools.wraps(fn)
+    def hook(self: DiagnosticCallback, *args: Any, **kwargs: Any) -> Any:
+        if name in self._running:  # a subclass's hook calling super(): the outer guard decides
+            return fn(self, *args, **kwargs)
+        if self._off and not self._back_on(name, args, kwargs):
+            return None
+        self._running.add(name)
+        try:
+            return fn(self, *args, **kwargs)
+        except (DiagnosticError, ConfigurationError):
+            raise
+        except UserCodeError as err:
+            self._step_aside(name, args, err)
+        except Exception as err:
+            if self.strict and name != "on_exception":
+                raise
+            self._step_aside(name, args, err)
+        finally:
+            self._running.discard(name)
+        return None
+
+    return hook
+
+
+_guard_hooks(DiagnosticCallback)
 
 
 def _stable(value: Any) -> Any:
@@ -342,25 +492,13 @@ class FitStartCheck(DiagnosticCallback):
         if reason:
             self.publish(trainer, [self.skipped(trainer, f"{reason}.")])
             return
-        try:
+        try:  # the user's code failing in the check (UserCodeError) is reported by the guard
             found = self.run_check(trainer, pl_module)
         except NoLossError as err:  # e.g. a step returning None: a skip, not a crash of the fit
             found = [self.skipped(trainer, str(err))]
-        except UserCodeError as err:  # the user's code failed where the check called it
-            found = [self.user_error(trainer, err)]
         finally:
             self.done = True
         self.publish(trainer, found)
-
-    def user_error(self, trainer: pl.Trainer | None, err: UserCodeError) -> Finding:
-        """The WARN finding ``<slug>.user_error``: which of the user's functions raised what."""
-        return self.finding(
-            trainer, f"{self.slug}.user_error", Severity.WARN,
-            f"{self.check_name} did not run: {err}",
-            advice="The error is in your code, called by the check on the first training "
-                   "batches outside `training_step`: fix it, or pass `batch_to_input=` if the "
-                   "check gave your `forward` the wrong part of the batch.",
-            details={"where": err.where, "exception": type(err.error).__name__})
 
     def _skip_reason(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
         if getattr(trainer, "fast_dev_run", False):

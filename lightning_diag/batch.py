@@ -48,10 +48,11 @@ class NoLossError(ValueError):
 class UserCodeError(Exception):
     """The user's code raised where a diagnostic called it outside training (not a skip).
 
-    Raised by :func:`call_user` around ``forward``, ``configure_optimizers``, a dataset's
-    ``__getitem__``/``__iter__``, a ``collate_fn`` or a ``batch_to_*`` function; the message
-    names the function, the exception type and its message. Deliberately not a ValueError, so
-    that no ``except ValueError`` meant for a skip takes it.
+    Raised by :func:`call_user` around ``training_step`` and ``validation_step`` on a copy,
+    ``forward``, ``configure_optimizers``, a dataset's ``__getitem__``/``__iter__``, a
+    ``collate_fn`` or a ``batch_to_*`` function; the message names the function, the
+    exception type and its message. Deliberately not a ValueError, so that no
+    ``except ValueError`` meant for a skip takes it.
 
     Attributes:
         where: The function, e.g. ``"`MyData.__getitem__`"``.
@@ -104,8 +105,15 @@ def forward_output(module: torch.nn.Module, batch: Any, batch_to_input: BatchFn)
     with torch.no_grad():
         return call_user(f"`{type(module).__name__}.forward`", module, x)
 
-INPUT_KEYS = ("x", "input", "inputs", "image", "images", "img", "data", "features")
-TARGET_KEYS = ("y", "target", "targets", "label", "labels", "class", "classes")
+#: Dict keys read as the input, first match wins: Hugging Face model inputs (vision, text,
+#: audio) before generic names, so that a batch holding ``input_ids`` and ``text`` gives the
+#: tensor. ``attention_mask``, ``pixel_mask`` and ``token_type_ids`` go with an input, never
+#: stand for it, and are deliberately absent.
+INPUT_KEYS = ("pixel_values", "input_ids", "inputs_embeds", "input_values", "input_features",
+              "x", "input", "inputs", "image", "images", "img", "data", "features", "tokens",
+              "text", "audio")
+#: Dict keys read as the target (``labels`` as in Hugging Face, ``label`` as in its datasets).
+TARGET_KEYS = ("y", "target", "targets", "label", "labels", "label_ids", "class", "classes")
 
 
 def _from_mapping(batch: Mapping[str, Any], keys: Sequence[str], what: str) -> Any:
@@ -162,8 +170,18 @@ def loss_from_output(output: Any) -> torch.Tensor:
 
 
 def step_loss(module: pl.LightningModule, batch: Any, batch_idx: int = 0) -> torch.Tensor:
-    """Run the module's own ``training_step`` on ``batch`` and return the loss tensor."""
-    return loss_from_output(module.training_step(batch, batch_idx))
+    """Run the module's own ``training_step`` on ``batch`` and return the loss tensor.
+
+    Side experiments call it on a copy, so that the user's step failing there is the user's
+    error to report (the check steps aside), not a crash of the run nor an internal error.
+
+    Raises:
+        UserCodeError: ``training_step`` raised.
+        NoLossError: it returned no loss.
+    """
+    step = call_user(f"`{type(module).__name__}.training_step`", module.training_step, batch,
+                     batch_idx)
+    return loss_from_output(step)
 
 
 class OutputCapture:

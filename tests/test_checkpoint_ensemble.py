@@ -8,9 +8,13 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lightning_diag.callbacks.checkpoint_ensemble import CheckpointEnsemble
+from lightning_diag.findings import load_findings
 from lightning_diag.inference.ensemble import EnsembleModel, evaluate_members
+from lightning_diag.tensorboard.tags import ensemble_member, ensemble_metric
+from tests.families import FAMILIES
 from tests.helpers import Classifier, codes, digits, events, loader, mlp, trainer
 
 
@@ -49,17 +53,71 @@ def test_last_k_kept_and_ensemble_reported(tmp_path: Path) -> None:
         members.append(m.eval())
     x, y = digits(96, flatten=True).tensors
     with torch.no_grad():
-        probs = EnsembleModel(members)(x)
-    assert cb.results["ensemble"]["acc"] == pytest.approx(float((probs.argmax(1) == y).float()
-                                                                .mean()))
+        probs = EnsembleModel(members)(x).exp()
+    assert cb.results["ensemble"]["val_acc"] == pytest.approx(
+        float((probs.argmax(1) == y).float().mean()))
+    assert cb.results["ensemble"]["val_loss"] == pytest.approx(
+        float(F.nll_loss(probs.log(), y)), rel=1e-5)
     want = evaluate_members(members, loader(digits(96, flatten=True), 96, shuffle=False))
     assert cb.results["members"] == [pytest.approx(r) for r in want["members"]]
-    best = max(r["acc"] for r in want["members"])
-    assert gain.value == pytest.approx(want["ensemble"]["acc"] - best)
-    tags = events(tmp_path / "tb" / "version_0").Tags()["scalars"]
-    assert {"diag/ensemble/ensemble_acc", "diag/ensemble/member_1/loss",
-            "diag/ensemble/gain"} <= set(tags)
+    # the last checkpoint holds the final weights: the Trainer's last validation scored it too
+    assert cb.results["members"][-1] == pytest.approx(
+        {k: float(t.callback_metrics[k]) for k in ("val_loss", "val_acc")})
+    best = max(r["val_acc"] for r in want["members"])
+    assert gain.value == pytest.approx(want["ensemble"]["val_acc"] - best)
+    assert "gain on `val_acc`" in gain.message and "10-class logits" in gain.message
+    acc = events(tmp_path / "tb" / "version_0")
+    tags = set(acc.Tags()["scalars"])
+    assert {"diag/ensemble/ensemble/val_acc", "diag/ensemble/ensemble/val_loss",
+            "diag/ensemble/member_1/val_loss", "diag/ensemble/gain"} <= tags
+    assert acc.Scalars("diag/ensemble/gain")[-1].value == pytest.approx(gain.value)
     assert t.lightning_module.training and len(cb.hooks) == 0
+
+
+@pytest.mark.parametrize("name", ["token_lm", "recurrent_lm", "regression", "segmentation",
+                                  "multilabel", "dict_batches"])
+def test_any_family_gets_its_ensemble_table(tmp_path: Path, name: str) -> None:
+    pl.seed_everything(0)
+    fam = FAMILIES[name]()
+    # bare-tensor batches hold no target the defaults can read: the family says where it is
+    cb = CheckpointEnsemble(k=2, **({"batch_to_target": fam.batch_to_target}
+                                    if fam.batch_to_target else {}))
+    t = trainer(tmp_path, [cb], max_epochs=3, limit_train_batches=3, limit_val_batches=2,
+                **fam.trainer_kwargs)
+    t.fit(fam.module, fam.train, fam.val)  # completes: no forward on a guessed input
+    (gain,) = [f for f in cb.findings if f.code == "ensemble.gain"]
+    logged = {n for n in fam.metric_names[1:] if n is not None}  # what validation_step logs
+    assert set(cb.results["ensemble"]) == logged
+    assert all(set(r) == logged for r in cb.results["members"])
+    assert cb.results["members"][-1] == pytest.approx(  # the final weights, as the Trainer saw
+        {n: float(t.callback_metrics[n]) for n in logged}, rel=1e-5)
+    headline = fam.metric_names[2] or fam.metric_names[1]
+    assert f"gain on `{headline}`" in gain.message and gain.value is not None
+    kind = {"regression": "members' outputs (regression)", "multilabel": "4 binary label(s)",
+            "token_lm": "16-class log-probs", "recurrent_lm": "16-class log-probs"}.get(
+                name, "-class logits")
+    assert kind in cb.results["combined"], cb.results["combined"]
+    records = {f.code: f for f in load_findings(tmp_path / "tb" / "version_0")}
+    assert records["ensemble.gain"].details["ensemble"] == pytest.approx(cb.results["ensemble"])
+    tags = set(events(tmp_path / "tb" / "version_0").Tags()["scalars"])
+    assert {ensemble_metric(n) for n in logged} | {ensemble_member(1, n) for n in logged} <= tags
+
+
+def test_step_without_a_single_prediction_module_is_skipped(tmp_path: Path) -> None:
+    class TwoParts(Classifier):
+        def __init__(self) -> None:
+            super().__init__(mlp(width=16), lr=0.02)
+            self.head = torch.nn.Linear(10, 10)
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            self.log("val_loss", F.cross_entropy(self.head(self.net(batch[0])), batch[1]))
+
+    cb = CheckpointEnsemble(k=2)
+    t = trainer(tmp_path, [cb], max_epochs=2, limit_train_batches=2, logger=False)
+    ds = digits(64, flatten=True)
+    t.fit(TwoParts(), loader(ds, 32), loader(ds, 32, shuffle=False))
+    (skipped,) = cb.findings
+    assert skipped.code == "ensemble.skipped" and "call `self(...)`" in skipped.message
 
 
 def test_top_k_by_monitor(tmp_path: Path) -> None:
@@ -101,3 +159,20 @@ def test_main_run_unchanged_and_state_round_trip(tmp_path: Path) -> None:
     other = CheckpointEnsemble(k=2)
     other.load_state_dict(cb.state_dict())
     assert other.kept == cb.kept and other.paths == cb.paths
+
+
+def test_users_failing_validation_step_on_the_copies_is_named(tmp_path: Path) -> None:
+    class FailsOutsideValidation(Classifier):
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            if not self.trainer.validating:  # the copies run at fit end, outside the loop
+                raise RuntimeError("reads a file only the loop opens")
+            super().validation_step(batch, batch_idx)
+
+    cb = CheckpointEnsemble(k=2)
+    t = trainer(tmp_path, [cb], max_epochs=2, limit_train_batches=2, logger=False)
+    ds = digits(64, flatten=True)
+    t.fit(FailsOutsideValidation(mlp(width=16)), loader(ds, 32), loader(ds, 32, shuffle=False))
+    assert t.current_epoch == 2  # the fit completed
+    (f,) = cb.findings
+    assert f.code == "ensemble.user_error" and f.severity == "warn"
+    assert "`FailsOutsideValidation.validation_step` raised RuntimeError" in f.message

@@ -239,3 +239,83 @@ def test_mixed_shapes_and_iterable_training_data() -> None:
     model = Classifier(mlp(in_features=4, classes=8))
     run.fit(model, torch.utils.data.DataLoader(Stream(), batch_size=4))
     assert [f.code for f in check.findings] == ["data.skipped"]
+
+
+def test_dict_batches_family_is_read_by_its_key_names(tmp_path: Path) -> None:
+    from tests.families import FAMILIES
+
+    fam = FAMILIES["dict_batches"]()  # samples {"pixel_values": (1, 8, 8), "labels": int}
+    check = DataInspection()
+    run = trainer(tmp_path, [check], max_steps=1, limit_val_batches=1)
+    run.fit(fam.module, fam.train, fam.val)
+    assert codes(check.findings, "info") == {"data.summary"}, check.findings
+    summary = one(check.findings, "data.summary").details
+    assert summary["train"]["inspected"] == 384 and summary["validation"]["inspected"] == 128
+    assert sum(summary["train"]["class_counts"]) == 384  # labels read from "labels"
+    assert "diag/data/samples_per_class" in events(tmp_path / "tb" / "version_0").Tags()["images"]
+
+
+class Keyed(Dataset):
+    """Dict samples under the given keys: an 8x8 input, an int label, an attention mask."""
+
+    def __init__(self, input_key: str, n: int = 16) -> None:
+        self.x, self.y = load_digits_tensors()
+        self.key, self.n = input_key, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {self.key: self.x[i], "attention_mask": torch.ones(8), "label": self.y[i]}
+
+
+@pytest.mark.parametrize("key", ["pixel_values", "input_ids", "input_values", "image"])
+def test_common_library_keys_are_inputs_and_the_mask_never_is(key: str) -> None:
+    found = inspect_dataset(Keyed(key))
+    summary = one(found, "data.summary").details["train"]
+    assert summary["inspected"] == 16 and summary["class_counts"] is not None
+    assert not by_code(found, "data.mixed_shapes")  # read the (1, 8, 8) input, not the mask
+
+
+def test_unreadable_structure_is_an_info_finding_not_a_crash(tmp_path: Path) -> None:
+    found = inspect_dataset(Keyed("pixels"))  # no known input key; attention_mask is not one
+    (skipped,) = found
+    assert skipped.code == "data.skipped" and skipped.severity is Severity.INFO
+    assert "dicts with keys ['attention_mask', 'label', 'pixels']" in skipped.message
+    assert "`batch_to_input=`" in skipped.message and "`batch_to_target=`" in skipped.message
+    text = [{"text": "a sentence", "label": 1}] * 4  # raw strings: nothing numeric to compare
+    (skipped,) = inspect_dataset(text)
+    assert skipped.code == "data.skipped" and "str" in skipped.message
+    # the callback: the fit goes on and the finding names the argument
+    check = DataInspection()
+    batches = torch.utils.data.DataLoader(Keyed("pixels", 64), batch_size=16)
+
+    class Step(Classifier):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return F.cross_entropy(self(batch["pixels"]), batch["label"])
+
+    run = trainer(tmp_path, [check], logger=False, max_steps=2)
+    run.fit(Step(mlp()), batches)
+    assert run.global_step == 2
+    assert [f.code for f in check.findings] == ["data.skipped"]
+    assert "`batch_to_input=`" in check.findings[0].message
+    # the named argument fixes it
+    fixed = inspect_dataset(Keyed("pixels"), batch_to_input=lambda s: s["pixels"])
+    assert one(fixed, "data.summary").details["train"]["inspected"] == 16
+
+
+def test_a_later_sample_without_the_input_is_unreadable_not_fatal() -> None:
+    samples: list[Any] = [{"image": torch.rand(16), "label": i % 2} for i in range(6)]
+    samples[4] = {"picture": torch.rand(16), "label": 0}
+    found = inspect_dataset(samples)
+    bad = one(found, "data.unreadable")
+    assert bad.indices == (4,) and "input not readable" in bad.details["errors"][4]
+
+
+def test_a_failing_batch_to_input_is_the_users_error(tmp_path: Path) -> None:
+    check = DataInspection(batch_to_input=lambda sample: sample["missing"])
+    run = trainer(tmp_path, [check], logger=False, max_steps=1)
+    run.fit(Classifier(mlp()), loader(TensorDataset(*load_digits_tensors()), 32))
+    (f,) = check.findings
+    assert f.code == "data.user_error" and f.severity is Severity.WARN
+    assert "`batch_to_input` raised TypeError" in f.message

@@ -1,24 +1,31 @@
-"""EnsembleModel, its combination rules, safe loading from checkpoints, and the trainers."""
+"""EnsembleModel (any task, any forward signature, tuple and dict outputs), the evaluation of
+members and ensemble through the user's own validation_step, safe loading, and the trainers."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lightning_diag.examples.digits import DigitsClassifier
-from lightning_diag.functional.ensemble import combine_logits
+from lightning_diag.functional.ensemble import combine_outputs
+from lightning_diag.functional.task import Task, infer_task
 from lightning_diag.inference.checkpoints import CheckpointLoadError
 from lightning_diag.inference.ensemble import (
+    EnsembleError,
     EnsembleModel,
     evaluate_members,
     train_ensemble,
     train_top_configs,
 )
-from tests.helpers import digits, loader
+from tests.families import FAMILIES
+from tests.helpers import Classifier, digits, loader, mlp
 
 
 def _members(n: int = 3) -> list[nn.Module]:
@@ -26,42 +33,206 @@ def _members(n: int = 3) -> list[nn.Module]:
     return [nn.Linear(4, 5) for _ in range(n)]
 
 
-def test_mean_prob_equals_mean_of_members_softmax() -> None:
+def test_logits_in_log_of_the_mean_probability_out() -> None:
     members, x = _members(), torch.randn(6, 4)
     want = torch.stack([m(x).softmax(-1) for m in members]).mean(0)
     with torch.inference_mode():
         got = EnsembleModel(members)(x)
-    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got.exp(), want)
+    torch.testing.assert_close(got.softmax(-1), want)  # valid logits for the user's loss
+    torch.testing.assert_close(EnsembleModel(members).member_outputs(x),
+                               torch.stack([m(x) for m in members]))
+    log_probs = [nn.Sequential(m, nn.LogSoftmax(-1)) for m in members]
+    with torch.no_grad():
+        torch.testing.assert_close(EnsembleModel(log_probs)(x), want.log())  # log-probs stay
+        probs = [nn.Sequential(m, nn.Softmax(-1)) for m in members]
+        torch.testing.assert_close(EnsembleModel(probs)(x), want)  # probabilities stay
 
 
-def test_mean_logit_and_vote() -> None:
+def test_mean_logit_vote_and_bad_arguments() -> None:
     members, x = _members(), torch.randn(6, 4)
     logits = torch.stack([m(x) for m in members])
     with torch.no_grad():
         torch.testing.assert_close(EnsembleModel(members, "mean_logit")(x), logits.mean(0))
-        votes = EnsembleModel(members, "vote")(x)
+        votes = EnsembleModel(members, "vote")(x).exp()
     for i in range(6):
         for c in range(5):
-            assert votes[i, c] == sum(int(logits[k, i].argmax() == c) for k in range(3)) / 3
+            want = sum(int(logits[k, i].argmax() == c) for k in range(3)) / 3
+            assert votes[i, c] == pytest.approx(want, abs=1e-6)
     with pytest.raises(ValueError, match="combine"):
         EnsembleModel(members, "median")
     with pytest.raises(ValueError, match="models"):
         EnsembleModel([])
-    with pytest.raises(ValueError, match="members, batch, classes"):
-        combine_logits(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="at least one member"):
+        combine_outputs(torch.zeros(0, 3), Task("regression", "values"))
 
 
-def test_evaluate_members_matches_direct_computation() -> None:
-    members = [nn.Sequential(nn.Flatten(), nn.Linear(64, 10)) for _ in range(2)]
+def test_regression_outputs_are_averaged_and_multilabel_scores_by_probability() -> None:
+    torch.manual_seed(0)
+    members, x = [nn.Linear(4, 1) for _ in range(3)], torch.randn(6, 4)
+    with torch.no_grad():
+        outs = torch.stack([m(x).squeeze(1) for m in members])
+        regression = EnsembleModel([nn.Sequential(m, nn.Flatten(0)) for m in members])
+        torch.testing.assert_close(regression(x), outs.mean(0))
+        labels = [nn.Linear(4, 3) for _ in range(2)]
+        task = infer_task(labels[0](x), torch.randint(0, 2, (6, 3)).float())
+        assert task.kind == "multilabel"
+        got = EnsembleModel(labels, task=task)(x)
+        want = torch.stack([m(x).sigmoid() for m in labels]).mean(0)
+    torch.testing.assert_close(got.sigmoid(), want)
+
+
+class _Recurrent(nn.Module):
+    """Returns ``(log_probs, hidden)`` like a recurrent language model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.out = nn.GRU(3, 8, batch_first=True), nn.Linear(8, 6)
+
+    def forward(self, x: torch.Tensor, hidden: torch.Tensor | None = None) -> Any:
+        h, hidden = self.rnn(x, hidden)
+        return self.out(h).log_softmax(-1).reshape(-1, 6), hidden
+
+
+class _HFStyle(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(4, 3)
+
+    def forward(self, pixel_values: torch.Tensor, *, scale: float = 1.0) -> dict[str, Any]:
+        return {"hidden": pixel_values * 2, "logits": self.net(pixel_values) * scale}
+
+
+def test_any_signature_tuple_and_dict_outputs() -> None:
+    torch.manual_seed(0)
+    members, x = [_Recurrent() for _ in range(3)], torch.randn(2, 5, 3)
+    with torch.no_grad():
+        outs = [m(x) for m in members]
+        log_probs, hidden = EnsembleModel(members)(x, hidden=None)
+    want = torch.stack([o[0].exp() for o in outs]).mean(0).log()
+    torch.testing.assert_close(log_probs, want)
+    torch.testing.assert_close(hidden, outs[0][1])  # the rest of the output: the first member's
+    dicts, y = [_HFStyle() for _ in range(2)], torch.randn(4, 4)
+    with torch.no_grad():
+        out = EnsembleModel(dicts)(pixel_values=y, scale=2.0)
+        want = torch.stack([m.net(y).mul(2.0).softmax(-1) for m in dicts]).mean(0)
+    assert list(out) == ["hidden", "logits"] and torch.equal(out["hidden"], y * 2)
+    torch.testing.assert_close(out["logits"].softmax(-1), want)
+    with pytest.raises(EnsembleError, match="differ in shape"):
+        EnsembleModel([nn.Linear(4, 3), nn.Linear(4, 2)])(y)
+
+
+# -- evaluate_members on the families: the user's own metrics, checked against direct maths ----
+def _mean_prob_log(outs: list[torch.Tensor], dim: int) -> torch.Tensor:
+    return torch.stack([o.softmax(dim) for o in outs]).mean(0).log()
+
+
+def _regression(members: list[Any], batch: torch.Tensor) -> dict[str, torch.Tensor]:
+    pred = torch.stack([m(batch[:, :-1]) for m in members]).mean(0)
+    return {"val_loss": F.mse_loss(pred, batch[:, -1])}
+
+
+def _token_lm(members: list[Any], batch: Any) -> dict[str, torch.Tensor]:
+    x, y = batch
+    out = _mean_prob_log([m(x, y) for m in members], 1)  # log-probs in: same probabilities
+    return {"val_loss": F.nll_loss(out, y.reshape(-1)),
+            "val_acc": (out.argmax(1) == y.reshape(-1)).float().mean()}
+
+
+def _segmentation(members: list[Any], batch: Any) -> dict[str, torch.Tensor]:
+    x, y = batch
+    out = _mean_prob_log([m(x) for m in members], 1)
+    return {"val_loss": F.cross_entropy(out, y), "val_acc": (out.argmax(1) == y).float().mean()}
+
+
+def _multilabel(members: list[Any], batch: Any) -> dict[str, torch.Tensor]:
+    x, y = batch
+    out = torch.logit(torch.stack([m(x).sigmoid() for m in members]).mean(0))
+    return {"val_loss": F.binary_cross_entropy_with_logits(out, y),
+            "val_acc": ((out > 0).float() == y).float().mean()}
+
+
+REFERENCES: dict[str, Callable[[list[Any], Any], dict[str, torch.Tensor]]] = {
+    "regression": _regression, "token_lm": _token_lm, "segmentation": _segmentation,
+    "multilabel": _multilabel}
+
+
+def _epoch_mean(fn: Callable[[list[Any], Any], dict[str, torch.Tensor]], members: list[Any],
+                batches: list[Any]) -> dict[str, float]:
+    """Lightning's epoch value: the batch-size-weighted mean of each logged value."""
+    sums: dict[str, float] = {}
+    total = 0
+    with torch.no_grad():
+        for batch in batches:
+            n = len(batch) if isinstance(batch, torch.Tensor) else len(batch[0])
+            for name, value in fn(members, batch).items():
+                sums[name] = sums.get(name, 0.0) + float(value) * n
+            total += n
+    return {name: s / total for name, s in sums.items()}
+
+
+@pytest.mark.parametrize("name", list(REFERENCES))
+def test_evaluate_members_scores_members_and_ensemble_with_the_users_own_step(name: str) -> None:
+    members = []
+    for seed in range(3):
+        pl.seed_everything(seed, verbose=False)
+        members.append(FAMILIES[name]().module)
+    batches = [b for _, b in zip(range(2), FAMILIES[name]().val, strict=False)]
+    res = evaluate_members(members, batches)
+    fn = REFERENCES[name]
+    for row, member in zip(res["members"], members, strict=True):
+        assert row == pytest.approx(_epoch_mean(fn, [member], batches), rel=1e-5)
+    assert res["ensemble"] == pytest.approx(_epoch_mean(fn, members, batches), rel=1e-4)
+    assert res["ensemble"] != pytest.approx(res["members"][0])  # the members do differ
+    assert "at the module's forward" in res["combined"]
+    assert all(m.training for m in members)  # modes restored, hooks and log patches removed
+    assert all(not m._forward_hooks and "log" not in vars(m) for m in members)
+
+
+def test_evaluate_members_on_torchmetrics_and_a_submodule_prediction() -> None:
+    pl.seed_everything(0, verbose=False)
+    members = [FAMILIES["dict_batches"]().module for _ in range(2)]  # val/acc: torchmetrics
+    batches = [b for _, b in zip(range(2), FAMILIES["dict_batches"]().val, strict=False)]
+    res = evaluate_members(members, batches)
+    x = torch.cat([b["pixel_values"] for b in batches])
+    y = torch.cat([b["labels"] for b in batches])
+    with torch.no_grad():
+        probs = torch.stack([m(x).softmax(1) for m in members]).mean(0)
+    assert res["ensemble"]["val/acc"] == pytest.approx(float((probs.argmax(1) == y).float()
+                                                             .mean()))
+    assert "10-class logits" in res["combined"]
+    # a step calling `self.net(x)` (no forward of its own): the ensemble combines `net`
+    nets = [_NetStep(mlp()) for _ in range(2)]
     ds = digits(64)
-    res = evaluate_members(members, loader(ds, 16, shuffle=False))
+    res = evaluate_members(nets, loader(ds, 32, shuffle=False))
     x, y = ds.tensors
     with torch.no_grad():
-        probs = torch.stack([m(x).softmax(-1) for m in members]).mean(0)
-        m0 = members[0](x)
-    assert res["ensemble"]["loss"] == pytest.approx(float(F.nll_loss(probs.log(), y)), rel=1e-5)
-    assert res["ensemble"]["acc"] == pytest.approx(float((probs.argmax(1) == y).float().mean()))
-    assert res["members"][0]["loss"] == pytest.approx(float(F.cross_entropy(m0, y)), rel=1e-5)
+        want = F.nll_loss(torch.stack([m.net(x).softmax(1) for m in nets]).mean(0).log(), y)
+    assert res["ensemble"]["val_loss"] == pytest.approx(float(want), rel=1e-5)
+    assert "at `self.net`" in res["combined"]
+
+
+class _NetStep(Classifier):
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val_loss", F.cross_entropy(self.net(batch[0]), batch[1]))
+
+
+class _TwoHeads(Classifier):
+    def __init__(self) -> None:
+        super().__init__(mlp())
+        self.head = nn.Linear(10, 10)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val_loss", F.cross_entropy(self.head(self.net(batch[0])), batch[1]))
+
+
+def test_evaluate_members_refuses_what_it_cannot_compare() -> None:
+    with pytest.raises(EnsembleError, match="LightningModules with a `validation_step`"):
+        evaluate_members([nn.Linear(64, 10)], [(torch.zeros(2, 64), torch.zeros(2).long())])
+    with pytest.raises(EnsembleError, match=r"define `forward` and call `self\(...\)`"):
+        evaluate_members([_TwoHeads(), _TwoHeads()], loader(digits(32), 16))
+    with pytest.raises(EnsembleError, match="batches were empty"):
+        evaluate_members([Classifier(mlp())], [])
 
 
 def _save(path: Path, **hp: object) -> DigitsClassifier:
@@ -79,7 +250,7 @@ def test_from_checkpoints_rebuilds_members(tmp_path: Path) -> None:
     x = torch.rand(5, 1, 8, 8)
     with torch.inference_mode():
         want = torch.stack([s.eval()(x).softmax(-1) for s in saved]).mean(0)
-        torch.testing.assert_close(ens(x), want)
+        torch.testing.assert_close(ens(x).exp(), want)
 
 
 def test_from_checkpoints_checks_every_member_before_loading_any(tmp_path: Path) -> None:

@@ -12,7 +12,6 @@ from lightning_diag.functional.checks import (
     expected_initial_loss,
     gradient_tolerance,
     has_kinks,
-    is_classification,
     kink_gap,
     relative_error,
 )
@@ -93,11 +92,3 @@ def test_gradient_tolerance_validates_depth():
     with pytest.raises(ValueError, match="depth"):
         gradient_tolerance(True, -1)
 
-
-def test_is_classification():
-    y = torch.tensor([0, 2, 1])
-    assert is_classification(torch.zeros(3, 3), y)
-    assert not is_classification(torch.zeros(3, 1), y)
-    assert not is_classification(torch.zeros(3, 3), y.float())
-    assert not is_classification(torch.zeros(2, 3), y)
-    assert not is_classification(None, y)

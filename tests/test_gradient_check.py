@@ -5,8 +5,10 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_diag.callbacks import GradientCheck
-from lightning_diag.checks.gradients import check_gradients, error_table
+from lightning_diag.checks.gradients import MIN_JUDGED, check_gradients, error_table
 from lightning_diag.findings import DiagnosticError
+from lightning_diag.isolation import first_batches
+from tests.families import FAMILIES
 from tests.helpers import Classifier, cnn, codes, digits, events, loader, mlp, text_events, trainer
 
 
@@ -175,7 +177,8 @@ def test_bad_inputs_give_findings(tmp_path):
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"num_samples": 0}, "num_samples"), ({"coords_per_tensor": 1.5}, "coords_per_tensor"),
     ({"h": 0.0}, "`h`"), ({"tolerance": -1.0}, "tolerance"), ({"seed": "a"}, "seed"),
-    ({"direction": 1}, "direction"), ({"kinks": "yes"}, "kinks"), ({"strict": 1}, "strict")])
+    ({"direction": 1}, "direction"), ({"kinks": "yes"}, "kinks"), ({"reset": 1}, "reset"),
+    ({"strict": 1}, "strict")])
 def test_init_validates(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         GradientCheck(**kwargs)
@@ -191,19 +194,106 @@ def test_overrides_tolerance_and_kinks():
 
 
 class NearKink(pl.LightningModule):
-    """loss = relu(w).sum() with one w a third of a step from the kink."""
+    """loss = relu(w).sum() with one w a third of a step from the kink, the rest far from it."""
 
     def __init__(self):
         super().__init__()
-        self.w = nn.Parameter(torch.tensor([3e-6, 0.5, -0.5]))
+        self.w = nn.Parameter(torch.tensor([3e-6, -0.3, -0.5] + [0.1 * i for i in range(1, 13)]))
 
     def training_step(self, batch, batch_idx):
         return torch.relu(self.w).sum() * batch[0].mean()
 
 
 def test_a_kink_within_h_is_set_aside_not_failed():
-    (f,) = check_gradients(NearKink(), (torch.ones(4, 1),), coords_per_tensor=3,
+    (f,) = check_gradients(NearKink(), (torch.ones(4, 1),), coords_per_tensor=15,
                            direction=False)
     (row,) = f.details["table"]
-    assert f.code == "gradient_check.ok" and row.kinks == 1 and row.both_zero == 1
-    assert "1 across a kink" in f.message
+    assert f.code == "gradient_check.ok" and row.kinks == 1 and row.both_zero == 2
+    assert f.details["judged"] == 12 and f.details["compared"] == 15
+    assert "12 of 15 comparisons judged" in f.message
+    assert "2 set aside as both near zero, 1 as across a kink" in f.message
+
+
+def test_too_few_comparisons_is_inconclusive_not_ok():
+    (f,) = check_gradients(NearKink(), (torch.ones(4, 1),), coords_per_tensor=3,
+                           direction=False, seed=1)
+    assert f.code == "gradient_check.inconclusive" and f.severity == "warn"
+    assert f.details["cause"] == "too_few_comparisons"
+    assert f.details["judged"] < MIN_JUDGED and "coords_per_tensor" in f.advice
+
+
+class Noisy(Classifier):
+    """Noise added to the logits inside training_step, from the global stream or its own."""
+
+    def __init__(self, own_generator):
+        super().__init__(mlp(nn.Tanh, width=8))
+        self.noise = torch.Generator().manual_seed(0) if own_generator else None
+
+    def forward(self, x):
+        logits = self.net(x)
+        return logits + 0.1 * torch.rand(logits.shape, generator=self.noise,
+                                         dtype=logits.dtype)
+
+
+def test_randomness_from_the_global_stream_is_replayed():
+    (f,) = check_gradients(Noisy(own_generator=False), batch_of(flatten=True),
+                           coords_per_tensor=3)
+    assert f.code == "gradient_check.ok" and f.details["judged"] >= MIN_JUDGED
+
+
+def test_randomness_the_check_cannot_replay_is_inconclusive():
+    (f,) = check_gradients(Noisy(own_generator=True), batch_of(flatten=True),
+                           coords_per_tensor=3)
+    assert f.code == "gradient_check.inconclusive" and f.severity == "warn"
+    assert f.details["cause"] == "not_reproducible" and "table" not in f.details
+    assert "not reproducible" in f.message and "`reset=`" in f.advice
+    first, second = f.details["losses"]
+    assert first != second and f.value == abs(first - second)
+    # the remedy the advice names: reseed it before every evaluation
+    (f,) = check_gradients(Noisy(own_generator=True), batch_of(flatten=True),
+                           coords_per_tensor=3, reset=lambda m: m.noise.manual_seed(0))
+    assert f.code == "gradient_check.ok"
+
+
+def recurrent_lm():
+    torch.manual_seed(0)
+    fam = FAMILIES["recurrent_lm"]()
+    return fam, first_batches(fam.train, 1, torch.device("cpu"))[0]
+
+
+def test_carried_state_is_put_back_so_the_recurrent_lm_gets_a_real_check():
+    fam, batch = recurrent_lm()
+    (f,) = check_gradients(fam.module, batch)
+    assert f.code == "gradient_check.ok" and f.details["restored_state"] == ["hidden"]
+    assert f.details["judged"] >= 60 and "carries `hidden` between calls" in f.message
+    assert fam.module.hidden is None  # the live module never ran
+    torch.manual_seed(0)
+    (bad,) = check_gradients(FAMILIES["recurrent_lm"]("detached_layer").module, batch)
+    assert bad.code == "gradient_check.mismatch" and "rnn.weight_hh_l0" in bad.message
+
+
+def test_carried_state_that_does_not_change_the_loss_is_not_reported():
+    class Caching(Classifier):
+        def training_step(self, batch, batch_idx):
+            self.last_batch = batch[0]  # kept, never read back
+            return super().training_step(batch, batch_idx)
+
+    (f,) = check_gradients(Caching(mlp(width=8)), batch_of(flatten=True), coords_per_tensor=3)
+    assert f.code == "gradient_check.ok" and f.details["restored_state"] == []
+
+
+def test_a_carried_state_the_check_cannot_put_back_is_inconclusive():
+    class Counter(Classifier):  # the state lives in a plain float, not a tensor
+        def __init__(self):
+            super().__init__(mlp(nn.Tanh, width=8))
+            self.calls = 0
+
+        def training_step(self, batch, batch_idx):
+            self.calls += 1
+            return super().training_step(batch, batch_idx) * self.calls
+
+    (f,) = check_gradients(Counter(), batch_of(flatten=True), coords_per_tensor=3)
+    assert f.code == "gradient_check.inconclusive" and f.details["restored_state"] == []
+    (f,) = check_gradients(Counter(), batch_of(flatten=True), coords_per_tensor=3,
+                           reset=lambda m: setattr(m, "calls", 0))
+    assert f.code == "gradient_check.ok"

@@ -7,7 +7,13 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_diag.callbacks import InitialLossCheck
-from lightning_diag.checks.initial_loss import check_initial_loss, loss_tolerance
+from lightning_diag.checks.initial_loss import (
+    REGRESSION_FACTOR,
+    check_initial_loss,
+    loss_tolerance,
+)
+from lightning_diag.isolation import first_batches
+from tests.families import FAMILIES
 from tests.helpers import Classifier, cnn, codes, digits, events, loader, mlp, text_events, trainer
 
 
@@ -120,16 +126,124 @@ def test_without_reg_attr_reports_weight_decay():
     assert info.severity == "info" and "weight decay 0.01" in info.message
 
 
-def test_regression_gets_no_expectation_unless_given():
-    x = torch.randn(32, 3)
-    data = [(x, x.sum(1))]
-    model = Regressor()
-    found = check_initial_loss(model, data)
-    assert "initial_loss.no_expectation" in codes(found, "info") and codes(found) == set()
-    value = next(f.value for f in found if f.code == "initial_loss.no_expectation")
-    assert codes(check_initial_loss(model, data, expected_loss=value)) == set()
+def test_regression_is_judged_against_mean_square_and_variance():
+    x = torch.randn(32, 3, generator=torch.Generator().manual_seed(0))
+    y = x.sum(1)
+    found = check_initial_loss(Regressor(), [(x, y)])
+    assert codes(found) == set()
+    (ok,) = [f for f in found if f.code == "initial_loss.ok"]
+    # the references, computed by hand: MSE of predicting 0 and of predicting the mean
+    assert ok.details["mean_square"] == pytest.approx(float((y.double() ** 2).mean()))
+    assert ok.details["variance"] == pytest.approx(float(y.double().var(unbiased=False)))
+    assert ok.expected[1] == pytest.approx(REGRESSION_FACTOR * ok.details["mean_square"])
+    assert "mean(y^2)" in ok.message and "Var(y)" in ok.message
+    # expected_loss= still overrides the inference
     assert "initial_loss.mismatch" in codes(
-        check_initial_loss(model, data, expected_loss=value + 10))
+        check_initial_loss(Regressor(), [(x, y)], expected_loss=ok.value + 10))
+
+
+def test_regression_with_another_loss_gets_no_expectation():
+    class L1(Regressor):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.l1_loss(self(x), y)
+
+    x = torch.randn(32, 3, generator=torch.Generator().manual_seed(0))
+    found = check_initial_loss(L1(), [(x, 0.01 * x.sum(1))])
+    (f,) = [f for f in found if f.code == "initial_loss.no_expectation"]
+    assert f.severity == "info" and "not the mean squared error" in f.message
+    assert "`expected_loss=`" in f.advice
+
+
+FAMILY_NAMES = sorted(FAMILIES)
+
+
+def family_batches(name, broken=None, seed=0):
+    torch.manual_seed(seed)
+    fam = FAMILIES[name](broken)
+    return fam, first_batches(fam.train, 3, torch.device("cpu"))
+
+
+def target_of(fam):  # the regression family's batches are one tensor: features, then target
+    return {"batch_to_target": fam.batch_to_target} if fam.batch_to_target else {}
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_every_family_gets_its_expectation(name):
+    fam, batches = family_batches(name)
+    found = check_initial_loss(fam.module, batches, **target_of(fam))
+    assert codes(found) == set(), [f.format() for f in found]
+    (ok,) = [f for f in found if f.code == "initial_loss.ok"]
+    if name == "regression":  # the references of these batches, and near the family's mean(y^2)
+        y = torch.cat([b[:, -1] for b in batches]).double()
+        assert ok.details["mean_square"] == pytest.approx(float((y**2).mean()))
+        assert ok.value == pytest.approx(fam.expected_initial_loss, rel=0.25)
+    else:  # log C (segmentation: log 3, token LMs: log V) or log 2 per label, as the family says
+        assert sum(ok.expected) / 2 == pytest.approx(fam.expected_initial_loss)
+        assert ok.value == pytest.approx(fam.expected_initial_loss, rel=0.1)
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_every_family_with_a_scaled_last_layer_is_flagged(name):
+    for seed in range(3 if name == "regression" else 1):  # the regression spread is widest
+        fam, batches = family_batches(name, "scaled_last_layer", seed)
+        found = check_initial_loss(fam.module, batches, **target_of(fam))
+        (f,) = [f for f in found if f.code == "initial_loss.mismatch"]
+        assert f.severity == "fail" and f.value > f.expected[1]
+        assert "last layer" in f.advice
+
+
+def test_regression_on_bare_tensor_batches_names_what_to_pass():
+    fam, batches = family_batches("regression")
+    found = check_initial_loss(fam.module, batches)
+    (f,) = [f for f in found if f.code == "initial_loss.no_expectation"]
+    assert "no target could be read" in f.message
+    assert "`expected_loss=`" in f.advice and "`batch_to_target=`" in f.advice
+
+
+def test_probabilities_fed_to_nll_are_flagged():
+    fam, batches = family_batches("token_lm", "softmax_before_loss")
+    (f,) = [f for f in check_initial_loss(fam.module, batches)
+            if f.code == "initial_loss.mismatch"]
+    assert f.value < 0 and "16-class probs" in f.message
+
+
+def test_collapse_is_judged_over_every_pixel():
+    fam, batches = family_batches("segmentation")
+    with torch.no_grad():
+        fam.module.out.bias.copy_(torch.tensor([0.0, 8.0, 0.0]))
+    found = check_initial_loss(fam.module, batches)
+    (f,) = [f for f in found if f.code == "initial_loss.collapsed"]
+    assert f"All {3 * 32 * 8 * 8} initial predictions are class 1" in f.message
+
+
+def test_a_step_calling_no_module_names_the_reason():
+    class Bare(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(3))
+
+        def training_step(self, batch, batch_idx):
+            return (self.w * batch[0]).sum()
+
+    found = check_initial_loss(Bare(), [(torch.ones(2, 3), torch.zeros(2))])
+    (f,) = [f for f in found if f.code == "initial_loss.no_expectation"]
+    assert "the output is None" in f.message
+
+
+def test_carried_state_starts_from_the_live_value_and_is_put_back_between_strengths():
+    fam, batches = family_batches("recurrent_lm")
+    fam.module.reg = 1e-3
+
+    class Reg(type(fam.module)):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return loss + self.reg * sum((p**2).sum() for p in self.parameters())
+
+    fam.module.__class__ = Reg
+    found = check_initial_loss(fam.module, batches, reg_attr="reg")
+    assert codes(found) == set() and fam.module.hidden is None
+    assert "rises" in next(f.message for f in found if f.code == "initial_loss.regularization")
 
 
 def test_num_classes_given_overrides_logit_width():
@@ -185,7 +299,7 @@ def test_bad_inputs_give_findings(tmp_path):
     ({"num_batches": 0}, "num_batches"), ({"num_classes": 1}, "num_classes"),
     ({"expected_loss": float("nan")}, "expected_loss"), ({"rel_tol": -0.1}, "rel_tol"),
     ({"abs_tol": "x"}, "abs_tol"), ({"reg_attr": ""}, "reg_attr"),
-    ({"reg_strengths": [0.0, 0.0]}, "reg_strengths"), ({"batch_to_input": 3}, "batch_to_input"),
+    ({"reg_strengths": [0.0, 0.0]}, "reg_strengths"),
     ({"batch_to_target": None}, "batch_to_target"), ({"strict": "no"}, "strict")])
 def test_init_validates(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):

@@ -7,6 +7,9 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_diag.batch import map_floats, select_samples, step_loss
 from lightning_diag.isolation import (
+    OptimizationSettings,
+    SideTraining,
+    StepState,
     clone_module,
     disable_regularization,
     first_batches,
@@ -85,3 +88,90 @@ def test_batch_helpers_keep_structure():
     assert doubled["x"].dtype == torch.float64 and doubled["y"].dtype == torch.int64
     picked = select_samples((torch.arange(4.0), torch.arange(4)), torch.tensor([1, 3]))
     assert picked[1].tolist() == [1, 3]
+
+
+def test_first_batches_of_a_loader_without_automatic_batching():
+    data = [(torch.full((2, 3), float(i)), torch.tensor([i, i])) for i in range(4)]
+    batches = first_batches(DataLoader(data, batch_size=None), 3, torch.device("cpu"))
+    expected = list(DataLoader(data, batch_size=None))[:3]  # each item already is a batch
+    assert len(batches) == 3
+    for got, want in zip(batches, expected, strict=True):
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+
+
+def test_settings_are_read_from_the_trainer():
+    import lightning.pytorch as pl
+
+    trainer = pl.Trainer(gradient_clip_val=0.5, gradient_clip_algorithm="value",
+                         accumulate_grad_batches=3, precision="bf16-mixed", logger=False,
+                         accelerator="cpu")
+    assert OptimizationSettings.from_trainer(trainer) == OptimizationSettings(0.5, "value", 3,
+                                                                              "bf16-mixed")
+    assert OptimizationSettings.from_trainer(pl.Trainer(logger=False)) == OptimizationSettings()
+    with pytest.raises(ValueError, match="precision"):
+        OptimizationSettings(precision="transformer-engine")
+
+
+def linear_and_batches():
+    torch.manual_seed(0)
+    return torch.nn.Linear(4, 1), [torch.randn(8, 4) for _ in range(2)]
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_side_training_clips_as_torch_does(algorithm):
+    model, (x, _) = linear_and_batches()
+    reference = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    run = SideTraining(opt, OptimizationSettings(0.01, algorithm), torch.device("cpu"))
+    assert run.backward(model(x).pow(2).sum() * 100, last=False)
+    # by hand: the same gradient, clipped by torch's own function, one SGD step
+    ref = torch.nn.Linear(4, 1)
+    with torch.no_grad():
+        for p, r in zip(ref.parameters(), reference, strict=True):
+            p.copy_(r)
+    ref(x).pow(2).sum().mul(100).backward()
+    clip = (torch.nn.utils.clip_grad_norm_ if algorithm == "norm"
+            else torch.nn.utils.clip_grad_value_)
+    clip(list(ref.parameters()), 0.01)
+    for p, r in zip(model.parameters(), ref.parameters(), strict=True):
+        assert torch.allclose(p, r.detach() - r.grad)
+
+
+def test_side_training_accumulates_as_one_step_on_the_mean_loss():
+    model, batches = linear_and_batches()
+    twin, _ = linear_and_batches()
+    run = SideTraining(torch.optim.SGD(model.parameters(), lr=0.1),
+                       OptimizationSettings(accumulate_grad_batches=2), torch.device("cpu"))
+    assert not run.backward(model(batches[0]).pow(2).mean(), last=False)
+    assert run.backward(model(batches[1]).pow(2).mean(), last=False)  # the window is full
+    opt = torch.optim.SGD(twin.parameters(), lr=0.1)
+    (sum(twin(b).pow(2).mean() for b in batches) / 2).backward()
+    opt.step()
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.allclose(p, q)
+
+
+def test_step_state_puts_back_what_a_step_carries():
+    module = torch.nn.Linear(2, 2)
+    module.hidden = None
+    module.cache = {"h": torch.zeros(2)}
+    state = StepState(module, torch.float64)
+    state.restore()
+    assert module.cache["h"].dtype == torch.float64
+    module.hidden = (torch.ones(1), torch.ones(1))
+    module.cache["h"].add_(1.0)  # in place
+    module.extra = torch.ones(1)  # added by a step
+    assert state.changed() == ["cache", "extra", "hidden"]
+    state.restore()
+    assert module.hidden is None and not hasattr(module, "extra")
+    assert torch.equal(module.cache["h"], torch.zeros(2, dtype=torch.float64))
+    assert state.changed() == []
+
+
+def test_clone_copies_a_state_still_attached_to_the_graph_detached():
+    model = Classifier(mlp(width=8))
+    out = model(torch.ones(2, 64))
+    model.hidden = (out, torch.zeros(1))  # kept from the step, with its history
+    clone = clone_module(model)
+    assert clone.hidden[0].grad_fn is None and torch.equal(clone.hidden[0], out)
+    assert model.hidden[0] is out and out.grad_fn is not None

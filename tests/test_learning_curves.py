@@ -3,6 +3,7 @@ import torch.nn.functional as F
 
 from lightning_diag.callbacks.learning_curves import LearningCurves
 from lightning_diag.callbacks.update_ratio import UpdateRatioMonitor
+from tests.families import FAMILIES
 from tests.helpers import Classifier, codes, digits, events, loader, mlp, trainer
 
 
@@ -26,7 +27,10 @@ def _layout(acc):
 def test_epoch_curves_gap_layout_and_figure(tmp_path):
     cb = LearningCurves()
     t = _fit(tmp_path, Classifier(mlp()), [cb, UpdateRatioMonitor(every_n_steps=1)])
-    assert codes(cb.findings, "info") == set()
+    (keys,) = cb.findings
+    assert keys.code == "curves.keys" and keys.severity == "info"
+    assert keys.details["keys"] == {r: r for r in ("train_loss", "train_acc", "val_loss",
+                                                   "val_acc")}
     acc = events(t.logger.log_dir)
     for series in ("loss/train", "loss/val", "accuracy/train", "accuracy/val", "accuracy/gap"):
         assert [e.step for e in acc.Scalars(f"diag/curves/{series}")] == [0, 1, 2]
@@ -58,6 +62,9 @@ def test_missing_keys_give_one_info_finding(tmp_path):
     (f,) = [f for f in cb.findings if f.code == "curves.missing_keys"]
     assert f.severity == "info" and codes(cb.findings, "warn") == set()
     assert f.details["missing"] == ["train_acc", "val_acc"]
+    assert "the training accuracy (under any common name" in f.message
+    (keys,) = [f for f in cb.findings if f.code == "curves.keys"]
+    assert keys.details["keys"] == {"train_loss": "train_loss", "val_loss": "val_loss"}
     assert [e for e, _ in cb.history["loss/train"]] == [0, 1, 2]  # found as train_loss_epoch
     assert "accuracy/gap" not in cb.history
 
@@ -99,3 +106,36 @@ def test_all_four_monitors_leave_the_main_run_bit_identical(tmp_path):
                ActivationHistogram(every_n_steps=1), UpdateRatioMonitor(every_n_steps=1)]
     plain, seen = run([], "plain"), run(watched, "watched")
     assert all(torch.equal(a, b) for a, b in zip(plain, seen, strict=True))
+
+
+def test_names_of_the_dict_batches_family_are_found(tmp_path):
+    fam = FAMILIES["dict_batches"]()  # train/loss, train/acc, val/loss, val/acc (torchmetrics)
+    cb = LearningCurves()
+    t = trainer(tmp_path, [cb], max_epochs=2, limit_train_batches=2, limit_val_batches=2)
+    t.fit(fam.module, fam.train, fam.val)
+    (keys,) = [f for f in cb.findings if f.code == "curves.keys"]
+    assert keys.details["keys"] == {"train_loss": "train/loss", "train_acc": "train/acc",
+                                    "val_loss": "val/loss", "val_acc": "val/acc"}
+    assert keys.details["given"] == [] and "`val/acc` as the validation accuracy" in keys.message
+    assert codes(cb.findings, "info") == {"curves.keys"}  # nothing missing
+    acc = events(t.logger.log_dir)
+    logged = t.callback_metrics
+    for series, name in (("loss/train", "train/loss"), ("accuracy/val", "val/acc")):
+        assert [e.step for e in acc.Scalars(f"diag/curves/{series}")] == [0, 1]
+        assert acc.Scalars(f"diag/curves/{series}")[-1].value == pytest.approx(
+            float(logged[name]))
+
+
+def test_an_explicit_name_wins_and_a_missing_one_is_named(tmp_path):
+    fam = FAMILIES["dict_batches"]()
+    cb = LearningCurves(val_loss="train/loss", val_acc="val/top5")
+    t = trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=2, limit_val_batches=2,
+                logger=False)
+    t.fit(fam.module, fam.train, fam.val)
+    (keys,) = [f for f in cb.findings if f.code == "curves.keys"]
+    assert keys.details["keys"]["val_loss"] == "train/loss" and keys.details["given"] == [
+        "val_loss"]
+    assert cb.history["loss/val"] == cb.history["loss/train"]  # read from the given name
+    (missing,) = [f for f in cb.findings if f.code == "curves.missing_keys"]
+    assert missing.details["missing"] == ["val/top5"] and "`val/top5` (given)" in missing.message
+    assert "accuracy/val" not in cb.history

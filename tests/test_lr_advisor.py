@@ -20,6 +20,7 @@ from lightning_diag.functional.curves import (
     running_median,
     smooth_ema,
 )
+from tests.families import FAMILIES
 from tests.helpers import Classifier, codes, digits, events, loader, mlp, text_events, trainer
 
 N_BATCHES = 4
@@ -72,10 +73,18 @@ HEALTHY = _stream([1.5, 0.8, 0.5, 0.3, 0.2, 0.15], [1.6, 0.9, 0.6, 0.4, 0.3, 0.2
                   [0.6, 0.8, 0.9, 0.95, 0.97, 0.98], [0.55, 0.78, 0.88, 0.93, 0.95, 0.96])
 
 
+def _verdicts(adv: LRPlateauAdvisor) -> list[Any]:
+    """The findings other than the one saying which metric names are read."""
+    return [f for f in adv.findings if f.code != "advisor.keys"]
+
+
 def test_healthy_stream_is_silent(tmp_path):
     adv = LRPlateauAdvisor()
     _run(tmp_path, HEALTHY, adv)
-    assert codes(adv.findings, "info") == set()
+    assert codes(adv.findings, "info") == {"advisor.keys"}
+    (keys,) = adv.findings
+    assert keys.details == {"keys": {r: r for r in ("train_loss", "val_loss", "train_acc",
+                                                     "val_acc")}, "missing": []}
     assert adv.history["val_acc"] == pytest.approx([e["val_acc"] for e in HEALTHY])
 
 
@@ -101,7 +110,7 @@ def test_plateau_advice_only_by_default_and_not_when_low(tmp_path):
     low = _stream([2.0, 0.1] + [0.1] * 4, [2.0, 0.1] + [0.1] * 4, [0.99] * 6, [0.98] * 6)
     adv = LRPlateauAdvisor(patience=3)
     _run(tmp_path / "low", low, adv)
-    assert codes(adv.findings, "info") == set()
+    assert codes(adv.findings, "info") == {"advisor.keys"}
 
 
 def test_underfit(tmp_path):
@@ -110,7 +119,7 @@ def test_underfit(tmp_path):
     adv = LRPlateauAdvisor(min_epochs=5)
     _run(tmp_path, stream, adv, on_step=True)  # read back as train_acc_epoch
     assert codes(adv.findings) == {"advisor.underfit"}
-    f = adv.findings[0]
+    (f,) = _verdicts(adv)
     assert f.value == pytest.approx(0.64) and f.epoch == 4 and "bigger model" in f.advice
 
 
@@ -120,10 +129,11 @@ def test_overfit(tmp_path):
     adv = LRPlateauAdvisor(min_epochs=5, monitor="train_loss")
     _run(tmp_path, stream, adv)
     assert codes(adv.findings) == {"advisor.overfit"}
-    assert adv.findings[0].value == pytest.approx(0.2)
-    assert "weight decay" in adv.findings[0].advice
+    (f,) = _verdicts(adv)
+    assert f.value == pytest.approx(0.2) and "weight decay" in f.advice
     acc = events(tmp_path / "tb" / "version_0")
-    assert "advisor.overfit" in text_events(acc, "diagnostics/LRPlateauAdvisor")[0]
+    texts = text_events(acc, "diagnostics/LRPlateauAdvisor")
+    assert "advisor.keys" in texts[0] and "advisor.overfit" in texts[-1]
 
 
 def test_scripted_divergence_jump_and_nan(tmp_path):
@@ -140,7 +150,7 @@ def test_scripted_divergence_jump_and_nan(tmp_path):
     assert not is_jump(0.2, [0.01] * 20, 5.0, 0.5 * 2.3)
     adv = LRPlateauAdvisor(min_epochs=99, patience=9, save_batch=False)
     _run(tmp_path / "nan", epochs, adv, step_losses=[2.3, float("nan")] + [1.0] * 14)
-    (f,) = adv.findings
+    (f,) = _verdicts(adv)
     assert f.severity == "fail" and f.step == 1 and math.isnan(f.value)
     assert f.details["batch_path"] is None
 
@@ -151,7 +161,7 @@ def test_loss_at_exactly_zero_then_a_jump_reads_well_and_never_divides_by_zero(t
     epochs = _stream([0.0] * 4, [0.0] * 4, [1.0] * 4, [1.0] * 4)
     adv = LRPlateauAdvisor(min_epochs=99, patience=2, save_batch=False)
     _run(tmp_path, epochs, adv, step_losses=[0.0] * 12 + [5.0] + [0.0] * 3)
-    (f,) = adv.findings  # no plateau: a loss that sits at 0 has converged
+    (f,) = _verdicts(adv)  # no plateau: a loss that sits at 0 has converged
     assert f.code == "advisor.divergence" and f.severity == "warn" and f.step == 12
     assert f.message.startswith("Step loss jumped to 5 from a running median of 0 at global step "
                                 "12, batch 0 of epoch 3; dataset indices [0] (sequential "
@@ -202,7 +212,7 @@ def test_healthy_real_run_silent_and_no_hooks_left(tmp_path):
     adv = LRPlateauAdvisor(min_epochs=3)
     t = trainer(tmp_path, [adv], max_epochs=4)
     t.fit(model, loader(digits(256), batch_size=32), loader(digits(128), 128, shuffle=False))
-    assert codes(adv.findings, "info") == set(), [f.format() for f in adv.findings]
+    assert codes(adv.findings, "info") == {"advisor.keys"}, [f.format() for f in adv.findings]
     assert len(adv.history["train_acc"]) == 4 and len(adv.hooks) == 0
     assert not list(tmp_path.rglob("*.pt"))
 
@@ -262,3 +272,35 @@ def test_advice_only_leaves_the_run_bit_identical(tmp_path):
     plain = final_weights([])
     advised = final_weights([LRPlateauAdvisor(min_epochs=1, patience=1)])
     assert all(torch.equal(a, b) for a, b in zip(plain, advised, strict=True))
+
+
+def test_names_of_the_dict_batches_family_are_found_and_judged(tmp_path):
+    pl.seed_everything(0)
+    fam = FAMILIES["dict_batches"]()  # train/loss, train/acc, val/loss, val/acc (torchmetrics)
+    # any accuracy is "low", any gap "close" or "large": one verdict on the accuracies fires
+    adv = LRPlateauAdvisor(min_epochs=1, low_acc=1.0, close_gap=1.0)
+    t = trainer(tmp_path, [adv], max_epochs=2, limit_train_batches=2, limit_val_batches=2)
+    t.fit(fam.module, fam.train, fam.val)
+    (keys,) = [f for f in adv.findings if f.code == "advisor.keys"]
+    assert keys.details == {"keys": {"train_loss": "train/loss", "val_loss": "val/loss",
+                                     "train_acc": "train/acc", "val_acc": "val/acc"},
+                            "missing": []}
+    assert adv.history["val/acc"][-1] == pytest.approx(float(t.callback_metrics["val/acc"]))
+    assert len(adv.history["train/loss"]) == 2
+    (verdict,) = _verdicts(adv)
+    assert verdict.code in ("advisor.underfit", "advisor.overfit")
+    assert verdict.epoch == 0
+    assert f"Training accuracy {adv.history['train/acc'][0]:.3f}" in verdict.message
+    assert f"validation accuracy {adv.history['val/acc'][0]:.3f}" in verdict.message
+
+
+def test_explicit_key_wins_and_only_unfound_names_are_reported(tmp_path):
+    fam = FAMILIES["regression"]()  # train_loss and val_loss only: no accuracy to find
+    adv = LRPlateauAdvisor(train_loss_key="val_loss")
+    t = trainer(tmp_path, [adv], max_epochs=1, limit_train_batches=2, limit_val_batches=2,
+                logger=False)
+    t.fit(fam.module, fam.train, fam.val)
+    (keys,) = [f for f in adv.findings if f.code == "advisor.keys"]
+    assert keys.details == {"keys": {"train_loss": "val_loss", "val_loss": "val_loss"},
+                            "missing": ["train_acc", "val_acc"]}
+    assert "the training accuracy, the validation accuracy" in keys.message

@@ -44,3 +44,18 @@ def test_find_metrics_and_bad_role():
                                     "train_acc": "train/acc", "val_acc": "val/acc"}
     with pytest.raises(ValueError, match="`role` must be one of"):
         find_metric(logged, "val_f1")
+
+
+def test_metric_keys_given_name_wins_is_read_as_its_epoch_twin_and_names_are_pinned():
+    from lightning_diag.callbacks._metric_keys import MetricKeys
+
+    keys = MetricKeys({"train_loss": "loss", "val_loss": None, "val_acc": None})
+    assert keys.resolve(["loss_epoch", "loss_step", "train_loss", "val/loss"]) == {
+        "train_loss": "loss_epoch", "val_loss": "val/loss"}  # the given name, not train_loss
+    assert keys.missing_roles(["train_loss", "val_loss", "val_acc"]) == ["val_acc"]
+    # later epochs: a found name stays (no switch to a better-ranked one), new roles are added
+    assert keys.resolve(["val_loss", "val/loss", "val/acc"]) == {"val_acc": "val/acc"}
+    assert keys.used == {"train_loss": "loss_epoch", "val_loss": "val/loss", "val_acc": "val/acc"}
+    assert "`loss_epoch` as the training loss (given)" in keys.describe(["train_loss"])
+    with pytest.raises(ValueError, match="Roles must be among"):
+        MetricKeys({"val_f1": None})

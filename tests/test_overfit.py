@@ -6,6 +6,8 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from lightning_diag.callbacks import OverfitSmallBatch
 from lightning_diag.checks.overfit import OverfitResult, overfit_batches, overfit_small_batch
+from lightning_diag.isolation import OptimizationSettings, first_batches
+from tests.families import FAMILIES
 from tests.helpers import Classifier, cnn, codes, digits, events, loader, mlp, trainer
 
 
@@ -154,8 +156,140 @@ def test_several_optimizers_are_refused_clearly_by_lightning(tmp_path):
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"num_batches": 0}, "num_batches"), ({"max_steps": 2.5}, "max_steps"),
     ({"loss_fraction": 1.0}, "loss_fraction"), ({"reg_attr": 3}, "reg_attr"),
-    ({"batch_to_input": "x"}, "batch_to_input"), ({"batch_to_target": 1}, "batch_to_target"),
+    ({"batch_to_target": 1}, "batch_to_target"),
     ({"progress_bar": 1}, "progress_bar"), ({"strict": None}, "strict")])
 def test_init_validates(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         OverfitSmallBatch(**kwargs)
+
+
+FAMILY_NAMES = sorted(FAMILIES)
+
+
+def family_batches(name, broken=None, num_batches=2, seed=0):
+    torch.manual_seed(seed)
+    fam = FAMILIES[name](broken)
+    return fam, first_batches(fam.train, num_batches, torch.device("cpu"))
+
+
+#: The accuracy each family's output gets, and whether 100 % of it is required.
+SHAPES = {"image_classifier": ("10-class logits", True), "dict_batches": ("10-class logits", True),
+          "segmentation": ("3-class logits", False), "token_lm": ("16-class log-probs", False),
+          "recurrent_lm": ("16-class log-probs", False),
+          "multilabel": ("4 binary label(s) (logits)", True), "regression": (None, True)}
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_every_healthy_family_overfits_with_accuracy_per_shape(name):
+    fam, batches = family_batches(name)
+    settings = OptimizationSettings.from_trainer(pl.Trainer(logger=False, **fam.trainer_kwargs))
+    # the regression family's batches are one tensor each: features, then the target
+    target = {"batch_to_target": fam.batch_to_target} if fam.batch_to_target else {}
+    result = overfit_batches(fam.module, batches, max_steps=600, settings=settings, **target)
+    task, required = SHAPES[name]
+    assert result.reached, result.findings()[0].message
+    assert [f.code for f in result.findings()] == ["overfit.reached"]
+    assert result.accuracy_required is required
+    if task is None:  # regression: the loss rule alone
+        assert result.best_accuracy is None and result.task == "regression"
+    else:  # measured per sample, pixel, token or label
+        assert result.task == task and result.best_accuracy is not None
+        assert result.best_accuracy == 1.0 or not required
+
+
+def test_pooled_accuracy_matches_a_count_by_hand():
+    fam, batches = family_batches("segmentation")
+
+    class Frozen(type(fam.module)):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)  # the outputs never change
+
+    fam.module.__class__ = Frozen
+    result = overfit_batches(fam.module, batches, max_steps=2)
+    with torch.no_grad():
+        hits = sum(int((fam.module(x).argmax(1) == y).sum()) for x, y in batches)
+    assert result.best_accuracy == hits / sum(y.numel() for _, y in batches)
+
+
+@pytest.mark.parametrize("name", ["segmentation", "multilabel", "dict_batches"])
+def test_a_squashing_before_the_loss_fails_on_the_loss(name):
+    fam, batches = family_batches(name, "softmax_before_loss")
+    result = overfit_batches(fam.module, batches, max_steps=300)
+    assert not result.reached and result.best_loss > 0.3 * result.initial_loss
+    assert [f.code for f in result.findings()] == ["overfit.not_reached"]
+
+
+def test_a_negative_initial_loss_cannot_be_overfit():
+    fam, batches = family_batches("token_lm", "softmax_before_loss")  # nll_loss of probabilities
+    result = overfit_batches(fam.module, batches, max_steps=50)
+    (f,) = result.findings()
+    assert f.code == "overfit.not_reached" and result.steps == 0
+    assert "is not positive" in f.message and "nll_loss" in f.message
+
+
+def recurrent_callback_run(tmp_path, **trainer_kwargs):
+    fam, batches = family_batches("recurrent_lm")
+    cb = OverfitSmallBatch(num_batches=2, max_steps=60, progress_bar=False)
+    trainer(tmp_path, [cb], logger=False, limit_train_batches=1, **trainer_kwargs).fit(
+        fam.module, fam.train)
+    return fam, batches, cb.result
+
+
+def test_recurrent_lm_overfits_with_the_trainers_clipping(tmp_path):
+    _, batches, result = recurrent_callback_run(tmp_path, gradient_clip_val=0.25)
+    assert result.reached and "gradient clipping (norm) at 0.25" in result.settings
+    assert result.lr == 5.0  # the family's configure_optimizers
+    # The Trainer-free call with the same settings trains the same copy, step for step ...
+    torch.manual_seed(0)
+    fresh = FAMILIES["recurrent_lm"]().module
+    clipped = overfit_batches(fresh, batches, max_steps=60,
+                              settings=OptimizationSettings(gradient_clip_val=0.25))
+    assert clipped.curve == result.curve
+    # ... and without the clipping it trains another way
+    plain = overfit_batches(fresh, batches, max_steps=60)
+    assert plain.curve != clipped.curve and "no gradient clipping" in plain.settings
+
+
+def test_recurrent_lm_without_the_trainers_clipping(tmp_path):
+    _, _, result = recurrent_callback_run(tmp_path)
+    assert result.settings.startswith("no gradient clipping")
+    # measured: the tiny LSTM survives its lr unclipped, the loss rule is met more slowly
+    assert result.reached
+
+
+def test_accumulation_counts_optimizer_steps(tmp_path):
+    fam, batches = family_batches("image_classifier", num_batches=3)
+    settings = OptimizationSettings(accumulate_grad_batches=2)
+    result = overfit_batches(fam.module, batches, max_steps=6, loss_fraction=1e-3,
+                             settings=settings)
+    # a pass of 3 batches is 2 steps (a window of 2, then the pass's end), as in an epoch
+    assert [s for s, _, _ in result.curve] == [2, 4, 6]
+    assert "2 batches accumulated per step" in result.settings
+
+
+def test_precision_of_the_run_is_used():
+    seen = []
+
+    class Recording(Classifier):
+        def training_step(self, batch, batch_idx):
+            seen.append((batch[0].dtype, self.net[1].weight.dtype, self(batch[0]).dtype))
+            return super().training_step(batch, batch_idx)
+
+    model = Recording(mlp(width=8), lr=1e-2)
+    for precision, dtypes in (("64-true", (torch.float64,) * 3),
+                              ("bf16-mixed", (torch.float32, torch.float32, torch.bfloat16))):
+        seen.clear()
+        result = overfit_batches(model, [next(iter(data()))], max_steps=2,
+                                 settings=OptimizationSettings(precision=precision))
+        assert set(seen) == {dtypes} and precision in result.settings
+    assert model.net[1].weight.dtype == torch.float32
+
+
+def test_the_learning_rate_is_the_one_configure_optimizers_sets():
+    class Warmup(Classifier):
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=0.5)
+            return [opt], [torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1)]
+
+    result = overfit_batches(Warmup(mlp(width=8)), [next(iter(data()))], max_steps=1)
+    assert result.lr == pytest.approx(0.05) and "lr 0.05" in result.findings()[0].message

@@ -146,7 +146,7 @@ def test_state_keys_are_the_same_in_every_process() -> None:
             ActivationHistogram(layers=lambda name, module: name == "net.1").state_key,
             CheckpointEnsemble(dirpath=Path("x")).state_key]
     assert not any(re.search(r"0x[0-9a-f]+", k) for k in keys), keys  # no memory address
-    assert "lightning_diag.batch.default_batch_to_input" in keys[0]
+    assert "lightning_diag.batch.default_batch_to_target" in keys[0]
     assert "<lambda>" in keys[1]
     assert EMAWeights(decay=0.5).state_key == EMAWeights(decay=0.5, evaluate="raw",
                                                          device="cpu").state_key

@@ -14,10 +14,12 @@ import pytest
 import torch
 
 from lightning_diag.examples.digits import DigitsClassifier
+from lightning_diag.isolation import OptimizationSettings
 from lightning_diag.tuning.cli import add_tune_arguments, load_class, run_tune
 from lightning_diag.tuning.pipeline import tune
 from lightning_diag.tuning.search import random_search, refine
 from lightning_diag.tuning.sweep import lr_sweep
+from tests.families import RecurrentLM, recurrent_lm
 from tests.helpers import digits, events, loader
 
 optuna = pytest.importorskip("optuna")
@@ -65,6 +67,41 @@ def test_sweep_validates_arguments():
     with pytest.raises(TypeError, match="LightningModule"):
         lr_sweep(lambda lr, weight_decay: torch.nn.Linear(1, 1), train_dataloaders=data()[0],
                  steps=1)
+
+
+class SweptLM(RecurrentLM):
+    """The recurrent family's LSTM with its learning rate given by the sweep."""
+
+    def __init__(self, lr: float, weight_decay: float) -> None:
+        super().__init__()
+        self.lr, self.weight_decay = lr, weight_decay
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+
+def test_sweep_optimizes_as_the_main_run():
+    stream = recurrent_lm().train  # the family's main run clips gradients at 0.25
+    kw = dict(lrs=(20.0,), steps=8, accelerator="cpu")
+    clip = OptimizationSettings(gradient_clip_val=0.25)
+    given = lr_sweep(SweptLM, train_dataloaders=stream, settings=clip, **kw).curves[20.0]
+    assert given == lr_sweep(SweptLM, train_dataloaders=stream, gradient_clip_val=0.25,
+                             **kw).curves[20.0]
+    assert given != lr_sweep(SweptLM, train_dataloaders=stream, **kw).curves[20.0]
+    with pytest.raises(ValueError, match="gradient_clip_val"):
+        lr_sweep(SweptLM, train_dataloaders=stream, settings=clip, gradient_clip_val=1.0, **kw)
+
+
+def test_sweep_curves_are_unscaled_under_accumulation():
+    kw = dict(train_dataloaders=data()[0], accelerator="cpu")
+    # at a vanishing learning rate every loss is that of the initial weights
+    frozen = lr_sweep(FACTORY, lrs=(1e-12,), steps=2, **kw).curves[1e-12]
+    accumulated = lr_sweep(FACTORY, lrs=(1e-2,), steps=2, settings=OptimizationSettings(
+        accumulate_grad_batches=2), **kw).curves[1e-2]
+    # steps count optimizer steps, 2 batches each; before the first step both batches are seen
+    # at the initial weights, and their losses are the step's, not halved
+    assert len(accumulated) == 4
+    assert accumulated[:2] == pytest.approx(frozen[:2], rel=1e-6)
 
 
 def test_search_resumes_after_interruption(tmp_path):

@@ -17,12 +17,15 @@ Example:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
-__all__ = ["ROLES", "find_metric", "find_metrics"]
+__all__ = ["DESCRIPTIONS", "ROLES", "MetricKeys", "find_metric", "find_metrics"]
 
 #: The metrics the curves and the advisor read, as ``<stage>_<quantity>``.
 ROLES = ("train_loss", "val_loss", "train_acc", "val_acc")
+#: Each role in words, for messages.
+DESCRIPTIONS = {"train_loss": "training loss", "val_loss": "validation loss",
+                "train_acc": "training accuracy", "val_acc": "validation accuracy"}
 
 _STAGES = {
     "train": {"train", "training", "trn"},
@@ -87,3 +90,60 @@ def find_metrics(logged: Iterable[str]) -> dict[str, str]:
     names = list(logged)
     found = {role: find_metric(names, role) for role in ROLES}
     return {role: name for role, name in found.items() if name is not None}
+
+
+class MetricKeys:
+    """The logged name each role is read from: the name the user gave, else the one
+    :func:`find_metric` finds. A name is pinned once found, so a curve never changes source.
+
+    Args:
+        explicit: Role -> the name the user passed, or None to find it by convention.
+
+    Example:
+        >>> keys = MetricKeys({"train_loss": None, "val_loss": None, "val_acc": "valid/top1"})
+        >>> keys.resolve(["train/loss_epoch", "train/loss_step", "valid/top1", "val/acc"])
+        {'train_loss': 'train/loss_epoch', 'val_acc': 'valid/top1'}
+        >>> keys.missing_roles(["train_loss", "val_loss", "val_acc"])
+        ['val_loss']
+        >>> keys.describe(["val_acc"])
+        '`valid/top1` as the validation accuracy (given)'
+    """
+
+    def __init__(self, explicit: Mapping[str, str | None]) -> None:
+        unknown = [role for role in explicit if role not in ROLES]
+        if unknown:
+            raise ValueError(f"Roles must be among {list(ROLES)}, got {unknown}.")
+        self.explicit = dict(explicit)
+        self.used: dict[str, str] = {}
+
+    def resolve(self, logged: Iterable[str], roles: Iterable[str] | None = None
+                ) -> dict[str, str]:
+        """Pin a logged name for each of ``roles`` (default: every role) that has none yet.
+
+        A given name is found as itself or as its ``<name>_epoch`` twin (logged with
+        ``on_step=True, on_epoch=True``). Returns the names pinned by this call.
+        """
+        names = list(logged)
+        new: dict[str, str] = {}
+        for role in self.explicit if roles is None else roles:
+            if role in self.used:
+                continue
+            given = self.explicit[role]
+            if given is None:
+                name = find_metric(names, role)
+            else:
+                name = next((n for n in (given, f"{given}_epoch") if n in names), None)
+            if name is not None:
+                self.used[role] = new[role] = name
+        return new
+
+    def missing_roles(self, roles: Iterable[str]) -> list[str]:
+        """Those of ``roles`` with no logged name pinned."""
+        return [role for role in roles if role not in self.used]
+
+    def describe(self, roles: Iterable[str]) -> str:
+        """``roles``' pinned names in words, for a finding's message."""
+        return ", ".join(
+            f"`{self.used[role]}` as the {DESCRIPTIONS[role]} "
+            f"({'given' if self.explicit[role] else 'found by its name'})"
+            for role in roles if role in self.used)

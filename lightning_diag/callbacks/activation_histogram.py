@@ -313,14 +313,8 @@ class ActivationHistogram(DiagnosticCallback):
             self.reported, self.last, self._logs, self._logged_step = set(), {}, 0, -1
 
     @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().teardown(trainer, pl_module, stage)
-        self._act, self._grad, self._numel = {}, {}, {}
-
-    @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                     exception: BaseException) -> None:
-        super().on_exception(trainer, pl_module, exception)
+    def _release(self) -> None:
+        super()._release()
         self._act, self._grad, self._numel = {}, {}, {}
 
     @override

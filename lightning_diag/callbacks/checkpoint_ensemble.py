@@ -2,9 +2,10 @@
 
 At the end of each ``every_n_epochs``-th training epoch (after validation) the weights are saved
 (``Trainer.save_checkpoint(weights_only=True)``); the last ``k``, or the best ``k`` by ``monitor``,
-are kept. At fit end every kept checkpoint and their ensemble are evaluated on the validation
-data; the numbers go to TensorBoard under ``diag/ensemble/...`` and an info finding
-``ensemble.gain`` states the ensemble's accuracy next to the best member's.
+are kept. At fit end every kept checkpoint and their ensemble run the module's own
+``validation_step`` on the validation data (:func:`~lightning_diag.inference.ensemble.
+evaluate_members`), for any task: every metric it logs goes to TensorBoard under
+``diag/ensemble/...`` and an info finding ``ensemble.gain`` compares the ensemble with each member.
 
 Example:
     >>> from lightning_diag.callbacks.checkpoint_ensemble import CheckpointEnsemble
@@ -16,31 +17,43 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from typing_extensions import override
 
-from lightning_diag.base import DiagnosticCallback
+from lightning_diag.base import ConfigurationError, DiagnosticCallback
+from lightning_diag.batch import BatchFn, UserCodeError, default_batch_to_target
+from lightning_diag.callbacks._metric_keys import find_metric
 from lightning_diag.findings import Severity
 from lightning_diag.functional.ensemble import COMBINE
 from lightning_diag.inference.checkpoints import check_state_dict, load_checkpoint, state_dict_of
-from lightning_diag.inference.ensemble import evaluate_members
+from lightning_diag.inference.ensemble import EnsembleError, evaluate_members
 from lightning_diag.isolation import clone_module, preserved_rng
-from lightning_diag.tensorboard.tags import (
-    ENSEMBLE_ACC,
-    ENSEMBLE_BEST_MEMBER_ACC,
-    ENSEMBLE_GAIN,
-    ENSEMBLE_LOSS,
-    ensemble_member,
-)
+from lightning_diag.tensorboard.tags import ENSEMBLE_GAIN, ensemble_member, ensemble_metric
 from lightning_diag.tensorboard.writer import log_dir, log_scalars
-from lightning_diag.validation import check_choice, check_int, check_str, require
+from lightning_diag.validation import (
+    check_callable,
+    check_choice,
+    check_int,
+    check_str,
+    require,
+)
 
 __all__ = ["CheckpointEnsemble"]
+
+
+def _headline(metrics: dict[str, float]) -> tuple[str, float] | None:
+    """The metric the gain is measured on, and +1 when higher is better (an accuracy), -1 when
+    lower is (a loss); None when the step logs neither."""
+    names = list(metrics)
+    acc, loss = find_metric(names, "val_acc"), find_metric(names, "val_loss")
+    if acc is not None:
+        return acc, 1.0
+    return None if loss is None else (loss, -1.0)
 
 
 class CheckpointEnsemble(DiagnosticCallback):
@@ -53,6 +66,8 @@ class CheckpointEnsemble(DiagnosticCallback):
         every_n_epochs: Save at the end of every n-th epoch.
         combine: How the ensemble combines members (see :class:`~lightning_diag.EnsembleModel`).
         dirpath: Where checkpoints go; default ``<log dir>/ensemble`` (or the root dir).
+        batch_to_target: Reads a validation batch's target, from which (with the prediction)
+            the task and so the combination are inferred.
         strict: Raise on a FAIL finding (this callback emits none).
     """
 
@@ -60,7 +75,9 @@ class CheckpointEnsemble(DiagnosticCallback):
 
     def __init__(self, k: int = 3, monitor: str | None = None, mode: str = "min",
                  every_n_epochs: int = 1, combine: str = "mean_prob",
-                 dirpath: str | Path | None = None, strict: bool = False) -> None:
+                 dirpath: str | Path | None = None,
+                 batch_to_target: BatchFn = default_batch_to_target, strict: bool = False
+                 ) -> None:
         super().__init__(strict=strict)
         check_int("k", k)
         check_str("monitor", monitor, optional=True)
@@ -70,8 +87,9 @@ class CheckpointEnsemble(DiagnosticCallback):
         require(dirpath is None or isinstance(dirpath, (str, os.PathLike)), "dirpath", dirpath,
                 "a directory path (str or os.PathLike) or None", TypeError)
         require(dirpath != "", "dirpath", dirpath, "a directory path (str or os.PathLike) or None")
+        check_callable("batch_to_target", batch_to_target)
         self.k, self.monitor, self.mode, self.every_n_epochs = k, monitor, mode, every_n_epochs
-        self.combine = combine
+        self.combine, self.batch_to_target = combine, batch_to_target
         self.dirpath = Path(dirpath) if dirpath is not None else None
         self.kept: list[dict[str, Any]] = []  # {"path", "score", "epoch", "step"}
         self.results: dict[str, Any] = {}
@@ -98,8 +116,9 @@ class CheckpointEnsemble(DiagnosticCallback):
         if any(isinstance(cb, CheckpointEnsemble) and cb is not self
                and cb._directory(trainer).resolve() == mine
                for cb in trainer.callbacks):  # type: ignore[attr-defined]
-            raise ValueError(f"Two CheckpointEnsemble callbacks would keep their checkpoints in "
-                             f"{mine} and delete each other's: give each its own `dirpath=`.")
+            raise ConfigurationError(
+                f"Two CheckpointEnsemble callbacks would keep their checkpoints in {mine} and "
+                "delete each other's: give each its own `dirpath=`.")
 
     @property
     def paths(self) -> list[str]:
@@ -164,25 +183,41 @@ class CheckpointEnsemble(DiagnosticCallback):
                 check_state_dict(member, state, path)
                 member.load_state_dict(state)
                 members.append(member.eval())
-            batches = (move_data_to_device(b, pl_module.device)
-                       for i, b in zip(range(limit), loader, strict=False))
-            self.results = evaluate_members(members, batches, self.combine, pl_module.device)
+            batches = (b for _, b in zip(range(limit), loader, strict=False))
+            try:
+                self.results = evaluate_members(members, batches, self.combine,
+                                                pl_module.device,
+                                                batch_to_target=self.batch_to_target)
+            except EnsembleError as err:
+                self._say(trainer, "ensemble.skipped", f"No ensemble: {err}")
+                return
+            except UserCodeError as err:  # reported here, so that rank 0 reaches the broadcast
+                self.publish(trainer, [self.user_error(trainer, err, "on_fit_end")])
+                return
         self._report(trainer)
 
     def _report(self, trainer: pl.Trainer) -> None:
         ens, rows = self.results["ensemble"], self.results["members"]
-        best = max(rows, key=lambda r: r["acc"])
-        gain = ens["acc"] - best["acc"]
-        scalars = {ensemble_member(i, m): r[m] for i, r in enumerate(rows) for m in ("acc", "loss")}
-        scalars.update({ENSEMBLE_ACC: ens["acc"], ENSEMBLE_LOSS: ens["loss"],
-                        ENSEMBLE_BEST_MEMBER_ACC: best["acc"], ENSEMBLE_GAIN: gain})
+        scalars = {ensemble_member(i, name): v for i, r in enumerate(rows) for name, v in r.items()}
+        scalars.update({ensemble_metric(name): v for name, v in ens.items()})
+        gain, said = None, "no validation accuracy or loss among them to rank the members by"
+        headline = _headline(ens)
+        if headline is not None:
+            name, sign = headline
+            best = max(rows, key=lambda r: sign * r.get(name, -sign * math.inf))[name]
+            gain = sign * (ens[name] - best)
+            scalars[ENSEMBLE_GAIN] = gain
+            said = (f"gain on `{name}` over the best member {gain:+.4g} "
+                    f"({'higher' if sign > 0 else 'lower'} is better)")
         log_scalars(trainer, scalars, trainer.global_step)
-        members = ", ".join(f"{r['acc']:.4f}" for r in rows)
+        table = "; ".join(
+            f"`{name}` ensemble {value:.4g}, members "
+            + ", ".join(f"{r[name]:.4g}" if name in r else "-" for r in rows)
+            for name, value in ens.items())
         self.publish(trainer, [self.finding(
             trainer, "ensemble.gain", Severity.INFO,
-            f"Ensemble of {len(rows)} checkpoints ({self.combine}): val accuracy {ens['acc']:.4f}, "
-            f"loss {ens['loss']:.4f}; members' accuracy {members} (best {best['acc']:.4f}, "
-            f"loss {best['loss']:.4f}); gain {gain:+.4f}.",
+            f"Ensemble of {len(rows)} checkpoints ({self.results['combined']}) on the metrics "
+            f"`validation_step` logs: {table or 'none logged'}; {said}.",
             advice="Ensembles usually gain a few percent (recipe step 7); load them with "
                    "EnsembleModel.from_checkpoints(ModelClass, callback.paths).",
             value=gain, details=self.results)])

@@ -32,7 +32,7 @@ from typing_extensions import override
 from lightning_diag.base import FitStartCheck
 from lightning_diag.batch import BatchFn, default_batch_to_input, default_batch_to_target
 from lightning_diag.checks.data.inspect import InspectionConfig, run_inspection
-from lightning_diag.checks.data.scan import DataReport, SplitScan
+from lightning_diag.checks.data.scan import DataReport, NotInspectable, SplitScan
 from lightning_diag.findings import Finding, Severity
 from lightning_diag.functional.data import image_grid
 from lightning_diag.isolation import first_loader, preserved_rng, train_dataloader_of
@@ -58,8 +58,11 @@ class DataInspection(FitStartCheck):
         max_samples: Larger sets are inspected on a seeded random subset of this size.
         near_threshold: Centred-cosine similarity above which two inputs are near duplicates.
         imbalance_ratio: Warn when the commonest class has this many times the rarest's samples.
-        batch_to_input: Maps a dataset sample to its input.
-        batch_to_target: Maps a dataset sample to its target.
+        batch_to_input: Maps a dataset sample to its input (default: ``sample[0]``, or the
+            first of ``lightning_diag.batch.INPUT_KEYS`` in a dict: ``pixel_values``,
+            ``input_ids``, ``image``...). A sample it cannot read gives ``data.skipped``.
+        batch_to_target: Maps a dataset sample to its target (default: ``sample[1]``, or the
+            first of ``TARGET_KEYS``: ``labels``, ``label``, ``y``...; else no target).
         max_images: Rows in each TensorBoard image grid (samples per class, flagged samples).
         seed: Seed of the subset and of the random projection (global RNG untouched).
         num_threads: torch threads during the inspection (restored after); None keeps them.
@@ -124,7 +127,10 @@ class DataInspection(FitStartCheck):
             def make(code: str, severity: Severity, message: str, **kw: Any) -> Finding:
                 return self.finding(trainer, code, severity, message, **kw)
 
-            self.report = run_inspection(train, _val_dataset(trainer), config, make)
+            try:
+                self.report = run_inspection(train, _val_dataset(trainer), config, make)
+            except NotInspectable as err:  # a structure the readers do not know: say so
+                return [self.skipped(trainer, str(err))]
             writer = tensorboard_writer(trainer)
             if self.require_tensorboard(trainer, "data inspection images and counts") and writer:
                 _TensorBoardView(trainer, writer, self.report, self.max_images).log()

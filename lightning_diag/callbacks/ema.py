@@ -27,7 +27,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from typing_extensions import override
 
-from lightning_diag.base import DiagnosticCallback, refuse_sharded
+from lightning_diag.base import ConfigurationError, DiagnosticCallback, refuse_sharded
 from lightning_diag.batch import loss_from_output
 from lightning_diag.callbacks._ema_slots import EMASlots
 from lightning_diag.callbacks._validate_copy import validate_copy
@@ -140,15 +140,9 @@ class EMAWeights(DiagnosticCallback):
                                         checkpoint["state_dict"].items()}
 
     @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def _release(self) -> None:
         self._undo_hook_swap()
-        super().teardown(trainer, pl_module, stage)
-
-    @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                     exception: BaseException) -> None:
-        self._undo_hook_swap()
-        super().on_exception(trainer, pl_module, exception)
+        super()._release()
 
     # --- the average -----------------------------------------------------------------------
     def _build(self, module: nn.Module) -> None:
@@ -253,7 +247,7 @@ def _refuse_clashing_evaluation(trainer: pl.Trainer, ema: EMAWeights) -> None:
     others = [cb for cb in trainer.callbacks  # type: ignore[attr-defined]
               if isinstance(cb, EMAWeights) and cb is not ema and cb.evaluate == ema.evaluate]
     if others:
-        raise ValueError(
+        raise ConfigurationError(
             f"Two EMAWeights on one Trainer have evaluate={ema.evaluate!r}: "
             + ("both would swap their average into the module for validation"
                if ema.evaluate == "ema" else "both would log their metrics as `<name>_ema`")

@@ -9,6 +9,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -26,7 +27,9 @@ __all__ = ["GradientCheck"]
 class GradientCheck(FitStartCheck):
     """Gradient check (recipe step 2) on a float64 copy, once at fit start.
 
-    See :func:`check_gradients` for the arguments. The per-tensor table goes to TensorBoard as
+    See :func:`check_gradients` for the arguments, the counts behind an "ok" and the
+    ``gradient_check.inconclusive`` cases (a loss that is not reproducible, too few
+    comparisons). The per-tensor table goes to TensorBoard as
     text under ``diag/gradient_check/errors`` and the worst error as the scalar
     ``diag/gradient_check/worst_error``.
 
@@ -40,11 +43,13 @@ class GradientCheck(FitStartCheck):
 
     def __init__(self, num_samples: int = 4, coords_per_tensor: int = 10, direction: bool = True,
                  h: float | None = None, tolerance: float | None = None, kinks: bool | None = None,
-                 seed: int = 0, strict: bool = False) -> None:
+                 seed: int = 0, reset: Callable[[pl.LightningModule], Any] | None = None,
+                 strict: bool = False) -> None:
         super().__init__(strict=strict)
         self.options: dict[str, Any] = {
             "num_samples": num_samples, "coords_per_tensor": coords_per_tensor,
-            "direction": direction, "h": h, "tolerance": tolerance, "kinks": kinks, "seed": seed}
+            "direction": direction, "h": h, "tolerance": tolerance, "kinks": kinks, "seed": seed,
+            "reset": reset}
         validate_arguments(**self.options)
 
     @property

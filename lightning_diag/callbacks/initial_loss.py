@@ -16,7 +16,7 @@ import lightning.pytorch as pl
 from typing_extensions import override
 
 from lightning_diag.base import FitStartCheck
-from lightning_diag.batch import BatchFn, default_batch_to_input, default_batch_to_target
+from lightning_diag.batch import BatchFn, default_batch_to_target
 from lightning_diag.checks.initial_loss import check_initial_loss, validate_arguments
 from lightning_diag.findings import Finding
 from lightning_diag.validation import check_int
@@ -27,7 +27,9 @@ __all__ = ["InitialLossCheck"]
 class InitialLossCheck(FitStartCheck):
     """Initial-loss sanity check (recipe step 3) on the first ``num_batches`` training batches.
 
-    See :func:`check_initial_loss` for the arguments. Runs once at fit start, forward only.
+    See :func:`check_initial_loss` for the arguments and the expectation per task (``log C``
+    for classifiers of any output shape, ``log 2`` per label, ``mean(y^2)``/``Var(y)`` for a
+    regression). Runs once at fit start, forward only.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -39,7 +41,6 @@ class InitialLossCheck(FitStartCheck):
     def __init__(self, num_batches: int = 3, num_classes: int | None = None,
                  expected_loss: float | None = None, rel_tol: float = 0.1, abs_tol: float = 0.05,
                  reg_attr: str | None = None, reg_strengths: Sequence[float] | None = None,
-                 batch_to_input: BatchFn = default_batch_to_input,
                  batch_to_target: BatchFn = default_batch_to_target, strict: bool = False) -> None:
         super().__init__(strict=strict)
         check_int("num_batches", num_batches)
@@ -47,7 +48,7 @@ class InitialLossCheck(FitStartCheck):
         self.options: dict[str, Any] = {
             "num_classes": num_classes, "expected_loss": expected_loss, "rel_tol": rel_tol,
             "abs_tol": abs_tol, "reg_attr": reg_attr, "reg_strengths": reg_strengths,
-            "batch_to_input": batch_to_input, "batch_to_target": batch_to_target}
+            "batch_to_target": batch_to_target}
         validate_arguments(**self.options)
 
     @property

@@ -20,6 +20,7 @@ from typing_extensions import override
 
 from lightning_diag.base import DiagnosticCallback
 from lightning_diag.batch import loss_from_output
+from lightning_diag.callbacks._metric_keys import DESCRIPTIONS, ROLES, MetricKeys
 from lightning_diag.checks.advisor import (
     Verdict,
     fit_gap_verdict,
@@ -46,7 +47,7 @@ def _validate(**args: Any) -> None:
     """Check the arguments of LRPlateauAdvisor, given by name (see lightning_diag.validation)."""
     check_str("monitor", args["monitor"], optional=True)
     for name in ("train_loss_key", "val_loss_key", "train_acc_key", "val_acc_key"):
-        check_str(name, args[name])
+        check_str(name, args[name], optional=True)
     for name in ("patience", "min_epochs", "window", "min_history"):
         check_int(name, args[name])
     require(args["min_history"] <= args["window"], "min_history", args["min_history"],
@@ -66,14 +67,17 @@ class LRPlateauAdvisor(DiagnosticCallback):
     """Reads epoch curves and step losses; reports plateaus, under/overfitting and divergences.
 
     Epoch checks run at ``on_train_epoch_end`` (epoch-end validation has already run then) on
-    ``trainer.callback_metrics``; a key logged with ``on_step`` and ``on_epoch`` is read as
-    ``<key>_epoch``. Divergence is checked on every training step's returned loss.
+    ``trainer.callback_metrics``. The train/val loss and accuracy are found among the logged
+    names by the usual conventions (``val_loss``, ``val/loss``, ``valid_loss_epoch``,
+    ``val/acc``, ...) unless given; one INFO finding ``advisor.keys`` says which names are read
+    and which were not found. Divergence is checked on every training step's returned loss.
 
     Args:
         monitor: Loss curve watched for plateaus; default the validation loss when logged, else
             the training loss.
         train_loss_key, val_loss_key, train_acc_key, val_acc_key: Logged metric names
-            (accuracies as fractions in [0, 1]).
+            (accuracies as fractions in [0, 1]); None (the default) finds each by convention.
+            A given name is also read as ``<name>_epoch``.
         patience: Epochs without a relative improvement of ``min_rel_delta`` that make a plateau.
         min_rel_delta: Relative decrease of the best loss that counts as an improvement.
         high_fraction: A plateau matters while the best loss is still >= this fraction of the
@@ -94,9 +98,9 @@ class LRPlateauAdvisor(DiagnosticCallback):
 
     slug = "advisor"
 
-    def __init__(self, monitor: str | None = None, train_loss_key: str = "train_loss",
-                 val_loss_key: str = "val_loss", train_acc_key: str = "train_acc",
-                 val_acc_key: str = "val_acc", patience: int = 3, min_rel_delta: float = 0.01,
+    def __init__(self, monitor: str | None = None, train_loss_key: str | None = None,
+                 val_loss_key: str | None = None, train_acc_key: str | None = None,
+                 val_acc_key: str | None = None, patience: int = 3, min_rel_delta: float = 0.01,
                  high_fraction: float = 0.2, act: bool = False, factor: float = 0.1,
                  min_lr: float = 0.0, min_epochs: int = 5, low_acc: float = 0.9,
                  close_gap: float = 0.02, overfit_gap: float = 0.1, jump_factor: float = 5.0,
@@ -111,8 +115,8 @@ class LRPlateauAdvisor(DiagnosticCallback):
                   min_jump_fraction=min_jump_fraction, window=window, min_history=min_history,
                   save_batch=save_batch)
         self.monitor, self.act, self.save_batch = monitor, act, save_batch
-        self.keys = {"train_loss": train_loss_key, "val_loss": val_loss_key,
-                     "train_acc": train_acc_key, "val_acc": val_acc_key}
+        self.given = {"train_loss": train_loss_key, "val_loss": val_loss_key,
+                      "train_acc": train_acc_key, "val_acc": val_acc_key}
         self.patience, self.min_rel_delta = patience, min_rel_delta
         self.high_fraction = high_fraction
         self.factor, self.min_lr, self.min_epochs = factor, min_lr, min_epochs
@@ -125,7 +129,7 @@ class LRPlateauAdvisor(DiagnosticCallback):
     @override
     def state_key(self) -> str:
         return self._generate_state_key(
-            monitor=self.monitor, **self.keys, patience=self.patience,
+            monitor=self.monitor, **self.given, patience=self.patience,
             min_rel_delta=self.min_rel_delta, high_fraction=self.high_fraction, act=self.act,
             factor=self.factor, min_lr=self.min_lr, min_epochs=self.min_epochs,
             low_acc=self.low_acc, close_gap=self.close_gap, overfit_gap=self.overfit_gap,
@@ -133,6 +137,8 @@ class LRPlateauAdvisor(DiagnosticCallback):
             window=self.window, min_history=self.min_history)
 
     def _reset(self) -> None:
+        self.keys = MetricKeys(self.given)
+        self._keys_said = False
         self.history: dict[str, list[float]] = {}
         self.step_losses: deque[float] = deque(maxlen=self.window)
         self.start_loss: float | None = None
@@ -193,15 +199,37 @@ class LRPlateauAdvisor(DiagnosticCallback):
     # ---- per epoch: plateau, underfit, overfit --------------------------------------------
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.record(trainer.callback_metrics)
+        new = self.record(trainer.callback_metrics)
+        if new or not self._keys_said:  # on every rank: the same names everywhere
+            self._keys_said = True
+            self.publish(trainer, [self._keys_finding(trainer, list(new))])
         self.publish(trainer, self.assess(trainer))
 
-    def record(self, metrics: Mapping[str, Any]) -> None:
-        """Append this epoch's value of every configured key (``<key>_epoch`` first) to history."""
-        for key in {*self.keys.values(), *([self.monitor] if self.monitor else [])}:
+    def record(self, metrics: Mapping[str, Any]) -> dict[str, str]:
+        """Append this epoch's value of every metric read (and of ``monitor``, ``<monitor>_epoch``
+        first) to history, under its logged name; return the roles whose name was found now."""
+        new = self.keys.resolve(metrics)
+        keys = sorted(set(self.keys.used.values()))
+        if self.monitor and self.monitor not in keys:
+            keys.append(self.monitor)
+        for key in keys:
             value = metrics.get(f"{key}_epoch", metrics.get(key))  # the epoch value first
             if value is not None:
                 self.history.setdefault(key, []).append(float(value))
+        return new
+
+    def _keys_finding(self, trainer: pl.Trainer, roles: list[str]) -> Finding:
+        missing = self.keys.missing_roles(ROLES)
+        read = f"reads {self.keys.describe(roles)}" if roles else "found none of its metrics yet"
+        lacking = "; not logged under any common name: " + ", ".join(
+            f"`{self.given[r]}` (given)" if self.given[r] else f"the {DESCRIPTIONS[r]}"
+            for r in missing) if missing else ""
+        return self.finding(
+            trainer, "advisor.keys", Severity.INFO, f"The advisor {read}{lacking}.",
+            advice="Plateaus need a loss, under/overfitting both accuracies; pass the names "
+                   "you log (e.g. `val_acc_key='val/top1'`) if they are not found.",
+            details={"keys": dict(self.keys.used), "missing": [self.given[r] or r
+                                                               for r in missing]})
 
     def assess(self, trainer: pl.Trainer | None) -> list[Finding]:
         """The findings the current history supports (each verdict once, plateaus repeatable)."""
@@ -212,8 +240,8 @@ class LRPlateauAdvisor(DiagnosticCallback):
     def _monitor_key(self) -> str:
         if self.monitor:
             return self.monitor
-        val = self.keys["val_loss"]
-        return val if self.history.get(val) else self.keys["train_loss"]
+        val = self.keys.used.get("val_loss", "")
+        return val if self.history.get(val) else self.keys.used.get("train_loss", "")
 
     def _plateau(self, trainer: pl.Trainer | None) -> Finding | None:
         key = self._monitor_key()
@@ -231,8 +259,8 @@ class LRPlateauAdvisor(DiagnosticCallback):
         return self._verdict_finding(trainer, verdict)
 
     def _fit_gap(self, trainer: pl.Trainer | None) -> Finding | None:
-        tr = self.history.get(self.keys["train_acc"], [])
-        va = self.history.get(self.keys["val_acc"], [])
+        tr = self.history.get(self.keys.used.get("train_acc", ""), [])
+        va = self.history.get(self.keys.used.get("val_acc", ""), [])
         if min(len(tr), len(va)) < self.min_epochs:
             return None
         verdict = fit_gap_verdict(tr[-1], va[-1], self.reported, self.overfit_gap,

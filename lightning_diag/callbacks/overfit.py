@@ -15,9 +15,10 @@ import lightning.pytorch as pl
 from typing_extensions import override
 
 from lightning_diag.base import FitStartCheck
-from lightning_diag.batch import BatchFn, default_batch_to_input, default_batch_to_target
+from lightning_diag.batch import BatchFn, default_batch_to_target
 from lightning_diag.checks.overfit import OverfitResult, overfit_batches, validate_arguments
 from lightning_diag.findings import Finding
+from lightning_diag.isolation import OptimizationSettings
 from lightning_diag.tensorboard.tags import OVERFIT_ACCURACY, OVERFIT_LOSS
 from lightning_diag.tensorboard.writer import log_scalars
 from lightning_diag.validation import check_flag, check_int
@@ -28,7 +29,10 @@ __all__ = ["OverfitSmallBatch"]
 class OverfitSmallBatch(FitStartCheck):
     """Overfit-a-small-sample test (recipe step 4), once at fit start, on a copy.
 
-    See :func:`overfit_small_batch` for the arguments. The curve goes to the loggers as
+    See :func:`overfit_small_batch` for the arguments. The copy trains as the Trainer does:
+    its gradient clipping, gradient accumulation and precision are read once
+    (:meth:`OptimizationSettings.from_trainer`), the learning rate is the one the module's
+    ``configure_optimizers`` sets. The curve goes to the loggers as
     ``diag/overfit/loss`` and ``diag/overfit/accuracy`` (x axis: overfit steps); a progress bar
     shows while it runs unless the trainer's progress bar is off or ``progress_bar=False``.
 
@@ -40,15 +44,14 @@ class OverfitSmallBatch(FitStartCheck):
     slug = "overfit"
 
     def __init__(self, num_batches: int = 5, max_steps: int = 1000, loss_fraction: float = 0.05,
-                 reg_attr: str | None = None, batch_to_input: BatchFn = default_batch_to_input,
-                 batch_to_target: BatchFn = default_batch_to_target, progress_bar: bool = True,
+                 reg_attr: str | None = None, batch_to_target: BatchFn = default_batch_to_target,
+                 progress_bar: bool = True,
                  strict: bool = False) -> None:
         super().__init__(strict=strict)
         check_int("num_batches", num_batches)
         self.options: dict[str, Any] = {
             "max_steps": max_steps, "loss_fraction": loss_fraction,
-            "reg_attr": reg_attr, "batch_to_input": batch_to_input,
-            "batch_to_target": batch_to_target}
+            "reg_attr": reg_attr, "batch_to_target": batch_to_target}
         validate_arguments(**self.options)
         check_flag("progress_bar", progress_bar)
         self.progress_bar = progress_bar
@@ -65,10 +68,14 @@ class OverfitSmallBatch(FitStartCheck):
         batches, skipped = self.fit_start_batches(trainer, pl_module, self.num_batches)
         if skipped:
             return skipped
+        try:
+            settings = OptimizationSettings.from_trainer(trainer)
+        except ValueError as err:  # a precision plugin the copy cannot reproduce
+            return [self.skipped(trainer, f"the run's optimization cannot be reproduced: {err}")]
         show = (self.progress_bar and trainer.progress_bar_callback is not None
                 and trainer.is_global_zero)
         self.result = overfit_batches(
-            pl_module, batches, progress_bar=show,
+            pl_module, batches, settings=settings, progress_bar=show,
             on_pass=lambda step, loss, acc: self._log_point(trainer, step, loss, acc),
             **self.options)
         return self.result.findings()

@@ -194,15 +194,9 @@ class UpdateRatioMonitor(DiagnosticCallback):
             self.streak, self.last = dict.fromkeys(_CODES, 0), {}
 
     @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().teardown(trainer, pl_module, stage)
-        self._pending, self._armed = [], False
-
-    @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                     exception: BaseException) -> None:
-        super().on_exception(trainer, pl_module, exception)
-        self._pending, self._armed = [], False
+    def _release(self) -> None:
+        super()._release()
+        self._pending, self._armed = [], False  # the weight snapshots of a pending step
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -20,7 +20,13 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from lightning_diag.batch import default_batch_to_input, map_floats, select_samples, step_loss
+from lightning_diag.batch import (
+    call_user,
+    default_batch_to_input,
+    map_floats,
+    select_samples,
+    step_loss,
+)
 from lightning_diag.findings import Finding, Severity
 from lightning_diag.functional.checks import (
     centered_difference,
@@ -31,8 +37,8 @@ from lightning_diag.functional.checks import (
     kink_gap,
     relative_error,
 )
-from lightning_diag.isolation import RNGState, side_experiment
-from lightning_diag.validation import check_flag, check_int, check_number
+from lightning_diag.isolation import RNGState, StepState, side_experiment
+from lightning_diag.validation import check_callable, check_flag, check_int, check_number
 
 __all__ = ["TensorGradientError", "check_gradients", "error_table", "validate_arguments"]
 
@@ -42,8 +48,20 @@ ADVICE = (
     "autograd.Function with a wrong backward, a `.detach()`/`.data`/`torch.no_grad` cutting the "
     "graph, or an in-place operation in the layers named."
 )
-#: Roundoff of one float64 loss evaluation is about one ulp; this margin covers a few more.
+NOT_REPRODUCIBLE_ADVICE = (
+    "Make `training_step` a function of the weights for the check: draw its randomness from the "
+    "global torch/NumPy/Python streams (the check replays them), or pass `reset=` to the check, "
+    "a function called on the copy before every evaluation (e.g. `lambda m: "
+    "m.noise.manual_seed(0)` for a generator of your own, or clearing a cache)."
+)
+#: Roundoff of one float64 loss evaluation is about one ulp; this margin covers a few more. Two
+#: evaluations of the same point closer than this are the same loss.
 _ROUNDOFF_ULPS = 4.0
+#: "ok" needs at least this many comparisons judged (not set aside as both near zero or across a
+#: kink). A bug that corrupts a third of the coordinates checked escapes 10 random comparisons
+#: with probability 0.67^10 = 2 %; the default (10 coordinates and a direction per tensor) makes
+#: 11 per tensor, so a model with one parameter tensor reaches it.
+MIN_JUDGED = 10
 #: Default steps. Measured on digits nets in float64: 1e-6 puts roundoff errors of ~2e-6 on
 #: small coordinates of smooth nets (over their 1e-6 tolerance), so they use 1e-5; with kinks
 #: (tolerance 1e-4) 1e-6 is accurate enough and crosses ten times fewer kinks than 1e-5.
@@ -80,6 +98,7 @@ def check_gradients(
     tolerance: float | None = None,
     kinks: bool | None = None,
     seed: int = 0,
+    reset: Callable[[pl.LightningModule], Any] | None = None,
 ) -> list[Finding]:
     """Gradient check of ``module.training_step`` on the first ``num_samples`` of ``batch``.
 
@@ -96,26 +115,73 @@ def check_gradients(
     (:func:`~lightning_diag.functional.checks.kink_gap`) crossed a kink within ``h`` and is
     counted as "kink crossed" rather than failed.
 
+    The same point is evaluated twice first. Attributes that ``training_step`` changes between
+    calls (a recurrent state kept in ``self.hidden``) are put back to the live module's value
+    before every evaluation, and the finding says so; a loss that still differs between the two
+    (randomness outside the global RNG streams, nondeterministic kernels) leaves nothing to
+    compare: ``gradient_check.inconclusive``.
+
+    Args:
+        module: The LightningModule, as initialized.
+        batch: One training batch; its first ``num_samples`` samples are used.
+        num_samples: Samples kept (the cost grows with them).
+        coords_per_tensor: Random coordinates checked per parameter tensor.
+        direction: Also check one random unit direction per tensor.
+        h: The centered-difference step (default: see above).
+        tolerance: Overrides the recipe's tolerance.
+        kinks: Overrides the detection of kink layers.
+        seed: Seed of the coordinate and direction sampling (a generator of its own).
+        reset: Called on the copy before every loss evaluation, to put back state the check
+            cannot see (reseed a generator of your own, clear a cache).
+
+    Raises:
+        UserCodeError: ``training_step`` or ``reset`` raised.
+
     Returns:
-        ``gradient_check.mismatch`` (FAIL) naming the tensors over tolerance, else
-        ``gradient_check.ok`` (INFO); ``gradient_check.non_finite`` (FAIL) for a NaN/Inf loss.
-        The per-tensor table is in ``details["table"]`` (a list of :class:`TensorGradientError`).
+        ``gradient_check.mismatch`` (FAIL) naming the tensors over tolerance; else
+        ``gradient_check.ok`` (INFO) when at least :data:`MIN_JUDGED` comparisons were judged,
+        or ``gradient_check.inconclusive`` (WARN) when fewer were, or when the loss is not
+        reproducible; ``gradient_check.non_finite`` (FAIL) for a NaN/Inf loss. The counts
+        (compared, judged, set aside as both near zero or across a kink) are in the message
+        and ``details``; the per-tensor table in ``details["table"]`` (a list of
+        :class:`TensorGradientError`).
     """
     validate_arguments(num_samples=num_samples, coords_per_tensor=coords_per_tensor,
-                       direction=direction, h=h, tolerance=tolerance, kinks=kinks, seed=seed)
+                       direction=direction, h=h, tolerance=tolerance, kinks=kinks, seed=seed,
+                       reset=reset)
     with side_experiment(module) as clone:
         clone.double().train()
+        state = StepState(clone, torch.float64)  # the live module's carried state, in float64
+        state.restore()
         size = _first_dim(batch)
         index = torch.arange(min(num_samples, size)) if size else torch.arange(0)
         sample = map_floats(select_samples(batch, index) if size else batch, lambda t: t.double())
         rng = RNGState.capture()
 
-        def loss_at() -> float:
+        def prepare(restore: bool) -> None:
             rng.restore()
+            if restore:
+                state.restore()
+            if reset is not None:
+                call_user("`reset`", reset, clone)
+
+        def evaluate(restore: bool) -> float:
+            prepare(restore)
             with torch.no_grad():
                 return float(step_loss(clone, sample))
 
-        rng.restore()
+        first, second = evaluate(False), evaluate(False)
+        carried = state.changed()
+        restored = carried if not _same_loss(first, second) else []
+        if restored:
+            first, second = evaluate(True), evaluate(True)
+        if not _same_loss(first, second):
+            return [_not_reproducible(first, second, restored)]
+
+        def loss_at() -> float:
+            return evaluate(True)
+
+        prepare(True)
         loss = step_loss(clone, sample)
         value = float(loss.detach())
         if not math.isfinite(value):
@@ -134,11 +200,33 @@ def check_gradients(
         probe = _Probe(step, eps, tol, loss_at())
         table = [_check_tensor(name, p, loss_at, probe, coords_per_tensor, direction, gen)
                  for name, p in clone.named_parameters() if p.requires_grad]
-    return [_summarize(table, tol, kinky, len(index) if size else None)]
+    return [_summarize(table, tol, kinky, len(index) if size else None, restored)]
+
+
+def _same_loss(a: float, b: float) -> bool:
+    """Equal up to the roundoff the numeric gradient already allows for (NaN equals NaN: the
+    non-finite loss is reported as such)."""
+    if math.isnan(a) and math.isnan(b):
+        return True
+    return abs(a - b) <= _ROUNDOFF_ULPS * math.ulp(max(abs(a), abs(b), 1.0))
+
+
+def _not_reproducible(first: float, second: float, restored: list[str]) -> Finding:
+    also = (f" and `{'`, `'.join(restored)}` put back (state `training_step` carries between "
+            "calls)" if restored else "")
+    return Finding(CHECK, "gradient_check.inconclusive", Severity.WARN,
+                   f"Gradient check inconclusive: the loss is not reproducible, {first!r} then "
+                   f"{second!r} at the same weights, with every global RNG stream replayed"
+                   f"{also}. Finite differences of a loss that moves by itself measure nothing; "
+                   "likely cause: randomness outside the global streams (a torch.Generator or "
+                   "NumPy Generator of your own, OS entropy) or nondeterministic kernels.",
+                   advice=NOT_REPRODUCIBLE_ADVICE, value=abs(first - second),
+                   details={"cause": "not_reproducible", "losses": [first, second],
+                            "restored_state": restored})
 
 
 def validate_arguments(*, num_samples: Any, coords_per_tensor: Any, direction: Any, h: Any,
-                       tolerance: Any, kinks: Any, seed: Any) -> None:
+                       tolerance: Any, kinks: Any, seed: Any, reset: Any = None) -> None:
     """Check the arguments of :func:`check_gradients` (see :mod:`lightning_diag.validation`).
 
     Example:
@@ -155,6 +243,7 @@ def validate_arguments(*, num_samples: Any, coords_per_tensor: Any, direction: A
     check_number("tolerance", tolerance, low=0, low_open=True, optional=True)
     check_flag("kinks", kinks, optional=True)
     check_int("seed", seed, low=None)
+    check_callable("reset", reset, optional=True)
 
 
 def _first_dim(batch: Any) -> int:
@@ -213,27 +302,41 @@ def _probe(loss_at: Callable[[], float], param: torch.Tensor, direction: torch.T
 
 
 def _summarize(table: list[TensorGradientError], tol: float, kinky: bool,
-               samples: int | None) -> Finding:
+               samples: int | None, restored: list[str]) -> Finding:
     worst = max((t.worst_error for t in table), default=0.0)
     bad = sorted((t for t in table if t.worst_error > tol), key=lambda t: -t.worst_error)
     checked = sum(t.checked for t in table)
     zeros = sum(t.both_zero for t in table)
     kinks = sum(t.kinks for t in table)
+    judged = checked - zeros - kinks
     basis = f"tolerance {tol:.0e} ({'with' if kinky else 'no'} kinks; ~1e-7 is good)"
-    details = {"table": table, "tolerance": tol, "samples": samples}
+    counts = (f"{judged} of {checked} comparisons judged in {len(table)} tensors ({zeros} set "
+              f"aside as both near zero, {kinks} as across a kink)")
+    state = (f" `training_step` carries `{'`, `'.join(restored)}` between calls: put back to the "
+             "live module's value before every evaluation." if restored else "")
+    details = {"table": table, "tolerance": tol, "samples": samples, "compared": checked,
+               "judged": judged, "both_zero": zeros, "kinks": kinks, "min_judged": MIN_JUDGED,
+               "restored_state": restored}
     if bad:
         named = ", ".join(f"{t.name} ({t.worst_error:.2e})" for t in bad[:5])
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
         return Finding(CHECK, "gradient_check.mismatch", Severity.FAIL,
                        f"Relative gradient error above {basis} in {len(bad)} of {len(table)} "
-                       f"tensors: {named}{more}.", advice=ADVICE, value=worst, expected=tol,
-                       details=details)
+                       f"tensors: {named}{more}; {counts}.{state}", advice=ADVICE, value=worst,
+                       expected=tol, details=details)
+    if judged < MIN_JUDGED:
+        return Finding(CHECK, "gradient_check.inconclusive", Severity.WARN,
+                       f"Gradient check inconclusive: only {counts}, fewer than {MIN_JUDGED}; "
+                       f"the worst judged error {worst:.2e} is within {basis}, but over too few "
+                       f"comparisons to call the gradients right.{state}",
+                       advice="Raise `coords_per_tensor` (and keep `direction=True`); if most "
+                       "values are both near zero, the gradients vanish on these samples: give "
+                       "more `num_samples`, or check why (dead units, saturation).",
+                       value=worst, expected=tol,
+                       details={**details, "cause": "too_few_comparisons"})
     return Finding(CHECK, "gradient_check.ok", Severity.INFO,
-                   f"Worst relative gradient error {worst:.2e} over {checked} checks in "
-                   f"{len(table)} tensors ({zeros} both near zero, {kinks} across a kink), within "
-                   f"{basis}.",
-                   value=worst, expected=tol,
-                   details=details)
+                   f"Worst relative gradient error {worst:.2e} over {counts}, within "
+                   f"{basis}.{state}", value=worst, expected=tol, details=details)
 
 
 def error_table(table: list[TensorGradientError]) -> str:

@@ -1,4 +1,10 @@
-"""Recipe step 3: the initial loss must match expectation (``log C``), forward pass only.
+"""Recipe step 3: the initial loss must match expectation, forward pass only.
+
+The expectation comes from the task inferred from the module's own output in ``training_step``
+(:func:`lightning_diag.functional.task.infer_task`): ``log C`` for a C-class classifier in any
+shape (``(N, C)``, per-pixel ``(N, C, H, W)``, per-token ``(N, T, V)`` or ``(N*T, V)``),
+``log 2`` per label for multi-label/binary targets, and for a mean-squared-error regression the
+loss of predicting 0, ``mean(y^2)``, and of predicting the mean, ``Var(y)``.
 
 Example:
     >>> from lightning_diag.examples.digits import DigitsClassifier, load_digits_tensors
@@ -21,16 +27,18 @@ import torch
 
 from lightning_diag.batch import (
     BatchFn,
+    OutputCapture,
     UserCodeError,
-    default_batch_to_input,
+    call_user,
     default_batch_to_target,
-    forward_output,
     step_loss,
 )
 from lightning_diag.findings import Finding, Severity
-from lightning_diag.functional.checks import expected_initial_loss, is_classification
+from lightning_diag.functional.checks import expected_initial_loss
+from lightning_diag.functional.task import Task, infer_task, regression_references, select_output
 from lightning_diag.isolation import (
     RNGState,
+    StepState,
     fresh_optimizer,
     get_reg_strength,
     set_reg_strength,
@@ -53,6 +61,19 @@ MISMATCH_ADVICE = (
     "down the initialization (especially the last layer), and check the loss itself (softmax "
     "applied twice, reduction='sum', wrong labels)."
 )
+REGRESSION_ADVICE = (
+    "With small weights a regressor predicts about 0, so its mean squared error starts near "
+    "mean(y^2) (recipe step 3.1); far above it the initial predictions are larger than the "
+    "targets themselves: scale down the initialization (especially the last layer), or "
+    "standardize the targets."
+)
+#: A regression's initial MSE is flagged above this many times ``max(mean(y^2), Var(y))``.
+#: Measured: default-initialized MLPs (depth 1-4, ReLU/tanh, width 16/256, 4-64 standardized
+#: inputs; 320 models) started at 0.96-1.73 times mean(y^2) for standardized targets, 0.72-1.32
+#: for targets of mean 3; the tests' regression family at 0.91-1.16 (5 seeds); its last layer
+#: scaled 30x at 4.6-17.2.
+#: 3 means initial predictions whose mean square is about twice the targets' own.
+REGRESSION_FACTOR = 3.0
 
 
 def loss_tolerance(expected: float, rel_tol: float = 0.1, abs_tol: float = 0.05) -> float:
@@ -78,70 +99,73 @@ def check_initial_loss(
     abs_tol: float = 0.05,
     reg_attr: str | None = None,
     reg_strengths: Sequence[float] | None = None,
-    batch_to_input: BatchFn = default_batch_to_input,
     batch_to_target: BatchFn = default_batch_to_target,
 ) -> list[Finding]:
     """Check the initial data loss of ``module`` on ``batches`` (forward only, on a copy).
 
     The data loss is the mean ``training_step`` loss with ``reg_attr`` (if given) set to 0. The
-    expectation is ``expected_loss``, else ``log C`` with C from ``num_classes`` or the logits'
-    width. The same RNG state is replayed before each evaluation; ``module`` (BatchNorm buffers
-    included) and every RNG stream are left untouched.
+    model's output is recorded inside that step (forward hooks, never a call on a guessed
+    input) and, with the batch's target, gives the task (see the module docstring). The
+    expectation is ``expected_loss``, else ``log C`` with C from ``num_classes``, else the
+    task's: ``log C``, ``log 2`` per label, or for a regression whose loss is the mean squared
+    error of the output, at most :data:`REGRESSION_FACTOR` times ``max(mean(y^2), Var(y))``.
+    Multi-class outputs are also checked for a confident collapse onto one class (over every
+    position: pixel, token). The same RNG state is replayed before each evaluation; ``module``
+    (BatchNorm buffers included) and every RNG stream are left untouched.
 
     Args:
         module: The LightningModule, as initialized.
         batches: A few training batches.
-        num_classes: C, when the logits cannot tell.
-        expected_loss: Overrides ``log C`` (e.g. for regression or custom losses).
+        num_classes: C, when the output cannot tell.
+        expected_loss: Overrides every inferred expectation (e.g. for custom losses).
         rel_tol: Relative part of the tolerance, see :func:`loss_tolerance`.
         abs_tol: Absolute part of the tolerance, in loss units.
         reg_attr: Attribute or hparam that scales a regularization term inside the loss.
         reg_strengths: Strengths to try, increasing; default ``[0, s, 10s, 100s]`` with the
             current strength ``s`` (``1e-3`` when it is 0).
-        batch_to_input: Extracts the model input from a batch.
-        batch_to_target: Extracts the target from a batch.
+        batch_to_target: Extracts the target from a batch (a bare-tensor batch has none that
+            can be told apart: give it, or ``expected_loss``).
 
     Raises:
-        UserCodeError: ``forward`` or ``batch_to_input`` raised (``training_step``'s own
-            exceptions pass through unchanged).
+        UserCodeError: ``training_step`` or ``batch_to_target`` raised.
     """
     validate_arguments(num_classes=num_classes, expected_loss=expected_loss, rel_tol=rel_tol,
                        abs_tol=abs_tol, reg_attr=reg_attr, reg_strengths=reg_strengths,
-                       batch_to_input=batch_to_input, batch_to_target=batch_to_target)
+                       batch_to_target=batch_to_target)
     if not batches:
         raise ValueError("`batches` is empty: give at least one training batch.")
     with side_experiment(module) as clone:
         clone.train()
         rng = RNGState.capture()
+        state = StepState(clone)  # a state carried between steps starts from the live one
         strength = get_reg_strength(clone, reg_attr) if reg_attr else 0.0
         if reg_attr:
             set_reg_strength(clone, reg_attr, 0.0)
         losses, outputs, targets = [], [], []
-        with torch.no_grad():
+        with torch.no_grad(), OutputCapture(clone) as capture:
             for i, batch in enumerate(batches):
                 rng.restore()
+                capture.clear()
                 losses.append(float(step_loss(clone, batch, i)))
-                rng.restore()
-                outputs.append(forward_output(clone, batch, batch_to_input))
-                targets.append(batch_to_target(batch))
+                outputs.append(select_output(capture.output))
+                targets.append(call_user("`batch_to_target`", batch_to_target, batch))
         loss = sum(losses) / len(losses)
         found = _loss_findings(loss, outputs, targets, num_classes, expected_loss, rel_tol, abs_tol)
         if reg_attr:
-            found.append(_reg_finding(clone, batches[0], rng, reg_attr, strength, reg_strengths))
+            found.append(_reg_finding(clone, batches[0], rng, state, reg_attr, strength,
+                                      reg_strengths))
         else:
             found.append(_weight_decay_finding(clone))
     return found
 
 
 def validate_arguments(*, num_classes: Any, expected_loss: Any, rel_tol: Any, abs_tol: Any,
-                       reg_attr: Any, reg_strengths: Any, batch_to_input: Any,
-                       batch_to_target: Any) -> None:
+                       reg_attr: Any, reg_strengths: Any, batch_to_target: Any) -> None:
     """Check the arguments of :func:`check_initial_loss` (see :mod:`lightning_diag.validation`).
 
     Example:
         >>> validate_arguments(num_classes=1, expected_loss=None, rel_tol=0.1, abs_tol=0.05,
-        ...                    reg_attr=None, reg_strengths=None, batch_to_input=print,
-        ...                    batch_to_target=print)
+        ...                    reg_attr=None, reg_strengths=None, batch_to_target=print)
         Traceback (most recent call last):
         ...
         ValueError: `num_classes` must be an int >= 2 or None, got 1.
@@ -155,7 +179,6 @@ def validate_arguments(*, num_classes: Any, expected_loss: Any, rel_tol: Any, ab
     if reg_strengths is not None:
         require(all(b > a for a, b in itertools.pairwise(reg_strengths)), "reg_strengths",
                 reg_strengths, "a sequence of strictly increasing numbers")
-    check_callable("batch_to_input", batch_to_input)
     check_callable("batch_to_target", batch_to_target)
 
 
@@ -166,45 +189,88 @@ def _loss_findings(loss: float, outputs: list[Any], targets: list[Any], num_clas
                         f"The initial loss is {loss} before any training step.",
                         advice="Look for log(0), division by zero, NaN/Inf inputs or an "
                         "exploding initialization.", value=loss)]
-    classified = all(is_classification(o, t) for o, t in zip(outputs, targets, strict=True))
-    found = [_collapse(outputs)] if classified else []
-    classes = num_classes or (int(outputs[0].shape[1]) if classified else None)
-    if expected_loss is None and classes is None:
-        found.append(Finding(CHECK, "initial_loss.no_expectation", Severity.INFO,
-                             f"Initial loss {loss:.4g}: no expectation can be inferred (no "
-                             "(N, C) logits with integer targets).", value=loss,
-                             advice="Pass `expected_loss=` (e.g. the variance of the targets "
-                             "for a mean-squared-error regression)."))
-        return [f for f in found if f is not None]
-    expected = (expected_loss if expected_loss is not None
-                else expected_initial_loss(int(classes or 0)))
-    source = "given" if expected_loss is not None else f"log {classes}"
+    task = infer_task(outputs[0], targets[0])
+    found = [_collapse(task, outputs)] if task.kind == "multiclass" else []
+    if expected_loss is not None or num_classes is not None:
+        expected = (expected_loss if expected_loss is not None
+                    else expected_initial_loss(int(num_classes or 0)))
+        source = "given" if expected_loss is not None else f"log {num_classes}, given"
+        found.append(_band_finding(loss, expected, source, task, rel_tol, abs_tol))
+    elif task.kind in ("multiclass", "multilabel"):
+        expected = float(task.expected_initial_loss() or 0.0)
+        source = (f"log {task.num_classes}" if task.kind == "multiclass" else "log 2 per label")
+        found.append(_band_finding(loss, expected, f"{source}: {task.describe()}", task, rel_tol,
+                                   abs_tol))
+    elif task.kind == "regression":
+        found.append(_regression_finding(loss, task, outputs, targets))
+    else:
+        found.append(_no_expectation(loss, task.reason, targets[0] is None))
+    return [f for f in found if f is not None]
+
+
+def _band_finding(loss: float, expected: float, source: str, task: Task, rel_tol: float,
+                  abs_tol: float) -> Finding:
     half = loss_tolerance(expected, rel_tol, abs_tol)
     band = (expected - half, expected + half)
     text = f"Initial data loss {loss:.4f} vs expected {expected:.4f} ({source}); accepted " \
            f"[{band[0]:.3f}, {band[1]:.3f}]."
+    details = {"task": task.kind, "task_reason": task.reason}
     if band[0] <= loss <= band[1]:
-        found.append(Finding(CHECK, "initial_loss.ok", Severity.INFO, text, value=loss,
-                             expected=band))
-    else:
-        found.append(Finding(CHECK, "initial_loss.mismatch", Severity.FAIL, text,
-                             advice=MISMATCH_ADVICE, value=loss, expected=band))
-    return [f for f in found if f is not None]
+        return Finding(CHECK, "initial_loss.ok", Severity.INFO, text, value=loss, expected=band,
+                       details=details)
+    return Finding(CHECK, "initial_loss.mismatch", Severity.FAIL, text, advice=MISMATCH_ADVICE,
+                   value=loss, expected=band, details=details)
 
 
-def _collapse(outputs: list[torch.Tensor]) -> Finding | None:
-    """Warn when every prediction is the same class *and* confident (mean max-prob high).
+def _regression_finding(loss: float, task: Task, outputs: list[Any],
+                        targets: list[torch.Tensor]) -> Finding:
+    """Judge a regression's loss against ``mean(y^2)`` and ``Var(y)`` (see REGRESSION_FACTOR),
+    once the loss is seen to be the mean squared error of the recorded output."""
+    mse = sum(float(((o.detach().double().reshape(t.shape) - t.double()) ** 2).mean())
+              for o, t in zip(outputs, targets, strict=True)) / len(outputs)
+    if not math.isclose(mse, loss, rel_tol=1e-3, abs_tol=1e-6):
+        return _no_expectation(loss, f"regression targets, but the loss is not the mean squared "
+                               f"error of the output against them ({mse:.4g}), so mean(y^2) and "
+                               "Var(y) are no references", False)
+    zero, mean = regression_references(torch.cat([t.reshape(-1) for t in targets]))
+    ceiling = REGRESSION_FACTOR * max(zero, mean)
+    text = (f"Initial data loss {loss:.4f} (mean squared error) vs {zero:.4f} for predicting 0 "
+            f"(mean(y^2)) and {mean:.4f} for predicting the mean (Var(y)); accepted up to "
+            f"{REGRESSION_FACTOR:g}x the larger, {ceiling:.4f}.")
+    details = {"task": task.kind, "task_reason": task.reason, "mean_square": zero,
+               "variance": mean}
+    if loss <= ceiling:
+        return Finding(CHECK, "initial_loss.ok", Severity.INFO, text, value=loss,
+                       expected=(0.0, ceiling), details=details)
+    return Finding(CHECK, "initial_loss.mismatch", Severity.FAIL, text, advice=REGRESSION_ADVICE,
+                   value=loss, expected=(0.0, ceiling), details=details)
+
+
+def _no_expectation(loss: float, reason: str, no_target: bool) -> Finding:
+    also = (" (or `batch_to_target=` reading the target out of a batch)" if no_target else "")
+    return Finding(CHECK, "initial_loss.no_expectation", Severity.INFO,
+                   f"Initial loss {loss:.4g}: no expectation can be inferred ({reason}).",
+                   value=loss, details={"reason": reason},
+                   advice=f"Pass `expected_loss=`{also}: the loss a model with small weights "
+                   "should start at for your loss function.")
+
+
+def _collapse(task: Task, outputs: list[torch.Tensor]) -> Finding | None:
+    """Warn when every prediction (every position: sample, pixel, token) is the same class
+    *and* confident (mean max-probability high).
 
     A default-initialized net can put every argmax on one class with near-uniform probabilities
     (measured: 256 of 256 digits at mean max-prob 0.12 for C = 10): that is healthy, so the
     warning also needs a mean max-probability of at least ``min(2/C, (1 + 1/C) / 2)``.
     """
-    logits = torch.cat([o.detach().float() for o in outputs])
-    classes = logits.shape[1]
-    if logits.shape[0] < 2 or not bool(torch.isfinite(logits).all()):
+    dim = task.class_dim if task.class_dim is not None else 1
+    classes = int(task.num_classes or 0)
+    probs = torch.cat([task.to_probabilities(o.detach()).movedim(dim, -1).reshape(-1, classes)
+                       for o in outputs])
+    if probs.shape[0] < 2 or not bool(torch.isfinite(probs).all()):
         return None
-    preds = logits.argmax(1)
-    confidence = float(logits.softmax(1).max(1).values.mean())
+    top = probs.max(1)
+    preds, confidence = top.indices, float(top.values.mean())
     threshold = min(2 / classes, (1 + 1 / classes) / 2)
     if bool((preds == preds[0]).all()) and confidence >= threshold:
         return Finding(CHECK, "initial_loss.collapsed", Severity.WARN,
@@ -216,8 +282,8 @@ def _collapse(outputs: list[torch.Tensor]) -> Finding | None:
     return None
 
 
-def _reg_finding(module: pl.LightningModule, batch: Any, rng: RNGState, reg_attr: str,
-                 strength: float, strengths: Sequence[float] | None) -> Finding:
+def _reg_finding(module: pl.LightningModule, batch: Any, rng: RNGState, state: StepState,
+                 reg_attr: str, strength: float, strengths: Sequence[float] | None) -> Finding:
     base = strength if strength > 0 else 1e-3
     values = list(strengths) if strengths is not None else [0.0, base, 10 * base, 100 * base]
     losses = []
@@ -226,6 +292,7 @@ def _reg_finding(module: pl.LightningModule, batch: Any, rng: RNGState, reg_attr
             for s in values:
                 set_reg_strength(module, reg_attr, s)
                 rng.restore()
+                state.restore()  # the same point each time: no state carried between them
                 losses.append(float(step_loss(module, batch)))
     finally:
         set_reg_strength(module, reg_attr, strength)

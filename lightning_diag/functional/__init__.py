@@ -28,7 +28,7 @@ from lightning_diag.functional.data import (
     similar_pairs,
 )
 from lightning_diag.functional.ema import all_finite, ema_update_, warmup_decay
-from lightning_diag.functional.ensemble import combine_logits, ensemble_log_probs
+from lightning_diag.functional.ensemble import combine_outputs
 from lightning_diag.functional.monitors import (
     gradient_flow,
     layer_stats,
@@ -39,14 +39,13 @@ __all__ = [
     "all_finite",
     "centered_difference",
     "class_counts",
-    "combine_logits",
+    "combine_outputs",
     "constant_mask",
     "count_param_layers",
     "directional_difference",
     "diverged",
     "duplicate_groups",
     "ema_update_",
-    "ensemble_log_probs",
     "expected_initial_loss",
     "gradient_flow",
     "gradient_tolerance",

@@ -27,7 +27,6 @@ __all__ = [
     "expected_initial_loss",
     "gradient_tolerance",
     "has_kinks",
-    "is_classification",
     "kink_gap",
     "relative_error",
 ]
@@ -199,20 +198,3 @@ def gradient_tolerance(kinks: bool, depth: int) -> float:
         return 1e-2
     return 1e-4 if kinks else 1e-6
 
-
-def is_classification(output: object, target: object) -> bool:
-    """True when ``output`` looks like ``(N, C)`` logits (C >= 2) for ``(N,)`` integer targets.
-
-    Example:
-        >>> import torch
-        >>> is_classification(torch.zeros(4, 3), torch.zeros(4, dtype=torch.long))
-        True
-        >>> is_classification(torch.zeros(4, 1), torch.zeros(4))
-        False
-    """
-    return (
-        isinstance(output, torch.Tensor) and isinstance(target, torch.Tensor)
-        and output.is_floating_point() and output.dim() == 2 and output.shape[1] >= 2
-        and not target.is_floating_point() and target.dim() == 1
-        and target.shape[0] == output.shape[0]
-    )

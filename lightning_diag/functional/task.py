@@ -34,7 +34,8 @@ from typing import Any, Literal
 
 import torch
 
-__all__ = ["Task", "accuracy", "infer_task", "regression_references", "select_output"]
+__all__ = ["Task", "accuracy", "correct_counts", "infer_task", "regression_references",
+           "select_output"]
 
 TaskKind = Literal["multiclass", "multilabel", "regression", "unknown"]
 Scores = Literal["logits", "log_probs", "probs", "values", "none"]
@@ -271,17 +272,35 @@ def accuracy(task: Task, output: torch.Tensor, target: torch.Tensor) -> float | 
         >>> accuracy(t, torch.tensor([[2.0, 0.0], [0.0, 2.0]]), torch.tensor([0, 0]))
         0.5
     """
+    counts = correct_counts(task, output, target)
+    return None if counts is None else counts[0] / counts[1]
+
+
+def correct_counts(task: Task, output: torch.Tensor,
+                   target: torch.Tensor) -> tuple[int, int] | None:
+    """``(correct, counted)`` predictions of a classification task (see :func:`accuracy`), to
+    pool batches; None for other tasks or when every target is ignored.
+
+    Example:
+        >>> import torch
+        >>> seg = torch.zeros(2, 3, 4, 4)
+        >>> seg[:, 1] = 1.0  # class 1 everywhere
+        >>> target = torch.ones(2, 4, 4, dtype=torch.long)
+        >>> target[0, 0, 0] = 2
+        >>> correct_counts(infer_task(seg, target), seg, target)
+        (31, 32)
+    """
     if task.kind == "multiclass":
         dim = task.class_dim if task.class_dim is not None else 1
         pred = output.detach().argmax(dim)
-        tgt = target.reshape(-1) if task.flattened else target
+        tgt = (target.reshape(-1) if task.flattened else target).to(pred.device)
         keep = tgt != IGNORE_INDEX
-        if not bool(keep.any()):
-            return None
-        return float((pred[keep] == tgt[keep]).float().mean())
+        total = int(keep.sum())
+        return None if total == 0 else (int((pred[keep] == tgt[keep]).sum()), total)
     if task.kind == "multilabel":
         probs = task.to_probabilities(output.detach()).reshape(target.shape)
-        return float(((probs > 0.5).float() == target.float()).float().mean())
+        hits = (probs > 0.5).float() == target.to(probs.device).float()
+        return int(hits.sum()), hits.numel()
     return None
 
 

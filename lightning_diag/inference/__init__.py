@@ -9,11 +9,19 @@ Example:
 
 from lightning_diag.inference.checkpoints import CheckpointLoadError
 from lightning_diag.inference.ema import load_ema_weights
-from lightning_diag.inference.ensemble import EnsembleModel, train_ensemble, train_top_configs
+from lightning_diag.inference.ensemble import (
+    EnsembleError,
+    EnsembleModel,
+    evaluate_members,
+    train_ensemble,
+    train_top_configs,
+)
 
 __all__ = [
     "CheckpointLoadError",
+    "EnsembleError",
     "EnsembleModel",
+    "evaluate_members",
     "load_ema_weights",
     "train_ensemble",
     "train_top_configs",

@@ -1,4 +1,11 @@
-"""Ensembles for inference (recipe step 7): average several models' predictions.
+"""Ensembles for inference (recipe step 7): average several models' predictions, for any task.
+
+:class:`EnsembleModel` calls every member with the same arguments and combines their
+predictions (:func:`~lightning_diag.functional.ensemble.combine_outputs`): the mean of the class
+probabilities for classification scores, handed back in the members' kind of scores (logits in,
+log of the mean probability out), the mean of the outputs for regression.
+:func:`evaluate_members` compares the ensemble with each member on the metrics the members' own
+``validation_step`` logs.
 
 Example:
     >>> import torch
@@ -6,24 +13,26 @@ Example:
     >>> members = [torch.nn.Linear(4, 3) for _ in range(3)]
     >>> ensemble = EnsembleModel(members).eval()
     >>> with torch.inference_mode():
-    ...     probs = ensemble(torch.randn(2, 4))
-    >>> probs.shape, bool(torch.allclose(probs.sum(1), torch.ones(2)))
+    ...     out = ensemble(torch.randn(2, 4))  # logits in: log of the mean probability out
+    >>> out.shape, bool(torch.allclose(out.exp().sum(1), torch.ones(2)))
     (torch.Size([2, 3]), True)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import copy
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
+from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import nn
 
-from lightning_diag.batch import default_batch_to_input, default_batch_to_target
-from lightning_diag.functional.ensemble import COMBINE, combine_logits, ensemble_log_probs
+from lightning_diag.batch import BatchFn, UserCodeError, call_user, default_batch_to_target
+from lightning_diag.functional.ensemble import COMBINE, combine_outputs
+from lightning_diag.functional.task import Task, infer_task, select_output
 from lightning_diag.inference.checkpoints import (
     PathLike,
     check_state_dict,
@@ -31,20 +40,43 @@ from lightning_diag.inference.checkpoints import (
     module_from_checkpoint,
     state_dict_of,
 )
+from lightning_diag.inference.logged import LoggedMetrics, reset_metrics
+from lightning_diag.isolation import clone_module, preserved_rng
 
-__all__ = ["EnsembleModel", "evaluate_members", "train_ensemble", "train_top_configs"]
+__all__ = ["EnsembleError", "EnsembleModel", "evaluate_members", "train_ensemble",
+           "train_top_configs"]
+
+
+class EnsembleError(ValueError):
+    """The members cannot be combined or compared: outputs without a float tensor or of
+    different shapes, no ``validation_step``, no single module making the prediction, no batch.
+    """
 
 
 class EnsembleModel(nn.Module):
-    """An ``nn.Module`` whose forward combines its members' logits.
+    """An ``nn.Module`` whose forward combines its members' predictions.
+
+    ``forward(*args, **kwargs)`` calls every member with the same arguments. In each member's
+    output the prediction is the tensor itself, a dict's ``logits`` (or first float tensor), or
+    a tuple's first float tensor (``(log_probs, hidden)``), as
+    :func:`~lightning_diag.functional.task.select_output` reads it; the predictions are
+    combined and the rest of the output (a hidden state) is the first member's.
 
     Args:
-        models: The members; each maps the same input to ``(N, C)`` logits.
-        combine: ``"mean_prob"`` (mean of softmax probabilities; the output is probabilities),
-            ``"mean_logit"`` (mean of logits) or ``"vote"`` (fraction of members per class).
+        models: The members; each maps the same arguments to predictions of the same shape.
+        combine: ``"mean_prob"`` (the mean of probabilities, or of outputs for regression),
+            ``"mean_logit"`` (the mean of the outputs as they are) or ``"vote"`` (the fraction of
+            members per class); see :func:`~lightning_diag.functional.ensemble.combine_outputs`.
+        task: What the predictions are (a :class:`~lightning_diag.functional.task.Task`, as
+            ``infer_task(output, target)`` gives it; :func:`evaluate_members` infers it). None:
+            a prediction with two or more dimensions and two or more entries in dimension 1 is
+            read as class scores over dimension 1 (logits, log-probabilities or probabilities,
+            told apart by their values), anything else as regression values. Set it for
+            multi-label outputs and ``(N, T, V)`` scores.
     """
 
-    def __init__(self, models: Sequence[nn.Module], combine: str = "mean_prob") -> None:
+    def __init__(self, models: Sequence[nn.Module], combine: str = "mean_prob",
+                 task: Task | None = None) -> None:
         super().__init__()
         models = list(models)
         if not models or not all(isinstance(m, nn.Module) for m in models):
@@ -52,15 +84,37 @@ class EnsembleModel(nn.Module):
                              f"{[type(m).__name__ for m in models]}.")
         if combine not in COMBINE:
             raise ValueError(f"`combine` must be one of {COMBINE}, got {combine!r}.")
+        if task is not None and not isinstance(task, Task):
+            raise TypeError(f"`task` must be a Task or None, got {type(task).__name__}.")
         self.members = nn.ModuleList(models)
         self.combine = combine
+        self.task = task
 
-    def member_logits(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """The members' outputs stacked as ``(K, N, C)``."""
-        return torch.stack([m(*args, **kwargs) for m in self.members])
+    def member_outputs(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The members' predictions, stacked as ``(K, ...)``."""
+        return _stack([_prediction(m(*args, **kwargs)) for m in self.members])
 
-    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return combine_logits(self.member_logits(*args, **kwargs), self.combine)
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.merge([m(*args, **kwargs) for m in self.members])
+
+    def merge(self, outputs: Sequence[Any]) -> Any:
+        """One output from the members' ``outputs`` of one call (see the class docstring)."""
+        predictions = [_prediction(o) for o in outputs]
+        combined = combine_outputs(_stack(predictions), self.task_for(predictions[0]),
+                                   self.combine)
+        return _replaced(outputs[0], predictions[0], combined)
+
+    def task_for(self, prediction: torch.Tensor) -> Task:
+        """``task`` when set, else what the class docstring says of ``prediction``."""
+        if self.task is not None:
+            return self.task
+        if prediction.dim() >= 2 and prediction.shape[1] >= 2:
+            # A target of class indices in the implied shape lets functional.task, the one
+            # place that knows the rule, tell logits, log-probabilities and probabilities apart.
+            shape = (prediction.shape[0], *prediction.shape[2:])
+            return infer_task(prediction, torch.zeros(shape, dtype=torch.long,
+                                                      device=prediction.device))
+        return Task("regression", "values", reason="a prediction without a class dimension")
 
     @classmethod
     def from_checkpoints(cls, module_class: type[nn.Module], paths: Sequence[PathLike],
@@ -70,7 +124,8 @@ class EnsembleModel(nn.Module):
 
         Every file is read safely (``weights_only=True`` onto the CPU) and every member's keys
         and shapes are checked before any weights are loaded. Each member is
-        ``module_class(**hyper_parameters)`` from its checkpoint, overridden by ``kwargs``.
+        ``module_class(**hyper_parameters)`` from its checkpoint, overridden by ``kwargs``. Set
+        ``.task`` on the result for outputs the default rule misreads.
 
         Raises:
             CheckpointLoadError: naming the file: missing, empty, truncated, not a checkpoint,
@@ -91,31 +146,201 @@ class EnsembleModel(nn.Module):
         return cls([m.to(map_location) for m, _ in pending], combine=combine).eval()
 
 
+def _describe(task: Task, combine: str) -> str:
+    """How predictions of ``task`` are combined, in words, for messages."""
+    if not task.is_classification or combine == "mean_logit":
+        what = (f"task unknown: {task.reason}; pass `batch_to_target=` if they are class "
+                "scores" if task.kind == "unknown" else task.describe())
+        return f"the mean of the members' outputs ({what})"
+    if combine == "vote":
+        return f"the fraction of members voting for each class ({task.describe()})"
+    return (f"the mean of the members' probabilities ({task.describe()}), handed back as "
+            f"{task.scores.replace('_', '-')}")
+
+
+def _prediction(output: Any) -> torch.Tensor:
+    prediction = select_output(output)
+    if prediction is None:
+        raise EnsembleError(f"A member's output ({type(output).__name__}) holds no float "
+                            "tensor to combine.")
+    return prediction
+
+
+def _stack(predictions: list[torch.Tensor]) -> torch.Tensor:
+    shapes = {tuple(p.shape) for p in predictions}
+    if len(shapes) > 1:
+        raise EnsembleError(f"The members' predictions differ in shape ({sorted(shapes)}): "
+                            "an ensemble needs members that predict the same thing.")
+    return torch.stack(predictions)
+
+
+def _replaced(output: Any, old: torch.Tensor, new: torch.Tensor) -> Any:
+    """``output`` with its prediction ``old`` replaced by ``new``, its structure kept."""
+    if output is old:
+        return new
+    if isinstance(output, Mapping):
+        key = next(k for k, v in output.items() if v is old)
+        # a copy keeps the type (a Hugging Face ModelOutput sets its attribute too)
+        out = copy.copy(output) if isinstance(output, MutableMapping) else dict(output)
+        out[key] = new
+        return out
+    items = [new if item is old else item for item in output]
+    if isinstance(output, tuple) and hasattr(output, "_fields"):  # a namedtuple
+        return type(output)(*items)
+    return type(output)(items)
+
+
 @torch.no_grad()
-def evaluate_members(models: Sequence[nn.Module], batches: Iterable[Any],
-                     combine: str = "mean_prob", device: torch.device | str = "cpu"
-                     ) -> dict[str, Any]:
-    """Loss and accuracy of each member and of their ensemble over ``(input, target)`` batches.
+def evaluate_members(models: Sequence[pl.LightningModule], batches: Iterable[Any],
+                     combine: str = "mean_prob", device: torch.device | str | None = None,
+                     task: Task | None = None,
+                     batch_to_target: BatchFn = default_batch_to_target) -> dict[str, Any]:
+    """Each member and their ensemble, measured by the members' own ``validation_step``.
+
+    For every batch each member runs its ``validation_step``, and a copy of the first member
+    runs it again as the ensemble: the module that computes the step's prediction (the
+    LightningModule itself when the step calls ``self(...)``, else the one direct submodule with
+    parameters it calls, such as ``self.net``) returns the members' combined output
+    (:class:`EnsembleModel`), computed from the same arguments. What the steps log is reduced as
+    Lightning reduces it at epoch end (batch-size-weighted means, ``compute()`` of torchmetrics
+    objects), so the ensemble is scored by the user's own loss and metrics, for any task.
+
+    Args:
+        models: The members: LightningModules of one class, with a ``validation_step``. They
+            run in eval mode (restored after); their torchmetrics objects are reset first.
+        batches: The validation batches, read once.
+        combine: See :class:`EnsembleModel`.
+        device: Where batches go; default the first member's device.
+        task: What the predictions are; default ``infer_task`` on the first batch's
+            prediction and target.
+        batch_to_target: Reads the target of a batch, for the task.
 
     Returns:
-        ``{"members": [{"loss", "acc"}, ...], "ensemble": {"loss", "acc"}}``; the ensemble's loss
-        is the NLL of its combined probabilities.
+        ``{"members": [{name: value}, ...], "ensemble": {name: value}, "combined": how}``.
+
+    Raises:
+        EnsembleError: (a ValueError) a member has no ``validation_step``, no batch came, the
+            step computes its prediction in no single module, or the predictions differ.
+        UserCodeError: a ``validation_step`` (or ``batch_to_target``) raised.
+
+    Example:
+        >>> from lightning_diag.examples.digits import DigitsClassifier, DigitsDataModule
+        >>> dm = DigitsDataModule(); dm.setup("fit")
+        >>> res = evaluate_members([DigitsClassifier(arch="mlp"), DigitsClassifier(arch="mlp")],
+        ...                        dm.val_dataloader())
+        >>> sorted(res["ensemble"]), len(res["members"])
+        (['val_acc', 'val_loss'], 2)
     """
-    ensemble = EnsembleModel(models, combine)
-    n, loss, correct = 0, torch.zeros(len(models) + 1), torch.zeros(len(models) + 1)
-    for batch in batches:
-        batch = move_data_to_device(batch, device)
-        x, y = default_batch_to_input(batch), default_batch_to_target(batch)
-        logits = ensemble.member_logits(x).float()
-        logp = ensemble_log_probs(combine_logits(logits, combine), combine)
-        for i, out in enumerate([*logits.log_softmax(-1), logp]):
-            loss[i] += F.nll_loss(out, y, reduction="sum").cpu()
-            correct[i] += (out.argmax(-1) == y).sum().cpu()
-        n += len(y)
-    if n == 0:
-        raise ValueError("evaluate_members: the batches were empty.")
-    rows = [{"loss": float(loss[i] / n), "acc": float(correct[i] / n)} for i in range(len(loss))]
-    return {"members": rows[:-1], "ensemble": rows[-1]}
+    members = list(models)
+    _check_members(members)
+    where = torch.device(device) if device is not None else members[0].device
+    logs = [LoggedMetrics() for _ in range(len(members) + 1)]
+    modes = [m.training for m in members]
+    handles: list[Any] = []
+    ensemble: EnsembleModel | None = None
+    chosen: Task | None = None
+    site = ""
+    with preserved_rng():
+        host = clone_module(members[0])
+        try:
+            for m in [*members, host]:
+                m.eval()
+                reset_metrics(m)
+            for idx, batch in enumerate(batches):
+                batch = move_data_to_device(batch, where)
+                if ensemble is None:  # the first batch tells where the prediction is made
+                    site, output = _locate(members[0], partial(_step, members[0], batch, idx,
+                                                               logs[0]))
+                    chosen = task or infer_task(select_output(output),
+                                                _target(batch_to_target, batch))
+                    ensemble = EnsembleModel([_submodule(m, site) for m in members], combine,
+                                             chosen)
+                    handles.append(_submodule(host, site).register_forward_hook(
+                        _merging(ensemble), with_kwargs=True))
+                else:
+                    _step(members[0], batch, idx, logs[0])
+                for member, log in zip(members[1:], logs[1:-1], strict=True):
+                    _step(member, batch, idx, log)
+                try:
+                    _step(host, batch, idx, logs[-1])
+                except UserCodeError as err:  # the merge, not the user's code, failed in there
+                    if isinstance(err.error, EnsembleError):
+                        raise err.error from None
+                    raise
+        finally:
+            for handle in handles:
+                handle.remove()
+            for m, mode in zip(members, modes, strict=True):
+                m.train(mode)
+    if chosen is None:
+        raise EnsembleError("evaluate_members: the batches were empty.")
+    rows = [log.values() for log in logs]
+    return {"members": rows[:-1], "ensemble": rows[-1],
+            "combined": f"{_describe(chosen, combine)}, at {_site_name(site)}"}
+
+
+def _check_members(members: list[Any]) -> None:
+    plain = [type(m).__name__ for m in members if not isinstance(m, pl.LightningModule)
+             or type(m).validation_step is pl.LightningModule.validation_step]
+    if not members or plain:
+        raise EnsembleError("evaluate_members needs LightningModules with a `validation_step`, "
+                            f"whose metrics it compares; got {plain or 'no model'}.")
+
+
+def _step(module: pl.LightningModule, batch: Any, idx: int, log: LoggedMetrics) -> None:
+    with log.attached(module, batch):
+        call_user(f"`{type(module).__name__}.validation_step`", module.validation_step, batch,
+                  idx)
+
+
+def _target(batch_to_target: BatchFn, batch: Any) -> Any:
+    if batch_to_target is default_batch_to_target:  # never raises: None when there is none
+        return batch_to_target(batch)
+    return call_user("`batch_to_target`", batch_to_target, batch)
+
+
+def _locate(module: pl.LightningModule, run: Callable[[], None]) -> tuple[str, Any]:
+    """Run ``run`` (a step of ``module``) and return the name of the module that made its
+    prediction ("" for ``module`` itself) and the prediction it made."""
+    calls: list[tuple[str, Any]] = []
+    candidates = {"": module, **{name: child for name, child in module.named_children()
+                                 if next(child.parameters(), None) is not None}}
+    handles = [m.register_forward_hook(lambda _m, _a, out, name=name: calls.append((name, out)))
+               for name, m in candidates.items()]
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    called = list(dict.fromkeys(name for name, _ in calls))
+    site = "" if "" in called else called[0] if len(called) == 1 else None
+    if site is None:
+        raise EnsembleError(
+            f"`{type(module).__name__}.validation_step` calls {len(called)} submodules with "
+            f"parameters ({called}) and never the module itself, so no single module makes its "
+            "prediction: define `forward` and call `self(...)` in the step to have the ensemble "
+            "combine whole predictions.")
+    return site, next(out for name, out in calls if name == site)
+
+
+def _submodule(module: nn.Module, name: str) -> nn.Module:
+    return module if not name else module.get_submodule(name)
+
+
+def _site_name(site: str) -> str:
+    return "the module's forward" if not site else f"`self.{site}`"
+
+
+def _merging(ensemble: EnsembleModel) -> Callable[..., Any]:
+    """A forward hook handing back the ensemble's output for the arguments a module got."""
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+             output: Any) -> Any:
+        # the host holds the first member's weights: its own output stands for that member's
+        others = [m(*args, **kwargs) for m in list(ensemble.members)[1:]]
+        return ensemble.merge([output, *others])
+
+    return hook
 
 
 def _fit_one(model: pl.LightningModule, data: Any, trainer_kwargs: Mapping[str, Any]) -> None:

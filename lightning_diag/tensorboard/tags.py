@@ -30,17 +30,15 @@ from lightning_diag.tensorboard.writer import markdown_table
 
 __all__ = [
     "ACTIVATIONS", "ACTIVATIONS_SUMMARY", "CHECK", "CURVES", "CURVES_FIGURE", "DATA",
-    "DATA_CLASS_COUNTS", "DATA_SUMMARY", "EMA_SUFFIX", "ENSEMBLE", "ENSEMBLE_ACC",
-    "ENSEMBLE_BEST_MEMBER_ACC", "ENSEMBLE_GAIN", "ENSEMBLE_LOSS", "EVERY_DIAGNOSTIC", "FINDINGS",
-    "FIRST_LAYER", "FIRST_LAYER_FILTERS", "GRADIENT_CHECK", "GRADIENT_CHECK_ERRORS",
-    "GRADIENT_CHECK_WORST", "OVERFIT", "OVERFIT_ACCURACY", "OVERFIT_LOSS", "TAGS", "TUNING",
-    "TUNING_SUMMARY", "TUNING_SWEEP_CHART", "TUNING_SWEEP_TABLE", "UPDATE_RATIO",
+    "DATA_CLASS_COUNTS", "DATA_SUMMARY", "EMA_SUFFIX", "ENSEMBLE", "ENSEMBLE_GAIN",
+    "EVERY_DIAGNOSTIC", "FINDINGS", "FIRST_LAYER", "FIRST_LAYER_FILTERS", "GRADIENT_CHECK",
+    "GRADIENT_CHECK_ERRORS", "GRADIENT_CHECK_WORST", "OVERFIT", "OVERFIT_ACCURACY", "OVERFIT_LOSS",
+    "TAGS", "TUNING", "TUNING_SUMMARY", "TUNING_SWEEP_CHART", "TUNING_SWEEP_TABLE", "UPDATE_RATIO",
     "UPDATE_RATIO_GUIDE", "UPDATE_RATIO_MEDIAN", "WRITERS", "Family", "Kind", "TagSpec",
-    "activation_histogram", "activation_stat", "curve", "curves_layout", "data_grid",
-    "data_labels", "declared", "ema_metric", "ensemble_member", "find", "finding_value",
-    "findings_text", "raw_metric", "refine_curve", "refine_layout", "replace_table",
-    "sweep_curve", "sweep_layout", "tag_table", "update_ratio_layer", "update_ratio_layout",
-    "write_table",
+    "activation_histogram", "activation_stat", "curve", "curves_layout", "data_grid", "data_labels",
+    "declared", "ema_metric", "ensemble_member", "ensemble_metric", "find", "finding_value",
+    "findings_text", "raw_metric", "refine_curve", "refine_layout", "replace_table", "sweep_curve",
+    "sweep_layout", "tag_table", "update_ratio_layer", "update_ratio_layout", "write_table",
 ]
 
 Kind = Literal["scalar", "histogram", "image", "text", "layout"]
@@ -192,13 +190,20 @@ def raw_metric(tag: str) -> str | None:
 
 
 def ensemble_member(index: int | str, metric: str) -> str:
-    """``acc`` or ``loss`` of one kept checkpoint (oldest first)."""
+    """A metric the user's ``validation_step`` logs, for one kept checkpoint (oldest first).
+
+    Example:
+        >>> ensemble_member(0, "val/loss")
+        'diag/ensemble/member_0/val/loss'
+    """
     return ENSEMBLE.tag(f"member_{index}", metric)
 
 
-ENSEMBLE_ACC = ENSEMBLE.tag("ensemble_acc")
-ENSEMBLE_LOSS = ENSEMBLE.tag("ensemble_loss")
-ENSEMBLE_BEST_MEMBER_ACC = ENSEMBLE.tag("best_member_acc")
+def ensemble_metric(metric: str) -> str:
+    """A metric the user's ``validation_step`` logs, for the ensemble of the checkpoints."""
+    return ENSEMBLE.tag("ensemble", metric)
+
+
 ENSEMBLE_GAIN = ENSEMBLE.tag("gain")
 
 
@@ -324,11 +329,13 @@ def _specs() -> tuple[TagSpec, ...]:
              "the validation sample repeating it", "validation samples found repeating "
              f"training ones, {image_like}"),
         spec(GRADIENT_CHECK, "text", GRADIENT_CHECK_ERRORS, "the relative error per tensor "
-             "(analytic vs numerical gradient)"),
-        spec(GRADIENT_CHECK, "scalar", GRADIENT_CHECK_WORST, "the worst relative error"),
+             "(analytic vs numerical gradient)", "a finite, reproducible loss"),
+        spec(GRADIENT_CHECK, "scalar", GRADIENT_CHECK_WORST, "the worst relative error",
+             "a finite, reproducible loss"),
         spec(OVERFIT, "scalar", OVERFIT_LOSS, "loss on the small sample; step = overfit step"),
         spec(OVERFIT, "scalar", OVERFIT_ACCURACY, "accuracy on the small sample; step = "
-             "overfit step", "classification (integer class targets)"),
+             "overfit step", "classification: classes per sample, pixel or token, or 0/1 "
+             "labels"),
         spec(CURVES, "scalar", curve("loss/train"), "training loss; step = epoch",
              "the module logs the `train_loss` metric"),
         spec(CURVES, "scalar", curve("loss/val"), "validation loss; step = epoch",
@@ -365,14 +372,14 @@ def _specs() -> tuple[TagSpec, ...]:
         TagSpec("EMAWeights", "scalar", ema_metric("<metric>"), "every validation metric of "
                 "the averaged weights, next to the raw `<metric>`",
                 f"`evaluate=\"both\"`, {validation}"),
-        *(spec(ENSEMBLE, "scalar", ensemble_member("<i>", m), f"{what} of checkpoint `<i>` "
-               "(oldest first)", f">= 2 kept checkpoints, {validation}")
-          for m, what in (("acc", "accuracy"), ("loss", "loss"))),
-        *(spec(ENSEMBLE, "scalar", tag, what, f">= 2 kept checkpoints, {validation}")
-          for tag, what in ((ENSEMBLE_ACC, "the ensemble's accuracy"),
-                            (ENSEMBLE_LOSS, "the ensemble's loss"),
-                            (ENSEMBLE_BEST_MEMBER_ACC, "the best member's accuracy"),
-                            (ENSEMBLE_GAIN, "ensemble minus best member accuracy"))),
+        spec(ENSEMBLE, "scalar", ensemble_member("<i>", "<metric>"), "every metric "
+             "`validation_step` logs, for checkpoint `<i>` (oldest first)",
+             f">= 2 kept checkpoints, {validation}"),
+        spec(ENSEMBLE, "scalar", ensemble_metric("<metric>"), "every metric `validation_step` "
+             "logs, for the ensemble of the checkpoints", f">= 2 kept checkpoints, {validation}"),
+        spec(ENSEMBLE, "scalar", ENSEMBLE_GAIN, "the ensemble's improvement over the best "
+             "member on the validation accuracy, else the validation loss (> 0: better)",
+             f">= 2 kept checkpoints, {validation}, an accuracy or loss logged"),
         spec(TUNING, "scalar", sweep_curve("<lr>"), "smoothed training loss of one learning "
              "rate; run `<run_dir>/sweep`", "`lr_sweep(run_dir=...)`"),
         spec(TUNING, "image", TUNING_SWEEP_CHART, "every sweep curve, raw and smoothed",

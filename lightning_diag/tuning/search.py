@@ -319,7 +319,9 @@ def refine(results: SearchResult, top_k: int = 3, epochs: int = 10, seed: int = 
                      "value": float(value) if value is not None else math.nan,
                      "advisor": sorted({f.code for f in adv.findings
                                         if f.severity >= Severity.WARN}),
-                     "reading": [f.format() for f in adv.findings],
+                     # the verdicts; the info saying which metric names it reads is no reading
+                     "reading": [f.format() for f in adv.findings
+                                 if f.severity >= Severity.WARN],
                      "curve": list(adv.history.get(results.monitor, []))})
     sign = -1.0 if results.direction == "maximize" else 1.0
     rows.sort(key=lambda r: sign * r["value"] if math.isfinite(r["value"]) else math.inf)

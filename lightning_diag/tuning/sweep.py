@@ -24,6 +24,7 @@ import torch
 
 from lightning_diag.batch import loss_from_output
 from lightning_diag.functional.curves import pick_learning_rate, smooth_ema
+from lightning_diag.isolation import OptimizationSettings
 from lightning_diag.tensorboard.tags import (
     TUNING_SWEEP_CHART,
     TUNING_SWEEP_TABLE,
@@ -75,14 +76,16 @@ class SweepResult:
 
 
 class _StepLosses(pl.Callback):
-    """Collects each training step's loss; stops the fit at the first non-finite one."""
+    """Collects each training batch's loss; stops the fit at the first non-finite one."""
 
     def __init__(self) -> None:
         self.losses: list[float] = []
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
-        loss = float(loss_from_output(outputs).detach())
+        # Lightning hands over the loss divided by the accumulation (what it backpropagates);
+        # the curve is of the loss training_step returned, so accumulating runs compare.
+        loss = float(loss_from_output(outputs).detach()) * trainer.accumulate_grad_batches
         self.losses.append(loss)
         if not math.isfinite(loss):
             trainer.should_stop = True
@@ -130,11 +133,16 @@ def lr_sweep(model_factory: ModelFactory, train_dataloaders: Any = None,
              datamodule: pl.LightningDataModule | None = None,
              lrs: Sequence[float] = (1e-1, 1e-2, 1e-3, 1e-4), steps: int = 100,
              weight_decay: float = 1e-5, seed: int = 0, alpha: float = 0.1,
-             run_dir: str | Path | None = None, **trainer_kwargs: Any) -> SweepResult:
+             run_dir: str | Path | None = None, settings: OptimizationSettings | None = None,
+             **trainer_kwargs: Any) -> SweepResult:
     """Train a fresh model per learning rate for ``steps`` iterations and pick the best rate.
 
     Every model starts from the same weights (built under ``seed``), sees the full training data
     in the same order (epochs repeat as needed) with a small ``weight_decay`` and no validation.
+    Each run optimizes as the main run does when given its ``settings`` (gradient clipping,
+    accumulation, precision) or the same Trainer arguments; ``steps`` counts optimizer steps
+    and the curves hold the loss of every batch as ``training_step`` returned it. A scheduler
+    that ``configure_optimizers`` returns is stepped as in any fit.
     See :func:`~lightning_diag.functional.curves.pick_learning_rate` for the rule.
 
     Args:
@@ -146,17 +154,24 @@ def lr_sweep(model_factory: ModelFactory, train_dataloaders: Any = None,
         seed: Seed of the shared initialization and data order.
         alpha: EMA smoothing factor of the pick rule.
         run_dir: Where to write the TensorBoard chart (``sweep/``) and ``sweep.png``.
+        settings: The main run's optimization
+            (``OptimizationSettings.from_trainer(trainer)``), passed on as Trainer arguments.
         **trainer_kwargs: Passed to ``pl.Trainer`` (e.g. ``accelerator="cpu"``).
 
     Raises:
-        ValueError: no data, or both; TypeError/ValueError: a bad argument, named (see
-            :mod:`lightning_diag.validation`).
+        ValueError: no data, or both; a Trainer argument given both here and by ``settings``;
+            TypeError/ValueError: a bad argument, named (see :mod:`lightning_diag.validation`).
     """
     if (train_dataloaders is None) == (datamodule is None):
         raise ValueError("Give exactly one of `train_dataloaders` or `datamodule` to lr_sweep.")
     check_sweep_arguments(model_factory=model_factory, lrs=lrs, steps=steps, seed=seed)
     check_number("weight_decay", weight_decay, low=0)
     check_number("alpha", alpha, low=0, high=1, low_open=True)
+    if settings is not None:
+        both = sorted(set(settings.trainer_kwargs()) & set(trainer_kwargs))
+        if both:
+            raise ValueError(f"`settings` already sets {both}: give them in one place.")
+        trainer_kwargs = {**settings.trainer_kwargs(), **trainer_kwargs}
     init = build_model(model_factory, float(lrs[0]), weight_decay, seed).state_dict()
     init = {k: v.detach().clone() for k, v in init.items()}
     generators = _generators(train_dataloaders)

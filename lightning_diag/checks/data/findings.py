@@ -42,7 +42,9 @@ def findings_of(report: DataReport, make: Make) -> list[Finding]:
         kind = "no targets" if report.train.label_kind == "none" else "non-integer targets"
         out.append(make("data.no_labels", Severity.INFO,
                         f"The training samples have {kind}: label checks (range, imbalance, "
-                        "conflicting duplicates) skipped."))
+                        "conflicting duplicates) skipped.",
+                        advice="If the samples do hold an integer class label, pass "
+                               "`batch_to_target=` (a function from one sample to its label)."))
     for scan in report.scans():
         out += _per_sample(scan, make)
         out += _duplicates(report, scan, make)
@@ -78,7 +80,8 @@ def _per_sample(scan: SplitScan, make: Make) -> list[Finding]:
         idx, err = scan.unreadable[0]
         out.append(make("data.unreadable", Severity.FAIL,
                         f"{_where(scan)}{len(scan.unreadable)} sample(s) raised in `__getitem__` "
-                        f"(first: index {idx}, {err}).", advice=_CORRUPT,
+                        f"or held no readable input (first: index {idx}, {err}).",
+                        advice=_CORRUPT,
                         value=float(len(scan.unreadable)), expected=0.0,
                         indices=tuple(i for i, _ in scan.unreadable),
                         details={**split, "errors": dict(scan.unreadable)}))

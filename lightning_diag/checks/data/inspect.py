@@ -26,8 +26,8 @@ import torch
 from lightning_diag.batch import BatchFn, default_batch_to_input, default_batch_to_target
 from lightning_diag.checks.data.config import InspectionConfig
 from lightning_diag.checks.data.findings import findings_of
-from lightning_diag.checks.data.scan import DataReport, SplitScan
-from lightning_diag.findings import Finding
+from lightning_diag.checks.data.scan import DataReport, NotInspectable, SplitScan
+from lightning_diag.findings import Finding, Severity
 from lightning_diag.functional.data import (
     candidate_threshold,
     centered_cosine,
@@ -85,7 +85,9 @@ def inspect_dataset(
             2-core benchmark machine one thread took a third of the CPU time of two.
 
     Returns:
-        The findings: ``data.*`` codes, see ``docs/callbacks/data_inspection.md``.
+        The findings: ``data.*`` codes, see ``docs/callbacks/data_inspection.md``; only
+        ``data.skipped`` (info) when a set has no ``len()`` or its first sample holds no input
+        the readers find (the message names ``batch_to_input=`` / ``batch_to_target=``).
 
     Example:
         >>> from lightning_diag.examples.digits import load_digits_tensors
@@ -107,12 +109,19 @@ def inspect_dataset(
         return Finding(check="inspect_dataset", code=code, severity=severity, message=message,
                        **kw)
 
-    return run_inspection(train, val, config, make).findings
+    try:
+        return run_inspection(train, val, config, make).findings
+    except NotInspectable as err:
+        return [make("data.skipped", Severity.INFO, f"inspect_dataset skipped: {err}")]
 
 
 def run_inspection(train: Any, val: Any, config: InspectionConfig, make: MakeFinding) -> DataReport:
     """Scan both sets, search duplicates and leaks, and build the findings (global RNG restored,
-    since a dataset's ``__getitem__`` may draw random augmentations)."""
+    since a dataset's ``__getitem__`` may draw random augmentations).
+
+    Raises:
+        NotInspectable: a set has no ``len()`` or its first sample holds no readable input.
+    """
     with preserved_rng(), torch.no_grad(), _threads(config.num_threads):
         scan_train = SplitScan.read(train, "train", config)
         scan_val = SplitScan.read(val, "validation", config) if val is not None else None

@@ -17,13 +17,19 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from lightning_diag.batch import UserCodeError, call_user
+from lightning_diag.batch import (
+    UserCodeError,
+    call_user,
+    default_batch_to_input,
+    default_batch_to_target,
+)
 from lightning_diag.checks.data.config import InspectionConfig
 from lightning_diag.findings import Finding
 from lightning_diag.functional.data import (
@@ -34,7 +40,7 @@ from lightning_diag.functional.data import (
     sample_hashes,
 )
 
-__all__ = ["DataReport", "SplitScan", "as_tensor"]
+__all__ = ["DataReport", "NotInspectable", "SplitScan", "as_tensor"]
 
 _FLUSH = 1024
 _INT_TYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -46,6 +52,22 @@ def as_tensor(x: Any) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x.detach().cpu()
     return torch.as_tensor(np.asarray(x))
+
+
+class NotInspectable(ValueError):
+    """A dataset the inspection cannot read: no ``len()``, or no numeric input in its first
+    sample. The message says why and, for a sample, names its structure and the arguments that
+    read it (``batch_to_input=`` / ``batch_to_target=``); the callback turns it into
+    ``data.skipped``."""
+
+
+def _structure(sample: Any) -> str:
+    """A short description of a sample for messages: its type, and its keys for a dict."""
+    if isinstance(sample, Mapping):
+        return f"dicts with keys {sorted(map(str, sample))}"
+    if isinstance(sample, (list, tuple)):
+        return f"{type(sample).__name__}s of {[type(v).__name__ for v in sample]}"
+    return f"{type(sample).__name__} objects"
 
 
 def _label(target: Any) -> Any:
@@ -97,8 +119,8 @@ class SplitScan:
         try:
             size = len(dataset)
         except TypeError as err:
-            raise ValueError(f"The {name} dataset ({type(dataset).__name__}) has no len(): data "
-                             "inspection needs a map-style dataset.") from err
+            raise NotInspectable(f"The {name} dataset ({type(dataset).__name__}) has no len(): "
+                                 "data inspection needs a map-style dataset.") from err
         indices = torch.arange(size)
         if size > config.max_samples:
             gen = torch.Generator().manual_seed(config.seed)
@@ -120,8 +142,10 @@ class SplitScan:
             except UserCodeError as err:  # a corrupt file: named in data.unreadable, read on
                 self.unreadable.append((idx, f"{type(err.error).__name__}: {err.error}"))
                 continue
-            x = as_tensor(self.config.batch_to_input(sample))
-            self._take_label(pos, self.config.batch_to_target(sample))
+            x = self._input(idx, sample)
+            if x is None:
+                continue
+            self._take_label(pos, self._target(sample))
             if self.shape is None:
                 self._start(tuple(x.shape))
             if tuple(x.shape) != self.shape:
@@ -133,6 +157,33 @@ class SplitScan:
             if len(buffer) == _FLUSH:
                 self._flush(buffer)
         self._flush(buffer)
+
+    def _input(self, idx: int, sample: Any) -> torch.Tensor | None:
+        """The input of ``sample`` as a tensor; None (recorded as unreadable) when a later
+        sample cannot be read, :class:`NotInspectable` when the first one cannot."""
+        fn = self.config.batch_to_input
+        try:
+            if fn is default_batch_to_input:  # our reader: a miss is a structure we do not know
+                return as_tensor(fn(sample))
+            return as_tensor(call_user("`batch_to_input`", fn, sample))
+        # what a structure we cannot read raises: ValueError (no known key, a ragged list),
+        # TypeError (a string, a nested dict)
+        except (ValueError, TypeError) as err:
+            if self.shape is None:
+                raise NotInspectable(
+                    f"cannot read a numeric input from the {self.name} samples, which are "
+                    f"{_structure(sample)} ({type(err).__name__}: {err}). Pass "
+                    "`batch_to_input=` (a function from one sample to its input tensor) and "
+                    "`batch_to_target=` (to its label) to DataInspection or inspect_dataset."
+                ) from err
+            self.unreadable.append((idx, f"input not readable, {type(err).__name__}: {err}"))
+            return None
+
+    def _target(self, sample: Any) -> Any:
+        fn = self.config.batch_to_target
+        if fn is default_batch_to_target:  # never raises: None when there is no target
+            return fn(sample)
+        return call_user("`batch_to_target`", fn, sample)
 
     def _take_label(self, pos: int, target: Any) -> None:
         label = _label(target)
