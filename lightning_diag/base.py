@@ -98,28 +98,61 @@ def refuse_sharded(trainer: pl.Trainer, who: str, why: str) -> None:
 
 
 class HookRegistry:
-    """Keeps every module hook handle a callback registers, so that all can be removed at once.
+    """Keeps every module and tensor hook a callback registers, so that all can be removed at
+    once, and guards them: these hooks run inside the user's own forward and backward passes,
+    where an error of ours would end the user's step.
+
+    A hook registered through :meth:`forward` or :meth:`tensor` that raises is removed with all
+    the others, and its error is kept for the owning callback's next Lightning hook, which
+    reports it as ``<slug>.error`` (see :class:`DiagnosticCallback`); with ``strict`` it is
+    raised where it happened.
 
     Example:
         >>> import torch
         >>> hooks = HookRegistry()
         >>> layer = torch.nn.Linear(2, 2)
-        >>> hooks.add(layer.register_forward_hook(lambda m, i, o: None))
+        >>> hooks.forward(layer, lambda m, i, o: 1 / 0)
         >>> len(hooks), len(layer._forward_hooks)
         (1, 1)
-        >>> hooks.remove_all(); len(layer._forward_hooks)
-        0
+        >>> _ = layer(torch.zeros(1, 2))  # the user's forward goes on
+        >>> len(layer._forward_hooks), type(hooks.pop_error()[1]).__name__
+        (0, 'ZeroDivisionError')
     """
 
-    def __init__(self) -> None:
+    def __init__(self, strict: bool = False) -> None:
+        self.strict = strict
         self._handles: list[RemovableHandle] = []
+        self._error: tuple[str, Exception] | None = None
 
     def add(self, handle: RemovableHandle) -> None:
         self._handles.append(handle)
 
     def forward(self, module: torch.nn.Module, fn: Callable[..., Any]) -> None:
-        """Register a forward hook on ``module`` and keep its handle."""
-        self.add(module.register_forward_hook(fn))
+        """Register a guarded forward hook on ``module`` and keep its handle."""
+        self.add(module.register_forward_hook(self._guarded(fn, "a forward hook")))
+
+    def tensor(self, tensor: torch.Tensor, fn: Callable[[torch.Tensor], Any]) -> None:
+        """Register a guarded gradient hook on ``tensor`` and keep its handle."""
+        self.add(tensor.register_hook(self._guarded(fn, "a gradient hook")))
+
+    def _guarded(self, fn: Callable[..., Any], where: str) -> Callable[..., Any]:
+        def hook(*args: Any) -> Any:
+            try:
+                return fn(*args)
+            except Exception as err:
+                if self.strict:
+                    raise
+                if self._error is None:
+                    self._error = (where, err)
+                self.remove_all()
+                return None
+
+        return hook
+
+    def pop_error(self) -> tuple[str, Exception] | None:
+        """The first error a guarded hook raised since the last call (where, exception)."""
+        error, self._error = self._error, None
+        return error
 
     def remove_all(self) -> None:
         while self._handles:
@@ -176,7 +209,7 @@ class DiagnosticCallback(pl.Callback):
         check_flag("strict", strict)
         self.strict = strict
         self.findings: list[Finding] = []
-        self.hooks = HookRegistry()
+        self.hooks = HookRegistry(strict)
         self._said_no_tensorboard = False
         self._said_record_failed = False
         self._off = False  # stepped aside after an error, until the next fit
@@ -330,8 +363,10 @@ class DiagnosticCallback(pl.Callback):
             self._release_quietly()
         return False
 
-    def _step_aside(self, hook: str, args: tuple[Any, ...], err: Exception) -> None:
-        """Undo what this callback changed, turn it off until the next fit, report ``err``."""
+    def _step_aside(self, hook: str, args: tuple[Any, ...], err: Exception,
+                    where: str = "") -> None:
+        """Undo what this callback changed, turn it off until the next fit, report ``err``
+        (raised in the Lightning hook ``hook``, or ``where`` it says: a module hook of ours)."""
         self._off = True
         self._release_quietly()
         trainer = args[0] if args and isinstance(args[0], pl.Trainer) else None
@@ -343,7 +378,8 @@ class DiagnosticCallback(pl.Callback):
                           self.check_name, hook, type(err).__name__, exc_info=err)
                 found = self.finding(
                     trainer, f"{self.slug}.error", Severity.WARN,
-                    f"{self.check_name} failed in `{hook}` with {type(err).__name__}: {err}. "
+                    f"{self.check_name} failed in {where or f'`{hook}`'} with "
+                    f"{type(err).__name__}: {err}. "
                     "It is off for the rest of this fit; training goes on without it.",
                     advice="An error inside lightning_diag, not in your model: please report it "
                            "with the traceback from the `lightning_diag` logger. Pass "
@@ -390,6 +426,11 @@ def _guarded(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
             return None
         self._running.add(name)
         try:
+            pending = self.hooks.pop_error()
+            if pending is not None:  # a module hook of ours failed inside the user's step
+                where, err = pending
+                self._step_aside(name, args, err, where=f"{where} on the model (seen in `{name}`)")
+                return None
             return fn(self, *args, **kwargs)
         except (DiagnosticError, ConfigurationError):
             raise

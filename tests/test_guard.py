@@ -338,3 +338,43 @@ def test_a_users_error_in_the_ema_copy_is_theirs_and_the_run_goes_on(tmp_path: P
     assert f.code == "ema.user_error" and f.message == (
         "EMAWeights stopped in `on_validation_epoch_end`: "
         "`ValidationFailsOnCopies.validation_step` raised ValueError: bad shape")
+
+
+@pytest.mark.parametrize("which", ["forward", "gradient"])
+def test_a_failing_module_hook_inside_the_users_step_steps_aside(
+        which: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        reference: dict[str, dict[str, torch.Tensor]]) -> None:
+    """The monitors' forward and gradient hooks run inside the user's own forward and backward:
+    an error there must not end the user's step either."""
+    import lightning_diag.callbacks.activation_histogram as module
+
+    real = module.layer_summary
+
+    def failing(x: torch.Tensor, bounds: Any, bins: int) -> torch.Tensor:
+        # An activation is part of the graph (requires grad); the gradient flowing back is not.
+        if (which == "forward") == x.requires_grad:
+            raise Injected(f"planted in the {which} hook")
+        return real(x, bounds, bins)
+
+    monkeypatch.setattr(module, "layer_summary", failing)
+    cb = make(ActivationHistogram)
+    model = seeded()
+    fit(tmp_path, [cb], model)
+    errors = [f for f in cb.findings if f.code == "activations.error"]
+    assert len(errors) == 1 and f"a {which} hook on the model" in errors[0].message
+    assert errors[0].details["exception"] == "Injected"
+    assert hook_count(model) == 0 and len(cb.hooks) == 0
+    final = model.state_dict()
+    assert all(torch.equal(final[k], v) for k, v in reference["plain"].items())
+
+
+def test_a_failing_module_hook_raises_where_it_happened_under_strict(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning_diag.callbacks.activation_histogram as module
+
+    def failing(*args: Any) -> torch.Tensor:
+        raise Injected("planted in the forward hook")
+
+    monkeypatch.setattr(module, "layer_summary", failing)
+    with pytest.raises(Injected):
+        fit(tmp_path, [make(ActivationHistogram, strict=True)], seeded())

@@ -204,7 +204,7 @@ class ActivationHistogram(DiagnosticCallback):
                 return
             self._act[name] = layer_summary(out, bounds, self.bins)
             if out.requires_grad and torch.is_grad_enabled():
-                self.hooks.add(out.register_hook(grad_hook))
+                self.hooks.tensor(out, grad_hook)
 
         def grad_hook(grad: torch.Tensor) -> None:
             if name in self._grad:
