@@ -39,10 +39,12 @@ def findings_of(report: DataReport, make: Make) -> list[Finding]:
                             f"{len(scan.indices)} of {scan.size} samples (`max_samples`).",
                             value=float(len(scan.indices)), details={"split": scan.name}))
     if report.train.label_kind != "class":
-        kind = "no targets" if report.train.label_kind == "none" else "non-integer targets"
+        kind = ("no targets" if report.train.label_kind == "none" else
+                "targets that are not one integer class per sample (regression, multi-label, "
+                "per-pixel or per-token targets)")
         out.append(make("data.no_labels", Severity.INFO,
-                        f"The training samples have {kind}: label checks (range, imbalance, "
-                        "conflicting duplicates) skipped.",
+                        f"The training samples have {kind}: the per-sample label checks (range, "
+                        "imbalance, conflicting duplicates) are skipped.",
                         advice="If the samples do hold an integer class label, pass "
                                "`batch_to_target=` (a function from one sample to its label)."))
     for scan in report.scans():
