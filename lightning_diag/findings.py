@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "DIAGNOSIS_PREFIX",
     "FINDINGS_FILE",
     "FORMAT_VERSION",
     "DiagnosticError",
@@ -36,7 +37,9 @@ __all__ = [
     "Finding",
     "Severity",
     "append_findings",
+    "finding_rank",
     "format_findings",
+    "sort_findings",
     "load_findings",
     "load_findings_by_run",
 ]
@@ -405,6 +408,28 @@ class DiagnosticWarning(UserWarning):
     """Category of the warnings lightning_diag emits for WARN and FAIL findings."""
 
 
+#: Codes under this prefix are the combined diagnosis of a run: it heads every listing.
+DIAGNOSIS_PREFIX = "diagnosis."
+
+
+def sort_findings(findings: Iterable[Finding]) -> list[Finding]:
+    """The order every listing uses (terminal, TensorBoard, report, ``lightning-diag check``):
+    the diagnosis first, then FAIL, WARN, INFO; within a severity, in publication order.
+
+    Example:
+        >>> found = [Finding("A", "a.x", Severity.INFO, "m"), Finding("B", "b.y", Severity.FAIL,
+        ...          "m"), Finding("D", "diagnosis.summary", Severity.WARN, "m")]
+        >>> [f.code for f in sort_findings(found)]
+        ['diagnosis.summary', 'b.y', 'a.x']
+    """
+    return sorted(findings, key=finding_rank)
+
+
+def finding_rank(f: Finding) -> tuple[bool, int]:
+    """The sort key of :func:`sort_findings` (for listings that pair findings with more)."""
+    return (not f.code.startswith(DIAGNOSIS_PREFIX), -f.severity.rank)
+
+
 def format_findings(findings: list[Finding], width: int | None = None) -> str:
     """The findings as terminal text, FAIL first, each with its message and advice, wrapped.
 
@@ -423,12 +448,11 @@ def format_findings(findings: list[Finding], width: int | None = None) -> str:
             f"{counts[Severity.INFO]} info")
     lines = [head, "=" * min(width, len(head) + 10)]
     wrap = textwrap.TextWrapper(width=width, initial_indent="    ", subsequent_indent="    ")
-    for severity in (Severity.FAIL, Severity.WARN, Severity.INFO):
-        for f in sorted((f for f in findings if f.severity is severity), key=lambda f: f.check):
-            lines.append(f"[{severity.value.upper():4}] {f.code}  ({f.check})")
-            lines += wrap.wrap(f.message)
-            if f.advice:
-                lines += wrap.wrap(f"advice: {f.advice}")
+    for f in sort_findings(findings):
+        lines.append(f"[{f.severity.value.upper():4}] {f.code}  ({f.check})")
+        lines += wrap.wrap(f.message)
+        if f.advice:
+            lines += wrap.wrap(f"advice: {f.advice}")
     if not findings:
         lines.append("(none)")
     return "\n".join(lines)

@@ -27,7 +27,13 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-from lightning_diag.findings import FINDINGS_FILE, Finding, Severity, load_findings_by_run
+from lightning_diag.findings import (
+    FINDINGS_FILE,
+    Finding,
+    Severity,
+    finding_rank,
+    load_findings_by_run,
+)
 from lightning_diag.report import sections
 from lightning_diag.report.canvas import Canvas
 from lightning_diag.report.html import CSS, section
@@ -126,7 +132,7 @@ def _findings(c: Canvas, by_run: dict[str, list[Finding]]) -> str:
             "findings were recorded): see TensorBoard's Text tab.</p>"
             if unrecorded else "")
     rows = sorted(((run, f) for run, found in by_run.items() for f in found),
-                  key=lambda row: -row[1].severity.rank)
+                  key=lambda row: finding_rank(row[1]))
     if not rows:
         return note
     multi = c.multi or len(by_run) > 1
