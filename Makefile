@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv browser demo test lint bench clean tag-table
+.PHONY: venv browser postgres demo test lint bench clean tag-table
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,17 @@ browser:
 	        apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1; }; }; } || \
 	  echo "note: no Chromium could be installed; the report's browser test will be skipped"
 
-test: $(STAMP) browser
+# The shared-study test starts a throwaway PostgreSQL cluster; install the server where we can
+# (Debian, as root), otherwise that one test is skipped.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || \
+	  { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+	    { apt-get install -y -q --no-install-recommends postgresql >/dev/null 2>&1 || \
+	      { apt-get update -q >/dev/null 2>&1 && \
+	        apt-get install -y -q --no-install-recommends postgresql >/dev/null 2>&1; }; }; } || \
+	  echo "note: PostgreSQL could not be installed; the shared-study test will be skipped"
+
+test: $(STAMP) browser postgres
 	$(BIN)/ruff check lightning_diag tests benchmarks
 	$(BIN)/mypy lightning_diag
 	$(BIN)/python -m pytest -q

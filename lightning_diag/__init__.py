@@ -22,6 +22,7 @@ from lightning_diag.callbacks import (
     UpdateRatioMonitor,
 )
 from lightning_diag.checks.data.inspect import inspect_dataset
+from lightning_diag.checks.diagnosis import diagnose
 from lightning_diag.checks.gradients import check_gradients
 from lightning_diag.checks.initial_loss import check_initial_loss
 from lightning_diag.checks.overfit import OverfitResult, overfit_small_batch
@@ -64,6 +65,7 @@ __all__ = [
     "UpdateRatioMonitor",
     "check_gradients",
     "check_initial_loss",
+    "diagnose",
     "findings",
     "inspect_dataset",
     "load_ema_weights",

@@ -1,11 +1,21 @@
 """The base class every diagnostic callback derives from, and the shared module-hook registry.
 
 A diagnostic callback collects :class:`~lightning_diag.findings.Finding` objects in ``.findings``
-(reset at each ``fit``), publishes each to Python logging, to Lightning's rank-zero warnings (WARN
-and FAIL), to the run's ``findings.jsonl`` (one :meth:`~lightning_diag.findings.Finding.to_dict`
-record a line, appended as published) and to TensorBoard (a markdown table rendered from those
-records under the tag :func:`~lightning_diag.tensorboard.tags.findings_text`, numbers as scalars),
-and raises :class:`~lightning_diag.findings.DiagnosticError` on a FAIL when ``strict=True``.
+(reset at each ``fit``; one per fact: a fact seen again updates its finding, see
+:func:`~lightning_diag.findings.updated`), publishes each to the run's ``findings.jsonl`` (one
+:meth:`~lightning_diag.findings.Finding.to_dict` record a line, appended as published, updates
+included), to TensorBoard (the run's one table of every callback's findings, rewritten under
+:data:`~lightning_diag.tensorboard.tags.FINDINGS_TABLE`: :func:`findings_table`) and, on global rank
+zero, to the terminal: one short line (:meth:`~lightning_diag.findings.Finding.headline`) on the
+``lightning_diag`` logger at the finding's level, and a
+:class:`~lightning_diag.findings.DiagnosticWarning` for WARN and FAIL, silent unless a warnings
+filter of yours turns it on (see ``docs/api.md``). It raises
+:class:`~lightning_diag.findings.DiagnosticError` on a FAIL when ``strict=True``.
+
+Nobody configured logging (no handler on the root logger or on ``lightning_diag``): the
+``lightning_diag`` logger prints WARNING and above itself, through ``tqdm.write`` so that a
+progress bar stays whole, as Python's last-resort handler would without it. Once logging is
+configured, your handlers decide.
 
 Example:
     >>> import lightning.pytorch as pl
@@ -21,6 +31,9 @@ import dataclasses
 import functools
 import inspect
 import logging
+import sys
+import textwrap
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
@@ -28,9 +41,11 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.hooks import RemovableHandle
+from tqdm import tqdm
 from typing_extensions import override
 
 from lightning_diag.batch import NoLossError, UserCodeError
+from lightning_diag.checks.diagnosis import diagnose
 from lightning_diag.findings import (
     FINDINGS_FILE,
     DiagnosticError,
@@ -38,21 +53,58 @@ from lightning_diag.findings import (
     Finding,
     Severity,
     append_findings,
+    sort_findings,
+    updated,
 )
 from lightning_diag.isolation import first_batches, preserved_rng, train_dataloader_of
-from lightning_diag.tensorboard.tags import finding_value, findings_text
-from lightning_diag.tensorboard.writer import (
-    log_dir,
-    log_scalars,
-    markdown_table,
-    tensorboard_writer,
-)
+from lightning_diag.tensorboard.tags import FINDINGS_TABLE
+from lightning_diag.tensorboard.writer import log_dir, markdown_table, tensorboard_writer
 from lightning_diag.validation import check_flag
 
 __all__ = ["ConfigurationError", "DiagnosticCallback", "FitStartCheck", "HookRegistry", "findings",
-           "refuse_sharded"]
+           "findings_table", "refuse_sharded"]
 
 log = logging.getLogger("lightning_diag")
+
+
+class _TerminalHandler(logging.Handler):
+    """Python's last-resort output for the ``lightning_diag`` logger (WARNING and above, the bare
+    message, on stderr), written with ``tqdm.write`` so that a running progress bar is redrawn
+    below the line instead of being cut by it. Silent as soon as another handler would handle
+    the record: configured logging decides alone.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if _handled_elsewhere(record, self):
+            return
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # what logging's own handlers do: report, never raise into the run
+            self.handleError(record)
+
+
+def _handled_elsewhere(record: logging.LogRecord, mine: logging.Handler) -> bool:
+    """Whether a handler other than ``mine`` on the record's logger chain takes ``record``."""
+    logger: logging.Logger | None = logging.getLogger(record.name)
+    while logger is not None:
+        if any(h is not mine and record.levelno >= h.level for h in logger.handlers):
+            return True
+        logger = logger.parent if logger.propagate else None
+    return False
+
+
+def _warning_wanted(message: str) -> bool:
+    """Whether a warnings filter covers a :class:`DiagnosticWarning` with ``message``: without
+    one it is not issued (the logger's line is the default output); with one, it decides."""
+    return any(issubclass(DiagnosticWarning, category) and (text is None or text.match(message))
+               for _, text, category, *_ in warnings.filters)
+
+
+if not any(isinstance(h, _TerminalHandler) for h in log.handlers):  # once, even on reload
+    log.addHandler(_TerminalHandler())
 
 _LOG_LEVEL = {
     Severity.INFO: logging.INFO, Severity.WARN: logging.WARNING, Severity.FAIL: logging.ERROR
@@ -252,22 +304,39 @@ class DiagnosticCallback(pl.Callback):
                             f"{self.check_name} skipped: {reason}", advice=advice)
 
     def publish(self, trainer: pl.Trainer | None, new: Iterable[Finding]) -> list[Finding]:
-        """Record, log and (in strict mode) raise on a batch of findings from one check."""
-        batch = [self._stamped(trainer, f) for f in new]
-        if not batch:
-            return batch
-        self.findings.extend(batch)
-        for f in batch:
-            log.log(_LOG_LEVEL[f.severity], f.format())
-            if f.severity >= Severity.WARN:
-                rank_zero_warn(f.format(), category=DiagnosticWarning)
+        """Record, print and (in strict mode) raise on a batch of findings from one check.
+
+        A finding whose :attr:`~lightning_diag.findings.Finding.key` is already in ``.findings``
+        updates that one (:func:`~lightning_diag.findings.updated`: the worse reading, every
+        step seen); the update is recorded and written, but printed only when its severity
+        rose. Returns the findings as recorded (updates merged).
+        """
+        out, loud = [], []
+        for f in (self._stamped(trainer, f) for f in new):
+            i = next((k for k, old in enumerate(self.findings) if old.key == f.key), None)
+            if i is None:
+                self.findings.append(f)
+                loud.append(f)
+            else:
+                f, old = updated(self.findings[i], f), self.findings[i]
+                self.findings[i] = f
+                if f.severity > old.severity:
+                    loud.append(f)
+            out.append(f)
+        if not out:
+            return out
+        if trainer is None or trainer.is_global_zero:
+            for f in loud:
+                log.log(_LOG_LEVEL[f.severity], f.headline())
+                if f.severity >= Severity.WARN and _warning_wanted(f.format()):
+                    rank_zero_warn(f.format(), category=DiagnosticWarning)
         if trainer is not None:
-            self._write_record(trainer, batch)
-            self._write_tensorboard(trainer, batch)
-        failures = [f for f in batch if f.severity is Severity.FAIL]
+            self._write_record(trainer, out)
+            self._write_tensorboard(trainer, out)
+        failures = [f for f in loud if f.severity is Severity.FAIL]
         if self.strict and failures:
             raise DiagnosticError(failures)
-        return batch
+        return out
 
     @staticmethod
     def _stamped(trainer: pl.Trainer | None, f: Finding) -> Finding:
@@ -312,18 +381,20 @@ class DiagnosticCallback(pl.Callback):
                             directory / FINDINGS_FILE, err)
 
     def _write_tensorboard(self, trainer: pl.Trainer, batch: list[Finding]) -> None:
-        step = trainer.global_step
-        numbers = {
-            finding_value(self.check_name, f.code): float(f.value)
-            for f in batch
-            if isinstance(f.value, (int, float))
-        }
-        log_scalars(trainer, numbers, step)
+        """Rewrite the run's one findings table: every callback's findings, at this step.
+
+        TensorBoard's Text dashboard shows a tag's latest step on top and keeps one text per
+        step (the last written), so the table a user sees first is the complete, current one.
+        ``batch`` is already in ``self.findings``.
+        """
         writer = tensorboard_writer(trainer)
         if writer is None:
             return
-        table = markdown_table(_TABLE_HEADER, [_table_row(f.to_dict()) for f in batch])
-        writer.add_text(findings_text(self.check_name), table, global_step=step)
+        every = findings(trainer)
+        if not any(cb is self for cb in trainer.callbacks):  # type: ignore[attr-defined]
+            every += self.findings
+        step = trainer.global_step
+        writer.add_text(FINDINGS_TABLE, findings_table(every, step), global_step=step)
 
     def user_error(self, trainer: pl.Trainer | None, err: UserCodeError,
                    hook: str = "on_fit_start") -> Finding:
@@ -406,13 +477,60 @@ class DiagnosticCallback(pl.Callback):
     ) -> None:
         self._release()
 
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Nothing of its own; every callback's ``on_fit_end`` is followed by
+        :meth:`_diagnose`, which only the last diagnostic callback acts on."""
+
+    def _diagnose(self, trainer: Any) -> None:
+        """Publish the run's ``diagnosis.summary``
+        (:func:`~lightning_diag.checks.diagnosis.diagnose`) when this is the last diagnostic
+        callback on ``trainer``: one callback, once per fit, after every callback's own
+        ``on_fit_end`` (Lightning calls them in list order), so that nothing can be forgotten
+        and it cannot run twice. Made when the problems come from two checks or more (one
+        check's findings already carry their advice); it never raises for ``strict``: the
+        FAILs it sums up belong to their own checks.
+        """
+        if not isinstance(trainer, pl.Trainer):
+            return
+        ours = [cb for cb in trainer.callbacks  # type: ignore[attr-defined]
+                if isinstance(cb, DiagnosticCallback)]
+        if not ours or ours[-1] is not self:
+            return
+        try:
+            found = diagnose(findings(trainer), min_checks=2)
+            if found is not None:
+                self.publish(trainer, [found])
+        except DiagnosticError:
+            pass  # recorded and written before it was raised
+        except Exception:  # the run is over: a failed summary must not fail it
+            if self.strict:
+                raise
+            log.exception("%s could not make the run's diagnosis.", self.check_name)
+
 
 def _guard_hooks(cls: type[DiagnosticCallback]) -> None:
     """Run each Lightning hook ``cls`` itself defines under :func:`_guarded`."""
     for name in LIGHTNING_HOOKS:
         fn = vars(cls).get(name)
         if inspect.isfunction(fn):
-            setattr(cls, name, _guarded(name, fn))
+            hook = _guarded(name, fn)
+            setattr(cls, name, _then_diagnose(hook) if name == "on_fit_end" else hook)
+
+
+def _then_diagnose(hook: Callable[..., Any]) -> Callable[..., Any]:
+    """The guarded ``on_fit_end`` ``hook``, then :meth:`DiagnosticCallback._diagnose`: outside
+    the guard, so that a callback that stepped aside still makes the diagnosis."""
+
+    @functools.wraps(hook)
+    def on_fit_end(self: DiagnosticCallback, trainer: pl.Trainer,
+                   pl_module: pl.LightningModule) -> None:
+        outermost = "on_fit_end" not in self._running  # not a subclass's super() call
+        hook(self, trainer, pl_module)
+        if outermost:
+            self._diagnose(trainer)
+
+    return on_fit_end
 
 
 def _guarded(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -432,8 +550,8 @@ def _guarded(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
                 self._step_aside(name, args, err, where=f"{where} on the model (seen in `{name}`)")
                 return None
             return fn(self, *args, **kwargs)
-        except (DiagnosticError, ConfigurationError):
-            raise
+        except (DiagnosticError, ConfigurationError, DiagnosticWarning):
+            raise  # a DiagnosticWarning raises only where a filter of the user's made it an error
         except UserCodeError as err:
             self._step_aside(name, args, err)
         except Exception as err:
@@ -464,6 +582,50 @@ def _stable(value: Any) -> Any:
 
 #: Advice stays the fourth column, where readers of the older four-column table look for it.
 _TABLE_HEADER = ["severity", "code", "message", "advice", "value", "expected", "step"]
+
+
+def findings_table(found: list[Finding], step: int) -> str:
+    """The markdown of the TensorBoard findings table: a count line, then one row per finding
+    in the order of :func:`~lightning_diag.findings.sort_findings`.
+
+    Example:
+        >>> head, _, *table = findings_table([Finding("X", "x.a", Severity.INFO, "m"), Finding(
+        ...     "Y", "y.b", Severity.FAIL, "n", step=2)], step=2).splitlines()
+        >>> head.split(". ")[0]
+        '**2 findings** (1 fail, 0 warn, 1 info) at step 2'
+        >>> for line in table:
+        ...     print(line)
+        | severity | code | message | advice | value | expected | step |
+        |---|---|---|---|---|---|---|
+        | FAIL | `y.b` | n | - | - | - | 2 |
+        | INFO | `x.a` | m | - | - | - | - |
+    """
+    counts = ", ".join(f"{sum(f.severity is s for f in found)} {s.value}"
+                       for s in (Severity.FAIL, Severity.WARN, Severity.INFO))
+    head = (f"**{len(found)} finding{'s' * (len(found) != 1)}** ({counts}) at step {step}. "
+            "Rewritten at each new finding: the table of the latest step, on top of this page, "
+            "is the current one.")
+    rows = [_table_row(f.to_dict()) for f in sort_findings(found)]
+    for row in rows:  # message and advice
+        row[2:4] = [_wrapped(cell) for cell in row[2:4]]
+    return f"{head}\n\n{markdown_table(_TABLE_HEADER, rows)}"
+
+
+def _wrapped(text: str, width: int = 32) -> str:
+    """``text`` in lines of about ``width`` characters joined by ``<br>``: TensorBoard shares a
+    table's width out by each column's longest line, so unwrapped sentences squeeze the short
+    columns (severity, value, step) to a letter a line. A `code span` is never split (markdown
+    would show the ``<br>`` inside it as text).
+
+    Example:
+        >>> _wrapped("run `lightning-diag tune` first", width=8)
+        'run<br>`lightning-diag tune`<br>first'
+    """
+    # spaces inside code spans (odd-numbered pieces between backticks) become unbreakable
+    pieces = text.split("`")
+    joined = "`".join(p.replace(" ", "\0") if i % 2 else p for i, p in enumerate(pieces))
+    lines = textwrap.wrap(joined, width, break_long_words=False, break_on_hyphens=False)
+    return "<br>".join(lines).replace("\0", " ") or text
 
 
 def _table_row(record: dict[str, Any]) -> list[str]:

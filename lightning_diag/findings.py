@@ -42,6 +42,7 @@ __all__ = [
     "sort_findings",
     "load_findings",
     "load_findings_by_run",
+    "updated",
 ]
 
 #: Name of the JSON Lines file, one finding per line, that each run writes in its log directory.
@@ -52,7 +53,7 @@ FORMAT_VERSION = 1
 #: ``Number()`` and Python's ``float()`` both parse) and read back as floats.
 _NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 _FIELDS = ("check", "code", "severity", "message", "advice", "value", "expected", "step",
-           "epoch", "indices", "details")
+           "epoch", "indices", "details", "subject")
 
 _ORDER = {"info": 0, "warn": 1, "fail": 2}
 
@@ -108,6 +109,11 @@ class Finding:
         epoch: Epoch at which it was found, when known.
         indices: Dataset indices the finding is about; empty when not about samples.
         details: Extra structured data (per-tensor tables, curves); not part of the contract.
+            A finding seen again at later steps (:func:`updated`) keeps every step in
+            ``details["steps"]``.
+        subject: What the finding is about when one check reports the same code for several
+            things (a layer, a data split, a set of metric names); empty otherwise. ``check``,
+            ``code`` and ``subject`` name one fact (:attr:`key`).
     """
 
     check: str
@@ -121,6 +127,7 @@ class Finding:
     epoch: int | None = None
     indices: tuple[int, ...] = ()
     details: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    subject: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.severity, Severity):
@@ -132,6 +139,46 @@ class Finding:
         """A one-line human-readable rendering: ``[FAIL] code: message Advice: ...``."""
         text = f"[{self.severity.value.upper()}] {self.code}: {self.message}"
         return f"{text} Advice: {self.advice}" if self.advice else text
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        """The fact this finding states: ``(check, code, subject)``; one finding per key."""
+        return self.check, self.code, self.subject
+
+    def steps(self) -> list[int]:
+        """Every step this fact was seen at (one finding updated, see :func:`updated`)."""
+        seen = self.details.get("steps")
+        if isinstance(seen, list) and seen:
+            return [int(s) for s in seen]
+        return [] if self.step is None else [self.step]
+
+    def headline(self) -> str:
+        """One short line for a terminal: severity, code, subject, the measured number with the
+        expected range, and the step(s); no advice. Without a number, the message's first
+        sentence, cut at a space before 90 characters.
+
+        Example:
+            >>> Finding("U", "update_ratio.too_high", Severity.WARN, "Median ratio 1.31 ...",
+            ...         value=1.3071, expected=(1e-05, 0.2), step=1).headline()
+            '[WARN] update_ratio.too_high: 1.31 (expected 1e-05 to 0.2) at step 1'
+            >>> Finding("D", "data.summary", Severity.INFO, "Data inspected. 3 splits.").headline()
+            '[INFO] data.summary: Data inspected.'
+        """
+        text = f"[{self.severity.value.upper()}] {self.code}"
+        if self.subject:
+            text += f" {self.subject}"
+        if self.value is None:
+            first = self.message.split(". ")[0].rstrip(".") + "."
+            return f"{text}: {first if len(first) <= 90 else first[:88].rsplit(' ', 1)[0] + ' ...'}"
+        text += f": {_short(self.value)}"
+        if isinstance(self.expected, tuple):
+            text += f" (expected {_short(self.expected[0])} to {_short(self.expected[1])})"
+        elif self.expected is not None:
+            text += f" (expected {_short(self.expected)})"
+        steps = self.steps()
+        if steps:
+            text += f" at step{'s' if len(steps) > 1 else ''} {_step_list(steps)}"
+        return text
 
     def to_dict(self) -> dict[str, Any]:
         """The finding as a record strict JSON can hold: one line of ``findings.jsonl``.
@@ -195,11 +242,29 @@ class Finding:
                 epoch=_optional_int(record.get("epoch")),
                 indices=tuple(_integer(i) for i in record.get("indices", ())),
                 details=_from_jsonable(dict(details)),
+                subject=_text(record.get("subject", "")),
             )
         except KeyError as err:
             raise ValueError(f"finding record lacks the field {err.args[0]!r}") from err
         except TypeError as err:
             raise ValueError(f"malformed finding record: {err}") from err
+
+
+def _short(x: float) -> str:
+    return f"{x:.3g}"
+
+
+def _step_list(steps: list[int], most: int = 6) -> str:
+    """``steps`` joined, the middle ones elided past ``most``.
+
+    Example:
+        >>> _step_list([1, 3]), _step_list(list(range(0, 100, 10)))
+        ('1, 3', '0, 10, 20, ..., 80, 90 (10 steps)')
+    """
+    if len(steps) <= most:
+        return ", ".join(map(str, steps))
+    head, tail = steps[: most // 2], steps[-(most // 2 - 1):]
+    return f"{', '.join(map(str, head))}, ..., {', '.join(map(str, tail))} ({len(steps)} steps)"
 
 
 def _jsonable(obj: Any, active: frozenset[int] = frozenset()) -> Any:
@@ -322,6 +387,45 @@ def append_findings(path: str | Path, findings: Iterable[Finding]) -> None:
         fh.write(lines)
 
 
+def updated(old: Finding, new: Finding) -> Finding:
+    """One fact (same :attr:`Finding.key`) seen again: the worse of ``old`` and ``new`` (the
+    higher severity, then the value farther outside the expected range; ``new`` when neither
+    says), with the steps of both in ``details["steps"]``.
+
+    Example:
+        >>> first = Finding("U", "u.high", Severity.WARN, "ratio 1.31", value=1.31,
+        ...                 expected=(0.0, 0.2), step=1)
+        >>> later = Finding("U", "u.high", Severity.WARN, "ratio 0.30", value=0.30,
+        ...                 expected=(0.0, 0.2), step=3)
+        >>> both = updated(first, later)
+        >>> both.message, both.step, both.steps()
+        ('ratio 1.31', 1, [1, 3])
+    """
+    worst = old if _worse(old, new) else new
+    steps = sorted(set(old.steps()) | set(new.steps()))
+    return dataclasses.replace(worst, details={**worst.details, "steps": steps})
+
+
+def _worse(a: Finding, b: Finding) -> bool:
+    """Whether ``a`` is strictly worse than ``b`` (two readings of one fact)."""
+    if a.severity != b.severity:
+        return a.severity > b.severity
+    bad_a, bad_b = _excess(a), _excess(b)
+    return bad_a is not None and bad_b is not None and bad_a > bad_b
+
+
+def _excess(f: Finding) -> float | None:
+    """How far ``f.value`` lies outside ``f.expected``; None when there is nothing to compare."""
+    if f.value is None or f.expected is None:
+        return None
+    if math.isnan(f.value):
+        return math.inf
+    if isinstance(f.expected, tuple):
+        low, high = f.expected
+        return max(f.value - high, low - f.value)
+    return abs(f.value - f.expected)
+
+
 def load_findings_by_run(logdir: str | Path) -> dict[str, list[Finding]]:
     """The findings of every run under ``logdir``, keyed by run folder, in the order written.
 
@@ -329,7 +433,10 @@ def load_findings_by_run(logdir: str | Path) -> dict[str, list[Finding]]:
     its folder relative to ``logdir`` (e.g. ``"tb/version_0"``), or by the folder's own name when
     the file sits directly in ``logdir``. Runs are in natural order (``version_2`` before
     ``version_10``). A line that is not a finding record (e.g. the last line of a run killed
-    mid-write) is skipped with a warning naming the file and line.
+    mid-write) is skipped with a warning naming the file and line. A fact seen again is appended
+    again, updated (:func:`updated`): the latest record of each :attr:`Finding.key` is kept, in
+    the place of the first (records written without a ``subject`` field, by older versions, are
+    all kept).
 
     Raises:
         FileNotFoundError: ``logdir`` does not exist or is not a directory.
@@ -378,16 +485,25 @@ def _natural(text: str) -> list[Any]:
 
 
 def _read_findings_file(path: Path) -> list[Finding]:
-    found = []
+    found: list[Finding] = []
+    place: dict[tuple[str, str, str], int] = {}  # where each fact's first record sits
     with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, 1):
             if not raw.strip():
                 continue
             try:
-                found.append(Finding.from_dict(json.loads(raw)))
+                record = json.loads(raw)
+                finding = Finding.from_dict(record)
             except ValueError as err:  # bad JSON, bad UTF-8 or not a finding record
                 warnings.warn(f"{path}:{lineno}: skipped a line that is not a finding record "
                               f"({err}).", stacklevel=3)
+                continue
+            if "subject" in record and finding.key in place:  # an update of that fact
+                found[place[finding.key]] = finding
+                continue
+            if "subject" in record:
+                place[finding.key] = len(found)
+            found.append(finding)
     return found
 
 
@@ -405,7 +521,16 @@ class DiagnosticError(RuntimeError):
 
 
 class DiagnosticWarning(UserWarning):
-    """Category of the warnings lightning_diag emits for WARN and FAIL findings."""
+    """Category of the warnings lightning_diag emits for WARN and FAIL findings.
+
+    Silent by default, like ``DeprecationWarning``: the terminal already gets one short line per
+    finding from the ``lightning_diag`` logger. It is issued only when a warnings filter covers
+    it (its category or a parent's: ``warnings.simplefilter("error", DiagnosticWarning)``,
+    ``-W default`` or ``-W error::UserWarning``, pytest's ``filterwarnings =
+    ["error::lightning_diag.DiagnosticWarning"]`` or ``pytest.warns``), and that filter decides
+    what happens to it: ``error`` makes a finding fatal, ``default`` shows it. The text is
+    :meth:`Finding.format`.
+    """
 
 
 #: Codes under this prefix are the combined diagnosis of a run: it heads every listing.
@@ -449,7 +574,9 @@ def format_findings(findings: list[Finding], width: int | None = None) -> str:
     lines = [head, "=" * min(width, len(head) + 10)]
     wrap = textwrap.TextWrapper(width=width, initial_indent="    ", subsequent_indent="    ")
     for f in sort_findings(findings):
-        lines.append(f"[{f.severity.value.upper():4}] {f.code}  ({f.check})")
+        steps = f.steps()
+        seen = f", seen at steps {_step_list(steps)}" if len(steps) > 1 else ""
+        lines.append(f"[{f.severity.value.upper():4}] {f.code}  ({f.check}{seen})")
         lines += wrap.wrap(f.message)
         if f.advice:
             lines += wrap.wrap(f"advice: {f.advice}")

@@ -6,6 +6,12 @@ import torch
 from torch import nn
 
 from lightning_diag.callbacks.activation_histogram import ActivationHistogram
+from lightning_diag.tensorboard.tags import (
+    ACTIVATIONS_SUMMARY,
+    activation_histogram,
+    activation_stat,
+    typed_layer,
+)
 from tests.helpers import Classifier, cnn, codes, digits, events, loader, mlp, trainer
 
 
@@ -37,14 +43,16 @@ def test_healthy_models_are_quiet_and_logged(tmp_path, net, opt, lr):
     if opt == "adam":  # read everything back once
         acc = events(t.logger.log_dir)
         tags = acc.Tags()
-        assert {"diag/activations/act/net.2", "diag/activations/grad/net.2"} <= set(
+        relu = typed_layer("net.2", "ReLU")  # the layer's module type is in its tags
+        assert relu == "net.2_ReLU" and cb.layer_types["net.2"] == "ReLU"
+        assert {activation_histogram("act", relu), activation_histogram("grad", relu)} <= set(
             tags["histograms"])
-        hist = acc.Histograms("diag/activations/act/net.2")
+        hist = acc.Histograms(activation_histogram("act", relu))
         assert [h.step for h in hist] == [0, 4, 8, 12]  # 2 epochs x 8 steps: step 0, every 4
         assert hist[0].histogram_value.num == 32 * 32  # batch x width
-        assert "diag/activations/summary" in tags["images"]
-        assert "diag/activations/dead_fraction/net.2" in tags["scalars"]
-        assert "diag/activations/saturated_fraction/net.2" not in tags["scalars"]
+        assert ACTIVATIONS_SUMMARY in tags["images"]
+        assert activation_stat("dead_fraction", relu) in tags["scalars"]
+        assert activation_stat("saturated_fraction", relu) not in tags["scalars"]
 
 
 def test_dead_relus_are_flagged(tmp_path):
@@ -57,6 +65,29 @@ def test_dead_relus_are_flagged(tmp_path):
     dead = [f for f in cb.findings if f.code == "activations.dead_units"]
     assert dead and dead[0].details["layer"] == "net.2" and dead[0].value == 1.0
     assert len(dead) == len({f.details["layer"] for f in dead})  # once per layer
+
+
+def test_a_dead_relu_before_a_max_pool_is_one_finding_that_blocks_every_gradient(tmp_path):
+    pl.seed_everything(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                        nn.Linear(8 * 4 * 4, 10))
+    with torch.no_grad():
+        cast(nn.Conv2d, net[0]).bias.fill_(-20.0)  # every ReLU off for inputs in [0, 1]
+    cb = ActivationHistogram(every_n_steps=2)
+    _fit(tmp_path, Classifier(net), cb, epochs=1, n=128, logger=False)
+    # the max-pool only passes the ReLU's zeros on: one fact, one finding, on the ReLU
+    (dead,) = [f for f in cb.findings if f.code == "activations.dead_units"]
+    assert (dead.subject, dead.details["passed_on_by"], dead.value) == ("net.1", ["net.2"], 1.0)
+    assert "net.1 (ReLU)" in dead.message and "net.2 (MaxPool2d) after it" in dead.message
+    assert dead.steps() == [0, 2]  # one finding, updated at each logging step
+    (vanishing,) = [f for f in cb.findings if f.code == "gradients.vanishing"]
+    assert "0x" not in vanishing.message
+    assert vanishing.message.startswith("No gradient reaches net.0 (Conv2d): their gradient is "
+                                        "exactly 0")
+    assert "net.1 (ReLU) blocks it: every one of its units is dead" in vanishing.message
+    assert vanishing.details["blocker"] == "net.1" and "LeakyReLU" in vanishing.advice
+    (summary,) = [f for f in cb.findings if f.code == "activations.summary"]
+    assert summary.value == 1.0 and "at net.1 (ReLU), step 0" in summary.message
 
 
 def test_saturated_tanh_is_flagged(tmp_path):
@@ -158,10 +189,12 @@ def test_layer_filter_and_state_dict():
     assert [n for n, _ in cb_fn._chosen(model)] == ["net.1", "net.3", "net.5"]
     with pytest.raises(ValueError, match="net.99"):
         ActivationHistogram(layers=["net.99"])._chosen(model)
-    cb.reported = {"activations.dead_units:net.2"}
+    cb._logs = 3
     other = ActivationHistogram()
     other.load_state_dict(cb.state_dict())
-    assert other.reported == cb.reported
+    assert other._logs == 3
+    other.load_state_dict({"reported": ["activations.dead_units:net.2"], "logs": 1})  # older
+    assert other._logs == 1
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -260,12 +260,13 @@ BAD_ARGUMENTS: dict[type[DiagnosticCallback], list[tuple[str, Any, type[Exceptio
     OverfitSmallBatch: [
         ("num_batches", 0, V), ("max_steps", 2.5, T), ("loss_fraction", 1.0, V),
         ("loss_fraction", 0, V), ("reg_attr", 3, T), ("batch_to_target", 1, T),
-        ("progress_bar", 1, T), ("strict", None, T)],
+        ("progress_bar", 1, T), ("lr_ladder", "yes", T), ("strict", None, T)],
     DataInspection: [
         ("num_classes", 0, V), ("max_samples", 1.5, T), ("max_samples", 1, V),
         ("near_threshold", 1.0, V), ("imbalance_ratio", 1, V), ("batch_to_input", 3, T),
         ("batch_to_target", "y", T), ("max_images", 0, V), ("seed", 0.5, T),
-        ("num_threads", 0, V), ("strict", "x", T)],
+        ("num_threads", 0, V), ("num_workers", -1, V), ("num_workers", 1.5, T),
+        ("strict", "x", T)],
     ActivationHistogram: [
         ("every_n_steps", True, T), ("every_n_steps", 0, V), ("layers", 3, T),
         ("layers", "net.1", T), ("layers", [], V), ("layers", ["net.1", 2], T), ("bins", 1.5, T),
@@ -288,6 +289,7 @@ BAD_ARGUMENTS: dict[type[DiagnosticCallback], list[tuple[str, Any, type[Exceptio
         ("min_rel_delta", -0.1, V), ("high_fraction", 1.5, V), ("act", "yes", T),
         ("factor", 0.0, V), ("factor", 1.0, V), ("factor", 2.0, V), ("min_lr", -1.0, V),
         ("min_epochs", 0, V), ("low_acc", 2, V), ("close_gap", -1, V), ("overfit_gap", "x", T),
+        ("rel_gap", 1.5, V), ("halving_epochs", 0, V),
         ("jump_factor", 1.0, V), ("min_jump_fraction", -0.5, V), ("window", 0, V),
         ("min_history", 60, V), ("save_batch", None, T), ("strict", 1, T)],
     EMAWeights: [

@@ -6,6 +6,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from lightning_diag.base import DiagnosticCallback, FitStartCheck, HookRegistry, findings
 from lightning_diag.findings import DiagnosticError, DiagnosticWarning, Severity
+from lightning_diag.tensorboard.tags import FINDINGS, FINDINGS_TABLE
 from tests.helpers import Classifier, digits, events, loader, mlp, text_events, trainer
 
 
@@ -36,9 +37,33 @@ def test_publish_logs_to_tensorboard_python_logging_and_warnings(tmp_path, caplo
     assert [f.code for f in findings(t)] == ["probe.result"]
     assert "probe.result" in caplog.text
     acc = events(t.logger.log_dir)
-    (text,) = text_events(acc, "diagnostics/Probe")
+    (text,) = text_events(acc, FINDINGS_TABLE)
     assert "probe.result" in text and "do something" in text
-    assert [e.value for e in acc.Scalars("diagnostics/Probe/probe.result")] == [2.5]
+    # the value is in the table, not a lone dot of its own
+    assert not any(tag.startswith(FINDINGS.prefix) for tag in acc.Tags()["scalars"])
+
+
+class Other(Probe):
+    slug = "other"
+
+    def run_check(self, trainer, pl_module):
+        return [self.finding(trainer, "other.broken", Severity.FAIL, "measured 9", value=9.0)]
+
+
+def test_one_findings_table_for_every_callback_fail_first_rewritten(tmp_path):
+    t = trainer(tmp_path, [Probe(Severity.INFO), Other()], limit_train_batches=2,
+                limit_val_batches=0)
+    with pytest.warns(DiagnosticWarning):
+        t.fit(Classifier(mlp()), loader(digits(64)))
+    acc = events(t.logger.log_dir)
+    texts = acc.Tensors(f"{FINDINGS_TABLE}/text_summary")
+    assert [e.step for e in texts] == [0, 0]  # rewritten by each callback's publish
+    last = texts[-1].tensor_proto.string_val[0].decode()
+    assert last.startswith("**2 findings** (1 fail, 0 warn, 1 info) at step 0.")
+    rows = [r for r in last.splitlines() if r.startswith("| ") and "`" in r]
+    assert [r.split(" | ")[1] for r in rows] == ["`other.broken`", "`probe.result`"]
+    assert [t for t in acc.Tags()["tensors"] if t.endswith("/text_summary")] == [
+        f"{FINDINGS_TABLE}/text_summary"]
 
 
 def test_strict_raises_on_fail_before_training(tmp_path):

@@ -12,6 +12,7 @@ import pytest
 from torch.utils.tensorboard import SummaryWriter
 
 from lightning_diag import cli
+from lightning_diag.tensorboard.tags import curve
 
 
 def test_help_lists_the_four_commands(capsys):
@@ -31,7 +32,7 @@ def test_no_command_is_a_usage_error(capsys):
 
 def test_report_command_writes_html(tmp_path, capsys):
     with SummaryWriter(str(tmp_path / "run")) as w:
-        w.add_scalar("diag/curves/loss/train", 1.0, 0)
+        w.add_scalar(curve("loss"), 1.0, 0)
     out = tmp_path / "out" / "r.html"
     assert cli.main(["report", str(tmp_path), "-o", str(out)]) == 0
     assert capsys.readouterr().out.strip() == str(out)

@@ -16,6 +16,12 @@ from lightning_diag.callbacks.data_inspection import DataInspection
 from lightning_diag.checks.data.inspect import inspect_dataset
 from lightning_diag.examples.digits import DigitsDataModule, load_digits_tensors
 from lightning_diag.findings import FINDINGS_FILE, Finding, Severity
+from lightning_diag.tensorboard.tags import (
+    DATA_CLASS_COUNTS,
+    DATA_SUMMARY,
+    data_grid,
+    data_labels,
+)
 from tests.helpers import Classifier, codes, events, loader, mlp, text_events, trainer
 
 
@@ -135,6 +141,76 @@ def test_unreadable_samples_are_recorded_and_inspection_goes_on(split: Any) -> N
     assert one(found, "data.exact_duplicate").indices == (9, 90)
 
 
+class Decoding(Dataset):
+    """Smooth 28x28 images decoded at each read (a uint8 PIL round trip, as torchvision does),
+    some unreadable and, with ``odd``, one of another shape and one holding NaN."""
+
+    def __init__(self, x: torch.Tensor, broken: set[int], odd: bool) -> None:
+        self.x, self.broken, self.odd = x, broken, odd
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image
+
+        if i in self.broken:
+            raise OSError(f"cannot decode image {i}")
+        if self.odd and i == 17:
+            return torch.rand(1, 14, 14), 0
+        image = Image.fromarray((self.x[i, 0] * 255).round().byte().numpy(), mode="L")
+        x = torch.tensor(list(image.getdata()), dtype=torch.float32).reshape(1, 28, 28) / 255
+        if self.odd and i == 33:
+            x[0, 3, 3] = float("nan")
+        return x, i % 7
+
+
+def _smooth(n: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x = F.interpolate(torch.randn(n, 1, 7, 7, generator=gen), size=28, mode="bilinear")
+    return (x - x.amin()) / (x.amax() - x.amin())
+
+
+@pytest.mark.parametrize("how", ["workers", "hashed"])
+def test_loader_workers_and_hashed_search_find_what_one_process_finds(
+        how: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning_diag.checks.data.inspect as inspect_module
+
+    x, xv = _smooth(2600, 0), _smooth(300, 1)  # three blocks of 1,024 samples
+    x[2000], x[2100] = x[5], x[6] + 0.004  # an exact copy, a re-encoded one
+    x[1500] = 0.5  # blank
+    xv[10], xv[11] = x[1200], x[2500] + 0.004  # leaks
+    train, val = Decoding(x, {4, 1800}, odd=True), Decoding(xv, set(), odd=False)
+    kw: dict[str, Any] = {"num_classes": 7, "progress": False}
+    expected = inspect_dataset(train, val, **kw)
+    if how == "workers":
+        found = inspect_dataset(train, val, num_workers=2, **kw)
+    else:
+        monkeypatch.setattr(inspect_module, "EXACT_SEARCH_PAIRS", 0)
+        found = inspect_dataset(train, val, **kw)
+    assert [f.to_dict() for f in found] == [f.to_dict() for f in expected]
+    assert one(found, "data.exact_duplicate").indices == (5, 2000)
+    assert one(found, "data.near_duplicate").indices == (6, 2100)
+    assert one(found, "data.unreadable").indices == (4, 1800)
+    assert one(found, "data.non_finite").indices == (33,)
+    assert one(found, "data.constant_input").indices == (1500,)
+    assert one(found, "data.leakage").details["pairs"] == [(1200, 10), (2500, 11)]
+    assert one(found, "data.summary").details["train"]["other_shape"] == 1
+
+
+def test_a_users_reader_failing_in_a_loader_worker_is_the_users_error() -> None:
+    from lightning_diag.batch import UserCodeError
+
+    def reader(sample: Any) -> torch.Tensor:
+        if sample[1] == 2000:
+            raise KeyError("no pixels")
+        return sample[0]
+
+    data = TensorDataset(torch.rand(2600, 4), torch.arange(2600))
+    with pytest.raises(UserCodeError, match="`batch_to_input` raised KeyError: 'no pixels'"):
+        inspect_dataset(data, batch_to_input=reader, num_workers=2, progress=False)
+
+
 def test_removed_class_and_imbalance(split: Any) -> None:
     x, y, _, _ = split
     keep = y != 3
@@ -159,7 +235,8 @@ def test_regression_targets_skip_label_checks_and_sampling_is_said(split: Any) -
 
 @pytest.mark.parametrize("kw", [{"num_classes": 0}, {"max_samples": 1.5},
                                 {"near_threshold": 1.0}, {"imbalance_ratio": 1},
-                                {"batch_to_input": 3}, {"num_threads": 0}, {"max_images": 0}])
+                                {"batch_to_input": 3}, {"num_threads": 0}, {"max_images": 0},
+                                {"num_workers": -1}])
 def test_bad_arguments_name_themselves(kw: dict[str, Any]) -> None:
     with pytest.raises((ValueError, TypeError), match=next(iter(kw))):
         DataInspection(**kw)
@@ -188,11 +265,10 @@ def test_callback_leaves_the_main_run_unchanged_and_logs(tmp_path: Path, split: 
     assert len(check.hooks) == 0
     acc = events(tmp_path / "cb" / "tb" / "version_0")
     images = set(acc.Tags()["images"])
-    assert {"diag/data/class_counts", "diag/data/samples_per_class",
-            "diag/data/exact_duplicates", "diag/data/leakage_train_vs_validation"} <= images
-    assert {"diag/data/labels/train", "diag/data/labels/validation"} <= set(
-        acc.Tags()["histograms"])
-    assert "exact_duplicate_groups | 1" in text_events(acc, "diag/data/summary")[0]
+    assert {DATA_CLASS_COUNTS, data_grid("samples_per_class"), data_grid("exact_duplicates"),
+            data_grid("leakage_train_vs_validation")} <= images
+    assert {data_labels("train"), data_labels("validation")} <= set(acc.Tags()["histograms"])
+    assert "exact_duplicate_groups | 1" in text_events(acc, DATA_SUMMARY)[0]
     leftovers = {p.name for p in (tmp_path / "cb").rglob("*") if p.is_file()}
     assert all(name.startswith("events.out.tfevents") or name in ("hparams.yaml", FINDINGS_FILE)
                for name in leftovers), leftovers
@@ -252,7 +328,8 @@ def test_dict_batches_family_is_read_by_its_key_names(tmp_path: Path) -> None:
     summary = one(check.findings, "data.summary").details
     assert summary["train"]["inspected"] == 384 and summary["validation"]["inspected"] == 128
     assert sum(summary["train"]["class_counts"]) == 384  # labels read from "labels"
-    assert "diag/data/samples_per_class" in events(tmp_path / "tb" / "version_0").Tags()["images"]
+    assert data_grid("samples_per_class") in events(tmp_path / "tb" / "version_0").Tags()[
+        "images"]
 
 
 class Keyed(Dataset):
@@ -319,3 +396,75 @@ def test_a_failing_batch_to_input_is_the_users_error(tmp_path: Path) -> None:
     (f,) = check.findings
     assert f.code == "data.user_error" and f.severity is Severity.WARN
     assert "`batch_to_input` raised TypeError" in f.message
+
+
+def _image(acc: Any, tag: str, index: int = -1) -> Any:
+    """One logged image of ``tag`` as an ``(H, W, 3)`` uint8 array."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    png = acc.Images(tag)[index].encoded_image_string
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+def _tile_rows(image: Any, left: int) -> list[tuple[int, int]]:
+    """(first, end) of each band of rows holding pure black right of ``left``: the rows of digit
+    images (black backgrounds) in a grid; text is drawn in dark grey, never pure black."""
+    black = [*(image[:, left:] == 0).all(2).any(1).tolist(), False]
+    starts = [i for i, b in enumerate(black) if b and (i == 0 or not black[i - 1])]
+    return [(s, black.index(False, s)) for s in starts]
+
+
+def test_grids_label_every_class_and_mark_split_index_and_label(
+        tmp_path: Path, split: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_diag.callbacks import data_inspection
+    from lightning_diag.tensorboard.figures import CARD_WIDTH
+    from lightning_diag.tensorboard.tags import data_grid
+    from lightning_diag.tensorboard.writer import tensorboard_writer
+
+    x, y, xv, yv = (t.clone() for t in split)
+    x[10], y[10] = x[3], (y[3] + 1) % 10  # a duplicate with a conflicting label
+    xv[0], yv[0] = x[20], y[20]  # a leak with the same label...
+    xv[1], yv[1] = x[21], (y[21] + 1) % 10  # ...and one whose label differs
+    check = DataInspection(max_images=3)
+    run = trainer(tmp_path, [check], max_steps=1, limit_val_batches=1)
+    run.fit(Classifier(mlp()), loader(TensorDataset(x, y)),
+            loader(TensorDataset(xv, yv), shuffle=False))
+    acc = events(tmp_path / "tb" / "version_0")
+
+    per_class = _image(acc, data_grid("samples_per_class"))
+    rows = _tile_rows(per_class, left=120)
+    assert per_class.shape[1] == CARD_WIDTH and len(rows) == 10  # every class, a row each
+    for first, end in rows:  # each row labelled ("class k") left of its images
+        tiles_start = (per_class[first:end] == 0).all(2).any(0).tolist().index(True)
+        assert tiles_start > 30 and (per_class[first:end, :tiles_start] < 100).any()
+    pitch = rows[1][0] - rows[0][0]
+    assert per_class.shape[0] >= rows[0][0] + 10 * pitch - 8  # the height holds the 10 rows
+
+    def red(image: Any) -> Any:
+        return (image[..., 0] > 150) & (image[..., 1] < 90) & (image[..., 2] < 90)
+
+    dup = _image(acc, data_grid("exact_duplicates"))
+    assert len(_tile_rows(dup, left=10)) == 1 and red(dup).sum() > 100  # conflicting: red
+    leak = _image(acc, data_grid("leakage_train_vs_validation"))
+    (a_first, a_end), (b_first, _) = _tile_rows(leak, left=10)
+    assert red(leak[:a_end + 2]).sum() > 100  # the pair whose labels differ comes first, red
+    assert not red(leak[b_first:]).any()  # the agreeing pair is not
+    caption = leak[a_end + 2:b_first - 2]  # split, index and label under each sample
+    columns = (leak[a_first:a_end] == 0).all(2).any(0).tolist()  # the two samples' columns
+    split_at = columns.index(False, columns.index(True))  # where the training sample ends
+    assert red(caption[:, :split_at]).any() and red(caption[:, split_at:]).any()
+
+    # a cap on classes says how many are left out
+    monkeypatch.setattr(data_inspection, "_MAX_CLASSES", 4)
+    writer = tensorboard_writer(run)
+    assert writer is not None and check.report is not None
+    view = data_inspection._TensorBoardView(run, writer, check.report, 3)
+    view._per_class()
+    writer.flush()
+    capped = _image(events(tmp_path / "tb" / "version_0"), data_grid("samples_per_class"))
+    brown = (abs(capped.astype(int) - (140, 75, 0)).sum(2) < 60)
+    assert len(_tile_rows(capped, left=120)) == 4 and brown[: rows[0][0]].any()
+    assert not (abs(per_class.astype(int) - (140, 75, 0)).sum(2) < 60).any()  # no note

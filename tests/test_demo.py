@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import logging
+import shlex
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
+from lightning_diag import base
 from lightning_diag.examples.demo import (
     BrokenDigitsDataModule,
     mis_scale_last_layer,
     recipe_callbacks,
     run_demo,
+    tensorboard_command,
 )
 from lightning_diag.examples.digits import DigitsClassifier
-from lightning_diag.findings import Finding, Severity, format_findings
+from lightning_diag.findings import Finding, Severity, format_findings, sort_findings
 
 
 def _tiny(tmp_path, capsys, inject, report=True):
@@ -50,6 +57,54 @@ def test_tiny_injected_demo_finds_the_planted_bugs(tmp_path, capsys):
     assert all(code in out for code in planted)
     assert result.log_dir.parent.name == "inject" and result.report is None
     assert "HTML report:" not in out
+    # one diagnosis heads the findings, and no advice contradicts it: the update ratio (1.31)
+    # and the divergence at step 1 say the learning rate is too high
+    (diagnosis,) = [f for f in result.findings if f.code == "diagnosis.summary"]
+    assert sort_findings(result.findings)[0] is diagnosis
+    listed = {c["cause"]: c for c in diagnosis.details["causes"]}
+    assert next(iter(listed)) == "data"
+    assert {"update_ratio.too_high", "advisor.divergence"} <= set(listed["lr_high"]["evidence"])
+    advice = [f.advice for f in result.findings if f.severity >= Severity.WARN
+              and f.code != "diagnosis.summary"] + [c["next_step"] for c in listed.values()]
+    assert not [a for a in advice if "raise the learning rate" in a.lower()]
+
+
+@pytest.mark.slow
+def test_demo_terminal_prints_each_finding_once_then_the_table(tmp_path, capsys, caplog,
+                                                               monkeypatch):
+    # as in a script without logging configured (pytest's capture handlers count as none)
+    monkeypatch.setattr(base, "_handled_elsewhere", lambda record, mine: False)
+    caplog.set_level(logging.INFO, logger="lightning.pytorch")  # conftest quiets Lightning
+    result = run_demo(tmp_path / "runs", inject=True, epochs=1, limit_batches=2,
+                      progress_bar=False, report=False,
+                      callbacks=recipe_callbacks(overfit_max_steps=10))
+    out, err = capsys.readouterr()
+    loud = [f for f in result.findings if f.severity >= Severity.WARN]
+    assert loud
+    for f in loud:  # once while training, one short line; once in the table at the end
+        (line,) = [line for line in err.splitlines() if f" {f.code}" in line]
+        assert line.startswith(f"[{f.severity.value.upper()}] {f.code}") and len(line) < 130
+        assert out.count(f"] {f.code}  (") == 1
+    assert "Advice" not in err and "base.py" not in err and out.count("Findings:") == 1
+    lightning = [r.getMessage() for r in caplog.records if r.name.startswith("lightning.")]
+    assert any("`Trainer.fit` stopped" in m for m in lightning)  # Lightning's own lines stay
+    assert not [m for m in lightning if "Tip:" in m or "available:" in m]
+    exe, flag, logdir = shlex.split(result.tensorboard_command)
+    assert exe == "tensorboard" or Path(exe).is_file()
+    assert flag == "--logdir" and logdir == str((tmp_path / "runs").resolve())
+    assert f"TensorBoard:  {result.tensorboard_command}" in out
+
+
+def test_tensorboard_command_is_absolute_and_names_the_venv_executable(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    exe = tmp_path / "venv" / "bin" / "tensorboard"
+    exe.parent.mkdir(parents=True)
+    exe.touch()
+    monkeypatch.setattr(sys, "executable", str(exe.parent / "python"))
+    assert tensorboard_command("runs/my demo") == (
+        f"{exe} --logdir '{tmp_path / 'runs' / 'my demo'}'")
+    exe.unlink()  # no tensorboard next to this Python: the one on the PATH
+    assert tensorboard_command("runs").startswith("tensorboard --logdir /")
 
 
 def test_broken_datamodule_plants_duplicates_and_leaks():

@@ -58,8 +58,10 @@ def test_ddp_runs_every_callback_on_both_ranks(ddp_run: dict[str, Any]) -> None:
     for name in ("InitialLossCheck", "GradientCheck", "OverfitSmallBatch"):
         assert r0["codes"][name] and not any(c.endswith(".skipped") for c in r0["codes"][name])
     assert r0["codes"]["FirstLayerVisualization"] == ["first_layer.not_found"]
-    # the names found by convention, then the one given (`val/accuracy`) that was not logged
-    assert r0["codes"]["LearningCurves"] == ["curves.keys", "curves.missing_keys"]
+    # the names found by convention, then the one given (`val/accuracy`) that was not logged,
+    # then the verdict at the end
+    assert r0["codes"]["LearningCurves"] == ["curves.keys", "curves.missing_keys",
+                                             "curves.summary"]
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ from lightning_diag.callbacks.ema import EMAWeights
 from lightning_diag.functional.ema import all_finite, ema_update_, warmup_decay
 from lightning_diag.inference.checkpoints import CheckpointLoadError
 from lightning_diag.inference.ema import load_ema_weights
+from lightning_diag.tensorboard.tags import EMA_RUN, RAW_RUN, ema_comparison
 from tests.helpers import Classifier, cnn, codes, digits, events, loader, mlp, trainer
 
 
@@ -127,7 +128,37 @@ def test_validation_swap_restores_raw_weights_bit_identically(tmp_path: Path) ->
     assert probe.checked >= 3  # the sanity check (raw: no update yet) + validations with EMA
 
 
-@pytest.mark.parametrize("evaluate", ["raw", "both"])  # "ema": the swap test
+class StorageProbe(pl.Callback):
+    """Placed after EMAWeights: while swapped, the module's tensors ARE the average's (no copy)."""
+
+    def __init__(self, ema: EMAWeights) -> None:
+        self.ema, self.steps = ema, set[int]()
+
+    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: Any, *a: Any) -> None:
+        if self.ema.num_updates:
+            avg = self.ema._built().state()
+            assert all(v.data_ptr() == avg[k].data_ptr()
+                       for k, v in pl_module.state_dict().items())
+            self.steps.add(trainer.global_step)
+
+
+def test_validation_swap_trades_storage_and_optimizer_keeps_the_raw_weights(
+        tmp_path: Path) -> None:
+    ema = EMAWeights(decay=0.9)
+    probe = StorageProbe(ema)
+    model = _model(opt="adam")
+    params = list(model.parameters())
+    ptrs = [p.data_ptr() for p in params]
+    t = _fit(tmp_path, model, [ema, probe], max_steps=6, val_check_interval=2)
+    assert probe.steps == {2, 4}  # both validations (max_steps ends the fit before a third)
+    opt = t.optimizers[0]
+    held = [p for g in opt.param_groups for p in g["params"]]
+    assert len(held) == len(params) and all(a is b for a, b in zip(held, params, strict=True))
+    assert [p.data_ptr() for p in params] == ptrs  # the raw storage, trained in place
+    assert all(p in opt.state and opt.state[p]["exp_avg"].shape == p.shape for p in params)
+
+
+@pytest.mark.parametrize("evaluate", ["raw", "both", "ema"])
 def test_main_run_weights_unchanged(tmp_path: Path, evaluate: str) -> None:
     plain = _fit(tmp_path / "a", _model(opt="adam", dropout=0.2), [], max_steps=6,
                  val_check_interval=3).lightning_module.state_dict()
@@ -149,7 +180,13 @@ def test_both_logs_ema_metrics(tmp_path: Path) -> None:
         want = torch.nn.functional.cross_entropy(model(x), y)
     assert float(m["val_loss_ema"]) == pytest.approx(float(want), rel=1e-5)
     assert float(m["val_loss_ema"]) != pytest.approx(float(m["val_loss"]), rel=1e-6)
-    assert "val_acc_ema" in events(tmp_path / "tb" / "version_0").Tags()["scalars"]
+    run = tmp_path / "tb" / "version_0"
+    assert "val_acc_ema" in events(run).Tags()["scalars"]
+    # raw and EMA of each metric on one chart: one tag, two sibling runs, step = epoch
+    for sibling, key in ((RAW_RUN, "val_loss"), (EMA_RUN, "val_loss_ema")):
+        (*_, last) = events(run / sibling).Scalars(ema_comparison("val_loss"))
+        assert last.step == t.current_epoch - 1 or last.step == t.current_epoch
+        assert last.value == pytest.approx(float(m[key]), rel=1e-6)
 
 
 def test_resume_restores_ema_exactly(tmp_path: Path) -> None:

@@ -280,7 +280,9 @@ def test_nan_loss_mid_run(tmp_path: Path) -> None:
     assert all(torch.equal(after[k], probe.ema_before_nan[k]) for k in after)
     assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
     assert ema.num_updates == 4 and ema.num_skipped == 4
-    assert [f.code for f in ema.findings] == ["ema.non_finite"]
+    assert [f.code for f in ema.findings] == ["ema.non_finite", "ema.summary"]
+    assert "EMA of 4 update(s) (decay 0.9, 4 skipped on a non-finite loss)" in (
+        ema.findings[1].message)
     divergence = [f for f in advisor.findings if f.code == "advisor.divergence"]
     assert len(divergence) == 1 and divergence[0].severity is Severity.FAIL
     assert divergence[0].step == 4

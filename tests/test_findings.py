@@ -25,6 +25,7 @@ from lightning_diag.findings import (
     load_findings,
     load_findings_by_run,
 )
+from lightning_diag.tensorboard.tags import FINDINGS_TABLE
 from lightning_diag.tensorboard.writer import markdown_table
 from tests.helpers import Classifier, digits, events, loader, mlp, text_events, trainer
 
@@ -252,8 +253,8 @@ def test_published_record_and_tensorboard_table_carry_value_expected_and_step(tm
     by_run = load_findings_by_run(tmp_path)
     assert list(by_run) == ["tb/version_0"] and by_run["tb/version_0"] == cb.findings
     mismatch = next(f for f in cb.findings if f.code == "initial_loss.mismatch")
-    (table,) = text_events(events(run), "diagnostics/InitialLossCheck")
-    header, _, *rows = table.splitlines()
+    (table,) = text_events(events(run), FINDINGS_TABLE)
+    _, _, header, _, *rows = table.splitlines()
     assert header == "| severity | code | message | advice | value | expected | step |"
     cells = next(r for r in rows if "initial_loss.mismatch" in r).strip("| ").split(" | ")
     low, high = mismatch.expected  # type: ignore[misc]
@@ -267,12 +268,13 @@ def test_table_rows_escape_pipes_and_newlines():
 
 
 class _EveryStep(DiagnosticCallback):
-    """Publishes one WARN finding per training batch."""
+    """Publishes one finding per training batch, each about its own step (one fact each)."""
 
     slug = "every_step"
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.publish(trainer, [self.finding(trainer, "every_step.seen", Severity.INFO, "seen")])
+        self.publish(trainer, [self.finding(trainer, "every_step.seen", Severity.INFO, "seen",
+                                            subject=f"step {trainer.global_step}")])
 
 
 def test_unwritable_findings_file_warns_once_and_the_fit_goes_on(tmp_path, caplog):

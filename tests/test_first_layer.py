@@ -4,6 +4,7 @@ from torch import nn
 
 from lightning_diag.callbacks.first_layer import FirstLayerVisualization
 from lightning_diag.tensorboard.figures import filter_grid
+from lightning_diag.tensorboard.tags import FIRST_LAYER_FILTERS
 from tests.helpers import Classifier, cnn, digits, events, loader, mlp, trainer
 
 
@@ -18,13 +19,34 @@ def test_conv_filters_are_logged_as_image_and_png(tmp_path):
     model = Classifier(cnn())
     before = [p.detach().clone() for p in model.parameters()]
     t = _fit(tmp_path, model, cb)
-    images = events(t.logger.log_dir).Images("diag/first_layer/filters")
+    images = events(t.logger.log_dir).Images(FIRST_LAYER_FILTERS)
     assert [i.step for i in images] == [2, 4]  # end of each epoch; train end adds no copy
     assert images[0].width > 50
     pngs = sorted(p.name for p in (tmp_path / "tb" / "version_0").glob("first_layer_*.png"))
     assert pngs == ["first_layer_step0000002.png", "first_layer_step0000004.png"]
-    assert cb.findings == [] and any(not torch.equal(a, b) for a, b in
+    assert [f.code for f in cb.findings] == ["first_layer.summary"]  # its verdict, nothing else
+    assert cb.findings[0].details["drawn_at"] == [2, 4] and any(not torch.equal(a, b) for a, b in
                                      zip(before, model.parameters(), strict=True))
+
+
+def test_filter_grid_is_captioned_with_the_layer_and_its_type(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from lightning_diag.tensorboard.figures import CARD_WIDTH, Cell, annotated_grid
+
+    model = Classifier(cnn())
+    _fit(tmp_path, model, FirstLayerVisualization(every_n_epochs=5), epochs=1)
+    png = tmp_path / "tb" / "version_0" / "first_layer_step0000002.png"
+    logged = np.asarray(Image.open(png).convert("RGB"))
+    note = ["each filter scaled to its own range: black lowest, white highest"]
+
+    def drawn(title: str) -> np.ndarray:
+        return annotated_grid([[Cell(filter_grid(model.net[0].weight))]], title, notes=note)
+
+    assert logged.shape[1] == CARD_WIDTH  # the 4x4 grid of 3x3 filters enlarged to the card
+    assert np.array_equal(logged, drawn("net.0 (Conv2d): 8 filters of 3x3; step 2"))
+    assert not np.array_equal(logged, drawn("net.0: 8 filters of 3x3; step 2"))
 
 
 def test_linear_on_images_needs_input_shape(tmp_path):
@@ -32,7 +54,7 @@ def test_linear_on_images_needs_input_shape(tmp_path):
     drawn = cb.filters(Classifier(mlp()))
     assert drawn is not None and drawn.shape == (32, 1, 8, 8)
     t = _fit(tmp_path, Classifier(mlp()), cb, epochs=1)
-    assert len(events(t.logger.log_dir).Images("diag/first_layer/filters")) == 1
+    assert len(events(t.logger.log_dir).Images(FIRST_LAYER_FILTERS)) == 1
     quiet = FirstLayerVisualization()
     _fit(tmp_path, Classifier(mlp()), quiet, epochs=1, logger=False)
     assert [f.code for f in quiet.findings] == ["first_layer.not_found"]

@@ -12,6 +12,7 @@ from lightning_diag.functional.data import (
     connected_groups,
     constant_mask,
     duplicate_groups,
+    hashed_similar_pairs,
     image_grid,
     imbalance_ratio,
     principal_direction,
@@ -67,6 +68,32 @@ def test_chunked_pairs_match_the_full_matrix(cross: bool) -> None:
     if b is None:
         hit = hit.triu(diagonal=1)
     expected = sorted(map(tuple, hit.nonzero().tolist()))
+    assert sorted(map(tuple, pairs.tolist())) == expected
+    torch.testing.assert_close(sims, full[pairs[:, 0], pairs[:, 1]])
+
+
+@pytest.mark.parametrize("cross", [False, True])
+@pytest.mark.parametrize("max_bucket", [256, 4])  # 4: the large buckets compared as blocks
+def test_hashed_pairs_are_the_full_matrix_pairs(cross: bool, max_bucket: int) -> None:
+    gen = torch.Generator().manual_seed(0)
+
+    def rows(n: int) -> torch.Tensor:
+        x = torch.randn(n, 32, generator=gen)
+        x[: n // 10] = x[0] + 0.15 * torch.randn(n // 10, 32, generator=gen)  # one tight cluster
+        copies = torch.randint(0, n, (n // 20,), generator=gen)  # near copies at cos ~0.9987
+        x[n - len(copies):] = x[copies] + 0.05 * torch.randn(len(copies), 32, generator=gen)
+        x[5] = 0.0  # zero rows are similar to nothing
+        return torch.nn.functional.normalize(x, dim=1)
+
+    a = rows(3000)
+    b = torch.cat([rows(500), a[:50] + 0.0]) if cross else None  # b holds copies of a's rows
+    pairs, sims = hashed_similar_pairs(a, b, threshold=0.99, max_bucket=max_bucket)
+    full = a @ (a if b is None else b).T
+    hit = full >= 0.99
+    if b is None:
+        hit = hit.triu(diagonal=1)
+    expected = sorted(map(tuple, hit.nonzero().tolist()))
+    assert len(expected) > 100
     assert sorted(map(tuple, pairs.tolist())) == expected
     torch.testing.assert_close(sims, full[pairs[:, 0], pairs[:, 1]])
 

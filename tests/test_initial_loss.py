@@ -13,6 +13,7 @@ from lightning_diag.checks.initial_loss import (
     loss_tolerance,
 )
 from lightning_diag.isolation import first_batches
+from lightning_diag.tensorboard.tags import FINDINGS_TABLE
 from tests.families import FAMILIES
 from tests.helpers import Classifier, cnn, codes, digits, events, loader, mlp, text_events, trainer
 
@@ -267,7 +268,7 @@ def test_callback_in_trainer_logs_findings(tmp_path):
     trainer(tmp_path, [cb], limit_train_batches=1).fit(model, loader(digits(128, True)))
     assert {f.code for f in cb.findings} == {"initial_loss.ok", "initial_loss.regularization"}
     assert all(f.check == "InitialLossCheck" and f.step == 0 for f in cb.findings)
-    table = text_events(events(tmp_path / "tb" / "version_0"), "diagnostics/InitialLossCheck")
+    table = text_events(events(tmp_path / "tb" / "version_0"), FINDINGS_TABLE)
     assert "initial_loss.ok" in table[0]
     assert len(cb.hooks) == 0 and not any(m._forward_hooks for m in model.modules())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tb"]

@@ -1,8 +1,17 @@
+from pathlib import Path
+
 import pytest
 import torch.nn.functional as F
 
 from lightning_diag.callbacks.learning_curves import LearningCurves
 from lightning_diag.callbacks.update_ratio import UpdateRatioMonitor
+from lightning_diag.tensorboard.tags import (
+    CURVES_FIGURE,
+    CURVES_GAP,
+    TRAIN_RUN,
+    VALIDATION_RUN,
+    curve,
+)
 from tests.families import FAMILIES
 from tests.helpers import Classifier, codes, digits, events, loader, mlp, trainer
 
@@ -14,35 +23,31 @@ def _fit(tmp_path, model, cbs, epochs=3, val=True, **kw):
     return t
 
 
-def _layout(acc):
-    from tensorboard.plugins.custom_scalar import layout_pb2
-
-    event = acc.Tensors("custom_scalars__config__")[-1]
-    layout = layout_pb2.Layout()
-    layout.ParseFromString(event.tensor_proto.string_val[0])
-    return {c.title: {ch.title: list(ch.multiline.tag) for ch in c.chart}
-            for c in layout.category}
+def _curve(t, quantity, run):
+    return events(Path(t.logger.log_dir) / run).Scalars(curve(quantity))
 
 
-def test_epoch_curves_gap_layout_and_figure(tmp_path):
+def test_epoch_curves_in_sibling_runs_gap_and_figure(tmp_path):
     cb = LearningCurves()
     t = _fit(tmp_path, Classifier(mlp()), [cb, UpdateRatioMonitor(every_n_steps=1)])
-    (keys,) = cb.findings
+    (keys,) = [f for f in cb.findings if f.code == "curves.keys"]
     assert keys.code == "curves.keys" and keys.severity == "info"
     assert keys.details["keys"] == {r: r for r in ("train_loss", "train_acc", "val_loss",
                                                    "val_acc")}
     acc = events(t.logger.log_dir)
-    for series in ("loss/train", "loss/val", "accuracy/train", "accuracy/val", "accuracy/gap"):
-        assert [e.step for e in acc.Scalars(f"diag/curves/{series}")] == [0, 1, 2]
+    # train and val of one quantity: the same tag in two sibling runs, so one chart on every
+    # dashboard, with epochs as steps
+    for quantity in ("loss", "accuracy"):
+        for run in (TRAIN_RUN, VALIDATION_RUN):
+            assert [e.step for e in _curve(t, quantity, run)] == [0, 1, 2]
     last = t.callback_metrics
-    assert acc.Scalars("diag/curves/loss/val")[-1].value == pytest.approx(float(last["val_loss"]))
+    assert _curve(t, "loss", VALIDATION_RUN)[-1].value == pytest.approx(float(last["val_loss"]))
+    assert _curve(t, "loss", TRAIN_RUN)[-1].value == pytest.approx(float(last["train_loss"]))
+    assert not [tag for tag in acc.Tags()["scalars"] if tag in (curve("loss"), curve("accuracy"))]
     gap = float(last["train_acc"]) - float(last["val_acc"])
-    assert acc.Scalars("diag/curves/accuracy/gap")[-1].value == pytest.approx(gap, abs=1e-6)
-    layout = _layout(acc)
-    assert layout["learning curves"]["loss (train vs val)"] == [
-        "diag/curves/loss/train", "diag/curves/loss/val"]
-    assert "update_ratio" in layout  # the other monitor's charts are kept
-    assert "diag/curves/figure" in acc.Tags()["images"]
+    assert [e.step for e in acc.Scalars(CURVES_GAP)] == [0, 1, 2]
+    assert acc.Scalars(CURVES_GAP)[-1].value == pytest.approx(gap, abs=1e-6)
+    assert CURVES_FIGURE in acc.Tags()["images"]
     assert (tmp_path / "tb" / "version_0" / "learning_curves.png").is_file()
 
 
@@ -117,13 +122,12 @@ def test_names_of_the_dict_batches_family_are_found(tmp_path):
     assert keys.details["keys"] == {"train_loss": "train/loss", "train_acc": "train/acc",
                                     "val_loss": "val/loss", "val_acc": "val/acc"}
     assert keys.details["given"] == [] and "`val/acc` as the validation accuracy" in keys.message
-    assert codes(cb.findings, "info") == {"curves.keys"}  # nothing missing
-    acc = events(t.logger.log_dir)
+    assert codes(cb.findings, "info") == {"curves.keys", "curves.summary"}  # nothing missing
     logged = t.callback_metrics
-    for series, name in (("loss/train", "train/loss"), ("accuracy/val", "val/acc")):
-        assert [e.step for e in acc.Scalars(f"diag/curves/{series}")] == [0, 1]
-        assert acc.Scalars(f"diag/curves/{series}")[-1].value == pytest.approx(
-            float(logged[name]))
+    for (quantity, run), name in ((("loss", TRAIN_RUN), "train/loss"),
+                                  (("accuracy", VALIDATION_RUN), "val/acc")):
+        assert [e.step for e in _curve(t, quantity, run)] == [0, 1]
+        assert _curve(t, quantity, run)[-1].value == pytest.approx(float(logged[name]))
 
 
 def test_an_explicit_name_wins_and_a_missing_one_is_named(tmp_path):

@@ -10,8 +10,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from lightning_diag.callbacks.data_inspection import DataInspection
 from lightning_diag.callbacks.lr_advisor import LRPlateauAdvisor
+from lightning_diag.checks.advisor import Curves, GapRule, fit_gap_verdict
 from lightning_diag.checks.divergence import batch_indices
+from lightning_diag.findings import Severity
 from lightning_diag.functional.curves import (
     diverged,
     is_jump,
@@ -20,6 +23,7 @@ from lightning_diag.functional.curves import (
     running_median,
     smooth_ema,
 )
+from lightning_diag.tensorboard.tags import FINDINGS_TABLE
 from tests.families import FAMILIES
 from tests.helpers import Classifier, codes, digits, events, loader, mlp, text_events, trainer
 
@@ -74,15 +78,16 @@ HEALTHY = _stream([1.5, 0.8, 0.5, 0.3, 0.2, 0.15], [1.6, 0.9, 0.6, 0.4, 0.3, 0.2
 
 
 def _verdicts(adv: LRPlateauAdvisor) -> list[Any]:
-    """The findings other than the one saying which metric names are read."""
-    return [f for f in adv.findings if f.code != "advisor.keys"]
+    """The verdicts: WARN and FAIL findings (not the infos on the names read or the summary)."""
+    return [f for f in adv.findings if f.severity >= Severity.WARN]
 
 
 def test_healthy_stream_is_silent(tmp_path):
     adv = LRPlateauAdvisor()
     _run(tmp_path, HEALTHY, adv)
-    assert codes(adv.findings, "info") == {"advisor.keys"}
-    (keys,) = adv.findings
+    assert codes(adv.findings, "info") == {"advisor.keys", "advisor.summary"}
+    keys, summary = adv.findings  # the names read, then the verdict at the end
+    assert summary.code == "advisor.summary" and summary.value == 0.0
     assert keys.details == {"keys": {r: r for r in ("train_loss", "val_loss", "train_acc",
                                                      "val_acc")}, "missing": []}
     assert adv.history["val_acc"] == pytest.approx([e["val_acc"] for e in HEALTHY])
@@ -110,17 +115,104 @@ def test_plateau_advice_only_by_default_and_not_when_low(tmp_path):
     low = _stream([2.0, 0.1] + [0.1] * 4, [2.0, 0.1] + [0.1] * 4, [0.99] * 6, [0.98] * 6)
     adv = LRPlateauAdvisor(patience=3)
     _run(tmp_path / "low", low, adv)
-    assert codes(adv.findings, "info") == {"advisor.keys"}
+    assert codes(adv.findings, "info") == {"advisor.keys", "advisor.summary"}
 
 
 def test_underfit(tmp_path):
-    stream = _stream([1.5, 1.3, 1.2, 1.1, 1.05, 1.0], [1.5, 1.3, 1.2, 1.1, 1.05, 1.0],
+    # both accuracies low and close, the training loss still falling but 1.6% an epoch: it
+    # would not halve in 20 epochs
+    stream = _stream([1.5, 1.45, 1.42, 1.40, 1.38, 1.36], [1.5, 1.45, 1.42, 1.40, 1.38, 1.36],
                      [0.5, 0.55, 0.6, 0.62, 0.64, 0.65], [0.5, 0.55, 0.6, 0.61, 0.63, 0.64])
     adv = LRPlateauAdvisor(min_epochs=5)
     _run(tmp_path, stream, adv, on_step=True)  # read back as train_acc_epoch
     assert codes(adv.findings) == {"advisor.underfit"}
     (f,) = _verdicts(adv)
     assert f.value == pytest.approx(0.64) and f.epoch == 4 and "bigger model" in f.advice
+    assert "falls 1.6% per epoch" in f.message and f.details["basis"] == "accuracy"
+
+
+def test_low_close_accuracies_while_the_loss_falls_fast_are_early_training_not_underfit():
+    # measured: a 150-sample MLP at epoch 5 (train 0.687, val 0.672) whose loss fell 10% an
+    # epoch went on to 100% training accuracy
+    curves = Curves([2.30, 2.17, 2.05, 1.90, 1.71, 1.48], [2.25, 2.19, 2.09, 1.94, 1.75, 1.51],
+                    [0.12, 0.19, 0.2, 0.29, 0.59, 0.687], [0.09, 0.08, 0.11, 0.38, 0.52, 0.672])
+    assert fit_gap_verdict(curves, GapRule(), set()) is None
+
+
+def test_underfit_and_overfit_from_the_loss_curves_alone():
+    # no accuracy logged (a regression): the verdicts come from the two loss curves
+    slow = Curves([2.37, 2.34, 2.29, 2.24, 2.20, 2.16], [2.40, 2.35, 2.29, 2.25, 2.22, 2.18])
+    under = fit_gap_verdict(slow, GapRule(), set())
+    assert under is not None and under.code == "advisor.underfit"
+    assert under.details["basis"] == "loss curves" and under.details["rate"] < 0.034
+    apart = Curves([2.3, 1.0, 0.5, 0.2, 0.1, 0.05, 0.02], [2.3, 1.1, 0.7, 0.6, 0.62, 0.64, 0.66])
+    over = fit_gap_verdict(apart, GapRule(start_loss=2.3), set())
+    assert over is not None and over.code == "advisor.overfit"
+    assert "33.0x the training loss" in over.message and "fell from 0.2 to 0.02" in over.message
+    # a gap under 2% of the start loss is no finding (a healthy CNN: val 0.029, train 0.005)
+    tight = Curves([2.3, 0.2, 0.09, 0.011, 0.0075, 0.0054, 0.0053],
+                   [2.3, 0.13, 0.08, 0.0296, 0.0431, 0.0318, 0.0294])
+    assert fit_gap_verdict(tight, GapRule(start_loss=2.3), set()) is None
+
+
+@pytest.mark.parametrize("name", ["fast", "slow"])
+def test_healthy_runs_that_converge_fast_or_slow_are_silent(tmp_path, name):
+    streams = {
+        # converged in 3 epochs, then both curves flat and close, accuracies high
+        "fast": _stream([1.0, 0.2, 0.08, 0.07, 0.069, 0.068, 0.068, 0.068],
+                        [1.0, 0.25, 0.11, 0.10, 0.099, 0.1, 0.099, 0.1],
+                        [0.7, 0.95, 0.985, 0.99, 0.99, 0.99, 0.99, 0.99],
+                        [0.68, 0.94, 0.975, 0.98, 0.98, 0.98, 0.98, 0.98]),
+        # still falling 6-9% an epoch after 10 epochs, both curves close (lr 1e-4, measured)
+        "slow": _stream([2.3, 2.0, 1.8, 1.62, 1.47, 1.34, 1.23, 1.13, 1.04, 0.96],
+                        [2.28, 1.98, 1.78, 1.6, 1.45, 1.32, 1.21, 1.11, 1.02, 0.94],
+                        [0.3, 0.45, 0.55, 0.62, 0.68, 0.72, 0.75, 0.78, 0.8, 0.82],
+                        [0.32, 0.46, 0.56, 0.63, 0.69, 0.73, 0.76, 0.79, 0.81, 0.83]),
+    }
+    adv = LRPlateauAdvisor()
+    _run(tmp_path, streams[name], adv)
+    assert _verdicts(adv) == []
+
+
+def test_overfit_by_the_loss_curves_with_a_small_accuracy_gap(tmp_path):
+    # the case the 0.1 accuracy gap missed: 100% training accuracy, training loss near 0 and
+    # still falling, validation loss many times it and no better for several epochs, 6 points
+    stream = _stream([2.0, 0.8, 0.3, 0.1, 0.05, 0.03, 0.02, 0.012],
+                     [2.0, 0.9, 0.45, 0.3, 0.28, 0.29, 0.30, 0.31],
+                     [0.5, 0.8, 0.95, 0.99, 1.0, 1.0, 1.0, 1.0],
+                     [0.5, 0.78, 0.9, 0.93, 0.94, 0.94, 0.94, 0.94])
+    adv = LRPlateauAdvisor()
+    _run(tmp_path, stream, adv)
+    (f,) = _verdicts(adv)
+    assert f.code == "advisor.overfit" and f.epoch == 7 and f.details["basis"] == "curves"
+    assert f.value == pytest.approx(0.06) and f.details["share_of_error"] == pytest.approx(1.0)
+    assert "has not improved on its best for 3 epochs" in f.message
+    assert "fell from 0.05 to 0.012" in f.message and "weight decay" in f.advice
+
+
+@pytest.mark.slow
+def test_real_runs_healthy_overfitting_and_underfitting(tmp_path):
+    """Digits, measured: a healthy CNN stays silent; 150 samples and a wide MLP overfit (100%
+    training accuracy, validation about 93%); a 2-unit MLP underfits."""
+    from lightning_diag.examples.digits import DigitsClassifier, load_digits_tensors
+
+    x, y = load_digits_tensors()
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    x, y = x[order], y[order]
+    val = DataLoader(TensorDataset(x[1400:], y[1400:]), batch_size=256)
+
+    def verdicts(n, epochs, **model):
+        pl.seed_everything(0, verbose=False)
+        adv = LRPlateauAdvisor(save_batch=False)
+        t = trainer(tmp_path, [adv], logger=False, max_epochs=epochs)
+        t.fit(DigitsClassifier(**model), loader(TensorDataset(x[:n], y[:n]), batch_size=32), val)
+        return [(f.code, f.epoch) for f in _verdicts(adv)]
+
+    assert verdicts(1400, 12, arch="cnn", lr=1e-3) == []
+    (over,) = verdicts(150, 30, arch="mlp", lr=1e-3, dropout=0.0, width=256)
+    assert over[0] == "advisor.overfit" and 20 <= over[1] < 30
+    (under,) = verdicts(1400, 8, arch="mlp", lr=1e-3, dropout=0.0, width=2)
+    assert under == ("advisor.underfit", 4)
 
 
 def test_overfit(tmp_path):
@@ -132,7 +224,7 @@ def test_overfit(tmp_path):
     (f,) = _verdicts(adv)
     assert f.value == pytest.approx(0.2) and "weight decay" in f.advice
     acc = events(tmp_path / "tb" / "version_0")
-    texts = text_events(acc, "diagnostics/LRPlateauAdvisor")
+    texts = text_events(acc, FINDINGS_TABLE)
     assert "advisor.keys" in texts[0] and "advisor.overfit" in texts[-1]
 
 
@@ -212,7 +304,8 @@ def test_healthy_real_run_silent_and_no_hooks_left(tmp_path):
     adv = LRPlateauAdvisor(min_epochs=3)
     t = trainer(tmp_path, [adv], max_epochs=4)
     t.fit(model, loader(digits(256), batch_size=32), loader(digits(128), 128, shuffle=False))
-    assert codes(adv.findings, "info") == {"advisor.keys"}, [f.format() for f in adv.findings]
+    assert codes(adv.findings, "info") == {"advisor.keys", "advisor.summary"}, [
+        f.format() for f in adv.findings]
     assert len(adv.history["train_acc"]) == 4 and len(adv.hooks) == 0
     assert not list(tmp_path.rglob("*.pt"))
 
@@ -304,3 +397,40 @@ def test_explicit_key_wins_and_only_unfound_names_are_reported(tmp_path):
     assert keys.details == {"keys": {"train_loss": "val_loss", "val_loss": "val_loss"},
                             "missing": ["train_acc", "val_acc"]}
     assert "the training accuracy, the validation accuracy" in keys.message
+
+
+def test_a_divergence_on_a_batch_holding_a_corrupted_sample_names_it(tmp_path):
+    x, y = digits(64, flatten=True).tensors
+    x[37, 5] = float("nan")  # batch 2 of 16 holds samples 32-47
+    inspect, adv = DataInspection(max_images=1), LRPlateauAdvisor(save_batch=False)
+    t = trainer(tmp_path, [inspect, adv], max_epochs=1, limit_val_batches=0)
+    t.fit(Classifier(mlp(), lr=1e-3), loader(TensorDataset(x, y), batch_size=16, shuffle=False))
+    (f,) = [f for f in adv.findings if f.code == "advisor.divergence"]
+    assert f.severity == "fail" and f.details["batch_idx"] == 2
+    assert f.details["flagged_in_batch"] == {"data.non_finite": [37]}
+    assert "The batch holds 1 sample(s) the data inspection flagged: 37 (data.non_finite)." \
+        in f.message
+    assert "Remove or repair these samples" in f.advice
+
+
+def test_a_divergence_on_a_clean_batch_points_at_the_model_and_the_learning_rate(tmp_path):
+    torch.manual_seed(0)
+    inspect, adv = DataInspection(max_images=1), LRPlateauAdvisor(save_batch=False)
+    t = trainer(tmp_path, [inspect, adv], max_epochs=1, limit_train_batches=8,
+                limit_val_batches=0)
+    t.fit(Classifier(mlp(), lr=50.0, optimizer="sgd"),
+          loader(digits(256), batch_size=32, shuffle=False))
+    (f,) = [f for f in adv.findings if f.code == "advisor.divergence"]
+    assert f.indices and f.details == {**f.details, "flagged_in_batch": {},
+                                       "data_checked": True}
+    assert "None of its samples was flagged by the data inspection" in f.message
+    assert f.advice.startswith("The batch holds no abnormal sample, so the model or the "
+                               "learning rate is the likely cause")
+    # without a data inspection it says so rather than guess
+    adv = LRPlateauAdvisor(save_batch=False)
+    torch.manual_seed(0)
+    trainer(tmp_path / "alone", [adv], max_epochs=1, limit_train_batches=8,
+            limit_val_batches=0).fit(Classifier(mlp(), lr=50.0, optimizer="sgd"),
+                                     loader(digits(256), batch_size=32, shuffle=False))
+    (f,) = [f for f in adv.findings if f.code == "advisor.divergence"]
+    assert "No data inspection ran in this fit" in f.message and not f.details["data_checked"]

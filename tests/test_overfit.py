@@ -1,3 +1,5 @@
+import re
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -7,6 +9,7 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 from lightning_diag.callbacks import OverfitSmallBatch
 from lightning_diag.checks.overfit import OverfitResult, overfit_batches, overfit_small_batch
 from lightning_diag.isolation import OptimizationSettings, first_batches
+from lightning_diag.tensorboard.tags import OVERFIT_ACCURACY, OVERFIT_LOSS, overfit_ladder
 from tests.families import FAMILIES
 from tests.helpers import Classifier, cnn, codes, digits, events, loader, mlp, trainer
 
@@ -114,9 +117,9 @@ def test_callback_logs_curve_to_tensorboard(tmp_path):
     trainer(tmp_path, [cb], limit_train_batches=1).fit(model, data())
     assert [f.code for f in cb.findings] == ["overfit.reached"]
     acc = events(tmp_path / "tb" / "version_0")
-    losses = acc.Scalars("diag/overfit/loss")
+    losses = acc.Scalars(OVERFIT_LOSS)
     assert len(losses) == len(cb.result.curve) and losses[-1].step == cb.result.steps
-    assert acc.Scalars("diag/overfit/accuracy")[-1].value == 1.0
+    assert acc.Scalars(OVERFIT_ACCURACY)[-1].value == 1.0
     assert len(cb.hooks) == 0 and not any(m._forward_hooks for m in model.modules())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tb"]
 
@@ -293,3 +296,90 @@ def test_the_learning_rate_is_the_one_configure_optimizers_sets():
 
     result = overfit_batches(Warmup(mlp(width=8)), [next(iter(data()))], max_steps=1)
     assert result.lr == pytest.approx(0.05) and "lr 0.05" in result.findings()[0].message
+
+
+def _ladder(model, steps=300, **kwargs):
+    torch.manual_seed(0)
+    return overfit_small_batch(model, data(), num_batches=2, max_steps=steps, **kwargs)
+
+
+def test_the_ladder_finds_a_learning_rate_too_low():
+    result = _ladder(Classifier(mlp(width=32), lr=1e-5))
+    (f,) = result.findings()
+    assert not result.reached and f.code == "overfit.not_reached" and f.severity == "warn"
+    ladder = f.details["ladder"]
+    assert ladder["verdict"] == "lr_too_low" and ladder["configured_lr"] == pytest.approx(1e-5)
+    found = result.rung()
+    assert found is not None and found.lr == ladder["overfits_at"] > 1e-5
+    assert [r["lr"] for r in ladder["tried"]] == [1e-4, 1e-6, 0.1][:len(ladder["tried"])]
+    assert (f"overfits at lr {found.lr:.0e} in {found.steps} steps: the configured 1e-05 is too "
+            "low") in f.message
+    assert f"Train at about lr {found.lr:.0e}" in f.advice
+
+
+def test_the_ladder_finds_a_learning_rate_too_high():
+    result = _ladder(Classifier(mlp(width=32), lr=50.0, optimizer="sgd"))
+    (f,) = result.findings()
+    assert f.severity == "warn" and f.details["ladder"]["verdict"] == "lr_too_high"
+    assert f.details["ladder"]["overfits_at"] < 50.0
+    assert "the configured 50 is too high" in f.message
+
+
+def test_no_learning_rate_fixes_a_true_bug():
+    x, _ = digits(64, flatten=True).tensors
+    y = torch.randint(0, 10, (64,), generator=torch.Generator().manual_seed(0))  # noise labels
+    torch.manual_seed(0)
+    result = overfit_small_batch(Classifier(mlp(width=2), lr=1e-2),
+                                 loader(TensorDataset(x, y), batch_size=32), num_batches=2,
+                                 max_steps=150)
+    (f,) = result.findings()
+    assert f.severity == "fail" and f.details["ladder"]["verdict"] == "no_rate"
+    assert [r.lr for r in result.ladder] == [0.1, 1e-3, 1e-4] and not result.rung()
+    assert ("No learning rate from 1e-04 to 1e-01 overfits (tried 1e-01, 1e-03, 1e-04, up to 150 "
+            "steps each): look at the loss, the labels and the data pipeline.") in f.message
+    assert "architectures" in f.advice
+
+
+def test_the_ladder_runs_only_when_the_sample_is_not_overfit():
+    assert _ladder(Classifier(mlp(width=32), lr=1e-2)).ladder == []
+    off = _ladder(Classifier(mlp(width=32), lr=1e-5), lr_ladder=False)
+    assert off.ladder == [] and "ladder" not in off.findings()[0].details
+
+
+def test_full_accuracy_with_a_slowly_falling_loss_has_overfit():
+    # a trainable head on frozen random features: 100% accuracy long before the loss reaches a
+    # strict target; the recipe's criterion is the accuracy, the loss is information
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 1024), nn.ReLU(), nn.Linear(1024, 10))
+    net[1].requires_grad_(False)
+    result = overfit_small_batch(Classifier(net, lr=1e-2), data(160), num_batches=5,
+                                 max_steps=150, loss_fraction=0.002)
+    assert result.reached and result.loss_above_target and result.steps == 150
+    assert result.accuracy_step is not None and result.accuracy_step < 150
+    (f,) = result.findings()
+    assert f.code == "overfit.reached" and f.severity == "info" and not result.ladder
+    assert f"100% accuracy at step {result.accuracy_step} (the recipe's criterion)" in f.message
+    assert f.details == {"accuracy_step": result.accuracy_step, "loss_above_target": True}
+
+
+def test_callback_logs_one_ladder_curve_per_learning_rate(tmp_path):
+    cb = OverfitSmallBatch(num_batches=2, max_steps=100, progress_bar=False)
+    torch.manual_seed(0)
+    trainer(tmp_path, [cb], limit_train_batches=1).fit(Classifier(mlp(width=32), lr=1e-5),
+                                                       data())
+    assert cb.result is not None and cb.result.ladder
+    acc = events(tmp_path / "tb" / "version_0")
+    for rung in cb.result.ladder:
+        points = acc.Scalars(overfit_ladder(rung.lr))
+        assert [p.step for p in points] == [s for s, _, _ in rung.curve]
+        assert points[-1].value == pytest.approx(rung.curve[-1][1])
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    (config,) = acc.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(config.tensor_proto.string_val[0])
+    (chart,) = [c for cat in layout.category for c in cat.chart
+                if c.title == "loss on the small sample per learning rate"]
+    wanted = [OVERFIT_LOSS] + [overfit_ladder(r.lr) for r in cb.result.ladder]
+    patterns = list(chart.multiline.tag)  # regular expressions, one per series
+    assert len(patterns) == len(wanted)
+    assert all(re.fullmatch(p, tag) for p, tag in zip(patterns, wanted, strict=True))

@@ -5,10 +5,12 @@ render in headless Chromium."""
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import shutil
 import subprocess
+from html import unescape
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -32,7 +34,9 @@ class _Section:
         self.captions: list[str] = []  # of logged images
         self.headings: list[str] = []  # h3/h4: texts, groups
         self.cells: list[str] = []  # of every table
-        self.rows: list[list[str]] = []  # of the findings table
+        # of the findings table: severity, (run,) code, check, message (a line "indices: ..."
+        # under it when listed), advice, value, expected, step
+        self.rows: list[list[str]] = []
 
 
 class _Collect(HTMLParser):
@@ -65,6 +69,12 @@ class _Collect(HTMLParser):
             self._body = True
         if tag in ("figcaption", "h3", "h4", "td"):
             self._capture, self._text = tag, ""
+        if self._findings and self._capture == "td" and s.rows:
+            if a.get("class") == "check":  # the check under the code: a cell of its own
+                s.rows[-1].append(self._text.strip())
+                self._text = ""
+            elif a.get("class") == "idx":
+                self._text += "\n"
 
     def handle_endtag(self, tag: str) -> None:
         if tag == "tbody":
@@ -112,7 +122,7 @@ def test_a_real_run_fills_every_section_with_embedded_images(full_report):
     assert {tags.DATA_CLASS_COUNTS, tags.data_grid("leakage_train_vs_validation"),
             tags.data_grid("exact_duplicates")} <= set(s["data"].captions)
     assert tags.GRADIENT_CHECK_ERRORS in s["before"].headings
-    assert "worst_error" in s["before"].cells  # a single value: a table row
+    assert "net.0.weight" in s["before"].cells  # the per-tensor error table
     assert any("loss" in alt for alt in s["before"].alts)  # the overfitting curve
     assert "Histograms (last logged step)" in s["activations"].headings
     assert tags.FIRST_LAYER_FILTERS in s["first_layer"].captions
@@ -129,27 +139,43 @@ def test_findings_table_shows_each_recorded_finding_fail_first(full_report, real
     assert len(rows) == len(found) >= 10  # one row per finding, none dropped or merged
     order = [r[0] for r in rows]
     assert order == sorted(order, key=["FAIL", "WARN", "INFO"].index)
-    assert {r[2] for r in rows[:2]} == {"data.leakage", "overfit.not_reached"}
-    # severity, check, code, message, advice, value, expected, step, epoch, indices
-    by_code = {r[2]: r for r in rows}
+    checks = [r for r in rows if not r[1].startswith("diagnosis.")]  # the diagnosis heads
+    assert rows[:len(rows) - len(checks)] == [r for r in rows if r not in checks]
+    assert {r[1] for r in checks[:2]} == {"data.leakage", "overfit.not_reached"}
+    # severity, code, check, message (and indices), advice, value, expected, step
+    by_code = {r[1]: r for r in rows}
 
     def one(code: str) -> Finding:
         return next(f for f in found if f.code == code)
 
     leak = by_code["data.leakage"]
-    assert leak[1] == "DataInspection" and leak[5:] == [
-        f"{one('data.leakage').value:.4g}", "0", "0", "0",
-        ", ".join(map(str, one("data.leakage").indices))]
-    assert str(LEAKED_TRAIN_INDEX) in leak[9].split(", ")
+    message, indices = leak[3].split("\n")
+    assert leak[2] == "DataInspection" and message == one("data.leakage").message
+    assert leak[5:] == [f"{one('data.leakage').value:.4g}", "0", "0"]
+    assert indices == "indices: " + ", ".join(map(str, one("data.leakage").indices))
+    assert str(LEAKED_TRAIN_INDEX) in indices.removeprefix("indices: ").split(", ")
     low, high = one("initial_loss.ok").expected  # type: ignore[misc]
     assert by_code["initial_loss.ok"][5:7] == [f"{one('initial_loss.ok').value:.4g}",
                                                f"[{low:.4g}, {high:.4g}]"]
     underfit = one("advisor.underfit")
     assert underfit.step and underfit.epoch  # found after training started
-    assert by_code["advisor.underfit"][7:] == [str(underfit.step), str(underfit.epoch), "-"]
-    assert next(r[9] for r in rows if r[2] == "data.exact_duplicate") == ", ".join(
+    assert by_code["advisor.underfit"][7] == str(underfit.step)
+    train_duplicates = next(r for r in rows if r[1] == "data.exact_duplicate")  # then val's
+    assert train_duplicates[3].split("\n")[1] == "indices: " + ", ".join(
         map(str, TRAIN_DUPLICATE))
     assert by_code["data.summary"][5:7] == ["-", "-"]  # no number: nothing invented
+
+
+def test_sibling_runs_are_series_of_their_run_not_runs(real_run):
+    data = load_runs(real_run.root)
+    assert data.runs == ["tb/version_0"]
+    for tag, series in ((tags.curve("loss"), {tags.TRAIN_RUN, tags.VALIDATION_RUN}),
+                        (tags.UPDATE_RATIO_MEDIAN, {"", tags.GUIDE_RUN}),
+                        (tags.ema_comparison("val_acc"), {tags.RAW_RUN, tags.EMA_RUN}),
+                        (tags.ensemble_comparison("val_acc"),
+                         {tags.MEMBERS_RUN, tags.COMBINED_RUN})):
+        assert {(s.run, s.series) for s in data.scalars[tag]} == {
+            ("tb/version_0", name) for name in series}, tag
 
 
 def test_nothing_logged_is_dropped(full_report, real_run):
@@ -171,7 +197,7 @@ def test_nothing_logged_is_dropped(full_report, real_run):
 def test_partial_logdir_shows_only_present_sections(tmp_path):
     with SummaryWriter(str(tmp_path / "v0")) as w:
         for e in range(3):
-            w.add_scalar(tags.curve("loss/train"), 1.0 / (e + 1), e)
+            w.add_scalar(tags.curve("loss"), 1.0 / (e + 1), e)
     page = _parse(build_report(tmp_path))
     assert list(page.sections) == ["curves"]
     assert (tmp_path / "report.html").exists()
@@ -184,7 +210,7 @@ def test_several_runs_are_labelled(tmp_path):
         with SummaryWriter(str(run)) as w:
             w.add_scalar("train_loss", 1.0, 0)
     rows = _parse(build_report(tmp_path)).sections["findings"].rows
-    assert sorted((r[1], r[3]) for r in rows) == [("clean/version_0", "clean.x"),
+    assert sorted((r[1], r[2]) for r in rows) == [("clean/version_0", "clean.x"),
                                                   ("inject/version_0", "inject.x")]
 
 
@@ -194,7 +220,7 @@ def test_findings_without_events_and_tables_without_findings(tmp_path):
     page = _parse(build_report(tmp_path / "csv"))
     assert list(page.sections) == ["findings"] and page.sections["findings"].rows[0][5] == "nan"
     with SummaryWriter(str(tmp_path / "old")) as w:  # a run from before findings.jsonl
-        w.add_text(tags.findings_text("C"), "| severity |\n|---|\n| WARN |", 0)
+        w.add_text(tags.FINDINGS_TABLE, "| severity |\n|---|\n| WARN |", 0)
     html = build_report(tmp_path / "old").read_text()
     assert "have no findings.jsonl" in html and "Other" not in html
 
@@ -246,3 +272,85 @@ def test_report_renders_in_headless_chromium(full_report, tmp_path):
 
     pixels = imread(str(shot))
     assert pixels.shape[0] > 100 and pixels.std() > 0.05  # not a blank page
+
+
+#: Measures, after layout, every findings row's badge, code and step cell, and the page width:
+#: written into the page as JSON for ``--dump-dom`` to bring back.
+_LAYOUT_JS = """<script>window.addEventListener('load', () => {
+  const lines = (el) => {  // line boxes of el's content, and their height in line heights
+    const range = document.createRange(); range.selectNodeContents(el);
+    const tops = new Set([...range.getClientRects()].map(r => Math.round(r.top)));
+    const style = getComputedStyle(el);
+    const lh = parseFloat(style.lineHeight) || 1.2 * parseFloat(style.fontSize);
+    return [tops.size, range.getBoundingClientRect().height / lh];
+  };
+  const rows = [...document.querySelectorAll('table.findings tbody tr')].map(tr => ({
+    badge: lines(tr.querySelector('.sev')), code: lines(tr.querySelector('code.code')),
+    step: lines(tr.lastElementChild),
+    idx: tr.querySelector('.idx') ? lines(tr.querySelector('.idx')) : [1, 1],
+    height: tr.getBoundingClientRect().height}));
+  const out = document.createElement('pre'); out.id = 'layout';
+  out.textContent = JSON.stringify({rows, page: document.documentElement.scrollWidth,
+                                    view: window.innerWidth});
+  document.body.appendChild(out);
+});</script></body>"""
+
+
+def _worst_case_findings(tmp_path: Path, real_run) -> Path:
+    """A run folder holding the real run's findings and the hardest ones to lay out."""
+    run = tmp_path / "tb" / "version_0"
+    found = [f for cb in real_run.callbacks for f in cb.findings]
+    path = "/".join(["a_rather_long_folder_name"] * 6) + "/advisor_divergence_step1.pt"
+    found += [
+        Finding("DataInspection", "data.exact_duplicate", Severity.WARN,
+                "400 group(s) of identical inputs: 800 samples, 400 redundant.",
+                advice="Remove the copies.", value=400.0, expected=0.0, indices=range(800)),
+        Finding("LRPlateauAdvisor", "advisor.divergence", Severity.FAIL,
+                f"Step loss jumped to nan. Batch saved to {path}.", value=float("nan"),
+                expected=(0.0, 89.27777), step=123456),
+        Finding("UpdateRatioMonitor", "update_ratio.too_high", Severity.WARN, "Median 1.31.",
+                value=1.31, expected=(1e-5, 0.2), step=1,
+                details={"steps": list(range(1, 240000, 2400))}),
+    ]
+    append_findings(run / FINDINGS_FILE, found)
+    return build_report(run, tmp_path / "worst.html")
+
+
+@pytest.mark.parametrize("width", [1024, 1400])
+def test_findings_table_layout_in_headless_chromium(real_run, tmp_path, width):
+    """Badges, codes and steps sit on one line; message and advice wrap; long index lists do
+    not make rows tall; the page does not scroll sideways."""
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("no Chromium on this machine (`make browser`, or apt-get install chromium)")
+    report = _worst_case_findings(tmp_path, real_run)
+    probe = tmp_path / "layout.html"
+    probe.write_text(report.read_text().replace("</body>", _LAYOUT_JS))
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+             "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+             f"--window-size={width},1000", "--run-all-compositor-stages-before-draw",
+             "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()]
+    dom = subprocess.run(flags, capture_output=True, text=True, timeout=120, check=True,
+                         env={**os.environ, "HOME": str(tmp_path)}).stdout
+    m = re.search(r'<pre id="layout">(.*?)</pre>', dom, re.S)
+    assert m, dom[-500:]
+    layout = json.loads(unescape(m.group(1)))
+    rows = layout["rows"]
+    assert len(rows) >= 13
+    for part in ("badge", "code", "step"):
+        bad = [(i, r[part]) for i, r in enumerate(rows) if r[part][0] != 1 or r[part][1] >= 1.5]
+        assert bad == [], (part, width)
+    assert max(r["idx"][0] for r in rows) <= 3  # 800 indices: a few shown, the rest counted
+    assert layout["page"] <= layout["view"]  # nothing pushed past the right edge
+
+
+def test_one_run_is_named_after_its_folder(tmp_path):
+    run = tmp_path / "inject" / "version_0"
+    append_findings(run / FINDINGS_FILE, [Finding("C", "c.x", Severity.WARN, "m")])
+    with SummaryWriter(str(run)) as w:
+        w.add_scalar("train_loss", 1.0, 0)
+    text = build_report(run).read_text()
+    assert "<title>lightning_diag report: inject/version_0</title>" in text
+    assert "runs: inject/version_0 " in text and "runs: . " not in text
+    folder = build_report(tmp_path / "inject", tmp_path / "r.html").read_text()  # of runs
+    assert "<title>lightning_diag report: inject</title>" in folder

@@ -24,38 +24,44 @@ NOT_MET = {
     tags.data_grid("non_finite"): "a NaN input would make the training loss NaN",
     tags.data_grid("non_finite", "validation"): "a NaN input would make val_loss NaN",
 }
-Written = set[tuple[str, str]]  # (kind, tag)
+Written = set[tuple[str, str, str]]  # (kind, tag, sibling run or "" for the run itself)
 
 
 def written(log_dir: Path) -> tuple[Written, dict[str, dict[str, list[str]]]]:
-    """Every (kind, tag) of the run's event files, and its custom-scalars layout."""
-    acc = events(log_dir)
-    found = {("scalar", t) for t in acc.Tags()["scalars"] if t not in USER_SCALARS}
-    found |= {("histogram", t) for t in acc.Tags()["histograms"]}
-    found |= {("image", t) for t in acc.Tags()["images"]}
+    """Every (kind, tag, run) of the run's event files and its sibling runs', and its
+    custom-scalars layout."""
+    found: Written = set()
     layout: dict[str, dict[str, list[str]]] = {}
-    for t in acc.Tags()["tensors"]:
-        if t.endswith("/text_summary"):
-            found.add(("text", t.removesuffix("/text_summary")))
-        elif t == "custom_scalars__config__":
-            proto = layout_pb2.Layout()
-            proto.ParseFromString(acc.Tensors(t)[-1].tensor_proto.string_val[0])
-            layout = {c.title: {ch.title: list(ch.multiline.tag) for ch in c.chart}
-                      for c in proto.category}
-        elif not t.startswith("_hparams_/"):  # the hyperparameters Lightning saved
-            raise AssertionError(f"unexpected tensor tag {t!r}")
-    found |= {("layout", category) for category in layout}
+    runs = [("", log_dir)] + [(d.name, d) for d in sorted(log_dir.iterdir())
+                              if d.is_dir() and any(d.glob("events.out.tfevents.*"))]
+    for run, directory in runs:
+        assert run in ("", *tags.SIBLING_RUNS), f"undeclared run {directory}"
+        acc = events(directory)
+        found |= {("scalar", t, run) for t in acc.Tags()["scalars"] if t not in USER_SCALARS}
+        found |= {("histogram", t, run) for t in acc.Tags()["histograms"]}
+        found |= {("image", t, run) for t in acc.Tags()["images"]}
+        for t in acc.Tags()["tensors"]:
+            if t.endswith("/text_summary"):
+                found.add(("text", t.removesuffix("/text_summary"), run))
+            elif t == "custom_scalars__config__":
+                proto = layout_pb2.Layout()
+                proto.ParseFromString(acc.Tensors(t)[-1].tensor_proto.string_val[0])
+                layout = {c.title: {ch.title: list(ch.multiline.tag) for ch in c.chart}
+                          for c in proto.category}
+            elif not t.startswith("_hparams_/"):  # the hyperparameters Lightning saved
+                raise AssertionError(f"unexpected tensor tag {t!r}")
+    found |= {("layout", category, "") for category in layout}
     return found, layout
 
 
-def owners(kind: str, tag: str, writers: Iterable[str]) -> list[str]:
-    return [w for w in writers if find(tag, kind, w) is not None]  # type: ignore[arg-type]
+def owners(kind: str, tag: str, run: str, writers: Iterable[str]) -> list[str]:
+    return [w for w in writers if find(tag, kind, w, run) is not None]  # type: ignore[arg-type]
 
 
 def check_layout(layout: dict[str, dict[str, list[str]]], found: Written,
                  writers: Iterable[str]) -> None:
     """Every chart declared by its category's writer, and none of them empty."""
-    scalars = [t for k, t in found if k == "scalar"]
+    scalars = [t for k, t, _ in found if k == "scalar"]
     for category, charts in layout.items():
         specs = [s for w in writers for s in declared(w)
                  if s.kind == "layout" and s.matches(category)]
@@ -68,14 +74,17 @@ def check_layout(layout: dict[str, dict[str, list[str]]], found: Written,
 def check_declared(found: Written, layout: dict[str, dict[str, list[str]]],
                    writers: list[str]) -> dict[str, Written]:
     """Nothing undeclared; returns what each writer wrote."""
-    undeclared = sorted(f"{k} {t}" for k, t in found if not owners(k, t, writers))
+    undeclared = sorted(f"{k} {t} {r}" for k, t, r in found if not owners(k, t, r, writers))
     assert not undeclared, f"written but declared by none of {writers}: {undeclared}"
     check_layout(layout, found, writers)
-    return {w: {(k, t) for k, t in found if w in owners(k, t, writers)} for w in writers}
+    return {w: {(k, t, r) for k, t, r in found if w in owners(k, t, r, writers)}
+            for w in writers}
 
 
 def missing(spec: TagSpec, wrote: Written) -> bool:
-    return not any(k == spec.kind and spec.matches(t) for k, t in wrote)
+    """Whether the declared tag is absent from any of its declared runs."""
+    return any(not any(k == spec.kind and spec.matches(t) and r == run for k, t, r in wrote)
+               for run in spec.runs or ("",))
 
 
 # -- every callback --------------------------------------------------------------------------
@@ -96,7 +105,7 @@ def test_every_declared_tag_is_written_unless_its_condition_is_not_met(run_tags)
     run, by_writer, _ = run_tags
     for cb in run.callbacks:
         name = type(cb).__name__
-        own = [s for s in declared(name) if not s.pattern.startswith(tags.FINDINGS.prefix)]
+        own = [s for s in declared(name) if s.pattern != tags.FINDINGS_TABLE]
         absent = {s.pattern for s in own if missing(s, by_writer[name])}
         assert absent == {s.pattern for s in own if s.pattern in NOT_MET}, name
         for spec in own:
@@ -104,28 +113,36 @@ def test_every_declared_tag_is_written_unless_its_condition_is_not_met(run_tags)
                 assert spec.conditional, spec
 
 
-def test_findings_tags_are_written_exactly_for_the_findings(run_tags):
+def test_one_findings_table_for_the_whole_run_and_no_findings_scalars(run_tags):
     run, by_writer, _ = run_tags
-    for cb in run.callbacks:
-        name = type(cb).__name__
-        texts = {t for k, t in by_writer[name] if k == "text" and t == tags.findings_text(name)}
-        assert texts == ({tags.findings_text(name)} if cb.findings else set()), name
-        numbers = {tags.finding_value(name, f.code) for f in cb.findings if f.value is not None}
-        wrote = {t for k, t in by_writer[name] if k == "scalar"
-                 and t.startswith(tags.findings_text(name) + "/")}
-        assert wrote == numbers, name
+    everything = set().union(*by_writer.values())
+    assert [(k, t) for k, t, _ in everything if t.startswith(tags.FINDINGS.prefix)] == [
+        ("text", tags.FINDINGS_TABLE)]
+    assert ("text", tags.FINDINGS_TABLE, "") in by_writer["LRPlateauAdvisor"]
     assert any(cb.findings for cb in run.callbacks if type(cb).__name__ == "LRPlateauAdvisor")
+
+
+def test_every_tag_is_under_a_recipe_root(run_tags):
+    _, by_writer, _ = run_tags
+    roots = {t.split("/")[0] for wrote in by_writer.values() for k, t, _ in wrote
+             if k != "layout" and not t.endswith(tags.EMA_SUFFIX)}
+    assert roots <= set(tags.ROOTS)
+    assert list(tags.ROOTS) == sorted(tags.ROOTS)  # TensorBoard's order is the recipe's
 
 
 def test_the_layout_is_the_declared_one(run_tags):
     _, _, layout = run_tags
-    assert layout == dict([tags.curves_layout(), tags.update_ratio_layout()])
+    category, charts = tags.update_ratio_layout()
+    assert layout[category] == charts
+    # the overfitting ladder's, when the configured rate could not overfit
+    assert set(layout) <= {category, tags.OVERFIT.root}
 
 
 def test_conditional_tags_say_on_what_and_patterns_are_unique():
     assert all(s.condition.strip() for s in tags.TAGS if s.conditional)
-    keys = [(s.kind, s.pattern, s.charts) for s in tags.TAGS]
+    keys = [(s.kind, s.pattern, s.charts, s.runs) for s in tags.TAGS]
     assert len(keys) == len(set(keys))
+    assert {r for s in tags.TAGS for r in s.runs} == set(tags.SIBLING_RUNS)
 
 
 # -- tuning ----------------------------------------------------------------------------------
@@ -145,13 +162,14 @@ def tune_dir(tmp_path_factory) -> Path:
 
 def test_tuning_writes_what_it_declares(tune_dir):
     wrote: Written = set()
-    for run in sorted({p.parent for p in tune_dir.rglob("events.out.tfevents.*")}):
+    for run in sorted({p.parent for p in tune_dir.rglob("events.out.tfevents.*")
+                       if p.parent.name not in tags.SIBLING_RUNS}):
         found, layout = written(run)
         # the refinement runs hold the advisor's findings; the search trials, user metrics
         by_writer = check_declared(found, layout, ["tuning", "LRPlateauAdvisor"])
         wrote |= by_writer["tuning"]
     assert not [s.pattern for s in declared("tuning") if s.kind != "layout" and missing(s, wrote)]
-    categories = {t for k, t in wrote if k == "layout"}
+    categories = {t for k, t, _ in wrote if k == "layout"}
     assert categories == {s.pattern for s in declared("tuning") if s.kind == "layout"}
 
 
@@ -166,7 +184,7 @@ def test_docs_hold_the_generated_tag_table():
 
 
 def test_no_writer_spells_a_tag():
-    literal = re.compile(r"""\bf?["'](diag|diagnostics)/""")
+    literal = re.compile(r"""\bf?["'](""" + "|".join(map(re.escape, tags.ROOTS)) + ")/")
     package = ROOT / "lightning_diag"
     spelled = [f"{p.relative_to(ROOT)}:{n}" for p in package.rglob("*.py")
                if p.name != "tags.py" or p.parent.name != "tensorboard"

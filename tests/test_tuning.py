@@ -15,9 +15,10 @@ import torch
 
 from lightning_diag.examples.digits import DigitsClassifier
 from lightning_diag.isolation import OptimizationSettings
+from lightning_diag.tensorboard.tags import refine_curve, sweep_curve
 from lightning_diag.tuning.cli import add_tune_arguments, load_class, run_tune
 from lightning_diag.tuning.pipeline import tune
-from lightning_diag.tuning.search import random_search, refine
+from lightning_diag.tuning.search import RefineResult, random_search, refine
 from lightning_diag.tuning.sweep import lr_sweep
 from tests.families import RecurrentLM, recurrent_lm
 from tests.helpers import digits, events, loader
@@ -54,9 +55,43 @@ def test_sweep_same_init_picks_and_charts(tmp_path):
     assert result.png_path == tmp_path / "sweep.png" and result.png_path.stat().st_size > 0
     acc = events(tmp_path / "sweep")
     tags = set(acc.Tags()["scalars"])
-    assert {"diag/tuning/sweep/lr_1e-02", "diag/tuning/sweep/lr_1e-06"} <= tags
-    assert len(acc.Scalars("diag/tuning/sweep/lr_1e-02")) == 8
+    assert {sweep_curve(1e-2), sweep_curve(1e-6)} <= tags
+    assert len(acc.Scalars(sweep_curve(1e-2))) == 8
     assert "| 1e-02 |" in result.table()
+
+
+def test_a_pick_at_the_edge_of_the_range_extends_it_once(tmp_path):
+    kw = dict(train_dataloaders=data()[0], steps=16, accelerator="cpu")
+    # 16 steps are too few for these rates: the largest wins, and so does the extension
+    low = lr_sweep(FACTORY, lrs=(1e-4, 1e-5), run_dir=tmp_path, **kw)
+    assert low.extended == 1e-3 and sorted(low.curves) == [1e-5, 1e-4, 1e-3]
+    assert low.best_lr == 1e-3 and low.edge == "top"
+    assert low.range_note().endswith("the pick 1e-03 is still at its top edge: extend the range "
+                                     "further up.")
+    assert "extended once, to 1e-03" in low.table()
+    assert sweep_curve(1e-3) in events(tmp_path / "sweep").Tags()["scalars"]
+    # the bottom edge extends down, by the ratio of the rates (here 100x); inside, it stops
+    inside = lr_sweep(FACTORY, lrs=(0.1, 1e-3), **kw)
+    assert inside.extended == 1e-5 and inside.best_lr == 1e-3 and inside.edge == ""
+    assert inside.range_note().endswith("the pick 1e-03 now lies inside the range.")
+    kept = lr_sweep(FACTORY, lrs=(1e-4, 1e-5), extend_edge=False, **kw)
+    assert kept.extended is None and sorted(kept.curves) == [1e-5, 1e-4]
+    assert kept.range_note().startswith("The pick lies at the edge of the range")
+
+
+def test_the_refined_table_ends_with_the_next_step():
+    def rows(*advisor):
+        return [{"rank": i, "lr": 1e-3, "weight_decay": 0.0, "value": 0.9, "advisor": list(a)}
+                for i, a in enumerate(advisor, 1)]
+
+    healthy = RefineResult(rows([]), "val_acc")
+    assert healthy.table().endswith(
+        "Next: train configuration 1 (lr 1.00e-03, weight decay 0, val_acc 0.9000) longer: the "
+        "advisor saw no plateau, under- or overfitting in its run (recipe step 6.5: back to "
+        "step 3 with more epochs).")
+    both = RefineResult(rows(["advisor.overfit", "advisor.divergence"]), "val_acc")
+    assert both.next_step().endswith("diverged: lower its learning rate (about 10x) before "
+                                     "training it longer.")
 
 
 def test_sweep_validates_arguments():
@@ -187,6 +222,7 @@ def test_refine_ranks_with_advisor_reading(tmp_path):
     assert all(r["advisor"] == ["advisor.underfit"] for r in refined.rows)  # forced thresholds
     assert all(len(r["curve"]) == 2 for r in refined.rows)
     assert "advisor.underfit" in refined.table()
+    assert refined.table().endswith("underfits: use a bigger model or train it longer.")
     assert (tmp_path / "refine" / "config_0").is_dir()
 
 
@@ -207,7 +243,7 @@ def test_tune_and_cli(tmp_path, capsys):
     assert summary.sweep.best_lr == 1e-2 and len(summary.refine.rows) == 1
     assert "## 3. Refined" in capsys.readouterr().out
     acc = events(tmp_path / "api" / "summary")
-    assert acc.Tags()["tensors"] and "diag/tuning/refine/rank_1" in acc.Tags()["scalars"]
+    assert acc.Tags()["tensors"] and refine_curve(1) in acc.Tags()["scalars"]
 
     parser = argparse.ArgumentParser()
     add_tune_arguments(parser)

@@ -1,3 +1,6 @@
+import math
+import statistics
+from pathlib import Path
 from typing import Any, cast
 
 import lightning.pytorch as pl
@@ -7,6 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_diag.callbacks.update_ratio import UpdateRatioMonitor
+from lightning_diag.tensorboard.tags import (
+    GUIDE_RUN,
+    UPDATE_RATIO,
+    UPDATE_RATIO_MEDIAN,
+    update_ratio_layer,
+)
 from tests.helpers import Classifier, cnn, codes, digits, events, loader, mlp, trainer
 
 
@@ -58,23 +67,38 @@ def test_zero_gradients_are_zero_updates_not_a_small_lr(tmp_path):
     _fit(tmp_path, Classifier(net, lr=0.1, optimizer="sgd"), cb, epochs=1)
     found = codes(cb.findings)
     assert found == {"update_ratio.zero_updates"}
-    (f,) = cb.findings
+    (f,) = [f for f in cb.findings if f.code in found]
     assert "3 of 3 weight tensors" in f.message and "gradients are zero" in f.message
     assert "not a learning rate" in f.message
 
 
-def test_median_and_guide_are_logged_with_a_layout(tmp_path):
+def test_log10_median_and_guide_run_are_logged_with_a_layout(tmp_path):
     pl.seed_everything(0)
     cb = UpdateRatioMonitor(every_n_steps=4)
     t = _fit(tmp_path, Classifier(mlp()), cb, epochs=1, logger=True)
     acc = events(t.logger.log_dir)
-    median = acc.Scalars("diag/update_ratio/median")
+    median = acc.Scalars(UPDATE_RATIO_MEDIAN)
     assert [e.step for e in median] == [0, 1, 2, 4]
-    assert [e.value for e in acc.Scalars("diag/update_ratio/guide_1e-3")] == pytest.approx(
-        [1e-3] * 4)
-    assert "diag/update_ratio/layer/net.1.weight" in acc.Tags()["scalars"]
-    assert "diag/update_ratio/layer/net.1.bias" not in acc.Tags()["scalars"]
+    assert median[-1].value == pytest.approx(
+        math.log10(statistics.median(cb.last.values())), abs=1e-6)
+    assert cb.tag_names["net.1.weight"] == "net.1_Linear.weight"  # with the layer's type
+    layer = acc.Scalars(update_ratio_layer(cb.tag_names["net.1.weight"]))
+    assert layer[-1].value == pytest.approx(math.log10(cb.last["net.1.weight"]), abs=1e-6)
+    assert -5 < layer[-1].value < -1  # Adam 1e-3: near the recipe's -3, far from a raw ratio
+    assert update_ratio_layer(cb.tag_names["net.1.bias"]) not in acc.Tags()["scalars"]
+    guide = events(Path(t.logger.log_dir) / GUIDE_RUN)  # the -3 line, on the same charts
+    assert set(guide.Tags()["scalars"]) == {t for t in acc.Tags()["scalars"]
+                                            if t.startswith(UPDATE_RATIO.prefix)}
+    assert [e.value for e in guide.Scalars(UPDATE_RATIO_MEDIAN)] == [-3.0] * 4
     assert "custom_scalars__config__" in acc.Tags()["tensors"]
+
+
+def test_a_weight_that_did_not_move_is_minus_infinity(tmp_path):
+    net = mlp()
+    cb = UpdateRatioMonitor(every_n_steps=1)
+    t = _fit(tmp_path, Classifier(net, lr=0.0, optimizer="sgd"), cb, epochs=1, logger=True)
+    values = [e.value for e in events(t.logger.log_dir).Scalars(UPDATE_RATIO_MEDIAN)]
+    assert values and all(v == -math.inf for v in values)
 
 
 def test_exact_ratio_once_per_optimizer_step_with_accumulation_and_clipping(tmp_path):

@@ -2,14 +2,18 @@
 
 Example:
     >>> import torch
-    >>> slots = EMASlots(torch.nn.BatchNorm1d(2), device=None)
+    >>> bn = torch.nn.BatchNorm1d(2)
+    >>> slots = EMASlots(bn, device=None)
     >>> slots.names
     ['weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked']
     >>> slots.update(0.5)  # the average of identical weights is those weights
     >>> all(torch.equal(a, b) for a, b in zip(slots.ema, slots.live))
     True
-    >>> slots.swap_in(); slots.swapped_in, slots.restore(), slots.swapped_in
-    (True, None, False)
+    >>> slots.swap_in()  # the module now holds the average's storage: nothing was copied
+    >>> slots.swapped_in, bn.weight.data_ptr() == slots.ema[0].data_ptr()
+    (True, True)
+    >>> slots.restore(); slots.swapped_in, bn.weight.data_ptr() == slots.live[0].data_ptr()
+    (False, True)
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ class EMASlots:
     def __init__(self, module: nn.Module, device: torch.device | None) -> None:
         state = module.state_dict(keep_vars=True)
         self.names = list(state)
-        self.live = [t.detach() for t in state.values()]
+        self.live = [t.detach() for t in state.values()]  # the raw storage, also while swapped
         self.ema = [_new_slot(t, device) for t in self.live]
         self.buffers = [e for t, e in zip(state.values(), self.ema, strict=True)
                         if not isinstance(t, nn.Parameter)]
@@ -50,7 +54,16 @@ class EMASlots:
         self._stage: list[torch.Tensor] | None = None
         if any(e.dtype != w.dtype or e.device != w.device for w, e in pairs):
             self._stage = [torch.empty_like(e) for e in self._ema_f]
-        self._backup: list[torch.Tensor] | None = None
+        # A swap hands the module's own Parameter and buffer objects (what optimizers, DDP and
+        # hooks hold) the average's storage and back: no tensor is copied. An average of
+        # another dtype or device (float32 for bf16 weights, `device="cpu"`) is copied instead.
+        trade = [_same_layout(w, e) for w, e in pairs]
+        self._trade = [(t, w, e) for t, w, e, ok in zip(state.values(), self.live, self.ema, trade,
+                                                         strict=True) if ok]
+        self._copy_live = [w for w, ok in zip(self.live, trade, strict=True) if not ok]
+        self._copy_ema = [e for e, ok in zip(self.ema, trade, strict=True) if not ok]
+        self._copied_at = [i for i, ok in enumerate(trade) if not ok]
+        self._backup: list[torch.Tensor] | None = None  # raw values of the copied slots
         self.pinned = False  # a `swapped()` block is open: hooks must not undo it
 
     def weights_finite(self) -> bool:
@@ -89,22 +102,34 @@ class EMASlots:
             self.restore()
 
     def swap_in(self) -> None:
-        """Copy the average into the live tensors, keeping the raw ones aside."""
-        self._backup = [t.clone() for t in self.live]
+        """Give the module the average, keeping the raw tensors aside (storage traded, not copied).
+
+        While swapped in, an in-place write to the module's tensors lands in the average.
+        """
         with torch.no_grad():
-            torch._foreach_copy_(self.live, self.ema)
+            for target, _, avg in self._trade:
+                target.data = avg
+            self._backup = [t.clone() for t in self._copy_live]
+            if self._copy_live:
+                torch._foreach_copy_(self._copy_live, self._copy_ema)
 
     def restore(self) -> None:
-        """Copy the raw tensors back bit-identically."""
+        """Give the module its raw tensors back: the same storage, hence bit-identical."""
         assert self._backup is not None
         with torch.no_grad():
-            torch._foreach_copy_(self.live, self._backup)
+            for target, raw, _ in self._trade:
+                target.data = raw
+            if self._copy_live:
+                torch._foreach_copy_(self._copy_live, self._backup)
         self._backup = None
 
     def raw_state(self) -> dict[str, torch.Tensor]:
         """The raw tensors kept aside while swapped in, by state-dict key."""
         assert self._backup is not None
-        return dict(zip(self.names, self._backup, strict=True))
+        raw = list(self.live)
+        for i, saved in zip(self._copied_at, self._backup, strict=True):
+            raw[i] = saved
+        return dict(zip(self.names, raw, strict=True))
 
     def holds(self, module: nn.Module) -> bool:
         """Whether ``module`` is the one whose tensors these slots pair with."""
@@ -136,6 +161,12 @@ class EMASlots:
         with torch.no_grad():
             for mine, theirs in zip(self.buffers, synced, strict=True):
                 mine.copy_(theirs)
+
+
+def _same_layout(live: torch.Tensor, avg: torch.Tensor) -> bool:
+    """Whether ``avg`` can stand in for ``live`` as is (same dtype, device, shape and strides)."""
+    return (live.dtype == avg.dtype and live.device == avg.device and live.shape == avg.shape
+            and live.stride() == avg.stride())
 
 
 def _new_slot(t: torch.Tensor, device: torch.device | None) -> torch.Tensor:

@@ -25,11 +25,12 @@ from lightning_diag.functional.monitors import (
     gradient_flow,
     layer_summary,
 )
-from lightning_diag.tensorboard.figures import layer_summary_figure
+from lightning_diag.tensorboard.figures import layer_label, layer_summary_figure
 from lightning_diag.tensorboard.tags import (
     ACTIVATIONS_SUMMARY,
     activation_histogram,
     activation_stat,
+    typed_layer,
 )
 from lightning_diag.tensorboard.writer import log_figure, log_step_summary
 from lightning_diag.validation import (
@@ -117,14 +118,22 @@ class ActivationHistogram(DiagnosticCallback):
     fraction (units zero on the whole batch), saturated fraction (bounded activations: tanh,
     sigmoid, hardtanh, ...), a 64-bin histogram, and for the gradient flowing back into the
     output its norm and histogram, unscaled under mixed precision. Everything is copied to the
-    host once per logging step and written to TensorBoard as one event. The hooks exist only
-    during that step's batch. The per-layer summary figure is drawn once, at the end of
+    host once per logging step and written to TensorBoard as one event, each layer named with
+    its module type (``net.3_Conv2d`` in the tags, ``net.3 (Conv2d)`` in the figure: see
+    :func:`~lightning_diag.tensorboard.figures.layer_label`). The hooks exist only during that
+    step's batch. The per-layer summary figure is drawn once, at the end of
     training (a figure costs about one logging step).
 
-    Findings: ``activations.dead_units`` (most units of a layer dead), ``activations.saturation``
-    (most values of a bounded layer saturated), ``gradients.vanishing`` / ``gradients.exploding``
-    (per-element gradient RMS of the first layer vs the last below ``vanishing_ratio`` / above
-    ``exploding_ratio``, or non-finite). Each is reported once per layer per fit.
+    Findings: ``activations.dead_units`` (most units of a layer dead; a parameter-free layer
+    right after a dead one, e.g. a max-pool, only passes the same zeros on and is named in that
+    finding, not reported again), ``activations.saturation`` (most values of a bounded layer
+    saturated), ``gradients.vanishing`` / ``gradients.exploding`` (per-element gradient RMS of
+    the first layer vs the last below ``vanishing_ratio`` / above ``exploding_ratio``, or
+    non-finite; when no gradient at all reaches the first layers, the layer that blocks it is
+    named). Each is one finding per layer per fit, updated at every logging step where it holds
+    (the worst reading and every step seen). At the end of training, one INFO verdict
+    ``activations.summary``: the worst dead fraction and its layer, the largest saturated
+    fraction, the last gradient ratio.
 
     Args:
         every_n_steps: Log on step 0 (initialization problems show there) and every this many
@@ -159,8 +168,12 @@ class ActivationHistogram(DiagnosticCallback):
         self.saturated_fraction = float(saturated_fraction)
         self.vanishing_ratio, self.exploding_ratio = float(vanishing_ratio), float(exploding_ratio)
         self.figure_every_n_logs = figure_every_n_logs
-        self.reported: set[str] = set()
         self.last: dict[str, dict[str, Any]] = {}
+        #: The module type of each hooked layer (``"net.3"`` -> ``"Conv2d"``), to name it.
+        self.layer_types: dict[str, str] = {}
+        self._parametric: set[str] = set()  # layers with weights of their own
+        self._worst: dict[str, tuple[float, str, int]] = {}  # stat -> (value, layer, step)
+        self._ratio = math.nan  # first/last-layer gradient RMS at the last logging step
         self._logs = 0
         self._logged_step = -1
         self._act: dict[str, torch.Tensor] = {}
@@ -194,6 +207,9 @@ class ActivationHistogram(DiagnosticCallback):
         self._logged_step = step
         scale_grads = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
         for name, module in self._chosen(pl_module):
+            self.layer_types[name] = type(module).__name__
+            if next(module.parameters(recurse=False), None) is not None:
+                self._parametric.add(name)
             self.hooks.forward(module, self._forward_hook(trainer, name, _bounds(module),
                                                           scale_grads))
 
@@ -241,11 +257,12 @@ class ActivationHistogram(DiagnosticCallback):
     def _log(self, trainer: pl.Trainer) -> None:
         step = self._logged_step
         scalars: dict[str, float] = {}
+        typed = {name: typed_layer(name, self.layer_types[name]) for name in self.last}
         for name, s in self.last.items():
             for stat in (*STAT_NAMES, "grad_norm"):
                 if not (stat in ("saturated_fraction", "grad_norm") and math.isnan(s[stat])):
-                    scalars[activation_stat(stat, name)] = s[stat]
-        histograms = {activation_histogram(kind.split("_")[0], name): s[kind]
+                    scalars[activation_stat(stat, typed[name])] = s[stat]
+        histograms = {activation_histogram(kind.split("_")[0], typed[name]): s[kind]
                       for name, s in self.last.items() for kind in ("act_hist", "grad_hist")}
         log_step_summary(trainer, scalars, histograms, step)
         if not self.require_tensorboard(trainer, "activation histograms and figure"):
@@ -255,62 +272,149 @@ class ActivationHistogram(DiagnosticCallback):
             self._figure(trainer)
 
     def _figure(self, trainer: pl.Trainer) -> None:
-        log_figure(trainer, ACTIVATIONS_SUMMARY,
-                   layer_summary_figure(self.last, self.bins), self._logged_step)
+        labelled = {layer_label(n, self.layer_types[n]): s for n, s in self.last.items()}
+        log_figure(trainer, ACTIVATIONS_SUMMARY, layer_summary_figure(labelled, self.bins),
+                   self._logged_step)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.publish(trainer, [self._summary(trainer)])
         n = self.figure_every_n_logs
         drawn = n and self._logs % n == 0
         if self.last and not drawn and self.require_tensorboard(trainer, "summary figure"):
             self._figure(trainer)
 
+    def _label(self, name: str) -> str:
+        return layer_label(name, self.layer_types.get(name, "?"))
+
     def _check(self, trainer: pl.Trainer) -> list[Finding]:
+        self._track()
+        dead: list[tuple[str, list[str]]] = []  # a dead layer and the layers passing it on
         out = []
+        previous_dead = False
         for name, s in self.last.items():
             # Only layers that gradients reach: a Flatten of the input would flag blank pixels.
-            if s["dead_fraction"] > self.dead_fraction and not math.isnan(s["grad_norm"]):
-                out.append(self._once(trainer, "activations.dead_units", name, s["dead_fraction"],
-                    f"{s['dead_fraction']:.0%} of the units of layer `{name}` are zero on every "
-                    f"sample of the batch (expected <= {self.dead_fraction:.0%}).",
-                    "Dead ReLUs: lower the learning rate, check the initialization and biases "
-                    "(a strongly negative bias kills units), or try LeakyReLU."))
+            is_dead = s["dead_fraction"] > self.dead_fraction and not math.isnan(s["grad_norm"])
+            if is_dead and previous_dead and name not in self._parametric:
+                dead[-1][1].append(name)  # e.g. a max-pool of dead ReLUs: the same zeros
+            elif is_dead:
+                dead.append((name, []))
+            previous_dead = is_dead
             if s["saturated_fraction"] > self.saturated_fraction:
-                out.append(self._once(trainer, "activations.saturation", name,
+                out.append(self._warn(trainer, "activations.saturation", name,
                     s["saturated_fraction"], f"{s['saturated_fraction']:.0%} of the outputs of "
-                    f"bounded layer `{name}` are saturated (expected <= "
+                    f"bounded layer {self._label(name)} are saturated (expected <= "
                     f"{self.saturated_fraction:.0%}); their gradients are near zero.",
                     "Bad weight initialization (weights too large): use Xavier/Kaiming init, "
-                    "normalize the inputs, or add BatchNorm before the nonlinearity."))
-        names = list(self.last)
-        kind, ratio = gradient_flow([self.last[n]["grad_rms"] for n in names],
+                    "normalize the inputs, or add BatchNorm before the nonlinearity.",
+                    (0.0, self.saturated_fraction)))
+        out = [self._dead(trainer, name, after) for name, after in dead] + out
+        kind, ratio = gradient_flow([s["grad_rms"] for s in self.last.values()],
                                     self.vanishing_ratio, self.exploding_ratio)
         if kind is not None:
-            expected = (self.vanishing_ratio, self.exploding_ratio)
-            out.append(self._once(trainer, f"gradients.{kind}", "", ratio,
-                f"Gradient {kind}: per-element gradient RMS at the first layer is {ratio:.3g}x "
-                f"that at the last layer (expected within {expected}).",
-                "Check the weight initialization and the nonlinearities (saturated tanh/sigmoid "
-                "vanish); add normalization or residual connections; for exploding gradients "
-                "lower the learning rate or clip gradients.", expected=expected))
-        return [f for f in out if f is not None]
+            out.append(self._gradient_finding(trainer, kind, ratio))
+        return out
 
-    def _once(self, trainer: pl.Trainer, code: str, layer: str, value: float, message: str,
-              advice: str, expected: Any = None) -> Finding | None:
-        key = f"{code}:{layer}"
-        if key in self.reported:
-            return None
-        self.reported.add(key)
+    def _track(self) -> None:
+        """Keep the worst dead and saturated fractions seen and the last gradient ratio."""
+        for stat in ("dead_fraction", "saturated_fraction"):
+            for name, s in self.last.items():
+                reached = stat == "saturated_fraction" or not math.isnan(s["grad_norm"])
+                if reached and not math.isnan(s[stat]) and s[stat] > self._worst.get(
+                        stat, (-1.0, "", 0))[0]:
+                    self._worst[stat] = (s[stat], name, self._logged_step)
+        self._ratio = gradient_flow([s["grad_rms"] for s in self.last.values()], 0.0,
+                                    math.inf)[1]
+
+    def _dead(self, trainer: pl.Trainer, name: str, after: list[str]) -> Finding:
+        fraction = self.last[name]["dead_fraction"]
+        passed = (f"; {', '.join(map(self._label, after))} after it only "
+                  f"pass{'es' if len(after) == 1 else ''} those zeros on" if after else "")
+        return self._warn(trainer, "activations.dead_units", name, fraction,
+            f"{fraction:.0%} of the units of {self._label(name)} are zero on every sample of "
+            f"the batch (expected <= {self.dead_fraction:.0%}){passed}.",
+            "Dead ReLUs: lower the learning rate, check the initialization and biases (a "
+            "strongly negative bias kills units), or try LeakyReLU.",
+            (0.0, self.dead_fraction), passed_on_by=after)
+
+    def _gradient_finding(self, trainer: pl.Trainer, kind: str, ratio: float) -> Finding:
+        expected = (self.vanishing_ratio, self.exploding_ratio)
+        reached = [n for n, s in self.last.items() if not math.isnan(s["grad_rms"])]
+        blocked = []
+        for name in reached:
+            if self.last[name]["grad_rms"] != 0.0:
+                break
+            blocked.append(name)
+        if kind == "vanishing" and blocked:
+            return self._blocked(trainer, blocked, reached[len(blocked)], expected)
+        first, last = self._label(reached[0]), self._label(reached[-1])
+        return self._warn(trainer, f"gradients.{kind}", "", ratio,
+            f"Gradient {kind}: per-element gradient RMS at the first layer {first} is "
+            f"{ratio:.3g}x that at the last layer {last} (expected within {expected}).",
+            "Check the weight initialization and the nonlinearities (saturated tanh/sigmoid "
+            "vanish); add normalization or residual connections; for exploding gradients "
+            "lower the learning rate or clip gradients.", expected)
+
+    def _blocked(self, trainer: pl.Trainer, blocked: list[str], blocker: str,
+                 expected: tuple[float, float]) -> Finding:
+        """``gradients.vanishing`` when the first layers get no gradient at all (exactly 0)."""
+        layers = (self._label(blocked[0]) if len(blocked) == 1 else
+                  f"{len(blocked)} layers, {self._label(blocked[0])} to {self._label(blocked[-1])}")
+        dead = self.last[blocker]["dead_fraction"]
+        why = ("every one of its units is dead (zero on every sample of the batch), so it "
+               "passes no gradient back" if dead == 1.0 else
+               f"it passes no gradient back although {1 - dead:.0%} of its units are alive: "
+               "look for a `detach()`, an integer cast or a non-differentiable operation there")
+        advice = ("A dead layer blocks every gradient below it: lower the learning rate (a too "
+                  "large step is the usual way ReLUs die), check the initialization and biases, "
+                  "or use LeakyReLU; restart from a checkpoint from before it died."
+                  if dead == 1.0 else "Make the path from the loss to these layers "
+                  "differentiable: remove the `detach()` or `.data` use, or the cast.")
+        return self._warn(trainer, "gradients.vanishing", "", 0.0,
+            f"No gradient reaches {layers}: their gradient is exactly 0, so they cannot learn. "
+            f"{self._label(blocker)} blocks it: {why}.", advice, expected,
+            blocked=blocked, blocker=blocker)
+
+    def _warn(self, trainer: pl.Trainer, code: str, layer: str, value: float, message: str,
+              advice: str, expected: tuple[float, float], **details: Any) -> Finding:
         return self.finding(trainer, code, Severity.WARN, message, advice=advice,
-                            step=self._logged_step,
-                            value=float(value), expected=expected,
-                            details={"layer": layer} if layer else {})
+                            step=self._logged_step, value=float(value), expected=expected,
+                            subject=layer,
+                            details={"layer": layer, **details} if layer else details)
+
+    def _summary(self, trainer: pl.Trainer) -> Finding:
+        """The INFO verdict ``activations.summary`` at the end of training."""
+        if not self._logs:
+            return self.finding(trainer, f"{self.slug}.summary", Severity.INFO,
+                                "Activations: no logging step ran in this fit (no optimizer "
+                                "step), nothing was measured.")
+        dead, dead_at, dead_step = self._worst.get("dead_fraction", (0.0, "", 0))
+        parts = [f"Activations over {self._logs} logging step(s) (every {self.every_n_steps} "
+                 f"steps): worst dead fraction {dead:.0%}"
+                 + (f" at {self._label(dead_at)}, step {dead_step}" if dead_at else "")
+                 + f" (expected <= {self.dead_fraction:.0%})"]
+        if "saturated_fraction" in self._worst:
+            sat, sat_at, sat_step = self._worst["saturated_fraction"]
+            parts.append(f"largest saturated fraction {sat:.0%} at {self._label(sat_at)}, step "
+                         f"{sat_step} (expected <= {self.saturated_fraction:.0%})")
+        else:
+            parts.append("no bounded layer (tanh, sigmoid, hardtanh) to saturate")
+        if not math.isnan(self._ratio):
+            parts.append(f"first/last-layer gradient RMS ratio {self._ratio:.3g} at the last "
+                         f"logging step (expected within ({self.vanishing_ratio:g}, "
+                         f"{self.exploding_ratio:g}))")
+        return self.finding(trainer, f"{self.slug}.summary", Severity.INFO,
+                            "; ".join(parts) + ".", value=dead, expected=(0.0, self.dead_fraction),
+                            details={"worst": {k: list(v) for k, v in self._worst.items()},
+                                     "gradient_ratio": self._ratio, "logging_steps": self._logs})
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
-            self.reported, self.last, self._logs, self._logged_step = set(), {}, 0, -1
+            self.last, self._logs, self._logged_step = {}, 0, -1
+            self.layer_types, self._parametric = {}, set()
+            self._worst, self._ratio = {}, math.nan
 
     @override
     def _release(self) -> None:
@@ -319,9 +423,8 @@ class ActivationHistogram(DiagnosticCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"reported": sorted(self.reported), "logs": self._logs}
+        return {"logs": self._logs}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.reported = set(state_dict.get("reported", []))
         self._logs = int(state_dict.get("logs", 0))

@@ -5,7 +5,9 @@ At the end of each ``every_n_epochs``-th training epoch (after validation) the w
 are kept. At fit end every kept checkpoint and their ensemble run the module's own
 ``validation_step`` on the validation data (:func:`~lightning_diag.inference.ensemble.
 evaluate_members`), for any task: every metric it logs goes to TensorBoard under
-``diag/ensemble/...`` and an info finding ``ensemble.gain`` compares the ensemble with each member.
+``7.3_ensemble/<metric>``, each member at its epoch in the sibling run ``members`` and the ensemble
+at the same epochs in ``combined`` (one chart, two colours), and an info finding ``ensemble.gain``
+compares the ensemble with each member.
 
 Example:
     >>> from lightning_diag.callbacks.checkpoint_ensemble import CheckpointEnsemble
@@ -33,8 +35,8 @@ from lightning_diag.functional.ensemble import COMBINE
 from lightning_diag.inference.checkpoints import check_state_dict, load_checkpoint, state_dict_of
 from lightning_diag.inference.ensemble import EnsembleError, evaluate_members
 from lightning_diag.isolation import clone_module, preserved_rng
-from lightning_diag.tensorboard.tags import ENSEMBLE_GAIN, ensemble_member, ensemble_metric
-from lightning_diag.tensorboard.writer import log_dir, log_scalars
+from lightning_diag.tensorboard.tags import COMBINED_RUN, MEMBERS_RUN, ensemble_comparison
+from lightning_diag.tensorboard.writer import SiblingRuns, log_dir
 from lightning_diag.validation import (
     check_callable,
     check_choice,
@@ -93,6 +95,7 @@ class CheckpointEnsemble(DiagnosticCallback):
         self.dirpath = Path(dirpath) if dirpath is not None else None
         self.kept: list[dict[str, Any]] = []  # {"path", "score", "epoch", "step"}
         self.results: dict[str, Any] = {}
+        self._runs = SiblingRuns()
 
     @property
     @override
@@ -198,18 +201,15 @@ class CheckpointEnsemble(DiagnosticCallback):
 
     def _report(self, trainer: pl.Trainer) -> None:
         ens, rows = self.results["ensemble"], self.results["members"]
-        scalars = {ensemble_member(i, name): v for i, r in enumerate(rows) for name, v in r.items()}
-        scalars.update({ensemble_metric(name): v for name, v in ens.items()})
+        self._log_comparison(trainer, ens, rows)
         gain, said = None, "no validation accuracy or loss among them to rank the members by"
         headline = _headline(ens)
         if headline is not None:
             name, sign = headline
             best = max(rows, key=lambda r: sign * r.get(name, -sign * math.inf))[name]
             gain = sign * (ens[name] - best)
-            scalars[ENSEMBLE_GAIN] = gain
             said = (f"gain on `{name}` over the best member {gain:+.4g} "
                     f"({'higher' if sign > 0 else 'lower'} is better)")
-        log_scalars(trainer, scalars, trainer.global_step)
         table = "; ".join(
             f"`{name}` ensemble {value:.4g}, members "
             + ", ".join(f"{r[name]:.4g}" if name in r else "-" for r in rows)
@@ -221,6 +221,21 @@ class CheckpointEnsemble(DiagnosticCallback):
             advice="Ensembles usually gain a few percent (recipe step 7); load them with "
                    "EnsembleModel.from_checkpoints(ModelClass, callback.paths).",
             value=gain, details=self.results)])
+
+    def _log_comparison(self, trainer: pl.Trainer, ens: dict[str, float],
+                        rows: list[dict[str, float]]) -> None:
+        """Each member's metrics at its checkpoint's epoch (run ``members``), the ensemble's at
+        the same epochs (run ``combined``): a flat line to compare the members' curve with."""
+        epochs = [int(m["epoch"]) for m in sorted(self.kept, key=lambda m: m["step"])]
+        for epoch, row in zip(epochs, rows, strict=True):
+            self._runs.log(trainer, {
+                MEMBERS_RUN: {ensemble_comparison(name): v for name, v in row.items()},
+                COMBINED_RUN: {ensemble_comparison(name): v for name, v in ens.items()}}, epoch)
+
+    @override
+    def _release(self) -> None:
+        super()._release()
+        self._runs.close()
 
     def _say(self, trainer: pl.Trainer, code: str, message: str) -> None:
         if not any(f.code == code for f in self.findings):

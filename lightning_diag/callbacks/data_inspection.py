@@ -3,7 +3,7 @@
 Runs :func:`lightning_diag.checks.data.inspect.inspect_dataset` on the datasets behind the trainer's
 training and validation dataloaders, reading samples by index (the user's dataloaders are never
 iterated, so the batch order does not change), and draws what it found in TensorBoard under
-``diag/data/...``.
+``1_data/...``.
 
 Example:
     >>> import lightning.pytorch as pl
@@ -34,16 +34,28 @@ from lightning_diag.batch import BatchFn, default_batch_to_input, default_batch_
 from lightning_diag.checks.data.inspect import InspectionConfig, run_inspection
 from lightning_diag.checks.data.scan import DataReport, NotInspectable, SplitScan
 from lightning_diag.findings import Finding, Severity
-from lightning_diag.functional.data import image_grid
 from lightning_diag.isolation import first_loader, preserved_rng, train_dataloader_of
+from lightning_diag.tensorboard.figures import Cell, annotated_grid, class_counts_figure
 from lightning_diag.tensorboard.tags import DATA_CLASS_COUNTS, DATA_SUMMARY, data_grid, data_labels
-from lightning_diag.tensorboard.writer import log_figure, log_histogram_counts, tensorboard_writer
+from lightning_diag.tensorboard.writer import (
+    log_figure,
+    log_histogram_counts,
+    log_image,
+    tensorboard_writer,
+)
 from lightning_diag.validation import check_int
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
 
 __all__ = ["DataInspection"]
+
+#: Classes in the per-class grid; a note counts those left out.
+_MAX_CLASSES = 100
+#: Samples per row of the grids of flagged samples (and per duplicate group): their captions
+#: must fit TensorBoard's card side by side.
+_PER_ROW = 4
+_SHORT = {"validation": "val"}
 
 
 class DataInspection(FitStartCheck):
@@ -63,9 +75,13 @@ class DataInspection(FitStartCheck):
             ``input_ids``, ``image``...). A sample it cannot read gives ``data.skipped``.
         batch_to_target: Maps a dataset sample to its target (default: ``sample[1]``, or the
             first of ``TARGET_KEYS``: ``labels``, ``label``, ``y``...; else no target).
-        max_images: Rows in each TensorBoard image grid (samples per class, flagged samples).
+        max_images: Samples per class in the per-class grid (one labelled row per class, up to
+            100 classes, a note counting the rest), and rows (groups, pairs, 4 flagged samples)
+            in the other grids, each captioned with its split, dataset index and label.
         seed: Seed of the subset and of the random projection (global RNG untouched).
         num_threads: torch threads during the inspection (restored after); None keeps them.
+        num_workers: Processes reading the samples (a DataLoader's workers, for datasets that
+            decode files); None: as many as the training dataloader has.
         strict: Raise :class:`~lightning_diag.findings.DiagnosticError` on a FAIL finding.
     """
 
@@ -77,7 +93,7 @@ class DataInspection(FitStartCheck):
         near_threshold: float = 0.997, imbalance_ratio: float = 10.0,
         batch_to_input: BatchFn = default_batch_to_input,
         batch_to_target: BatchFn = default_batch_to_target, max_images: int = 8, seed: int = 0,
-        num_threads: int | None = 1, strict: bool = False,
+        num_threads: int | None = 1, num_workers: int | None = None, strict: bool = False,
     ) -> None:
         super().__init__(strict=strict)
         self.config = InspectionConfig(
@@ -85,6 +101,8 @@ class DataInspection(FitStartCheck):
             imbalance_ratio=imbalance_ratio, seed=seed, batch_to_input=batch_to_input,
             batch_to_target=batch_to_target, num_threads=num_threads,
         )
+        check_int("num_workers", num_workers, low=0, optional=True)
+        self.num_workers = num_workers
         check_int("max_images", max_images)
         self.max_images = max_images
         self.report: DataReport | None = None
@@ -115,14 +133,19 @@ class DataInspection(FitStartCheck):
     def _inspect(self, trainer: pl.Trainer) -> list[Finding]:
         with preserved_rng():  # the user's dataloader hooks and `__getitem__` may draw numbers
             try:
-                train = _map_dataset(train_dataloader_of(trainer))
+                train_loader = train_dataloader_of(trainer)
+                train = _map_dataset(train_loader)
             except ValueError as err:
                 return [self.skipped(trainer, str(err))]
             if _is_empty(train):
                 return [self.skipped(trainer, "the training dataset is empty (0 samples).",
                                      advice="Give the Trainer training data.")]
+            workers = self.num_workers
+            if workers is None:  # the user's loader says how many processes decoding needs
+                workers = getattr(train_loader, "num_workers", 0)
             config = dataclasses.replace(
-                self.config, progress=trainer.progress_bar_callback is not None)
+                self.config, progress=trainer.progress_bar_callback is not None,
+                num_workers=workers)
 
             def make(code: str, severity: Severity, message: str, **kw: Any) -> Finding:
                 return self.finding(trainer, code, severity, message, **kw)
@@ -178,7 +201,7 @@ def _as_image(x: torch.Tensor) -> torch.Tensor | None:
 
 
 class _TensorBoardView:
-    """The summary text, class counts and image grids of one inspection, under ``diag/data/``."""
+    """The summary text, class counts and image grids of one inspection, under ``1_data/``."""
 
     def __init__(
         self, trainer: pl.Trainer, writer: SummaryWriter, report: DataReport, rows: int
@@ -193,19 +216,13 @@ class _TensorBoardView:
             torch.zeros(self.report.train.shape)) is not None
         if not imageable:
             return
-        train, val = self.report.train, self.report.val
-        self._grid(data_grid("samples_per_class"), train, self._per_class())
+        self._per_class()
         for scan in self.report.scans():
-            self._grid(data_grid("exact_duplicates", scan.name), scan,
-                       [g[:4] for g in self.report.exact[scan.name]])
-            self._grid(data_grid("near_duplicates", scan.name), scan,
-                       [g[:4] for g in self.report.near[scan.name]])
-            self._grid(data_grid("non_finite", scan.name), scan, _rows_of(scan.non_finite))
-            self._grid(data_grid("constant", scan.name), scan, _rows_of(scan.constant))
-        if val is not None and self.report.leaks["pairs"]:
-            pairs = self.report.leaks["pairs"][: self.rows]
-            cells = [[train.sample(i), val.sample(j)] for i, j in pairs]
-            self._add_image(data_grid("leakage_train_vs_validation"), cells)
+            self._groups(scan, "exact_duplicates", self.report.exact[scan.name], "identical")
+            self._groups(scan, "near_duplicates", self.report.near[scan.name], "near-identical")
+            self._samples(scan, "non_finite", scan.non_finite, "samples holding NaN or Inf")
+            self._samples(scan, "constant", scan.constant, "constant (blank) inputs")
+        self._leaks()
 
     def _summary(self) -> None:
         lines = ["| set | count | value |", "|---|---|---|"]
@@ -217,48 +234,116 @@ class _TensorBoardView:
         self.writer.add_text(DATA_SUMMARY, "\n".join(lines), global_step=self.step)
 
     def _class_counts(self) -> None:
-        import matplotlib.pyplot as plt
-
-        counts = {s.name: self.report.counts(s) for s in self.report.scans()}
-        known = {name: c for name, c in counts.items() if c is not None}
+        known = {s.name: (s, c) for s in self.report.scans()
+                 if (c := self.report.counts(s)) is not None}
         if not known:
             return
-        fig, ax = plt.subplots(figsize=(6, 3))
-        width = 0.8 / len(known)
-        for k, (name, c) in enumerate(known.items()):
-            ax.bar(torch.arange(len(c)).float() + k * width, c.tolist(), width, label=name)
-            scan = self.report.train if name == "train" else self.report.val
-            assert scan is not None
-            labels = scan.label_tensor().float()
-            log_histogram_counts(self.writer, data_labels(name), labels, self.step,
-                                 bins=len(c))
-        ax.set_xlabel("class")
-        ax.set_ylabel("samples")
-        ax.legend()
-        log_figure(self.trainer, DATA_CLASS_COUNTS, fig, self.step)
+        for name, (scan, c) in known.items():
+            log_histogram_counts(self.writer, data_labels(name), scan.label_tensor().float(),
+                                 self.step, bins=len(c))
+        figure = class_counts_figure({name: c.tolist() for name, (_, c) in known.items()})
+        log_figure(self.trainer, DATA_CLASS_COUNTS, figure, self.step)
 
-    def _per_class(self) -> list[list[int]]:
+    def _per_class(self) -> None:
+        """One row per class, labelled, all classes up to ``_MAX_CLASSES`` (a note says the rest);
+        a class without samples keeps its empty row."""
         scan, groups = self.report.train, dict[int, list[int]]()
         for index, label in zip(scan.indices.tolist(), scan.labels, strict=True):
-            if label is not None and len(groups.setdefault(label, [])) < self.rows:
+            if isinstance(label, int) and len(groups.setdefault(label, [])) < self.rows:
                 groups[label].append(index)
-        return [groups[c] for c in sorted(groups)][:32]
+        if not groups:
+            return
+        classes = sorted(set(range(self.report.num_classes or 0)) | set(groups))
+        shown = classes[:_MAX_CLASSES]
+        notes = [f"classes {classes[len(shown)]} to {classes[-1]} not shown "
+                 f"({len(classes) - len(shown)} of {len(classes)})"] if classes[len(shown):] else []
+        if empty := [c for c in shown if c not in groups]:
+            notes.append("no sample of class " + ", ".join(map(str, empty)))
+        self._add(data_grid("samples_per_class"), [[self._cell(scan, i) for i in groups.get(c, [])]
+                                                   for c in shown],
+                  f"training samples per class: one row per class, up to {self.rows} samples",
+                  notes, [f"class {c}" for c in shown])
 
-    def _grid(self, tag: str, scan: SplitScan, rows: list[list[int]]) -> None:
-        cells = [[scan.sample(i) for i in row] for row in rows[: self.rows] if row]
-        self._add_image(tag, cells)
+    def _groups(self, scan: SplitScan, name: str, groups: list[list[int]], what: str) -> None:
+        """Groups of duplicates, one per row, those whose labels differ first and in red."""
+        if not groups:
+            return
+        labels = _labels(scan)
 
-    def _add_image(self, tag: str, cells: list[list[torch.Tensor]]) -> None:
-        images = [[_as_image(x) for x in row] for row in cells]
-        first = next((x for row in images for x in row if x is not None), None)
+        def conflict(group: list[int]) -> bool:
+            return len({labels[i] for i in group if isinstance(labels[i], int)}) > 1
+
+        ordered = sorted(groups, key=lambda g: not conflict(g))  # stable: conflicts first
+        shown = ordered[: self.rows]
+        notes = [f"showing {len(shown)} of {len(groups)} groups"] if len(shown) < len(
+            groups) else []
+        if any(len(g) > _PER_ROW for g in shown):
+            notes.append(f"at most {_PER_ROW} samples of each group")
+        if conflicts := sum(map(conflict, groups)):
+            notes.append(f"red: labels differ within the group ({conflicts} of {len(groups)} "
+                         "groups)")
+        self._add(data_grid(name, scan.name),
+                  [[self._cell(scan, i, labels[i], conflict(g)) for i in g[:_PER_ROW]]
+                   for g in shown],
+                  f"{len(groups)} groups of {what} inputs in {scan.name}, one per row", notes)
+
+    def _samples(self, scan: SplitScan, name: str, indices: list[int], what: str) -> None:
+        if not indices:
+            return
+        labels, shown = _labels(scan), indices[: self.rows * _PER_ROW]
+        notes = [f"showing {len(shown)} of {len(indices)}"] if len(shown) < len(indices) else []
+        cells = [self._cell(scan, i, labels[i]) for i in shown]
+        self._add(data_grid(name, scan.name),
+                  [cells[k:k + _PER_ROW] for k in range(0, len(cells), _PER_ROW)],
+                  f"{len(indices)} {what} in {scan.name}", notes)
+
+    def _leaks(self) -> None:
+        """Each training sample next to the validation sample repeating it, red if the labels
+        differ."""
+        train, val, pairs = self.report.train, self.report.val, self.report.leaks["pairs"]
+        if val is None or not pairs:
+            return
+        left, right = _labels(train), _labels(val)
+
+        def differ(pair: tuple[int, int]) -> bool:
+            a, b = left[pair[0]], right[pair[1]]
+            return isinstance(a, int) and isinstance(b, int) and a != b
+
+        shown = sorted(pairs, key=lambda p: not differ(p))[: self.rows]
+        notes = [f"showing {len(shown)} of {len(pairs)} pairs"] if len(shown) < len(pairs) else []
+        if differing := sum(map(differ, pairs)):
+            notes.append(f"red: the two labels differ ({differing} of {len(pairs)} pairs)")
+        self._add(data_grid("leakage_train_vs_validation"),
+                  [[self._cell(train, i, left[i], differ((i, j))),
+                    self._cell(val, j, right[j], differ((i, j)))] for i, j in shown],
+                  f"{len(pairs)} validation samples repeating training ones: train left, "
+                  "validation right", notes)
+
+    @staticmethod
+    def _cell(scan: SplitScan, index: int, label: Any = None, alert: bool = False) -> Cell | None:
+        """Sample ``index`` of ``scan`` captioned with its split, index and label; None when it
+        is no image."""
+        image = _as_image(scan.sample(index))
+        if image is None:
+            return None
+        where = f"{_SHORT.get(scan.name, scan.name)} #{index}"
+        caption = (where, f"label {label}") if isinstance(label, int) else (where,)
+        return Cell(image, caption if label is not None else (), alert)
+
+    def _add(self, tag: str, rows: list[list[Cell | None]], title: str, notes: list[str],
+             row_labels: list[str] | None = None) -> None:
+        first = next((c for row in rows for c in row if c is not None), None)
         if first is None:
             return
-        same = [[x for x in row if x is not None and x.shape == first.shape] for row in images]
-        if any(same):
-            # small images (8x8 digits) enlarged to about 32 pixels to be seen
-            grid = image_grid([row for row in same if row], scale=max(1, 32 // first.shape[-1]))
-            self.writer.add_image(tag, grid, global_step=self.step)
+        # one grid holds one image size: other shapes (a dataset of mixed sizes) are left out
+        same = [[c for c in row if c is not None and c.image.shape == first.image.shape]
+                for row in rows]
+        if row_labels is None:  # unlabelled rows emptied by the filter are dropped
+            same = [row for row in same if row]
+        image = annotated_grid(same, title, row_labels or (), notes)
+        log_image(self.trainer, tag, image, self.step)
 
 
-def _rows_of(indices: list[int], per_row: int = 8) -> list[list[int]]:
-    return [indices[k:k + per_row] for k in range(0, len(indices), per_row)]
+def _labels(scan: SplitScan) -> dict[int, Any]:
+    """Dataset index -> label (an int, None, or a marker for a target that is no class)."""
+    return dict(zip(scan.indices.tolist(), scan.labels, strict=True))

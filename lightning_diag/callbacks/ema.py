@@ -30,10 +30,12 @@ from typing_extensions import override
 from lightning_diag.base import ConfigurationError, DiagnosticCallback, refuse_sharded
 from lightning_diag.batch import loss_from_output
 from lightning_diag.callbacks._ema_slots import EMASlots
+from lightning_diag.callbacks._metric_keys import find_metric
 from lightning_diag.callbacks._validate_copy import validate_copy
-from lightning_diag.findings import Severity
+from lightning_diag.findings import Finding, Severity
 from lightning_diag.functional.ema import warmup_decay
-from lightning_diag.tensorboard.tags import ema_metric
+from lightning_diag.tensorboard.tags import EMA_RUN, RAW_RUN, ema_comparison, ema_metric
+from lightning_diag.tensorboard.writer import SiblingRuns
 from lightning_diag.validation import check_choice, check_flag, check_int, check_number, require
 
 __all__ = ["EMAWeights"]
@@ -61,6 +63,11 @@ class EMAWeights(DiagnosticCallback):
             default: the loss is always checked, and a non-finite loss skips the update and keeps
             the last finite average, which covers weights poisoned by a diverging step.
         strict: Raise on a FAIL finding (this callback emits none).
+
+    At the end of training, one INFO verdict ``ema.summary``: the updates made and, with
+    ``evaluate="both"``, the average against the raw weights on the monitored validation metric
+    (the checkpoint's ``monitor``, else the validation accuracy, else the validation loss) and
+    on every other one.
     """
 
     slug = "ema"
@@ -80,6 +87,7 @@ class EMAWeights(DiagnosticCallback):
         self._last_step = 0
         self._slots: EMASlots | None = None  # built at fit start
         self._pending: dict[str, Any] | None = None
+        self._runs = SiblingRuns()
 
     @property
     @override
@@ -123,13 +131,60 @@ class EMAWeights(DiagnosticCallback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._slots is not None:
             self._slots.sync_ranks(trainer)
+        self.publish(trainer, [self._summary(trainer)])
+
+    def _summary(self, trainer: pl.Trainer) -> Finding:
+        """The INFO verdict ``ema.summary``: EMA vs raw weights on the validation metrics."""
+        made = (f"EMA of {self.num_updates} update(s) (decay {self.decay:g}"
+                + (f", {self.num_skipped} skipped on a non-finite loss" if self.num_skipped
+                   else "") + ")")
+        metrics = trainer.callback_metrics
+        pairs = {k: (float(metrics[ema_metric(k)]), float(v)) for k, v in metrics.items()
+                 if ema_metric(k) in metrics and v.numel() == 1}
+        code = f"{self.slug}.summary"
+        if not pairs:
+            how = {"ema": "validation ran with the average, the raw weights were not validated",
+                   "raw": "validation ran with the raw weights, the average was not validated",
+                   "both": "no validation ran after an update, nothing was compared"}
+            return self.finding(trainer, code, Severity.INFO,
+                                f"{made}: {how[self.evaluate]}.",
+                                advice="" if self.evaluate == "both" else
+                                "Pass `evaluate='both'` to validate both and compare them.")
+        checkpoint = trainer.checkpoint_callback
+        monitor = getattr(checkpoint, "monitor", None)
+        acc, loss = find_metric(pairs, "val_acc"), find_metric(pairs, "val_loss")
+        key = monitor if monitor in pairs else acc or loss or sorted(pairs)[0]
+        higher = (getattr(checkpoint, "mode", "min") == "max" if key == monitor else
+                  None if key not in (acc, loss) else key == acc)  # is higher better?
+        ema, raw = pairs[key]
+        verdict = ("equal" if ema == raw else f"the average is {'higher' if ema > raw else 'lower'}"
+                   if higher is None else "the average is better" if (ema > raw) == higher
+                   else "the raw weights are better")
+        others = "; ".join(f"`{k}` {e:.4g} vs {r:.4g}" for k, (e, r) in sorted(pairs.items())
+                           if k != key)
+        return self.finding(
+            trainer, code, Severity.INFO,
+            f"{made}: `{key}` EMA {ema:.4g} vs raw {raw:.4g} ({ema - raw:+.3g}, {verdict})"
+            + (f"; {others}" if others else "") + ".",
+            value=ema - raw, details={"monitor": key, "ema_vs_raw": pairs})
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._undo_hook_swap() and self.evaluate == "both" and _in_fit(trainer) \
                 and self.num_updates:
-            for key, value in validate_copy(trainer, pl_module, self.ema_state_dict()).items():
+            averaged = validate_copy(trainer, pl_module, self.ema_state_dict())
+            for key, value in averaged.items():
                 pl_module.log(ema_metric(key), value, on_step=False, on_epoch=True, sync_dist=True)
+            self._log_comparison(trainer, averaged)
+
+    def _log_comparison(self, trainer: pl.Trainer, averaged: dict[str, float]) -> None:
+        """Each metric of the raw weights (as the validation loop just logged it, run ``raw``)
+        and of the average (run ``ema``) under one tag per epoch: one chart, two colours."""
+        logged = trainer.callback_metrics
+        raw = {key: float(logged[key]) for key in averaged if key in logged}
+        self._runs.log(trainer, {RAW_RUN: {ema_comparison(k): v for k, v in raw.items()},
+                                 EMA_RUN: {ema_comparison(k): v for k, v in averaged.items()}},
+                       trainer.current_epoch)
 
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -143,6 +198,7 @@ class EMAWeights(DiagnosticCallback):
     def _release(self) -> None:
         self._undo_hook_swap()
         super()._release()
+        self._runs.close()
 
     # --- the average -----------------------------------------------------------------------
     def _build(self, module: nn.Module) -> None:

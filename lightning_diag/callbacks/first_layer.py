@@ -18,8 +18,8 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_diag.base import DiagnosticCallback
-from lightning_diag.findings import Severity
-from lightning_diag.tensorboard.figures import filter_grid
+from lightning_diag.findings import Finding, Severity
+from lightning_diag.tensorboard.figures import Cell, annotated_grid, filter_grid, layer_label
 from lightning_diag.tensorboard.tags import FIRST_LAYER_FILTERS
 from lightning_diag.tensorboard.writer import log_dir, log_image
 from lightning_diag.validation import check_int, check_sequence, check_str
@@ -30,15 +30,17 @@ __all__ = ["FirstLayerVisualization"]
 class FirstLayerVisualization(DiagnosticCallback):
     """Draw the first Conv2d's filters (or a Linear's rows seen as images) as a normalized grid.
 
-    Each filter is min-max normalized on its own, tiled into a grid (pixels enlarged to about
-    256 px), and logged as the TensorBoard image ``diag/first_layer/filters`` and as
-    ``first_layer_step<N>.png`` in the run's log directory, every ``every_n_epochs`` epochs and
-    at the end of training (once when both fall on the same step). No matplotlib figure is
-    drawn: a draw costs about a millisecond. Smooth,
-    varied filters mean the layer learned; noisy ones suggest too little training or too little
-    regularization. Filters with 3 input channels are drawn in colour,
+    Each filter is min-max normalized on its own, tiled into a grid (pixels enlarged to fill
+    TensorBoard's image card) under a title naming the layer and its type (``net.0 (Conv2d):
+    16 filters of 3x3; step 240``: TensorBoard shows no caption), and logged as the
+    TensorBoard image ``5.4_first_layer/filters`` and as ``first_layer_step<N>.png`` in the
+    run's log directory, every ``every_n_epochs`` epochs and at the end of training (once when
+    both fall on the same step). No matplotlib figure is drawn: a draw costs a few
+    milliseconds. Smooth, varied filters mean the layer learned; noisy ones suggest too little
+    training or too little regularization. Filters with 3 input channels are drawn in colour,
     other channel counts as the channel mean. Without a layer to draw, one INFO finding
-    ``first_layer.not_found``.
+    ``first_layer.not_found``; else, at the end of training, one INFO verdict
+    ``first_layer.summary``: the layer, its number of filters and the steps drawn.
 
     Args:
         every_n_epochs: Draw every this many epochs.
@@ -63,6 +65,7 @@ class FirstLayerVisualization(DiagnosticCallback):
         self.input_shape = tuple(input_shape) if input_shape is not None else None
         self.layer = layer
         self._drawn_step = -1
+        self._draws: list[tuple[int, str, tuple[int, ...]]] = []  # (step, layer, weight shape)
 
     @property
     @override
@@ -72,21 +75,27 @@ class FirstLayerVisualization(DiagnosticCallback):
 
     def filters(self, pl_module: nn.Module) -> torch.Tensor | None:
         """The weights to draw as ``(out, C, H, W)``, or None when there is no such layer."""
+        found = self._layer(pl_module)
+        return None if found is None else found[1]
+
+    def _layer(self, pl_module: nn.Module) -> tuple[str, torch.Tensor] | None:
+        """The drawn layer's :func:`layer_label` and its weights as ``(out, C, H, W)``."""
         modules = dict(pl_module.named_modules())
         if self.layer is not None:
             if self.layer not in modules:
                 raise ValueError(f"`layer` {self.layer!r} is not a module of the model; "
                                  f"modules: {[n for n in modules if n][:20]}.")
-            candidates = [modules[self.layer]]
+            candidates = [(self.layer, modules[self.layer])]
         else:
-            candidates = [m for m in modules.values() if isinstance(m, (nn.Conv2d, nn.Linear))]
-        for m in candidates:
+            candidates = [(n, m) for n, m in modules.items()
+                          if isinstance(m, (nn.Conv2d, nn.Linear))]
+        for name, m in candidates:
             if isinstance(m, nn.Conv2d):
-                return m.weight.detach()
+                return layer_label(name, m), m.weight.detach()
             if isinstance(m, nn.Linear) and self.input_shape is not None:
                 shape = self.input_shape if len(self.input_shape) == 3 else (1, *self.input_shape)
                 if m.in_features == math.prod(shape):
-                    return m.weight.detach().reshape(m.out_features, *shape)
+                    return layer_label(name, m), m.weight.detach().reshape(m.out_features, *shape)
                 if self.layer is None:
                     return None  # the first Linear does not see the images
         return None
@@ -99,14 +108,27 @@ class FirstLayerVisualization(DiagnosticCallback):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._draw(trainer, pl_module)
+        if self._draws:  # else `first_layer.not_found` was the verdict
+            self.publish(trainer, [self._summary(trainer)])
+
+    def _summary(self, trainer: pl.Trainer) -> Finding:
+        """The INFO verdict ``first_layer.summary``: what was drawn, how many times."""
+        steps = [step for step, _, _ in self._draws]
+        _, label, (out, channels, height, width) = self._draws[-1]
+        return self.finding(
+            trainer, f"{self.slug}.summary", Severity.INFO,
+            f"First-layer filters: {out} filters of {label} ({channels}x{height}x{width}) drawn "
+            f"{len(steps)} time(s), at step(s) {', '.join(map(str, steps))}; see "
+            f"`{FIRST_LAYER_FILTERS}` and first_layer_step<N>.png in the log directory.",
+            value=float(out), details={"layer": label, "drawn_at": steps})
 
     def _draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = trainer.global_step
         if step == self._drawn_step:
             return
         self._drawn_step = step
-        weight = self.filters(pl_module)  # on every rank, so that all report `not_found`
-        if weight is None:
+        found = self._layer(pl_module)  # on every rank, so that all report `not_found`
+        if found is None:
             if not self.findings:
                 self.publish(trainer, [self.finding(
                     trainer, f"{self.slug}.not_found", Severity.INFO,
@@ -115,24 +137,29 @@ class FirstLayerVisualization(DiagnosticCallback):
                     advice="Pass `input_shape=(C, H, W)` for an MLP on flattened images, or "
                            "`layer=` to name the module.")])
             return
+        self._draws.append((step, found[0], tuple(found[1].shape)))  # every rank: the verdict
         if not trainer.is_global_zero:  # files and images from rank 0 only
             return
         if not self.require_tensorboard(trainer, "first-layer image") and log_dir(trainer) is None:
             return
-        # The grid is already an image: no matplotlib figure to lay out and render (~1 ms vs
-        # ~100 ms); pixels are enlarged so that 3x3 filters stay visible.
+        # The grid is already an image: no matplotlib figure to lay out and render (a few ms vs
+        # ~100 ms); annotated_grid enlarges its pixels so that 3x3 filters stay visible.
+        label, weight = found
+        out, channels, height, width = weight.shape
         grid = filter_grid(weight)
-        zoom = max(1, 256 // max(grid.shape[0], grid.shape[1]))
-        grid = grid.repeat_interleave(zoom, 0).repeat_interleave(zoom, 1)
-        log_image(trainer, FIRST_LAYER_FILTERS,
-                  (grid * 255).round().to(torch.uint8).numpy(), step,
+        shown = {1: "", 3: ", in colour"}.get(channels, f", mean of {channels} input channels")
+        image = annotated_grid(
+            [[Cell(grid.permute(2, 0, 1) if grid.dim() == 3 else grid)]],
+            f"{label}: {out} filters of {height}x{width}{shown}; step {step}",
+            notes=["each filter scaled to its own range: black lowest, white highest"])
+        log_image(trainer, FIRST_LAYER_FILTERS, image, step,
                   png_name=f"first_layer_step{step:07d}.png")
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
-            self._drawn_step = -1
+            self._drawn_step, self._draws = -1, []
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -18,8 +18,8 @@ from typing_extensions import override
 from lightning_diag.base import FitStartCheck
 from lightning_diag.checks.gradients import check_gradients, error_table, validate_arguments
 from lightning_diag.findings import Finding
-from lightning_diag.tensorboard.tags import GRADIENT_CHECK_ERRORS, GRADIENT_CHECK_WORST
-from lightning_diag.tensorboard.writer import log_scalars, tensorboard_writer
+from lightning_diag.tensorboard.tags import GRADIENT_CHECK_ERRORS
+from lightning_diag.tensorboard.writer import tensorboard_writer
 
 __all__ = ["GradientCheck"]
 
@@ -30,8 +30,7 @@ class GradientCheck(FitStartCheck):
     See :func:`check_gradients` for the arguments, the counts behind an "ok" and the
     ``gradient_check.inconclusive`` cases (a loss that is not reproducible, too few
     comparisons). The per-tensor table goes to TensorBoard as
-    text under ``diag/gradient_check/errors`` and the worst error as the scalar
-    ``diag/gradient_check/worst_error``.
+    text under ``2_gradient_check/errors``; the worst error is the finding's value.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -70,8 +69,6 @@ class GradientCheck(FitStartCheck):
         table = found[0].details.get("table")
         if not table:
             return
-        worst = max(t.worst_error for t in table)
-        log_scalars(trainer, {GRADIENT_CHECK_WORST: worst}, trainer.global_step)
         if self.require_tensorboard(trainer, "the gradient-check table"):
             writer = tensorboard_writer(trainer)
             assert writer is not None  # require_tensorboard said so

@@ -20,15 +20,16 @@ from typing_extensions import override
 
 from lightning_diag.base import DiagnosticCallback
 from lightning_diag.callbacks._metric_keys import DESCRIPTIONS, MetricKeys
-from lightning_diag.findings import Severity
+from lightning_diag.findings import Finding, Severity
 from lightning_diag.tensorboard.figures import curves_figure
-from lightning_diag.tensorboard.tags import CURVES_FIGURE, curve, curves_layout
-from lightning_diag.tensorboard.writer import (
-    log_figure,
-    log_scalars,
-    merge_custom_scalars,
-    tensorboard_writer,
+from lightning_diag.tensorboard.tags import (
+    CURVES_FIGURE,
+    CURVES_GAP,
+    TRAIN_RUN,
+    VALIDATION_RUN,
+    curve,
 )
+from lightning_diag.tensorboard.writer import SiblingRuns, log_figure, log_scalars
 from lightning_diag.validation import check_int, check_str
 
 __all__ = ["LearningCurves"]
@@ -36,22 +37,26 @@ __all__ = ["LearningCurves"]
 #: The role (see ``_metric_keys.ROLES``) each curve draws.
 SERIES = {"loss/train": "train_loss", "loss/val": "val_loss", "accuracy/train": "train_acc",
           "accuracy/val": "val_acc"}
+#: The sibling run of each split: train and val of one quantity share a chart, two colours.
+_RUNS = {"train": TRAIN_RUN, "val": VALIDATION_RUN}
 
 
 class LearningCurves(DiagnosticCallback):
     """Re-log the user's epoch metrics with the epoch as x-axis, train and val side by side.
 
-    At each training epoch end it reads the metrics the module logged and writes
-    ``diag/curves/loss/{train,val}``, ``diag/curves/accuracy/{train,val}`` and
-    ``diag/curves/accuracy/gap`` (train minus val) with ``step = epoch``; a TensorBoard
-    custom-scalars layout ("learning curves") draws train and val on one chart. A matplotlib
-    figure of both (``diag/curves/figure`` and ``learning_curves.png``) is drawn at the end of
-    training and every ``figure_every_n_epochs``. Each metric is found among the logged names
+    At each training epoch end it reads the metrics the module logged and writes the tags
+    ``0_curves/loss`` and ``0_curves/accuracy`` with ``step = epoch``, the training value in the
+    sibling run ``train`` and the validation value in ``validation`` (sub-directories of the log
+    directory), so that every TensorBoard dashboard draws train and val on one chart in two
+    colours; and ``0_curves/train_minus_val_accuracy`` in the run itself. A matplotlib figure of
+    both (``0_curves/overview`` and ``learning_curves.png``) is drawn at the end of training and
+    every ``figure_every_n_epochs``. Each metric is found among the logged names
     by the usual conventions (``_`` or ``/`` separators, ``val``/``valid``/``validation``,
     ``acc``/``accuracy``, an ``_epoch`` suffix), unless its name is given. One INFO finding
     ``curves.keys`` says which names were used; the ones no convention finds give one INFO
     finding ``curves.missing_keys``. Validation values are used only in epochs where
-    validation ran.
+    validation ran. At the end of training, one INFO verdict ``curves.summary``: the last
+    train/val loss and accuracy.
 
     Args:
         train_loss / val_loss / train_acc / val_acc: Names of the logged metrics; None (the
@@ -80,6 +85,7 @@ class LearningCurves(DiagnosticCallback):
         self.history: dict[str, list[tuple[int, float]]] = {}
         self._reported_missing: set[str] = set()
         self._val_ran = False
+        self._runs = SiblingRuns()
 
     @property
     @override
@@ -108,16 +114,18 @@ class LearningCurves(DiagnosticCallback):
             self._report_keys(trainer, list(new))
         values = {s: self._lookup(metrics, s) for s in wanted}
         found = {s: v for s, v in values.items() if v is not None}
+        by_run: dict[str, dict[str, float]] = {}
+        for series, value in found.items():
+            quantity, split = series.split("/")
+            by_run.setdefault(_RUNS[split], {})[curve(quantity)] = value
+        self._runs.log(trainer, by_run, epoch)
         if "accuracy/train" in found and "accuracy/val" in found:
             found["accuracy/gap"] = found["accuracy/train"] - found["accuracy/val"]
+            log_scalars(trainer, {CURVES_GAP: found["accuracy/gap"]}, epoch)
         for series, value in found.items():
             self.history.setdefault(series, []).append((epoch, value))
-        log_scalars(trainer, {curve(s): v for s, v in found.items()}, epoch)
         self._report_missing(trainer, self.keys.missing_roles(SERIES[s] for s in wanted),
                              sorted(metrics))
-        writer = tensorboard_writer(trainer)
-        if writer is not None:
-            merge_custom_scalars(writer, *curves_layout())
         n = self.figure_every_n_epochs
         if n and (epoch + 1) % n == 0:
             self._figure(trainer)
@@ -129,7 +137,8 @@ class LearningCurves(DiagnosticCallback):
             advice="Pass the name to use, e.g. `LearningCurves(val_acc='val/top1')`, if another "
                    "metric is meant.",
             details={"keys": {role: self.keys.used[role] for role in roles},
-                     "given": [role for role in roles if self.given[role]]})])
+                     "given": [role for role in roles if self.given[role]]},
+            subject=",".join(roles))])
 
     def _report_missing(self, trainer: pl.Trainer, roles: list[str],
                         available: list[str]) -> None:
@@ -144,7 +153,8 @@ class LearningCurves(DiagnosticCallback):
             f"Not logged: {', '.join(what)} (logged: {available}); their curves are skipped.",
             advice="Log them with `self.log(name, value, on_epoch=True)` or pass the names "
                    "you use, e.g. `LearningCurves(val_acc='val/top5')`.",
-            details={"missing": [self.given[r] or r for r in new], "available": available})])
+            details={"missing": [self.given[r] or r for r in new], "available": available},
+            subject=",".join(new))])
 
     def _figure(self, trainer: pl.Trainer) -> None:
         if self.history and self.require_tensorboard(trainer, "learning-curve figure"):
@@ -153,7 +163,32 @@ class LearningCurves(DiagnosticCallback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.publish(trainer, [self._summary(trainer)])
         self._figure(trainer)
+
+    def _summary(self, trainer: pl.Trainer) -> Finding:
+        """The INFO verdict ``curves.summary``: the last value of each curve."""
+        last = {series: points[-1] for series, points in self.history.items() if points}
+        names = {"loss/train": "train loss", "loss/val": "val loss",
+                 "accuracy/train": "train accuracy", "accuracy/val": "val accuracy",
+                 "accuracy/gap": "accuracy gap (train - val)"}
+        if not last:
+            return self.finding(trainer, f"{self.slug}.summary", Severity.INFO,
+                                "Learning curves: nothing recorded (none of the train/val loss "
+                                "and accuracy was logged per epoch).")
+        epochs = 1 + max(epoch for epoch, _ in last.values())
+        told = ", ".join(f"{names[s]} {v:.4g}" + (f" (epoch {e})" if e != epochs - 1 else "")
+                         for s, (e, v) in last.items())
+        key = next(s for s in ("loss/val", "loss/train", *last) if s in last)
+        return self.finding(trainer, f"{self.slug}.summary", Severity.INFO,
+                            f"Learning curves after {epochs} epoch(s): {told}.",
+                            value=last[key][1], details={"last": {s: v for s, (_, v) in
+                                                                  last.items()}, "value": key})
+
+    @override
+    def _release(self) -> None:
+        super()._release()
+        self._runs.close()
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

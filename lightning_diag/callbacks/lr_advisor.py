@@ -19,17 +19,20 @@ import torch
 from typing_extensions import override
 
 from lightning_diag.base import DiagnosticCallback
+from lightning_diag.base import findings as trainer_findings
 from lightning_diag.batch import loss_from_output
 from lightning_diag.callbacks._metric_keys import DESCRIPTIONS, ROLES, MetricKeys
 from lightning_diag.checks.advisor import (
+    Curves,
+    GapRule,
     Verdict,
     fit_gap_verdict,
     plateau_verdict,
     scale_lr,
 )
-from lightning_diag.checks.divergence import describe_divergence
+from lightning_diag.checks.divergence import data_link, describe_divergence
 from lightning_diag.findings import Finding, Severity
-from lightning_diag.functional.curves import is_jump, jump_threshold
+from lightning_diag.functional.curves import is_jump, jump_threshold, plateau_length
 from lightning_diag.validation import check_flag, check_int, check_number, check_str, require
 
 __all__ = ["LRPlateauAdvisor"]
@@ -38,9 +41,10 @@ ADVICE = {
     "plateau": "Decay the learning rate (the loss plateaus while still high).",
     "underfit": "Underfitting: use a bigger model, train longer, perhaps raise the learning rate.",
     "overfit": "Overfitting: add weight decay or other regularization, or get more data.",
-    "divergence": "The model may be wrong (e.g. vanishing gradients) or the batch holds abnormal "
-                  "samples (corrupted data): inspect the saved batch and these dataset indices.",
 }
+#: The underfitting advice once the loss has diverged: a higher learning rate would contradict it.
+UNDERFIT_AFTER_DIVERGENCE = ("Underfitting: use a bigger model or train longer; do not raise the "
+                             "learning rate: the loss already diverged at step {step} with it.")
 
 
 def _validate(**args: Any) -> None:
@@ -52,8 +56,10 @@ def _validate(**args: Any) -> None:
         check_int(name, args[name])
     require(args["min_history"] <= args["window"], "min_history", args["min_history"],
             f"an int <= `window` ({args['window']}), the number of losses the median keeps")
-    for name in ("min_rel_delta", "high_fraction", "low_acc", "close_gap", "overfit_gap"):
+    for name in ("min_rel_delta", "high_fraction", "low_acc", "close_gap", "overfit_gap",
+                 "rel_gap"):
         check_number(name, args[name], low=0, high=1)
+    check_number("halving_epochs", args["halving_epochs"], low=0, low_open=True)
     # a factor of 0 would stop training, one of 1 or more would not decay
     check_number("factor", args["factor"], low=0, high=1, low_open=True, high_open=True)
     check_number("min_lr", args["min_lr"], low=0)
@@ -86,8 +92,14 @@ class LRPlateauAdvisor(DiagnosticCallback):
         factor: LR multiplier used when ``act=True``. min_lr: floor for the scaled LR.
         min_epochs: Epochs before under/overfitting is judged.
         low_acc: Training accuracy below this is "low" (task-dependent; 0.9 suits digits).
-        close_gap: Train-val accuracy gap at or below which the two are "too close".
-        overfit_gap: Train-val accuracy gap above which the run overfits.
+        close_gap: Train-val gap at or below which the two are "too close": in accuracy
+            points, or between the losses as a fraction of the start loss.
+        overfit_gap: Train-val accuracy gap above which the run overfits on its own.
+        rel_gap: With the validation curve stalled for ``patience`` epochs while the training
+            loss falls, the run overfits when the gap is above ``close_gap`` and at least this
+            share of the validation error (or, without accuracies, of the validation loss).
+        halving_epochs: Underfitting needs the training loss to fall too slowly to halve in
+            this many epochs (default 20: the recipe's longest refine run, step 6.3).
         jump_factor, min_jump_fraction: A step loss diverges when non-finite or above
             ``max(jump_factor * median, median + min_jump_fraction * start_loss)`` of the last
             ``window`` finite step losses; before ``min_history`` are known, the median is
@@ -103,7 +115,8 @@ class LRPlateauAdvisor(DiagnosticCallback):
                  val_acc_key: str | None = None, patience: int = 3, min_rel_delta: float = 0.01,
                  high_fraction: float = 0.2, act: bool = False, factor: float = 0.1,
                  min_lr: float = 0.0, min_epochs: int = 5, low_acc: float = 0.9,
-                 close_gap: float = 0.02, overfit_gap: float = 0.1, jump_factor: float = 5.0,
+                 close_gap: float = 0.02, overfit_gap: float = 0.1, rel_gap: float = 0.5,
+                 halving_epochs: float = 20.0, jump_factor: float = 5.0,
                  min_jump_fraction: float = 0.5, window: int = 50, min_history: int = 10,
                  save_batch: bool = True, strict: bool = False) -> None:
         super().__init__(strict=strict)
@@ -111,7 +124,8 @@ class LRPlateauAdvisor(DiagnosticCallback):
                   train_acc_key=train_acc_key, val_acc_key=val_acc_key, patience=patience,
                   min_rel_delta=min_rel_delta, high_fraction=high_fraction, act=act,
                   factor=factor, min_lr=min_lr, min_epochs=min_epochs, low_acc=low_acc,
-                  close_gap=close_gap, overfit_gap=overfit_gap, jump_factor=jump_factor,
+                  close_gap=close_gap, overfit_gap=overfit_gap, rel_gap=rel_gap,
+                  halving_epochs=halving_epochs, jump_factor=jump_factor,
                   min_jump_fraction=min_jump_fraction, window=window, min_history=min_history,
                   save_batch=save_batch)
         self.monitor, self.act, self.save_batch = monitor, act, save_batch
@@ -121,6 +135,7 @@ class LRPlateauAdvisor(DiagnosticCallback):
         self.high_fraction = high_fraction
         self.factor, self.min_lr, self.min_epochs = factor, min_lr, min_epochs
         self.low_acc, self.close_gap, self.overfit_gap = low_acc, close_gap, overfit_gap
+        self.rel_gap, self.halving_epochs = rel_gap, halving_epochs
         self.jump_factor, self.min_jump_fraction = jump_factor, min_jump_fraction
         self.window, self.min_history = window, min_history
         self._reset()
@@ -133,6 +148,7 @@ class LRPlateauAdvisor(DiagnosticCallback):
             min_rel_delta=self.min_rel_delta, high_fraction=self.high_fraction, act=self.act,
             factor=self.factor, min_lr=self.min_lr, min_epochs=self.min_epochs,
             low_acc=self.low_acc, close_gap=self.close_gap, overfit_gap=self.overfit_gap,
+            rel_gap=self.rel_gap, halving_epochs=self.halving_epochs,
             jump_factor=self.jump_factor, min_jump_fraction=self.min_jump_fraction,
             window=self.window, min_history=self.min_history)
 
@@ -186,12 +202,14 @@ class LRPlateauAdvisor(DiagnosticCallback):
         median = float(torch.tensor(history).median()) if history else float("nan")
         message, indices, details = describe_divergence(
             trainer, loss, median, batch, batch_idx, self._batch_step, self.save_batch)
+        # The data inspection ran at fit start: its flagged samples are known by now.
+        link, advice, linked = data_link(indices, trainer_findings(trainer))
         return self.finding(
             trainer, "advisor.divergence", Severity.WARN if math.isfinite(loss) else Severity.FAIL,
-            message, advice=ADVICE["divergence"], value=loss,
+            f"{message} {link}", advice=advice, value=loss,
             expected=(0.0, jump_threshold(median, self.jump_factor, self._min_jump()))
             if history else None,
-            step=self._batch_step, indices=indices, details=details)
+            step=self._batch_step, indices=indices, details={**details, **linked})
 
     def _min_jump(self) -> float:
         return self.min_jump_fraction * abs(self.start_loss or 0.0)
@@ -229,7 +247,8 @@ class LRPlateauAdvisor(DiagnosticCallback):
             advice="Plateaus need a loss, under/overfitting both accuracies; pass the names "
                    "you log (e.g. `val_acc_key='val/top1'`) if they are not found.",
             details={"keys": dict(self.keys.used), "missing": [self.given[r] or r
-                                                               for r in missing]})
+                                                               for r in missing]},
+            subject=",".join(roles))  # names found at another epoch are another fact
 
     def assess(self, trainer: pl.Trainer | None) -> list[Finding]:
         """The findings the current history supports (each verdict once, plateaus repeatable)."""
@@ -259,19 +278,57 @@ class LRPlateauAdvisor(DiagnosticCallback):
         return self._verdict_finding(trainer, verdict)
 
     def _fit_gap(self, trainer: pl.Trainer | None) -> Finding | None:
-        tr = self.history.get(self.keys.used.get("train_acc", ""), [])
-        va = self.history.get(self.keys.used.get("val_acc", ""), [])
-        if min(len(tr), len(va)) < self.min_epochs:
+        curves = Curves(*(self.history.get(self.keys.used.get(role, ""), [])
+                          for role in ("train_loss", "val_loss", "train_acc", "val_acc")))
+        epochs = min(max(len(curves.train_loss), len(curves.train_acc)),
+                     max(len(curves.val_loss), len(curves.val_acc)))
+        if epochs < self.min_epochs:
             return None
-        verdict = fit_gap_verdict(tr[-1], va[-1], self.reported, self.overfit_gap,
-                                  self.close_gap, self.low_acc)
+        rule = GapRule(self.patience, self.min_rel_delta, self.overfit_gap, self.close_gap,
+                       self.rel_gap, self.low_acc, self.high_fraction, self.halving_epochs,
+                       self.start_loss)
+        verdict = fit_gap_verdict(curves, rule, self.reported)
         return None if verdict is None else self._verdict_finding(trainer, verdict)
+
+    def _advice(self, code: str) -> str:
+        diverged = next((f for f in self.findings if f.code == "advisor.divergence"), None)
+        if code == "advisor.underfit" and diverged is not None:
+            return UNDERFIT_AFTER_DIVERGENCE.format(step=diverged.step)
+        return ADVICE[code.removeprefix("advisor.")]
 
     def _verdict_finding(self, trainer: pl.Trainer | None, verdict: Verdict) -> Finding:
         return self.finding(trainer, verdict.code, Severity.WARN, verdict.message,
-                            advice=ADVICE[verdict.code.removeprefix("advisor.")],
+                            advice=self._advice(verdict.code),
                             value=verdict.value, expected=verdict.expected,
                             details=verdict.details or {})
+
+    # ---- at the end: the verdict ----------------------------------------------------------
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.publish(trainer, [self._summary(trainer)])
+
+    def _summary(self, trainer: pl.Trainer) -> Finding:
+        """The INFO verdict ``advisor.summary``: its plateau counter and what it reported."""
+        key = self._monitor_key()
+        curve = [v for v in self.history.get(key, []) if math.isfinite(v)]
+        code = f"{self.slug}.summary"
+        if not curve:
+            return self.finding(trainer, code, Severity.INFO,
+                                "The advisor read no finite loss curve (see `advisor.keys`): "
+                                "no plateau or under/overfitting could be judged.")
+        waited = plateau_length(self.history[key][self.plateau_from:], self.min_rel_delta)
+        plateaus = next((len(f.steps()) for f in self.findings if f.code == "advisor.plateau"), 0)
+        said = sorted(self.reported - {"advisor.divergence"})
+        return self.finding(
+            trainer, code, Severity.INFO,
+            f"Plateau counter on `{key}`: {waited} of {self.patience} epoch(s) without a "
+            f"{self.min_rel_delta:.0%} improvement; best {min(curve):.4g} over {len(curve)} "
+            f"epoch(s); {plateaus} plateau(s) reported"
+            + (f", learning rate scaled {len(self.lr_changes)} time(s)" if self.act else "")
+            + f"; {', '.join(f'`{c}`' for c in said) if said else 'no under/overfitting'} "
+            f"found.",
+            value=float(waited), expected=(0.0, float(self.patience)),
+            details={"monitor": key, "best": min(curve), "plateaus": plateaus})
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -19,8 +19,13 @@ from lightning_diag.batch import BatchFn, default_batch_to_target
 from lightning_diag.checks.overfit import OverfitResult, overfit_batches, validate_arguments
 from lightning_diag.findings import Finding
 from lightning_diag.isolation import OptimizationSettings
-from lightning_diag.tensorboard.tags import OVERFIT_ACCURACY, OVERFIT_LOSS
-from lightning_diag.tensorboard.writer import log_scalars
+from lightning_diag.tensorboard.tags import (
+    OVERFIT_ACCURACY,
+    OVERFIT_LOSS,
+    overfit_ladder,
+    overfit_ladder_layout,
+)
+from lightning_diag.tensorboard.writer import log_scalars, merge_custom_scalars, tensorboard_writer
 from lightning_diag.validation import check_flag, check_int
 
 __all__ = ["OverfitSmallBatch"]
@@ -33,8 +38,11 @@ class OverfitSmallBatch(FitStartCheck):
     its gradient clipping, gradient accumulation and precision are read once
     (:meth:`OptimizationSettings.from_trainer`), the learning rate is the one the module's
     ``configure_optimizers`` sets. The curve goes to the loggers as
-    ``diag/overfit/loss`` and ``diag/overfit/accuracy`` (x axis: overfit steps); a progress bar
+    ``4_overfit/loss`` and ``4_overfit/accuracy`` (x axis: overfit steps); a progress bar
     shows while it runs unless the trainer's progress bar is off or ``progress_bar=False``.
+    When the configured learning rate cannot overfit the sample, the ladder of other rates
+    (``lr_ladder``, see :func:`~lightning_diag.checks.overfit.ladder_rates`) writes one loss
+    curve per rate, drawn on one chart with the configured rate's.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -45,13 +53,13 @@ class OverfitSmallBatch(FitStartCheck):
 
     def __init__(self, num_batches: int = 5, max_steps: int = 1000, loss_fraction: float = 0.05,
                  reg_attr: str | None = None, batch_to_target: BatchFn = default_batch_to_target,
-                 progress_bar: bool = True,
+                 progress_bar: bool = True, lr_ladder: bool = True,
                  strict: bool = False) -> None:
         super().__init__(strict=strict)
         check_int("num_batches", num_batches)
         self.options: dict[str, Any] = {
             "max_steps": max_steps, "loss_fraction": loss_fraction,
-            "reg_attr": reg_attr, "batch_to_target": batch_to_target}
+            "reg_attr": reg_attr, "batch_to_target": batch_to_target, "lr_ladder": lr_ladder}
         validate_arguments(**self.options)
         check_flag("progress_bar", progress_bar)
         self.progress_bar = progress_bar
@@ -77,7 +85,13 @@ class OverfitSmallBatch(FitStartCheck):
         self.result = overfit_batches(
             pl_module, batches, settings=settings, progress_bar=show,
             on_pass=lambda step, loss, acc: self._log_point(trainer, step, loss, acc),
+            on_ladder_pass=lambda lr, step, loss, _: log_scalars(
+                trainer, {overfit_ladder(lr): loss}, step),
             **self.options)
+        writer = tensorboard_writer(trainer)
+        if self.result.ladder and writer is not None:
+            merge_custom_scalars(writer, *overfit_ladder_layout(
+                [overfit_ladder(r.lr) for r in self.result.ladder if r.lr is not None]))
         return self.result.findings()
 
     @staticmethod

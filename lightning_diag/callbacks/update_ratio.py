@@ -20,12 +20,18 @@ from lightning_diag.base import DiagnosticCallback
 from lightning_diag.findings import Finding, Severity
 from lightning_diag.functional.monitors import is_logging_step, update_ratios
 from lightning_diag.tensorboard.tags import (
-    UPDATE_RATIO_GUIDE,
+    GUIDE_RUN,
     UPDATE_RATIO_MEDIAN,
+    typed_layer,
     update_ratio_layer,
     update_ratio_layout,
 )
-from lightning_diag.tensorboard.writer import log_scalars, merge_custom_scalars, tensorboard_writer
+from lightning_diag.tensorboard.writer import (
+    SiblingRuns,
+    log_scalars,
+    merge_custom_scalars,
+    tensorboard_writer,
+)
 from lightning_diag.validation import check_int, check_number, require
 
 __all__ = ["UpdateRatioMonitor"]
@@ -40,9 +46,12 @@ class UpdateRatioMonitor(DiagnosticCallback):
     On a logging step the weights of each optimizer that steps are copied (one foreach copy) in
     ``on_before_optimizer_step`` and compared after the step in ``on_train_batch_end``, so a
     step counts once however many micro-batches gradient accumulation has; nothing is kept
-    between logging steps. Weight tensors (2 or more dimensions) are logged one by one under
-    ``diag/update_ratio/layer/<name>``; their median is ``diag/update_ratio/median``, drawn with
-    the recipe's guide ``diag/update_ratio/guide_1e-3`` in one custom-scalars chart.
+    between logging steps. TensorBoard gets the log10 of the ratio, the recipe's own plot (a
+    healthy value is about -3; ``-inf``: the weight did not move): each weight tensor (2 or more
+    dimensions) under ``5.5_update_ratio/per_layer_log10/<name>`` (its layer's type in the
+    name: ``net.1_Linear.weight``) and their median under
+    ``5.5_update_ratio/median_log10``, each with a line at -3 drawn by the same tag in the
+    sibling run ``healthy_1e-3``; a custom-scalars chart holds every tensor.
 
     Findings (WARN): ``update_ratio.too_low`` (median below ``low`` for ``patience`` logging
     steps), ``update_ratio.too_high`` (above ``high`` for ``patience`` steps, or once at
@@ -79,11 +88,15 @@ class UpdateRatioMonitor(DiagnosticCallback):
         self.every_n_steps, self.patience = every_n_steps, patience
         self.low, self.high, self.extreme = float(low), float(high), float(extreme)
         self.streak = dict.fromkeys(_CODES, 0)
+        self.medians: list[tuple[int, float]] = []  # (step, median ratio) of this fit
         self.last: dict[str, float] = {}
+        #: Each parameter as its tags name it, with its layer's type (``net.1_Linear.weight``).
+        self.tag_names: dict[str, str] = {}
         self._armed = False
         self._step = 0
         self._pending: list[tuple[list[str], list[torch.Tensor], list[torch.Tensor],
                                   torch.Tensor]] = []
+        self._runs = SiblingRuns()
 
     @property
     @override
@@ -114,6 +127,11 @@ class UpdateRatioMonitor(DiagnosticCallback):
         gnorm = torch.stack([n.float() for n in torch._foreach_norm(grads)])
         snapshot = list(torch._foreach_mul([p.detach() for p in params], 1.0))
         labels = [names.get(id(p), f"optimizer_param_{i}") for i, p in enumerate(params)]
+        for name in names.values():
+            if name not in self.tag_names:
+                layer, _, leaf = name.rpartition(".")
+                self.tag_names[name] = typed_layer(
+                    layer, type(pl_module.get_submodule(layer)).__name__, leaf)
         self._pending.append((labels, params, snapshot, gnorm))
 
     @override
@@ -139,12 +157,15 @@ class UpdateRatioMonitor(DiagnosticCallback):
         if any(math.isnan(v) for v in self.last.values()):
             median = math.nan
         step = self._step
-        scalars = {update_ratio_layer(n): v for n, v in self.last.items()}
-        scalars.update({UPDATE_RATIO_MEDIAN: median, UPDATE_RATIO_GUIDE: GUIDE})
+        scalars = {update_ratio_layer(self.tag_names.get(n, n)): _log10(v)
+                   for n, v in self.last.items()}
+        scalars[UPDATE_RATIO_MEDIAN] = _log10(median)
         log_scalars(trainer, scalars, step)
+        self._runs.log(trainer, {GUIDE_RUN: dict.fromkeys(scalars, math.log10(GUIDE))}, step)
         writer = tensorboard_writer(trainer)
         if writer is not None:
             merge_custom_scalars(writer, *update_ratio_layout())
+        self.medians.append((step, median))
         self.publish(trainer, self._check(trainer, median, len(still), grad_norm))
 
     def _check(self, trainer: pl.Trainer, median: float, still: int,
@@ -191,12 +212,39 @@ class UpdateRatioMonitor(DiagnosticCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
-            self.streak, self.last = dict.fromkeys(_CODES, 0), {}
+            self.streak, self.last, self.medians = dict.fromkeys(_CODES, 0), {}, []
+            self.tag_names = {}
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.publish(trainer, [self._summary(trainer)])
+
+    def _summary(self, trainer: pl.Trainer) -> Finding:
+        """The INFO verdict ``update_ratio.summary``: the median ratio over the run vs 1e-3."""
+        finite = [(m, s) for s, m in self.medians if math.isfinite(m)]
+        code = f"{self.slug}.summary"
+        if not finite:
+            what = (f"all {len(self.medians)} measured steps gave a non-finite ratio"
+                    if self.medians else "no logging step ran in this fit")
+            return self.finding(trainer, code, Severity.INFO, f"Update ratios: {what}.")
+        run = statistics.median(m for m, _ in finite)
+        (low, low_at), (high, high_at) = min(finite), max(finite)
+        skipped = len(self.medians) - len(finite)
+        return self.finding(
+            trainer, code, Severity.INFO,
+            f"Median update ratio ||dw||/||w|| over {len(finite)} logged step(s): {run:.3g}, "
+            f"{run / GUIDE:.3g}x the recipe's guide of about {GUIDE:g} (flagged outside "
+            f"[{self.low:g}, {self.high:g}]); per step from {low:.3g} (step {low_at}) to "
+            f"{high:.3g} (step {high_at})"
+            + (f"; {skipped} non-finite step(s) left out" if skipped else "") + ".",
+            value=run, expected=(self.low, self.high),
+            details={"medians": [[s, m] for s, m in self.medians], "guide": GUIDE})
 
     @override
     def _release(self) -> None:
         super()._release()
         self._pending, self._armed = [], False  # the weight snapshots of a pending step
+        self._runs.close()
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -206,3 +254,13 @@ class UpdateRatioMonitor(DiagnosticCallback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.streak.update({k: int(v) for k, v in state_dict.get("streak", {}).items()
                             if k in self.streak})
+
+
+def _log10(ratio: float) -> float:
+    """log10 of an update ratio: ``-inf`` for a weight that did not move, NaN kept.
+
+    Example:
+        >>> _log10(1e-3), _log10(0.0)
+        (-3.0, -inf)
+    """
+    return math.log10(ratio) if ratio > 0 else -math.inf if ratio == 0 else math.nan

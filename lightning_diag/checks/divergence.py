@@ -1,4 +1,6 @@
-"""Where a diverging training step happened: its dataset indices and a saved copy of its batch.
+"""Where a diverging training step happened: its dataset indices, a saved copy of its batch,
+and whether the batch holds samples the data inspection flagged (recipe 6.4.4: a divergence
+points either at the model or at abnormal samples).
 
 Used by :class:`~lightning_diag.callbacks.lr_advisor.LRPlateauAdvisor`, whose module exports
 :func:`batch_indices` and :func:`save_batch`.
@@ -21,12 +23,28 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch.utils.data import BatchSampler, SequentialSampler
 
+from lightning_diag.findings import Finding, Severity
 from lightning_diag.isolation import train_dataloader_of
 from lightning_diag.tensorboard.writer import log_dir
 
-__all__ = ["INDEX_KEYS", "batch_indices", "describe_divergence", "save_batch"]
+__all__ = ["ABNORMAL_SAMPLE_CODES", "INDEX_KEYS", "batch_indices", "data_link",
+           "describe_divergence", "save_batch"]
 
 INDEX_KEYS = ("index", "indices", "idx")
+#: Data findings about samples that can make a loss diverge (recipe 6.4.4: abnormal samples).
+ABNORMAL_SAMPLE_CODES = ("data.non_finite", "data.unreadable", "data.constant_input",
+                         "data.conflicting_labels", "data.label_out_of_range")
+#: The data inspection's summary: present when it ran on the training set.
+_INSPECTED = "data.summary"
+_MODEL_ADVICE = ("The batch holds no abnormal sample, so the model or the learning rate is the "
+                 "likely cause (recipe 6.4.4): lower the learning rate (see the update ratio, "
+                 "recipe 5.5), look for vanishing or exploding gradients, clip gradients; "
+                 "reproduce the step with the saved batch.")
+_DATA_ADVICE = ("Remove or repair these samples (recipe 6.4.4: abnormal samples make the loss "
+                "diverge suddenly), then train again; reproduce the step with the saved batch.")
+_UNKNOWN_ADVICE = ("The model may be wrong (e.g. vanishing gradients) or the batch holds abnormal "
+                   "samples (corrupted data): inspect the saved batch; make the batch's dataset "
+                   "indices known to match it with the data inspection.")
 
 
 def batch_indices(trainer: pl.Trainer, batch: Any, batch_idx: int) -> tuple[tuple[int, ...], str]:
@@ -109,3 +127,56 @@ def describe_divergence(trainer: pl.Trainer, loss: float, median: float, batch: 
     return (f"Step loss {what} at {where}; {idx_text}.{saved}", indices,
             {"batch_idx": batch_idx, "indices_source": source,
              "batch_path": str(path) if path else None})
+
+
+def data_link(indices: tuple[int, ...], found: list[Finding]
+              ) -> tuple[str, str, dict[str, Any]]:
+    """What the data inspection says about a diverging batch: a sentence, the advice, details.
+
+    ``found`` are the run's findings so far; those of the training set with a code of
+    :data:`ABNORMAL_SAMPLE_CODES` name the flagged samples (their ``indices``). The batch's
+    ``indices`` holding any of them points at the data; holding none, at the model and the
+    learning rate. ``details["flagged_in_batch"]`` maps each code to the batch's samples it
+    flagged; ``details["data_checked"]`` says whether a data inspection ran.
+
+    Example:
+        >>> flagged = Finding("DataInspection", "data.non_finite", Severity.FAIL,
+        ...                   "1 input(s) hold NaN or Inf.", indices=(37,),
+        ...                   details={"split": "train"})
+        >>> summary = Finding("DataInspection", "data.summary", Severity.INFO, "inspected")
+        >>> data_link((32, 37, 40), [summary, flagged])[0]
+        'The batch holds 1 sample(s) the data inspection flagged: 37 (data.non_finite).'
+        >>> data_link((0, 1), [summary, flagged])[2]
+        {'flagged_in_batch': {}, 'data_checked': True}
+    """
+    checked = any(f.code == _INSPECTED for f in found)
+    hits: dict[str, list[int]] = {}
+    batch = set(indices)
+    for f in found:
+        if (f.code in ABNORMAL_SAMPLE_CODES and f.severity >= Severity.WARN
+                and f.details.get("split", "train") == "train"):
+            hit = sorted(batch.intersection(f.indices))
+            if hit:
+                hits.setdefault(f.code, []).extend(hit)
+    details: dict[str, Any] = {"flagged_in_batch": hits, "data_checked": checked}
+    flagged = sum(len(f.indices) for f in found if f.code in ABNORMAL_SAMPLE_CODES)
+    if not indices:
+        what = (f"the {flagged} sample(s) the data inspection flagged" if checked
+                else "a data inspection's findings (none ran in this fit)")
+        return (f"Without its indices the batch cannot be matched with {what}.",
+                _UNKNOWN_ADVICE, details)
+    if hits:
+        named = "; ".join(f"{_listed(v)} ({code})" for code, v in hits.items())
+        count = len({i for v in hits.values() for i in v})
+        return (f"The batch holds {count} sample(s) the data inspection flagged: {named}.",
+                _DATA_ADVICE, details)
+    if not checked:
+        return ("No data inspection ran in this fit (add `DataInspection`) to tell abnormal "
+                "samples from a model problem.", _UNKNOWN_ADVICE, details)
+    return ("None of its samples was flagged by the data inspection (non-finite, unreadable or "
+            "constant inputs, conflicting or out-of-range labels).", _MODEL_ADVICE, details)
+
+
+def _listed(indices: list[int], most: int = 8) -> str:
+    shown = ", ".join(map(str, indices[:most]))
+    return shown + (f", ... ({len(indices)} in all)" if len(indices) > most else "")

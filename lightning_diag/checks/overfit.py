@@ -15,6 +15,8 @@ per pixel, per token, per label: :func:`lightning_diag.functional.task.correct_c
 tasks use the loss rule alone. Training reproduces the main run's optimization when given its
 :class:`~lightning_diag.isolation.OptimizationSettings` (clipping, accumulation, precision)
 and uses the learning rate the module's ``configure_optimizers`` sets (schedulers included).
+When the sample cannot be overfit at that rate, a short ladder of other rates (recipe 4.2:
+:func:`ladder_rates`) tells a learning rate that is off from a bug no rate fixes.
 """
 
 from __future__ import annotations
@@ -47,31 +49,77 @@ from lightning_diag.isolation import (
     preserved_rng,
     side_experiment,
 )
-from lightning_diag.validation import check_callable, check_int, check_number, check_str
+from lightning_diag.validation import (
+    check_callable,
+    check_flag,
+    check_int,
+    check_number,
+    check_str,
+)
 
-__all__ = ["OverfitResult", "overfit_batches", "overfit_small_batch", "validate_arguments"]
+__all__ = ["FLOOR_FRACTION", "OverfitResult", "ladder_rates", "overfit_batches",
+           "overfit_small_batch", "validate_arguments"]
 
 CHECK = "OverfitSmallBatch"
 ADVICE = (
+    "With regularization off the network must memorize 5-10 batches (recipe step 4) and no "
+    "learning rate of the ladder made it: look at the loss (no softmax before cross-entropy), "
+    "the labels and the data pipeline, then try other architectures and weight "
+    "initializations (step 4.2)."
+)
+NO_LADDER_ADVICE = (
     "With regularization off the network must memorize 5-10 batches (recipe step 4): check the "
     "loss (no softmax before cross-entropy), the labels and the data pipeline, then try other "
     "learning rates, architectures and weight initializations (step 4.2)."
 )
+#: The recipe's default learning rates (step 6.1), tried after x10 and x0.1 the configured one.
+RECIPE_RATES = (1e-1, 1e-2, 1e-3, 1e-4)
+#: At 100 % accuracy, a loss still at or above this fraction of its initial value has a floor
+#: no training removes (a squashing before the loss). See docs/callbacks/overfit.md for the
+#: measurements it sits between.
+FLOOR_FRACTION = 0.25
 #: Called after each pass over the batches with ``(step, mean loss, accuracy or None)``.
 PassHook = Callable[[int, float, "float | None"], None]
+#: Called after each pass of a ladder rate with ``(lr, step, mean loss, accuracy or None)``.
+LadderHook = Callable[[float, int, float, "float | None"], None]
+
+
+def ladder_rates(configured: float) -> list[float]:
+    """The learning rates tried when ``configured`` cannot overfit, in order: x10 and x0.1,
+    then the recipe's 1e-1, 1e-2, 1e-3, 1e-4, each skipped within a factor of 3 of a rate
+    already in the list (or of ``configured``).
+
+    Example:
+        >>> ladder_rates(1e-5)
+        [0.0001, 1e-06, 0.1, 0.01, 0.001]
+        >>> ladder_rates(1e-3)
+        [0.01, 0.0001, 0.1]
+    """
+    out: list[float] = []
+    for lr in (float(f"{configured * 10:.3g}"), float(f"{configured / 10:.3g}"), *RECIPE_RATES):
+        if all(max(lr, o) / min(lr, o) >= 3 for o in (configured, *out)):
+            out.append(lr)
+    return out
 
 
 @dataclass
 class OverfitResult:
     """The outcome of :func:`overfit_small_batch`.
 
-    ``reached`` is True when, in one pass over the batches, the mean loss was at most
-    ``loss_fraction`` (default 5 %) times the (positive) initial loss and, for a per-sample
-    classification (``(N, C)`` classes or ``(N, L)`` labels), every prediction was right;
-    ``steps`` counts optimizer steps. Measured on digits: healthy MLPs and CNNs reach 100 %
+    For a per-sample classification (``(N, C)`` classes or ``(N, L)`` labels) the recipe's
+    criterion decides: ``reached`` is True when, in one pass over the batches, every prediction
+    was right, unless the loss at the end stays at or above :data:`FLOOR_FRACTION` of its
+    initial value (a floor no training removes). Other tasks use the loss rule: the pass's mean
+    loss at most ``loss_fraction`` (default 5 %) times the (positive) initial loss. Training
+    stops at the first pass meeting both (100 % and the loss target), so a loss above its
+    target at 100 % accuracy is reported as information (``loss_above_target``), not as a
+    failure: a trainable head on a frozen backbone reached 100 % with its loss at 0.073 against
+    a 0.071 target after 1000 steps. Measured on digits: healthy MLPs and CNNs reach 100 %
     accuracy and 5 % of the initial loss in the same pass, while a softmax applied before
     cross-entropy reaches 100 % accuracy but floors near ``log(1 + 9/e) = 1.46``, 63 % of
-    ``log 10``: accuracy alone would call it a success.
+    ``log 10``: accuracy alone would call it a success. ``steps`` counts optimizer steps;
+    ``accuracy_step`` is the first step of a pass at 100 %. ``ladder`` holds the learning
+    rates tried when the configured one failed (:func:`ladder_rates`), one result each.
 
     Per-position classification (pixels, tokens) has its accuracy measured and reported but
     not required: positions whose input does not determine the target cap it below 100 % for
@@ -95,10 +143,53 @@ class OverfitResult:
     accuracy_required: bool = True
     lr: float | None = None
     settings: str = OptimizationSettings().describe()
+    accuracy_step: int | None = None
+    final_loss: float = math.nan
+    ladder: list[OverfitResult] = field(default_factory=list)
 
     @property
     def classification(self) -> bool:
         return self.best_accuracy is not None
+
+    @property
+    def loss_above_target(self) -> bool:
+        """Reached on the accuracy while the loss is still above its target."""
+        return self.reached and self.best_loss > self.loss_fraction * self.initial_loss
+
+    @property
+    def non_finite(self) -> bool:
+        return not math.isfinite(self.initial_loss) or not math.isfinite(self.best_loss)
+
+    def rung(self) -> OverfitResult | None:
+        """The first rate of the ladder that overfits, if any."""
+        return next((r for r in self.ladder if r.reached), None)
+
+    def ladder_details(self) -> dict[str, Any]:
+        """The ladder for ``details["ladder"]``: the verdict, the rate that overfits, each rate."""
+        found = self.rung()
+        verdict = ("not_run" if not self.ladder else "no_rate" if found is None
+                   else "lr_too_low" if (found.lr or 0) > (self.lr or 0) else "lr_too_high")
+        return {"verdict": verdict, "configured_lr": self.lr,
+                "overfits_at": None if found is None else found.lr,
+                "steps": None if found is None else found.steps,
+                "tried": [{"lr": r.lr, "reached": r.reached, "steps": r.steps,
+                           "best_loss": r.best_loss, "best_accuracy": r.best_accuracy,
+                           "non_finite": r.non_finite} for r in self.ladder]}
+
+    def ladder_text(self) -> str:
+        """The ladder's verdict in one sentence (empty when it did not run)."""
+        if not self.ladder:
+            return ""
+        found = self.rung()
+        if found is not None:
+            way = "low" if (found.lr or 0) > (self.lr or 0) else "high"
+            return (f"The learning-rate ladder overfits at lr {found.lr:.0e} in {found.steps} "
+                    f"steps: the configured {self.lr:.3g} is too {way}.")
+        rates = [r.lr for r in self.ladder if r.lr is not None] + [self.lr or math.nan]
+        tried = ", ".join(f"{r.lr:.0e}" for r in self.ladder)
+        return (f"No learning rate from {min(rates):.0e} to {max(rates):.0e} overfits (tried "
+                f"{tried}, up to {max(r.steps for r in self.ladder)} steps each): look at the "
+                "loss, the labels and the data pipeline.")
 
     def findings(self) -> list[Finding]:
         """``overfit.reached`` (INFO), ``overfit.not_reached`` or ``overfit.non_finite`` (FAIL)."""
@@ -107,30 +198,51 @@ class OverfitResult:
         acc = ("" if self.best_accuracy is None
                else f"best accuracy {self.best_accuracy:.1%}, " if self.accuracy_required
                else f"best accuracy {self.best_accuracy:.1%} per position (not required), ")
-        if not math.isfinite(self.initial_loss) or not math.isfinite(self.best_loss):
-            return [Finding(CHECK, "overfit.non_finite", Severity.FAIL,
+        found = self.rung()
+        ladder = {"ladder": self.ladder_details()} if self.ladder else {}
+        severity = Severity.FAIL if found is None else Severity.WARN
+        said = f" {self.ladder_text()}" if self.ladder else ""
+        if self.non_finite:
+            advice = (f"Train at about lr {found.lr:.0e} (recipe 4.2), then find the rate with "
+                      "the sweep (recipe 6.1)." if found is not None else
+                      "Lower the learning rate; look for log(0) or division by zero in the loss.")
+            return [Finding(CHECK, "overfit.non_finite", severity,
                             f"The loss became NaN/Inf within {self.steps} steps on "
-                            f"{self.num_batches} batches (initial {self.initial_loss:.4g}).",
-                            advice="Lower the learning rate; look for log(0) or division by "
-                            "zero in the loss.", value=self.best_loss)]
+                            f"{self.num_batches} batches (initial {self.initial_loss:.4g}).{said}",
+                            advice=advice, value=self.best_loss, details=ladder)]
         lr = f"lr {self.lr:.3g}, " if self.lr is not None else ""
         text = (f"{acc}best loss {self.best_loss:.4g} (initial {self.initial_loss:.4g}, target "
                 f"<= {target:.4g}) on {self.num_batches} batches after {self.steps} steps "
                 f"({self.task}; {lr}{self.settings}); regularization off: {off}.")
         if self.reached:
+            if self.loss_above_target:
+                text = (f"100% accuracy at step {self.accuracy_step} (the recipe's criterion); "
+                        f"the loss, still above its target, is information: {text}")
             return [Finding(CHECK, "overfit.reached", Severity.INFO, f"Overfit reached: {text}",
-                            value=self.best_loss, expected=target)]
+                            value=self.best_loss, expected=target,
+                            details={"accuracy_step": self.accuracy_step,
+                                     "loss_above_target": self.loss_above_target})]
         if self.initial_loss <= 0:
             text = (f"the initial loss {self.initial_loss:.4g} is not positive, so no fraction of "
                     f"it can be a target: a loss that falls below 0 is no likelihood (e.g. "
                     f"`nll_loss` given probabilities instead of log-probabilities). {text}")
-        return [Finding(CHECK, "overfit.not_reached", Severity.FAIL,
-                        f"Could not overfit: {text}", advice=ADVICE, value=self.best_loss,
-                        expected=target)]
+        elif self.accuracy_step is not None and self.accuracy_required:
+            text = (f"100% accuracy at step {self.accuracy_step}, but the loss floors at "
+                    f"{self.final_loss / self.initial_loss:.0%} of its initial value (>= "
+                    f"{FLOOR_FRACTION:.0%}: something squashes the output before the loss, e.g. "
+                    f"a softmax before cross-entropy). {text}")
+        if found is not None:
+            advice = (f"Train at about lr {found.lr:.0e}: the network memorizes the sample "
+                      "there (recipe 4.2); confirm with the learning-rate sweep (recipe 6.1).")
+        else:
+            advice = ADVICE if self.ladder else NO_LADDER_ADVICE
+        return [Finding(CHECK, "overfit.not_reached", severity,
+                        f"Could not overfit: {text}{said}", advice=advice, value=self.best_loss,
+                        expected=target, details=ladder)]
 
 
 def validate_arguments(*, max_steps: Any, loss_fraction: Any, reg_attr: Any,
-                       batch_to_target: Any) -> None:
+                       batch_to_target: Any, lr_ladder: Any = True) -> None:
     """Check the arguments of :func:`overfit_batches` (see :mod:`lightning_diag.validation`).
 
     Example:
@@ -140,6 +252,7 @@ def validate_arguments(*, max_steps: Any, loss_fraction: Any, reg_attr: Any,
         ...
         ValueError: `loss_fraction` must be a number in (0, 1), got 1.0.
     """
+    check_flag("lr_ladder", lr_ladder)
     check_int("max_steps", max_steps)
     check_number("loss_fraction", loss_fraction, low=0, high=1, low_open=True, high_open=True)
     check_str("reg_attr", reg_attr, optional=True)
@@ -176,6 +289,8 @@ def overfit_batches(
     settings: OptimizationSettings | None = None,
     progress_bar: bool = False,
     on_pass: PassHook | None = None,
+    lr_ladder: bool = True,
+    on_ladder_pass: LadderHook | None = None,
 ) -> OverfitResult:
     """Train a copy of ``module`` on the fixed ``batches`` until it has overfit them.
 
@@ -190,6 +305,13 @@ def overfit_batches(
     starts every pass from the live module's value, as the first pass did, and carries on from
     batch to batch within it. ``module`` and every RNG stream are left untouched.
 
+    When the configured learning rate does not overfit (the loss target missed, a floor, or a
+    NaN), ``lr_ladder`` tries the rates of :func:`ladder_rates` in order, each on a fresh copy
+    with the same ``max_steps`` budget, and stops at the first that overfits; not when the
+    initial loss itself is not finite or not positive (no rate changes that). The cost: at most
+    ``len(ladder_rates(lr))`` (5 or fewer) more runs of up to ``max_steps`` steps, paid only
+    when the test fails.
+
     Args:
         module: The LightningModule, as initialized.
         batches: The fixed batches (recipe: 5-10).
@@ -201,6 +323,9 @@ def overfit_batches(
             (``OptimizationSettings.from_trainer(trainer)``); default: a plain float32 step.
         progress_bar: Show a tqdm bar.
         on_pass: Called after each pass with ``(step, loss, accuracy or None)``.
+        lr_ladder: Try other learning rates when the configured one fails.
+        on_ladder_pass: Called after each pass of a ladder rate with ``(lr, step, loss,
+            accuracy or None)``.
 
     Raises:
         ValueError: manual optimization, no batches, or no optimizer.
@@ -208,32 +333,71 @@ def overfit_batches(
             raised.
     """
     validate_arguments(max_steps=max_steps, loss_fraction=loss_fraction, reg_attr=reg_attr,
-                       batch_to_target=batch_to_target)
+                       batch_to_target=batch_to_target, lr_ladder=lr_ladder)
     if not batches:
         raise ValueError("`batches` is empty: give at least one training batch.")
     if not module.automatic_optimization:
         raise ValueError(f"{type(module).__name__} uses manual optimization: its training_step "
                          "steps the optimizers itself, so it cannot be overfit by lightning_diag.")
-    settings = settings if settings is not None else OptimizationSettings()
-    with side_experiment(module) as clone:
-        clone.train()
-        settings.prepare(clone)
-        state = StepState(clone, settings.dtype if not settings.mixed else None)
-        state.restore()  # in the run's dtype
-        optimizer = fresh_optimizer(clone)
-        turned_off = disable_regularization(clone, optimizer, reg_attr)
-        run = _Run(clone, [settings.cast(b) for b in batches], batch_to_target, settings,
-                   SideTraining(optimizer, settings, clone.device), state)
-        result = OverfitResult(False, 0, math.nan, math.inf, None, loss_fraction, len(batches),
-                               turned_off, lr=float(optimizer.param_groups[0]["lr"]),
-                               settings=settings.describe())
-        with OutputCapture(clone) as capture:
-            with torch.no_grad():
-                result.initial_loss = run.one_pass(capture, len(batches), train=False)[0]
-            result.task = run.task.describe() if run.task is not None else "unknown task"
-            result.accuracy_required = not run.per_position
-            _train(run, capture, result, max_steps, progress_bar, on_pass)
+    attempt = _Attempt(batches, max_steps, loss_fraction, reg_attr, batch_to_target,
+                       settings if settings is not None else OptimizationSettings())
+    result = attempt.run(module, None, progress_bar, on_pass)
+    if (lr_ladder and not result.reached and result.lr and math.isfinite(result.initial_loss)
+            and result.initial_loss > 0):
+        for lr in ladder_rates(result.lr):
+            hook = None if on_ladder_pass is None else _bound(on_ladder_pass, lr)
+            rung = attempt.run(module, lr, False, hook)
+            result.ladder.append(rung)
+            if rung.reached:
+                break
     return result
+
+
+def _bound(hook: LadderHook, lr: float) -> PassHook:
+    return lambda step, loss, acc: hook(lr, step, loss, acc)
+
+
+@dataclass
+class _Attempt:
+    """Everything one overfitting run needs but its learning rate."""
+
+    batches: list[Any]
+    max_steps: int
+    loss_fraction: float
+    reg_attr: str | None
+    batch_to_target: BatchFn
+    settings: OptimizationSettings
+
+    def run(self, module: pl.LightningModule, lr: float | None, progress_bar: bool,
+            on_pass: PassHook | None) -> OverfitResult:
+        """One run on a fresh copy of ``module``; at ``lr`` when given (every param group
+        scaled alike, so that their ratios stay the user's), else at the configured rate."""
+        settings = self.settings
+        with side_experiment(module) as clone:
+            clone.train()
+            settings.prepare(clone)
+            state = StepState(clone, settings.dtype if not settings.mixed else None)
+            state.restore()  # in the run's dtype
+            optimizer = fresh_optimizer(clone)
+            if lr is not None:
+                factor = lr / float(optimizer.param_groups[0]["lr"])
+                for group in optimizer.param_groups:
+                    group["lr"] = float(group["lr"]) * factor
+            turned_off = disable_regularization(clone, optimizer, self.reg_attr)
+            run = _Run(clone, [settings.cast(b) for b in self.batches], self.batch_to_target,
+                       settings, SideTraining(optimizer, settings, clone.device), state)
+            result = OverfitResult(False, 0, math.nan, math.inf, None, self.loss_fraction,
+                                   len(self.batches), turned_off,
+                                   lr=float(optimizer.param_groups[0]["lr"]),
+                                   settings=settings.describe())
+            with OutputCapture(clone) as capture:
+                with torch.no_grad():
+                    result.initial_loss = run.one_pass(capture, len(self.batches),
+                                                       train=False)[0]
+                result.task = run.task.describe() if run.task is not None else "unknown task"
+                result.accuracy_required = not run.per_position
+                _train(run, capture, result, self.max_steps, progress_bar, on_pass)
+        return result
 
 
 class _Run:
@@ -299,12 +463,19 @@ def _train(run: _Run, capture: OutputCapture, result: OverfitResult, max_steps: 
             result.curve.append((result.steps, loss, acc))
             if on_pass is not None:
                 on_pass(result.steps, loss, acc)
+            result.final_loss = loss
             if not math.isfinite(loss):
                 result.best_loss = loss
                 return
             result.best_loss = min(result.best_loss, loss)
             if acc is not None:
                 result.best_accuracy = max(result.best_accuracy or 0.0, acc)
+                if acc >= 1.0 and result.accuracy_step is None:
+                    result.accuracy_step = result.steps
             if loss <= target and (acc is None or acc >= 1.0 or not result.accuracy_required):
                 result.reached = True
                 return
+    # The budget is spent: the recipe's criterion, 100 % accuracy, decides a per-sample
+    # classification, unless its loss has a floor (it never falls far below its start).
+    result.reached = (result.accuracy_required and result.accuracy_step is not None
+                      and result.final_loss < FLOOR_FRACTION * result.initial_loss)

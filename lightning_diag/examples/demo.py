@@ -16,8 +16,13 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import shlex
+import sys
 import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +54,7 @@ __all__ = [
     "mis_scale_last_layer",
     "recipe_callbacks",
     "run_demo",
+    "tensorboard_command",
 ]
 
 # The injected run: a learning rate far above Adam's usual 1e-3 and a last layer 30x too large
@@ -65,7 +71,9 @@ class DemoResult:
         log_dir: The run's TensorBoard directory (``<out_dir>/<clean|inject>/version_N``).
         report: The HTML report built from it (``None`` when ``report=False``).
         findings: Every finding of every callback, in callback order.
-        tensorboard_command: The exact command that opens the logs.
+        tensorboard_command: The exact command that opens the logs, from any shell and
+            directory: the ``tensorboard`` next to this Python (a virtualenv's) when there is
+            one, and the absolute log directory.
         wall_time_s: Seconds from start to the printed table, report included.
         metrics: The trainer's final logged metrics as floats.
     """
@@ -149,6 +157,47 @@ def mis_scale_last_layer(model: nn.Module, factor: float = BROKEN_LAST_LAYER_SCA
     return model
 
 
+def tensorboard_command(logdir: str | Path) -> str:
+    """The command that opens ``logdir`` in TensorBoard from any shell and directory.
+
+    The ``tensorboard`` executable installed next to the running Python (a virtualenv's
+    ``bin/``) is named by its path, since that folder is often not on the ``PATH``; the log
+    directory is absolute.
+
+    Example:
+        >>> tensorboard_command("runs/demo").endswith(f"--logdir {Path('runs/demo').resolve()}")
+        True
+    """
+    local = Path(sys.executable).parent / "tensorboard"
+    exe = shlex.quote(str(local)) if local.is_file() else "tensorboard"
+    return f"{exe} --logdir {shlex.quote(str(Path(logdir).resolve()))}"
+
+
+#: Lightning's lines the demo does not print: advertisements and hardware it does not use.
+_LIGHTNING_NOISE = ("\N{ELECTRIC LIGHT BULB} Tip:", "GPU available:", "TPU available:",
+                    "HPU available:")
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_LIGHTNING_NOISE)
+
+
+@contextlib.contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Lightning without its tips and hardware lines, and without a deprecation warning it
+    raises against newer torch releases; both only inside the block."""
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    noise = _DropNoise()
+    rank_zero.addFilter(noise)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+            yield
+    finally:
+        rank_zero.removeFilter(noise)
+
+
 def run_demo(
     out_dir: str | Path = "runs/demo",
     inject: bool = False,
@@ -204,18 +253,18 @@ def _run(out_dir: Path, inject: bool, epochs: int, seed: int, limit_batches: int
     if inject:
         mis_scale_last_layer(model)
     logger = TensorBoardLogger(str(out_dir), name=name, default_hp_metric=False)
-    limit = 1.0 if limit_batches is None else limit_batches
-    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=logger,
-                         callbacks=callbacks, enable_progress_bar=progress_bar,
-                         default_root_dir=str(out_dir), num_sanity_val_steps=0,
-                         log_every_n_steps=5, deterministic=True, limit_train_batches=limit,
-                         limit_val_batches=limit)
-    trainer.fit(model, datamodule=dm)
+    with _quiet_lightning():  # limits of None: all batches, without Lightning saying so
+        trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=logger,
+                             callbacks=callbacks, enable_progress_bar=progress_bar,
+                             default_root_dir=str(out_dir), num_sanity_val_steps=0,
+                             log_every_n_steps=5, deterministic=True,
+                             limit_train_batches=limit_batches, limit_val_batches=limit_batches)
+        trainer.fit(model, datamodule=dm)
     log_dir = Path(logger.log_dir)
     logger.experiment.flush()
     found = trainer_findings(trainer)
     html = build_report(log_dir) if report else None
-    command = f"tensorboard --logdir {shlex.quote(str(out_dir))}"
+    command = tensorboard_command(out_dir)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     result = DemoResult(log_dir, html, found, command, time.perf_counter() - start, metrics)
     if echo:

@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Hashable, Sequence
 
 import torch
@@ -27,6 +28,7 @@ __all__ = [
     "connected_groups",
     "constant_mask",
     "duplicate_groups",
+    "hashed_similar_pairs",
     "image_grid",
     "imbalance_ratio",
     "principal_direction",
@@ -171,6 +173,123 @@ def similar_pairs(
     if b is None:
         found = found.sort(dim=1).values
     return found, torch.cat(sims)
+
+
+def hashed_similar_pairs(
+    a: torch.Tensor, b: torch.Tensor | None = None, threshold: float = 0.99, miss: float = 1e-6,
+    seed: int = 0, extra_bits: int = 8, max_bucket: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pairs of :func:`similar_pairs`, in about ``N log N`` time instead of ``N**2``.
+
+    Random-hyperplane hashing: ``k`` sign bits per table, one table per set of ``k`` random
+    hyperplanes; only rows sharing a table's key are compared. Two unit rows at angle ``theta``
+    share a bit with probability ``1 - theta / pi``, so a pair at the threshold shares a key in
+    at least one of ``L`` tables except with probability ``(1 - p**k)**L``; ``L`` is chosen to
+    make that at most ``miss`` (1e-6 by default; closer pairs are missed less often still). With
+    ``k = log2(N) + extra_bits``, a table groups about ``N / 2**extra_bits`` unrelated pairs.
+
+    Args:
+        a: ``(N, d)`` unit (or zero) rows; zero rows are similar to nothing.
+        b: ``(M, d)`` rows to compare against; None searches ``a`` against itself (pairs ``i < j``).
+        threshold: Minimum cosine similarity, in ``(0, 1)``.
+        miss: The largest chance to miss one pair at exactly ``threshold``.
+        seed: Seed of the hyperplanes (a local generator).
+        extra_bits: Bits per key beyond ``log2(N + M)``: more bits, fewer unrelated pairs to
+            check, more tables to hash.
+        max_bucket: Rows sharing a key beyond this many are compared as one block.
+
+    Returns:
+        ``(P, 2)`` int64 pairs, each once, sorted (row of ``a``, row of ``b`` or ``a``), and their
+        ``(P,)`` similarities.
+
+    Example:
+        >>> import torch
+        >>> x = torch.nn.functional.normalize(torch.randn(1000, 16), dim=1)
+        >>> x[7] = torch.nn.functional.normalize(x[3] + 0.01 * torch.randn(16), dim=0)
+        >>> hashed_similar_pairs(x, threshold=0.99)[0].tolist()
+        [[3, 7]]
+    """
+    rows = a if b is None else torch.cat([a, b])
+    live = (rows.norm(dim=1) > 0.5).nonzero().flatten()
+    x = rows if len(live) == len(rows) else rows[live]
+    side = None if b is None else live >= len(a)
+    n = len(x)
+    empty = torch.zeros(0, 2, dtype=torch.long), torch.zeros(0)
+    if n < 2:
+        return empty
+    bits = min(48, math.ceil(math.log2(n)) + extra_bits)
+    p = 1.0 - math.acos(threshold) / math.pi
+    tables = max(1, math.ceil(math.log(miss) / math.log1p(-(p**bits))))
+    gen = torch.Generator().manual_seed(seed)
+    found: list[torch.Tensor] = []
+    for t0 in range(0, tables, 8):  # 8 tables of keys at a time: bounded memory
+        keys = _hash_keys(x, bits, min(8, tables - t0), gen)
+        for key in keys:
+            left, right = _same_key_pairs(key, x, threshold, max_bucket)
+            if side is not None:
+                across = side[left] != side[right]
+                left, right = left[across], right[across]
+            for i in range(0, len(left), 1 << 16):  # the pairs' rows, gathered in chunks
+                li, ri = left[i:i + (1 << 16)], right[i:i + (1 << 16)]
+                hit = (x[li] * x[ri]).sum(dim=1) >= threshold
+                found.append(torch.stack([li[hit], ri[hit]], dim=1))
+    pairs = torch.cat(found) if found else empty[0]
+    if len(pairs) == 0:
+        return empty
+    if side is None:
+        pairs = pairs.sort(dim=1).values
+    else:  # the row of `a` first
+        pairs = torch.where(side[pairs[:, :1]], pairs.flip(1), pairs)
+    pairs = torch.unique(pairs, dim=0)
+    sims = (x[pairs[:, 0]] * x[pairs[:, 1]]).sum(dim=1)
+    pairs = live[pairs]
+    if side is not None:
+        pairs[:, 1] -= len(a)
+    return pairs, sims
+
+
+def _hash_keys(x: torch.Tensor, bits: int, tables: int, gen: torch.Generator,
+               rows: int = 16384) -> torch.Tensor:
+    """``(tables, N)`` int64 keys: the sign bits of ``x`` on ``bits`` random hyperplanes each."""
+    planes = torch.randn(x.shape[1], tables * bits, generator=gen)
+    low = min(bits, 24)  # packed as two float32 halves below 2**24: exact
+    pack = torch.zeros(bits, 2)
+    pack[:low, 0] = 2.0 ** torch.arange(low)
+    pack[low:, 1] = 2.0 ** torch.arange(bits - low)
+    keys = torch.empty(tables, len(x), dtype=torch.int64)
+    for i in range(0, len(x), rows):
+        signs = (x[i:i + rows] @ planes > 0).float().view(-1, tables, bits)
+        halves = (signs @ pack).to(torch.int64)
+        keys[:, i:i + rows] = (halves[..., 0] + (halves[..., 1] << 24)).T
+    return keys
+
+
+def _same_key_pairs(key: torch.Tensor, x: torch.Tensor, threshold: float,
+                    max_bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row pairs sharing ``key``: all of them in buckets of up to ``max_bucket`` rows, and those
+    at ``threshold`` or above in larger buckets (compared as blocks)."""
+    sorted_key, order = key.sort()
+    n = len(key)
+    start = torch.ones(n, dtype=torch.bool)
+    start[1:] = sorted_key[1:] != sorted_key[:-1]
+    starts = start.nonzero().flatten()
+    sizes = torch.diff(starts, append=torch.tensor([n]))
+    size_of = torch.repeat_interleave(sizes, sizes)
+    small = (size_of >= 2) & (size_of <= max_bucket)
+    k, o = sorted_key[small], order[small]
+    left, right = [], []
+    for d in range(1, int(size_of[small].max()) if bool(small.any()) else 1):
+        at = (k[d:] == k[:-d]).nonzero().flatten()  # rows d apart in one bucket
+        left.append(o[at])
+        right.append(o[at + d])
+    for big in (sizes > max_bucket).nonzero().flatten().tolist():
+        members = order[starts[big]:starts[big] + sizes[big]]
+        i, j = (x[members] @ x[members].T >= threshold).triu(diagonal=1).nonzero(as_tuple=True)
+        left.append(members[i])
+        right.append(members[j])
+    if not left:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    return torch.cat(left), torch.cat(right)
 
 
 def connected_groups(pairs: torch.Tensor) -> list[list[int]]:

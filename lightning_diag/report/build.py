@@ -13,7 +13,7 @@ Example:
     >>> d = tempfile.mkdtemp()
     >>> with SummaryWriter(d) as w:
     ...     for epoch, loss in enumerate([2.3, 1.1, 0.6]):
-    ...         w.add_scalar(curve("loss/train"), loss, epoch)
+    ...         w.add_scalar(curve("loss"), loss, epoch)
     >>> path = build_report(d)
     >>> path.name, "Learning curves" in path.read_text()
     ('report.html', True)
@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime as _dt
 import html
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,7 +44,7 @@ from lightning_diag.tensorboard.tags import DATA, FINDINGS, FIRST_LAYER, TUNING
 __all__ = ["build_report"]
 
 #: Indices listed per finding; the rest are counted (the run's findings.jsonl has them all).
-MAX_INDICES = 20
+MAX_INDICES = 8
 
 
 def build_report(logdir: str | Path, out: str | Path | None = None) -> Path:
@@ -61,9 +62,10 @@ def build_report(logdir: str | Path, out: str | Path | None = None) -> Path:
     found = _same_run_names(root, load_findings_by_run(root))
     target = Path(out) if out is not None else root / "report.html"
     body, toc = _render(Canvas(data), found)
-    title = f"lightning_diag report: {root.resolve().name}"
+    here = run_name(root)
+    title = f"lightning_diag report: {here}"
     when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    runs = ", ".join(html.escape(r) for r in data.runs or found) or "none"
+    runs = ", ".join(html.escape(here if r == "." else r) for r in data.runs or found) or "none"
     nav = "".join(f'<li><a href="#{a}">{html.escape(t)}</a></li>' for a, t in toc)
     page = (
         f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
@@ -76,6 +78,20 @@ def build_report(logdir: str | Path, out: str | Path | None = None) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(page, encoding="utf-8")
     return target
+
+
+def run_name(folder: str | Path) -> str:
+    """A run folder as people name it: ``<logger name>/version_N`` for Lightning's version
+    folders (``version_0`` alone says nothing), else the folder's own name.
+
+    Example:
+        >>> run_name("runs/demo/inject/version_0"), run_name("runs/demo")
+        ('inject/version_0', 'demo')
+    """
+    path = Path(folder).resolve()
+    if re.fullmatch(r"version_\d+", path.name) and path.parent.name:
+        return f"{path.parent.name}/{path.name}"
+    return path.name or str(path)
 
 
 def _same_run_names(root: Path, found: dict[str, list[Finding]]) -> dict[str, list[Finding]]:
@@ -115,14 +131,16 @@ def _render(c: Canvas, found: dict[str, list[Finding]]) -> tuple[str, list[tuple
 
 
 _SEVERITIES = (Severity.FAIL, Severity.WARN, Severity.INFO)
-_HEAD = ("check", "code", "message", "advice", "value", "expected", "step", "epoch", "indices")
-# message and advice keep a readable width; numbers stay on one line
-_CLASS = {**dict.fromkeys((0, 1), " class='id'"), **dict.fromkeys((2, 3), " class='msg'"),
-          **dict.fromkeys((4, 5, 6, 7), " class='n'")}
+_HEAD = ("finding", "message", "advice", "value", "expected", "step")
 
 
 def _findings(c: Canvas, by_run: dict[str, list[Finding]]) -> str:
-    """Every finding of the runs' records, FAIL first, then in the order they were found."""
+    """Every finding of the runs' records, FAIL first, then in the order they were found.
+
+    Badges, codes, numbers and steps never wrap (``class='nw'``); message and advice wrap at
+    word boundaries (a path too long for the column breaks where it must); a finding about many
+    samples lists a few indices under its message and counts the rest.
+    """
     # TensorBoard's copies of the findings (tables, values) say nothing the records do not.
     tables = c.take(c.data.texts, lambda t: t.startswith(FINDINGS.prefix))
     c.take(c.data.scalars, lambda t: t.startswith(FINDINGS.prefix))
@@ -135,43 +153,72 @@ def _findings(c: Canvas, by_run: dict[str, list[Finding]]) -> str:
                   key=lambda row: finding_rank(row[1]))
     if not rows:
         return note
-    multi = c.multi or len(by_run) > 1
+    multi = len(by_run) > 1
     counts = " &middot; ".join(
         f"<span class='sev sev-{s.value}'>{s.value.upper()}</span> "
         f"{sum(f.severity is s for _, f in rows)}" for s in _SEVERITIES)
-    head = "".join(f"<th>{h}</th>" for h in (("run",) if multi else ()) + _HEAD)
-    body = "".join(
-        f"<tr class='row-{f.severity.value}'><td><span class='sev sev-{f.severity.value}'>"
-        f"{f.severity.value.upper()}</span></td>"
-        + (f"<td>{html.escape(run)}</td>" if multi else "")
-        + "".join(f"<td{_CLASS.get(i, '')}>{html.escape(cell)}</td>"
-                  for i, cell in enumerate(_cells(f)))
-        + "</tr>" for run, f in rows)
-    return (f"{note}<p class='counts'>{counts}</p><table class='findings'><thead><tr>"
-            f"<th>severity</th>{head}</tr></thead><tbody>{body}</tbody></table>")
+    head = "".join(f"<th>{h}</th>" for h in ("severity", *(("run",) if multi else ()), *_HEAD))
+    body = "".join(_row(f, run if multi else None) for run, f in rows)
+    return (f"{note}<p class='counts'>{counts}</p><table class='findings'><thead><tr>{head}"
+            f"</tr></thead><tbody>{body}</tbody></table>")
+
+
+def _row(f: Finding, run: str | None) -> str:
+    """One finding as a table row (``run``: its run's cell, when the table has several runs)."""
+    sev = f.severity.value
+    code, message, advice, value, expected, step = _cells(f)
+    e = html.escape
+    indices = (f"<div class='idx'>indices: {e(_indices(f))}</div>" if f.indices else "")
+    tip = "; ".join(([f"epoch {f.epoch}"] if f.epoch is not None else [])
+                    + ([f"steps {', '.join(map(str, f.steps()))}"] if len(f.steps()) > 2 else []))
+    epoch = f" title='{tip}'" if tip else ""
+    return (
+        f"<tr class='row-{sev}'><td><span class='sev sev-{sev}'>{sev.upper()}</span></td>"
+        + (f"<td class='run'>{e(run).replace('/', '/<wbr>')}</td>" if run is not None else "")
+        + f"<td class='nw'><code class='code'>{e(code)}</code><div class='check'>{e(f.check)}"
+        f"</div></td><td class='msg'>{e(message)}{indices}</td><td class='msg'>{e(advice)}</td>"
+        f"<td class='nw'>{e(value)}</td><td class='nw'>{e(expected)}</td>"
+        f"<td class='nw'{epoch}>{e(step)}</td></tr>")
 
 
 def _cells(f: Finding) -> list[str]:
-    """The cells of one finding after its severity (and run), as plain text.
+    """The text of one finding's cells after its severity (and run): code, message, advice,
+    value, expected and step(s).
 
     Example:
         >>> _cells(Finding("X", "x.a", Severity.WARN, "m", value=9.123456, expected=(2, 2.5),
         ...                step=0, epoch=0, indices=(3, 7)))
-        ['X', 'x.a', 'm', '-', '9.123', '[2, 2.5]', '0', '0', '3, 7']
+        ['x.a', 'm', '-', '9.123', '[2, 2.5]', '0']
     """
     expected = f.expected
     shown = ("-" if expected is None else f"[{_num(expected[0])}, {_num(expected[1])}]"
              if isinstance(expected, tuple) else _num(expected))
-    more = len(f.indices) - MAX_INDICES
-    indices = ", ".join(map(str, f.indices[:MAX_INDICES])) + (f" (+{more} more)" if more > 0
-                                                                 else "")
-    return [f.check, f.code, f.message, f.advice or "-", "-" if f.value is None else _num(f.value),
-            shown, _or_dash(f.step), _or_dash(f.epoch), indices or "-"]
+    return [f.code, f.message, f.advice or "-", "-" if f.value is None else _num(f.value),
+            shown, _steps(f.steps())]
+
+
+def _indices(f: Finding) -> str:
+    """The first :data:`MAX_INDICES` indices of ``f``, and how many there are in all.
+
+    Example:
+        >>> _indices(Finding("X", "x.a", Severity.WARN, "m", indices=range(30)))
+        '0, 1, 2, 3, 4, 5, 6, 7, ... (30 in all)'
+    """
+    shown = ", ".join(map(str, f.indices[:MAX_INDICES]))
+    return shown + (f", ... ({len(f.indices)} in all)" if len(f.indices) > MAX_INDICES else "")
+
+
+def _steps(steps: list[int]) -> str:
+    """The steps a finding was seen at, short enough for one line.
+
+    Example:
+        >>> _steps([]), _steps([4]), _steps([1, 3]), _steps([10, 20, 30, 40])
+        ('-', '4', '1, 3', '10-40 (4x)')
+    """
+    if len(steps) <= 2:
+        return ", ".join(map(str, steps)) or "-"
+    return f"{steps[0]}-{steps[-1]} ({len(steps)}x)"
 
 
 def _num(x: float) -> str:
     return f"{x:.4g}" if math.isfinite(x) else str(x)
-
-
-def _or_dash(x: int | None) -> str:
-    return "-" if x is None else str(x)

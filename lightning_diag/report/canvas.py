@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import base64
 import html
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
@@ -63,7 +63,7 @@ class Canvas:
     def value_table(self, tags: list[str], prefix: str) -> str:
         run_head = "<th>run</th>" if self.multi else ""
         rows = "".join(
-            f"<tr><td>{html.escape(t[len(prefix):])}</td>"
+            f"<tr><td>{html.escape(' · '.join(filter(None, (t[len(prefix):], s.series))))}</td>"
             + (f"<td>{html.escape(s.run)}</td>" if self.multi else "")
             + f"<td>{s.values[0]:.6g}</td><td>{s.steps[0]}</td></tr>"
             for t in tags for s in self.data.scalars[t]
@@ -92,7 +92,9 @@ class Canvas:
 
     def plot_tags(self, ax: Axes, tags: Iterable[str], prefix: str,
                   emphasize: tuple[str, ...] = (), strip_stat: bool = False,
-                  epoch_axis: bool = False) -> str:
+                  epoch_axis: bool = False, skip: Collection[str] = ()) -> str:
+        """One line per series of each tag (sibling runs named in the legend), except the
+        sibling runs in ``skip``; returns the x-axis label."""
         x_label = "step"
         n = 0
         for tag in tags:
@@ -100,10 +102,13 @@ class Canvas:
             if strip_stat and "/" in name:
                 name = name.split("/", 1)[1]
             for s in self.data.scalars[tag]:
+                if s.series in skip:
+                    continue
                 xs: list[float] = list(s.steps)
                 if epoch_axis and (epochs := self._epochs_of(s)) is not None:
                     xs, x_label = epochs, "epoch"
-                label = f"{name} ({s.run})" if self.multi else name
+                label = " · ".join(filter(None, (name, s.series)))
+                label = f"{label} ({s.run})" if self.multi else label
                 bold = any(e in name for e in emphasize)
                 ax.plot(xs, s.values, marker="o" if len(xs) < 30 else None,
                         ms=3, lw=2.4 if bold else 1.2, label=label)
@@ -116,7 +121,7 @@ class Canvas:
     def _epochs_of(self, series: Series) -> list[float] | None:
         """Lightning logs an ``epoch`` scalar at every logging step: use it as the x-axis."""
         for epoch_series in self.data.scalars.get("epoch", []):
-            if epoch_series.run == series.run:
+            if (epoch_series.run, epoch_series.series) == (series.run, series.series):
                 at = dict(zip(epoch_series.steps, epoch_series.values, strict=False))
                 if all(step in at for step in series.steps):
                     return [at[step] for step in series.steps]
@@ -127,10 +132,10 @@ class Canvas:
         for tag in tags:
             latest: dict[str, Text] = {}
             for t in self.data.texts[tag]:
-                if t.run not in latest or t.step >= latest[t.run].step:
-                    latest[t.run] = t
+                if t.source not in latest or t.step >= latest[t.source].step:
+                    latest[t.source] = t
             for t in latest.values():
-                head = f"{tag} ({t.run})" if self.multi else tag
+                head = f"{tag} ({t.source})" if self.multi or t.series else tag
                 out.append(f"<h4>{html.escape(head)} <small>step {t.step}</small></h4>"
                            f"<div class='text'>{markdown_html(t.text)}</div>")
         return "".join(out)
@@ -140,10 +145,10 @@ class Canvas:
         for tag in tags:
             latest: dict[str, Image] = {}
             for im in self.data.images[tag]:
-                if im.run not in latest or im.step >= latest[im.run].step:
-                    latest[im.run] = im
+                if im.source not in latest or im.step >= latest[im.source].step:
+                    latest[im.source] = im
             for im in latest.values():
-                cap = f"{tag} ({im.run})" if self.multi else tag
+                cap = f"{tag} ({im.source})" if self.multi or im.series else tag
                 src = base64.b64encode(im.png).decode()
                 kind = "jpeg" if im.png[:2] == b"\xff\xd8" else "png"
                 cells.append(f"<figure><img src='data:image/{kind};base64,{src}' alt="
@@ -156,7 +161,7 @@ class Canvas:
         last: list[tuple[str, Histogram]] = []
         for tag in tags:
             for h in self.data.histograms[tag]:
-                if not last or last[-1][0] != tag or last[-1][1].run != h.run:
+                if not last or last[-1][0] != tag or last[-1][1].source != h.source:
                     last.append((tag, h))
                 elif h.step >= last[-1][1].step:
                     last[-1] = (tag, h)
@@ -174,7 +179,8 @@ def _histogram_grid(chunk: list[tuple[str, Histogram]], prefix: str, multi: bool
     for ax, (tag, h) in zip(axes, chunk, strict=False):
         bars(ax, h)
         name = tag[len(prefix):] if prefix else tag
-        ax.set_title(f"{name} @ {h.step}" + (f" ({h.run})" if multi else ""), fontsize=8)
+        ax.set_title(f"{name} @ {h.step}" + (f" ({h.source})" if multi or h.series else ""),
+                     fontsize=8)
         # Shapes matter here, not counts: fewer tick labels keep the drawing fast.
         ax.set_yticks([])
         ax.locator_params(axis="x", nbins=4)

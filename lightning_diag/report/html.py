@@ -66,8 +66,10 @@ overflow-wrap:anywhere}
 th{background:#f4f4f4}.sev{font-weight:bold;border-radius:3px;padding:0 .4em;color:#fff}
 .sev-fail{background:#c62828}.sev-warn{background:#ef8f00}.sev-info{background:#1565c0}
 tr.row-fail{background:#fdecea}tr.row-warn{background:#fff6e5}
-.sev,.findings th,.findings td.n{white-space:nowrap}.findings td.msg{min-width:14em}
-.findings td.id{min-width:9em}
+.findings td{overflow-wrap:normal}.sev,.findings th,.findings .nw{white-space:nowrap}
+.findings td.msg{overflow-wrap:anywhere;min-width:12em}.findings td.nw{width:1%}
+.findings td.run{min-width:6em}
+.findings .check,.findings .idx{color:#666;font-size:.85em}.findings .idx{margin-top:.3em}
 table.values{width:auto;margin:.5em 0}img.plot{max-width:100%;display:block;margin:.6em 0}
 .gallery{display:flex;flex-wrap:wrap;gap:1em}.gallery figure{margin:0;max-width:100%}
 .gallery img{max-width:100%;image-rendering:pixelated;min-width:160px;border:1px solid #eee}

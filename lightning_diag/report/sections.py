@@ -20,20 +20,23 @@ from lightning_diag.report.canvas import Canvas
 from lightning_diag.report.html import img, legend
 from lightning_diag.tensorboard.tags import (
     ACTIVATIONS,
+    COMBINED_RUN,
     CURVES,
+    EMA,
     ENSEMBLE,
     GRADIENT_CHECK,
+    GUIDE_RUN,
     OVERFIT,
     UPDATE_RATIO,
-    UPDATE_RATIO_GUIDE,
     raw_metric,
 )
 
 __all__ = ["activations", "before_training", "curves", "ema", "ensemble", "other",
            "update_ratio"]
 
-# The recipe's healthy update/weight ratio (step 5.5); a decade either side is shaded.
-_UPDATE_RATIO_GUIDE = 1e-3
+# log10 of the recipe's healthy update/weight ratio, 1e-3 (step 5.5); a decade either side is
+# shaded.
+_UPDATE_RATIO_GUIDE = -3.0
 
 
 def before_training(c: Canvas) -> str:
@@ -81,31 +84,36 @@ def activations(c: Canvas) -> str:
 
 def update_ratio(c: Canvas) -> str:
     scalars, texts, images, hists = c.prefixed(UPDATE_RATIO.prefix)
-    # A logged constant guide line would duplicate the dashed one drawn here.
-    scalars = [t for t in scalars if t != UPDATE_RATIO_GUIDE]
     out = ""
     if scalars:
         fig = Figure(figsize=(9, 4))
         ax = fig.subplots()
-        c.plot_tags(ax, scalars, UPDATE_RATIO.prefix, emphasize=("median",))
-        ax.set_yscale("log")
-        ax.axhline(_UPDATE_RATIO_GUIDE, color="k", ls="--", lw=1, label="1e-3 guide")
-        ax.axhspan(_UPDATE_RATIO_GUIDE / 10, _UPDATE_RATIO_GUIDE * 10, color="g", alpha=0.08)
+        # the logged guide line (a sibling run) is the dashed one drawn here
+        c.plot_tags(ax, scalars, UPDATE_RATIO.prefix, emphasize=("median",), strip_stat=True,
+                    skip=(GUIDE_RUN,))
+        ax.axhline(_UPDATE_RATIO_GUIDE, color="k", ls="--", lw=1, label="healthy: -3 (1e-3)")
+        ax.axhspan(_UPDATE_RATIO_GUIDE - 1, _UPDATE_RATIO_GUIDE + 1, color="g", alpha=0.08)
         ax.set_xlabel("step")
-        ax.set_ylabel("|Δw| / |w|")
+        ax.set_ylabel("log10 |Δw| / |w|")
         legend(ax)
-        out = (img(fig, "update ratios") + "<p class='note'>Dashed: the recipe's healthy "
-               "ratio of about 1e-3; shaded: a decade either side.</p>")
+        out = (img(fig, "update ratios") + "<p class='note'>log10 of the update ratio. Dashed: "
+               "the recipe's healthy ratio of about 1e-3 (-3); shaded: a decade either side. "
+               "A weight that did not move (-inf) leaves a gap in its line.</p>")
     return out + c.images(images) + c.texts(texts) + (
         c.histograms(hists, UPDATE_RATIO.prefix) if hists else "")
 
 
 def ema(c: Canvas) -> str:
-    pairs = []
-    for tag in c.take(c.data.scalars, lambda t: raw_metric(t) is not None):
-        raw = raw_metric(tag) or tag
-        pairs.append((raw, [tag] + ([raw] if raw in c.data.scalars else [])))
-    return c.panels(pairs, "", "epoch-or-step") if pairs else ""
+    scalars, texts, images, _ = c.prefixed(EMA.prefix)
+    if not scalars:
+        return ""
+    # The same averages, logged through Lightning as ``<metric>_ema`` at global steps: the
+    # per-epoch charts below hold them next to the raw weights'.
+    c.take(c.data.scalars, lambda t: raw_metric(t) is not None)
+    panels = [(t[len(EMA.prefix):], [t]) for t in scalars]
+    return (c.panels(panels, EMA.prefix, "epoch") + "<p class='note'>Per epoch: <b>raw</b> the "
+            "trained weights, <b>ema</b> their moving average (also logged as "
+            "<code>&lt;metric&gt;_ema</code>).</p>" + c.images(images) + c.texts(texts))
 
 
 def ensemble(c: Canvas) -> str:
@@ -113,11 +121,17 @@ def ensemble(c: Canvas) -> str:
     scalars, texts, images, _ = c.prefixed(prefix)
     groups: dict[str, list[tuple[str, float]]] = {"accuracy": [], "loss": [], "other": []}
     for tag in scalars:
-        for s in c.data.scalars[tag]:
-            name = tag[len(prefix):] + (f" ({s.run})" if c.multi else "")
-            key = "loss" if "loss" in name else "accuracy" if "acc" in name else "other"
-            groups[key].append((name, s.values[-1]))
-    panels = [(k, rows) for k, rows in groups.items() if rows and k != "other"]
+        name = tag[len(prefix):]
+        key = "loss" if "loss" in name else "accuracy" if "acc" in name else "other"
+        # members (a point per kept checkpoint, at its epoch) first, then their ensemble
+        for s in sorted(c.data.scalars[tag], key=lambda s: s.series == COMBINED_RUN):
+            run = f" ({s.run})" if c.multi else ""
+            if s.series == COMBINED_RUN:
+                groups[key].append((f"{name}: ensemble{run}", s.values[-1]))
+            else:
+                groups[key] += [(f"{name}: epoch {e}{run}", v)
+                                for e, v in zip(s.steps, s.values, strict=True)]
+    panels = [(k, rows) for k, rows in groups.items() if rows]
     out = ""
     if panels:
         height = max(2.5, 0.3 * max(len(rows) for _, rows in panels) + 1)
@@ -129,11 +143,9 @@ def ensemble(c: Canvas) -> str:
             for i, (_, v) in enumerate(rows):
                 ax.text(v, i, f" {v:.4g}", va="center", fontsize=8)
             ax.invert_yaxis()
-            ax.set_title(f"{title} (ensemble in red)", fontsize=9)
+            ax.set_title(f"{title}: each kept checkpoint (blue) and their ensemble (red)",
+                         fontsize=9)
         out = img(fig, "ensemble vs members")
-    if groups["other"]:
-        out += c.value_table([t for t in scalars if not any(
-            w in t[len(prefix):] for w in ("loss", "acc"))], prefix)
     return out + c.images(images) + c.texts(texts)
 
 

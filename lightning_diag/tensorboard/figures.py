@@ -1,40 +1,79 @@
-"""Figures shared by the step-5 monitors (matplotlib imported lazily).
+"""Figures and annotated images of the monitors and the data inspection.
+
+TensorBoard's Images dashboard scales every image to the width of its card (:data:`CARD_WIDTH`
+pixels) and shows no caption, so everything here is drawn for that width, with its own text:
+images at least that wide, text about :data:`TEXT_PX` pixels high once scaled to the card (and at
+their natural size in the HTML report). matplotlib and Pillow are imported lazily.
 
 Example:
     >>> import torch
-    >>> from lightning_diag.tensorboard.figures import filter_grid
+    >>> from lightning_diag.tensorboard.figures import filter_grid, layer_label
     >>> filter_grid(torch.randn(8, 1, 3, 3)).shape
     torch.Size([13, 13])
+    >>> layer_label("net.3", torch.nn.Conv2d(1, 2, 3))
+    'net.3 (Conv2d)'
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
+
+from lightning_diag.functional.data import image_grid
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+    from PIL import ImageDraw, ImageFont
 
-__all__ = ["curves_figure", "filter_grid", "layer_summary_figure"]
+__all__ = ["CARD_WIDTH", "TEXT_PX", "Cell", "annotated_grid", "class_counts_figure",
+           "curves_figure", "filter_grid", "layer_label", "layer_summary_figure"]
+
+#: Pixels: the width TensorBoard's Images dashboard scales every image to (its card, measured on
+#: TensorBoard 2.x in a 1600-pixel-wide window; the cards have a fixed width).
+CARD_WIDTH = 345
+#: Pixels: the height text should have once the image is scaled to the card.
+TEXT_PX = 13
+# matplotlib figures are laid out at the card's size (96 CSS pixels per inch) and rendered at
+# twice that, so that a 9-point font reads as 12 pixels on the card and stays sharp
+_FIG_WIDTH_IN, _FIG_DPI = CARD_WIDTH / 96, 192
+_RED, _INK, _NOTE = (200, 30, 30), (25, 25, 25), (140, 75, 0)
+
+
+def layer_label(name: str, module: torch.nn.Module | str) -> str:
+    """A layer as figures, captions and messages name it: its name and its module type.
+
+    Args:
+        name: The module's name in ``named_modules()`` (``""``: the model itself).
+        module: The module, or its class name.
+
+    Example:
+        >>> layer_label("net.3", "Conv2d"), layer_label("", "Net")
+        ('net.3 (Conv2d)', 'model (Net)')
+    """
+    kind = module if isinstance(module, str) else type(module).__name__
+    return f"{name or 'model'} ({kind})"
 
 
 Series = tuple[Sequence[float], Sequence[float], dict[str, Any]]
 
 
-def _figure(width: float, height: float) -> Figure:
-    """A figure without pyplot (no figure manager to create and close), at 80 dpi."""
+def _figure(height: float, width: float = _FIG_WIDTH_IN) -> Figure:
+    """A figure without pyplot (no figure manager to create and close), at the card's size."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), dpi=80)
+    fig = Figure(figsize=(width, height), dpi=_FIG_DPI)
     FigureCanvasAgg(fig)
     return fig
 
 
-def _limits(values: Iterable[float]) -> tuple[float, float, list[float]]:
+def _limits(values: Iterable[float], integer: bool = False) -> tuple[float, float, list[float]]:
     """Data range padded by 5 %, and its "nice" ticks (at most 5, all inside the range)."""
     from matplotlib.ticker import MaxNLocator
 
@@ -42,24 +81,43 @@ def _limits(values: Iterable[float]) -> tuple[float, float, list[float]]:
     lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
     pad = (hi - lo) * 0.05 if hi > lo else max(abs(lo) * 0.05, 0.5)
     lo, hi = lo - pad, hi + pad
-    ticks = [float(t) for t in MaxNLocator(4).tick_values(lo, hi) if lo <= t <= hi]
+    locator = MaxNLocator(4, integer=integer)
+    ticks = [float(t) for t in locator.tick_values(lo, hi) if lo <= t <= hi]
     return lo, hi, ticks
 
 
-def _panel(fig: Figure, rect: tuple[float, float, float, float], series: list[Series],
-           title: str, xlabel: str = "", ylabels: Sequence[str] | None = None) -> None:
-    """Line plots drawn straight onto the figure, in figure coordinates, with no Axes.
+@dataclass(frozen=True)
+class _Panel:
+    """Where a panel goes, in inches from the figure's bottom left, and what it says."""
+
+    left: float
+    bottom: float
+    width: float
+    height: float
+    title: str
+    xlabel: str
+    ylabel: str = ""
+    integer_x: bool = False  # whole-number x ticks (epochs)
+
+
+def _panel(fig: Figure, at: _Panel, series: list[Series],
+           ylabels: Sequence[str] | None = None,
+           legend: Sequence[tuple[str, dict[str, Any]]] = ()) -> None:
+    """Line plots drawn straight onto the figure with plain artists, no Axes.
 
     An Axes costs ~20 ms to build and ~30 ms to draw here (dozens of tick objects, text
     layout done twice for tight bounding boxes); a frame, the lines and ~10 tick labels drawn
     as plain artists cost a few ms. ``ylabels``: category labels at y = 0, 1, ... (top to
-    bottom) instead of numeric y ticks.
+    bottom) instead of numeric y ticks. ``legend``: (label, line style) entries drawn at the
+    right end of the title's line.
     """
+    from matplotlib.font_manager import FontProperties
     from matplotlib.lines import Line2D
     from matplotlib.patches import Rectangle
 
-    left, bottom, width, height = rect
-    x0, x1, xticks = _limits(v for xs, _, _ in series for v in xs)
+    fw, fh = fig.get_figwidth(), fig.get_figheight()
+    left, bottom, width, height = at.left / fw, at.bottom / fh, at.width / fw, at.height / fh
+    x0, x1, xticks = _limits((v for xs, _, _ in series for v in xs), at.integer_x)
     if ylabels is None:
         y0, y1, yticks = _limits(v for _, ys, _ in series for v in ys)
     else:  # category rows, the first at the top
@@ -75,44 +133,104 @@ def _panel(fig: Figure, rect: tuple[float, float, float, float], series: list[Se
     for xs, ys, style in series:
         fig.add_artist(Line2D([fx(v) for v in xs], [fy(v) for v in ys], **style))
     for t in xticks:
-        fig.text(fx(t), bottom - 0.015, f"{t:.3g}", ha="center", va="top", fontsize=7)
+        fig.text(fx(t), bottom - 0.04 / fh, f"{t:.3g}", ha="center", va="top", fontsize=8)
     for i, t in enumerate(yticks):
         label = ylabels[i] if ylabels is not None else f"{t:.3g}"
-        if label:
-            fig.text(left - 0.006, fy(t), label, ha="right", va="center", fontsize=7)
-    fig.text(left + width / 2, bottom + height + 0.02, title, ha="center", fontsize=9)
-    if xlabel:
-        fig.text(left + width / 2, bottom - 0.1, xlabel, ha="center", va="top", fontsize=8)
+        fig.text(left - 0.04 / fw, fy(t), label, ha="right", va="center", fontsize=8.5)
+    top = bottom + height + 0.06 / fh
+    fig.text(0.06 / fw, top, at.title, ha="left", va="bottom", fontsize=9.5)
+    fig.text(left + width / 2, bottom - 0.22 / fh, at.xlabel, ha="center", va="top", fontsize=9)
+    if at.ylabel:
+        fig.text(0.04 / fw, bottom + height / 2, at.ylabel, rotation=90, ha="left",
+                 va="center", fontsize=9)
+    x, font = left + width, FontProperties(size=8.5)
+    renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
+    for label, style in reversed(legend):  # right-aligned, the last entry at the right edge
+        fig.text(x, top, label, ha="right", va="bottom", fontproperties=font)
+        x -= renderer.get_text_width_height_descent(label, font, ismath=False)[0] / (
+            fig.dpi * fw) + 0.05 / fw
+        fig.add_artist(Line2D([x - 0.24 / fw, x - 0.12 / fw, x], [top + 0.06 / fh] * 3,
+                              **{**style, "markevery": [1]}))
+        x -= 0.4 / fw
 
 
 def layer_summary_figure(stats: dict[str, dict[str, Any]], bins: int) -> Figure:
-    """CS231n-style summary: mean and std per layer, and each layer's activation histogram.
+    """CS231n-style summary: each layer's output mean and std, then its value distribution.
 
-    One row per layer, first layer at the top: its mean and std on the left, its activation
-    distribution (log(1 + count), scaled to the peak bin) on the right, on one shared value
-    axis so that layers compare at a glance. Plain artists, no Axes (see :func:`_panel`): ~30-50 ms.
+    Two panels, one row per layer (first layer at the top, labelled by the keys of ``stats``,
+    e.g. :func:`layer_label`): the mean and std of its output, and the distribution of its
+    values (log(1 + count), scaled to the peak bin) on one shared value axis so that layers
+    compare at a glance. Plain artists, no Axes (see :func:`_panel`): ~30-60 ms.
     """
     names = list(stats)
-    fig = _figure(9, 0.9 + 0.22 * len(names))
-    bottom, top = 0.45 / fig.get_figheight(), 1 - 0.35 / fig.get_figheight()
+    longest = max((len(n) for n in names), default=4)
+    left = min(0.12 + 0.066 * longest, _FIG_WIDTH_IN * 0.45)  # room for the layer labels
+    fit = int((left - 0.12) / 0.066)  # ~0.066 in per character at 8.5 points
+    # a name too long loses its middle, keeping the module's path start and its type's end
+    labels = [n if len(n) <= fit else f"{n[:fit // 2]}\u2026{n[fit // 2 + 1 - fit:]}"
+              for n in names]
+    rows = 0.17 * len(names) + 0.2
+    width = _FIG_WIDTH_IN - left - 0.1
+    fig = _figure(2 * rows + 1.45)
     moments: list[Series] = [
         ([stats[n][key] for n in names], list(range(len(names))),
          {"marker": marker, "ls": "none", "ms": 4, "color": color})
         for key, marker, color in (("mean", "o", "C0"), ("std", "x", "C3"))]
-    _panel(fig, (0.14, bottom, 0.27, top - bottom), moments, "mean (o) and std (x)",
-           ylabels=names)
+    _panel(fig, _Panel(left, rows + 1.05, width, rows, "each layer's output",
+                       "mean and std of the output"), moments, ylabels=labels,
+           legend=[("mean", moments[0][2]), ("std", moments[1][2])])
     ridges: list[Series] = []
     for i, name in enumerate(names):
         lo, hi, num, _, _, *counts = stats[name]["act_hist"]
         if num > 0 and math.isfinite(lo) and math.isfinite(hi) and max(counts) > 0:
             # log(1 + count): a ReLU's spike at zero would flatten the rest of its shape
-            width, peak = ((hi - lo) / bins if hi > lo else 1e-6), math.log1p(max(counts))
-            ridges.append(([lo + width * (k + 0.5) for k in range(bins)],
+            step, peak = ((hi - lo) / bins if hi > lo else 1e-6), math.log1p(max(counts))
+            ridges.append(([lo + step * (k + 0.5) for k in range(bins)],
                            [i + 0.4 - 0.8 * math.log1p(c) / peak for c in counts],
                            {"lw": 1, "color": f"C{i % 10}"}))
-    _panel(fig, (0.44, bottom, 0.54, top - bottom), ridges,
-           "activation distribution per layer (log counts, scaled to the peak)",
-           ylabels=[""] * len(names))
+    _panel(fig, _Panel(left, 0.45, width, rows, "distribution of each layer's output "
+                       "(log counts)", "output value"), ridges, ylabels=labels)
+    return fig
+
+
+def curves_figure(history: dict[str, list[tuple[int, float]]]) -> Figure:
+    """Loss above accuracy against epochs, train and val in each panel (no Axes, ~30 ms)."""
+    fig = _figure(4.1)
+    styles = {"train": {"marker": "o", "ls": "-", "color": "C0", "ms": 3},
+              "val": {"marker": "s", "ls": "--", "color": "C1", "ms": 3}}
+    for bottom, what in ((2.45, "loss"), (0.45, "accuracy")):
+        series: list[Series] = [([e for e, _ in pts], [v for _, v in pts], styles[split])
+                                for split in ("train", "val")
+                                if (pts := history.get(f"{what}/{split}", []))]
+        _panel(fig, _Panel(0.62, bottom, _FIG_WIDTH_IN - 0.72, 1.3, f"{what} per epoch", "epoch",
+                           what, integer_x=True), series,
+               legend=[(split, styles[split]) for split in ("train", "val")
+                       if history.get(f"{what}/{split}")])
+    return fig
+
+
+def class_counts_figure(counts: dict[str, Sequence[int]]) -> Figure:
+    """Samples per class, one bar per class and split (``{"train": [...], ...}``).
+
+    Drawn once per fit, so with an Axes (a legend, integer class ticks, nothing clipped).
+    """
+    from matplotlib.ticker import MaxNLocator
+
+    fig = _figure(2.4)
+    fig.set_layout_engine("constrained")
+    ax = fig.add_subplot()
+    width = 0.8 / max(len(counts), 1)
+    for k, (name, c) in enumerate(counts.items()):
+        ax.bar([i + (k - (len(counts) - 1) / 2) * width for i in range(len(c))], list(c), width,
+               label=name)
+    ax.set_xlabel("class", fontsize=9)
+    ax.set_ylabel("samples", fontsize=9)
+    ax.set_title("samples per class", fontsize=9.5, loc="left")
+    ax.tick_params(labelsize=8)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=12, integer=True))
+    if len(counts) > 1:  # above the bars, right of the title: never over a bar
+        ax.legend(fontsize=8, loc="lower right", bbox_to_anchor=(1, 1), ncols=len(counts),
+                  frameon=False, borderaxespad=0.2)
     return fig
 
 
@@ -140,16 +258,145 @@ def filter_grid(weight: torch.Tensor, pad: int = 1) -> torch.Tensor:
     return grid[0] if c == 1 else grid.permute(1, 2, 0)
 
 
-def curves_figure(history: dict[str, list[tuple[int, float]]]) -> Figure:
-    """Loss and accuracy against epochs, train and val on the same panel (no Axes, ~30 ms)."""
-    fig = _figure(9, 3.2)
-    styles = {"train": {"marker": "o", "ls": "-", "color": "C0"},
-              "val": {"marker": "s", "ls": "--", "color": "C1"}}
-    for left, what in ((0.07, "loss"), (0.57, "accuracy")):
-        series: list[Series] = [([e for e, _ in pts], [v for _, v in pts],
-                                 {**styles[split], "ms": 3})
-                                for split in ("train", "val")
-                                if (pts := history.get(f"{what}/{split}", []))]
-        _panel(fig, (left, 0.2, 0.41, 0.7), series,
-               f"{what}: train (o, solid), val (s, dashed)", xlabel="epoch")
-    return fig
+# -- annotated images ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Cell:
+    """One image of :func:`annotated_grid` and the lines of text drawn under it.
+
+    Attributes:
+        image: ``(H, W)``, ``(1, H, W)`` or ``(3, H, W)``, min-max scaled on its own.
+        caption: Lines under the image (split, dataset index, label, ...).
+        alert: Frame the image and write its caption in red (a conflicting label, say).
+    """
+
+    image: torch.Tensor
+    caption: tuple[str, ...] = ()
+    alert: bool = False
+
+
+@functools.lru_cache(maxsize=16)
+def _font(px: int, bold: bool = False) -> ImageFont.FreeTypeFont:
+    """DejaVu Sans, the font matplotlib ships (so no system font is needed)."""
+    from pathlib import Path
+
+    import matplotlib
+    from PIL import ImageFont
+
+    name = "DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf"
+    return ImageFont.truetype(str(Path(matplotlib.get_data_path(), "fonts", "ttf", name)), px)
+
+
+def _wrap(text: str, font: ImageFont.FreeTypeFont, width: float) -> list[str]:
+    lines: list[str] = []
+    for word in text.split(" "):
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
+@dataclass(frozen=True)
+class _Layout:
+    px: int  # text height
+    scale: int  # image enlargement
+    label_w: int  # row-label column
+    cell_w: int
+    cell_h: int
+    width: int
+
+    @property
+    def line(self) -> int:
+        return round(self.px * 1.25)
+
+    @property
+    def margin(self) -> int:
+        return max(4, self.px // 3)
+
+
+def _layout(rows: list[list[Cell]], row_labels: Sequence[str], px: int,
+            scale: int | None) -> _Layout:
+    font, gap = _font(px), max(3, px // 4)
+    h, w = next(c.image.shape[-2:] for row in rows for c in row)
+    ncol = max((len(row) for row in rows), default=1) or 1
+    lines = max((len(c.caption) for row in rows for c in row), default=0)
+    caption_w = max((font.getlength(t) for row in rows for c in row for t in c.caption),
+                    default=0.0)
+    label_w = math.ceil(max((font.getlength(t) for t in row_labels), default=0.0))
+    label_w += 2 * gap if label_w else 0
+    margin = max(4, px // 3)
+    if scale is None:  # enlarge small images until the grid fills the card
+        scale = max(1, (CARD_WIDTH - 2 * margin - label_w) // (ncol * (w + gap)))
+    cell_w = max(w * scale, math.ceil(caption_w)) + gap
+    cell_h = h * scale + lines * round(px * 1.25) + gap + (gap if lines else 0)
+    return _Layout(px, scale, label_w, cell_w, cell_h, 2 * margin + label_w + ncol * cell_w)
+
+
+def annotated_grid(rows: Sequence[Sequence[Cell]], title: str, row_labels: Sequence[str] = (),
+                   notes: Sequence[str] = ()) -> np.ndarray:
+    """Images in rows with their captions, row labels, a title and notes, as one image.
+
+    Small images are enlarged (nearest neighbour) until the grid fills :data:`CARD_WIDTH`;
+    the text is :data:`TEXT_PX` pixels high, more when the grid is wider than the card so that
+    it reads the same once TensorBoard scales the image down. Rows may be empty (a class
+    without samples keeps its labelled row).
+
+    Args:
+        rows: The cells of each row; every image of the same size.
+        title: What the image shows, wrapped to its width.
+        row_labels: One label per row, drawn left of it (none when empty).
+        notes: Lines drawn in brown under the title (what is not shown, what red means).
+
+    Returns:
+        ``(H, W, 3)`` uint8, ``W >= CARD_WIDTH``.
+
+    Example:
+        >>> cells = [[Cell(torch.rand(8, 8), ("train #3", "label 1"))]]
+        >>> image = annotated_grid(cells, "one sample", row_labels=["class 1"])
+        >>> image.shape[1] == CARD_WIDTH, image.dtype
+        (True, dtype('uint8'))
+    """
+    from PIL import Image, ImageDraw
+
+    grid = [list(row) for row in rows]
+    labels = list(row_labels) or [""] * len(grid)
+    if not any(grid):
+        raise ValueError("annotated_grid needs at least one image.")
+    fit = _layout(grid, row_labels, TEXT_PX, None)
+    if fit.width > CARD_WIDTH:  # too wide: the card shrinks it, so the text grows to match
+        fit = _layout(grid, row_labels, math.ceil(TEXT_PX * fit.width / CARD_WIDTH), fit.scale)
+    width, margin, line = max(fit.width, CARD_WIDTH), fit.margin, fit.line
+    head = [(t, _font(fit.px, bold=True), _INK) for t in _wrap(title, _font(fit.px, True),
+                                                               width - 2 * margin)]
+    head += [(t, _font(fit.px), _NOTE) for note in notes
+             for t in _wrap(note, _font(fit.px), width - 2 * margin)]
+    top = margin + len(head) * line + margin
+    canvas = Image.new("RGB", (width, top + len(grid) * fit.cell_h + margin), "white")
+    draw = ImageDraw.Draw(canvas)
+    for k, (text, font, colour) in enumerate(head):
+        draw.text((margin, margin + k * line), text, fill=colour, font=font)
+    for r, (row, label) in enumerate(zip(grid, labels, strict=True)):
+        y = top + r * fit.cell_h
+        image_h = row[0].image.shape[-2] * fit.scale if row else line
+        draw.text((margin, y + image_h // 2), label, fill=_INK, font=_font(fit.px), anchor="lm")
+        for c, cell in enumerate(row):
+            x = margin + fit.label_w + c * fit.cell_w
+            _paste(canvas, draw, cell, (x, y), fit)
+    return np.asarray(canvas)
+
+
+def _paste(canvas: Any, draw: ImageDraw.ImageDraw, cell: Cell, at: tuple[int, int],
+           fit: _Layout) -> None:
+    from PIL import Image
+
+    x, y = at
+    rgb = image_grid([[cell.image]], pad=0, scale=fit.scale)
+    tile = Image.fromarray((rgb * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+    canvas.paste(tile, (x, y))
+    colour = _RED if cell.alert else _INK
+    if cell.alert:
+        frame = max(2, fit.px // 6)
+        draw.rectangle((x - 1, y - 1, x + tile.width, y + tile.height), outline=_RED, width=frame)
+    for k, text in enumerate(cell.caption):
+        draw.text((x, y + tile.height + max(3, fit.px // 4) + k * fit.line), text, fill=colour,
+                  font=_font(fit.px))

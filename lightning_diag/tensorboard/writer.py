@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
 
 __all__ = [
+    "SiblingRuns",
     "figure_to_array",
     "log_dir",
     "log_figure",
@@ -84,6 +85,72 @@ def log_scalars(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> No
     clean = {k: float(v) for k, v in metrics.items()}
     for logger in trainer.loggers:
         logger.log_metrics(clean, step=step)
+
+
+class SiblingRuns:
+    """Scalars written to sibling runs: sub-directories ``<log_dir>/<name>`` of the trainer's
+    TensorBoard run, which TensorBoard lists as runs of their own.
+
+    The same tag written in two of them is drawn as two lines of one chart, each run in its own
+    colour, on every dashboard (Keras' TensorBoard callback writes ``train/`` and
+    ``validation/`` so); the names are :data:`~lightning_diag.tensorboard.tags.SIBLING_RUNS`.
+    Rank zero only. Loggers other than that TensorBoard logger get each value as
+    ``<tag>/<run>``. The owner closes it when done (a callback's ``_release``); a new log
+    directory (another fit, another logger) opens new writers.
+
+    Example:
+        >>> import tempfile
+        >>> import lightning.pytorch as pl
+        >>> from lightning.pytorch.loggers import TensorBoardLogger
+        >>> d = tempfile.mkdtemp()
+        >>> trainer = pl.Trainer(logger=TensorBoardLogger(d), enable_progress_bar=False)
+        >>> runs = SiblingRuns()
+        >>> runs.log(trainer, {"train": {"loss": 2.3}, "validation": {"loss": 2.4}}, step=0)
+        >>> sorted(p.name for p in Path(trainer.logger.log_dir).iterdir() if p.is_dir())
+        ['train', 'validation']
+        >>> runs.close()
+    """
+
+    def __init__(self) -> None:
+        self._writers: dict[str, SummaryWriter] = {}
+        self._root: Path | None = None
+
+    def log(self, trainer: pl.Trainer, values: dict[str, dict[str, float]], step: int) -> None:
+        """Write ``values`` (sibling run -> tag -> value) at ``step``, flushed at once."""
+        from lightning.pytorch.loggers import TensorBoardLogger
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        from torch.utils.tensorboard import SummaryWriter
+
+        if not trainer.is_global_zero or not values:
+            return
+        main = tensorboard_writer(trainer)
+        if main is not None:
+            root = Path(main.get_logdir())
+            if root != self._root:
+                self.close()
+                self._root = root
+            for run, scalars in values.items():
+                if not scalars:
+                    continue
+                if run not in self._writers:
+                    self._writers[run] = SummaryWriter(str(root / run))
+                writer = self._writers[run]
+                writer._get_file_writer().add_summary(Summary(value=[
+                    Summary.Value(tag=tag, simple_value=float(v)) for tag, v in scalars.items()]),
+                    step)
+                # flushed now: the report may be built right after fit, before any close
+                writer.flush()
+        flat = {f"{tag}/{run}": float(v) for run, scalars in values.items()
+                for tag, v in scalars.items()}
+        for logger in trainer.loggers:
+            if not (isinstance(logger, TensorBoardLogger) and logger.experiment is main):
+                logger.log_metrics(flat, step=step)
+
+    def close(self) -> None:
+        """Close every writer (idempotent)."""
+        while self._writers:
+            self._writers.popitem()[1].close()
+        self._root = None
 
 
 def figure_to_array(fig: Figure) -> np.ndarray:

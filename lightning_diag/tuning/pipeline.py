@@ -72,7 +72,7 @@ def tune(model_factory: ModelFactory, data: Any, lrs: Sequence[float] = (1e-1, 1
          refine_epochs: int = 10, run_dir: str | Path = "tune_runs", storage: Any = None,
          study_name: str = "lightning_diag_search", monitor: str = "val_acc",
          direction: str = "maximize", seed: int = 0, verbose: bool = True,
-         **trainer_kwargs: Any) -> TuneSummary:
+         heartbeat: int | None = 60, **trainer_kwargs: Any) -> TuneSummary:
     """Chain :func:`lr_sweep`, :func:`random_search` and :func:`refine` (recipe step 6.1-6.3).
 
     Writes ``sweep.png``, TensorBoard runs under ``run_dir`` (``sweep/``, ``search/``,
@@ -82,7 +82,7 @@ def tune(model_factory: ModelFactory, data: Any, lrs: Sequence[float] = (1e-1, 1
     check_sweep_arguments(model_factory=model_factory, lrs=lrs, steps=sweep_steps, seed=seed)
     check_search_arguments(model_factory=model_factory, n_trials=n_trials, epochs=epochs,
                            weight_decays=weight_decays, study_name=study_name, monitor=monitor,
-                           direction=direction, seed=seed)
+                           direction=direction, seed=seed, heartbeat=heartbeat)
     check_refine_arguments(top_k=top_k, epochs=refine_epochs, seed=seed)
     check_flag("verbose", verbose)
     run_dir = Path(run_dir)
@@ -93,7 +93,7 @@ def tune(model_factory: ModelFactory, data: Any, lrs: Sequence[float] = (1e-1, 1
     search = random_search(model_factory, data, sweep.best_lr, n_trials, epochs=epochs,
                            weight_decays=weight_decays, storage=storage, study_name=study_name,
                            run_dir=run_dir, monitor=monitor, direction=direction, seed=seed,
-                           **trainer_kwargs)
+                           heartbeat=heartbeat, **trainer_kwargs)
     refined = refine(search, top_k=top_k, epochs=refine_epochs, seed=seed)
     summary = TuneSummary(sweep, search, refined)
     _log_summary(summary, run_dir)

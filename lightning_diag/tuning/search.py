@@ -2,7 +2,9 @@
 
 Optuna is the engine (``pip install 'lightning-diag[tune]'``). By default the study lives in
 ``<run_dir>/study.db`` so that an interrupted search resumes where it stopped; any Optuna storage
-URL (``storage="postgresql://..."``) lets several processes or machines share one study.
+URL (``storage="postgresql://..."``) lets several processes or machines share one study, with a
+heartbeat that fails and retries the trial of a worker that died. A trial may itself train under
+Lightning's DDP (``strategy="ddp", devices=2``).
 
 Example:
     >>> from functools import partial
@@ -16,11 +18,13 @@ Example:
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import warnings
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -28,6 +32,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
+import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_diag.callbacks.lr_advisor import LRPlateauAdvisor
@@ -98,7 +103,11 @@ def _trial_sampler(optuna: Any, seed: int) -> Any:
 
 
 class _Pruning(pl.Callback):
-    """Reports ``monitor`` after each validation and stops the fit when Optuna says prune."""
+    """Reports ``monitor`` after each validation and stops the fit when Optuna says prune.
+
+    Under DDP only rank 0 holds the trial (``trial`` is None on the others): its decision is
+    broadcast, so that every rank stops at the same epoch.
+    """
 
     def __init__(self, trial: Any, monitor: str) -> None:
         self.trial, self.monitor = trial, monitor
@@ -110,10 +119,57 @@ class _Pruning(pl.Callback):
         if trainer.sanity_checking or value is None:
             return
         self.curve.append(float(value))
-        self.trial.report(float(value), step=trainer.current_epoch)
-        if self.trial.should_prune():
+        prune = False
+        if self.trial is not None:
+            self.trial.report(float(value), step=trainer.current_epoch)
+            prune = bool(self.trial.should_prune())
+        if trainer.world_size > 1:
+            prune = bool(trainer.strategy.broadcast(prune, src=0))
+        if prune:
             self.pruned = True
             trainer.should_stop = True
+
+
+# Lightning's DDP launcher runs the user's script again for every other rank, and it does so at
+# each fit: rank 0 names the trial it trains in this variable, which the new ranks inherit.
+_HANDED_TRIAL = "LIGHTNING_DIAG_TRIAL"
+
+
+def _handed_trial() -> dict[str, Any] | None:
+    """The trial rank 0 trains, in a process Lightning's DDP launcher started for another rank."""
+    handed = os.environ.get(_HANDED_TRIAL)
+    if handed is None or int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        return None
+    return dict(json.loads(handed))
+
+
+# what Lightning's launcher writes into rank 0's environment; left there, the next fit would
+# take rank 0 for a process started by someone else and launch no other rank
+_LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+@contextmanager
+def _handing(trial: dict[str, Any]) -> Iterator[None]:
+    """Hand ``trial`` to the ranks a DDP fit launches; afterwards let the next trial launch its own
+    (Lightning keeps the process group until the process exits, and marks the environment)."""
+    before = {k: os.environ.get(k) for k in _LAUNCH_ENV}
+    was_distributed = _distributed()
+    os.environ[_HANDED_TRIAL] = json.dumps(trial)
+    try:
+        yield
+    finally:
+        del os.environ[_HANDED_TRIAL]
+        if not was_distributed and _distributed():
+            torch.distributed.destroy_process_group()
+            for key, value in before.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
 @dataclass
@@ -156,7 +212,7 @@ def _epochs(epochs: Any) -> tuple[int, int]:
 
 def check_search_arguments(*, model_factory: Any, n_trials: Any, epochs: Any,
                            weight_decays: Any, study_name: Any, monitor: Any, direction: Any,
-                           seed: Any) -> None:
+                           seed: Any, heartbeat: Any = None) -> None:
     """Check the arguments :func:`random_search` shares with ``tune``, before any training.
 
     Example:
@@ -175,6 +231,7 @@ def check_search_arguments(*, model_factory: Any, n_trials: Any, epochs: Any,
     check_str("monitor", monitor)
     check_choice("direction", direction, ("maximize", "minimize"))
     check_int("seed", seed, low=None)
+    check_int("heartbeat", heartbeat, optional=True)
 
 
 def check_refine_arguments(*, top_k: Any, epochs: Any, seed: Any) -> None:
@@ -189,7 +246,8 @@ def random_search(model_factory: ModelFactory, data: Any, center_lr: float, n_tr
                   weight_decays: Sequence[float] = (1e-4, 1e-5, 0.0), storage: Any = None,
                   study_name: str = "lightning_diag_search", run_dir: str | Path = "tune_runs",
                   monitor: str = "val_acc", direction: str = "maximize", lr_span: float = 3.0,
-                  seed: int = 0, pruner: Any = None, **trainer_kwargs: Any) -> SearchResult:
+                  seed: int = 0, pruner: Any = None, heartbeat: int | None = 60,
+                  **trainer_kwargs: Any) -> SearchResult:
     """Random search of learning rate and weight decay, ``n_trials`` in total across resumes.
 
     The learning rate is log-uniform in ``[center_lr / lr_span, center_lr * lr_span]``, the weight
@@ -202,14 +260,20 @@ def random_search(model_factory: ModelFactory, data: Any, center_lr: float, n_tr
         data: A LightningDataModule or a ``(train_loader, val_loader)`` pair.
         center_lr: The sweep's learning rate.
         n_trials: Total finished (complete or pruned) trials wanted in the study.
-        storage: Optuna storage URL or object; default ``sqlite:///<run_dir>/study.db``. Running
-            trials left by a killed process are marked failed only with this default (one
-            process per run dir); shared storages keep them (use Optuna's heartbeat).
+        storage: Optuna storage URL or object; default ``sqlite:///<run_dir>/study.db`` (one
+            process per run dir: trials left running by a killed process are marked failed at
+            the next start). A URL (``postgresql://...``) is shared by every worker given it.
         study_name: The study's name in the storage.
         run_dir: TensorBoard logs of each trial (``search/trial_<n>``) and the default study.
         monitor, direction: Metric logged by the model and ``"maximize"`` or ``"minimize"``.
         seed: Trial ``n`` draws its values from ``(seed, n)``, so workers never repeat each other.
-        **trainer_kwargs: Passed to ``pl.Trainer``.
+        heartbeat: With a storage URL, a running trial writes a heartbeat every ``heartbeat``
+            seconds; one silent for twice that (its worker died) is marked failed by the next
+            worker to start a trial and run once more with the same values. None: no heartbeat.
+        **trainer_kwargs: Passed to ``pl.Trainer``. ``strategy="ddp", devices=2`` trains each
+            trial on two processes: Lightning runs the script again for rank 1, whose
+            ``random_search`` trains rank 0's trial and then ends that process (one search per
+            script; log ``monitor`` with ``sync_dist=True``).
 
     Raises:
         ImportError: Optuna is not installed. ValueError/TypeError: a bad argument, named.
@@ -218,14 +282,31 @@ def random_search(model_factory: ModelFactory, data: Any, center_lr: float, n_tr
     check_number("center_lr", center_lr, low=0, low_open=True)
     check_search_arguments(model_factory=model_factory, n_trials=n_trials, epochs=epochs,
                            weight_decays=weight_decays, study_name=study_name, monitor=monitor,
-                           direction=direction, seed=seed)
+                           direction=direction, seed=seed, heartbeat=heartbeat)
     check_number("lr_span", lr_span, low=1, low_open=True)
     lo_ep, hi_ep = _epochs(epochs)
     _fit_data(data)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+
+    def fit_trial(trial: Any, number: int, lr: float, wd: float) -> tuple[_Pruning, pl.Trainer]:
+        pruning = _Pruning(trial, monitor)
+        logger = TensorBoardLogger(str(run_dir), name="search", version=f"trial_{number}")
+        trainer = quiet_trainer(max_epochs=hi_ep, logger=logger, callbacks=[pruning],
+                                **trainer_kwargs)
+        with _handing({"number": number, "lr": lr, "weight_decay": wd}):
+            trainer.fit(build_model(model_factory, lr, wd, seed), **_fit_data(data))
+        return pruning, trainer
+
+    handed = _handed_trial()
+    if handed is not None:  # a rank of rank 0's DDP trial: train it, and nothing else after it
+        fit_trial(None, handed["number"], handed["lr"], handed["weight_decay"])
+        raise SystemExit(0)
     embedded = storage is None
     storage = storage if storage is not None else f"sqlite:///{(run_dir / 'study.db').resolve()}"
+    url = storage
+    if isinstance(storage, str) and not embedded and heartbeat is not None:
+        storage = _heartbeat_storage(optuna, storage, heartbeat)
     study = optuna.create_study(
         storage=storage, study_name=study_name, direction=direction, load_if_exists=True,
         sampler=_trial_sampler(optuna, seed),
@@ -241,11 +322,7 @@ def random_search(model_factory: ModelFactory, data: Any, center_lr: float, n_tr
             lr = trial.suggest_float("lr", center_lr / lr_span, center_lr * lr_span, log=True)
             wd = trial.suggest_categorical("weight_decay", [float(w) for w in weight_decays])
             trial.set_user_attr("worker", os.getpid())
-            pruning = _Pruning(trial, monitor)
-            logger = TensorBoardLogger(str(run_dir), name="search", version=f"trial_{trial.number}")
-            trainer = quiet_trainer(max_epochs=hi_ep, logger=logger, callbacks=[pruning],
-                                    **trainer_kwargs)
-            trainer.fit(build_model(model_factory, lr, wd, seed), **_fit_data(data))
+            pruning, trainer = fit_trial(trial, trial.number, lr, wd)
             trial.set_user_attr("curve", pruning.curve)
             if pruning.pruned:
                 raise optuna.TrialPruned()
@@ -256,7 +333,16 @@ def random_search(model_factory: ModelFactory, data: Any, center_lr: float, n_tr
 
         finished = optuna.study.MaxTrialsCallback(n_trials, states=(states.COMPLETE, states.PRUNED))
         study.optimize(objective, n_trials=n_trials - done, callbacks=[finished])
-    return _result(study, storage, monitor, direction, model_factory, data, run_dir, trainer_kwargs)
+    return _result(study, url, monitor, direction, model_factory, data, run_dir, trainer_kwargs)
+
+
+def _heartbeat_storage(optuna: Any, url: str, heartbeat: int) -> Any:
+    """The RDB storage at ``url`` with heartbeats; a stale trial is failed, then retried once."""
+    with warnings.catch_warnings():  # the retry callback is marked experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = optuna.storages.RetryFailedTrialCallback(max_retry=1)
+    return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat,
+                                      failed_trial_callback=retry)
 
 
 def _result(study: Any, storage: Any, monitor: str, direction: str, model_factory: ModelFactory,
@@ -285,10 +371,48 @@ class RefineResult:
     monitor: str
 
     def table(self) -> str:
+        """The ranked configurations, then :meth:`next_step`."""
         return markdown_table(
             ["rank", "lr", "weight decay", self.monitor, "advisor"],
             [[str(r["rank"]), f"{r['lr']:.3e}", f"{r['weight_decay']:g}", f"{r['value']:.4f}",
-              ", ".join(r["advisor"]) or "healthy"] for r in self.rows])
+              ", ".join(r["advisor"]) or "healthy"] for r in self.rows]
+        ) + f"\n\n{self.next_step()}"
+
+    def next_step(self) -> str:
+        """One sentence: the configuration to train longer, or what to change in it (recipe
+        6.4, read from the advisor's verdicts on the best run; step 5: back to step 3).
+
+        Example:
+            >>> RefineResult([{"rank": 1, "lr": 3e-3, "weight_decay": 1e-4, "value": 0.97,
+            ...                "advisor": ["advisor.overfit"]}], "val_acc").next_step()[:81]
+            'Next: configuration 1 (lr 3.00e-03, weight decay 0.0001, val_acc 0.9700) overfits'
+        """
+        if not self.rows:
+            return "Next: nothing was refined."
+        best = self.rows[0]
+        name = (f"configuration {best['rank']} (lr {best['lr']:.2e}, weight decay "
+                f"{best['weight_decay']:g}, {self.monitor} {best['value']:.4f})")
+        said = set(best["advisor"])
+        what = next((text for code, text in _NEXT if code in said), None)
+        if what is not None:
+            return f"Next: {name} {what}."
+        others = ", ".join(sorted(said))
+        if others:
+            return f"Next: look at {name}'s findings ({others}) before training it longer."
+        return (f"Next: train {name} longer: the advisor saw no plateau, under- or overfitting "
+                "in its run (recipe step 6.5: back to step 3 with more epochs).")
+
+
+#: What the best refined run's verdict says to do, the most pressing first.
+_NEXT = (
+    ("advisor.divergence", "diverged: lower its learning rate (about 10x) before training it "
+                           "longer"),
+    ("advisor.overfit", "overfits: raise its weight decay or add other regularization (or get "
+                        "more data), then refine it again"),
+    ("advisor.underfit", "underfits: use a bigger model or train it longer"),
+    ("advisor.plateau", "plateaus while its loss is still high: decay its learning rate (x0.1) "
+                        "and train on"),
+)
 
 
 def refine(results: SearchResult, top_k: int = 3, epochs: int = 10, seed: int = 0,

@@ -32,7 +32,13 @@ from lightning_diag.tensorboard.tags import (
     sweep_layout,
 )
 from lightning_diag.tensorboard.writer import figure_to_array, markdown_table, merge_custom_scalars
-from lightning_diag.validation import check_callable, check_int, check_number, check_sequence
+from lightning_diag.validation import (
+    check_callable,
+    check_flag,
+    check_int,
+    check_number,
+    check_sequence,
+)
 
 __all__ = ["LRComparison", "ModelFactory", "SweepResult", "check_sweep_arguments",
            "compare_with_lr_find", "lr_sweep"]
@@ -57,6 +63,9 @@ class SweepResult:
         diverged: Learning rates whose loss diverged.
         rule: The pick rule, in words.
         png_path: The chart of all curves, when a ``run_dir`` was given.
+        extended: The learning rate added beyond the edge of ``lrs`` when the pick lay there
+            (recipe: a result at the edge of the range means the range was wrong), else None.
+        edge: Which edge of the final range the pick lies at (``"top"``, ``"bottom"``), or ``""``.
     """
 
     best_lr: float
@@ -66,13 +75,40 @@ class SweepResult:
     diverged: set[float]
     rule: str
     png_path: Path | None = None
+    extended: float | None = None
+    edge: str = ""
+
+    def range_note(self) -> str:
+        """What the edge of the range says, in one sentence (empty: the pick is inside it).
+
+        Example:
+            >>> r = SweepResult(1.0, {1.0: [], 0.1: [], 0.01: []}, {}, {}, set(), "",
+            ...                 extended=1.0, edge="top")
+            >>> r.range_note().split("; ")[1]
+            'the pick 1e+00 is still at its top edge: extend the range further up.'
+        """
+        if self.extended is None and not self.edge:
+            return ""
+        text = ""
+        if self.extended is not None:
+            side = "top" if self.extended == max(self.curves) else "bottom"
+            text = (f"The best rate lay at the {side} edge of the range, so the range was "
+                    f"extended once, to {self.extended:.0e} (recipe 6.1: a result at the edge "
+                    "means the range was wrong); ")
+        if not self.edge:
+            return f"{text}the pick {self.best_lr:.0e} now lies inside the range."
+        where = "up" if self.edge == "top" else "down"
+        text = text or "The pick lies at the edge of the range: "
+        return (f"{text}the pick {self.best_lr:.0e} is still at its {self.edge} edge: extend "
+                f"the range further {where}.")
 
     def table(self) -> str:
         """A markdown table: one row per learning rate, the pick marked."""
         return markdown_table(
             ["lr", "final smoothed loss", "diverged", "pick"],
             [[f"{lr:.0e}", f"{self.scores[lr]:.4g}", "yes" if lr in self.diverged else "",
-              "<-" if lr == self.best_lr else ""] for lr in sorted(self.curves, reverse=True)])
+              "<-" if lr == self.best_lr else ""] for lr in sorted(self.curves, reverse=True)]
+        ) + (f"\n\n{self.range_note()}" if self.range_note() else "")
 
 
 class _StepLosses(pl.Callback):
@@ -134,7 +170,7 @@ def lr_sweep(model_factory: ModelFactory, train_dataloaders: Any = None,
              lrs: Sequence[float] = (1e-1, 1e-2, 1e-3, 1e-4), steps: int = 100,
              weight_decay: float = 1e-5, seed: int = 0, alpha: float = 0.1,
              run_dir: str | Path | None = None, settings: OptimizationSettings | None = None,
-             **trainer_kwargs: Any) -> SweepResult:
+             extend_edge: bool = True, **trainer_kwargs: Any) -> SweepResult:
     """Train a fresh model per learning rate for ``steps`` iterations and pick the best rate.
 
     Every model starts from the same weights (built under ``seed``), sees the full training data
@@ -153,6 +189,9 @@ def lr_sweep(model_factory: ModelFactory, train_dataloaders: Any = None,
         weight_decay: The small weight decay used for every run.
         seed: Seed of the shared initialization and data order.
         alpha: EMA smoothing factor of the pick rule.
+        extend_edge: When the pick is the largest or the smallest of ``lrs`` (two or more),
+            sweep once more one step beyond it (the ratio of ``lrs``' neighbours, x10 for the
+            recipe's rates) and pick again among all; :meth:`SweepResult.range_note` says so.
         run_dir: Where to write the TensorBoard chart (``sweep/``) and ``sweep.png``.
         settings: The main run's optimization
             (``OptimizationSettings.from_trainer(trainer)``), passed on as Trainer arguments.
@@ -167,6 +206,7 @@ def lr_sweep(model_factory: ModelFactory, train_dataloaders: Any = None,
     check_sweep_arguments(model_factory=model_factory, lrs=lrs, steps=steps, seed=seed)
     check_number("weight_decay", weight_decay, low=0)
     check_number("alpha", alpha, low=0, high=1, low_open=True)
+    check_flag("extend_edge", extend_edge)
     if settings is not None:
         both = sorted(set(settings.trainer_kwargs()) & set(trainer_kwargs))
         if both:
@@ -177,25 +217,63 @@ def lr_sweep(model_factory: ModelFactory, train_dataloaders: Any = None,
     generators = _generators(train_dataloaders)
     saved = [g.get_state() for g in generators]
     curves: dict[float, list[float]] = {}
-    try:
-        for lr in lrs:
+
+    def sweep(rates: Sequence[float]) -> None:
+        try:
+            for lr in rates:
+                for g, state in zip(generators, saved, strict=True):
+                    g.set_state(state)  # a loader's own shuffling generator: same order
+                model = build_model(model_factory, float(lr), weight_decay, seed, init)
+                recorder = _StepLosses()
+                trainer = quiet_trainer(max_steps=steps, max_epochs=-1, limit_val_batches=0,
+                                        callbacks=[recorder], **trainer_kwargs)
+                trainer.fit(model, train_dataloaders=train_dataloaders, datamodule=datamodule)
+                curves[float(lr)] = recorder.losses
+        finally:
             for g, state in zip(generators, saved, strict=True):
-                g.set_state(state)  # a loader's own shuffling generator: same order for every lr
-            model = build_model(model_factory, float(lr), weight_decay, seed, init)
-            recorder = _StepLosses()
-            trainer = quiet_trainer(max_steps=steps, max_epochs=-1, limit_val_batches=0,
-                                    callbacks=[recorder], **trainer_kwargs)
-            trainer.fit(model, train_dataloaders=train_dataloaders, datamodule=datamodule)
-            curves[float(lr)] = recorder.losses
-    finally:
-        for g, state in zip(generators, saved, strict=True):
-            g.set_state(state)
+                g.set_state(state)
+
+    sweep(lrs)
     best, scores, bad = pick_learning_rate(curves, alpha=alpha)
+    extended = beyond_edge(best, list(curves)) if extend_edge else None
+    if extended is not None:
+        sweep([extended])
+        best, scores, bad = pick_learning_rate(curves, alpha=alpha)
     smoothed = {lr: smooth_ema(c, alpha).tolist() if c else [] for lr, c in curves.items()}
-    result = SweepResult(best, curves, smoothed, scores, bad, RULE.format(alpha=alpha))
+    edge = _edge(best, list(curves))
+    result = SweepResult(best, curves, smoothed, scores, bad, RULE.format(alpha=alpha),
+                         extended=extended, edge=edge)
     if run_dir is not None:
         result.png_path = _write_charts(result, Path(run_dir))
     return result
+
+
+def _edge(best: float, lrs: list[float]) -> str:
+    """``"top"`` or ``"bottom"`` when ``best`` is the largest or smallest of two or more
+    rates, else ``""``."""
+    if len(set(lrs)) < 2:
+        return ""
+    return "top" if best == max(lrs) else "bottom" if best == min(lrs) else ""
+
+
+def beyond_edge(best: float, lrs: list[float]) -> float | None:
+    """The rate one step beyond the edge ``best`` lies at, or None when it lies inside.
+
+    The step is the ratio of the edge's nearest neighbour to it, so the recipe's decade
+    steps give x10 (or /10).
+
+    Example:
+        >>> beyond_edge(1e-1, [1e-1, 1e-2, 1e-3, 1e-4]), beyond_edge(1e-4, [1e-1, 1e-4])
+        (1.0, 1e-07)
+        >>> beyond_edge(1e-2, [1e-1, 1e-2, 1e-3]) is None
+        True
+    """
+    edge = _edge(best, lrs)
+    if not edge:
+        return None
+    rates = sorted(set(lrs))
+    step = rates[-1] / rates[-2] if edge == "top" else rates[1] / rates[0]
+    return float(f"{best * step if edge == 'top' else best / step:.3g}")
 
 
 def _generators(loaders: Any) -> list[torch.Generator]:

@@ -32,6 +32,7 @@ class InspectionConfig:
     progress: bool = True
     progress_min: int = 10_000
     num_threads: int | None = 1
+    num_workers: int = 0
     batch_to_input: BatchFn = default_batch_to_input
     batch_to_target: BatchFn = default_batch_to_target
 
@@ -41,6 +42,7 @@ class InspectionConfig:
             check_int(name, getattr(self, name), low=low)
         check_int("seed", self.seed, low=None)
         check_int("num_threads", self.num_threads, optional=True)
+        check_int("num_workers", self.num_workers, low=0)
         check_number("near_threshold", self.near_threshold, low=0, high=1, low_open=True,
                      high_open=True)
         check_number("imbalance_ratio", self.imbalance_ratio, low=1, low_open=True)

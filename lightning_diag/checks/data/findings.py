@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 from lightning_diag.checks.data.scan import DataReport, SplitScan
@@ -37,7 +38,8 @@ def findings_of(report: DataReport, make: Make) -> list[Finding]:
             out.append(make("data.sampled", Severity.INFO,
                             f"{_where(scan)}inspected a seeded random subset of "
                             f"{len(scan.indices)} of {scan.size} samples (`max_samples`).",
-                            value=float(len(scan.indices)), details={"split": scan.name}))
+                            value=float(len(scan.indices)), details={"split": scan.name},
+                            subject=scan.name))
     if report.train.label_kind != "class":
         kind = ("no targets" if report.train.label_kind == "none" else
                 "targets that are not one integer class per sample (regression, multi-label, "
@@ -48,9 +50,10 @@ def findings_of(report: DataReport, make: Make) -> list[Finding]:
                         advice="If the samples do hold an integer class label, pass "
                                "`batch_to_target=` (a function from one sample to its label)."))
     for scan in report.scans():
-        out += _per_sample(scan, make)
-        out += _duplicates(report, scan, make)
-        out += _labels(report, scan, make)
+        in_split = functools.partial(make, subject=scan.name)  # one fact per code and split
+        out += _per_sample(scan, in_split)
+        out += _duplicates(report, scan, in_split)
+        out += _labels(report, scan, in_split)
     if report.val is not None and report.leaks["pairs"]:
         out.append(_leakage(report, report.val, make))
     return out

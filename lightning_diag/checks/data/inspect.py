@@ -33,11 +33,13 @@ from lightning_diag.functional.data import (
     centered_cosine,
     connected_groups,
     duplicate_groups,
+    hashed_similar_pairs,
     similar_pairs,
 )
 from lightning_diag.isolation import preserved_rng
 
 __all__ = [
+    "EXACT_SEARCH_PAIRS",
     "MIN_NEAR_FEATURES",
     "DataReport",
     "InspectionConfig",
@@ -52,13 +54,18 @@ MakeFinding = Callable[..., Finding]
 # correlate that well): near duplicates are searched only on inputs with at least this many.
 MIN_NEAR_FEATURES = 16
 
+# Above this many sample pairs (a set of ~141,000 with itself) near duplicates are searched by
+# random-hyperplane hashing (about N log N; a pair at the threshold is missed with probability
+# below 1e-6) rather than by comparing every pair (exact, N**2).
+EXACT_SEARCH_PAIRS = 10**10
+
 
 def inspect_dataset(
     train: Any, val: Any = None, num_classes: int | None = None, *,
     max_samples: int = 100_000, near_threshold: float = 0.997, imbalance_ratio: float = 10.0,
     batch_to_input: BatchFn = default_batch_to_input,
     batch_to_target: BatchFn = default_batch_to_target, dim: int = 64, chunk_size: int = 2048,
-    seed: int = 0, progress: bool = True, num_threads: int | None = 1,
+    seed: int = 0, progress: bool = True, num_threads: int | None = 1, num_workers: int = 0,
 ) -> list[Finding]:
     """Inspect a training set (and optionally a validation set) before training on it.
 
@@ -83,6 +90,9 @@ def inspect_dataset(
         num_threads: torch intra-op threads during the inspection (restored afterwards); None
             keeps the current setting. The work is many small per-chunk operations: on the
             2-core benchmark machine one thread took a third of the CPU time of two.
+        num_workers: Processes reading the samples (a DataLoader's workers), for datasets whose
+            ``__getitem__`` decodes files; each reads, hashes and reduces blocks of 1,024
+            samples and sends back only the hashes and reduced representations. 0 reads here.
 
     Returns:
         The findings: ``data.*`` codes, see ``docs/callbacks/data_inspection.md``; only
@@ -102,7 +112,7 @@ def inspect_dataset(
         num_classes=num_classes, max_samples=max_samples, near_threshold=near_threshold,
         imbalance_ratio=imbalance_ratio, dim=dim, chunk_size=chunk_size, seed=seed,
         progress=progress, batch_to_input=batch_to_input, batch_to_target=batch_to_target,
-        num_threads=num_threads,
+        num_threads=num_threads, num_workers=num_workers,
     )
 
     def make(code: str, severity: Any, message: str, **kw: Any) -> Finding:
@@ -166,7 +176,12 @@ def _candidates(a: SplitScan, b: SplitScan | None, config: InspectionConfig) -> 
     threshold = candidate_threshold(config.near_threshold, a.projection is not None)
     ra, pa = a.valid_reps()
     rb, pb = (ra, pa) if b is None else b.valid_reps()
-    found, _ = similar_pairs(ra, None if b is None else rb, threshold, config.chunk_size)
+    pairs_to_compare = len(ra) * (len(ra) - 1) // 2 if b is None else len(ra) * len(rb)
+    if pairs_to_compare > EXACT_SEARCH_PAIRS:
+        found, _ = hashed_similar_pairs(ra, None if b is None else rb, threshold,
+                                        seed=config.seed)
+    else:
+        found, _ = similar_pairs(ra, None if b is None else rb, threshold, config.chunk_size)
     pairs = torch.stack([pa[found[:, 0]], pb[found[:, 1]]], dim=1)
     return _verify(pairs, a, a if b is None else b, config)
 

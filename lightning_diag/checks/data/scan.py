@@ -17,12 +17,14 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
 
 from lightning_diag.batch import (
     UserCodeError,
@@ -42,7 +44,7 @@ from lightning_diag.functional.data import (
 
 __all__ = ["DataReport", "NotInspectable", "SplitScan", "as_tensor"]
 
-_FLUSH = 1024
+_CHUNK = 1024  # samples read, hashed and reduced together
 _INT_TYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 _OTHER = object()  # a target that is not a class label (a float, a vector, ...)
 
@@ -86,6 +88,107 @@ def _label(target: Any) -> Any:
                 and t.dtype is not torch.bool:
             return int(t.reshape(()))
     return _OTHER
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def _read_input(config: InspectionConfig, sample: Any) -> torch.Tensor:
+    """The input of ``sample`` as a CPU tensor. Raises ValueError or TypeError for a structure
+    the default reader does not know, UserCodeError when the user's ``batch_to_input`` fails."""
+    fn = config.batch_to_input
+    if fn is default_batch_to_input:  # our reader: a miss is a structure we do not know
+        return as_tensor(fn(sample))
+    return as_tensor(call_user("`batch_to_input`", fn, sample))
+
+
+def _read_target(config: InspectionConfig, sample: Any) -> Any:
+    fn = config.batch_to_target
+    if fn is default_batch_to_target:  # never raises: None when there is no target
+        return fn(sample)
+    return call_user("`batch_to_target`", fn, sample)
+
+
+@dataclass
+class _Chunk:
+    """What a block of samples gave, computed where they were read (here or in a loader worker):
+    only hashes and reduced representations travel, never the inputs."""
+
+    size: int
+    labels: list[tuple[int, int]] = field(default_factory=list)  # (position, class label)
+    unreadable: list[tuple[int, str]] = field(default_factory=list)  # (index, why)
+    non_finite: list[int] = field(default_factory=list)
+    constant: list[int] = field(default_factory=list)
+    other_shape: int = 0
+    pos: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    reps: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 1))
+    hashes: list[bytes] = field(default_factory=list)
+    # where and what the user's `batch_to_input`/`batch_to_target` raised (an exception holding
+    # another does not cross processes; these do)
+    failed: tuple[str, Exception] | None = None
+
+
+class _ChunkReader(TorchDataset):
+    """Blocks of ``_CHUNK`` samples of ``dataset`` read by position from ``start`` on, each turned
+    into a :class:`_Chunk`: a map-style dataset that a DataLoader's workers can read."""
+
+    def __init__(self, dataset: Any, config: InspectionConfig, indices: list[int], start: int,
+                 shape: tuple[int, ...], projection: torch.Tensor | None) -> None:
+        self.dataset, self.config, self.indices = dataset, config, indices
+        self.start, self.shape, self.projection = start, shape, projection
+
+    def __len__(self) -> int:
+        return -(-(len(self.indices) - self.start) // _CHUNK)
+
+    def __getitem__(self, c: int) -> _Chunk:
+        lo = self.start + c * _CHUNK
+        hi = min(lo + _CHUNK, len(self.indices))
+        chunk = _Chunk(size=hi - lo)
+        same: list[tuple[int, torch.Tensor]] = []
+        for pos in range(lo, hi):
+            idx = self.indices[pos]
+            try:
+                sample = call_user("`__getitem__`", self.dataset.__getitem__, idx)
+            except UserCodeError as err:  # a corrupt file: named in data.unreadable, read on
+                chunk.unreadable.append((idx, _describe(err.error)))
+                continue
+            try:
+                x = _read_input(self.config, sample)
+                label = _label(_read_target(self.config, sample))
+            except (ValueError, TypeError) as err:  # what the default reader cannot read
+                chunk.unreadable.append((idx, f"input not readable, {_describe(err)}"))
+                continue
+            except UserCodeError as err:  # the user's reader: raised in the main process
+                chunk.failed = (err.where, err.error)
+                return chunk
+            if isinstance(label, int):
+                chunk.labels.append((pos, label))
+            if tuple(x.shape) != self.shape:
+                chunk.other_shape += 1
+                if not bool(torch.isfinite(x.float()).all()):
+                    chunk.non_finite.append(idx)
+                continue
+            same.append((pos, x))
+        if same:
+            self._compare_form(chunk, same)
+        return chunk
+
+    def _compare_form(self, chunk: _Chunk, same: list[tuple[int, torch.Tensor]]) -> None:
+        """Hashes and reduced representations of the finite samples; the others named."""
+        pos = torch.tensor([p for p, _ in same])
+        x = torch.stack([t for _, t in same]).reshape(len(same), -1).float()
+        finite = torch.isfinite(x).all(dim=1)
+        chunk.non_finite.extend(self.indices[p] for p in pos[~finite].tolist())
+        pos, x = pos[finite], x[finite]
+        chunk.constant.extend(self.indices[p] for p in pos[constant_mask(x)].tolist())
+        chunk.pos, chunk.hashes = pos, sample_hashes(x)
+        chunk.reps = reduce_samples(x, self.projection)
+
+
+def _as_is(chunk: _Chunk) -> _Chunk:
+    """The loader's collate function: a chunk is already one batch."""
+    return chunk
 
 
 @dataclass
@@ -134,56 +237,57 @@ class SplitScan:
         from tqdm.auto import tqdm
 
         show = self.config.progress and len(self.indices) >= self.config.progress_min
-        buffer: list[tuple[int, torch.Tensor]] = []
-        for pos, idx in enumerate(tqdm(self.indices.tolist(), desc=f"inspect {self.name}",
-                                       disable=not show, leave=False)):
+        bar = tqdm(total=len(self.indices), desc=f"inspect {self.name}", disable=not show,
+                   leave=False)
+        first = self._read_first()  # here: it decides the shape and what the targets are
+        bar.update(first)
+        if self.shape is None:
+            bar.close()
+            return
+        reader = _ChunkReader(self.dataset, self.config, self.indices.tolist(), first,
+                              self.shape, self.projection)
+        chunks: Iterable[_Chunk] = (reader[c] for c in range(len(reader)))
+        if self.config.num_workers > 0 and len(reader) > 1:  # decoding in parallel processes
+            chunks = DataLoader(reader, batch_size=None, num_workers=self.config.num_workers,
+                                collate_fn=_as_is)  # type: ignore[arg-type]
+        for chunk in chunks:
+            self._merge(chunk)
+            bar.update(chunk.size)
+        bar.close()
+
+    def _read_first(self) -> int:
+        """Read up to the first sample with an input; returns its position (``len`` if none)."""
+        for pos, idx in enumerate(self.indices.tolist()):
             try:
                 sample = call_user("`__getitem__`", self.dataset.__getitem__, idx)
             except UserCodeError as err:  # a corrupt file: named in data.unreadable, read on
-                self.unreadable.append((idx, f"{type(err.error).__name__}: {err.error}"))
+                self.unreadable.append((idx, _describe(err.error)))
                 continue
             x = self._input(idx, sample)
             if x is None:
                 continue
             self._take_label(pos, self._target(sample))
-            if self.shape is None:
-                self._start(tuple(x.shape))
-            if tuple(x.shape) != self.shape:
-                self.other_shape += 1
-                if not bool(torch.isfinite(x.float()).all()):
-                    self.non_finite.append(idx)
-                continue
-            buffer.append((pos, x))
-            if len(buffer) == _FLUSH:
-                self._flush(buffer)
-        self._flush(buffer)
+            self._start(tuple(x.shape))
+            return pos
+        return len(self.indices)
 
     def _input(self, idx: int, sample: Any) -> torch.Tensor | None:
-        """The input of ``sample`` as a tensor; None (recorded as unreadable) when a later
-        sample cannot be read, :class:`NotInspectable` when the first one cannot."""
-        fn = self.config.batch_to_input
+        """The input of the first readable sample as a tensor: :class:`NotInspectable` when it
+        holds none the readers find."""
         try:
-            if fn is default_batch_to_input:  # our reader: a miss is a structure we do not know
-                return as_tensor(fn(sample))
-            return as_tensor(call_user("`batch_to_input`", fn, sample))
+            return _read_input(self.config, sample)
         # what a structure we cannot read raises: ValueError (no known key, a ragged list),
         # TypeError (a string, a nested dict)
         except (ValueError, TypeError) as err:
-            if self.shape is None:
-                raise NotInspectable(
-                    f"cannot read a numeric input from the {self.name} samples, which are "
-                    f"{_structure(sample)} ({type(err).__name__}: {err}). Pass "
-                    "`batch_to_input=` (a function from one sample to its input tensor) and "
-                    "`batch_to_target=` (to its label) to DataInspection or inspect_dataset."
-                ) from err
-            self.unreadable.append((idx, f"input not readable, {type(err).__name__}: {err}"))
-            return None
+            raise NotInspectable(
+                f"cannot read a numeric input from the {self.name} samples, which are "
+                f"{_structure(sample)} ({type(err).__name__}: {err}). Pass "
+                "`batch_to_input=` (a function from one sample to its input tensor) and "
+                "`batch_to_target=` (to its label) to DataInspection or inspect_dataset."
+            ) from err
 
     def _target(self, sample: Any) -> Any:
-        fn = self.config.batch_to_target
-        if fn is default_batch_to_target:  # never raises: None when there is no target
-            return fn(sample)
-        return call_user("`batch_to_target`", fn, sample)
+        return _read_target(self.config, sample)
 
     def _take_label(self, pos: int, target: Any) -> None:
         label = _label(target)
@@ -199,20 +303,20 @@ class SplitScan:
         self.reps = torch.zeros(len(self.indices), width)
         self.valid = torch.zeros(len(self.indices), dtype=torch.bool)
 
-    def _flush(self, buffer: list[tuple[int, torch.Tensor]]) -> None:
-        if not buffer:
-            return
-        pos = torch.tensor([p for p, _ in buffer])
-        x = torch.stack([t for _, t in buffer]).reshape(len(buffer), -1).float()
-        buffer.clear()
-        finite = torch.isfinite(x).all(dim=1)
-        self.non_finite.extend(int(self.indices[p]) for p in pos[~finite])
-        pos, x = pos[finite], x[finite]
-        self.constant.extend(int(self.indices[p]) for p in pos[constant_mask(x)])
-        for p, key in zip(pos.tolist(), sample_hashes(x), strict=True):
+    def _merge(self, chunk: _Chunk) -> None:
+        if chunk.failed is not None:
+            raise UserCodeError(*chunk.failed)
+        if self.label_kind == "class":
+            for pos, label in chunk.labels:
+                self.labels[pos] = label
+        self.unreadable.extend(chunk.unreadable)
+        self.non_finite.extend(chunk.non_finite)
+        self.constant.extend(chunk.constant)
+        self.other_shape += chunk.other_shape
+        for p, key in zip(chunk.pos.tolist(), chunk.hashes, strict=True):
             self.hashes[p] = key
-        self.reps[pos] = reduce_samples(x, self.projection)
-        self.valid[pos] = True
+        self.reps[chunk.pos] = chunk.reps
+        self.valid[chunk.pos] = True
 
     def keys(self) -> list[Any]:
         """Hashes by position; excluded positions get a unique key so they never group."""
@@ -221,6 +325,8 @@ class SplitScan:
     def valid_reps(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Representations of the comparable samples and their positions."""
         pos = self.valid.nonzero().flatten()
+        if len(pos) == len(self.reps):  # the usual case: no copy of a large array
+            return self.reps, pos
         return self.reps[pos], pos
 
     def to_indices(self, positions: list[int]) -> list[int]:

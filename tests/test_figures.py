@@ -1,0 +1,80 @@
+"""Figures and annotated images: sized for TensorBoard's image card, labelled, nothing clipped."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lightning_diag.tensorboard.figures import (
+    CARD_WIDTH,
+    Cell,
+    annotated_grid,
+    class_counts_figure,
+    curves_figure,
+    layer_label,
+    layer_summary_figure,
+)
+from lightning_diag.tensorboard.tags import typed_layer
+from lightning_diag.tensorboard.writer import figure_to_array
+
+
+def red(image: np.ndarray) -> np.ndarray:
+    """Pixels of the alert red (frames and captions of conflicting labels)."""
+    r, g, b = (image[..., k].astype(int) for k in range(3))
+    return (r > 150) & (g < 90) & (b < 90)
+
+
+def _title_height(image: np.ndarray) -> int:
+    """Rows holding dark pixels above the first image: the title's text height."""
+    dark = (image < 100).any(2).any(1)
+    first_image = int(np.argmax((image < 30).all(2).sum(1) > 150))  # a row of black tiles
+    return int(dark[:first_image].sum())
+
+
+def test_layer_names_carry_the_module_type() -> None:
+    assert layer_label("net.3", nn.Conv2d(1, 2, 3)) == "net.3 (Conv2d)"
+    assert layer_label("net.3", "Conv2d") == "net.3 (Conv2d)"
+    assert typed_layer("net.3", "Conv2d") == "net.3_Conv2d"  # a tag: ASCII, no space
+    assert typed_layer("net.1", "Linear", "weight") == "net.1_Linear.weight"
+
+
+def test_grid_grows_one_row_per_label_and_marks_alerts_in_red() -> None:
+    sample = torch.zeros(8, 8)  # black tiles: the first row of them ends the title
+
+    def grid(n: int, alert: bool = False) -> np.ndarray:
+        return annotated_grid([[Cell(sample, ("train #1", "label 3"), alert)] * 2] * n, "pairs",
+                              [f"class {k}" for k in range(n)])
+
+    heights = [grid(n).shape[0] for n in (1, 2, 5, 10)]
+    pitch = heights[1] - heights[0]
+    assert pitch > 8 and heights == [heights[0] + pitch * (n - 1) for n in (1, 2, 5, 10)]
+    assert all(grid(n).shape[1] == CARD_WIDTH for n in (1, 10))  # fills the card, no wider
+    assert not red(grid(2)).any() and red(grid(2, alert=True)).sum() > 100
+    wide = annotated_grid([[Cell(torch.zeros(3, 224, 224), ("train #1",))] * 3], "pairs")
+    # wider than the card: TensorBoard shrinks it, so its text is drawn larger to match
+    assert wide.shape[1] > 2 * CARD_WIDTH and _title_height(wide) > 1.5 * _title_height(grid(1))
+    with pytest.raises(ValueError, match="at least one image"):
+        annotated_grid([[]], "empty")
+
+
+@pytest.mark.parametrize("draw", [
+    lambda: curves_figure({"loss/train": [(0, 2.3), (1, 1.0)], "loss/val": [(0, 2.4), (1, 1.2)],
+                           "accuracy/train": [(0, 0.1), (1, 0.6)]}),
+    lambda: layer_summary_figure({layer_label(name, "NonDynamicallyQuantizableLinear"): {
+        "mean": 0.1 * k, "std": 1.0, "act_hist": [-1.0, 1.0, 10, 0, 0, *[1.0] * 8]}
+        for k, name in enumerate([f"net.{k}" for k in range(6)]
+                                 + [f"encoder.layers.{k}.self_attn.out_proj" for k in range(6)])},
+        bins=8),
+    lambda: class_counts_figure({"train": [150] * 10, "validation": [40] * 10}),
+])
+def test_figures_are_card_wide_and_nothing_touches_the_edge(draw) -> None:
+    image = figure_to_array(draw())
+    assert image.shape[1] == 2 * CARD_WIDTH  # drawn at the card's width, twice the pixels
+    edge = np.concatenate([image[:3].reshape(-1, 3), image[-3:].reshape(-1, 3),
+                           image[:, :3].reshape(-1, 3), image[:, -3:].reshape(-1, 3)])
+    assert (edge >= 250).all()  # a clipped label would reach the border
+    dark = (image < 128).any(2)
+    assert dark[:, : image.shape[1] // 8].any()  # y labels / layer names on the left
+    assert dark.mean() > 0.01
