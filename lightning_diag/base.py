@@ -404,8 +404,8 @@ class DiagnosticCallback(pl.Callback):
             trainer, f"{self.slug}.user_error", Severity.WARN,
             f"{self.check_name} {what}: {err}",
             advice="The error is in your code, called by the check on a copy of your model or "
-                   "data, outside your training loop: fix it, or pass `batch_to_input=` if the "
-                   "check gave your `forward` the wrong part of the batch.",
+                   "data, outside your training loop: fix it, or pass `batch_to_input=` / "
+                   "`batch_to_target=` if the check read the wrong part of a batch.",
             details={"where": err.where, "exception": type(err.error).__name__})
 
     def _release(self) -> None:

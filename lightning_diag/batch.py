@@ -29,8 +29,6 @@ __all__ = [
     "call_user",
     "default_batch_to_input",
     "default_batch_to_target",
-    "defines_forward",
-    "forward_output",
     "loss_from_output",
     "map_floats",
     "select_samples",
@@ -87,23 +85,6 @@ def call_user(where: str, fn: Callable[..., T], *args: Any) -> T:
     except Exception as err:
         raise UserCodeError(where, err) from err
 
-
-def defines_forward(module: torch.nn.Module) -> bool:
-    """Whether ``module``'s class implements ``forward`` (LightningModule's is a placeholder)."""
-    return type(module).forward not in (pl.LightningModule.forward, torch.nn.Module.forward)
-
-
-def forward_output(module: torch.nn.Module, batch: Any, batch_to_input: BatchFn) -> Any:
-    """``module(batch_to_input(batch))`` without gradients; None when it defines no ``forward``.
-
-    Raises:
-        UserCodeError: ``batch_to_input`` or ``forward`` raised.
-    """
-    if not defines_forward(module):
-        return None
-    x = call_user("`batch_to_input`", batch_to_input, batch)
-    with torch.no_grad():
-        return call_user(f"`{type(module).__name__}.forward`", module, x)
 
 #: Dict keys read as the input, first match wins: Hugging Face model inputs (vision, text,
 #: audio) before generic names, so that a batch holding ``input_ids`` and ``text`` gives the

@@ -171,7 +171,9 @@ def test_workers_share_a_postgres_study_and_survive_a_killed_worker(
     first = _finished(study)
     assert 6 <= len(first) <= 8  # trials in flight when the 6th finished also finish
     assert len({(t.params["lr"], t.params["weight_decay"]) for t in first}) == len(first)
-    assert len({t.user_attrs["worker"] for t in first}) == 3, "a worker ran no trial"
+    # Shared, not run by one: on 2 cores the third worker may reach the queue only after the
+    # others have taken its 6 quick trials (measured: 1 run in 4), so two is what is certain.
+    assert len({t.user_attrs["worker"] for t in first}) >= 2, "one worker ran every trial"
     assert all(t.state.name != "FAIL" for t in study.get_trials())
 
     # a worker killed in the middle of a trial: the trial stays RUNNING, its heartbeat stops
@@ -197,7 +199,9 @@ def test_workers_share_a_postgres_study_and_survive_a_killed_worker(
     retried = [t for t in trials.values()
                if optuna.storages.RetryFailedTrialCallback.retried_trial_number(t)
                == killed.number]
-    assert len(retried) == 1 and retried[0].state.name == "COMPLETE"
+    # Run to its end: the median pruner may prune the retry on its value, a finish like any.
+    assert len(retried) == 1 and retried[0].state.name in ("COMPLETE", "PRUNED")
+    assert retried[0].value is not None
     assert retried[0].params == killed.params
     final = _finished(study)
     assert len(final) == len(first) + 2
