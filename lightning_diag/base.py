@@ -270,6 +270,13 @@ class DiagnosticCallback(pl.Callback):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         _guard_hooks(cls)
+        _cache_state_key(cls)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # an argument the state key was built from changes: the key is built again
+        if name in self.__dict__.get("_state_key_args", ()):
+            self.__dict__.pop("_state_key", None)
+        object.__setattr__(self, name, value)
 
     @property
     def check_name(self) -> str:
@@ -287,6 +294,7 @@ class DiagnosticCallback(pl.Callback):
             >>> DiagnosticCallback()._generate_state_key(n=2, fn=default_batch_to_input)
             "DiagnosticCallback{'n': 2, 'fn': 'lightning_diag.batch.default_batch_to_input'}"
         """
+        self.__dict__["_state_key_args"] = frozenset(kwargs)  # see `_cache_state_key`
         return super()._generate_state_key(**{k: _stable(v) for k, v in kwargs.items()})
 
     def finding(
@@ -516,6 +524,28 @@ def _guard_hooks(cls: type[DiagnosticCallback]) -> None:
         if inspect.isfunction(fn):
             hook = _guarded(name, fn)
             setattr(cls, name, _then_diagnose(hook) if name == "on_fit_end" else hook)
+
+
+def _cache_state_key(cls: type[DiagnosticCallback]) -> None:
+    """Keep the ``state_key`` property ``cls`` defines once built.
+
+    Lightning reads every callback's ``state_key`` around each hook call, a dozen times per
+    training step, and building it from twenty arguments costs ~10 us. The key is dropped
+    (and built again) when an attribute named like one of its arguments is set.
+    """
+    prop = vars(cls).get("state_key")
+    if not isinstance(prop, property) or prop.fget is None:
+        return
+    build = prop.fget
+
+    @functools.wraps(build)
+    def state_key(self: DiagnosticCallback) -> str:
+        key = self.__dict__.get("_state_key")
+        if key is None:
+            key = self.__dict__["_state_key"] = build(self)
+        return str(key)
+
+    cls.state_key = property(state_key)  # type: ignore[assignment,method-assign]
 
 
 def _then_diagnose(hook: Callable[..., Any]) -> Callable[..., Any]:

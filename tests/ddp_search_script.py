@@ -37,12 +37,14 @@ class RecordingClassifier(DigitsClassifier):
 def main(out: Path) -> None:
     RecordingClassifier.out = out
     data: Any = (loader(digits(128), 32), loader(digits(64), 32, shuffle=False))
-    found = random_search(RecordingClassifier, data, center_lr=1e-2, n_trials=2, epochs=(1, 1),
-                          run_dir=out / "runs", strategy="ddp", devices=2, accelerator="cpu",
-                          limit_train_batches=2)
+    # seed 20 draws lr 3.16 for trial 0 (its first update is larger than the weights: the
+    # diagnosis ends it at step 0, on both ranks at once) and lr 1.02e-3 for trial 1 (healthy)
+    found = random_search(RecordingClassifier, data, center_lr=1e-2, lr_span=1000.0, seed=20,
+                          n_trials=2, epochs=(1, 1), run_dir=out / "runs", strategy="ddp",
+                          devices=2, accelerator="cpu", limit_train_batches=2)
     (out / "rows.json").write_text(json.dumps(
-        [{k: r[k] for k in ("number", "lr", "weight_decay", "value", "state")}
-         for r in found.rows]))
+        [{k: r[k] for k in ("number", "lr", "weight_decay", "value", "state", "ended_by",
+                            "steps")} for r in found.rows]))
 
 
 if __name__ == "__main__":

@@ -351,11 +351,11 @@ def test_a_failing_module_hook_inside_the_users_step_steps_aside(
 
     real = module.layer_summary
 
-    def failing(x: torch.Tensor, bounds: Any, bins: int) -> torch.Tensor:
+    def failing(x: torch.Tensor, bounds: Any, bins: int, **kw: Any) -> torch.Tensor:
         # An activation is part of the graph (requires grad); the gradient flowing back is not.
         if (which == "forward") == x.requires_grad:
             raise Injected(f"planted in the {which} hook")
-        return real(x, bounds, bins)
+        return real(x, bounds, bins, **kw)
 
     monkeypatch.setattr(module, "layer_summary", failing)
     cb = make(ActivationHistogram)
@@ -373,7 +373,7 @@ def test_a_failing_module_hook_raises_where_it_happened_under_strict(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import lightning_diag.callbacks.activation_histogram as module
 
-    def failing(*args: Any) -> torch.Tensor:
+    def failing(*args: Any, **kwargs: Any) -> torch.Tensor:
         raise Injected("planted in the forward hook")
 
     monkeypatch.setattr(module, "layer_summary", failing)

@@ -247,6 +247,25 @@ def test_scripted_divergence_jump_and_nan(tmp_path):
     assert f.details["batch_path"] is None
 
 
+@pytest.mark.parametrize(("later", "stalled"), [(1.99, True), (1.97, False)])
+def test_a_loss_that_does_not_move_is_stalled_once(tmp_path, later, stalled):
+    # 20 step losses: the first 10 at 2.0, then `later`: a 0.5% drop stalls, a 1.5% one moves
+    losses = [2.0] * 10 + [later] * 14
+    epochs = _stream([1.0] * 6, [1.0] * 6, [0.5] * 6, [0.5] * 6)
+    adv = LRPlateauAdvisor(min_epochs=99, patience=9, stall_steps=20, save_batch=False)
+    _run(tmp_path, epochs, adv, step_losses=losses)
+    found = [f for f in adv.findings if f.code == "advisor.stalled"]
+    assert len(found) == stalled
+    if stalled:
+        (f,) = found
+        assert f.step == 19 and f.value == pytest.approx((2.0 - 1.99) / 2.0)
+        assert f.expected == (0.01, 1.0) and f.severity == "warn"
+        assert "after 20 steps, +0.50% below the median 2 of the first 10" in f.message
+    off = LRPlateauAdvisor(min_epochs=99, patience=9, save_batch=False)  # the default: off
+    _run(tmp_path / "off", epochs, off, step_losses=[2.0] * 24)
+    assert "advisor.stalled" not in {f.code for f in off.findings}
+
+
 def test_loss_at_exactly_zero_then_a_jump_reads_well_and_never_divides_by_zero(tmp_path):
     # a median of 0 used to raise ZeroDivisionError inside on_train_batch_end (5.0 / 0), and a
     # start loss of 0 inside the plateau verdict at epoch end (0 / 0)
@@ -322,7 +341,8 @@ def test_state_dict_round_trip_and_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("kwargs", [dict(patience=0), dict(factor=2.0), dict(jump_factor=1.0),
                                     dict(monitor=""), dict(act="yes"), dict(min_lr=-1.0),
-                                    dict(min_history=60, window=50)])
+                                    dict(min_history=60, window=50), dict(stall_steps=15),
+                                    dict(stall_steps=2.5)])
 def test_arguments_validated(kwargs):
     name = next(iter(kwargs))
     with pytest.raises((ValueError, TypeError), match=name):

@@ -192,3 +192,15 @@ def test_identical_instances_still_share_one_key() -> None:
     a, b = UpdateRatioMonitor(patience=2), UpdateRatioMonitor(patience=2)
     assert a.state_key == b.state_key  # indistinguishable: Lightning refuses the pair
     assert isinstance(InitialLossCheck(), FitStartCheck)
+
+
+def test_the_state_key_is_kept_and_built_again_when_an_argument_changes() -> None:
+    # Lightning reads the key around every hook call: it is built once, not a dozen times a step
+    cb = UpdateRatioMonitor(every_n_steps=10)
+    key = cb.state_key
+    assert cb.state_key is key and "'every_n_steps': 10" in key
+    cb.streak = {}  # not an argument of the key
+    assert cb.state_key is key
+    cb.every_n_steps = 20
+    assert cb.state_key == key.replace("'every_n_steps': 10", "'every_n_steps': 20")
+    assert copy.deepcopy(cb).state_key == cb.state_key

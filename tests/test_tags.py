@@ -157,6 +157,14 @@ def tune_dir(tmp_path_factory) -> Path:
     tune(functools.partial(DigitsClassifier, arch="mlp", width=8, dropout=0.0), TinyDigits(64),
          lrs=(1e-2, 1e-4), sweep_steps=2, n_trials=1, epochs=(1, 1), top_k=1, refine_epochs=1,
          run_dir=run_dir, accelerator="cpu", limit_train_batches=1, verbose=False)
+    from lightning_diag.tuning.search import random_search
+
+    # a learning rate of 30 makes the first update far larger than the weights: the diagnosis
+    # ends that trial and says so in its run
+    bad = random_search(functools.partial(DigitsClassifier, arch="mlp", width=8, dropout=0.0),
+                        TinyDigits(64), center_lr=30.0, n_trials=1, epochs=(1, 1),
+                        run_dir=run_dir / "bad", accelerator="cpu", limit_train_batches=1)
+    assert bad.rows[0]["ended_by"] == "update_ratio.too_high"
     return run_dir
 
 
@@ -165,8 +173,9 @@ def test_tuning_writes_what_it_declares(tune_dir):
     for run in sorted({p.parent for p in tune_dir.rglob("events.out.tfevents.*")
                        if p.parent.name not in tags.SIBLING_RUNS}):
         found, layout = written(run)
-        # the refinement runs hold the advisor's findings; the search trials, user metrics
-        by_writer = check_declared(found, layout, ["tuning", "LRPlateauAdvisor"])
+        # the refinement runs hold the advisor's findings; the search trials, their monitors'
+        by_writer = check_declared(found, layout, ["tuning", "LRPlateauAdvisor",
+                                                   "UpdateRatioMonitor", "ActivationHistogram"])
         wrote |= by_writer["tuning"]
     assert not [s.pattern for s in declared("tuning") if s.kind != "layout" and missing(s, wrote)]
     categories = {t for k, t, _ in wrote if k == "layout"}

@@ -226,11 +226,14 @@ def test_a_trial_trains_under_ddp_and_reports_one_value(tmp_path: Path) -> None:
         pytest.fail(f"The DDP search hung: {err.stderr!r:.2000}")
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = json.loads((tmp_path / "rows.json").read_text())
-    assert [r["state"] for r in rows] == ["complete", "complete"]
+    assert [(r["number"], r["state"], r["ended_by"], r["steps"]) for r in rows] == [
+        (1, "complete", "", 2), (0, "pruned", "update_ratio.too_high", 1)]
     study = optuna.load_study(study_name="lightning_diag_search",
                               storage=f"sqlite:///{tmp_path / 'runs' / 'study.db'}")
     assert len(study.trials) == 2  # rank 1 trained rank 0's trials and made none of its own
-    assert all(len(t.intermediate_values) == 1 and t.value is not None for t in study.trials)
+    bad, healthy = study.trials  # the diagnosis stopped both ranks of trial 0 after its step 0
+    assert len(healthy.intermediate_values) == 1 and healthy.value is not None
+    assert bad.user_attrs["ended_by"]["code"] == "update_ratio.too_high"
     for t in study.trials:  # both ranks trained each configuration, as a world of two
         for rank in (0, 1):
             fit = tmp_path / "fits" / f"rank{rank}_lr{t.params['lr']!r}"

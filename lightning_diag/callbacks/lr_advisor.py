@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import math
+import statistics
 from collections import deque
 from collections.abc import Mapping
 from typing import Any
@@ -42,6 +43,10 @@ ADVICE = {
     "underfit": "Underfitting: use a bigger model, train longer, perhaps raise the learning rate.",
     "overfit": "Overfitting: add weight decay or other regularization, or get more data.",
 }
+STALLED_ADVICE = ("Nothing is being learnt: raise the learning rate (try 10x; see the update "
+                  "ratio, recipe 5.5), check that the loss depends on the weights (no `detach`, "
+                  "an optimizer holding the model's parameters), and that the network did not "
+                  "die (dead ReLUs after a divergence).")
 #: The underfitting advice once the loss has diverged: a higher learning rate would contradict it.
 UNDERFIT_AFTER_DIVERGENCE = ("Underfitting: use a bigger model or train longer; do not raise the "
                              "learning rate: the loss already diverged at step {step} with it.")
@@ -65,6 +70,12 @@ def _validate(**args: Any) -> None:
     check_number("min_lr", args["min_lr"], low=0)
     check_number("jump_factor", args["jump_factor"], low=1, low_open=True)
     check_number("min_jump_fraction", args["min_jump_fraction"], low=0)
+    check_int("stall_steps", args["stall_steps"], optional=True)
+    if args["stall_steps"] is not None:
+        require(args["stall_steps"] >= 2 * args["min_history"], "stall_steps",
+                args["stall_steps"], f"None or an int >= 2 * `min_history` "
+                f"({2 * args['min_history']}): the first and the last `min_history` step losses "
+                "are compared")
     check_flag("act", args["act"])
     check_flag("save_batch", args["save_batch"])
 
@@ -105,6 +116,12 @@ class LRPlateauAdvisor(DiagnosticCallback):
             ``window`` finite step losses; before ``min_history`` are known, the median is
             replaced by the start loss (the first finite step loss).
         save_batch: Save the offending batch with ``torch.save`` to the run's log directory.
+        stall_steps: Off by default (None). After this many finite step losses, a loss whose
+            median over the last ``min_history`` steps has not fallen by ``min_rel_delta`` (of
+            its size) below the median of the first ``min_history`` is reported once as
+            ``advisor.stalled``: nothing is being learnt (a learning rate far too low, a loss
+            cut off from the weights, or a network that died). The diagnosis-guided search
+            turns it on; a warm-up that holds the learning rate near 0 that long would trip it.
         strict: Raise on FAIL findings (a non-finite loss).
     """
 
@@ -118,7 +135,8 @@ class LRPlateauAdvisor(DiagnosticCallback):
                  close_gap: float = 0.02, overfit_gap: float = 0.1, rel_gap: float = 0.5,
                  halving_epochs: float = 20.0, jump_factor: float = 5.0,
                  min_jump_fraction: float = 0.5, window: int = 50, min_history: int = 10,
-                 save_batch: bool = True, strict: bool = False) -> None:
+                 save_batch: bool = True, stall_steps: int | None = None,
+                 strict: bool = False) -> None:
         super().__init__(strict=strict)
         _validate(monitor=monitor, train_loss_key=train_loss_key, val_loss_key=val_loss_key,
                   train_acc_key=train_acc_key, val_acc_key=val_acc_key, patience=patience,
@@ -127,7 +145,7 @@ class LRPlateauAdvisor(DiagnosticCallback):
                   close_gap=close_gap, overfit_gap=overfit_gap, rel_gap=rel_gap,
                   halving_epochs=halving_epochs, jump_factor=jump_factor,
                   min_jump_fraction=min_jump_fraction, window=window, min_history=min_history,
-                  save_batch=save_batch)
+                  save_batch=save_batch, stall_steps=stall_steps)
         self.monitor, self.act, self.save_batch = monitor, act, save_batch
         self.given = {"train_loss": train_loss_key, "val_loss": val_loss_key,
                       "train_acc": train_acc_key, "val_acc": val_acc_key}
@@ -138,6 +156,7 @@ class LRPlateauAdvisor(DiagnosticCallback):
         self.rel_gap, self.halving_epochs = rel_gap, halving_epochs
         self.jump_factor, self.min_jump_fraction = jump_factor, min_jump_fraction
         self.window, self.min_history = window, min_history
+        self.stall_steps = stall_steps
         self._reset()
 
     @property
@@ -150,13 +169,15 @@ class LRPlateauAdvisor(DiagnosticCallback):
             low_acc=self.low_acc, close_gap=self.close_gap, overfit_gap=self.overfit_gap,
             rel_gap=self.rel_gap, halving_epochs=self.halving_epochs,
             jump_factor=self.jump_factor, min_jump_fraction=self.min_jump_fraction,
-            window=self.window, min_history=self.min_history)
+            window=self.window, min_history=self.min_history, stall_steps=self.stall_steps)
 
     def _reset(self) -> None:
         self.keys = MetricKeys(self.given)
         self._keys_said = False
         self.history: dict[str, list[float]] = {}
         self.step_losses: deque[float] = deque(maxlen=self.window)
+        self.first_losses: list[float] = []  # the first `min_history` finite step losses
+        self.finite_steps = 0
         self.start_loss: float | None = None
         self.plateau_from = 0
         self.reported: set[str] = set()
@@ -196,6 +217,31 @@ class LRPlateauAdvisor(DiagnosticCallback):
             self.publish(trainer, [self._divergence(trainer, loss, history, batch, batch_idx)])
         if math.isfinite(loss):
             self.step_losses.append(loss)
+            self.finite_steps += 1
+            if len(self.first_losses) < self.min_history:
+                self.first_losses.append(loss)
+            self._check_stall(trainer)
+
+    def _check_stall(self, trainer: pl.Trainer) -> None:
+        """``advisor.stalled`` once: after ``stall_steps`` finite losses, the last
+        ``min_history`` have not moved ``min_rel_delta`` below the first ``min_history``."""
+        if (self.stall_steps is None or self.finite_steps < self.stall_steps
+                or "advisor.stalled" in self.reported):
+            return
+        first = statistics.median(self.first_losses)
+        last = statistics.median(list(self.step_losses)[-self.min_history:])
+        drop = (first - last) / abs(first) if first else (math.inf if last < 0 else 0.0)
+        if drop >= self.min_rel_delta:
+            return
+        self.reported.add("advisor.stalled")
+        self.publish(trainer, [self.finding(
+            trainer, "advisor.stalled", Severity.WARN,
+            f"The step loss does not move: the median of the last {self.min_history} step "
+            f"losses is {last:.4g} after {self.finite_steps} steps, {drop:+.2%} below the "
+            f"median {first:.4g} of the first {self.min_history} (expected a drop of at least "
+            f"{self.min_rel_delta:.0%}).",
+            advice=STALLED_ADVICE, value=float(drop), expected=(self.min_rel_delta, 1.0),
+            step=self._batch_step)])
 
     def _divergence(self, trainer: pl.Trainer, loss: float, history: list[float], batch: Any,
                     batch_idx: int) -> Finding:
@@ -335,7 +381,8 @@ class LRPlateauAdvisor(DiagnosticCallback):
         return {"history": {k: list(v) for k, v in self.history.items()},
                 "step_losses": list(self.step_losses), "start_loss": self.start_loss,
                 "plateau_from": self.plateau_from, "reported": sorted(self.reported),
-                "lr_changes": list(self.lr_changes)}
+                "lr_changes": list(self.lr_changes), "first_losses": list(self.first_losses),
+                "finite_steps": self.finite_steps}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -346,3 +393,5 @@ class LRPlateauAdvisor(DiagnosticCallback):
         self.plateau_from = int(state_dict.get("plateau_from", 0))
         self.reported = set(state_dict.get("reported", []))
         self.lr_changes = list(state_dict.get("lr_changes", []))
+        self.first_losses = [float(v) for v in state_dict.get("first_losses", [])]
+        self.finite_steps = int(state_dict.get("finite_steps", 0))

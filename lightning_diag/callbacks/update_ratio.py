@@ -32,7 +32,7 @@ from lightning_diag.tensorboard.writer import (
     merge_custom_scalars,
     tensorboard_writer,
 )
-from lightning_diag.validation import check_int, check_number, require
+from lightning_diag.validation import check_flag, check_int, check_number, require
 
 __all__ = ["UpdateRatioMonitor"]
 
@@ -68,6 +68,8 @@ class UpdateRatioMonitor(DiagnosticCallback):
         extreme: A single median reading at or above this is flagged at once (an update as
             large as the weight).
         patience: Consecutive logging steps outside the band before a finding.
+        log_charts: Write the ratios to TensorBoard. False: the findings only (they still reach
+            the findings table); the search's trials run so.
         strict: Raise on FAIL findings (these findings are WARN).
 
     Example:
@@ -77,7 +79,8 @@ class UpdateRatioMonitor(DiagnosticCallback):
     slug = "update_ratio"
 
     def __init__(self, every_n_steps: int = 100, low: float = 1e-5, high: float = 0.2,
-                 extreme: float = 1.0, patience: int = 3, strict: bool = False) -> None:
+                 extreme: float = 1.0, patience: int = 3, log_charts: bool = True,
+                 strict: bool = False) -> None:
         super().__init__(strict=strict)
         check_int("every_n_steps", every_n_steps)
         for name, value in (("low", low), ("high", high), ("extreme", extreme)):
@@ -85,7 +88,8 @@ class UpdateRatioMonitor(DiagnosticCallback):
         require(high > low, "high", high, f"a number > `low` ({low!r})")
         require(extreme >= high, "extreme", extreme, f"a number >= `high` ({high!r})")
         check_int("patience", patience)
-        self.every_n_steps, self.patience = every_n_steps, patience
+        check_flag("log_charts", log_charts)
+        self.every_n_steps, self.patience, self.log_charts = every_n_steps, patience, log_charts
         self.low, self.high, self.extreme = float(low), float(high), float(extreme)
         self.streak = dict.fromkeys(_CODES, 0)
         self.medians: list[tuple[int, float]] = []  # (step, median ratio) of this fit
@@ -156,6 +160,12 @@ class UpdateRatioMonitor(DiagnosticCallback):
         median = statistics.median(finite) if finite else math.nan
         if any(math.isnan(v) for v in self.last.values()):
             median = math.nan
+        if self.log_charts:
+            self._log(trainer, median)
+        self.medians.append((self._step, median))
+        self.publish(trainer, self._check(trainer, median, len(still), grad_norm))
+
+    def _log(self, trainer: pl.Trainer, median: float) -> None:
         step = self._step
         scalars = {update_ratio_layer(self.tag_names.get(n, n)): _log10(v)
                    for n, v in self.last.items()}
@@ -165,8 +175,6 @@ class UpdateRatioMonitor(DiagnosticCallback):
         writer = tensorboard_writer(trainer)
         if writer is not None:
             merge_custom_scalars(writer, *update_ratio_layout())
-        self.medians.append((step, median))
-        self.publish(trainer, self._check(trainer, median, len(still), grad_norm))
 
     def _check(self, trainer: pl.Trainer, median: float, still: int,
                grad_norm: float) -> list[Finding]:

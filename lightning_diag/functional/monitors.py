@@ -41,6 +41,7 @@ def layer_summary(
     bounds: tuple[float, float] | None = None,
     bins: int = 64,
     saturation_tol: float = 0.02,
+    lean: bool = False,
 ) -> torch.Tensor:
     """:func:`layer_stats` followed by :func:`histogram_row` of ``x``, in one fused pass.
 
@@ -48,11 +49,14 @@ def layer_summary(
     sum_squares, counts...]`` as one float32 tensor. About 25 small float kernels per tensor
     and no host sync: the monitors call this once per layer and copy all layers' rows to the
     host together. The variance is two-pass (no cancellation); the counts come from one
-    ``torch.bincount``.
+    ``torch.bincount``. ``lean``: only what the findings read (dead and saturated fractions,
+    num, sum_squares), the rest NaN and the counts 0, in about a third of the time.
 
     Example:
         >>> layer_summary(torch.tensor([[0.0, 1.0], [0.0, 3.0]]), bins=2).tolist()
         [1.0, 1.4142135381698608, 0.5, 0.5, nan, 0.0, 3.0, 4.0, 4.0, 10.0, 3.0, 1.0]
+        >>> layer_summary(torch.tensor([[0.0, 1.0], [0.0, 3.0]]), bins=2, lean=True).tolist()
+        [nan, nan, nan, 0.5, nan, nan, nan, 4.0, nan, 10.0, 0.0, 0.0]
     """
     # Float arithmetic only: on CPU a boolean mask costs ~10x a float op of the same size.
     flat = x.detach().reshape(-1).float()
@@ -61,6 +65,13 @@ def layer_summary(
     vals = flat.nan_to_num(0.0, 0.0, 0.0)
     k = bad.sum().double()
     n = size - k
+    nothing = n * math.nan
+    dead = _dead_fraction(x, flat) if size else nothing
+    sat = nothing if bounds is None else _saturated_fraction(flat, n, bounds, saturation_tol)
+    if lean:
+        head = torch.stack([nothing, nothing, nothing, dead, sat, nothing, nothing, n, nothing,
+                            torch.dot(vals, vals).double()])
+        return torch.cat([head.float(), torch.zeros(bins, device=head.device)])
     total = vals.sum()
     dev = vals - total / max(size, 1)
     total, m2 = total.double(), torch.dot(dev, dev).double()  # two-pass: no cancellation
@@ -69,29 +80,34 @@ def layer_summary(
     var = ((m2 - total * total * k / (size * n)) / (n - 1).clamp(min=1)).clamp(min=0)
     squares = m2 + total * total / max(size, 1)
     # The mean stands in for non-finite values: it lies within [min, max] of the finite ones.
-    lo, hi = torch.aminmax(vals.addcmul(bad, mean.float())) if size else (k * math.nan,) * 2
+    lo, hi = torch.aminmax(vals.addcmul(bad, mean.float())) if size else (nothing,) * 2
     zero = (n - vals.sign().abs().sum()) / n
-    if x.dim() >= 2 and size:
-        other = tuple(d for d in range(x.dim()) if d != 1)
-        shaped = flat.view(x.shape)
-        dead = ((shaped.amax(dim=other) == 0) & (shaped.amin(dim=other) == 0)).double().mean()
-    else:
-        dead = ((flat.amax() == 0) & (flat.amin() == 0)).double() if size else mean * math.nan
-    if bounds is None:
-        sat = mean * math.nan
-    else:
-        mid, half = (bounds[0] + bounds[1]) / 2, (bounds[1] - bounds[0]) / 2
-        thr = half - saturation_tol * (bounds[1] - bounds[0])
-        dist = flat.nan_to_num(mid, mid, mid).sub_(mid).abs_().sub_(thr)
-        sat = dist.sign_().add_(1).clamp_(max=1).sum() / n  # 1 where |x - mid| >= thr
     # Bin index per value; non-finite ones go to an overflow bin that is dropped. An
     # overflowing range (hi - lo = inf) puts values in the first bin rather than none.
     pos = ((flat - lo) * (bins / (hi - lo).clamp(min=1e-30))).nan_to_num_(0.0, bins - 1.0, 0.0)
     idx = pos.clamp_(0, bins - 1).add_(bad, alpha=bins).long()
     counts = torch.bincount(idx, minlength=bins + 1)[:bins].float()
-    head = torch.stack([mean, var.sqrt(), zero, dead.reshape(()), sat, lo.double(),
-                        hi.double(), n, total, squares])
+    head = torch.stack([mean, var.sqrt(), zero, dead, sat, lo.double(), hi.double(), n, total,
+                        squares])
     return torch.cat([head.float(), counts])
+
+
+def _dead_fraction(x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """Share of units (dimension 1) zero on every sample and position; a 1-D ``x`` is one."""
+    if x.dim() >= 2:
+        other = tuple(d for d in range(x.dim()) if d != 1)
+        shaped = flat.view(x.shape)
+        return ((shaped.amax(dim=other) == 0) & (shaped.amin(dim=other) == 0)).double().mean()
+    return ((flat.amax() == 0) & (flat.amin() == 0)).double()
+
+
+def _saturated_fraction(flat: torch.Tensor, n: torch.Tensor, bounds: tuple[float, float],
+                        saturation_tol: float) -> torch.Tensor:
+    """Share of the ``n`` finite values within ``saturation_tol`` of the range of a bound."""
+    mid, half = (bounds[0] + bounds[1]) / 2, (bounds[1] - bounds[0]) / 2
+    thr = half - saturation_tol * (bounds[1] - bounds[0])
+    dist = flat.nan_to_num(mid, mid, mid).sub_(mid).abs_().sub_(thr)
+    return dist.sign_().add_(1).clamp_(max=1).sum() / n  # 1 where |x - mid| >= thr
 
 
 def histogram_row(x: torch.Tensor, bins: int = 64) -> torch.Tensor:

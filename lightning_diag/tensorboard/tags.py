@@ -50,7 +50,8 @@ __all__ = [
     "EVERY_DIAGNOSTIC", "FINDINGS", "FINDINGS_TABLE", "FIRST_LAYER", "FIRST_LAYER_FILTERS",
     "GRADIENT_CHECK", "GRADIENT_CHECK_ERRORS", "GUIDE_RUN", "MEMBERS_RUN", "OVERFIT",
     "OVERFIT_ACCURACY", "OVERFIT_LOSS", "RAW_RUN", "ROOTS", "SIBLING_RUNS", "TAGS", "TRAIN_RUN",
-    "TUNING", "TUNING_SUMMARY", "TUNING_SWEEP_CHART", "TUNING_SWEEP_TABLE", "UPDATE_RATIO",
+    "TUNING", "TUNING_SUMMARY", "TUNING_SWEEP_CHART", "TUNING_SWEEP_TABLE",
+    "TUNING_TRIAL_ENDED", "UPDATE_RATIO",
     "UPDATE_RATIO_MEDIAN", "VALIDATION_RUN", "WRITERS", "Family", "Kind", "TagSpec",
     "activation_histogram", "activation_stat", "curve", "data_grid", "data_labels", "declared",
     "ema_comparison", "ema_metric", "ensemble_comparison", "find", "overfit_ladder",
@@ -266,6 +267,8 @@ def sweep_curve(lr: float | str) -> str:
 TUNING_SWEEP_CHART = TUNING.tag("sweep_chart")
 TUNING_SWEEP_TABLE = TUNING.tag("sweep")
 TUNING_SUMMARY = TUNING.tag("summary")
+#: In a search trial's run: the finding that ended it (diagnosis-guided pruning).
+TUNING_TRIAL_ENDED = TUNING.tag("trial_ended_by")
 
 
 def _exactly(tags: list[str]) -> list[str]:
@@ -444,6 +447,8 @@ def _specs() -> tuple[TagSpec, ...]:
              "refined configuration ranked `<k>`; run `<run_dir>/summary`", "`tune`"),
         spec(TUNING, "text", TUNING_SUMMARY, "the summary of sweep, search and refinement",
              "`tune`"),
+        spec(TUNING, "text", TUNING_TRIAL_ENDED, "the finding that ended a search trial early; "
+             "run `<run_dir>/search/trial_<n>`", "`random_search(diagnose=True)` pruned it"),
         layout(TUNING, refine_layout("<monitor>", []), "`tune`"),
         spec(ENSEMBLE, "scalar", ensemble_comparison("<metric>"), "every metric "
              "`validation_step` logs: each kept checkpoint at its epoch (run `members`, oldest "

@@ -7,6 +7,12 @@ Example:
 """
 
 from lightning_diag.tuning.pipeline import TuneSummary, tune
+from lightning_diag.tuning.pruning import (
+    PRUNING_CODES,
+    DiagnosisPruning,
+    ends_trial,
+    trial_monitors,
+)
 from lightning_diag.tuning.search import RefineResult, SearchResult, random_search, refine
 from lightning_diag.tuning.sweep import (
     LRComparison,
@@ -17,6 +23,8 @@ from lightning_diag.tuning.sweep import (
 )
 
 __all__ = [
+    "PRUNING_CODES",
+    "DiagnosisPruning",
     "LRComparison",
     "ModelFactory",
     "RefineResult",
@@ -24,8 +32,10 @@ __all__ = [
     "SweepResult",
     "TuneSummary",
     "compare_with_lr_find",
+    "ends_trial",
     "lr_sweep",
     "random_search",
     "refine",
+    "trial_monitors",
     "tune",
 ]

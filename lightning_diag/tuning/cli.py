@@ -75,6 +75,10 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heartbeat", type=int, default=60,
                         help="Seconds between heartbeats of a trial in a --storage URL: a trial "
                              "silent for twice that is failed and retried once (0: off).")
+    parser.add_argument("--no-diagnose", dest="diagnose", action="store_false",
+                        help="Prune search trials on the validation metric only, not also on "
+                             "what the monitors see (a diverging or stalled loss, updates as "
+                             "large as the weights, dead layers, vanishing gradients).")
     parser.add_argument("--study-name", default="lightning_diag_search")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--accelerator", default="auto")
@@ -107,6 +111,6 @@ def run_tune(args: argparse.Namespace) -> int:
          weight_decays=tuple(args.weight_decays), top_k=args.top_k,
          refine_epochs=args.refine_epochs, run_dir=args.run_dir, storage=args.storage,
          study_name=args.study_name, monitor=args.monitor, direction=args.direction,
-         seed=args.seed, verbose=True, heartbeat=args.heartbeat or None,
+         seed=args.seed, verbose=True, heartbeat=args.heartbeat or None, diagnose=args.diagnose,
          accelerator=args.accelerator)
     return 0

@@ -38,10 +38,12 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning_diag.callbacks.lr_advisor import LRPlateauAdvisor
 from lightning_diag.findings import Severity
 from lightning_diag.tensorboard.writer import markdown_table
+from lightning_diag.tuning.pruning import DiagnosisPruning, trial_monitors
 from lightning_diag.tuning.sweep import ModelFactory, build_model, quiet_trainer
 from lightning_diag.validation import (
     check_callable,
     check_choice,
+    check_flag,
     check_int,
     check_number,
     check_sequence,
@@ -109,8 +111,8 @@ class _Pruning(pl.Callback):
     broadcast, so that every rank stops at the same epoch.
     """
 
-    def __init__(self, trial: Any, monitor: str) -> None:
-        self.trial, self.monitor = trial, monitor
+    def __init__(self, trial: Any, monitor: str, diagnosis: DiagnosisPruning | None) -> None:
+        self.trial, self.monitor, self.diagnosis = trial, monitor, diagnosis
         self.curve: list[float] = []
         self.pruned = False
 
@@ -178,7 +180,9 @@ class SearchResult:
 
     Attributes:
         rows: One dict per finished trial (number, lr, weight_decay, value, state, epochs,
-            worker), best first.
+            steps, seconds, worker, ended_by, ended_at, why), best first. ``ended_by`` is the
+            code of the finding that ended a trial the diagnosis pruned (``ended_at`` its step,
+            ``why`` its sentence), ``"pruner"`` for one Optuna's pruner stopped, else ``""``.
         study_name, storage: Where the study lives.
         monitor, direction: The objective.
     """
@@ -194,10 +198,25 @@ class SearchResult:
     trainer_kwargs: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def table(self) -> str:
-        return markdown_table(
-            ["trial", "lr", "weight decay", self.monitor, "state", "epochs"],
+        """Every trial, best first, then one line per trial the diagnosis ended saying why."""
+        table = markdown_table(
+            ["trial", "lr", "weight decay", self.monitor, "state", "epochs", "steps", "ended by"],
             [[str(r["number"]), f"{r['lr']:.3e}", f"{r['weight_decay']:g}", f"{r['value']:.4f}",
-              str(r["state"]), str(r["epochs"])] for r in self.rows])
+              str(r["state"]), str(r["epochs"]), str(r["steps"]), _ended(r)] for r in self.rows])
+        why = [f"- trial {r['number']}: {r['why']}" for r in sorted(self.rows,
+               key=lambda r: r["number"]) if r["why"]]
+        if not why:
+            return table
+        return "\n\n".join([table, "Trials the diagnosis ended:", "\n".join(why)])
+
+
+def _ended(row: dict[str, Any]) -> str:
+    """The "ended by" cell: the finding's code and step, the median pruner, or nothing."""
+    if row["ended_by"] == "pruner":
+        return f"Optuna's pruner (epoch {row['epochs']})"
+    if row["ended_by"]:
+        return f"{row['ended_by']} (step {row['ended_at']})"
+    return ""
 
 
 def _epochs(epochs: Any) -> tuple[int, int]:
@@ -212,7 +231,7 @@ def _epochs(epochs: Any) -> tuple[int, int]:
 
 def check_search_arguments(*, model_factory: Any, n_trials: Any, epochs: Any,
                            weight_decays: Any, study_name: Any, monitor: Any, direction: Any,
-                           seed: Any, heartbeat: Any = None) -> None:
+                           seed: Any, heartbeat: Any = None, diagnose: Any = True) -> None:
     """Check the arguments :func:`random_search` shares with ``tune``, before any training.
 
     Example:
@@ -232,6 +251,7 @@ def check_search_arguments(*, model_factory: Any, n_trials: Any, epochs: Any,
     check_choice("direction", direction, ("maximize", "minimize"))
     check_int("seed", seed, low=None)
     check_int("heartbeat", heartbeat, optional=True)
+    check_flag("diagnose", diagnose)
 
 
 def check_refine_arguments(*, top_k: Any, epochs: Any, seed: Any) -> None:
@@ -247,13 +267,19 @@ def random_search(model_factory: ModelFactory, data: Any, center_lr: float, n_tr
                   study_name: str = "lightning_diag_search", run_dir: str | Path = "tune_runs",
                   monitor: str = "val_acc", direction: str = "maximize", lr_span: float = 3.0,
                   seed: int = 0, pruner: Any = None, heartbeat: int | None = 60,
-                  **trainer_kwargs: Any) -> SearchResult:
+                  diagnose: bool = True, **trainer_kwargs: Any) -> SearchResult:
     """Random search of learning rate and weight decay, ``n_trials`` in total across resumes.
 
     The learning rate is log-uniform in ``[center_lr / lr_span, center_lr * lr_span]``, the weight
     decay drawn from ``weight_decays``. Each trial trains up to ``epochs[1]`` epochs; after
     ``epochs[0]`` epochs, Optuna's ``MedianPruner`` (or ``pruner``) may stop a trial whose
-    ``monitor`` is worse than the median of earlier trials at the same epoch.
+    ``monitor`` is worse than the median of earlier trials at the same epoch. With ``diagnose``
+    (the default), each trial also trains with :func:`~lightning_diag.tuning.pruning.
+    trial_monitors` and ends, pruned, after the first step where one of them reports a finding
+    that makes it hopeless (a diverging or stalled loss, an update as large as the weights, a
+    dead layer, vanishing gradients: :data:`~lightning_diag.tuning.pruning.PRUNING_CODES`),
+    often within its first ten steps. The finding is kept on the trial (user attribute
+    ``ended_by``), in :meth:`SearchResult.table` and in the trial's TensorBoard run.
 
     Args:
         model_factory: ``model_factory(lr=..., weight_decay=...)`` returns a fresh LightningModule.
@@ -270,6 +296,8 @@ def random_search(model_factory: ModelFactory, data: Any, center_lr: float, n_tr
         heartbeat: With a storage URL, a running trial writes a heartbeat every ``heartbeat``
             seconds; one silent for twice that (its worker died) is marked failed by the next
             worker to start a trial and run once more with the same values. None: no heartbeat.
+        diagnose: End hopeless trials by what the monitors see (see above); False: the
+            validation metric alone prunes.
         **trainer_kwargs: Passed to ``pl.Trainer``. ``strategy="ddp", devices=2`` trains each
             trial on two processes: Lightning runs the script again for rank 1, whose
             ``random_search`` trains rank 0's trial and then ends that process (one search per
@@ -282,7 +310,8 @@ def random_search(model_factory: ModelFactory, data: Any, center_lr: float, n_tr
     check_number("center_lr", center_lr, low=0, low_open=True)
     check_search_arguments(model_factory=model_factory, n_trials=n_trials, epochs=epochs,
                            weight_decays=weight_decays, study_name=study_name, monitor=monitor,
-                           direction=direction, seed=seed, heartbeat=heartbeat)
+                           direction=direction, seed=seed, heartbeat=heartbeat,
+                           diagnose=diagnose)
     check_number("lr_span", lr_span, low=1, low_open=True)
     lo_ep, hi_ep = _epochs(epochs)
     _fit_data(data)
@@ -290,9 +319,12 @@ def random_search(model_factory: ModelFactory, data: Any, center_lr: float, n_tr
     run_dir.mkdir(parents=True, exist_ok=True)
 
     def fit_trial(trial: Any, number: int, lr: float, wd: float) -> tuple[_Pruning, pl.Trainer]:
-        pruning = _Pruning(trial, monitor)
+        monitors = trial_monitors() if diagnose else []
+        diagnosis = DiagnosisPruning(monitors) if diagnose else None
+        pruning = _Pruning(trial, monitor, diagnosis)
         logger = TensorBoardLogger(str(run_dir), name="search", version=f"trial_{number}")
-        trainer = quiet_trainer(max_epochs=hi_ep, logger=logger, callbacks=[pruning],
+        callbacks = [*monitors, *([diagnosis] if diagnosis else []), pruning]
+        trainer = quiet_trainer(max_epochs=hi_ep, logger=logger, callbacks=callbacks,
                                 **trainer_kwargs)
         with _handing({"number": number, "lr": lr, "weight_decay": wd}):
             trainer.fit(build_model(model_factory, lr, wd, seed), **_fit_data(data))
@@ -324,7 +356,16 @@ def random_search(model_factory: ModelFactory, data: Any, center_lr: float, n_tr
             trial.set_user_attr("worker", os.getpid())
             pruning, trainer = fit_trial(trial, trial.number, lr, wd)
             trial.set_user_attr("curve", pruning.curve)
+            trial.set_user_attr("steps", trainer.global_step)
+            diagnosis = pruning.diagnosis
+            if diagnosis is not None and diagnosis.ended_by is not None:
+                ended = diagnosis.ended_by
+                trial.set_user_attr("ended_by", {
+                    "code": ended.code, "severity": ended.severity.name, "step": ended.step,
+                    "check": ended.check, "why": diagnosis.describe()})
+                raise optuna.TrialPruned(diagnosis.describe())
             if pruning.pruned:
+                trial.set_user_attr("ended_by", {"code": "pruner"})
                 raise optuna.TrialPruned()
             if not pruning.curve:
                 raise ValueError(f"`{monitor}` was never logged after validation; logged: "
@@ -352,10 +393,16 @@ def _result(study: Any, storage: Any, monitor: str, direction: str, model_factor
         curve = t.user_attrs.get("curve", [])
         value = t.value if t.value is not None else (curve[-1] if curve else math.nan)
         if t.state.name in ("COMPLETE", "PRUNED"):
+            ended = t.user_attrs.get("ended_by") or {}
+            took = (t.datetime_complete - t.datetime_start).total_seconds() \
+                if t.datetime_complete and t.datetime_start else math.nan
             rows.append({"number": t.number, "lr": t.params["lr"],
                          "weight_decay": t.params["weight_decay"], "value": float(value),
                          "state": t.state.name.lower(), "epochs": len(curve), "curve": curve,
-                         "worker": t.user_attrs.get("worker")})
+                         "steps": t.user_attrs.get("steps", 0), "seconds": took,
+                         "worker": t.user_attrs.get("worker"),
+                         "ended_by": ended.get("code", ""), "ended_at": ended.get("step"),
+                         "why": ended.get("why", "")})
     sign = -1.0 if direction == "maximize" else 1.0
     rows.sort(key=lambda r: (r["state"] != "complete", sign * r["value"]
                              if math.isfinite(r["value"]) else math.inf))

@@ -1,0 +1,159 @@
+"""Diagnosis-guided pruning: a search trial ends as soon as its monitors see it is hopeless.
+
+A trial of :func:`~lightning_diag.tuning.random_search` trains with a light set of the
+library's own monitors (:func:`trial_monitors`). Whenever one of them publishes a finding that
+:func:`ends_trial` (any FAIL, or a WARN whose code is in :data:`PRUNING_CODES`),
+:class:`DiagnosisPruning` stops the fit after that step, before its first validation if need be,
+and keeps the finding: the search records it on the Optuna trial (user attribute ``ended_by``),
+prints it in its table and writes it to the trial's TensorBoard run. The thresholds are the
+monitors' own (their arguments below); nothing is measured twice.
+
+Example:
+    >>> from lightning_diag.findings import Finding, Severity
+    >>> ends_trial(Finding("UpdateRatioMonitor", "update_ratio.too_high", Severity.WARN, "..."))
+    True
+    >>> ends_trial(Finding("LRPlateauAdvisor", "advisor.plateau", Severity.WARN, "..."))
+    False
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+from typing_extensions import override
+
+from lightning_diag.base import DiagnosticCallback
+from lightning_diag.callbacks.activation_histogram import ActivationHistogram
+from lightning_diag.callbacks.lr_advisor import LRPlateauAdvisor
+from lightning_diag.callbacks.update_ratio import UpdateRatioMonitor
+from lightning_diag.findings import Finding, Severity
+from lightning_diag.tensorboard.tags import TUNING_TRIAL_ENDED
+from lightning_diag.tensorboard.writer import tensorboard_writer
+from lightning_diag.validation import check_int, require
+
+__all__ = ["PRUNING_CODES", "TRIAL_STALL_STEPS", "DiagnosisPruning", "ends_trial",
+           "trial_monitors"]
+
+#: WARN findings that end a search trial, with why such a trial is hopeless. Each is FAIL-level
+#: for a trial: a short run with a fixed configuration does not recover from it, while a person
+#: watching a long run might (lower the learning rate, restart from a checkpoint). A finite jump
+#: of the step loss (``advisor.divergence`` as a WARN) is not one: the digits MLP at lr 2.8e-2,
+#: batch 16, jumps at step 419 and ends at 0.933, its search's best; a non-finite loss (its
+#: FAIL) ends the trial, as every FAIL does.
+PRUNING_CODES: dict[str, str] = {
+    "advisor.stalled": "the step loss does not move",
+    "update_ratio.too_high": "an update as large as the weights",
+    "update_ratio.too_low": "updates far below the weights' scale",
+    "update_ratio.zero_updates": "no weight moves",
+    "gradients.vanishing": "the gradients vanish before the first layers",
+    "gradients.exploding": "the gradients explode",
+}
+
+#: Finite step losses before a trial's loss must have moved (``advisor.stalled``).
+TRIAL_STALL_STEPS = 30
+
+
+def ends_trial(finding: Finding, codes: Mapping[str, str] = PRUNING_CODES) -> bool:
+    """Whether ``finding`` ends a search trial: any FAIL, or a WARN with a code of ``codes``."""
+    return finding.severity is Severity.FAIL or (
+        finding.severity is Severity.WARN and finding.code in codes)
+
+
+def trial_monitors(every_n_steps: int = 20, activations_every: int = 50
+                   ) -> list[DiagnosticCallback]:
+    """The light monitors of a search trial, each set for a short run with a fixed configuration.
+
+    They publish findings only (``log_charts=False``): a trial's per-layer charts would cost
+    more than its monitoring, and the findings still reach its TensorBoard findings table.
+
+    - :class:`LRPlateauAdvisor`: a non-finite step loss (its FAIL ``advisor.divergence``) on
+      every step and ``advisor.stalled`` after :data:`TRIAL_STALL_STEPS` steps; no batch is
+      saved.
+    - :class:`UpdateRatioMonitor` at steps 0, 1, 2, 4, 8, 16 and every ``every_n_steps``:
+      too high only at an update as large as the weight (``high = extreme = 1``; Adam's first
+      step reaches 0.4 at a learning rate that trains well), too low and zero updates as by
+      default.
+    - :class:`ActivationHistogram` at step 0 and every ``activations_every`` steps: vanishing
+      gradients (a layer whose units all died blocks them) and exploding ones, as by default.
+      Its ``activations.dead_units`` is recorded but ends no trial: the digits CNN at lr
+      1.7e-2 has 90% of a layer dead at step 20 and still reaches 0.956.
+
+    Example:
+        >>> [type(m).__name__ for m in trial_monitors()]
+        ['LRPlateauAdvisor', 'UpdateRatioMonitor', 'ActivationHistogram']
+    """
+    check_int("every_n_steps", every_n_steps)
+    check_int("activations_every", activations_every)
+    return [
+        LRPlateauAdvisor(save_batch=False, stall_steps=TRIAL_STALL_STEPS),
+        UpdateRatioMonitor(every_n_steps=every_n_steps, high=1.0, extreme=1.0,
+                           log_charts=False),
+        ActivationHistogram(every_n_steps=activations_every, log_charts=False),
+    ]
+
+
+class DiagnosisPruning(pl.Callback):
+    """Stops the fit after the first training step where a monitor's finding :func:`ends_trial`.
+
+    Under DDP rank 0's monitors decide and every rank stops at the same step. The finding is
+    kept in :attr:`ended_by` and written as text to the run's TensorBoard (``6_tuning/
+    trial_ended_by``); the monitors have already written it to the findings table. The
+    validation Lightning would run after the stop is skipped (``limit_val_batches`` set to 0
+    on this trainer): a part of an epoch does not compare with other trials, and the time is
+    what the pruning is for.
+
+    Args:
+        monitors: The diagnostic callbacks whose findings are read (attached to the same
+            Trainer, before this callback).
+        codes: WARN codes that end the trial (default :data:`PRUNING_CODES`).
+
+    Example:
+        >>> monitors = trial_monitors()
+        >>> trainer = pl.Trainer(callbacks=[*monitors, DiagnosisPruning(monitors)], logger=False)
+    """
+
+    def __init__(self, monitors: Sequence[DiagnosticCallback],
+                 codes: Mapping[str, str] = PRUNING_CODES) -> None:
+        require(isinstance(monitors, Sequence) and all(
+            isinstance(m, DiagnosticCallback) for m in monitors), "monitors", monitors,
+            "a sequence of lightning_diag callbacks (e.g. `trial_monitors()`)", TypeError)
+        require(isinstance(codes, Mapping), "codes", codes,
+                "a mapping of finding codes to why they end a trial", TypeError)
+        self.monitors, self.codes = list(monitors), dict(codes)
+        self.ended_by: Finding | None = None
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.ended_by = None
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ended_by is None:
+            self._check(trainer)
+
+    def _check(self, trainer: pl.Trainer) -> None:
+        found = next((f for m in self.monitors for f in m.findings
+                      if ends_trial(f, self.codes)), None)
+        if trainer.world_size > 1:
+            record = trainer.strategy.broadcast(found.to_dict() if found else None, src=0)
+            found = Finding.from_dict(record) if record is not None else None
+        if found is None:
+            return
+        self.ended_by = found
+        trainer.should_stop = True
+        trainer.limit_val_batches = 0
+        writer = tensorboard_writer(trainer)
+        if writer is not None:
+            writer.add_text(TUNING_TRIAL_ENDED, self.describe(), trainer.global_step)
+
+    def describe(self) -> str:
+        """One line: which finding ended the trial, at which step, and why it is hopeless."""
+        f = self.ended_by
+        if f is None:
+            return "The diagnosis did not end this trial."
+        why = self.codes.get(f.code, "a FAIL finding")
+        return f"Ended at step {f.step} by `{f.code}` ({why}): {f.message}"

@@ -1,0 +1,160 @@
+"""Diagnosis-guided pruning: hopeless trials end early with their finding, healthy ones never."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from lightning_diag.examples.digits import DigitsClassifier, DigitsDataModule
+from lightning_diag.findings import Finding, Severity, load_findings
+from lightning_diag.tensorboard.tags import TUNING_TRIAL_ENDED
+from lightning_diag.tuning.pruning import (
+    PRUNING_CODES,
+    DiagnosisPruning,
+    ends_trial,
+    trial_monitors,
+)
+from lightning_diag.tuning.search import random_search
+from tests.families import FAMILIES
+from tests.helpers import events, text_events
+from tests.test_tuning import FACTORY, TinyDigits
+
+optuna = pytest.importorskip("optuna")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_what_ends_a_trial() -> None:
+    def make(code: str, severity: Severity) -> Finding:
+        return Finding("X", code, severity, "...")
+
+    assert ends_trial(make("advisor.divergence", Severity.FAIL))  # any FAIL: a NaN loss
+    assert ends_trial(make("update_ratio.too_high", Severity.WARN))
+    assert not ends_trial(make("advisor.divergence", Severity.WARN))  # a spike can recover
+    assert not ends_trial(make("advisor.plateau", Severity.WARN))  # a long run's verdict
+    assert not ends_trial(make("update_ratio.summary", Severity.INFO))
+    assert not ends_trial(make("update_ratio.too_high", Severity.WARN), codes={})
+
+
+def test_every_pruning_code_is_documented_by_the_monitor_publishing_it() -> None:
+    pages = {"advisor": "lr_advisor", "update_ratio": "update_ratio",
+             "gradients": "activation_histogram"}
+    for code in PRUNING_CODES:
+        page = ROOT / "docs" / "callbacks" / f"{pages[code.partition('.')[0]]}.md"
+        assert f"`{code}`" in page.read_text(encoding="utf-8"), (code, page)
+    assert [type(m).__name__ for m in trial_monitors()] == [
+        "LRPlateauAdvisor", "UpdateRatioMonitor", "ActivationHistogram"]
+
+
+def test_a_hopeless_trial_ends_at_its_first_step_with_its_finding(tmp_path: Path) -> None:
+    # lr around 30: the very first update is far larger than the weights
+    found = random_search(FACTORY, TinyDigits(), center_lr=30.0, lr_span=1.5, n_trials=2,
+                          epochs=(1, 3), run_dir=tmp_path, accelerator="cpu")
+    assert [r["state"] for r in found.rows] == ["pruned", "pruned"]
+    for r in found.rows:
+        assert r["ended_by"] == "update_ratio.too_high" and r["ended_at"] == 0
+        assert r["steps"] == 1 and r["epochs"] == 0  # one step, and no validation after it
+        assert r["why"].startswith("Ended at step 0 by `update_ratio.too_high` (an update as "
+                                   "large as the weights): Median update ratio")
+    table = found.table()
+    assert "| update_ratio.too_high (step 0) |" in table
+    assert "Trials the diagnosis ended:\n\n- trial 0: Ended at step 0" in table
+    # the study holds it, for every worker and any storage
+    study = optuna.load_study(study_name=found.study_name, storage=found.storage)
+    assert all(t.user_attrs["ended_by"]["code"] == "update_ratio.too_high" for t in study.trials)
+    assert all(not t.intermediate_values for t in study.trials)  # nothing to the median pruner
+    # the trial's run: the text, and the finding in its findings record
+    run = tmp_path / "search" / "trial_0"
+    (text,) = text_events(events(run), TUNING_TRIAL_ENDED)
+    assert text.startswith("Ended at step 0 by `update_ratio.too_high`")
+    assert "update_ratio.too_high" in {f.code for f in load_findings(run)}
+
+
+def test_diagnose_false_leaves_pruning_to_the_validation_metric(tmp_path: Path) -> None:
+    found = random_search(FACTORY, TinyDigits(), center_lr=30.0, lr_span=1.5, n_trials=1,
+                          epochs=(1, 2), run_dir=tmp_path, accelerator="cpu", diagnose=False)
+    (row,) = found.rows
+    assert row["state"] == "complete" and row["ended_by"] == "" and row["epochs"] == 2
+    assert not list((tmp_path / "search").rglob("findings.jsonl"))  # no monitor attached
+    with pytest.raises(TypeError, match="`diagnose` must be a bool"):
+        random_search(FACTORY, TinyDigits(), center_lr=1e-2, n_trials=1, diagnose="yes")
+
+
+@pytest.mark.parametrize(("lr", "code", "step"), [
+    (1e-7, "update_ratio.too_low", 2),  # 3 logged steps (0, 1, 2) far below 1e-5
+    (1e-5, "advisor.stalled", 29),  # updates of ~1e-4, and the loss stays put for 30 steps
+])
+def test_a_trial_that_learns_nothing_ends(tmp_path: Path, lr: float, code: str,
+                                          step: int) -> None:
+    found = random_search(FACTORY, TinyDigits(n=512), center_lr=lr, lr_span=1.01,
+                          n_trials=1, epochs=(3, 3), run_dir=tmp_path, accelerator="cpu")
+    (row,) = found.rows
+    assert (row["ended_by"], row["ended_at"], row["steps"]) == (code, step, step + 1), \
+        found.table()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("arch", "lr"), [
+    # the ends of the ranges where Adam trains each to 0.88-0.99 validation accuracy in 5 epochs
+    ("mlp", 1e-3), ("mlp", 3e-2), ("cnn", 1e-4), ("cnn", 1e-2),
+    ("cnn", 1.7e-2),  # 90% of a layer dead at step 20, 0.956 at the end: not hopeless
+])
+def test_healthy_configurations_are_never_pruned_by_a_diagnosis(arch: str, lr: float,
+                                                                tmp_path: Path) -> None:
+    found = random_search(functools.partial(DigitsClassifier, arch=arch), DigitsDataModule(),
+                          center_lr=lr, lr_span=1.0001, n_trials=2, epochs=(3, 3),
+                          weight_decays=(0.0, 1e-4), run_dir=tmp_path, accelerator="cpu",
+                          pruner=optuna.pruners.NopPruner())  # only a diagnosis may end one
+    assert [r["ended_by"] for r in found.rows] == ["", ""], found.table()
+    assert all(r["steps"] == 69 for r in found.rows)  # past the stall window of 30 steps
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_healthy_families_run_a_trial_to_its_end(name: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    family = FAMILIES[name]()
+    monitors = trial_monitors()
+    diagnosis = DiagnosisPruning(monitors)
+    trainer = pl.Trainer(
+        max_epochs=6, accelerator="cpu", devices=1, callbacks=[*monitors, diagnosis],
+        logger=TensorBoardLogger(str(tmp_path), name=name), enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, limit_train_batches=8,
+        limit_val_batches=2, num_sanity_val_steps=0, **family.trainer_kwargs)
+    trainer.fit(family.module, family.train, family.val)
+    assert diagnosis.ended_by is None, diagnosis.describe()
+    assert trainer.global_step == 48  # past the stall window of 30 steps
+    assert not [f for m in monitors for f in m.findings if f.code.endswith(".error")]
+
+
+def test_tune_prints_the_finding_that_ended_each_trial(tmp_path: Path, capsys) -> None:
+    import argparse
+
+    from lightning_diag.tuning.cli import add_tune_arguments, run_tune
+
+    parser = argparse.ArgumentParser()
+    add_tune_arguments(parser)
+    # a sweep of the one rate 3: the search then draws from [1, 9], all hopeless
+    args = parser.parse_args(["--datamodule", "tests.test_tuning:TinyDigits", "--lrs", "3",
+                              "--sweep-steps", "2", "--trials", "2", "--epochs", "1", "2",
+                              "--accelerator", "cpu", "--run-dir", str(tmp_path)])
+    assert args.diagnose and not parser.parse_args(["--no-diagnose"]).diagnose
+    assert run_tune(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("| update_ratio.too_high (step 0) |") == 2
+    assert "Trials the diagnosis ended:\n\n- trial 0: Ended at step 0 by" in out
+    assert "- trial 1: Ended at step 0 by `update_ratio.too_high`" in out
+    assert "**Best**: none. Every trial of the search was pruned" in out
+
+
+def test_bad_arguments_are_named() -> None:
+    with pytest.raises(TypeError, match="`monitors` must be a sequence of lightning_diag"):
+        DiagnosisPruning([pl.Callback()])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="`codes` must be a mapping"):
+        DiagnosisPruning([], codes=["update_ratio.too_high"])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`activations_every` must be"):
+        trial_monitors(activations_every=0)
