@@ -201,8 +201,9 @@ class SearchResult:
         """Every trial, best first, then one line per trial the diagnosis ended saying why."""
         table = markdown_table(
             ["trial", "lr", "weight decay", self.monitor, "state", "epochs", "steps", "ended by"],
-            [[str(r["number"]), f"{r['lr']:.3e}", f"{r['weight_decay']:g}", f"{r['value']:.4f}",
-              str(r["state"]), str(r["epochs"]), str(r["steps"]), _ended(r)] for r in self.rows])
+            [[str(r["number"]), f"{r['lr']:.3e}", f"{r['weight_decay']:g}",
+              f"{r['value']:.4f}" if math.isfinite(r["value"]) else "-", str(r["state"]),
+              str(r["epochs"]), str(r["steps"]), _ended(r)] for r in self.rows])
         why = [f"- trial {r['number']}: {r['why']}" for r in sorted(self.rows,
                key=lambda r: r["number"]) if r["why"]]
         if not why:
