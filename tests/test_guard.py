@@ -347,23 +347,47 @@ def test_a_failing_module_hook_inside_the_users_step_steps_aside(
         reference: dict[str, dict[str, torch.Tensor]]) -> None:
     """The monitors' forward and gradient hooks run inside the user's own forward and backward:
     an error there must not end the user's step either."""
-    import lightning_diag.callbacks.activation_histogram as module
+    real = ActivationHistogram._capture
 
-    real = module.layer_summary
-
-    def failing(x: torch.Tensor, bounds: Any, bins: int, **kw: Any) -> torch.Tensor:
-        # An activation is part of the graph (requires grad); the gradient flowing back is not.
-        if (which == "forward") == x.requires_grad:
+    def failing(self: ActivationHistogram, kind: str, *args: Any) -> None:
+        if kind == ("act" if which == "forward" else "grad"):
             raise Injected(f"planted in the {which} hook")
-        return real(x, bounds, bins, **kw)
+        real(self, kind, *args)
 
-    monkeypatch.setattr(module, "layer_summary", failing)
+    monkeypatch.setattr(ActivationHistogram, "_capture", failing)
     cb = make(ActivationHistogram)
     model = seeded()
     fit(tmp_path, [cb], model)
     errors = [f for f in cb.findings if f.code == "activations.error"]
     assert len(errors) == 1 and f"a {which} hook on the model" in errors[0].message
     assert errors[0].details["exception"] == "Injected"
+    assert hook_count(model) == 0 and len(cb.hooks) == 0
+    final = model.state_dict()
+    assert all(torch.equal(final[k], v) for k, v in reference["plain"].items())
+
+
+def test_a_failure_on_the_background_worker_steps_aside_and_leaves_no_thread(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        reference: dict[str, dict[str, torch.Tensor]]) -> None:
+    """On CPU the statistics of a logging step are computed on a worker thread: an error there
+    is reported on the training thread, at the next hook, as the callback's own."""
+    import threading
+
+    import lightning_diag.callbacks.activation_histogram as module
+
+    def failing(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if threading.current_thread() is threading.main_thread():
+            raise AssertionError("the statistics were computed on the training thread")
+        raise Injected("planted on the worker")
+
+    monkeypatch.setattr(module, "layer_summary", failing)
+    cb = make(ActivationHistogram)
+    model = seeded()
+    fit(tmp_path, [cb], model)
+    (error,) = [f for f in cb.findings if f.code == "activations.error"]
+    assert error.details["exception"] == "Injected"
+    assert cb._worker._pool is None and not any(
+        t.name.startswith("lightning_diag") for t in threading.enumerate())
     assert hook_count(model) == 0 and len(cb.hooks) == 0
     final = model.state_dict()
     assert all(torch.equal(final[k], v) for k, v in reference["plain"].items())

@@ -8,9 +8,10 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import lightning.pytorch as pl
 import torch
@@ -32,7 +33,14 @@ from lightning_diag.tensorboard.tags import (
     activation_stat,
     typed_layer,
 )
-from lightning_diag.tensorboard.writer import log_figure, log_step_summary
+from lightning_diag.tensorboard.writer import (
+    EventWorker,
+    log_figure,
+    log_scalars_elsewhere,
+    log_step_summary,
+    tensorboard_writer,
+    write_step_summary,
+)
 from lightning_diag.validation import (
     check_flag,
     check_int,
@@ -42,7 +50,24 @@ from lightning_diag.validation import (
     require,
 )
 
-__all__ = ["PASS_THROUGH", "ActivationHistogram"]
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
+
+
+class _Event(NamedTuple):
+    """A logging step: its global step, its index among the fit's logging steps (from 1), and
+    each hooked layer's name in the tags (its module type added)."""
+
+    step: int
+    number: int
+    typed: dict[str, str]
+
+__all__ = ["COPY_BUDGET", "PASS_THROUGH", "ActivationHistogram"]
+
+#: Values copied per logging step for the worker to count on CPU (64 MiB of float32); layers
+#: past it are counted on the training thread, as on an accelerator. At most two steps' copies
+#: wait for the worker.
+COPY_BUDGET = 2**24
 
 _BOUNDED: dict[type[nn.Module], Callable[[Any], tuple[float, float]]] = {
     nn.Tanh: lambda m: (-1.0, 1.0),
@@ -186,6 +211,14 @@ class ActivationHistogram(DiagnosticCallback):
         self._act: dict[str, torch.Tensor] = {}
         self._grad: dict[str, torch.Tensor] = {}
         self._numel: dict[str, int] = {}
+        self._charts = False  # histograms wanted at this logging step (a TensorBoard writer)
+        #: CPU copies (and bounds) of ("act" | "grad", layer) for the worker, and their size
+        self._copies: dict[tuple[str, str], tuple[torch.Tensor, Any]] = {}
+        self._copied = 0
+        self._order: list[str] = []  # the layers hooked at this logging step, in forward order
+        self._seen: set[str] = set()
+        self._event_step = -1  # the logging step whose numbers `last` holds
+        self._worker = EventWorker(depth=2)
 
     @property
     @override
@@ -212,6 +245,7 @@ class ActivationHistogram(DiagnosticCallback):
         if step % self.every_n_steps or step == self._logged_step:
             return
         self._logged_step = step
+        self._charts = self.log_charts and tensorboard_writer(trainer) is not None
         scale_grads = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
         for name, module in self._chosen(pl_module):
             self.layer_types[name] = type(module).__name__
@@ -223,75 +257,148 @@ class ActivationHistogram(DiagnosticCallback):
     def _forward_hook(self, trainer: pl.Trainer, name: str, bounds: tuple[float, float] | None,
                       accumulation: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, out: Any) -> None:
-            if not isinstance(out, torch.Tensor) or name in self._act or not trainer.training:
+            if not isinstance(out, torch.Tensor) or name in self._seen or not trainer.training:
                 return
-            self._act[name] = layer_summary(out, bounds, self.bins, lean=not self.log_charts)
+            self._seen.add(name)
+            self._order.append(name)
+            self._capture("act", name, out, bounds)
             if out.requires_grad and torch.is_grad_enabled():
                 self.hooks.tensor(out, grad_hook)
 
         def grad_hook(grad: torch.Tensor) -> None:
-            if name in self._grad:
+            if name in self._numel:
                 return
             factor = accumulation / _loss_scale(trainer)
             true = grad if isinstance(factor, float) and factor == 1.0 else grad.float() * factor
             self._numel[name] = grad.numel()
-            self._grad[name] = layer_summary(true, None, self.bins, lean=not self.log_charts)
+            self._capture("grad", name, true, None)
         return hook
+
+    def _capture(self, kind: str, name: str, x: torch.Tensor,
+                 bounds: tuple[float, float] | None) -> None:
+        """Summarize ``x`` now, in one fused pass on its device; or, on CPU with TensorBoard
+        charts, copy it for the worker, which computes the same row off the training thread (a
+        copy costs the training thread ~0.03 ms, the row ~0.5 ms on the digits CNN). At most
+        :data:`COPY_BUDGET` values are copied per logging step; the rest is summarized here."""
+        if self._charts and x.device.type == "cpu" and self._copied + x.numel() <= COPY_BUDGET:
+            self._copies[(kind, name)] = (x.detach().clone(), bounds)
+            self._copied += x.numel()
+            return
+        rows = self._act if kind == "act" else self._grad
+        rows[name] = layer_summary(x, bounds, self.bins, lean=not self.log_charts,
+                                   histogram=self._charts)
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
-        if len(self.hooks) or self._act:
+        self._collect(trainer)
+        if len(self.hooks) or self._order:
             self._flush(trainer)
 
     def _flush(self, trainer: pl.Trainer) -> None:
         self.hooks.remove_all()
-        acts, grads, numel = self._act, self._grad, self._numel
-        self._act, self._grad, self._numel = {}, {}, {}
-        if not acts:
+        order, acts, grads = self._order, self._act, self._grad
+        numel, copies = self._numel, self._copies
+        self._order, self._seen, self._act, self._grad = [], set(), {}, {}
+        self._numel, self._copies, self._copied = {}, {}, 0
+        if not order:
             return
-        width = len(STAT_NAMES) + len(HIST_HEADER) + self.bins
-        device = next(iter(acts.values())).device
-        empty = torch.full((width,), math.nan, device=device)
-        rows = torch.stack([torch.cat([a.to(device), grads.get(n, empty).to(device)])
-                            for n, a in acts.items()]).cpu()  # the one host sync
-        self.last = {name: _parse(row.tolist(), name in grads, numel.get(name, 0))
-                     for name, row in zip(acts, rows, strict=True)}
         self._logs += 1
+        event = _Event(self._logged_step, self._logs,
+                       {n: typed_layer(n, self.layer_types[n]) for n in order})
+        if copies:  # there is a TensorBoard writer (`_charts`): the worker finishes the step
+            self._worker.submit(functools.partial(
+                self._summarize, event, tensorboard_writer(trainer), order, acts, grads, numel,
+                copies))
+        else:
+            self._apply(trainer, event, self._rows(order, acts, grads, numel, {}), None)
+
+    def _rows(self, order: list[str], acts: dict[str, torch.Tensor],
+              grads: dict[str, torch.Tensor], numel: dict[str, int],
+              copies: dict[tuple[str, str], tuple[torch.Tensor, Any]]
+              ) -> dict[str, dict[str, Any]]:
+        """Each layer's parsed statistics and histograms, from one host copy of all rows."""
+        for (kind, name), (x, bounds) in copies.items():
+            (acts if kind == "act" else grads)[name] = layer_summary(x, bounds, self.bins)
+        width = len(STAT_NAMES) + len(HIST_HEADER) + self.bins
+        device = acts[order[0]].device
+        empty = torch.full((width,), math.nan, device=device)
+        rows = torch.stack([torch.cat([acts[n].to(device), grads.get(n, empty).to(device)])
+                            for n in order]).cpu()  # the one host sync
+        return {name: _parse(row.tolist(), name in grads, numel.get(name, 0))
+                for name, row in zip(order, rows, strict=True)}
+
+    def _summarize(self, event: _Event, writer: SummaryWriter | None, order: list[str],
+                   acts: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
+                   numel: dict[str, int],
+                   copies: dict[tuple[str, str], tuple[torch.Tensor, Any]]
+                   ) -> tuple[_Event, dict[str, dict[str, Any]], dict[str, float]]:
+        """On the worker: the step's rows from the copies, and its TensorBoard event."""
+        last = self._rows(order, acts, grads, numel, copies)
+        scalars, histograms = self._chart_values(last, event.typed)
+        if writer is not None:
+            write_step_summary(writer, scalars, histograms, event.step)
+        return event, last, scalars
+
+    def _collect(self, trainer: pl.Trainer, wait: bool = False) -> None:
+        """Apply the logging steps the worker finished, in order (every one with ``wait``)."""
+        for event, last, scalars in self._worker.drain() if wait else self._worker.ready():
+            self._apply(trainer, event, last, scalars)
+
+    def _apply(self, trainer: pl.Trainer, event: _Event, last: dict[str, dict[str, Any]],
+               scalars: dict[str, float] | None) -> None:
+        """A measured logging step: its charts (unless the worker wrote them) and findings."""
+        self.last, self._event_step = last, event.step
         if self.log_charts:
-            self._log(trainer)
+            self._log(trainer, event, scalars)
         self.publish(trainer, self._check(trainer))
 
-    def _log(self, trainer: pl.Trainer) -> None:
-        step = self._logged_step
+    def _chart_values(self, last: dict[str, dict[str, Any]], typed: dict[str, str]
+                      ) -> tuple[dict[str, float], dict[str, list[float]]]:
+        """The scalars and histogram rows of a logging step, under their tags."""
         scalars: dict[str, float] = {}
-        typed = {name: typed_layer(name, self.layer_types[name]) for name in self.last}
-        for name, s in self.last.items():
+        for name, s in last.items():
             for stat in (*STAT_NAMES, "grad_norm"):
                 if not (stat in ("saturated_fraction", "grad_norm") and math.isnan(s[stat])):
                     scalars[activation_stat(stat, typed[name])] = s[stat]
-        histograms = {activation_histogram(kind.split("_")[0], typed[name]): s[kind]
-                      for name, s in self.last.items() for kind in ("act_hist", "grad_hist")}
-        log_step_summary(trainer, scalars, histograms, step)
+        histograms = {activation_histogram(kind, typed[name]): s[f"{kind}_hist"]
+                      for name, s in last.items() for kind in ("act", "grad")}
+        return scalars, histograms
+
+    def _log(self, trainer: pl.Trainer, event: _Event, scalars: dict[str, float] | None) -> None:
+        if scalars is None:
+            scalars, histograms = self._chart_values(self.last, event.typed)
+            log_step_summary(trainer, scalars, histograms, event.step)
+        else:  # the worker wrote the TensorBoard event; other loggers get the scalars here
+            writer = tensorboard_writer(trainer)
+            if writer is not None:
+                log_scalars_elsewhere(trainer, writer, scalars, event.step)
         if not self.require_tensorboard(trainer, "activation histograms and figure"):
             return
         n = self.figure_every_n_logs
-        if n and self._logs % n == 0:
+        if n and event.number % n == 0:
             self._figure(trainer)
 
     def _figure(self, trainer: pl.Trainer) -> None:
         labelled = {layer_label(n, self.layer_types[n]): s for n, s in self.last.items()}
         log_figure(trainer, ACTIVATIONS_SUMMARY, layer_summary_figure(labelled, self.bins),
-                   self._logged_step)
+                   self._event_step)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._collect(trainer, wait=True)  # every logging step applied and written
         self.publish(trainer, [self._summary(trainer)])
         n = self.figure_every_n_logs
         drawn = n and self._logs % n == 0
         if (self.log_charts and self.last and not drawn
                 and self.require_tensorboard(trainer, "summary figure")):
             self._figure(trainer)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                     exception: BaseException) -> None:
+        self._collect(trainer, wait=True)  # the steps measured before the error still count
+        super().on_exception(trainer, pl_module, exception)
 
     def _label(self, name: str) -> str:
         return layer_label(name, self.layer_types.get(name, "?"))
@@ -331,7 +438,7 @@ class ActivationHistogram(DiagnosticCallback):
                 reached = stat == "saturated_fraction" or not math.isnan(s["grad_norm"])
                 if reached and not math.isnan(s[stat]) and s[stat] > self._worst.get(
                         stat, (-1.0, "", 0))[0]:
-                    self._worst[stat] = (s[stat], name, self._logged_step)
+                    self._worst[stat] = (s[stat], name, self._event_step)
         self._ratio = gradient_flow([s["grad_rms"] for s in self.last.values()], 0.0,
                                     math.inf)[1]
 
@@ -387,7 +494,7 @@ class ActivationHistogram(DiagnosticCallback):
     def _warn(self, trainer: pl.Trainer, code: str, layer: str, value: float, message: str,
               advice: str, expected: tuple[float, float], **details: Any) -> Finding:
         return self.finding(trainer, code, Severity.WARN, message, advice=advice,
-                            step=self._logged_step, value=float(value), expected=expected,
+                            step=self._event_step, value=float(value), expected=expected,
                             subject=layer,
                             details={"layer": layer, **details} if layer else details)
 
@@ -421,14 +528,16 @@ class ActivationHistogram(DiagnosticCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
-            self.last, self._logs, self._logged_step = {}, 0, -1
+            self.last, self._logs, self._logged_step, self._event_step = {}, 0, -1, -1
             self.layer_types, self._parametric = {}, set()
             self._worst, self._ratio = {}, math.nan
 
     @override
     def _release(self) -> None:
         super()._release()
-        self._act, self._grad, self._numel = {}, {}, {}
+        self._act, self._grad, self._numel, self._order, self._seen = {}, {}, {}, [], set()
+        self._copies, self._copied = {}, 0
+        self._worker.close()  # what was queued is still written; a job's error is reported
 
     @override
     def state_dict(self) -> dict[str, Any]:

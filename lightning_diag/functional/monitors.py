@@ -42,6 +42,7 @@ def layer_summary(
     bins: int = 64,
     saturation_tol: float = 0.02,
     lean: bool = False,
+    histogram: bool = True,
 ) -> torch.Tensor:
     """:func:`layer_stats` followed by :func:`histogram_row` of ``x``, in one fused pass.
 
@@ -51,6 +52,8 @@ def layer_summary(
     host together. The variance is two-pass (no cancellation); the counts come from one
     ``torch.bincount``. ``lean``: only what the findings read (dead and saturated fractions,
     num, sum_squares), the rest NaN and the counts 0, in about a third of the time.
+    ``histogram=False``: every statistic but min, max (NaN) and the counts (0), which on CPU
+    cost most of the time (the monitors then count a copy off the training thread).
 
     Example:
         >>> layer_summary(torch.tensor([[0.0, 1.0], [0.0, 3.0]]), bins=2).tolist()
@@ -79,9 +82,13 @@ def layer_summary(
     mean = total / n
     var = ((m2 - total * total * k / (size * n)) / (n - 1).clamp(min=1)).clamp(min=0)
     squares = m2 + total * total / max(size, 1)
+    zero = (n - vals.sign().abs().sum()) / n
+    if not histogram:
+        head = torch.stack([mean, var.sqrt(), zero, dead, sat, nothing, nothing, n, total,
+                            squares])
+        return torch.cat([head.float(), torch.zeros(bins, device=head.device)])
     # The mean stands in for non-finite values: it lies within [min, max] of the finite ones.
     lo, hi = torch.aminmax(vals.addcmul(bad, mean.float())) if size else (nothing,) * 2
-    zero = (n - vals.sign().abs().sum()) / n
     # Bin index per value; non-finite ones go to an overflow bin that is dropped. An
     # overflowing range (hi - lo = inf) puts values in the first bin rather than none.
     pos = ((flat - lo) * (bins / (hi - lo).clamp(min=1e-30))).nan_to_num_(0.0, bins - 1.0, 0.0)

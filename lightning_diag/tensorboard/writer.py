@@ -10,6 +10,7 @@ The tags themselves are built and declared in :mod:`lightning_diag.tensorboard.t
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
 
 __all__ = [
+    "EventWorker",
     "SiblingRuns",
     "figure_to_array",
     "log_dir",
@@ -31,10 +33,12 @@ __all__ = [
     "log_histogram_counts",
     "log_image",
     "log_scalars",
+    "log_scalars_elsewhere",
     "log_step_summary",
     "markdown_table",
     "merge_custom_scalars",
     "tensorboard_writer",
+    "write_step_summary",
 ]
 
 
@@ -247,19 +251,28 @@ def log_step_summary(trainer: pl.Trainer, scalars: dict[str, float],
                      histograms: dict[str, list[float]], step: int) -> None:
     """Scalars and raw histograms of one step as ONE TensorBoard event (rank zero only).
 
-    A ``Summary`` holds any number of tagged values and TensorBoard reads each as if it had its
-    own event, so tags and charts are unchanged; writing one event instead of ~8 per layer is
-    most of a logging step's cost saved. Histogram rows are ``[min, max, num, sum,
-    sum_squares, counts...]`` (:func:`~lightning_diag.functional.monitors.histogram_row`);
-    empty ones are skipped. Loggers other than that TensorBoard logger get the scalars as usual.
+    Histogram rows are ``[min, max, num, sum, sum_squares, counts...]``
+    (:func:`~lightning_diag.functional.monitors.histogram_row`); empty ones are skipped.
+    Loggers other than that TensorBoard logger get the scalars as usual.
     """
-    from lightning.pytorch.loggers import TensorBoardLogger
-    from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
-
     writer = tensorboard_writer(trainer)
     if writer is None:
         log_scalars(trainer, scalars, step)
         return
+    write_step_summary(writer, scalars, histograms, step)
+    log_scalars_elsewhere(trainer, writer, scalars, step)
+
+
+def write_step_summary(writer: SummaryWriter, scalars: dict[str, float],
+                       histograms: dict[str, list[float]], step: int) -> None:
+    """Write scalars and histogram rows as one event of ``writer``; safe off the training thread.
+
+    A ``Summary`` holds any number of tagged values and TensorBoard reads each as if it had its
+    own event, so tags and charts are unchanged; writing one event instead of ~8 per layer is
+    most of a logging step's cost saved. The file writer queues events under a lock.
+    """
+    from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
+
     values = [Summary.Value(tag=tag, simple_value=v) for tag, v in scalars.items()]
     for tag, (lo, hi, num, total, squares, *counts) in histograms.items():
         if num > 0:
@@ -268,6 +281,78 @@ def log_step_summary(trainer: pl.Trainer, scalars: dict[str, float],
                 bucket_limit=histogram_edges(lo, hi, len(counts)), bucket=counts)))
     # The public add_* calls write one event per value; the file writer takes a whole Summary.
     writer._get_file_writer().add_summary(Summary(value=values), step)
+
+
+def log_scalars_elsewhere(trainer: pl.Trainer, writer: SummaryWriter, scalars: dict[str, float],
+                          step: int) -> None:
+    """``scalars`` to every logger of ``trainer`` but the TensorBoard one writing to ``writer``."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
     for logger in trainer.loggers:
         if not (isinstance(logger, TensorBoardLogger) and logger.experiment is writer):
             logger.log_metrics({k: float(v) for k, v in scalars.items()}, step=step)
+
+
+class EventWorker:
+    """One background thread that finishes a callback's logging work off the training thread.
+
+    :meth:`submit` queues a job; while ``depth`` jobs are unfinished the next submit waits for
+    the oldest, so the tensors the jobs hold stay bounded. :meth:`ready` returns the results of
+    the jobs finished so far, in submission order, without waiting; :meth:`drain` waits for
+    every job and returns the rest. Both re-raise the error of a failed job on the caller's
+    thread, so that the callback's guard reports it. :meth:`close` also ends the thread (a
+    later submit starts a new one). The thread and the queue are not copied or pickled.
+
+    Example:
+        >>> worker = EventWorker()
+        >>> worker.submit(lambda: 2 + 2)
+        >>> worker.drain()
+        [4]
+        >>> worker.close()
+        []
+    """
+
+    def __init__(self, depth: int = 2) -> None:
+        from concurrent.futures import Future, ThreadPoolExecutor
+
+        self.depth = depth
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: list[Future[Any]] = []
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"depth": self.depth}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["depth"])  # type: ignore[misc]
+
+    def submit(self, job: Callable[[], Any]) -> None:
+        from concurrent.futures import ThreadPoolExecutor, wait
+
+        unfinished = [f for f in self._pending if not f.done()]
+        if len(unfinished) >= self.depth:
+            wait(unfinished[:len(unfinished) - self.depth + 1])
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightning_diag")
+        self._pending.append(self._pool.submit(job))
+
+    def ready(self) -> list[Any]:
+        """The results of the leading finished jobs, in order; the others stay queued."""
+        done = 0
+        while done < len(self._pending) and self._pending[done].done():
+            done += 1
+        finished, self._pending = self._pending[:done], self._pending[done:]
+        return [f.result() for f in finished]
+
+    def drain(self) -> list[Any]:
+        """Wait for every queued job and return their results, in order."""
+        finished, self._pending = self._pending, []
+        return [f.result() for f in finished]
+
+    def close(self) -> list[Any]:
+        """:meth:`drain`, then end the thread, even when a job failed."""
+        try:
+            return self.drain()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
