@@ -146,6 +146,33 @@ def test_hooks_removed_after_exception(tmp_path):
     assert _no_hooks(model) and len(cb.hooks) == 0 and not cb._act
 
 
+def test_on_cpu_the_worker_measures_and_nothing_is_lost_when_the_run_stops(tmp_path):
+    """On CPU a logging step's numbers are computed off the training thread: the steps measured
+    before an error still reach TensorBoard and the findings, and no thread is left."""
+    import threading
+
+    class FailsAtStep(Classifier):
+        def training_step(self, batch, batch_idx):
+            if self.global_step == 5:
+                raise RuntimeError("boom")
+            return super().training_step(batch, batch_idx)
+
+    pl.seed_everything(0)
+    net = mlp()
+    net[1].bias.data.fill_(-20.0)  # dead ReLUs: a finding at every logging step
+    cb = ActivationHistogram(every_n_steps=1)
+    t = trainer(tmp_path, [cb], max_epochs=1)
+    with pytest.raises(RuntimeError, match="boom"):
+        t.fit(FailsAtStep(net), loader(digits(256), batch_size=32))
+    relu = typed_layer("net.2", "ReLU")
+    hist = events(t.logger.log_dir).Histograms(activation_histogram("act", relu))
+    assert [h.step for h in hist] == [0, 1, 2, 3, 4]  # every measured step, none lost
+    (dead,) = [f for f in cb.findings if f.code == "activations.dead_units"]
+    assert dead.steps() == [0, 1, 2, 3, 4]
+    assert cb.last["net.2"]["act_hist"][2] == 32 * 32  # the counts, from the worker
+    assert not any(th.name.startswith("lightning_diag") for th in threading.enumerate())
+
+
 def test_main_run_weights_unchanged(tmp_path):
     def run(cbs):
         pl.seed_everything(0)
