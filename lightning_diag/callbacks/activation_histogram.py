@@ -55,10 +55,11 @@ if TYPE_CHECKING:
 
 
 class _Event(NamedTuple):
-    """A logging step: its global step, its index among the fit's logging steps (from 1), and
-    each hooked layer's name in the tags (its module type added)."""
+    """A logging step: its global step and epoch, its number among the fit's logging steps
+    (from 1), and each hooked layer's name in the tags (its module type added)."""
 
     step: int
+    epoch: int
     number: int
     typed: dict[str, str]
 
@@ -217,7 +218,7 @@ class ActivationHistogram(DiagnosticCallback):
         self._copied = 0
         self._order: list[str] = []  # the layers hooked at this logging step, in forward order
         self._seen: set[str] = set()
-        self._event_step = -1  # the logging step whose numbers `last` holds
+        self._event_step = self._event_epoch = -1  # the logging step `last` measured
         self._worker = EventWorker(depth=2)
 
     @property
@@ -304,7 +305,7 @@ class ActivationHistogram(DiagnosticCallback):
         if not order:
             return
         self._logs += 1
-        event = _Event(self._logged_step, self._logs,
+        event = _Event(self._logged_step, trainer.current_epoch, self._logs,
                        {n: typed_layer(n, self.layer_types[n]) for n in order})
         if copies:  # there is a TensorBoard writer (`_charts`): the worker finishes the step
             self._worker.submit(functools.partial(
@@ -348,7 +349,7 @@ class ActivationHistogram(DiagnosticCallback):
     def _apply(self, trainer: pl.Trainer, event: _Event, last: dict[str, dict[str, Any]],
                scalars: dict[str, float] | None) -> None:
         """A measured logging step: its charts (unless the worker wrote them) and findings."""
-        self.last, self._event_step = last, event.step
+        self.last, self._event_step, self._event_epoch = last, event.step, event.epoch
         if self.log_charts:
             self._log(trainer, event, scalars)
         self.publish(trainer, self._check(trainer))
@@ -494,7 +495,8 @@ class ActivationHistogram(DiagnosticCallback):
     def _warn(self, trainer: pl.Trainer, code: str, layer: str, value: float, message: str,
               advice: str, expected: tuple[float, float], **details: Any) -> Finding:
         return self.finding(trainer, code, Severity.WARN, message, advice=advice,
-                            step=self._event_step, value=float(value), expected=expected,
+                            step=self._event_step, epoch=self._event_epoch,
+                            value=float(value), expected=expected,
                             subject=layer,
                             details={"layer": layer, **details} if layer else details)
 

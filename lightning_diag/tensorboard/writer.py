@@ -300,8 +300,10 @@ class EventWorker:
     the oldest, so the tensors the jobs hold stay bounded. :meth:`ready` returns the results of
     the jobs finished so far, in submission order, without waiting; :meth:`drain` waits for
     every job and returns the rest. Both re-raise the error of a failed job on the caller's
-    thread, so that the callback's guard reports it. :meth:`close` also ends the thread (a
-    later submit starts a new one). The thread and the queue are not copied or pickled.
+    thread, so that the callback's guard reports it. The thread ends whenever the queue is
+    found empty (no idle thread outlives a logging step: a process forked for data loading
+    then has none to inherit) and :meth:`close` ends it in any case; a later submit starts a
+    new one. The thread and the queue are not copied or pickled.
 
     Example:
         >>> worker = EventWorker()
@@ -341,12 +343,21 @@ class EventWorker:
         while done < len(self._pending) and self._pending[done].done():
             done += 1
         finished, self._pending = self._pending[:done], self._pending[done:]
+        self._end_if_idle()
         return [f.result() for f in finished]
 
     def drain(self) -> list[Any]:
         """Wait for every queued job and return their results, in order."""
         finished, self._pending = self._pending, []
-        return [f.result() for f in finished]
+        try:
+            return [f.result() for f in finished]
+        finally:
+            self._end_if_idle()
+
+    def _end_if_idle(self) -> None:
+        if not self._pending and self._pool is not None:
+            self._pool.shutdown(wait=False)  # nothing queued: the thread exits now
+            self._pool = None
 
     def close(self) -> list[Any]:
         """:meth:`drain`, then end the thread, even when a job failed."""
