@@ -38,13 +38,13 @@ postgres:
 	  echo "note: PostgreSQL could not be installed; the shared-study test will be skipped"
 
 test: $(STAMP) browser postgres
-	$(BIN)/ruff check lightning_diag tests benchmarks
+	$(BIN)/ruff check lightning_diag tests benchmarks notebooks
 	$(BIN)/mypy lightning_diag
 	$(BIN)/python -m pytest -q
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -q -d .site
 
 lint: $(STAMP)
-	$(BIN)/ruff check lightning_diag tests benchmarks
+	$(BIN)/ruff check lightning_diag tests benchmarks notebooks
 	$(BIN)/mypy lightning_diag
 
 # docs/tensorboard.md's tag table, generated from lightning_diag/tensorboard/tags.py.
