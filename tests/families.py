@@ -66,6 +66,29 @@ def _scale_last(layer: nn.Module, broken: str | None) -> None:
                 p.mul_(30.0)
 
 
+class _TupleBatchModule(pl.LightningModule):
+    """``(x, y)`` batches, a ``_loss(batch) -> (loss, accuracy)`` of the subclass, Adam at ``lr``:
+    logs the training loss, the validation loss and the validation accuracy."""
+
+    lr: float
+
+    def _loss(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss, _ = self._loss(batch)
+        self.log("train_loss", loss, on_epoch=True, on_step=False)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        loss, acc = self._loss(batch)
+        self.log("val_loss", loss)
+        self.log("val_acc", acc)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
 # --- 1. image classifier: (N, C) logits ------------------------------------------------------
 class ImageClassifier(pl.LightningModule):
     def __init__(self, broken: str | None = None) -> None:
@@ -113,7 +136,9 @@ def _segmentation_data(start: int, stop: int) -> TensorDataset:
     return TensorDataset(x, y)
 
 
-class Segmenter(pl.LightningModule):
+class Segmenter(_TupleBatchModule):
+    lr = 1e-2
+
     def __init__(self, broken: str | None = None) -> None:
         super().__init__()
         self.broken = broken
@@ -130,19 +155,6 @@ class Segmenter(pl.LightningModule):
         if self.broken == "softmax_before_loss":
             logits = logits.softmax(1)
         return F.cross_entropy(logits, y), (logits.argmax(1) == y).float().mean()
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        loss, _ = self._loss(batch)
-        self.log("train_loss", loss, on_epoch=True, on_step=False)
-        return loss
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        loss, acc = self._loss(batch)
-        self.log("val_loss", loss)
-        self.log("val_acc", acc)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=1e-2)
 
 
 def segmentation(broken: str | None = None) -> Family:
@@ -337,7 +349,9 @@ def _multilabel_data(start: int, stop: int) -> TensorDataset:
     return TensorDataset(x, labels.float())
 
 
-class MultiLabel(pl.LightningModule):
+class MultiLabel(_TupleBatchModule):
+    lr = 3e-3
+
     def __init__(self, broken: str | None = None) -> None:
         super().__init__()
         self.broken = broken
@@ -355,19 +369,6 @@ class MultiLabel(pl.LightningModule):
             logits = logits.sigmoid()
         return (F.binary_cross_entropy_with_logits(logits, y),
                 ((logits > 0).float() == y).float().mean())
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        loss, _ = self._loss(batch)
-        self.log("train_loss", loss, on_epoch=True, on_step=False)
-        return loss
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        loss, acc = self._loss(batch)
-        self.log("val_loss", loss)
-        self.log("val_acc", acc)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=3e-3)
 
 
 def multilabel(broken: str | None = None) -> Family:

@@ -126,7 +126,7 @@ def test_healthy_families_run_a_trial_to_its_end(name: str, tmp_path: Path) -> N
         enable_model_summary=False, enable_checkpointing=False, limit_train_batches=8,
         limit_val_batches=2, num_sanity_val_steps=0, **family.trainer_kwargs)
     trainer.fit(family.module, family.train, family.val)
-    assert diagnosis.ended_by is None, diagnosis.describe()
+    assert diagnosis.ended_by is None, diagnosis.ended_by
     assert trainer.global_step == 48  # past the stall window of 30 steps
     assert not [f for m in monitors for f in m.findings if f.code.endswith(".error")]
 
@@ -158,3 +158,18 @@ def test_bad_arguments_are_named() -> None:
         DiagnosisPruning([], codes=["update_ratio.too_high"])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="`activations_every` must be"):
         trial_monitors(activations_every=0)
+
+
+def test_an_error_of_the_pruning_callback_is_a_finding_and_the_trial_trains_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing(self: DiagnosisPruning, trainer: pl.Trainer) -> None:
+        raise RuntimeError("planted in the pruning callback")
+
+    monkeypatch.setattr(DiagnosisPruning, "_check", failing)
+    found = random_search(FACTORY, TinyDigits(), center_lr=30.0, lr_span=1.5, n_trials=1,
+                          epochs=(1, 1), run_dir=tmp_path, accelerator="cpu")
+    (row,) = found.rows
+    assert row["state"] == "complete" and row["ended_by"] == ""  # not pruned, not crashed
+    (error,) = [f for f in load_findings(tmp_path / "search" / "trial_0")
+                if f.code == "trial_pruning.error"]
+    assert "planted in the pruning callback" in error.message

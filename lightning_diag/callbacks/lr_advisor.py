@@ -116,12 +116,13 @@ class LRPlateauAdvisor(DiagnosticCallback):
             ``window`` finite step losses; before ``min_history`` are known, the median is
             replaced by the start loss (the first finite step loss).
         save_batch: Save the offending batch with ``torch.save`` to the run's log directory.
-        stall_steps: Off by default (None). After this many finite step losses, a loss whose
+        stall_steps: Off by default (None). At this many finite step losses, a loss whose
             median over the last ``min_history`` steps has not fallen by ``min_rel_delta`` (of
-            its size) below the median of the first ``min_history`` is reported once as
-            ``advisor.stalled``: nothing is being learnt (a learning rate far too low, a loss
-            cut off from the weights, or a network that died). The diagnosis-guided search
-            turns it on; a warm-up that holds the learning rate near 0 that long would trip it.
+            its size) below the median of the first ``min_history`` is reported (checked once
+            per fit) as ``advisor.stalled``: nothing is being learnt (a learning rate far too
+            low, a loss cut off from the weights, or a network that died). The
+            diagnosis-guided search turns it on; a warm-up that holds the learning rate near 0
+            that long would trip it.
         strict: Raise on FAIL findings (a non-finite loss).
     """
 
@@ -220,14 +221,12 @@ class LRPlateauAdvisor(DiagnosticCallback):
             self.finite_steps += 1
             if len(self.first_losses) < self.min_history:
                 self.first_losses.append(loss)
-            self._check_stall(trainer)
+            if self.finite_steps == self.stall_steps:
+                self._check_stall(trainer)
 
     def _check_stall(self, trainer: pl.Trainer) -> None:
-        """``advisor.stalled`` once: after ``stall_steps`` finite losses, the last
+        """``advisor.stalled`` when, at the ``stall_steps``-th finite loss, the last
         ``min_history`` have not moved ``min_rel_delta`` below the first ``min_history``."""
-        if (self.stall_steps is None or self.finite_steps < self.stall_steps
-                or "advisor.stalled" in self.reported):
-            return
         first = statistics.median(self.first_losses)
         last = statistics.median(list(self.step_losses)[-self.min_history:])
         drop = (first - last) / abs(first) if first else (math.inf if last < 0 else 0.0)

@@ -72,9 +72,8 @@ def layer_summary(
     dead = _dead_fraction(x, flat) if size else nothing
     sat = nothing if bounds is None else _saturated_fraction(flat, n, bounds, saturation_tol)
     if lean:
-        head = torch.stack([nothing, nothing, nothing, dead, sat, nothing, nothing, n, nothing,
-                            torch.dot(vals, vals).double()])
-        return torch.cat([head.float(), torch.zeros(bins, device=head.device)])
+        return _row([nothing, nothing, nothing, dead, sat, nothing, nothing, n, nothing,
+                     torch.dot(vals, vals).double()], bins)
     total = vals.sum()
     dev = vals - total / max(size, 1)
     total, m2 = total.double(), torch.dot(dev, dev).double()  # two-pass: no cancellation
@@ -84,9 +83,8 @@ def layer_summary(
     squares = m2 + total * total / max(size, 1)
     zero = (n - vals.sign().abs().sum()) / n
     if not histogram:
-        head = torch.stack([mean, var.sqrt(), zero, dead, sat, nothing, nothing, n, total,
-                            squares])
-        return torch.cat([head.float(), torch.zeros(bins, device=head.device)])
+        return _row([mean, var.sqrt(), zero, dead, sat, nothing, nothing, n, total, squares],
+                    bins)
     # The mean stands in for non-finite values: it lies within [min, max] of the finite ones.
     lo, hi = torch.aminmax(vals.addcmul(bad, mean.float())) if size else (nothing,) * 2
     # Bin index per value; non-finite ones go to an overflow bin that is dropped. An
@@ -94,9 +92,15 @@ def layer_summary(
     pos = ((flat - lo) * (bins / (hi - lo).clamp(min=1e-30))).nan_to_num_(0.0, bins - 1.0, 0.0)
     idx = pos.clamp_(0, bins - 1).add_(bad, alpha=bins).long()
     counts = torch.bincount(idx, minlength=bins + 1)[:bins].float()
-    head = torch.stack([mean, var.sqrt(), zero, dead, sat, lo.double(), hi.double(), n, total,
-                        squares])
-    return torch.cat([head.float(), counts])
+    return _row([mean, var.sqrt(), zero, dead, sat, lo.double(), hi.double(), n, total,
+                 squares], bins, counts)
+
+
+def _row(head: list[torch.Tensor], bins: int, counts: torch.Tensor | None = None) -> torch.Tensor:
+    """The float32 row of :func:`layer_summary`: the statistics, then the counts (0 if none)."""
+    stats = torch.stack(head).float()
+    return torch.cat([stats, counts if counts is not None
+                      else torch.zeros(bins, device=stats.device)])
 
 
 def _dead_fraction(x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:

@@ -339,6 +339,8 @@ class EventWorker:
 
     def ready(self) -> list[Any]:
         """The results of the leading finished jobs, in order; the others stay queued."""
+        if not self._pending:  # called on every training step: nothing to do, nothing to make
+            return []
         done = 0
         while done < len(self._pending) and self._pending[done].done():
             done += 1

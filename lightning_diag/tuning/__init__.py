@@ -10,6 +10,7 @@ from lightning_diag.tuning.pipeline import TuneSummary, tune
 from lightning_diag.tuning.pruning import (
     PRUNING_CODES,
     DiagnosisPruning,
+    describe_end,
     ends_trial,
     trial_monitors,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "SweepResult",
     "TuneSummary",
     "compare_with_lr_find",
+    "describe_end",
     "ends_trial",
     "lr_sweep",
     "random_search",

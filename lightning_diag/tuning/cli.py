@@ -77,8 +77,8 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
                              "silent for twice that is failed and retried once (0: off).")
     parser.add_argument("--no-diagnose", dest="diagnose", action="store_false",
                         help="Prune search trials on the validation metric only, not also on "
-                             "what the monitors see (a diverging or stalled loss, updates as "
-                             "large as the weights, dead layers, vanishing gradients).")
+                             "what the monitors see (a non-finite or stalled loss, updates as "
+                             "large as the weights or none at all, vanishing gradients).")
     parser.add_argument("--study-name", default="lightning_diag_search")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--accelerator", default="auto")

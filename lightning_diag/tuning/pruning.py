@@ -33,7 +33,7 @@ from lightning_diag.tensorboard.tags import TUNING_TRIAL_ENDED
 from lightning_diag.tensorboard.writer import tensorboard_writer
 from lightning_diag.validation import check_int, require
 
-__all__ = ["PRUNING_CODES", "TRIAL_STALL_STEPS", "DiagnosisPruning", "ends_trial",
+__all__ = ["PRUNING_CODES", "TRIAL_STALL_STEPS", "DiagnosisPruning", "describe_end", "ends_trial",
            "trial_monitors"]
 
 #: WARN findings that end a search trial, with why such a trial is hopeless. Each is FAIL-level
@@ -59,6 +59,18 @@ def ends_trial(finding: Finding, codes: Mapping[str, str] = PRUNING_CODES) -> bo
     """Whether ``finding`` ends a search trial: any FAIL, or a WARN with a code of ``codes``."""
     return finding.severity is Severity.FAIL or (
         finding.severity is Severity.WARN and finding.code in codes)
+
+
+def describe_end(finding: Finding, codes: Mapping[str, str] = PRUNING_CODES) -> str:
+    """One line: which finding ended a trial, at which step, and why that is hopeless.
+
+    Example:
+        >>> print(describe_end(Finding("UpdateRatioMonitor", "update_ratio.zero_updates",
+        ...                            Severity.WARN, "All still.", step=7)))
+        Ended at step 7 by `update_ratio.zero_updates` (no weight moves): All still.
+    """
+    why = codes.get(finding.code, f"a {finding.severity.name} finding")
+    return f"Ended at step {finding.step} by `{finding.code}` ({why}): {finding.message}"
 
 
 def trial_monitors(every_n_steps: int = 20, activations_every: int = 50
@@ -94,7 +106,7 @@ def trial_monitors(every_n_steps: int = 20, activations_every: int = 50
     ]
 
 
-class DiagnosisPruning(pl.Callback):
+class DiagnosisPruning(DiagnosticCallback):
     """Stops the fit after the first training step where a monitor's finding :func:`ends_trial`.
 
     Under DDP rank 0's monitors decide and every rank stops at the same step. The finding is
@@ -102,20 +114,25 @@ class DiagnosisPruning(pl.Callback):
     trial_ended_by``); the monitors have already written it to the findings table. The
     validation Lightning would run after the stop is skipped (``limit_val_batches`` set to 0
     on this trainer): a part of an epoch does not compare with other trials, and the time is
-    what the pruning is for.
+    what the pruning is for. Like every callback of the library it runs under the guard: an
+    error of its own becomes ``trial_pruning.error`` and the trial trains on, unpruned.
 
     Args:
         monitors: The diagnostic callbacks whose findings are read (attached to the same
             Trainer, before this callback).
         codes: WARN codes that end the trial (default :data:`PRUNING_CODES`).
+        strict: Raise on an error of its own instead.
 
     Example:
         >>> monitors = trial_monitors()
         >>> trainer = pl.Trainer(callbacks=[*monitors, DiagnosisPruning(monitors)], logger=False)
     """
 
+    slug = "trial_pruning"
+
     def __init__(self, monitors: Sequence[DiagnosticCallback],
-                 codes: Mapping[str, str] = PRUNING_CODES) -> None:
+                 codes: Mapping[str, str] = PRUNING_CODES, strict: bool = False) -> None:
+        super().__init__(strict=strict)
         require(isinstance(monitors, Sequence) and all(
             isinstance(m, DiagnosticCallback) for m in monitors), "monitors", monitors,
             "a sequence of lightning_diag callbacks (e.g. `trial_monitors()`)", TypeError)
@@ -126,6 +143,7 @@ class DiagnosisPruning(pl.Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         if stage == "fit":
             self.ended_by = None
 
@@ -148,12 +166,5 @@ class DiagnosisPruning(pl.Callback):
         trainer.limit_val_batches = 0
         writer = tensorboard_writer(trainer)
         if writer is not None:
-            writer.add_text(TUNING_TRIAL_ENDED, self.describe(), trainer.global_step)
-
-    def describe(self) -> str:
-        """One line: which finding ended the trial, at which step, and why it is hopeless."""
-        f = self.ended_by
-        if f is None:
-            return "The diagnosis did not end this trial."
-        why = self.codes.get(f.code, "a FAIL finding")
-        return f"Ended at step {f.step} by `{f.code}` ({why}): {f.message}"
+            writer.add_text(TUNING_TRIAL_ENDED, describe_end(found, self.codes),
+                            trainer.global_step)

@@ -36,9 +36,9 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_diag.callbacks.lr_advisor import LRPlateauAdvisor
-from lightning_diag.findings import Severity
+from lightning_diag.findings import Finding, Severity
 from lightning_diag.tensorboard.writer import markdown_table
-from lightning_diag.tuning.pruning import DiagnosisPruning, trial_monitors
+from lightning_diag.tuning.pruning import DiagnosisPruning, describe_end, trial_monitors
 from lightning_diag.tuning.sweep import ModelFactory, build_model, quiet_trainer
 from lightning_diag.validation import (
     check_callable,
@@ -111,8 +111,8 @@ class _Pruning(pl.Callback):
     broadcast, so that every rank stops at the same epoch.
     """
 
-    def __init__(self, trial: Any, monitor: str, diagnosis: DiagnosisPruning | None) -> None:
-        self.trial, self.monitor, self.diagnosis = trial, monitor, diagnosis
+    def __init__(self, trial: Any, monitor: str) -> None:
+        self.trial, self.monitor = trial, monitor
         self.curve: list[float] = []
         self.pruned = False
 
@@ -277,10 +277,11 @@ def random_search(model_factory: ModelFactory, data: Any, center_lr: float, n_tr
     ``monitor`` is worse than the median of earlier trials at the same epoch. With ``diagnose``
     (the default), each trial also trains with :func:`~lightning_diag.tuning.pruning.
     trial_monitors` and ends, pruned, after the first step where one of them reports a finding
-    that makes it hopeless (a diverging or stalled loss, an update as large as the weights, a
-    dead layer, vanishing gradients: :data:`~lightning_diag.tuning.pruning.PRUNING_CODES`),
-    often within its first ten steps. The finding is kept on the trial (user attribute
-    ``ended_by``), in :meth:`SearchResult.table` and in the trial's TensorBoard run.
+    that makes it hopeless (a non-finite or stalled loss, an update as large as the weights or
+    none at all, vanishing or exploding gradients: any FAIL and
+    :data:`~lightning_diag.tuning.pruning.PRUNING_CODES`), often at its first step. The
+    finding is kept on the trial (user attribute ``ended_by``), in :meth:`SearchResult.table`
+    and in the trial's TensorBoard run.
 
     Args:
         model_factory: ``model_factory(lr=..., weight_decay=...)`` returns a fresh LightningModule.
@@ -319,17 +320,18 @@ def random_search(model_factory: ModelFactory, data: Any, center_lr: float, n_tr
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    def fit_trial(trial: Any, number: int, lr: float, wd: float) -> tuple[_Pruning, pl.Trainer]:
+    def fit_trial(trial: Any, number: int, lr: float, wd: float
+                  ) -> tuple[_Pruning, Finding | None, pl.Trainer]:
+        """Train one trial; also return the finding that ended it, if the diagnosis did."""
         monitors = trial_monitors() if diagnose else []
-        diagnosis = DiagnosisPruning(monitors) if diagnose else None
-        pruning = _Pruning(trial, monitor, diagnosis)
+        diagnosis = [DiagnosisPruning(monitors)] if diagnose else []
+        pruning = _Pruning(trial, monitor)
         logger = TensorBoardLogger(str(run_dir), name="search", version=f"trial_{number}")
-        callbacks = [*monitors, *([diagnosis] if diagnosis else []), pruning]
-        trainer = quiet_trainer(max_epochs=hi_ep, logger=logger, callbacks=callbacks,
-                                **trainer_kwargs)
+        trainer = quiet_trainer(max_epochs=hi_ep, logger=logger,
+                                callbacks=[*monitors, *diagnosis, pruning], **trainer_kwargs)
         with _handing({"number": number, "lr": lr, "weight_decay": wd}):
             trainer.fit(build_model(model_factory, lr, wd, seed), **_fit_data(data))
-        return pruning, trainer
+        return pruning, next((d.ended_by for d in diagnosis), None), trainer
 
     handed = _handed_trial()
     if handed is not None:  # a rank of rank 0's DDP trial: train it, and nothing else after it
@@ -355,16 +357,15 @@ def random_search(model_factory: ModelFactory, data: Any, center_lr: float, n_tr
             lr = trial.suggest_float("lr", center_lr / lr_span, center_lr * lr_span, log=True)
             wd = trial.suggest_categorical("weight_decay", [float(w) for w in weight_decays])
             trial.set_user_attr("worker", os.getpid())
-            pruning, trainer = fit_trial(trial, trial.number, lr, wd)
+            pruning, ended, trainer = fit_trial(trial, trial.number, lr, wd)
             trial.set_user_attr("curve", pruning.curve)
             trial.set_user_attr("steps", trainer.global_step)
-            diagnosis = pruning.diagnosis
-            if diagnosis is not None and diagnosis.ended_by is not None:
-                ended = diagnosis.ended_by
+            if ended is not None:
+                why = describe_end(ended)
                 trial.set_user_attr("ended_by", {
                     "code": ended.code, "severity": ended.severity.name, "step": ended.step,
-                    "check": ended.check, "why": diagnosis.describe()})
-                raise optuna.TrialPruned(diagnosis.describe())
+                    "check": ended.check, "why": why})
+                raise optuna.TrialPruned(why)
             if pruning.pruned:
                 trial.set_user_attr("ended_by", {"code": "pruner"})
                 raise optuna.TrialPruned()
