@@ -69,8 +69,10 @@ def test_a_hopeless_trial_ends_at_its_first_step_with_its_finding(tmp_path: Path
     assert all(not t.intermediate_values for t in study.trials)  # nothing to the median pruner
     # the trial's run: the text, and the finding in its findings record
     run = tmp_path / "search" / "trial_0"
-    (text,) = text_events(events(run), TUNING_TRIAL_ENDED)
+    acc = events(run)
+    (text,) = text_events(acc, TUNING_TRIAL_ENDED)
     assert text.startswith("Ended at step 0 by `update_ratio.too_high`")
+    assert [e.step for e in acc.Tensors(f"{TUNING_TRIAL_ENDED}/text_summary")] == [0]
     assert "update_ratio.too_high" in {f.code for f in load_findings(run)}
 
 

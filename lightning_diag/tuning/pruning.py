@@ -166,5 +166,5 @@ class DiagnosisPruning(DiagnosticCallback):
         trainer.limit_val_batches = 0
         writer = tensorboard_writer(trainer)
         if writer is not None:
-            writer.add_text(TUNING_TRIAL_ENDED, describe_end(found, self.codes),
-                            trainer.global_step)
+            step = trainer.global_step if found.step is None else found.step
+            writer.add_text(TUNING_TRIAL_ENDED, describe_end(found, self.codes), step)
