@@ -67,10 +67,18 @@ def _scale_last(layer: nn.Module, broken: str | None) -> None:
 
 
 class _TupleBatchModule(pl.LightningModule):
-    """``(x, y)`` batches, a ``_loss(batch) -> (loss, accuracy)`` of the subclass, Adam at ``lr``:
-    logs the training loss, the validation loss and the validation accuracy."""
+    """``body`` then ``out`` on ``(x, y)`` batches, a ``_loss(batch) -> (loss, accuracy)`` of
+    the subclass, Adam at ``lr``: logs the training loss, the validation loss and accuracy."""
 
     lr: float
+
+    def __init__(self, broken: str | None, body: nn.Module, out: nn.Module) -> None:
+        super().__init__()
+        self.broken, self.body, self.out = broken, body, out
+        _scale_last(self.out, broken)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(_maybe_detach(self.body(x), self.broken))
 
     def _loss(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -140,14 +148,8 @@ class Segmenter(_TupleBatchModule):
     lr = 1e-2
 
     def __init__(self, broken: str | None = None) -> None:
-        super().__init__()
-        self.broken = broken
-        self.body = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU())
-        self.out = nn.Conv2d(8, 3, 1)
-        _scale_last(self.out, broken)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(_maybe_detach(self.body(x), self.broken))
+        super().__init__(broken, nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU()),
+                         nn.Conv2d(8, 3, 1))
 
     def _loss(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = batch
@@ -353,14 +355,8 @@ class MultiLabel(_TupleBatchModule):
     lr = 3e-3
 
     def __init__(self, broken: str | None = None) -> None:
-        super().__init__()
-        self.broken = broken
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU())
-        self.out = nn.Linear(32, 4)
-        _scale_last(self.out, broken)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(_maybe_detach(self.body(x), self.broken))
+        super().__init__(broken, nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU()),
+                         nn.Linear(32, 4))
 
     def _loss(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = batch
