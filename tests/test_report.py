@@ -151,7 +151,8 @@ def test_findings_table_shows_each_recorded_finding_fail_first(full_report, real
     leak = by_code["data.leakage"]
     message, indices = leak[3].split("\n")
     assert leak[2] == "DataInspection" and message == one("data.leakage").message
-    assert leak[5:] == [f"{one('data.leakage').value:.4g}", "0", "0"]
+    # a fraction of the validation set, shown as a percentage (lightning_diag.presentation)
+    assert leak[5:] == [f"{100 * one('data.leakage').value:.4g}%", "0%", "0"]
     assert indices == "indices: " + ", ".join(map(str, one("data.leakage").indices))
     assert str(LEAKED_TRAIN_INDEX) in indices.removeprefix("indices: ").split(", ")
     low, high = one("initial_loss.ok").expected  # type: ignore[misc]
@@ -218,7 +219,7 @@ def test_findings_without_events_and_tables_without_findings(tmp_path):
     append_findings(tmp_path / "csv" / FINDINGS_FILE,
                     [Finding("C", "c.nan", Severity.FAIL, "NaN loss", value=float("nan"))])
     page = _parse(build_report(tmp_path / "csv"))
-    assert list(page.sections) == ["findings"] and page.sections["findings"].rows[0][5] == "nan"
+    assert list(page.sections) == ["findings"] and page.sections["findings"].rows[0][5] == "NaN"
     with SummaryWriter(str(tmp_path / "old")) as w:  # a run from before findings.jsonl
         w.add_text(tags.FINDINGS_TABLE, "| severity |\n|---|\n| WARN |", 0)
     html = build_report(tmp_path / "old").read_text()
