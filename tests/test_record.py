@@ -4,6 +4,7 @@ and the counts on the first screen, and the fit-end diagnosis whatever the callb
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import shutil
@@ -98,7 +99,7 @@ def test_a_fact_seen_at_every_step_grows_the_file_by_its_new_step_only(tmp_path)
             sizes.append(_record(trainer).stat().st_size)
 
     t = _fit(tmp_path, [cb, Sizes()], steps=12)
-    growth = [b - a for a, b in zip(sizes[1:], sizes[2:], strict=False)]
+    growth = [b - a for a, b in itertools.pairwise(sizes)]  # each step's update
     assert len(set(growth)) <= 2 and max(growth) < 120, growth  # one short line a step
     (loaded,) = load_findings(t.logger.log_dir)
     (kept,) = cb.findings
@@ -189,7 +190,7 @@ def test_one_table_version_per_content_and_the_counts_on_the_first_cards(tmp_pat
         points = acc.Scalars(findings_count(severity))
         assert points[-1].value == n[Severity(severity)] and points[-1].step == t.global_step
     assert tables[-1].startswith("**4 findings** (1 fail, 1 warn, 1 info, and the diagnosis)")
-    assert [p.step for p in acc.Scalars(findings_count("fail"))][0] == 1  # when first found
+    assert acc.Scalars(findings_count("fail"))[0].step == 1  # when first found
 
 
 # -- the fit-end diagnosis ----------------------------------------------------------------------
