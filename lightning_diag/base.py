@@ -275,6 +275,8 @@ class DiagnosticCallback(pl.Callback):
         begins and ends (:meth:`_fit_ending`, :meth:`_fit_ended`)."""
 
     def _fit_ending(self, trainer: Any) -> None:
+        """Tell the record this callback's ``on_train_end`` or ``on_fit_end`` begins: the
+        summaries published from now on reach TensorBoard's table once, at the end."""
         if isinstance(trainer, pl.Trainer):
             RunRecord.of(trainer).fit_ending()
 
