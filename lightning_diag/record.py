@@ -234,15 +234,17 @@ class RunRecord:
             found = diagnose(self.findings(), min_checks=2)
             if found is not None:
                 self.publish(member, trainer, [found])
+            self._ending = False
+            if trainer.is_global_zero:
+                self._tell_budget(trainer)
+                self._show(trainer, final=True)
         except Exception:  # the run is over: a failed summary must not fail it
             if member.strict:
                 raise
-            terminal.log.exception("lightning_diag could not make the run's diagnosis.")
+            terminal.log.exception("lightning_diag could not make the run's diagnosis or write "
+                                   "its findings table.")
         finally:
             self._ending = False
-        if trainer.is_global_zero:
-            self._tell_budget(trainer)
-            self._show(trainer, final=True)
 
     # -- the byte budget -------------------------------------------------------------------
     def _budget_for(self, trainer: pl.Trainer) -> ByteBudget:

@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import textwrap
 
-from lightning_diag.codes import DIAGNOSIS_PREFIX
-from lightning_diag.findings import Finding, Severity
+from lightning_diag.findings import Finding
 from lightning_diag.markdown import markdown_table
 from lightning_diag.presentation import cells, counts_text, sort_findings
 
@@ -34,17 +33,11 @@ TABLE_HEADER = ["severity", "code", "message", "advice", "value", "expected", "s
 
 
 def findings_table(found: list[Finding], step: int) -> str:
-    """The markdown of the TensorBoard findings table: a count line and the names of the FAIL
-    and WARN findings (what the first screen of a tall table shows), then one row per finding
+    """The markdown of the TensorBoard findings table: a count line, then one row per finding
     in the order of :func:`~lightning_diag.presentation.sort_findings`."""
     head = (f"**{len(found)} finding{'s' * (len(found) != 1)}** ({counts_text(found)}) at step "
             f"{step}. The table on top, of the latest step, is the current one.")
-    named = [f"{s.value.upper()}: " + ", ".join(
-        f"`{f.code}`" + (f" {f.subject}" if f.subject else "") for f in found
-        if f.severity is s and not f.code.startswith(DIAGNOSIS_PREFIX)) for s in
-        (Severity.FAIL, Severity.WARN) if any(f.severity is s for f in found)]
-    problems = "".join(f"<br>{line}." for line in named if not line.endswith(": "))
-    return f"{head}{problems}\n\n{table_rows(found)}"
+    return f"{head}\n\n{table_rows(found)}"
 
 
 def table_rows(found: list[Finding]) -> str:
