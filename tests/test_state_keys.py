@@ -87,7 +87,7 @@ CASES: dict[str, Case] = {
                    EMAWeights(decay=0.9, warmup=False, evaluate="raw")),
         _ema_sum, None),
     "CheckpointEnsemble": (
-        lambda d: (CheckpointEnsemble(k=1, dirpath=d / "a"),
+        lambda d: (CheckpointEnsemble(k=2, every_n_epochs=2, dirpath=d / "a"),
                    CheckpointEnsemble(k=2, dirpath=d / "b")),
         lambda cb: len(cb.kept), None),
 }
@@ -177,7 +177,7 @@ def test_load_ema_weights_chooses_among_several_averages(tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize(("callbacks", "match"), [
-    (lambda d: [CheckpointEnsemble(k=1), CheckpointEnsemble(k=2)], "give each its own `dirpath=`"),
+    (lambda d: [CheckpointEnsemble(k=2), CheckpointEnsemble(k=3)], "give each its own `dirpath=`"),
     (lambda d: [EMAWeights(decay=0.5), EMAWeights(decay=0.9)], "evaluate='ema'.*swap"),
     (lambda d: [EMAWeights(decay=0.5, evaluate="both"), EMAWeights(decay=0.9, evaluate="both")],
      "evaluate='both'.*_ema"),
