@@ -354,3 +354,123 @@ def test_one_run_is_named_after_its_folder(tmp_path):
     assert "runs: inject/version_0 " in text and "runs: . " not in text
     folder = build_report(tmp_path / "inject", tmp_path / "r.html").read_text()  # of runs
     assert "<title>lightning_diag report: inject</title>" in folder
+
+
+#: Text anyone who can write to the log directory can plant (TensorBoard text is markdown):
+#: links of every form with a scheme that runs code, obfuscated as filters are usually fooled,
+#: and raw HTML that runs code by itself.
+PAYLOADS = [
+    "[a](javascript:alert(1))",
+    "[a](JaVaScRiPt:alert(1))",
+    "[a](&#106;avascript:alert(1))",
+    "[a](&#x6A;avascript&#x3A;alert(1))",
+    "[a](javascript&colon;alert(1))",
+    "[a](java\tscript:alert(1))",
+    "[a](java&#9;script:alert(1))",
+    "[a](\x01javascript:alert(1))",
+    "[a](\x00javascript:alert(1))",
+    "[a](<javascript:alert(1)>)",
+    "[a]( javascript:alert(1) )",
+    "[a](data:text/html;base64,PHNjcmlwdD5hbGVydCgxKTwvc2NyaXB0Pg==)",
+    "[a](DATA:text/html,<script>alert(1)</script>)",
+    "[a](vbscript:msgbox(1))",
+    "[a](VBScript:msgbox(1))",
+    "![i](javascript:alert(1))",
+    "![i](data:image/svg+xml;base64,PHN2ZyBvbmxvYWQ9YWxlcnQoMSk+)",
+    "[a][r]\n\n[r]: javascript:alert(1)",
+    "[a][r]\n\n[r]: <JAVASCRIPT:alert(1)>",
+    "![i][r]\n\n[r]: data:text/html,x",
+    "[a][r]\n\n[r]: vbscript:msgbox(1)",
+    "<javascript:alert(1)>",
+    "<script>alert(1)</script>",
+    "<img src=x onerror=alert(1)>",
+    "<IMG SRC=\"jav&#x09;ascript:alert(1)\">",
+    "<svg onload=alert(1)><circle r=5/></svg>",
+    "<svg><a xlink:href='javascript:alert(1)'><text>x</text></a></svg>",
+    '<a href="javascript:alert(1)">x</a>',
+    '<a href="jav&#x0A;ascript:alert(1)">x</a>',
+    '<a href=" &#14; javascript:alert(1)">x</a>',
+    '<iframe src="javascript:alert(1)"></iframe>',
+    "<math><mtext><table><mglyph><style><img src=x onerror=alert(1)>",
+    '<div style="background:url(javascript:alert(1))">x</div>',
+    '<form action="javascript:alert(1)"><button formaction="javascript:alert(1)">x</button>'
+    "</form>",
+    '<object data="data:text/html,x"></object><embed src="javascript:alert(1)">',
+    '<a href="#" onclick="alert(1)">x</a><p onmouseover=alert(1)>p</p>',
+    "<base href=\"javascript:/\"><meta http-equiv=refresh content='0;url=javascript:alert(1)'>",
+    '<details open ontoggle=alert(1)>x</details>',
+    "| a | b |\n|---|---|\n| [c](javascript:alert(1)) | <img src=x onerror=alert(1)> |",
+]
+
+#: What markdown (with tables) makes: the only elements logged text may bring into the report.
+SAFE_TAGS = {"p", "a", "img", "em", "strong", "code", "pre", "blockquote", "ul", "ol", "li",
+             "h1", "h2", "h3", "h4", "h5", "h6", "hr", "br", "table", "thead", "tbody", "tr",
+             "th", "td", "div", "small"}
+_URL_ATTRIBUTES = {"href", "src", "action", "formaction", "xlink:href", "data", "srcset",
+                   "background", "poster", "content"}
+
+
+class _Untrusted(HTMLParser):
+    """The elements and attributes inside the report's logged-text blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.depth = 0  # inside <div class='text'>
+        self.tags: set[str] = set()
+        self.attrs: list[tuple[str, str, str]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if self.depth or ("class", "text") in attrs:
+            self.tags.add(tag)
+            self.attrs += [(tag, k, v or "") for k, v in attrs]
+            self.depth += tag == "div"
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if self.depth:
+            self.tags.add(tag)
+            self.attrs += [(tag, k, v or "") for k, v in attrs]
+
+    def handle_endtag(self, tag: str) -> None:
+        if self.depth and tag == "div":
+            self.depth -= 1
+
+
+def _scheme(url: str) -> str:
+    """The scheme a browser reads in ``url`` (entities already decoded): it drops leading and
+    trailing controls and spaces and every tab and newline inside, and ignores case."""
+    url = re.sub(r"[\t\n\r]", "", url.strip("".join(map(chr, range(0x21)))))
+    m = re.match(r"([a-zA-Z][a-zA-Z0-9+.-]*):", url)
+    return m.group(1).lower() if m else ""
+
+
+def _unsafe(page: str) -> list[tuple[str, str, str]]:
+    found = _Untrusted()
+    found.feed(page)
+    bad = [("tag", t, "") for t in sorted(found.tags - SAFE_TAGS)]
+    for tag, name, value in found.attrs:
+        if name.startswith("on") or (name == "style" and "url" in value.lower()):
+            bad.append((tag, name, value))
+        if name in _URL_ATTRIBUTES and _scheme(value) not in ("", "http", "https"):
+            bad.append((tag, name, value))
+    return bad
+
+
+@pytest.mark.parametrize("payload", PAYLOADS)
+def test_logged_text_cannot_bring_a_live_link_or_script(payload: str) -> None:
+    from lightning_diag.report.html import markdown_html
+
+    assert _unsafe(f"<div class='text'>{markdown_html(payload)}</div>") == []
+
+
+def test_logged_text_in_a_report_is_sanitized_and_keeps_safe_links(tmp_path: Path) -> None:
+    safe = "[anchor](#findings) [page](other/report.html) [web](https://example.org/x?a=1)"
+    with SummaryWriter(str(tmp_path / "run")) as w:
+        for i, payload in enumerate([*PAYLOADS, safe]):
+            w.add_text(f"notes/{i:02d}", payload, 0)
+        w.add_text("notes/table", "| x | y |\n|:--|--:|\n| **1** | `2` |", 0)
+    page = build_report(tmp_path / "run").read_text()
+    assert _unsafe(page) == []
+    assert 'href="#findings"' in page and 'href="other/report.html"' in page
+    assert 'href="https://example.org/x?a=1"' in page
+    assert "<strong>1</strong>" in page and "<code>2</code>" in page  # markdown still renders
+    assert page.count("<table>") >= 2 and "<th" in page
