@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 
 from lightning_diag.tensorboard.events import Histogram
 
-__all__ = ["CSS", "bars", "img", "legend", "markdown_html", "section"]
+__all__ = ["CSS", "bars", "img", "markdown_html", "section"]
 
 
 def bars(ax: Axes, h: Histogram) -> None:
@@ -31,16 +31,14 @@ def bars(ax: Axes, h: Histogram) -> None:
     ax.stairs(h.counts, [first, *limits], fill=True, color="tab:blue")
 
 
-def legend(ax: Axes) -> None:
-    ax.legend(fontsize=6, loc="best", framealpha=0.6)
-
-
-def img(fig: Figure, alt: str, tight: bool = True) -> str:
+def img(fig: Figure, alt: str, tight: bool = True, outside: bool = False) -> str:
+    """``fig`` as an embedded PNG; ``outside``: the saved area grows to hold what lies outside
+    the figure (a legend right of the plots)."""
     # tight_layout costs a full extra draw; grids of small multiples use fixed spacing instead.
     if tight:
         fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight" if outside else None)
     src = base64.b64encode(buf.getvalue()).decode()
     return f"<img class='plot' src='data:image/png;base64,{src}' alt='{html.escape(alt, True)}'>"
 
@@ -93,6 +91,8 @@ th,td{border:1px solid #ddd;padding:.35em .5em;vertical-align:top;text-align:lef
 overflow-wrap:anywhere}
 th{background:#f4f4f4}.sev{font-weight:bold;border-radius:3px;padding:0 .4em;color:#fff}
 .sev-fail{background:#c62828}.sev-warn{background:#ef8f00}.sev-info{background:#1565c0}
+.sev-ok{background:#2e7d32}.verdict{font-size:1.05em;margin:.4em 0}.vcounts{color:#666}
+details summary{cursor:pointer;color:#555;font-size:.9em;margin:.4em 0}
 tr.row-fail{background:#fdecea}tr.row-warn{background:#fff6e5}
 .findings td{overflow-wrap:normal}.sev,.findings th,.findings .nw{white-space:nowrap}
 .findings td.msg{overflow-wrap:anywhere;min-width:12em}.findings td.nw{width:1%}
