@@ -529,7 +529,7 @@ def _activations(run: Path, shift: float = 0.0) -> None:
 def test_activation_legend_in_natural_order_outside_the_plots(tmp_path, figures):
     _activations(tmp_path / "run")
     build_report(tmp_path / "run")
-    ((fig, alt),) = [(f, a) for f, a in figures if "mean" in a.split(", ")]
+    ((fig, _),) = [(f, a) for f, a in figures if "mean" in a.split(", ")]
     assert _legend_texts(fig) == LAYERS  # net.0 ... net.9, net.10, net.11: not net.0, net.10
     assert LAYERS[1] == "net.1_BatchNorm2d" and LAYERS[-2:] == ["net.10_ReLU", "net.11_Linear"]
     assert _outside_every_plot(fig)
