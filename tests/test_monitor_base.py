@@ -21,6 +21,7 @@ from lightning_diag.callbacks._monitor import ConfiguredCallback, MonitorCallbac
 from lightning_diag.checks.activations import MAX_BINS
 from lightning_diag.checks.advisor import MAX_WINDOW
 from lightning_diag.tensorboard.tags import UPDATE_RATIO_MEDIAN, activation_histogram, typed_layer
+from lightning_diag.validation import argument, check_flag, check_int, validate_arguments
 from tests.helpers import Classifier, digits, events, loader, mlp, trainer
 
 CONFIGURED = [ActivationHistogram, UpdateRatioMonitor, LRPlateauAdvisor, LearningCurves]
@@ -146,3 +147,45 @@ def test_the_monitors_share_one_base() -> None:
     assert issubclass(ActivationHistogram, MonitorCallback)
     assert issubclass(UpdateRatioMonitor, MonitorCallback)
     assert not issubclass(LRPlateauAdvisor, MonitorCallback)  # every step: no schedule
+
+
+@dataclasses.dataclass(frozen=True)
+class _Every:
+    every_n_steps: int = argument(4, check_int)
+    early_steps: bool = argument(False, check_flag, key=False)
+
+    def __post_init__(self) -> None:
+        validate_arguments(self)
+
+
+class BatchWindow(MonitorCallback):
+    """A rule judged over 3 batches (say, enough samples when batches are small)."""
+
+    slug = "window"
+    config_type = _Every
+
+    def __init__(self, keeps: bool) -> None:
+        super().__init__(_Every())
+        self.keeps, self.batches, self.windows = keeps, 0, []
+
+    def _arm(self, trainer: Any, pl_module: Any) -> None:
+        self.batches = 0
+
+    def _finish(self, trainer: Any, pl_module: Any) -> bool:
+        self.batches += 1
+        if self.batches < 3:
+            return False
+        self.windows.append((self.logging_step, trainer.global_step))
+        return True
+
+    def _keeps_measuring(self) -> bool:
+        return self.keeps
+
+
+def test_a_rule_can_measure_over_several_batches_before_judging(tmp_path: Path) -> None:
+    spanning, single = BatchWindow(keeps=True), BatchWindow(keeps=False)
+    _fit(tmp_path, [spanning, single], steps=12, logger=False)
+    # armed at 0, 4, 8; judged at the end of the third batch (global step already advanced)
+    assert spanning.windows == [(0, 3), (4, 7), (8, 11)]
+    assert single.windows == []  # each step moved on first: dropped, the schedule went on
+    assert not spanning._armed and not single._armed

@@ -17,7 +17,9 @@ again). A field renamed in the state key (the advisor's ``train_loss_key``) is r
 2. ``on_before_optimizer_step`` while armed: :meth:`~MonitorCallback._optimizer_step`.
 3. ``on_train_batch_end`` while armed: :meth:`~MonitorCallback._finish` measures what the
    step left pending and returns True when it is complete (False: it waits for another
-   micro-batch, e.g. the optimizer step of an accumulated step, or for more samples).
+   micro-batch, e.g. the optimizer step of an accumulated step; or, where
+   :meth:`~MonitorCallback._keeps_measuring`, for the next optimizer steps' batches: a rule
+   that needs more samples than one batch holds).
 4. ``teardown`` / ``on_exception`` / the guard stepping aside (``_release``), or a step that
    moved on before its measurement completed: :meth:`~MonitorCallback._abandon` disarms and
    drops what is pending, module hooks included (subclasses extend it).
@@ -145,6 +147,8 @@ class MonitorCallback(ConfiguredCallback):
         if step == self._logging_step:  # another micro-batch of the step armed last
             return
         if self._armed:  # the step moved on without completing its measurement
+            if self._keeps_measuring():
+                return
             self._abandon()
         if self.is_logging_step(step):
             self._armed, self._logging_step = True, step
@@ -173,6 +177,12 @@ class MonitorCallback(ConfiguredCallback):
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
         """Measure what the armed step left pending; True when its measurement is complete."""
         return True
+
+    def _keeps_measuring(self) -> bool:
+        """Whether an armed logging step whose measurement is not complete goes on into the
+        next optimizer steps (a rule that judges over several batches, e.g. enough samples when
+        batches are small); False (default): what it left is dropped and the schedule goes on."""
+        return False
 
     def _poll(self, trainer: pl.Trainer) -> None:
         """At every batch end: take in work finished off the training thread (must return at
