@@ -62,13 +62,14 @@ class Legend:
 
     def __init__(self, runs: list[str], named: bool = True) -> None:
         self.runs, self.named = runs, named  # not named: one colour, its chart's title names it
+        self.single: Any = _COLORS[0]  # that colour
         self.colors: dict[str, Any] = {}
         self.used_runs: list[str] = []
         self.extra: list[Line2D] = []  # entries of lines drawn apart (a guide line)
 
     def color(self, name: str) -> Any:
         if not self.named:
-            return _COLORS[0]
+            return self.single
         return self.colors.setdefault(name, _COLORS[len(self.colors) % len(_COLORS)])
 
     def style(self, run: str) -> str:

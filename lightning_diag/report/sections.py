@@ -69,10 +69,10 @@ def curves(c: Canvas) -> str:
     if panels:
         fig = Figure(figsize=(4.6 * len(panels), 3.4))
         axes = fig.subplots(1, len(panels), squeeze=False)[0]
-        names = c.legend()
+        names, gap = c.legend(), c.legend(named=False)
+        gap.single = "0.3"  # grey: no split's colour, its chart's title names it
         for ax, (title, tags) in zip(axes, panels, strict=True):
-            # the gap's one line is named by its chart's title
-            c.plot_tags(ax, tags, CURVES.prefix, names if title != _GAP else c.legend(False))
+            c.plot_tags(ax, tags, CURVES.prefix, names if title != _GAP else gap)
             if title == _GAP:
                 ax.axhline(0.0, color="k", lw=0.8)
             ax.set_title(title)
