@@ -117,12 +117,6 @@ class DataInspection(FitStartCheck):
             batch_to_target=c.batch_to_target)
 
     @override
-    def _skip_reason(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
-        reason = super()._skip_reason(trainer, pl_module)
-        # the inspection reads no loss, so manual optimization is no reason to skip it
-        return "" if reason.startswith("manual optimization") else reason
-
-    @override
     def run_check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Finding]:
         # the data is read once, on rank 0; every rank reports rank 0's findings
         found = self._inspect(trainer) if trainer.is_global_zero else None

@@ -17,6 +17,7 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_diag.isolation.rng import preserved_rng
+from lightning_diag.isolation.trainer_view import TrainerView
 
 __all__ = ["StepState", "clone_module", "side_experiment"]
 
@@ -26,10 +27,13 @@ def _no_log(*args: Any, **kwargs: Any) -> None:
 
 
 def clone_module(module: pl.LightningModule) -> pl.LightningModule:
-    """A deep copy of ``module`` that shares its trainer reference but logs nothing.
+    """A deep copy of ``module`` that sees the run's Trainer through a view and logs nothing.
 
-    The trainer (and its dataloaders, loggers, callbacks) is not copied: the copy points at the
-    same trainer so that ``self.trainer``-dependent code still runs. A tensor attribute still
+    The trainer (and its dataloaders, loggers, callbacks) is not copied: the copy's
+    ``self.trainer`` is a :class:`~lightning_diag.isolation.trainer_view.TrainerView` that reads
+    the real one (epoch, global step, datamodule...) and keeps to itself what could leak out
+    (logging, optimizers, ``manual_backward``), so that ``self.trainer``-dependent code runs on
+    the copy, also for a module checked without a Trainer. A tensor attribute still
     attached to the last step's graph (a recurrent ``self.hidden`` the step detaches only when it
     next reads it), which deepcopy refuses, is copied detached: the same value, no history.
     """
@@ -52,6 +56,7 @@ def clone_module(module: pl.LightningModule) -> pl.LightningModule:
         ) from err
     clone.log = _no_log  # type: ignore[method-assign]
     clone.log_dict = _no_log  # type: ignore[method-assign]
+    clone.trainer = TrainerView(trainer, clone)  # type: ignore[assignment]
     return clone
 
 

@@ -18,6 +18,7 @@ from lightning_diag.validation import check_choice, check_int, check_number
 __all__ = [
     "OptimizationSettings",
     "SideTraining",
+    "configured_optimizers",
     "disable_regularization",
     "fresh_optimizer",
     "get_reg_strength",
@@ -32,21 +33,63 @@ def fresh_optimizer(module: pl.LightningModule) -> torch.optim.Optimizer:
         UserCodeError: ``configure_optimizers`` raised.
         ValueError: it returned no torch optimizer.
     """
+    return configured_optimizers(module)[0][0]
+
+
+def configured_optimizers(module: pl.LightningModule) -> tuple[list[torch.optim.Optimizer],
+                                                               list[Any]]:
+    """Every optimizer and LR scheduler of ``module.configure_optimizers()``, in order, from any
+    shape Lightning accepts: an optimizer, a list or tuple of them, a dict with ``"optimizer"``
+    (and ``"lr_scheduler"``, a scheduler or a dict with ``"scheduler"``), a list of such dicts,
+    or a tuple ``(optimizers, schedulers)``.
+
+    Raises:
+        UserCodeError: ``configure_optimizers`` raised.
+        ValueError: it returned no torch optimizer.
+
+    Example:
+        >>> import torch, lightning.pytorch as pl
+        >>> class Two(pl.LightningModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.a, self.b = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+        ...     def configure_optimizers(self):
+        ...         adam = torch.optim.Adam(self.a.parameters())
+        ...         sched = torch.optim.lr_scheduler.StepLR(adam, 10)
+        ...         return [{"optimizer": adam, "lr_scheduler": {"scheduler": sched}},
+        ...                 {"optimizer": torch.optim.SGD(self.b.parameters(), lr=0.1)}]
+        >>> optimizers, schedulers = configured_optimizers(Two())
+        >>> [type(o).__name__ for o in optimizers], [type(s).__name__ for s in schedulers]
+        (['Adam', 'SGD'], ['StepLR'])
+    """
     out: Any = call_user(f"`{type(module).__name__}.configure_optimizers`",
                          module.configure_optimizers)
-    for _ in range(4):
-        if isinstance(out, torch.optim.Optimizer):
-            return out
-        if isinstance(out, Mapping):
-            out = out.get("optimizer")
-        elif isinstance(out, (list, tuple)) and out:
-            out = out[0]
-        else:
-            break
-    raise ValueError(
-        "`configure_optimizers()` returned no torch optimizer "
-        f"(got {type(out).__name__}); lightning_diag needs one for this side experiment."
-    )
+    optimizers: list[torch.optim.Optimizer] = []
+    schedulers: list[Any] = []
+
+    def walk(obj: Any, depth: int) -> None:
+        if isinstance(obj, torch.optim.Optimizer):
+            optimizers.append(obj)
+        elif isinstance(obj, Mapping):
+            if "scheduler" in obj:
+                walk(obj["scheduler"], depth + 1)
+            for key in ("optimizer", "lr_scheduler"):
+                if obj.get(key) is not None:
+                    walk(obj[key], depth + 1)
+        elif isinstance(obj, (list, tuple)) and depth < 3:
+            for item in obj:
+                walk(item, depth + 1)
+        elif hasattr(obj, "step") and isinstance(getattr(obj, "optimizer", None),
+                                                 torch.optim.Optimizer):
+            schedulers.append(obj)  # an LRScheduler or ReduceLROnPlateau
+
+    walk(out, 0)
+    if not optimizers:
+        raise ValueError(
+            "`configure_optimizers()` returned no torch optimizer "
+            f"(got {type(out).__name__}); lightning_diag needs one for this side experiment."
+        )
+    return optimizers, schedulers
 
 
 _DROPOUT = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d,
