@@ -3,6 +3,7 @@ quiet, the main run unchanged."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -617,3 +618,55 @@ def test_token_classifier_fit_is_quiet(tmp_path: Path) -> None:
     assert "3 classes, the model's output width" in one(check.findings, "data.summary").message
     images = events(tmp_path / "tb" / "version_0").Tags()["images"]
     assert images == [DATA_CLASS_COUNTS]  # the counts chart; text makes no image grid
+
+
+def closest_distinct_pair(a: torch.Tensor, b: torch.Tensor | None = None) -> float:
+    """The largest exact Jaccard of 3-gram sets over distinct pairs (within ``a``, or across),
+    through an inverted index: only pairs sharing an n-gram are counted."""
+    from collections import Counter
+
+    from lightning_diag.functional.tokens import shingles
+
+    rows = a if b is None else torch.cat([a, b])
+    sets = [set(g.tolist()) for g in shingles(rows)]
+    holders: dict[int, list[int]] = {}
+    for i, grams in enumerate(sets):
+        for g in grams:
+            holders.setdefault(g, []).append(i)
+    shared: Counter[tuple[int, int]] = Counter()
+    for ids in holders.values():
+        for i, j in itertools.combinations(ids, 2):
+            if b is None or (i < len(a)) != (j < len(a)):
+                shared[i, j] += 1
+    return max((k / (len(sets[i]) + len(sets[j]) - k) for (i, j), k in shared.items()
+                if not torch.equal(rows[i], rows[j])), default=0.0)
+
+
+def template_paragraphs(n: int, seed: int) -> torch.Tensor:
+    """Three sentences of 11 tokens each: `the <adj> <noun> <verb> a <noun> on the <adj> <noun>
+    .` from slot lists of 10-20 words (ids 1-45), padded to 40."""
+    g = torch.Generator().manual_seed(seed)
+    out = torch.zeros(n, 40, dtype=torch.long)
+    for i in range(n):
+        words = []
+        for _ in range(3):
+            pick = [int(torch.randint(lo, hi, (1,), generator=g))
+                    for lo, hi in ((33, 43), (3, 23), (23, 33), (1, 3), (3, 23), (43, 45),
+                                   (33, 43), (3, 23))]
+            words += [1, *pick[:6], 1, *pick[6:], 45]
+        out[i, :33] = torch.tensor(words)
+    return out
+
+
+def test_margin_of_the_token_threshold_on_healthy_text() -> None:
+    """The closest distinct pairs of texts long enough to judge, against 0.8 (the numbers in
+    docs/callbacks/data_inspection.md)."""
+    texts = (zipf_text(200, 0, (30, 60), 64, 2000), zipf_text(50, 1, (30, 60), 64, 2000))
+    paragraphs = (template_paragraphs(200, 0), template_paragraphs(50, 1))
+    for train, val in (texts, paragraphs):
+        within, across = closest_distinct_pair(train), closest_distinct_pair(train, val)
+        assert max(within, across) < 0.3, (within, across)  # a margin of 0.5 at least
+        found = inspect_dataset(TensorDataset(train, torch.zeros(len(train), dtype=torch.long)),
+                                TensorDataset(val, torch.zeros(len(val), dtype=torch.long)),
+                                progress=False)
+        assert codes(found) == set() and not by_code(found, "data.near_duplicates_skipped")
