@@ -331,3 +331,20 @@ def test_manual_optimization_main_run_stays_bit_identical(tmp_path):
     assert torch.equal(base_rng[0], rng[0]) and np.array_equal(base_rng[1], rng[1])
     assert base_rng[2] == rng[2] and torch.equal(base_rng[3], rng[3])
 
+
+
+def test_configure_optimizers_reading_the_trainer_works_on_the_copy(tmp_path):
+    class OneCycle(Classifier):
+        def configure_optimizers(self) -> Any:
+            opt = torch.optim.SGD(self.parameters(), lr=0.1, weight_decay=1e-4)
+            total = self.trainer.estimated_stepping_batches
+            return {"optimizer": opt, "lr_scheduler": {
+                "scheduler": torch.optim.lr_scheduler.OneCycleLR(opt, 0.1, total_steps=total),
+                "interval": "step"}}
+
+    checks = side_checks()
+    fit(OneCycle(mlp()), tmp_path, checks)
+    found = findings_of(checks)
+    assert codes(found) == set(), [(f.code, f.message) for f in found]
+    assert "optimizer weight decay 0.0001" in next(
+        f.message for f in found if f.code == "initial_loss.regularization")
