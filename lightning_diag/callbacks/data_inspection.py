@@ -158,7 +158,10 @@ class DataInspection(FitStartCheck):
         module = trainer.lightning_module
         if _sharded(trainer):
             return None
-        batches, skipped = self.fit_start_batches(trainer, module, 1)
+        try:  # a sample that fails to read is the inspection's to report (data.unreadable)
+            batches, skipped = self.fit_start_batches(trainer, module, 1)
+        except UserCodeError:
+            return None
         if skipped:
             return None
         batch = batches[0]
