@@ -3,13 +3,14 @@
 A 202-layer MLP (101 ``Linear`` + 101 ``ReLU``, width 32) whose every other hidden ReLU is dead
 (bias -10 before it: its units are zero on every sample, so ``activations.dead_units`` is found
 again for those layers at every logging step) trains on random 8x8 inputs with
-``ActivationHistogram(every_n_steps=1)`` (histograms, statistics and findings on every step) and
+``ActivationHistogram(every_n_steps=1)`` (histograms, statistics and findings on every step;
+``--every 200`` for its default) and
 a ``TensorBoardLogger``. Two runs, of ``--short`` and ``--long`` steps, give the bytes per step
 as a slope (what one more step costs, fixed costs such as the first records left out) and the
 last step's own bytes (read from the file sizes after each step).
 
 Usage:
-    python benchmarks/bench_records.py --short 100 --long 300 [--out benchmarks/results/records.md]
+    python benchmarks/bench_records.py --short 100 --long 300 [--every 200] [--out FILE]
 """
 
 from __future__ import annotations
@@ -70,13 +71,13 @@ class Sizes(pl.Callback):
         self.rows.append((record.stat().st_size if record.exists() else 0, events))
 
 
-def run(steps: int, root: Path) -> list[tuple[int, int]]:
+def run(steps: int, root: Path, every: int = 1) -> list[tuple[int, int]]:
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(steps * 8, 1, 8, 8), torch.randint(0, 10, (steps * 8,)))
     sizes = Sizes()
     trainer = pl.Trainer(
         max_steps=steps, max_epochs=1, logger=TensorBoardLogger(str(root), name="tb"),
-        callbacks=[ActivationHistogram(every_n_steps=1, log_charts=True), sizes],
+        callbacks=[ActivationHistogram(every_n_steps=every, log_charts=True), sizes],
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
         accelerator="cpu", num_sanity_val_steps=0)
     trainer.fit(DeepMLP(), DataLoader(data, batch_size=8))
@@ -88,12 +89,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--short", type=int, default=100)
     parser.add_argument("--long", type=int, default=300)
+    parser.add_argument("--every", type=int, default=1,
+                        help="ActivationHistogram's every_n_steps (1: every step; 200: default)")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        short = run(args.short, Path(tmp) / "short")
-        long = run(args.long, Path(tmp) / "long")
+        short = run(args.short, Path(tmp) / "short", args.every)
+        long = run(args.long, Path(tmp) / "long", args.every)
     span = args.long - args.short
     record_slope = (long[-1][0] - short[-1][0]) / span
     events_slope = (long[-1][1] - short[-1][1]) / span
@@ -113,7 +116,8 @@ def main() -> None:
         f"| event files after {args.short} / {args.long} steps | {short[-1][1]:,} / "
         f"{long[-1][1]:,} bytes |",
         f"| event files per step (slope) | {events_slope:,.0f} bytes |", "",
-        f"Command: `python benchmarks/bench_records.py --short {args.short} --long {args.long}`",
+        f"Command: `python benchmarks/bench_records.py --short {args.short} --long {args.long} "
+        f"--every {args.every}`",
     ]
     text = "\n".join(lines)
     print(text)

@@ -31,6 +31,7 @@ from lightning_diag.batch import NoLossError, UserCodeError
 from lightning_diag.findings import DiagnosticError, Finding, Severity, merge
 from lightning_diag.guard import (
     LIGHTNING_HOOKS,
+    SHARDED_STRATEGIES,
     ConfigurationError,
     cache_state_key,
     guard_hooks,
@@ -44,8 +45,8 @@ from lightning_diag.tensorboard.writer import tensorboard_writer
 from lightning_diag.terminal import log, say
 from lightning_diag.validation import check_flag
 
-__all__ = ["LIGHTNING_HOOKS", "ConfigurationError", "DiagnosticCallback", "FitStartCheck",
-           "HookRegistry", "findings", "refuse_sharded"]
+__all__ = ["LIGHTNING_HOOKS", "SHARDED_STRATEGIES", "ConfigurationError", "DiagnosticCallback",
+           "FitStartCheck", "HookRegistry", "findings", "refuse_sharded"]
 
 
 class DiagnosticCallback(pl.Callback):
@@ -352,9 +353,6 @@ class FitStartCheck(DiagnosticCallback):
             return "`fast_dev_run` is on (side experiments would defeat its purpose)"
         if self.done or trainer.ckpt_path:
             return "resumed run; it ran before the checkpoint was written"
-        if not pl_module.automatic_optimization:
-            return ("manual optimization: the loss cannot be read from `training_step` "
-                    "(it steps the optimizers itself)")
         return ""
 
     @override

@@ -127,6 +127,9 @@ def _declarations() -> tuple[CodeSpec, ...]:
           "out of the duplicate search", "1", value="inputs"),
         c("data.exact_duplicate", data, W, W, "groups of identical inputs", "1", value="groups",
           cause="data", fix=_DUPLICATES),
+        c("data.near_duplicates_skipped", data, INFO, INFO, "near duplicates not searched (inputs "
+          "a similarity cannot judge, such as short token sequences); exact ones still are",
+          "1"),
         c("data.near_duplicate", data, W, W, "groups of near-identical inputs", "1",
           value="groups", cause="data", fix=_DUPLICATES),
         c("data.conflicting_labels", data, W, W, "identical inputs with different labels", "1",
@@ -147,9 +150,9 @@ def _declarations() -> tuple[CodeSpec, ...]:
           "2", value="worst relative error", cause="implementation",
           fix="the analytic gradient disagrees with the numerical one (a custom backward, an "
               "in-place or non-differentiable operation)"),
-        c("gradient_check.inconclusive", grad, W, W, "too few comparisons, or a loss that is "
-          "not reproducible at the same weights", "2", value="worst relative error",
-          cause="other"),
+        c("gradient_check.inconclusive", grad, INFO, W, "too few comparisons, a loss that is "
+          "not reproducible at the same weights (WARN), or a step that computes below float64 "
+          "(INFO)", "2", value="worst relative error", cause="other"),
         c("gradient_check.non_finite", grad, F, F, "the loss is NaN or Inf on the first "
           "samples", "2", cause="implementation",
           fix="the loss is NaN/Inf on the first samples (log(0), a division by zero)"),
@@ -236,6 +239,8 @@ def _declarations() -> tuple[CodeSpec, ...]:
         c("ensemble.gain", ens, INFO, INFO, "the ensemble of kept checkpoints against its best "
           "member", "7.3", value="gain over the best member"),
         c("ensemble.no_monitor", ens, INFO, INFO, "the monitored metric was never logged", "7.3"),
+        c("ensemble.ignored_paths", ens, INFO, INFO, "the kept list of the checkpoint resumed "
+          "from names files outside this callback's directory: left alone", "7.3"),
         *generic(ens, "ensemble", "7.3", "user_error", "skipped"),
         c("ema.summary", ema, INFO, INFO, "the averaged weights against the trained ones", "7.4",
           value="EMA minus raw"),

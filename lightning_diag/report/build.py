@@ -69,7 +69,7 @@ def build_report(logdir: str | Path, out: str | Path | None = None) -> Path:
         f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>"
         f"<h1>{html.escape(title)}</h1><p class='meta'>Log directory <code>"
         f"{html.escape(str(root.resolve()))}</code> &middot; runs: {runs} &middot; built {when}"
-        f"</p><nav><ul>{nav}</ul></nav>{body}</body></html>"
+        f"</p>{_verdicts(found)}<nav><ul>{nav}</ul></nav>{body}</body></html>"
     )
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(page, encoding="utf-8")
@@ -104,6 +104,7 @@ def _render(c: Canvas, found: dict[str, list[Finding]]) -> tuple[str, list[tuple
         return section("empty", "No data", "<p>No TensorBoard events or findings were found "
                        "here (no run yet, or a run that logged nothing).</p>"), [
                            ("empty", "No data")]
+    read = _read_as_curves(c, found)
     parts: list[tuple[str, str, Callable[[Canvas], str]]] = [
         ("findings", "Findings", lambda c: _findings(c, found)),
         ("data", "Data inspection", lambda c: c.slug(DATA.prefix)),
@@ -115,9 +116,11 @@ def _render(c: Canvas, found: dict[str, list[Finding]]) -> tuple[str, list[tuple
         ("ema", "EMA vs raw weights", sections.ema),
         ("ensemble", "Ensemble vs members", sections.ensemble),
         ("tuning", "Tuning", lambda c: c.slug(TUNING.prefix)),
-        ("other", "Other scalars", sections.other),
+        ("other", "Other scalars",
+         lambda c: sections.other(c, read if "curves" in dict(toc) else ())),
     ]
-    out, toc = [], []
+    out: list[str] = []
+    toc: list[tuple[str, str]] = []
     for anchor, title, fn in parts:
         content = fn(c)
         if content:
@@ -126,12 +129,47 @@ def _render(c: Canvas, found: dict[str, list[Finding]]) -> tuple[str, list[tuple
     return "".join(out), toc
 
 
+def _read_as_curves(c: Canvas, found: dict[str, list[Finding]]) -> set[str]:
+    """The tags of the user's metrics that LearningCurves read (its ``curves.keys`` record) in
+    every run that logged them: drawn as learning curves, not again under "Other scalars"."""
+    read = {run: {name for f in fs if f.code == "curves.keys"
+                  for name in (f.details or {}).get("keys", {}).values()}
+            for run, fs in found.items()}
+    return {tag for tag, series in c.data.scalars.items()
+            if all(tag in read.get(s.run, ()) for s in series)}
+
+
+def _verdicts(by_run: dict[str, list[Finding]]) -> str:
+    """The first line of the page, one per run, read the same way for a healthy run and a
+    broken one: the verdict (the diagnosis, else the worst problem, else that no check found
+    one), then the run's counts per severity and a link to the findings."""
+    lines = []
+    for run, found in by_run.items():
+        if not found:
+            continue
+        problems = sorted((f for f in found if f.severity >= Severity.WARN), key=finding_rank)
+        checks = len({f.check for f in found if not f.code.startswith(DIAGNOSIS_PREFIX)})
+        if problems:
+            lead, badge = problems[0], problems[0].severity.value
+            more = (0 if lead.code.startswith(DIAGNOSIS_PREFIX) else len(problems) - 1)
+            text = html.escape(lead.headline().split("] ", 1)[-1]) + (
+                f" (and {more} more problem{'s' * (more != 1)})" if more else "")
+        else:
+            badge, text = "ok", f"no problem found by any of the {checks} check(s)"
+        counts = ", ".join(f"{n} {s.value.upper()}" for s, n in count(found).items())
+        who = f" for {html.escape(run)}" if len(by_run) > 1 else ""
+        lines.append(f"<p class='verdict'><b>Verdict{who}:</b> <span class='sev sev-{badge}'>"
+                     f"{badge.upper()}</span> {text} <span class='vcounts'>&middot; {counts} "
+                     "&middot; <a href='#findings'>findings</a></span></p>")
+    return "".join(lines)
+
+
 _HEAD = ("finding", "message", "advice", "value", "expected", "step")
 
 
 def _findings(c: Canvas, by_run: dict[str, list[Finding]]) -> str:
     """Every finding of the runs' records, FAIL first, then in the order they were found,
-    under a verdict line and the counts.
+    under the counts (the diagnosis, which sums up the others, not counted).
 
     Badges, codes, numbers and steps never wrap (``class='nw'``); message and advice wrap at
     word boundaries (a path too long for the column breaks where it must); a finding about many
@@ -157,29 +195,8 @@ def _findings(c: Canvas, by_run: dict[str, list[Finding]]) -> str:
         for s, n in count(every).items())
     head = "".join(f"<th>{h}</th>" for h in ("severity", *(("run",) if multi else ()), *_HEAD))
     body = "".join(_row(f, run if multi else None) for run, f in rows)
-    return (f"{note}<p class='verdict'>{html.escape(verdict(every))}</p><p class='counts'>"
-            f"{counts}</p><table class='findings'><thead><tr>{head}</tr></thead><tbody>{body}"
-            "</tbody></table>")
-
-
-def verdict(found: list[Finding]) -> str:
-    """One line: whether the run(s) look healthy, and if not how many problems and where to
-    start.
-
-    Example:
-        >>> verdict([Finding("X", "x.ok", Severity.INFO, "fine")])
-        'No problem found: 0 FAIL, 0 WARN (1 INFO reading).'
-        >>> verdict([Finding("X", "x.bad", Severity.FAIL, "broken")])
-        'Problems found: 1 FAIL, 0 WARN. Start with the first row.'
-    """
-    n = count(found)
-    fails, warns, infos = n[Severity.FAIL], n[Severity.WARN], n[Severity.INFO]
-    if not fails and not warns:
-        return f"No problem found: 0 FAIL, 0 WARN ({infos} INFO reading{'s' * (infos != 1)})."
-    start = ("Start with the diagnosis, which orders their causes."
-             if any(f.code.startswith(DIAGNOSIS_PREFIX) for f in found)
-             else "Start with the first row.")
-    return f"Problems found: {fails} FAIL, {warns} WARN. {start}"
+    return (f"{note}<p class='counts'>{counts}</p><table class='findings'><thead><tr>{head}"
+            f"</tr></thead><tbody>{body}</tbody></table>")
 
 
 def _row(f: Finding, run: str | None) -> str:
