@@ -636,10 +636,10 @@ def test_every_run_gets_a_verdict_line_read_the_same_way(tmp_path):
         "findings"]
     assert _verdicts(build_report(tmp_path / "inject").read_text()) == [
         "Verdict: FAIL diagnosis.summary: 2 likely root causes, in the order to fix them: (1) "
-        "Data. · 2 FAIL, 1 WARN, 0 INFO · findings"]
+        "Data. · 1 FAIL, 1 WARN, 0 INFO · findings"]  # the diagnosis sums up, is not counted
     assert _verdicts(build_report(tmp_path / "one").read_text()) == [
-        "Verdict: WARN activations.dead_units net.5: 0.9 (expected 0 to 0.5) at step 10 (and 1 "
-        "more problem) · 0 FAIL, 2 WARN, 1 INFO · findings"]
+        "Verdict: WARN activations.dead_units net.5: dead units 90% (expected 0% to 50%) at step "
+        "10 (and 1 more problem) · 0 FAIL, 2 WARN, 1 INFO · findings"]
     both = _verdicts(build_report(tmp_path, tmp_path / "all.html").read_text())
     assert [v.split(":")[0] for v in both] == [
         "Verdict for clean", "Verdict for inject", "Verdict for one"]
