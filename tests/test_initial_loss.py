@@ -136,24 +136,34 @@ def test_regression_is_judged_against_mean_square_and_variance():
     # the references, computed by hand: MSE of predicting 0 and of predicting the mean
     assert ok.details["mean_square"] == pytest.approx(float((y.double() ** 2).mean()))
     assert ok.details["variance"] == pytest.approx(float(y.double().var(unbiased=False)))
-    assert ok.expected[1] == pytest.approx(REGRESSION_FACTOR * ok.details["mean_square"])
+    # the know-nothing loss is the MSE of predicting 0; a values head may add (3 - 1) times it
+    # plus abs_tol
+    assert ok.details["know_nothing_loss"] == pytest.approx(ok.details["mean_square"], rel=1e-5)
+    assert ok.expected[1] == pytest.approx(REGRESSION_FACTOR * ok.details["mean_square"] + 0.05,
+                                           rel=1e-5)
     assert "mean(y^2)" in ok.message and "Var(y)" in ok.message
     # expected_loss= still overrides the inference
     assert "initial_loss.mismatch" in codes(
         check_initial_loss(Regressor(), [(x, y)], expected_loss=ok.value + 10))
 
 
-def test_regression_with_another_loss_gets_no_expectation():
+def test_regression_with_another_loss_is_judged_by_that_loss():
     class L1(Regressor):
         def training_step(self, batch, batch_idx):
             x, y = batch
             return nn.functional.l1_loss(self(x), y)
 
     x = torch.randn(32, 3, generator=torch.Generator().manual_seed(0))
-    found = check_initial_loss(L1(), [(x, 0.01 * x.sum(1))])
-    (f,) = [f for f in found if f.code == "initial_loss.no_expectation"]
-    assert f.severity == "info" and "not the mean squared error" in f.message
-    assert "`expected_loss=`" in f.advice
+    y = x.sum(1)
+    found = check_initial_loss(L1(), [(x, y)])
+    (ok,) = [f for f in found if f.code == "initial_loss.ok"]
+    # the expectation is the L1 loss of a zero output, mean |y|, not mean(y^2)
+    assert ok.details["know_nothing_loss"] == pytest.approx(float(y.abs().mean()), rel=1e-5)
+    assert "mean(y^2)" not in ok.message
+    # targets a hundred times smaller than the initial outputs: rightly flagged
+    found = check_initial_loss(L1(), [(x, 0.01 * y)])
+    (f,) = [f for f in found if f.code == "initial_loss.mismatch"]
+    assert f.value > f.expected[1] and "standardize the targets" in f.advice
 
 
 FAMILY_NAMES = sorted(FAMILIES)
@@ -194,12 +204,14 @@ def test_every_family_with_a_scaled_last_layer_is_flagged(name):
         assert "last layer" in f.advice
 
 
-def test_regression_on_bare_tensor_batches_names_what_to_pass():
+def test_regression_on_bare_tensor_batches_needs_no_target_reader():
+    # the step reads its target as always; the know-nothing output (zeros) goes through it
     fam, batches = family_batches("regression")
     found = check_initial_loss(fam.module, batches)
-    (f,) = [f for f in found if f.code == "initial_loss.no_expectation"]
-    assert "no target could be read" in f.message
-    assert "`expected_loss=`" in f.advice and "`batch_to_target=`" in f.advice
+    (ok,) = [f for f in found if f.code == "initial_loss.ok"]
+    y = torch.cat([b[:, -1] for b in batches]).double()
+    assert ok.details["know_nothing_loss"] == pytest.approx(float((y**2).mean()), rel=1e-5)
+    assert ok.details["task"] == "unknown" and "mean_square" not in ok.details
 
 
 def test_probabilities_fed_to_nll_are_flagged():
