@@ -68,6 +68,7 @@ class Prediction:
         form: Its last activation (:func:`~lightning_diag.functional.task.output_form`).
         name: For messages, e.g. ``"output[1]"`` or ``"encoder output (call 2)"``.
         shape: Its shape in the recorded step.
+        inputs: The tensors the call was given, in the recorded step (detached).
     """
 
     module: nn.Module
@@ -76,19 +77,22 @@ class Prediction:
     form: OutputForm
     name: str
     shape: tuple[int, ...]
+    inputs: tuple[torch.Tensor, ...] = ()
 
 
-def _leaves(obj: Any, path: Path = (), depth: int = 0) -> Iterator[tuple[Path, torch.Tensor]]:
-    """The float tensors inside an output, with their paths."""
+def _leaves(obj: Any, path: Path = (), depth: int = 0,
+            floats: bool = True) -> Iterator[tuple[Path, torch.Tensor]]:
+    """The float tensors (every tensor when not ``floats``) inside an output, with their
+    paths."""
     if isinstance(obj, torch.Tensor):
-        if obj.is_floating_point():
+        if obj.is_floating_point() or not floats:
             yield path, obj
     elif depth < _MAX_DEPTH and isinstance(obj, Mapping):
         for key, value in obj.items():
-            yield from _leaves(value, (*path, key), depth + 1)
+            yield from _leaves(value, (*path, key), depth + 1, floats)
     elif depth < _MAX_DEPTH and isinstance(obj, (list, tuple)):
         for i, value in enumerate(obj):
-            yield from _leaves(value, (*path, i), depth + 1)
+            yield from _leaves(value, (*path, i), depth + 1, floats)
 
 
 def _replaced(obj: Any, new: dict[Path, torch.Tensor], path: Path = ()) -> Any:
@@ -122,7 +126,7 @@ class PredictionRecorder:
         self._trainable = {id(m): any(p.requires_grad for p in m.parameters())
                            for m in root.modules()}
         self._handles: list[Any] = []
-        self._calls: list[tuple[nn.Module, int, Any]] = []
+        self._calls: list[tuple[nn.Module, int, Any, Any]] = []
         self._counts: dict[int, int] = {}
 
     def __enter__(self) -> PredictionRecorder:
@@ -137,7 +141,7 @@ class PredictionRecorder:
     def _record(self, module: nn.Module, args: Any, output: Any) -> None:
         k = self._counts.get(id(module), 0)
         self._counts[id(module)] = k + 1
-        self._calls.append((module, k, output))
+        self._calls.append((module, k, args, output))
 
     def clear(self) -> None:
         """Forget what was recorded (call between steps)."""
@@ -147,25 +151,27 @@ class PredictionRecorder:
     def predictions(self, loss: torch.Tensor) -> tuple[list[Prediction], list[torch.Tensor]]:
         """The predictions of the last step, whose loss is ``loss`` (still attached to its
         graph), in call order, and the tensors themselves; empty when there are none."""
-        eligible = [(m, k, out) for m, k, out in self._calls if self._trainable.get(id(m))
-                    and any(t.requires_grad for _, t in _leaves(out))]
+        eligible = [(m, k, args, out) for m, k, args, out in self._calls
+                    if self._trainable.get(id(m)) and any(t.requires_grad for _, t in _leaves(out))]
         if not eligible or not loss.requires_grad:
             return [], []
-        depth = {id(m): self._depth(m) for m, _, _ in eligible}
+        depth = {id(m): self._depth(m) for m, *_ in eligible}
         top = min(depth.values())
-        calls = [(m, k, out) for m, k, out in eligible if depth[id(m)] == top]
-        leaves = [(m, k, path, t) for m, k, out in calls for path, t in _leaves(out)
-                  if t.requires_grad]
+        calls = [call for call in eligible if depth[id(call[0])] == top]
+        leaves = [(m, k, args, path, t) for m, k, args, out in calls
+                  for path, t in _leaves(out) if t.requires_grad]
         keep = _final(loss, [t for *_, t in leaves])
         several = len({(id(m), k) for m, k, *_ in leaves}) > 1
         found, tensors = [], []
-        for (m, k, path, tensor), kept in zip(leaves, keep, strict=True):
+        for (m, k, args, path, tensor), kept in zip(leaves, keep, strict=True):
             if not kept:
                 continue
             module = self._names.get(id(m))
             name = (f"{module} output" if module else "output") + _path_text(path) + (
                 f" (call {k + 1})" if several else "")
-            found.append(Prediction(m, k, path, output_form(tensor), name, tuple(tensor.shape)))
+            inputs = tuple(t.detach() for _, t in _leaves(args, floats=False))
+            found.append(Prediction(m, k, path, output_form(tensor), name, tuple(tensor.shape),
+                                    inputs))
             tensors.append(tensor)
         return found, tensors
 

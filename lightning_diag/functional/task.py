@@ -369,6 +369,25 @@ class OutputForm:
                  "exp": 1.0, "softplus": math.log(2.0), "none": 0.0}[self.activation]
         return torch.full_like(like.detach(), value)
 
+    def activate(self, z: torch.Tensor) -> torch.Tensor:
+        """``f(z)``: the output that the pre-activation ``z`` gives, ``z``'s shape.
+
+        Example:
+            >>> OutputForm("softmax", 1).activate(torch.zeros(1, 4)).tolist()
+            [[0.25, 0.25, 0.25, 0.25]]
+        """
+        if self.activation == "softmax":
+            return z.softmax(self.dim if self.dim is not None else -1)
+        if self.activation == "log_softmax":
+            return z.log_softmax(self.dim if self.dim is not None else -1)
+        if self.activation == "sigmoid":
+            return z.sigmoid()
+        if self.activation == "exp":
+            return z.exp()
+        if self.activation == "softplus":
+            return torch.nn.functional.softplus(z)
+        return z
+
     def describe(self) -> str:
         """The know-nothing output in words, for messages.
 
