@@ -47,7 +47,12 @@ from lightning_diag.batch import (
     select_samples,
     step_loss,
 )
-from lightning_diag.checks.reference_outputs import Prediction, Substitution, record_predictions
+from lightning_diag.checks.reference_outputs import (
+    Prediction,
+    Substitution,
+    main_prediction,
+    record_predictions,
+)
 from lightning_diag.findings import Finding, Severity
 from lightning_diag.functional.checks import expected_initial_loss
 from lightning_diag.functional.task import Task, infer_task, regression_references, select_output
@@ -184,7 +189,9 @@ def check_initial_loss(
                 output = select_output(capture.output)
                 if i == 0:
                     predictions = found_here
-                    main = next((j for j, t in enumerate(tensors) if t is output), None)
+                    main = main_prediction(predictions, tensors, output)
+                if main is not None and len(tensors) == len(predictions):
+                    output = tensors[main]  # the prediction, not a loss module called last
                 losses.append(float(loss))
                 outputs.append(output.detach() if isinstance(output, torch.Tensor) else output)
                 targets.append(call_user("`batch_to_target`", batch_to_target, batch))

@@ -48,7 +48,8 @@ from torch import nn
 from lightning_diag.batch import step_loss
 from lightning_diag.functional.task import OutputForm, output_form
 
-__all__ = ["Prediction", "PredictionRecorder", "Substitution", "record_predictions"]
+__all__ = ["Prediction", "PredictionRecorder", "PredictionTap", "Substitution", "main_prediction",
+           "record_predictions"]
 
 #: How deep a prediction tensor may sit inside an output's tuples, lists and dicts.
 _MAX_DEPTH = 4
@@ -161,11 +162,10 @@ class PredictionRecorder:
         leaves = [(m, k, args, path, t) for m, k, args, out in calls
                   for path, t in _leaves(out) if t.requires_grad]
         keep = _final(loss, [t for *_, t in leaves])
+        leaves = [leaf for leaf, kept in zip(leaves, keep, strict=True) if kept]
         several = len({(id(m), k) for m, k, *_ in leaves}) > 1
         found, tensors = [], []
-        for (m, k, args, path, tensor), kept in zip(leaves, keep, strict=True):
-            if not kept:
-                continue
+        for m, k, args, path, tensor in leaves:
             module = self._names.get(id(m))
             name = (f"{module} output" if module else "output") + _path_text(path) + (
                 f" (call {k + 1})" if several else "")
@@ -269,3 +269,60 @@ class Substitution:
                 if value is not None:
                     new[p.path] = value
         return _replaced(output, new) if new else None
+
+
+def main_prediction(predictions: list[Prediction], tensors: list[torch.Tensor],
+                    captured: Any) -> int | None:
+    """Which prediction is the step's output that the task is read from: the one the outermost
+    captured output selects (:class:`~lightning_diag.batch.OutputCapture`,
+    :func:`~lightning_diag.functional.task.select_output`), else, when that is no prediction
+    (the step called a loss module or a metric last), the first tensor of the last prediction
+    call; None without predictions."""
+    for j, t in enumerate(tensors):
+        if t is captured:
+            return j
+    if not predictions:
+        return None
+    last = predictions[-1]
+    return next(j for j, p in enumerate(predictions)
+                if p.module is last.module and p.call == last.call)
+
+
+class PredictionTap:
+    """Records, in each step run inside it, the tensor of one prediction (nothing replaced).
+
+    Example:
+        >>> import torch, lightning.pytorch as pl
+        >>> class Net(pl.LightningModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.net, self.criterion = torch.nn.Linear(4, 3), torch.nn.CrossEntropyLoss()
+        ...     def training_step(self, batch, batch_idx):
+        ...         return self.criterion(self.net(batch[0]), batch[1])
+        >>> net, batch = Net(), (torch.randn(8, 4), torch.randint(0, 3, (8,)))
+        >>> _, (pred,), _ = record_predictions(net, batch)
+        >>> with PredictionTap(pred) as tap:
+        ...     tap.reset()
+        ...     _ = net.training_step(batch, 0)
+        >>> tap.value.shape  # the logits, not the criterion's loss
+        torch.Size([8, 3])
+    """
+
+    def __init__(self, prediction: Prediction) -> None:
+        self.value: torch.Tensor | None = None
+        self._sub = Substitution([prediction], self._keep)
+
+    def _keep(self, j: int, actual: torch.Tensor) -> None:
+        self.value = actual
+
+    def __enter__(self) -> PredictionTap:
+        self._sub.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._sub.__exit__(*exc)
+
+    def reset(self) -> None:
+        """Forget the last value and start counting calls afresh (a new step)."""
+        self.value = None
+        self._sub.reset()
