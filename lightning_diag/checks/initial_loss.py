@@ -185,14 +185,14 @@ def check_initial_loss(
             for i, batch in enumerate(batches):
                 rng.restore()
                 capture.clear()
-                loss, found_here, tensors = record_predictions(clone, batch, i)
+                step, found_here, tensors = record_predictions(clone, batch, i)
                 output = select_output(capture.output)
                 if i == 0:
                     predictions = found_here
                     main = main_prediction(predictions, tensors, output)
                 if main is not None and len(tensors) == len(predictions):
                     output = tensors[main]  # the prediction, not a loss module called last
-                losses.append(float(loss))
+                losses.append(float(step))
                 outputs.append(output.detach() if isinstance(output, torch.Tensor) else output)
                 targets.append(call_user("`batch_to_target`", batch_to_target, batch))
         state.restore()

@@ -380,11 +380,11 @@ class OverfitResult:
                     f"it can be a target: a loss that falls below 0 is no likelihood (e.g. "
                     f"`nll_loss` given probabilities instead of log-probabilities). {text}")
         elif self.constant_loss is not None:
-            share = self.beyond_constant()
+            below = self.beyond_constant()
             text = (f"{text} The loss of the best output shared by every sample is "
                     f"{self.constant_loss:.4g}: " + (
                         f"the run fell by less than {MIN_FALL:.0%} of its initial loss."
-                        if share is None else f"only {share:.0%} of the run's fall lies below "
+                        if below is None else f"only {below:.0%} of the run's fall lies below "
                         f"it (< {BEYOND_CONSTANT:.0%}): the network learns little from its "
                         "inputs."))
         if found is not None:
