@@ -173,8 +173,12 @@ def test_model_without_logits(tmp_path: Path) -> None:
     train = DataLoader(digits(64), batch_size=16)
     cbs = fit_all(tmp_path, Regressor(), train, DataLoader(digits(32), batch_size=16))
     initial = cbs["InitialLossCheck"].findings
-    no_expectation = [f for f in initial if f.code == "initial_loss.no_expectation"]
-    assert len(no_expectation) == 1 and "expected_loss" in no_expectation[0].advice
+    # no task is inferred (integer labels against one value), yet the step's own loss at a zero
+    # output, mean(y^2) of the labels, is the expectation
+    (ok,) = [f for f in initial if f.code == "initial_loss.ok"]
+    labels = digits(16).tensors[1].float()  # the check's one batch of 16
+    assert ok.details["know_nothing_loss"] == pytest.approx(float((labels**2).mean()), rel=1e-5)
+    assert ok.details["task"] == "unknown"
     assert all(f.severity is Severity.INFO for f in initial)
     overfit = cbs["OverfitSmallBatch"].findings
     assert overfit and not any(f.code.endswith(".skipped") for f in overfit)
