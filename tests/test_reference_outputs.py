@@ -145,3 +145,36 @@ def test_the_programs_predictions():
         prog = program(name)
         batch = next(iter(prog.train))
         assert _names(prog.module, batch) == expected, name
+
+
+def test_a_replay_gives_the_networks_own_losses_without_running_it():
+    from lightning_diag.checks.reference_outputs import Replay
+
+    prog = program("distillation")
+    batches = [b for _, b in zip(range(3), prog.train, strict=False)]
+    _, found, _ = record_predictions(prog.module, batches[0])
+    replay = Replay(found)
+    with torch.no_grad():
+        with replay.recording():
+            for i, b in enumerate(batches):
+                replay.step(i)
+                replay.losses[i] = float(prog.module.training_step(b, i))
+        calls = []  # the network inside the student never runs while replayed
+        handle = prog.module.student[0].register_forward_pre_hook(lambda m, a: calls.append(1))
+        with replay.replaying(), Substitution(found, lambda j, out: found[j].form.know_nothing(
+                out)) as sub:
+            replayed = {}
+            for i, b in enumerate(batches):
+                replay.step(i)
+                replayed[i] = float(sub.step(prog.module, b, i))
+        handle.remove()
+        assert calls == []
+        # the know-nothing losses through the replay are those of the network run again
+        with Substitution(found, lambda j, out: found[j].form.know_nothing(out)) as sub:
+            real = {i: float(sub.step(prog.module, b, i)) for i, b in enumerate(batches)}
+    assert replayed == pytest.approx(real, rel=1e-6)
+    assert "forward" not in prog.module.student.__dict__  # the stand-in is gone
+    with torch.no_grad(), replay.replaying():
+        replay.step(0)
+        assert replay.matches({0: float(prog.module.training_step(batches[0], 0)),
+                               **{i: v for i, v in replay.losses.items() if i}})

@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +50,8 @@ from lightning_diag.batch import (
 from lightning_diag.checks.reference_outputs import (
     Prediction,
     PredictionTap,
+    Replay,
+    ReplayMiss,
     Substitution,
     main_prediction,
     record_predictions,
@@ -616,6 +618,8 @@ class _Run:
         self.main: int | None = None
         self.saw_batch_input = True
         self.tap: PredictionTap | None = None
+        self.replay: Replay | None = None
+        self._replay_tried = False
 
     @property
     def probabilities(self) -> bool:
@@ -656,20 +660,72 @@ class _Run:
     def _mean_loss(self, replace: Callable[[int, torch.Tensor], torch.Tensor | None],
                    batch_replace: Callable[[int], None] | None = None) -> torch.Tensor:
         """The mean step loss over the batches with the predictions replaced, from the carried
-        state and the same RNG state for each batch."""
+        state and the same RNG state for each batch; the network's outputs replayed where that
+        gives the real losses (:meth:`_prepare_replay`)."""
+        self._prepare_replay()
+        try:
+            return self._pass(replace, batch_replace, self.replay)
+        except UserCodeError as err:
+            if self.replay is None or not isinstance(err.error, ReplayMiss):
+                raise
+            self.replay = None  # the replaced output changed what the step calls
+            return self._pass(replace, batch_replace, None)
+
+    def _pass(self, replace: Callable[[int, torch.Tensor], torch.Tensor | None],
+              batch_replace: Callable[[int], None] | None,
+              replay: Replay | None) -> torch.Tensor:
         rng = RNGState.capture()
         self.state.restore()
         losses = []
-        with Substitution(self.predictions, replace) as sub:
-            for i, batch in enumerate(self.batches):
-                if batch_replace is not None:
-                    batch_replace(i)
-                rng.restore()
-                with self.settings.forward_context(self.clone.device):
-                    losses.append(sub.step(self.clone, batch, i).float())
-        rng.restore()
-        self.state.restore()
+        try:
+            with Substitution(self.predictions, replace) as sub, (
+                    replay.replaying() if replay is not None else nullcontext()):
+                for i, batch in enumerate(self.batches):
+                    if batch_replace is not None:
+                        batch_replace(i)
+                    if replay is not None:
+                        replay.step(i)
+                    rng.restore()
+                    with self.settings.forward_context(self.clone.device):
+                        losses.append(sub.step(self.clone, batch, i).float())
+        finally:
+            rng.restore()
+            self.state.restore()
         return torch.stack(losses).mean()
+
+    def _prepare_replay(self) -> None:
+        """Record the prediction modules' outputs on every batch once, and keep them for the
+        reference passes when replaying them (nothing replaced) gives the real losses: the
+        loss then depends on the network through them alone, and the many evaluations of the
+        floor and of the constant output cost no forward pass of the network."""
+        if self._replay_tried or not self.predictions:
+            return
+        self._replay_tried = True
+        replay = Replay(self.predictions)
+        rng = RNGState.capture()
+        self.state.restore()
+        try:
+            with preserved_rng(), torch.no_grad():
+                with replay.recording():
+                    for i, batch in enumerate(self.batches):
+                        replay.step(i)
+                        rng.restore()
+                        with self.settings.forward_context(self.clone.device):
+                            replay.losses[i] = float(step_loss(self.clone, batch, i))
+                replayed = {}
+                with replay.replaying():
+                    self.state.restore()
+                    for i, batch in enumerate(self.batches):
+                        replay.step(i)
+                        rng.restore()
+                        with self.settings.forward_context(self.clone.device):
+                            replayed[i] = float(step_loss(self.clone, batch, i))
+            self.replay = replay if replay.matches(replayed) else None
+        except (UserCodeError, NoLossError):  # not replayable: the network runs each time
+            self.replay = None
+        finally:
+            rng.restore()
+            self.state.restore()
 
     def loss_floor(self) -> LossFloor | None:
         """The user's loss at memorising outputs (:class:`LossFloor`) where the prediction is

@@ -37,7 +37,9 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,8 +50,8 @@ from torch import nn
 from lightning_diag.batch import step_loss
 from lightning_diag.functional.task import OutputForm, output_form
 
-__all__ = ["Prediction", "PredictionRecorder", "PredictionTap", "Substitution", "main_prediction",
-           "record_predictions"]
+__all__ = ["Prediction", "PredictionRecorder", "PredictionTap", "Replay", "Substitution",
+           "main_prediction", "record_predictions"]
 
 #: How deep a prediction tensor may sit inside an output's tuples, lists and dicts.
 _MAX_DEPTH = 4
@@ -326,3 +328,93 @@ class PredictionTap:
         """Forget the last value and start counting calls afresh (a new step)."""
         self.value = None
         self._sub.reset()
+
+
+def _detached(obj: Any, depth: int = 0) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach()
+    if depth < _MAX_DEPTH and isinstance(obj, Mapping):
+        out = obj.copy() if hasattr(obj, "copy") else dict(obj)
+        for key in obj:
+            out[key] = _detached(obj[key], depth + 1)
+        return out
+    if depth < _MAX_DEPTH and isinstance(obj, (list, tuple)):
+        items = [_detached(v, depth + 1) for v in obj]
+        if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+            return type(obj)(*items)
+        return type(obj)(items)
+    return obj
+
+
+class ReplayMiss(Exception):
+    """A replayed step called a module more often than in the recorded one."""
+
+
+class Replay:
+    """Stands in for the forward of the prediction modules with what they returned in a
+    recorded pass, so that the user's loss can be evaluated at many replaced predictions
+    without running the network again.
+
+    Use :meth:`recording` around one pass of steps (``step(i)`` before each), then
+    :meth:`replaying` around later passes. Only valid when the loss depends on the network
+    through those outputs alone: check it, as :meth:`matches` does, against the recorded
+    losses.
+    """
+
+    def __init__(self, predictions: list[Prediction]) -> None:
+        self._modules = list({id(p.module): p.module for p in predictions}.values())
+        self._outputs: dict[tuple[int, int, int], Any] = {}
+        self._counts: dict[int, int] = {}
+        self._step = 0
+        self.losses: dict[int, float] = {}
+
+    def step(self, index: int) -> None:
+        """The next step is the one of batch ``index``."""
+        self._step = index
+        self._counts.clear()
+
+    def _next(self, module: nn.Module) -> tuple[int, int, int]:
+        k = self._counts.get(id(module), 0)
+        self._counts[id(module)] = k + 1
+        return self._step, id(module), k
+
+    @contextmanager
+    def recording(self) -> Iterator[Replay]:
+        def keep(module: nn.Module, args: Any, output: Any) -> None:
+            self._outputs[self._next(module)] = _detached(output)
+
+        handles = [m.register_forward_hook(keep) for m in self._modules]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    @contextmanager
+    def replaying(self) -> Iterator[Replay]:
+        saved = {id(m): m.__dict__.get("forward") for m in self._modules}
+
+        def stand_in(module: nn.Module) -> Callable[..., Any]:
+            def forward(*args: Any, **kwargs: Any) -> Any:
+                key = self._next(module)
+                if key not in self._outputs:
+                    raise ReplayMiss(f"call {key[2] + 1} of {type(module).__name__}")
+                return self._outputs[key]
+            return forward
+
+        for m in self._modules:
+            m.forward = stand_in(m)  # type: ignore[method-assign]
+        try:
+            yield self
+        finally:
+            for m in self._modules:
+                if saved[id(m)] is None:
+                    del m.forward
+                else:
+                    m.forward = saved[id(m)]  # type: ignore[method-assign]
+
+    def matches(self, losses: dict[int, float]) -> bool:
+        """The replayed losses (nothing replaced) are the recorded ones."""
+        return losses.keys() == self.losses.keys() and all(
+            math.isclose(losses[i], v, rel_tol=1e-6, abs_tol=1e-9)
+            for i, v in self.losses.items())
