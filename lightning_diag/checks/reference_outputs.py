@@ -411,7 +411,7 @@ class Replay:
                 if saved[id(m)] is None:
                     del m.forward
                 else:
-                    m.forward = saved[id(m)]  # type: ignore[method-assign]
+                    m.forward = saved[id(m)]  # type: ignore[method-assign,assignment]
 
     def matches(self, losses: dict[int, float]) -> bool:
         """The replayed losses (nothing replaced) are the recorded ones."""
