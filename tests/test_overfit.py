@@ -487,3 +487,13 @@ def test_mixup_inside_the_step_reports_accuracy_without_requiring_it():
     result = overfit_batches(prog.module, batches5)
     assert not result.accuracy_required and result.best_accuracy is not None
     assert result.findings()[0].severity == "info"
+
+
+def test_a_sigmoid_before_a_regression_loss_is_shown_squashed():
+    fam, batches2 = family_batches("regression", "softmax_before_loss")  # a sigmoid, in fact
+    result = overfit_batches(fam.module, batches2, max_steps=300,
+                             batch_to_target=fam.batch_to_target)
+    (f,) = result.findings()
+    assert f.code == "overfit.not_reached" and f.severity == "fail" and not result.ladder
+    assert result.squashed and not result.natural_floor
+    assert "comes out of a sigmoid, in (0, 1)" in f.message and "remove it" in f.advice

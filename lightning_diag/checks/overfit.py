@@ -106,6 +106,10 @@ SQUASH_ADVICE = (
     "output before the loss (no softmax or sigmoid before a loss that expects logits, e.g. "
     "`cross_entropy` or `binary_cross_entropy_with_logits`; give `nll_loss` log-probabilities)."
 )
+RANGE_ADVICE = (
+    "The last activation cannot reach the targets: remove it (a regression usually outputs "
+    "plain values), or scale the targets into its range."
+)
 #: Logit margins of the memorising output (the target class ``margin`` above the others),
 #: along which the user's loss is evaluated (:class:`LossFloor`).
 MARGINS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0)
@@ -246,6 +250,7 @@ class OverfitResult:
     natural_floor: bool = False
     loss_turned_off: list[str] = field(default_factory=list)
     probabilities: bool = False
+    squash_reason: str = ""
 
     @property
     def target(self) -> float:
@@ -363,19 +368,22 @@ class OverfitResult:
                             value=self.best_loss, expected=target, details=details,
                             advice="Nothing to fix for the recipe's step 4. To be sure the rest "
                             "is the data's, a larger model should go lower on the same sample.")]
-        if self.squashed and self.floor is not None:
+        if self.squashed:
             at = (f"100% accuracy at step {self.accuracy_step}, but " if self.accuracy_step
                   is not None and self.accuracy_required else "")
             probs = (" The model's output itself is probabilities (it sums to 1 or comes "
                      "out of a sigmoid), and the loss squashes it again." if self.probabilities
                      else "")
-            text = (f"{at}even a confident, correct output (margin {MARGINS[-1]:g} on the "
-                    f"target) leaves the loss at {self.floor.value:.4g}, "
-                    f"{self.floor.value / self.initial_loss:.0%} of its initial value (>= "
-                    f"{FLOOR_FRACTION:.0%}): something squashes the output before the loss, "
-                    f"e.g. a softmax before cross-entropy.{probs} {text}")
+            why = self.squash_reason or (
+                f"even a confident, correct output (margin {MARGINS[-1]:g} on the target) "
+                f"leaves the loss at {self.floor.value if self.floor else math.nan:.4g}, "
+                f"{(self.floor.value if self.floor else math.nan) / self.initial_loss:.0%} of "
+                f"its initial value (>= {FLOOR_FRACTION:.0%}): something squashes the output "
+                f"before the loss, e.g. a softmax before cross-entropy.{probs}")
+            text = f"{at}{why} {text}"
             return [Finding(CHECK, "overfit.not_reached", Severity.FAIL,
-                            f"Could not overfit: {text}", advice=SQUASH_ADVICE,
+                            f"Could not overfit: {text}",
+                            advice=RANGE_ADVICE if self.squash_reason else SQUASH_ADVICE,
                             value=self.best_loss, expected=target, details=details)]
         if self.initial_loss <= 0:
             text = (f"the initial loss {self.initial_loss:.4g} is not positive, so no fraction of "
@@ -581,6 +589,9 @@ class _Attempt:
                 result.squashed = (result.floor is not None
                                    and result.floor.squashed(result.initial_loss))
                 _train(run, capture, result, self.max_steps, progress_bar, on_pass)
+                if not result.reached and not result.squashed:
+                    result.squash_reason = run.range_squash()
+                    result.squashed = bool(result.squash_reason)
                 if (judge_floor and not result.reached and not result.squashed
                         and not (classification and result.accuracy_required)
                         and math.isfinite(result.best_loss)):
@@ -620,6 +631,7 @@ class _Run:
         self.tap: PredictionTap | None = None
         self.replay: Replay | None = None
         self._replay_tried = False
+        self.last_outputs: list[torch.Tensor] = []
 
     @property
     def probabilities(self) -> bool:
@@ -817,6 +829,7 @@ class _Run:
         """Mean loss, pooled accuracy (None unless classification) and optimizer steps taken
         over the first ``count`` batches."""
         losses, correct, counted, steps = [], 0, 0, 0
+        outputs = []
         # Every pass starts from the live module's carried state (self.hidden), as the first
         # did: the batches keep the context they were read in.
         self.state.restore()
@@ -838,7 +851,36 @@ class _Run:
                       else None)
             if counts is not None:
                 correct, counted = correct + counts[0], counted + counts[1]
+            if isinstance(output, torch.Tensor):
+                outputs.append(output.detach())
+        self.last_outputs = outputs
         return sum(losses) / len(losses), (correct / counted if counted else None), steps
+
+    def range_squash(self) -> str:
+        """Why the last pass's output is squashed, when it is shown (else ``""``): a bounded
+        activation (a sigmoid, an exponential) whose range leaves out at least
+        :data:`FLOOR_FRACTION` of the targets, with at least that share of the outputs pinned
+        at its bound."""
+        task = self.task
+        if (task is None or task.kind != "regression" or self.main is None
+                or len(self.last_outputs) != len(self.targets)):
+            return ""
+        form = self.predictions[self.main].form
+        try:
+            outputs = torch.cat([o.reshape(-1) for o in self.last_outputs])
+            targets = torch.cat([t.reshape(-1) for t in self.targets]).to(outputs.device)
+        except (RuntimeError, AttributeError):  # targets of another structure
+            return ""
+        if outputs.numel() != targets.numel():
+            return ""
+        outside, pinned = form.out_of_range(outputs, targets)
+        if outside < FLOOR_FRACTION or pinned < FLOOR_FRACTION:
+            return ""
+        low, high = form.range or (0.0, 0.0)
+        return (f"the output comes out of a {form.activation}, in ({low:g}, {high:g}), yet "
+                f"{outside:.0%} of the targets lie outside it (from {float(targets.min()):.3g} "
+                f"to {float(targets.max()):.3g}) and {pinned:.0%} of the outputs are pinned at "
+                f"its bound (>= {FLOOR_FRACTION:.0%} each): something squashes the output.")
 
 
 def _layouts(task: Task, shape: tuple[int, ...], target: torch.Tensor) -> list[Task]:

@@ -388,6 +388,42 @@ class OutputForm:
             return torch.nn.functional.softplus(z)
         return z
 
+    @property
+    def range(self) -> tuple[float, float] | None:
+        """The values an elementwise activation can output (None for logits, values, and the
+        normalized softmax and log-softmax).
+
+        Example:
+            >>> OutputForm("sigmoid").range, OutputForm("none").range
+            ((0.0, 1.0), None)
+        """
+        return {"sigmoid": (0.0, 1.0), "exp": (0.0, math.inf),
+                "softplus": (0.0, math.inf)}.get(self.activation)
+
+    def out_of_range(self, outputs: torch.Tensor, targets: torch.Tensor,
+                     tol: float = 1e-3) -> tuple[float, float]:
+        """``(outside, pinned)``: the share of ``targets`` outside :attr:`range`, and the share
+        of ``outputs`` within ``tol`` of one of its bounds; ``(0, 0)`` without a range. Both
+        high: the targets lie where the activation cannot go, and the network pushes its
+        output against the bound trying.
+
+        Example:
+            >>> form = OutputForm("sigmoid")
+            >>> form.out_of_range(torch.tensor([0.9999, 0.5]), torch.tensor([2.0, 0.5]))
+            (0.5, 0.5)
+        """
+        bounds = self.range
+        if bounds is None or outputs.numel() == 0 or targets.numel() == 0:
+            return 0.0, 0.0
+        low, high = bounds
+        y, out = targets.detach().double(), outputs.detach().double()
+        outside = float(((y < low - 1e-6) | (y > high + 1e-6)).double().mean())
+        at_bound = (out - low).abs() <= tol
+        if math.isfinite(high):
+            at_bound |= (out - high).abs() <= tol
+        pinned = float(at_bound.double().mean())
+        return outside, pinned
+
     def describe(self) -> str:
         """The know-nothing output in words, for messages.
 
