@@ -49,6 +49,7 @@ from lightning_diag.batch import (
 )
 from lightning_diag.checks.reference_outputs import (
     Prediction,
+    PredictionTap,
     Substitution,
     main_prediction,
     record_predictions,
@@ -185,13 +186,14 @@ def check_initial_loss(
             for i, batch in enumerate(batches):
                 rng.restore()
                 capture.clear()
-                step, found_here, tensors = record_predictions(clone, batch, i)
-                output = select_output(capture.output)
-                if i == 0:
-                    predictions = found_here
-                    main = main_prediction(predictions, tensors, output)
-                if main is not None and len(tensors) == len(predictions):
-                    output = tensors[main]  # the prediction, not a loss module called last
+                if i == 0:  # the predictions, from the autograd history of one step
+                    step, predictions, tensors = record_predictions(clone, batch, i)
+                    main = main_prediction(predictions, tensors, select_output(capture.output))
+                    output = tensors[main] if main is not None else None
+                else:
+                    step, output = _tapped_step(clone, batch, i, predictions, main)
+                if output is None:  # no prediction: the outermost module output
+                    output = select_output(capture.output)
                 losses.append(float(step))
                 outputs.append(output.detach() if isinstance(output, torch.Tensor) else output)
                 targets.append(call_user("`batch_to_target`", batch_to_target, batch))
@@ -228,6 +230,18 @@ def validate_arguments(*, num_classes: Any, expected_loss: Any, rel_tol: Any, ab
         require(all(b > a for a, b in itertools.pairwise(reg_strengths)), "reg_strengths",
                 reg_strengths, "a sequence of strictly increasing numbers")
     check_callable("batch_to_target", batch_to_target)
+
+
+def _tapped_step(module: pl.LightningModule, batch: Any, batch_idx: int,
+                 predictions: list[Prediction], main: int | None,
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The step's loss without gradients, and the main prediction (None without one)."""
+    if main is None:
+        with torch.no_grad():
+            return step_loss(module, batch, batch_idx), None
+    with torch.no_grad(), PredictionTap(predictions[main]) as tap:
+        tap.reset()
+        return step_loss(module, batch, batch_idx), tap.value
 
 
 @dataclass
