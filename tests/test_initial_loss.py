@@ -402,3 +402,29 @@ def test_when_the_expectation_cannot_be_computed_it_says_why():
         found = check_initial_loss(module, [(x, x.sum(1))])
         (f,) = [f for f in found if f.code == "initial_loss.no_expectation"]
         assert f.severity == "info" and why in f.message and "`expected_loss=`" in f.advice
+
+
+class WithItsLoss(pl.LightningModule):
+    """As a Hugging Face model given its labels: the loss computed inside ``forward``."""
+
+    def __init__(self, scale=1.0):
+        super().__init__()
+        self.body, self.classifier = nn.Linear(64, 32), nn.Linear(32, 10)
+        with torch.no_grad():
+            self.classifier.weight.mul_(scale)
+
+    def forward(self, x, labels):
+        logits = self.classifier(torch.relu(self.body(x.flatten(1))))
+        return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+    def training_step(self, batch, batch_idx):
+        return self(batch[0], labels=batch[1])["loss"]
+
+
+def test_a_model_computing_its_own_loss_is_judged_through_its_head():
+    torch.manual_seed(0)
+    (ok,) = [f for f in check_initial_loss(WithItsLoss(), batches())
+             if f.code == "initial_loss.ok"]
+    assert "(= log 10" in ok.message and "`classifier output`" in ok.message
+    torch.manual_seed(0)
+    assert "initial_loss.mismatch" in codes(check_initial_loss(WithItsLoss(30.0), batches()))

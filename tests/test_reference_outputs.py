@@ -178,3 +178,25 @@ def test_a_replay_gives_the_networks_own_losses_without_running_it():
         replay.step(0)
         assert replay.matches({0: float(prog.module.training_step(batches[0], 0)),
                                **{i: v for i, v in replay.losses.items() if i}})
+
+
+def test_a_model_computing_its_own_loss_is_looked_into():
+    # as a Hugging Face model given its labels: forward returns {"loss", "logits"}
+    class WithLoss(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.classifier = nn.Linear(4, 8), nn.Linear(8, 3)
+
+        def forward(self, x, labels=None):
+            logits = self.classifier(torch.relu(self.body(x)))
+            loss = None if labels is None else F.cross_entropy(logits, labels)
+            return {"loss": loss, "logits": logits}
+
+    def step(m, batch):
+        return m.model(batch[0], labels=batch[1])["loss"]
+
+    module = Step(step, model=WithLoss())
+    _, found, _ = record_predictions(module, (X, Y))
+    assert [p.name for p in found] == ["model.classifier output"]
+    with Substitution(found, lambda j, out: found[j].form.know_nothing(out)) as sub:
+        assert float(sub.step(module, (X, Y))) == pytest.approx(math.log(3), rel=1e-6)

@@ -15,7 +15,9 @@ cannot). Among those, at the outermost depth (the module itself when the step ca
 ``self(x)``, else the outermost submodules it called, every call: the two views of a siamese
 encoder), the predictions are the float tensors the step's loss depends on (every head of a
 multi-output model; not a recurrent state kept for the next batch) and no other of them is
-computed from (an encoder's features that a head called next turns into logits are not).
+computed from (an encoder's features that a head called next turns into logits are not). A
+call returning a scalar the loss depends on computes the loss itself (a Hugging Face model
+given its labels): the predictions are then looked for among the calls inside it.
 
 Example:
     >>> import torch, lightning.pytorch as pl
@@ -156,13 +158,22 @@ class PredictionRecorder:
         graph), in call order, and the tensors themselves; empty when there are none."""
         eligible = [(m, k, args, out) for m, k, args, out in self._calls
                     if self._trainable.get(id(m)) and any(t.requires_grad for _, t in _leaves(out))]
-        if not eligible or not loss.requires_grad:
+        if not loss.requires_grad:
             return [], []
-        depth = {id(m): self._depth(m) for m, *_ in eligible}
-        top = min(depth.values())
-        calls = [call for call in eligible if depth[id(call[0])] == top]
+        while eligible:
+            depth = {id(m): self._depth(m) for m, *_ in eligible}
+            top = min(depth.values())
+            calls = [call for call in eligible if depth[id(call[0])] == top]
+            # A call returning a scalar the loss depends on computes the loss itself (a Hugging
+            # Face model given its labels): its predictions are those of the calls inside it.
+            inner = [c for c in calls if _computes_loss(loss, c[3])]
+            if not inner:
+                break
+            eligible = [c for c in eligible if c not in inner]
+        if not eligible:
+            return [], []
         leaves = [(m, k, args, path, t) for m, k, args, out in calls
-                  for path, t in _leaves(out) if t.requires_grad]
+                  for path, t in _leaves(out) if t.requires_grad and t.dim() > 0]
         keep = _final(loss, [t for *_, t in leaves])
         leaves = [leaf for leaf, kept in zip(leaves, keep, strict=True) if kept]
         several = len({(id(m), k) for m, k, *_ in leaves}) > 1
@@ -180,6 +191,20 @@ class PredictionRecorder:
     def _depth(self, module: nn.Module) -> int:
         name = self._names.get(id(module))
         return 1 << 30 if name is None else (name.count(".") + 1 if name else 0)
+
+
+def _computes_loss(loss: torch.Tensor, output: Any) -> bool:
+    """The output holds a scalar the loss depends on (the loss, computed inside the call)."""
+    scalars = [t for _, t in _leaves(output) if t.requires_grad and t.dim() == 0]
+    if not scalars:
+        return False
+    if any(t is loss for t in scalars):
+        return True
+    try:
+        grads = torch.autograd.grad(loss, scalars, retain_graph=True, allow_unused=True)
+    except RuntimeError:
+        return False
+    return any(g is not None for g in grads)
 
 
 def _final(loss: torch.Tensor, tensors: list[torch.Tensor]) -> list[bool]:
