@@ -52,8 +52,8 @@ from torch import nn
 from lightning_diag.batch import step_loss
 from lightning_diag.functional.task import OutputForm, output_form
 
-__all__ = ["Prediction", "PredictionRecorder", "PredictionTap", "Replay", "Substitution",
-           "main_prediction", "record_predictions"]
+__all__ = ["Prediction", "PredictionRecorder", "PredictionTap", "Replay", "ReplayMiss",
+           "Substitution", "main_prediction", "record_predictions"]
 
 #: How deep a prediction tensor may sit inside an output's tuples, lists and dicts.
 _MAX_DEPTH = 4
