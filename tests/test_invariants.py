@@ -436,9 +436,9 @@ def test_bounded_metrics_are_found_by_name(name, kind, high):
 
 
 def test_metric_range_rules():
-    found, pct = check_metric_ranges({"val_acc": [-0.1]})
+    found, _ = check_metric_ranges({"val_acc": [-0.1]})
     assert [f.subject for f in found] == ["val_acc"] and found[0].value == -0.1
-    found, pct = check_metric_ranges({"val_acc": [12.0, 340.0]})  # no scale explains 340
+    found, _ = check_metric_ranges({"val_acc": [12.0, 340.0]})  # no scale explains 340
     assert found[0].value == 340.0 and found[0].expected == (0.0, 100.0)
     assert check_metric_ranges({"val_acc": [math.nan, 0.5]}) == ([], [])
     found, _ = check_metric_ranges({"val_f1": [math.inf]})
@@ -501,7 +501,7 @@ class RunningLoss(Classifier):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss = super().training_step(batch, batch_idx)
         n = len(batch[1]) if self.weighted else 1
-        self.total += float(loss) * n
+        self.total += float(loss.detach()) * n
         self.count += n
         return loss
 

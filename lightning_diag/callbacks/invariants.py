@@ -156,6 +156,13 @@ class TrainingInvariants(DiagnosticCallback):
         self.disable = tuple(disable)
         self._reset()
 
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(every_n_steps=self.every_n_steps, patience=self.patience,
+                                        percent_metrics=self.percent_metrics,
+                                        leak_fraction=self.leak_fraction, disable=self.disable)
+
     def _reset(self) -> None:
         self._on = {c: c not in self.disable for c in CHECKS}
         self._aside: dict[str, str] = {}  # check -> why it stepped aside
@@ -168,6 +175,7 @@ class TrainingInvariants(DiagnosticCallback):
         self._unused: list[str] = []
         self._trainable, self._flagged = 0, 0
         self._layers: list[ModeLayer] = []
+        self._modules: dict[str, torch.nn.Module] = {}
         self._seen_training: set[str] = set()
         self._published: dict[tuple[str, str, str], Severity] = {}
         # step losses of the current epoch, and the sums of every epoch
@@ -186,6 +194,7 @@ class TrainingInvariants(DiagnosticCallback):
         self._leak: dict[tuple[str, int], LeakEvidence] = {}
         self._leak_batches = 0
         self._percent: list[str] = []
+        self._resumed_epoch: int | None = None  # its steps are not all seen: not compared
 
     # -- Lightning hooks ---------------------------------------------------------------------
     @override
@@ -196,6 +205,8 @@ class TrainingInvariants(DiagnosticCallback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.ckpt_path:
+            self._resumed_epoch = trainer.current_epoch
         optimizers = list(trainer.optimizers)
         sharded = {c.__name__ for c in type(trainer.strategy).__mro__} & set(SHARDED_STRATEGIES)
         params = ("grad_not_zeroed", "param_not_in_optimizer", "param_not_updated")
@@ -212,6 +223,7 @@ class TrainingInvariants(DiagnosticCallback):
             self._counts["param_not_in_optimizer"] = 1  # checked: nothing to follow
         if self._on["eval_mode_in_training"]:
             self._layers = mode_layers(pl_module, {id(p) for _, p in trainable if id(p) in held})
+            self._modules = dict(pl_module.named_modules())
             if not any(layer.trained for layer in self._layers):
                 self._stand_down(("eval_mode_in_training",), "no dropout or running-statistics "
                                  "normalization layer in the trained part: the mode has no effect")
@@ -237,7 +249,7 @@ class TrainingInvariants(DiagnosticCallback):
                 self._snapshot(watch, optimizer)
             if self._on["eval_mode_in_training"]:
                 self._counts["eval_mode_in_training"] += 1
-                found = check_modes(pl_module, self._layers, self._seen_training)
+                found = check_modes(pl_module, self._layers, self._seen_training, self._modules)
                 if found is not None:
                     self._publish_once(trainer, found)
         watch.count += 1
@@ -252,7 +264,8 @@ class TrainingInvariants(DiagnosticCallback):
             self._coverage(trainer)  # the first batch's backward has run
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
-            loss = loss.detach().reshape(())
+            if loss.requires_grad or loss.dim():  # automatic optimization's is a 0-d copy
+                loss = loss.detach().reshape(())
             self._losses.append(loss)
             self._sizes.append(_batch_size(batch))
             if len(self._first_losses) < 3 and trainer.current_epoch == 0:
@@ -270,9 +283,9 @@ class TrainingInvariants(DiagnosticCallback):
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._fold()
-        if self._sums is not None and self._steps:
+        epoch = trainer.current_epoch
+        if self._sums is not None and self._steps and epoch != self._resumed_epoch:
             weighted, plain = self._sums.tolist()  # the one host copy of the epoch's losses
-            epoch = trainer.current_epoch
             self._epochs[epoch] = EpochSteps(epoch, weighted * self._scale, plain * self._scale,
                                              float(self._samples), self._steps)
         self._sums, self._samples, self._steps = None, 0, 0
@@ -293,11 +306,31 @@ class TrainingInvariants(DiagnosticCallback):
         self.publish(trainer, [self._summary(trainer)])
 
     @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"streaks": {k: dict(v) for k, v in self._streaks.items()},
+                "readings": {k: list(v) for k, v in self._readings.items()},
+                "series": {k: [list(r), list(logged), [dataclasses.asdict(h) for h in hist]]
+                           for k, (r, logged, hist) in self._series.items()}}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._streaks = {str(k): {str(n): int(c) for n, c in v.items()}
+                         for k, v in state_dict.get("streaks", {}).items()}
+        self._readings = {str(k): [float(x) for x in v]
+                          for k, v in state_dict.get("readings", {}).items()}
+        self._series = {str(k): ([str(r) for r in red], [float(x) for x in logged],
+                                 [EpochSteps(**h) for h in hist])
+                        for k, (red, logged, hist) in state_dict.get("series", {}).items()}
+
+    @override
     def _release(self) -> None:
         super()._release()
-        self._pending = []
+        # what refers to the model's tensors and modules: nothing is kept past the fit
+        self._pending, self._uncovered, self._modules = [], [], {}
+        self._losses, self._first_losses, self._sums = [], [], None
         for watch in self._watches.values():
-            watch.armed, watch.param = False, None
+            watch.armed, watch.param, watch.previous, watch.first = False, None, None, None
+            watch.later = []
 
     # -- gradients zeroed between steps ------------------------------------------------------
     def _label(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> str:
@@ -367,13 +400,14 @@ class TrainingInvariants(DiagnosticCallback):
             if not isinstance(lr, (float, int, torch.Tensor)):
                 continue
             for p in group["params"]:
-                if p.requires_grad and p.grad is not None and not p.grad.is_sparse:
+                if p.requires_grad and p.grad is not None and not p.grad.is_sparse and p.numel():
                     params.append(p)
                     lrs.append(float(lr))
         if not params:
             return
         grads = [p.grad for p in params]
-        gnorm = torch.stack([n.float() for n in torch._foreach_norm(grads, float("inf"))])
+        # the 2-norm: non-finite with any non-finite element, 0 with no element above ~1e-19
+        gnorm = torch.stack([n.float() for n in torch._foreach_norm(grads)])
         able = movable([p.detach() for p in params], grads, lrs)  # type: ignore[arg-type]
         flags = torch.stack([gnorm.isfinite().all().expand(len(params)), gnorm > 0, able]).cpu()
         finite, nonzero, can_move = (row.tolist() for row in flags)
@@ -561,6 +595,11 @@ _NOTHING_TO_CHECK = {
 
 
 def _batch_size(batch: Any) -> int:
+    """The batch size Lightning weights a logged mean by: the first dimension of the first
+    tensor (read directly in the common cases, as ``extract_batch_size`` would find it)."""
+    first = batch[0] if isinstance(batch, (list, tuple)) and batch else batch
+    if isinstance(first, torch.Tensor) and first.dim() > 0:
+        return len(first)
     try:
         return int(extract_batch_size(batch))
     except (MisconfigurationException, RecursionError):  # no tensor to size: unweighted

@@ -241,8 +241,8 @@ def _owner(modules: dict[str, nn.Module], name: str) -> nn.Module:
     return modules[""]
 
 
-def check_modes(module: nn.Module, layers: Sequence[ModeLayer],
-                seen_training: set[str]) -> Finding | None:
+def check_modes(module: nn.Module, layers: Sequence[ModeLayer], seen_training: set[str],
+                modules: Mapping[str, nn.Module] | None = None) -> Finding | None:
     """``invariants.eval_mode_in_training`` (WARN): the trained part of the model behaves as in
     evaluation while it trains.
 
@@ -252,7 +252,8 @@ def check_modes(module: nn.Module, layers: Sequence[ModeLayer],
     here). Not flagged: a frozen part in eval mode (no parameter it owns is trained: a teacher,
     a frozen backbone), normalization layers kept in eval mode inside a module in train mode
     (frozen batch-norm statistics, e.g. ``norm_eval`` in detection models), and dropout kept in
-    eval mode from the first step on (a deliberate choice).
+    eval mode from the first step on (a deliberate choice). ``modules``: ``module``'s
+    ``named_modules()`` as a dict, when the caller keeps one.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5))
@@ -264,7 +265,7 @@ def check_modes(module: nn.Module, layers: Sequence[ModeLayer],
         'The module is in eval mode inside training_step:'
     """
     trained = [layer for layer in layers if layer.trained]
-    modules = dict(module.named_modules())
+    modules = dict(module.named_modules()) if modules is None else modules
     evaluating = [layer for layer in trained if not modules[layer.name].training]
     seen_training.update(layer.name for layer in trained if modules[layer.name].training)
     if not evaluating:
