@@ -425,7 +425,7 @@ def test_mode_rules_without_a_trainer():
 @pytest.mark.parametrize("name,kind,high", [
     ("val_acc", "accuracy", 1.0), ("train/accuracy_epoch", "accuracy", 1.0),
     ("val_top1", "accuracy", 1.0), ("val/f1_macro", "f1", 1.0), ("test_auroc", "auroc", 1.0),
-    ("val_miou", "iou", 1.0), ("dice_score", "dice", 1.0), ("val_map50", "map", 1.0),
+    ("val_miou", "iou", 1.0), ("val/recall@10", "recall", 1.0), ("dice_score", "dice", 1.0), ("val_map50", "map", 1.0),
     ("val_acc_pct", "accuracy", 100.0), ("accuracy %", "accuracy", 100.0),
     ("val_loss", None, None), ("acc_gap", None, None), ("train_minus_val_accuracy", None, None),
     ("num_correct", None, None), ("val_error_rate", None, None), ("lr-Adam", None, None),
@@ -632,6 +632,38 @@ def test_a_memorizable_dataset_learned_to_zero_loss_is_no_leak(tmp_path):
     cb = _lm_fit(tmp_path, lambda s: (s[:, :-1], s[:, 1:]), seqs, seqs[:64], epochs=3)
     assert problems(cb) == set()
     assert "target_leak" in only(cb, "invariants.summary").details["stepped_aside"]
+
+
+class HFStyleLM(TinyLM):
+    """Hugging Face's causal-LM convention: ``labels`` is a copy of ``input_ids`` and the model
+    shifts inside (position t predicts label t + 1)."""
+
+    def _loss(self, batch: Any) -> torch.Tensor:
+        logits = self(batch["input_ids"])
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten())
+
+
+class _Dicts(torch.utils.data.Dataset):
+    def __init__(self, seqs: torch.Tensor) -> None:
+        self.seqs = seqs
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.seqs[i], "labels": self.seqs[i].clone()}
+
+
+def test_hugging_face_labels_equal_to_the_inputs_are_no_leak(tmp_path):
+    torch.manual_seed(0)
+    seqs = _sequences(4, 0).repeat(160, 1)  # memorized: the loss collapses, honestly
+    cb = TrainingInvariants()
+    t = trainer(tmp_path, [cb], max_epochs=2, logger=False)
+    t.fit(HFStyleLM(), DataLoader(_Dicts(seqs), batch_size=32, shuffle=True),
+          DataLoader(_Dicts(seqs[:64]), batch_size=64))
+    assert problems(cb) == set()
+    assert cb._leak[("input_ids", 1)].share < 0.5  # compared one position earlier only
+    assert ("input_ids", 0) not in cb._leak
 
 
 def test_leak_rules():

@@ -341,7 +341,7 @@ def metric_bound(name: str, percent: Iterable[str] = ()) -> MetricBound | None:
         >>> metric_bound("val_acc", percent=["val_acc"]).high
         100.0
     """
-    words = [w for w in _SPLIT.split(name.lower()) if w]
+    words = [w.split("@")[0] for w in _SPLIT.split(name.lower()) if w]  # recall@10: recall
     if any(w in _UNBOUNDED for w in words):
         return None
     kinds = [_BOUNDED.get(w, "map" if _AP.match(w) else None) for w in words]
