@@ -551,6 +551,31 @@ def test_other_quantities_and_reductions_are_not_misread(tmp_path):
     assert "train_loss" in cb._not_loss and cb._series["loss_total"][0] == ["sum"]
 
 
+class SaveAt(pl.Callback):
+    def __init__(self, step: int, path: Path) -> None:
+        self.step, self.path = step, path
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+
+
+def test_a_run_resumed_mid_epoch_is_not_misread(tmp_path):
+    # The resumed epoch's first steps ran before the checkpoint: its logged epoch loss cannot be
+    # compared with the steps seen after it; the series and streaks come back from the checkpoint.
+    ckpt = tmp_path / "mid.ckpt"
+    first = TrainingInvariants(every_n_steps=1)
+    t = trainer(tmp_path / "a", [first, SaveAt(9, ckpt)], max_epochs=2, logger=False)
+    t.fit(RunningLoss(), loader(digits(192)), loader(digits(64), shuffle=False))
+    second = TrainingInvariants(every_n_steps=1)
+    t = trainer(tmp_path / "b", [second], max_epochs=3, logger=False)
+    t.fit(RunningLoss(), loader(digits(192)), loader(digits(64), shuffle=False),
+          ckpt_path=str(ckpt))
+    assert problems(second) == set() and len(second.hooks) == 0
+    assert second._series["epoch_loss"][2][0].epoch == 0  # the series kept from epoch 0
+    assert 1 not in second._epochs and 2 in second._epochs  # epoch 1 resumed: not compared
+
+
 def test_epoch_loss_rules():
     h = [EpochSteps(0, 200.0, 20.0, 100, 10), EpochSteps(1, 100.0, 10.0, 100, 10)]
     assert matching_reductions(2.0, h[0]) == ["mean", "batch_mean"]

@@ -195,6 +195,7 @@ class TrainingInvariants(DiagnosticCallback):
         self._leak_batches = 0
         self._percent: list[str] = []
         self._resumed_epoch: int | None = None  # its steps are not all seen: not compared
+        self._ended: int | None = None  # the last epoch whose end was seen, until it is read
 
     # -- Lightning hooks ---------------------------------------------------------------------
     @override
@@ -289,20 +290,20 @@ class TrainingInvariants(DiagnosticCallback):
             self._epochs[epoch] = EpochSteps(epoch, weighted * self._scale, plain * self._scale,
                                              float(self._samples), self._steps)
         self._sums, self._samples, self._steps = None, 0, 0
-        if self._uncovered and self._on["param_not_in_optimizer"] and (
-                trainer.current_epoch == 0):
+        if self._uncovered and self._on["param_not_in_optimizer"] and epoch == 0:
             self._coverage(trainer)
-        # What is already here is not computed at this epoch's end: step values, validation.
-        self._end_metrics = dict(trainer.callback_metrics)
+        if self._on["epoch_loss_inconsistent"]:
+            # what is here already is not computed at this epoch's end: step values, validation
+            self._end_metrics = dict(trainer.callback_metrics)
+        self._ended = epoch
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.current_epoch > 0:
-            self._read_metrics(trainer, trainer.current_epoch - 1)
+        self._read_metrics(trainer)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._read_metrics(trainer, max(self._epochs, default=None))  # the last epoch's
+        self._read_metrics(trainer)
         self.publish(trainer, [self._summary(trainer)])
 
     @override
@@ -464,9 +465,13 @@ class TrainingInvariants(DiagnosticCallback):
         self._steps += len(self._sizes)
         self._losses, self._sizes = [], []
 
-    def _read_metrics(self, trainer: pl.Trainer, epoch: int | None) -> None:
-        """Read what was logged up to the end of ``epoch``: bounded metrics, the epoch losses
-        (values computed at that epoch's end), the loss a leak would have collapsed."""
+    def _read_metrics(self, trainer: pl.Trainer) -> None:
+        """Read what was logged up to the end of the epoch that just ended (once): bounded
+        metrics, the epoch losses (values computed at that epoch's end), the loss a leak would
+        have collapsed to."""
+        epoch, self._ended = self._ended, None
+        if epoch is None:
+            return
         metrics = dict(trainer.callback_metrics)
         new = {k: v for k, v in metrics.items() if self._read.get(k) is not v}
         self._read.update(metrics)
@@ -479,8 +484,8 @@ class TrainingInvariants(DiagnosticCallback):
             self._counts["metric_out_of_range"] = len(self._readings)
             for f in found:
                 self._publish_once(trainer, dataclasses.replace(f, epoch=epoch))
-        steps = None if epoch is None else self._epochs.get(epoch)
-        if epoch is None or steps is None:
+        steps = self._epochs.get(epoch)
+        if steps is None:
             return
         if self._on["epoch_loss_inconsistent"] and "epoch_loss_inconsistent" not in self._aside:
             at_end = [k for k in epoch_loss_names(values) if k in metrics
