@@ -425,7 +425,8 @@ def test_mode_rules_without_a_trainer():
 @pytest.mark.parametrize("name,kind,high", [
     ("val_acc", "accuracy", 1.0), ("train/accuracy_epoch", "accuracy", 1.0),
     ("val_top1", "accuracy", 1.0), ("val/f1_macro", "f1", 1.0), ("test_auroc", "auroc", 1.0),
-    ("val_miou", "iou", 1.0), ("val/recall@10", "recall", 1.0), ("dice_score", "dice", 1.0), ("val_map50", "map", 1.0),
+    ("val_miou", "iou", 1.0), ("val/recall@10", "recall", 1.0), ("dice_score", "dice", 1.0),
+    ("val_map50", "map", 1.0),
     ("val_acc_pct", "accuracy", 100.0), ("accuracy %", "accuracy", 100.0),
     ("val_loss", None, None), ("acc_gap", None, None), ("train_minus_val_accuracy", None, None),
     ("num_correct", None, None), ("val_error_rate", None, None), ("lr-Adam", None, None),
