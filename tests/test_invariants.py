@@ -116,7 +116,9 @@ def test_lightning_accumulation_is_sound(tmp_path):
 
 @pytest.mark.parametrize("clip", [None, 0.01])
 def test_missing_zero_grad_is_proven(tmp_path, clip):
-    cb = fit(tmp_path, Manual(zero=None, clip=clip), epochs=1)
+    model = Manual(zero=None, clip=clip)
+    cb = fit(tmp_path, model, epochs=1)
+    assert not any(p._backward_hooks for p in model.parameters())  # the gradient hook is gone
     f = only(cb, "invariants.grad_not_zeroed")
     assert f.severity is Severity.FAIL and f.step == 1  # the first window, steps 0 to 1
     assert "previous step's gradient" in f.message and f.value > 0
