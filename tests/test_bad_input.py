@@ -268,7 +268,7 @@ BAD_ARGUMENTS: dict[type[DiagnosticCallback], list[tuple[str, Any, type[Exceptio
         ("near_threshold", 1.0, V), ("imbalance_ratio", 1, V), ("batch_to_input", 3, T),
         ("batch_to_target", "y", T), ("max_images", 0, V), ("seed", 0.5, T),
         ("num_threads", 0, V), ("num_workers", -1, V), ("num_workers", 1.5, T),
-        ("strict", "x", T)],
+        ("token_threshold", 1.0, V), ("token_threshold", "0.8", T), ("strict", "x", T)],
     ActivationHistogram: [
         ("every_n_steps", True, T), ("every_n_steps", 0, V), ("layers", 3, T),
         ("layers", "net.1", T), ("layers", [], V), ("layers", ["net.1", 2], T), ("bins", 1.5, T),

@@ -142,7 +142,9 @@ def test_fault_reaches_whom_it_concerns_and_leaves_no_trace(
         with pytest.raises(expected):
             t.fit(model, *data)
     where = "copy" if in_copy else "live"
-    assert [where] == RAISED
+    # a copy raising lets the fit go on: DataInspection's copy (run once for the model's output
+    # width, the error left to the side experiments to report) raises too
+    assert [where] * (2 if in_copy and expected is None else 1) == RAISED
     assert all(len(cb.hooks) == 0 for cb in callbacks)
     assert hook_count(model) == 0
     assert all(p.dtype == torch.float32 for p in model.parameters())
