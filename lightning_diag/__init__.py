@@ -19,6 +19,7 @@ from lightning_diag.callbacks import (
     LearningCurves,
     LRPlateauAdvisor,
     OverfitSmallBatch,
+    TrainingInvariants,
     UpdateRatioMonitor,
 )
 from lightning_diag.checks.data.inspect import inspect_dataset
@@ -62,6 +63,7 @@ __all__ = [
     "OverfitResult",
     "OverfitSmallBatch",
     "Severity",
+    "TrainingInvariants",
     "UpdateRatioMonitor",
     "check_gradients",
     "check_initial_loss",
