@@ -29,6 +29,7 @@ if TYPE_CHECKING:
         LearningCurves,
         LRPlateauAdvisor,
         OverfitSmallBatch,
+        TrainingInvariants,
         UpdateRatioMonitor,
     )
     from lightning_diag.checks.data.inspect import inspect_dataset
@@ -66,7 +67,7 @@ _SOURCES = {
     "lightning_diag.callbacks": (
         "ActivationHistogram", "CheckpointEnsemble", "DataInspection", "EMAWeights",
         "FirstLayerVisualization", "GradientCheck", "InitialLossCheck", "LearningCurves",
-        "LRPlateauAdvisor", "OverfitSmallBatch", "UpdateRatioMonitor"),
+        "LRPlateauAdvisor", "OverfitSmallBatch", "TrainingInvariants", "UpdateRatioMonitor"),
     "lightning_diag.checks.data.inspect": ("inspect_dataset",),
     "lightning_diag.checks.diagnosis": ("diagnose",),
     "lightning_diag.checks.gradients": ("check_gradients",),
@@ -98,6 +99,7 @@ __all__ = [
     "OverfitResult",
     "OverfitSmallBatch",
     "Severity",
+    "TrainingInvariants",
     "UpdateRatioMonitor",
     "check_gradients",
     "check_initial_loss",

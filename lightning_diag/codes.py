@@ -109,6 +109,7 @@ def _declarations() -> tuple[CodeSpec, ...]:
     curves, act, first, ratio = "LearningCurves", "ActivationHistogram", \
         "FirstLayerVisualization", "UpdateRatioMonitor"
     adv, ema, ens = "LRPlateauAdvisor", "EMAWeights", "CheckpointEnsemble"
+    inv = "TrainingInvariants"
     return (
         c("diagnosis.summary", "Diagnosis", W, F, "the likely root causes of every problem found, "
           "in the order to fix them", "all"),
@@ -187,6 +188,8 @@ def _declarations() -> tuple[CodeSpec, ...]:
           "4", value="best loss", cause="implementation",
           fix="no learning rate overfits a small sample: look at the loss (no softmax before "
               "cross-entropy), the labels and the data pipeline"),
+        c("overfit.floor", over, INFO, INFO, "the loss stops at a floor of the data or of the "
+          "capacity, after learning from the inputs: not a bug", "4", value="best loss"),
         *generic(over, "overfit", "4", "user_error", "skipped"),
         c("curves.keys", curves, INFO, INFO, "the metric names the curves are read from", "5.1"),
         c("curves.missing_keys", curves, INFO, INFO, "curves skipped: their metric is not logged",
@@ -207,6 +210,24 @@ def _declarations() -> tuple[CodeSpec, ...]:
           "5.3", value="gradient RMS ratio first/last layer", cause="lr_high",
           ends_trial="the gradients explode"),
         *generic(act, "activations", "5.3", "no_tensorboard"),
+        c("invariants.grad_not_zeroed", inv, W, F, "the gradient is not cleared between two "
+          "optimizer steps (FAIL: it still holds the previous step's)", "5",
+          value="gradient norm carried over", cause="other"),
+        c("invariants.param_not_in_optimizer", inv, W, W, "trainable parameters that get a "
+          "gradient but are in no optimizer", "5", value="parameters", cause="other"),
+        c("invariants.param_not_updated", inv, W, W, "parameters with a gradient that the "
+          "optimizer step leaves unchanged", "5", value="parameters", cause="other"),
+        c("invariants.eval_mode_in_training", inv, W, W, "the trained part of the model is in "
+          "eval mode at an optimizer step", "5", value="layers", cause="other"),
+        c("invariants.metric_out_of_range", inv, W, W, "a logged bounded metric outside its "
+          "range", "5", value="worst value", cause="other"),
+        c("invariants.epoch_loss_inconsistent", inv, W, W, "a logged epoch loss no longer the "
+          "mean of its step losses", "5", value="epoch loss", cause="other"),
+        c("invariants.target_leak", inv, W, W, "the input holds the target and the loss "
+          "collapsed early", "5", value="loss / initial loss", percent=True, cause="other"),
+        c("invariants.summary", inv, INFO, INFO, "what each invariant looked at, and which "
+          "stepped aside", "5", value="problems found"),
+        *generic(inv, "invariants", "5"),
         c("first_layer.summary", first, INFO, INFO, "the first layer's filters drawn", "5.4",
           value="filters"),
         c("first_layer.not_found", first, INFO, INFO, "no first layer to draw", "5.4"),
@@ -269,6 +290,7 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "OverfitSmallBatch": ("overfit",), "LearningCurves": ("curves",),
     "ActivationHistogram": ("activations", "gradients"),
     "FirstLayerVisualization": ("first_layer",), "UpdateRatioMonitor": ("update_ratio",),
+    "TrainingInvariants": ("invariants",),
     "LRPlateauAdvisor": ("advisor",), "CheckpointEnsemble": ("ensemble",),
     "EMAWeights": ("ema",), "DiagnosisPruning": ("trial_pruning",), "RunRecord": ("record",),
 }

@@ -50,7 +50,8 @@ EVERY_DIAGNOSTIC = "every diagnostic"
 #: Everything that writes tags: the callbacks by class name, and the tuning code.
 WRITERS = ("DataInspection", "GradientCheck", "InitialLossCheck", "OverfitSmallBatch",
            "LearningCurves", "ActivationHistogram", "FirstLayerVisualization",
-           "UpdateRatioMonitor", "LRPlateauAdvisor", "EMAWeights", "CheckpointEnsemble", "tuning")
+           "UpdateRatioMonitor", "TrainingInvariants", "LRPlateauAdvisor", "EMAWeights",
+           "CheckpointEnsemble", "tuning")
 
 
 @dataclass(frozen=True)
@@ -74,8 +75,8 @@ class Family:
         return self.root + "/"
 
 
-# Recipe order (docs/workflow.md); step 3 (initial loss) and 6.4 (reading the curves) write
-# findings only, so they have no group of their own.
+# Recipe order (docs/workflow.md); step 3 (initial loss), 6.4 (reading the curves) and the
+# training invariants write findings only, so they have no group of their own.
 FINDINGS = Family(EVERY_DIAGNOSTIC, "0_findings")
 CURVES = Family("LearningCurves", "0_curves")
 DATA = Family("DataInspection", "1_data")
