@@ -15,7 +15,7 @@ from lightning_diag.examples.demo import DemoResult, recipe_callbacks, run_demo
 from lightning_diag.findings import Severity, sort_findings
 from lightning_diag.presentation import counts
 from lightning_diag.tensorboard import tags
-from tests.helpers import events
+from tests.helpers import card_counts, events
 
 
 @pytest.fixture(scope="module")
@@ -88,15 +88,19 @@ def test_one_table_version_per_content_and_the_counts_where_tensorboard_opens(de
     assert len(bodies) == len(set(bodies)) >= 2
     n = counts(result.findings)
     assert n[Severity.FAIL] >= 2  # the leak and the initial loss; the diagnosis is not counted
-    for severity in (Severity.FAIL, Severity.WARN):
-        points = main.Scalars(tags.findings_count(severity.value))
-        assert points[-1].value == n[severity]
-        assert points[-1].step == max(e.step for e in main.Tensors(
-            f"{tags.FINDINGS_TABLE}/text_summary"))
-    # on the first cards TensorBoard opens on: the first group, before its loss chart
-    group = sorted({t for acc in _runs(result.log_dir).values() for t in acc.Tags()["scalars"]
+    cards = main.Images(tags.FINDINGS_CARD)
+    assert card_counts(cards[-1]) == " ".join(f"{s.value}={k}" for s, k in n.items())
+    assert cards[-1].step == max(e.step for e in main.Tensors(
+        f"{tags.FINDINGS_TABLE}/text_summary"))
+    shown = [card_counts(e, "text") for e in cards]
+    assert len(shown) == len(set(shown)) >= 2  # one version per content
+    assert shown[-1].startswith(f"{n[Severity.FAIL]} FAIL") and "end of fit" in shown[-1]
+    # an image (Time Series does not smooth it) on the first cards TensorBoard opens on: the
+    # first group, its cards sorted by tag, scalars and images alike: next to the accuracy
+    group = sorted({t for acc in _runs(result.log_dir).values()
+                    for t in acc.Tags()["scalars"] + acc.Tags()["images"]
                     if t.startswith(tags.CURVES.prefix)})
-    assert group.index(tags.findings_count("fail")) == 1, group  # next to the accuracy
+    assert group.index(tags.FINDINGS_CARD) == 1, group
 
 
 def test_train_and_validation_curves_share_one_tag_in_sibling_runs(demo):

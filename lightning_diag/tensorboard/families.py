@@ -32,14 +32,14 @@ from typing import Literal
 __all__ = [
     "ACTIVATIONS", "ACTIVATIONS_SUMMARY", "COMBINED_RUN", "CURVES", "CURVES_FIGURE",
     "CURVES_GAP", "DATA", "DATA_CLASS_COUNTS", "DATA_SUMMARY", "EMA", "EMA_RUN", "EMA_SUFFIX",
-    "ENSEMBLE", "EVERY_DIAGNOSTIC", "FINDINGS", "FINDINGS_TABLE", "FIRST_LAYER",
+    "ENSEMBLE", "EVERY_DIAGNOSTIC", "FINDINGS", "FINDINGS_CARD", "FINDINGS_TABLE", "FIRST_LAYER",
     "FIRST_LAYER_FILTERS", "Family", "GRADIENT_CHECK", "GRADIENT_CHECK_ERRORS", "GUIDE_RUN",
     "Kind", "MEMBERS_RUN", "OVERFIT", "OVERFIT_ACCURACY", "OVERFIT_LOSS", "RAW_RUN", "ROOTS",
     "SIBLING_RUNS", "TRAIN_RUN", "TUNING", "TUNING_SUMMARY", "TUNING_SWEEP_CHART",
     "TUNING_SWEEP_TABLE", "TUNING_TRIAL_ENDED", "UPDATE_RATIO", "UPDATE_RATIO_MEDIAN",
     "VALIDATION_RUN", "WRITERS", "activation_histogram", "activation_stat", "curve",
     "data_grid", "data_labels", "ema_comparison", "ema_metric", "ensemble_comparison",
-    "findings_count", "overfit_ladder", "overfit_ladder_layout", "raw_metric", "refine_curve",
+    "overfit_ladder", "overfit_ladder_layout", "raw_metric", "refine_curve",
     "refine_layout", "sweep_curve", "sweep_layout", "typed_layer", "update_ratio_layer",
     "update_ratio_layout",
 ]
@@ -106,16 +106,10 @@ SIBLING_RUNS = (TRAIN_RUN, VALIDATION_RUN, GUIDE_RUN, MEMBERS_RUN, COMBINED_RUN,
 FINDINGS_TABLE = FINDINGS.tag("table")
 
 
-def findings_count(severity: str) -> str:
-    """The number of the run's ``fail`` or ``warn`` findings (the diagnosis left out), as a
-    scalar in the first group TensorBoard opens on: the curves' (what to read first), sorted
-    next to the accuracy chart.
-
-    Example:
-        >>> findings_count("fail")
-        '0_curves/findings_fail'
-    """
-    return CURVES.tag(f"findings_{severity}")
+#: The card that says whether anything failed (an image: Time Series does not smooth it),
+#: in the first group TensorBoard opens on, the curves' (what to read first), sorted next to
+#: the accuracy chart.
+FINDINGS_CARD = CURVES.tag("findings")
 
 DATA_SUMMARY = DATA.tag("summary")
 DATA_CLASS_COUNTS = DATA.tag("class_counts")

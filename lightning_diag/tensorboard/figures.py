@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from PIL import ImageDraw, ImageFont
 
 __all__ = ["CARD_WIDTH", "TEXT_PX", "Cell", "annotated_grid", "class_counts_figure",
-           "curves_figure", "filter_grid", "layer_label", "layer_summary_figure"]
+           "curves_figure", "filter_grid", "font", "layer_label", "layer_summary_figure"]
 
 #: Pixels: the width TensorBoard's Images dashboard scales every image to (its card, measured on
 #: TensorBoard 2.x in a 1600-pixel-wide window; the cards have a fixed width).
@@ -143,11 +143,11 @@ def _panel(fig: Figure, at: _Panel, series: list[Series],
     if at.ylabel:
         fig.text(0.04 / fw, bottom + height / 2, at.ylabel, rotation=90, ha="left",
                  va="center", fontsize=9)
-    x, font = left + width, FontProperties(size=8.5)
+    x, props = left + width, FontProperties(size=8.5)
     renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
     for label, style in reversed(legend):  # right-aligned, the last entry at the right edge
-        fig.text(x, top, label, ha="right", va="bottom", fontproperties=font)
-        x -= renderer.get_text_width_height_descent(label, font, ismath=False)[0] / (
+        fig.text(x, top, label, ha="right", va="bottom", fontproperties=props)
+        x -= renderer.get_text_width_height_descent(label, props, ismath=False)[0] / (
             fig.dpi * fw) + 0.05 / fw
         fig.add_artist(Line2D([x - 0.24 / fw, x - 0.12 / fw, x], [top + 0.06 / fh] * 3,
                               **{**style, "markevery": [1]}))
@@ -275,7 +275,7 @@ class Cell:
 
 
 @functools.lru_cache(maxsize=16)
-def _font(px: int, bold: bool = False) -> ImageFont.FreeTypeFont:
+def font(px: int, bold: bool = False) -> ImageFont.FreeTypeFont:
     """DejaVu Sans, the font matplotlib ships (so no system font is needed)."""
     from pathlib import Path
 
@@ -286,10 +286,10 @@ def _font(px: int, bold: bool = False) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(str(Path(matplotlib.get_data_path(), "fonts", "ttf", name)), px)
 
 
-def _wrap(text: str, font: ImageFont.FreeTypeFont, width: float) -> list[str]:
+def _wrap(text: str, face: ImageFont.FreeTypeFont, width: float) -> list[str]:
     lines: list[str] = []
     for word in text.split(" "):
-        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+        if lines and face.getlength(f"{lines[-1]} {word}") <= width:
             lines[-1] = f"{lines[-1]} {word}"
         else:
             lines.append(word)
@@ -316,13 +316,13 @@ class _Layout:
 
 def _layout(rows: list[list[Cell]], row_labels: Sequence[str], px: int,
             scale: int | None) -> _Layout:
-    font, gap = _font(px), max(3, px // 4)
+    face, gap = font(px), max(3, px // 4)
     h, w = next(c.image.shape[-2:] for row in rows for c in row)
     ncol = max((len(row) for row in rows), default=1) or 1
     lines = max((len(c.caption) for row in rows for c in row), default=0)
-    caption_w = max((font.getlength(t) for row in rows for c in row for t in c.caption),
+    caption_w = max((face.getlength(t) for row in rows for c in row for t in c.caption),
                     default=0.0)
-    label_w = math.ceil(max((font.getlength(t) for t in row_labels), default=0.0))
+    label_w = math.ceil(max((face.getlength(t) for t in row_labels), default=0.0))
     label_w += 2 * gap if label_w else 0
     margin = max(4, px // 3)
     if scale is None:  # enlarge small images until the grid fills the card
@@ -366,19 +366,19 @@ def annotated_grid(rows: Sequence[Sequence[Cell]], title: str, row_labels: Seque
     if fit.width > CARD_WIDTH:  # too wide: the card shrinks it, so the text grows to match
         fit = _layout(grid, row_labels, math.ceil(TEXT_PX * fit.width / CARD_WIDTH), fit.scale)
     width, margin, line = max(fit.width, CARD_WIDTH), fit.margin, fit.line
-    head = [(t, _font(fit.px, bold=True), _INK) for t in _wrap(title, _font(fit.px, True),
+    head = [(t, font(fit.px, bold=True), _INK) for t in _wrap(title, font(fit.px, True),
                                                                width - 2 * margin)]
-    head += [(t, _font(fit.px), _NOTE) for note in notes
-             for t in _wrap(note, _font(fit.px), width - 2 * margin)]
+    head += [(t, font(fit.px), _NOTE) for note in notes
+             for t in _wrap(note, font(fit.px), width - 2 * margin)]
     top = margin + len(head) * line + margin
     canvas = Image.new("RGB", (width, top + len(grid) * fit.cell_h + margin), "white")
     draw = ImageDraw.Draw(canvas)
-    for k, (text, font, colour) in enumerate(head):
-        draw.text((margin, margin + k * line), text, fill=colour, font=font)
+    for k, (text, face, colour) in enumerate(head):
+        draw.text((margin, margin + k * line), text, fill=colour, font=face)
     for r, (row, label) in enumerate(zip(grid, labels, strict=True)):
         y = top + r * fit.cell_h
         image_h = row[0].image.shape[-2] * fit.scale if row else line
-        draw.text((margin, y + image_h // 2), label, fill=_INK, font=_font(fit.px), anchor="lm")
+        draw.text((margin, y + image_h // 2), label, fill=_INK, font=font(fit.px), anchor="lm")
         for c, cell in enumerate(row):
             x = margin + fit.label_w + c * fit.cell_w
             _paste(canvas, draw, cell, (x, y), fit)
@@ -399,4 +399,4 @@ def _paste(canvas: Any, draw: ImageDraw.ImageDraw, cell: Cell, at: tuple[int, in
         draw.rectangle((x - 1, y - 1, x + tile.width, y + tile.height), outline=_RED, width=frame)
     for k, text in enumerate(cell.caption):
         draw.text((x, y + tile.height + max(3, fit.px // 4) + k * fit.line), text, fill=colour,
-                  font=_font(fit.px))
+                  font=font(fit.px))

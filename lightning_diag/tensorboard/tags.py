@@ -14,8 +14,8 @@ Example:
     ('ActivationHistogram', '5.3_activations/dead_fraction/<layer>', False)
     >>> find(curve("loss"), "scalar", run="train").runs
     ('train', 'validation')
-    >>> [s.pattern for s in declared("InitialLossCheck")]  # only the findings table and counts
-    ['0_findings/table', '0_curves/findings_<severity>']
+    >>> [s.pattern for s in declared("InitialLossCheck")]  # only the findings table and card
+    ['0_findings/table', '0_curves/findings']
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from lightning_diag.tensorboard.families import (
     ENSEMBLE,
     EVERY_DIAGNOSTIC,
     FINDINGS,
+    FINDINGS_CARD,
     FINDINGS_TABLE,
     FIRST_LAYER,
     FIRST_LAYER_FILTERS,
@@ -77,7 +78,6 @@ from lightning_diag.tensorboard.families import (
     ema_comparison,
     ema_metric,
     ensemble_comparison,
-    findings_count,
     overfit_ladder,
     overfit_ladder_layout,
     raw_metric,
@@ -93,14 +93,14 @@ from lightning_diag.tensorboard.families import (
 __all__ = [
     "ACTIVATIONS", "ACTIVATIONS_SUMMARY", "COMBINED_RUN", "CURVES", "CURVES_FIGURE",
     "CURVES_GAP", "DATA", "DATA_CLASS_COUNTS", "DATA_SUMMARY", "EMA", "EMA_RUN", "EMA_SUFFIX",
-    "ENSEMBLE", "EVERY_DIAGNOSTIC", "FINDINGS", "FINDINGS_TABLE", "FIRST_LAYER",
+    "ENSEMBLE", "EVERY_DIAGNOSTIC", "FINDINGS", "FINDINGS_CARD", "FINDINGS_TABLE", "FIRST_LAYER",
     "FIRST_LAYER_FILTERS", "Family", "GRADIENT_CHECK", "GRADIENT_CHECK_ERRORS", "GUIDE_RUN",
     "Kind", "MEMBERS_RUN", "OVERFIT", "OVERFIT_ACCURACY", "OVERFIT_LOSS", "RAW_RUN", "ROOTS",
     "SIBLING_RUNS", "TAGS", "TRAIN_RUN", "TUNING", "TUNING_SUMMARY", "TUNING_SWEEP_CHART",
     "TUNING_SWEEP_TABLE", "TUNING_TRIAL_ENDED", "TagSpec", "UPDATE_RATIO",
     "UPDATE_RATIO_MEDIAN", "VALIDATION_RUN", "WRITERS", "activation_histogram",
     "activation_stat", "curve", "data_grid", "data_labels", "declared", "ema_comparison",
-    "ema_metric", "ensemble_comparison", "find", "findings_count", "overfit_ladder",
+    "ema_metric", "ensemble_comparison", "find", "overfit_ladder",
     "overfit_ladder_layout", "raw_metric", "refine_curve", "refine_layout", "replace_table",
     "sweep_curve", "sweep_layout", "tag_table", "typed_layer", "update_ratio_layer",
     "update_ratio_layout", "write_table",
@@ -188,10 +188,11 @@ def _specs() -> tuple[TagSpec, ...]:
              "expected range, step and advice; written again at the step of a new or worse "
              "finding and at the end of the fit, never twice the same (the Text dashboard shows "
              "the latest step on top)", "when there are findings"),
-        TagSpec(FINDINGS.writer, "scalar", findings_count("<severity>"), "the number of the "
-                "run's `fail` or `warn` findings, the diagnosis left out: the first cards "
-                "TensorBoard opens on say whether anything failed", "when the fit ends, and "
-                "when a finding is new or worse"),
+        TagSpec(FINDINGS.writer, "image", FINDINGS_CARD, "the number of FAIL, WARN and INFO "
+                "findings (the diagnosis left out), the diagnosis' likely causes and the FAIL "
+                "and WARN codes: the first cards TensorBoard opens on say whether anything "
+                "failed; written again when it changes, and at the end of the fit",
+                "when the fit ends, and when a finding is new or worse"),
         spec(CURVES, "scalar", curve("loss"), "loss per epoch (step = epoch): training in run "
              "`train`, validation in run `validation`", "the module logs `train_loss` and/or "
              f"`val_loss` (any common name; validation {validation})", runs=split_runs),
