@@ -69,12 +69,20 @@ def test_one_findings_table_holds_every_finding_diagnosis_and_fail_first(demo):
     latest = written[-1]
     assert latest.step == max(e.step for e in written)
     table = latest.tensor_proto.string_val[0].decode()
-    rows = [line for line in table.splitlines() if line.startswith("| ") and "`" in line]
-    codes = [row.split(" | ")[1].split("`")[1] for row in rows]  # the code, then its subject
-    assert codes == [f.code for f in sort_findings(result.findings)]
-    severities = [row.split(" | ")[0].removeprefix("| ") for row in rows]
-    assert severities[0] == "FAIL" or codes[0].startswith("diagnosis.")
-    assert {"data.leakage", "initial_loss.mismatch"} <= set(codes)
+    # the diagnosis first, as paragraphs above the table (prose in a narrow cell reads badly)
+    ordered = sort_findings(result.findings)
+    assert ordered[0].code == "diagnosis.summary"
+    _, diagnosis, advice, table_part = table.split("\n\n", 3)
+    assert diagnosis.startswith("**FAIL `diagnosis.summary`**: " + ordered[0].message[:40])
+    assert advice.startswith("**Advice**: ")
+    rows = [line for line in table_part.splitlines() if line.startswith("| ") and "`" in line]
+    # each row's first cell: the severity, then the code (then its subject)
+    firsts = [row.split(" | ")[0].removeprefix("| ").split("<br>") for row in rows]
+    assert [first[1].strip("`") for first in firsts] == [f.code for f in ordered[1:]]
+    assert [first[0] for first in firsts] == [
+        "**FAIL**" if f.severity is Severity.FAIL else f.severity.value.upper()
+        for f in ordered[1:]]
+    assert {"data.leakage", "initial_loss.mismatch"} <= {f.code for f in ordered[1:3]}
     assert not [t for acc in runs.values() for t in acc.Tags()["scalars"]
                 if t.startswith(tags.FINDINGS.prefix)]  # no lone dots of finding values
 

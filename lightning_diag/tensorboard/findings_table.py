@@ -13,10 +13,10 @@ Example:
     '**2 findings** (1 fail, 0 warn, 1 info) at step 2'
     >>> for line in table:
     ...     print(line)
-    | severity | code | message | advice | value | expected | step |
-    |---|---|---|---|---|---|---|
-    | FAIL | `y.b` | n | - | - | - | 2 |
-    | INFO | `x.a` | m | - | - | - | - |
+    | finding | message | advice | measured |
+    |---|---|---|---|
+    | **FAIL**<br>`y.b` | n | - | step 2 |
+    | INFO<br>`x.a` | m | - | - |
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import textwrap
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from lightning_diag.codes import DIAGNOSIS_PREFIX
+from lightning_diag.codes import DIAGNOSIS_PREFIX, spec
 from lightning_diag.findings import Finding, Severity
 from lightning_diag.markdown import markdown_table
 from lightning_diag.presentation import cells, counts, counts_text, sort_findings, title
@@ -37,41 +37,69 @@ if TYPE_CHECKING:
 __all__ = ["TABLE_HEADER", "FindingsCard", "findings_card", "findings_table", "table_rows",
            "table_row"]
 
-#: Advice stays the fourth column, where readers of the older four-column table look for it.
-TABLE_HEADER = ["severity", "code", "message", "advice", "value", "expected", "step"]
+#: The columns: the severity heads the finding's name; the measured value, its expected range
+#: and the steps share the last. Four columns fit a window 1280 pixels wide.
+TABLE_HEADER = ["finding", "message", "advice", "measured"]
 
 
 def findings_table(found: list[Finding], step: int) -> str:
-    """The markdown of the TensorBoard findings table: a count line, then one row per finding
-    in the order of :func:`~lightning_diag.presentation.sort_findings`."""
+    """The markdown of the TensorBoard findings table: a count line, the diagnosis as
+    paragraphs (prose reads badly in a narrow cell), then one row per other finding in the
+    order of :func:`~lightning_diag.presentation.sort_findings`."""
     head = (f"**{len(found)} finding{'s' * (len(found) != 1)}** ({counts_text(found)}) at step "
             f"{step}. The table on top, of the latest step, is the current one.")
     return f"{head}\n\n{table_rows(found)}"
 
 
 def table_rows(found: list[Finding]) -> str:
-    """The table itself: what :func:`findings_table` writes when it changes."""
-    return markdown_table(TABLE_HEADER, [table_row(f) for f in sort_findings(found)])
+    """The diagnosis and the table: what :func:`findings_table` writes when it changes."""
+    ordered = sort_findings(found)
+    diagnosis = [f for f in ordered if f.code.startswith(DIAGNOSIS_PREFIX)]
+    prose = "".join(
+        f"**{f.severity.value.upper()} `{title(f)}`**: {_escaped(f.message)}\n\n"
+        + (f"**Advice**: {_escaped(f.advice)}\n\n" if f.advice else "") for f in diagnosis)
+    return prose + markdown_table(TABLE_HEADER, [table_row(f) for f in ordered
+                                                 if f not in diagnosis])
 
 
 def table_row(f: Finding) -> list[str]:
-    """The cells of one finding in the TensorBoard findings table.
+    """The cells of one finding in the TensorBoard findings table: its severity (FAIL in bold)
+    above its code and subject; the measured value with what it measures (as the code registry
+    declares it), its expected range and the steps seen, in one cell.
 
     Example:
         >>> from lightning_diag.findings import Severity
-        >>> table_row(Finding("X", "x.a", Severity.WARN, "m", value=0.123456,
-        ...                   expected=(0, float("inf")), step=3))
-        ['WARN', '`x.a`', 'm', '-', '0.1235', '[0, Infinity]', '3']
+        >>> table_row(Finding("X", "x.a", Severity.WARN, "m", value=0.123456, expected=(0, 0.1),
+        ...                   step=3, subject="net.1"))
+        ['WARN<br>`x.a`<br>net.1', 'm', '-', '0.1235<br>expected [0, 0.1]<br>step 3']
+        >>> table_row(Finding("G", "gradients.vanishing", Severity.FAIL, "m", value=0.0))[-1]
+        'gradient RMS ratio<br>first/last layer: 0'
     """
     c = cells(f)
     subject = "<br>".join(textwrap.wrap(c.subject.replace(",", ", "), WIDTH)).replace(", ", ",")
     code = f"`{c.code}`" + (f"<br>{subject}" if subject else "")
-    return [c.severity, code, _wrapped(c.message), _wrapped(c.advice), c.value, c.expected,
-            c.steps]
+    declared = spec(f.code)
+    measured = []
+    if c.value != "-":
+        label = declared.value if declared is not None else ""
+        measured.append(_wrapped(f"{label}: {c.value}" if label else c.value, MEASURED))
+    if c.expected != "-":  # the range kept whole
+        measured.append(f"expected{' ' if len(c.expected) + 9 <= MEASURED else '<br>'}"
+                        f"{c.expected}")
+    if c.steps != "-":
+        measured.append(f"step{'s' * (len(f.steps()) > 1)} {c.steps}")
+    severity = f"**{c.severity}**" if f.severity is Severity.FAIL else c.severity
+    return [f"{severity}<br>{code}", _wrapped(c.message), _wrapped(c.advice),
+            "<br>".join(measured) or "-"]
 
 
-#: Characters per line of a long cell.
-WIDTH = 24
+def _escaped(text: str) -> str:
+    """``text`` on one markdown line (no table, no line breaks of its own)."""
+    return " ".join(text.split())
+
+
+#: Characters per line of a long cell, and of the measured one.
+WIDTH, MEASURED = 24, 20
 
 
 def _wrapped(text: str, width: int = WIDTH) -> str:
@@ -79,10 +107,11 @@ def _wrapped(text: str, width: int = WIDTH) -> str:
 
     TensorBoard gives a table the card's width, no more: when the cells' lines are longer in
     all than the card is wide, the browser squeezes every column below its words, which it
-    then breaks anywhere ("WAR/N", "severi/ty"). Lines this short keep the whole table within
-    a card 1100 pixels wide. A `code span` is kept on one line (markdown would show a
-    ``<br>`` inside it as text), or loses its backticks when longer than a line; a word longer
-    than a line (a path) is cut.
+    then breaks anywhere ("WAR/N", "severi/ty"). Lines this short keep the four columns within
+    the Text dashboard's card in a window 1280 pixels wide (a card about 840 pixels wide,
+    measured in Chromium against TensorBoard 2.21). A `code span` is kept on one line
+    (markdown would show a ``<br>`` inside it as text), or loses its backticks when longer
+    than a line; a word longer than a line (a path) is cut.
 
     Example:
         >>> _wrapped("run `lightning-diag tune` first", width=20)
