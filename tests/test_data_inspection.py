@@ -20,8 +20,8 @@ from lightning_diag.findings import FINDINGS_FILE, Finding, Severity
 from lightning_diag.tensorboard.tags import (
     DATA_CLASS_COUNTS,
     DATA_SUMMARY,
+    FINDINGS_CARD,
     data_grid,
-    data_labels,
 )
 from tests.helpers import Classifier, codes, events, loader, mlp, text_events, trainer
 
@@ -268,7 +268,7 @@ def test_callback_leaves_the_main_run_unchanged_and_logs(tmp_path: Path, split: 
     images = set(acc.Tags()["images"])
     assert {DATA_CLASS_COUNTS, data_grid("samples_per_class"), data_grid("exact_duplicates"),
             data_grid("leakage_train_vs_validation")} <= images
-    assert {data_labels("train"), data_labels("validation")} <= set(acc.Tags()["histograms"])
+    assert not acc.Tags()["histograms"]  # the labels are the class counts' bars
     assert "exact_duplicate_groups | 1" in text_events(acc, DATA_SUMMARY)[0]
     leftovers = {p.name for p in (tmp_path / "cb").rglob("*") if p.is_file()}
     assert all(name.startswith("events.out.tfevents") or name in ("hparams.yaml", FINDINGS_FILE)
@@ -617,7 +617,8 @@ def test_token_classifier_fit_is_quiet(tmp_path: Path) -> None:
     assert codes(check.findings) == set(), [f.format() for f in check.findings]
     assert "3 classes, the model's output width" in one(check.findings, "data.summary").message
     images = events(tmp_path / "tb" / "version_0").Tags()["images"]
-    assert images == [DATA_CLASS_COUNTS]  # the counts chart; text makes no image grid
+    # the counts chart (and the findings card); text makes no image grid
+    assert set(images) == {DATA_CLASS_COUNTS, FINDINGS_CARD}
 
 
 def closest_distinct_pair(a: torch.Tensor, b: torch.Tensor | None = None) -> float:

@@ -13,6 +13,7 @@ from lightning_diag.tensorboard.figures import (
     annotated_grid,
     class_counts_figure,
     curves_figure,
+    ensemble_figure,
     layer_label,
     layer_summary_figure,
 )
@@ -68,6 +69,9 @@ def test_grid_grows_one_row_per_label_and_marks_alerts_in_red() -> None:
                                  + [f"encoder.layers.{k}.self_attn.out_proj" for k in range(6)])},
         bins=8),
     lambda: class_counts_figure({"train": [150] * 10, "validation": [40] * 10}),
+    lambda: ensemble_figure([(7, {"val_loss": 1.24, "val_acc": 0.467}),
+                             (8, {"val_loss": 1.12, "val_acc": 0.547})],
+                            {"val_loss": 1.13, "val_acc": 0.575}),
 ])
 def test_figures_are_card_wide_and_nothing_touches_the_edge(draw) -> None:
     image = figure_to_array(draw())
@@ -78,3 +82,15 @@ def test_figures_are_card_wide_and_nothing_touches_the_edge(draw) -> None:
     dark = (image < 128).any(2)
     assert dark[:, : image.shape[1] // 8].any()  # y labels / layer names on the left
     assert dark.mean() > 0.01
+
+
+def test_the_ensemble_is_bars_with_their_values_never_a_line() -> None:
+    members = [(7, {"val_acc": 0.467, "val_loss": 63.0}), (8, {"val_acc": 0.547, "val_loss": 1.2}),
+               (9, {"val_acc": 0.514, "val_loss": 1.1})]
+    fig = ensemble_figure(members, {"val_acc": 0.575, "val_loss": 1.13})
+    for ax, name in zip(fig.axes, ("val_acc", "val_loss"), strict=True):
+        want = [row[name] for _, row in members] + [{"val_acc": 0.575, "val_loss": 1.13}[name]]
+        assert [p.get_height() for p in ax.patches] == pytest.approx(want)
+        assert [t.get_text() for t in ax.texts] == [f"{v:.3g}" for v in want]
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["7", "8", "9", "ens."]
+        assert ax.get_ylim()[1] > max(want)  # the first epoch's 63 is on the chart, not cut

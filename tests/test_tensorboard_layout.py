@@ -121,14 +121,13 @@ def test_train_and_validation_curves_share_one_tag_in_sibling_runs(demo):
             points = runs[run].Scalars(tag)
             assert [e.step for e in points] == [0, 1]  # epochs on the x-axis
             assert points[-1].value == pytest.approx(result.metrics[f"{split}_{metric}"])
-    for tag, pair in ((tags.ema_comparison("val_loss"), (tags.RAW_RUN, tags.EMA_RUN)),
-                      (tags.ensemble_comparison("val_acc"),
-                       (tags.MEMBERS_RUN, tags.COMBINED_RUN))):
-        assert all(runs[run].Scalars(tag) for run in pair), tag
-    # the raw weights' side is this epoch's validation, not the previous one's
-    raw = runs[tags.RAW_RUN].Scalars(tags.ema_comparison("val_loss"))
+    # the trained weights' side of the EMA chart is the validation run, this epoch's
+    raw = runs[tags.VALIDATION_RUN].Scalars(tags.ema_comparison("val_loss"))
     val = runs[tags.VALIDATION_RUN].Scalars(tags.curve("loss"))
     assert [(e.step, e.value) for e in raw] == [(e.step, e.value) for e in val]
+    assert runs[tags.EMA_RUN].Scalars(tags.ema_comparison("val_loss"))
+    # the ensemble's few numbers are bars in an image, not a smoothed line
+    assert runs[""].Images(tags.ENSEMBLE_FIGURE)
 
 
 def test_update_ratio_is_log10_with_a_line_at_minus_3(demo):
@@ -146,3 +145,38 @@ def test_update_ratio_is_log10_with_a_line_at_minus_3(demo):
     median = statistics.median(ratio.last.values())
     assert main.Scalars(tags.UPDATE_RATIO_MEDIAN)[-1].value == pytest.approx(
         math.log10(median), abs=1e-5)
+
+
+#: TensorBoard's palette (the Time Series dashboard's, and the legacy dashboards' of 7 too):
+#: runs take its colours in the order it lists them, by the time of their first event, then
+#: by name (tensorboard/plugins/core/core_plugin.py, `_serve_runs`; the frontend's run colours).
+PALETTE = 7
+
+
+def _tensorboard_order(root: Path) -> list[str]:
+    """The runs under ``root`` in the order TensorBoard lists (and colours) them."""
+    dirs = sorted({p.parent for p in root.rglob("*tfevents*")})
+    starts = {str(d.relative_to(root)): events(d).FirstEventTimestamp() for d in dirs}
+    return sorted(starts, key=lambda run: (starts[run], run))
+
+
+def test_two_runs_side_by_side_get_distinct_colours_on_every_chart(demo):
+    result, _ = demo
+    root = result.log_dir.parents[1]  # runs/: inject/version_0, and now clean/version_0
+    run_demo(root, inject=False, epochs=2, limit_batches=2, progress_bar=False, echo=False,
+             report=False, callbacks=recipe_callbacks(overfit_max_steps=10))
+    order = _tensorboard_order(root)
+    colours = {run: i % PALETTE for i, run in enumerate(order)}
+    assert len(colours) == 10  # each run and its 4 sibling runs
+    by_tag: dict[str, list[str]] = {}
+    for run in colours:
+        for tag in events(root / run).Tags()["scalars"]:
+            by_tag.setdefault(tag, []).append(run)
+    shared = {tag: runs for tag, runs in by_tag.items() if len(runs) > 2}
+    assert tags.curve("loss") in shared and tags.UPDATE_RATIO_MEDIAN in shared
+    assert tags.ema_comparison("val_loss") in shared
+    for tag, runs in shared.items():
+        assert len({colours[r] for r in runs}) == len(runs), (tag, {r: colours[r] for r in runs})
+    # each run next to its siblings, in one order, whenever they were written
+    assert order == [f"{name}/version_0{sibling}" for name in ("inject", "clean")
+                     for sibling in ("", *(f"/{s}" for s in tags.SIBLING_RUNS))]

@@ -50,10 +50,9 @@ from lightning_diag.isolation import (
     train_dataloader_of,
 )
 from lightning_diag.tensorboard.figures import Cell, annotated_grid, class_counts_figure
-from lightning_diag.tensorboard.tags import DATA_CLASS_COUNTS, DATA_SUMMARY, data_grid, data_labels
+from lightning_diag.tensorboard.tags import DATA_CLASS_COUNTS, DATA_SUMMARY, data_grid
 from lightning_diag.tensorboard.writer import (
     log_figure,
-    log_histogram_counts,
     log_image,
     tensorboard_writer,
 )
@@ -296,14 +295,12 @@ class _TensorBoardView:
         self.writer.add_text(DATA_SUMMARY, "\n".join(lines), global_step=self.step)
 
     def _class_counts(self) -> None:
-        known = {s.name: (s, c) for s in self.report.scans()
-                 if (c := self.report.counts(s)) is not None}
+        """The labels of each split as bars, one per class (a histogram of one step would head
+        the Histograms dashboard and draw an empty chart in Distributions)."""
+        known = {s.name: c for s in self.report.scans() if (c := self.report.counts(s)) is not None}
         if not known:
             return
-        for name, (scan, c) in known.items():
-            log_histogram_counts(self.writer, data_labels(name), scan.label_tensor().float(),
-                                 self.step, bins=len(c))
-        figure = class_counts_figure({name: c.tolist() for name, (_, c) in known.items()})
+        figure = class_counts_figure({name: c.tolist() for name, c in known.items()})
         log_figure(self.trainer, DATA_CLASS_COUNTS, figure, self.step)
 
     def _per_class(self) -> None:

@@ -32,7 +32,8 @@ if TYPE_CHECKING:
     from PIL import ImageDraw, ImageFont
 
 __all__ = ["CARD_WIDTH", "TEXT_PX", "Cell", "annotated_grid", "class_counts_figure",
-           "curves_figure", "filter_grid", "font", "layer_label", "layer_summary_figure"]
+           "curves_figure", "ensemble_figure", "filter_grid", "font", "layer_label",
+           "layer_summary_figure"]
 
 #: Pixels: the width TensorBoard's Images dashboard scales every image to (its card, measured on
 #: TensorBoard 2.x in a 1600-pixel-wide window; the cards have a fixed width).
@@ -231,6 +232,42 @@ def class_counts_figure(counts: dict[str, Sequence[int]]) -> Figure:
     if len(counts) > 1:  # above the bars, right of the title: never over a bar
         ax.legend(fontsize=8, loc="lower right", bbox_to_anchor=(1, 1), ncols=len(counts),
                   frameon=False, borderaxespad=0.2)
+    return fig
+
+
+def ensemble_figure(members: Sequence[tuple[int, dict[str, float]]],
+                    ensemble: dict[str, float]) -> Figure:
+    """Each metric of each kept checkpoint (blue, by its epoch) and of their ensemble (red) as
+    bars with their values, one panel per metric, up to three side by side.
+
+    Example:
+        >>> fig = ensemble_figure([(1, {"val_acc": 0.5}), (2, {"val_acc": 0.6})], {"val_acc": 0.7})
+        >>> [ax.get_title() for ax in fig.axes]
+        ['val_acc']
+    """
+    names = list(ensemble)
+    cols = min(len(names), 3) or 1
+    rows = math.ceil(len(names) / cols) or 1
+    fig = _figure(1.9 * rows, _FIG_WIDTH_IN)
+    fig.set_layout_engine("constrained")
+    labels = [str(epoch) for epoch, _ in members] + ["ens."]
+    colours = ["C0"] * len(members) + ["C3"]
+    for k, name in enumerate(names):
+        ax = fig.add_subplot(rows, cols, k + 1)
+        values = [row.get(name, math.nan) for _, row in members] + [ensemble[name]]
+        ax.bar(range(len(values)), values, color=colours, width=0.7)
+        finite = [v for v in values if math.isfinite(v)]
+        top = max(finite, default=1.0)
+        ax.set_ylim(min(0.0, min(finite, default=0.0)), top * 1.3 if top > 0 else 1.0)
+        for i, v in enumerate(values):
+            ax.text(i, v if math.isfinite(v) else 0.0, f"{v:.3g}", ha="center", va="bottom",
+                    fontsize=7)
+        ax.set_xticks(range(len(values)), labels, fontsize=7.5)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.set_title(name, fontsize=8.5, loc="left")
+        if k % cols == 0:
+            ax.set_ylabel("value", fontsize=8)
+    fig.supxlabel("kept checkpoints by epoch (blue), their ensemble (red)", fontsize=8)
     return fig
 
 
