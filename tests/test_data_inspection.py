@@ -420,6 +420,8 @@ def _tile_rows(image: Any, left: int) -> list[tuple[int, int]]:
 
 def test_grids_label_every_class_and_mark_split_index_and_label(
         tmp_path: Path, split: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+
     from lightning_diag.callbacks import data_inspection
     from lightning_diag.tensorboard.figures import CARD_WIDTH
     from lightning_diag.tensorboard.tags import data_grid
@@ -450,13 +452,14 @@ def test_grids_label_every_class_and_mark_split_index_and_label(
     dup = _image(acc, data_grid("exact_duplicates"))
     assert len(_tile_rows(dup, left=10)) == 1 and red(dup).sum() > 100  # conflicting: red
     leak = _image(acc, data_grid("leakage_train_vs_validation"))
-    (a_first, a_end), (b_first, _) = _tile_rows(leak, left=10)
-    assert red(leak[:a_end + 2]).sum() > 100  # the pair whose labels differ comes first, red
-    assert not red(leak[b_first:]).any()  # the agreeing pair is not
-    caption = leak[a_end + 2:b_first - 2]  # split, index and label under each sample
-    columns = (leak[a_first:a_end] == 0).all(2).any(0).tolist()  # the two samples' columns
-    split_at = columns.index(False, columns.index(True))  # where the training sample ends
-    assert red(caption[:, :split_at]).any() and red(caption[:, split_at:]).any()
+    # two pairs: side by side (a landscape image for Time Series), the one whose labels
+    # differ first, framed and captioned in red; the agreeing one right of it, not red
+    (first, end), = _tile_rows(leak, left=10)
+    reds = np.flatnonzero(red(leak).any(0))
+    assert red(leak).sum() > 100 and (leak[first:end, reds[-1] + 5:] == 0).all(2).any()
+    captions = np.flatnonzero(red(leak[end + 2:]).any(0))  # index and label under each sample
+    middle = (reds[0] + reds[-1]) // 2
+    assert (captions < middle).any() and (captions > middle).any()
 
     # a cap on classes says how many are left out
     monkeypatch.setattr(data_inspection, "_MAX_CLASSES", 4)

@@ -68,7 +68,6 @@ _MAX_CLASSES = 100
 #: Samples per row of the grids of flagged samples (and per duplicate group): their captions
 #: must fit TensorBoard's card side by side.
 _PER_ROW = 4
-_SHORT = {"validation": "val"}
 
 
 class DataInspection(FitStartCheck):
@@ -344,7 +343,7 @@ class _TensorBoardView:
         self._add(data_grid(name, scan.name),
                   [[self._cell(scan, i, labels[i], conflict(g)) for i in g[:_PER_ROW]]
                    for g in shown],
-                  f"{len(groups)} groups of {what} inputs in {scan.name}, one per row", notes)
+                  f"{len(groups)} groups of {what} inputs in {scan.name}", notes)
 
     def _samples(self, scan: SplitScan, name: str, indices: list[int], what: str) -> None:
         if not indices:
@@ -380,12 +379,13 @@ class _TensorBoardView:
 
     @staticmethod
     def _cell(scan: SplitScan, index: int, label: Any = None, alert: bool = False) -> Cell | None:
-        """Sample ``index`` of ``scan`` captioned with its split, index and label; None when it
-        is no image."""
+        """Sample ``index`` of ``scan`` captioned with its index and label (the grid's title
+        names the split: short captions let the groups stand side by side); None when it is
+        no image."""
         image = _as_image(scan.sample(index))
         if image is None:
             return None
-        where = f"{_SHORT.get(scan.name, scan.name)} #{index}"
+        where = f"#{index}"
         caption = (where, f"label {label}") if isinstance(label, int) else (where,)
         return Cell(image, caption if label is not None else (), alert)
 

@@ -43,6 +43,9 @@ TEXT_PX = 13
 # matplotlib figures are laid out at the card's size (96 CSS pixels per inch) and rendered at
 # twice that, so that a 9-point font reads as 12 pixels on the card and stays sharp
 _FIG_WIDTH_IN, _FIG_DPI = CARD_WIDTH / 96, 192
+#: Inches: the height of a landscape figure, about half its width, as Time Series' image box
+#: (measured at 330 x 215 pixels in a 1280-pixel window, 450 x 215 in a 1600-pixel one)
+_FIG_HEIGHT_IN = 1.95
 _RED, _INK, _NOTE = (200, 30, 30), (25, 25, 25), (140, 75, 0)
 
 
@@ -99,6 +102,8 @@ class _Panel:
     xlabel: str
     ylabel: str = ""
     integer_x: bool = False  # whole-number x ticks (epochs)
+    log_y: bool = False  # a log10 y axis, ticked in plain numbers (positive values only)
+    title_left: float | None = None  # where the title starts; default: left of the y ticks
 
 
 def _panel(fig: Figure, at: _Panel, series: list[Series],
@@ -112,15 +117,17 @@ def _panel(fig: Figure, at: _Panel, series: list[Series],
     bottom) instead of numeric y ticks. ``legend``: (label, line style) entries drawn at the
     right end of the title's line.
     """
-    from matplotlib.font_manager import FontProperties
     from matplotlib.lines import Line2D
     from matplotlib.patches import Rectangle
 
     fw, fh = fig.get_figwidth(), fig.get_figheight()
     left, bottom, width, height = at.left / fw, at.bottom / fh, at.width / fw, at.height / fh
     x0, x1, xticks = _limits((v for xs, _, _ in series for v in xs), at.integer_x)
+    if at.log_y:  # drawn as log10 of the values, the ticks labelled with the values
+        series = [(xs, [math.log10(v) if v > 0 else math.nan for v in ys], style)
+                  for xs, ys, style in series]
     if ylabels is None:
-        y0, y1, yticks = _limits(v for _, ys, _ in series for v in ys)
+        y0, y1, yticks = _limits((v for _, ys, _ in series for v in ys), at.log_y)
     else:  # category rows, the first at the top
         y0, y1, yticks = len(ylabels) - 0.5, -0.5, list(range(len(ylabels)))
 
@@ -136,50 +143,67 @@ def _panel(fig: Figure, at: _Panel, series: list[Series],
     for t in xticks:
         fig.text(fx(t), bottom - 0.04 / fh, f"{t:.3g}", ha="center", va="top", fontsize=8)
     for i, t in enumerate(yticks):
-        label = ylabels[i] if ylabels is not None else f"{t:.3g}"
+        label = (ylabels[i] if ylabels is not None else f"{10 ** t:.3g}" if at.log_y
+                 else f"{t:.3g}")
         fig.text(left - 0.04 / fw, fy(t), label, ha="right", va="center", fontsize=8.5)
     top = bottom + height + 0.06 / fh
-    fig.text(0.06 / fw, top, at.title, ha="left", va="bottom", fontsize=9.5)
+    title_left = at.title_left if at.title_left is not None else max(0.06, at.left - 0.56)
+    fig.text(title_left / fw, top, at.title, ha="left", va="bottom", fontsize=9.5)
     fig.text(left + width / 2, bottom - 0.22 / fh, at.xlabel, ha="center", va="top", fontsize=9)
     if at.ylabel:
         fig.text(0.04 / fw, bottom + height / 2, at.ylabel, rotation=90, ha="left",
                  va="center", fontsize=9)
-    x, props = left + width, FontProperties(size=8.5)
+    _legend(fig, left + width, top, legend)
+
+
+def _legend(fig: Figure, right: float, bottom: float,
+            entries: Sequence[tuple[str, dict[str, Any]]]) -> None:
+    """(label, line style) entries in one line, right-aligned at ``right``, its text's bottom
+    at ``bottom`` (figure fractions)."""
+    from matplotlib.font_manager import FontProperties
+    from matplotlib.lines import Line2D
+
+    fw, fh = fig.get_figwidth(), fig.get_figheight()
+    x, props = right, FontProperties(size=8.5)
     renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
-    for label, style in reversed(legend):  # right-aligned, the last entry at the right edge
-        fig.text(x, top, label, ha="right", va="bottom", fontproperties=props)
+    for label, style in reversed(entries):  # right-aligned, the last entry at the right edge
+        fig.text(x, bottom, label, ha="right", va="bottom", fontproperties=props)
         x -= renderer.get_text_width_height_descent(label, props, ismath=False)[0] / (
             fig.dpi * fw) + 0.05 / fw
-        fig.add_artist(Line2D([x - 0.24 / fw, x - 0.12 / fw, x], [top + 0.06 / fh] * 3,
+        fig.add_artist(Line2D([x - 0.24 / fw, x - 0.12 / fw, x], [bottom + 0.06 / fh] * 3,
                               **{**style, "markevery": [1]}))
         x -= 0.4 / fw
 
 
 def layer_summary_figure(stats: dict[str, dict[str, Any]], bins: int) -> Figure:
-    """CS231n-style summary: each layer's output mean and std, then its value distribution.
+    """CS231n-style summary: each layer's output mean and std, beside its value distribution.
 
-    Two panels, one row per layer (first layer at the top, labelled by the keys of ``stats``,
-    e.g. :func:`layer_label`): the mean and std of its output, and the distribution of its
-    values (log(1 + count), scaled to the peak bin) on one shared value axis so that layers
-    compare at a glance. Plain artists, no Axes (see :func:`_panel`): ~30-60 ms.
+    Two panels side by side, one row per layer (first layer at the top, labelled by the keys
+    of ``stats``, e.g. :func:`layer_label`): the mean and std of its output, and the
+    distribution of its values (log(1 + count), scaled to the peak bin) on one shared value
+    axis so that layers compare at a glance. Landscape (at least 1.7 times as wide as high,
+    wider than the card for many layers), for Time Series' image box. Plain artists, no Axes
+    (see :func:`_panel`): ~30-60 ms.
     """
     names = list(stats)
     longest = max((len(n) for n in names), default=4)
-    left = min(0.12 + 0.066 * longest, _FIG_WIDTH_IN * 0.45)  # room for the layer labels
+    left = min(0.12 + 0.066 * longest, _FIG_WIDTH_IN * 0.4)  # room for the layer labels
     fit = int((left - 0.12) / 0.066)  # ~0.066 in per character at 8.5 points
     # a name too long loses its middle, keeping the module's path start and its type's end
     labels = [n if len(n) <= fit else f"{n[:fit // 2]}\u2026{n[fit // 2 + 1 - fit:]}"
               for n in names]
     rows = 0.17 * len(names) + 0.2
-    width = _FIG_WIDTH_IN - left - 0.1
-    fig = _figure(2 * rows + 1.45)
+    height = rows + 1.05
+    width = max(_FIG_WIDTH_IN - left - 0.25, 1.7 * height - left - 0.25) / 2
+    fig = _figure(height, left + 2 * width + 0.25)
     moments: list[Series] = [
         ([stats[n][key] for n in names], list(range(len(names))),
          {"marker": marker, "ls": "none", "ms": 4, "color": color})
         for key, marker, color in (("mean", "o", "C0"), ("std", "x", "C3"))]
-    _panel(fig, _Panel(left, rows + 1.05, width, rows, "each layer's output",
-                       "mean and std of the output"), moments, ylabels=labels,
-           legend=[("mean", moments[0][2]), ("std", moments[1][2])])
+    _panel(fig, _Panel(left, 0.45, width, rows, "each layer's output", "mean and std",
+                       title_left=0.06), moments, ylabels=labels)
+    _legend(fig, (left + width) / fig.get_figwidth(), 1 - 0.2 / height,
+            [("mean", moments[0][2]), ("std", moments[1][2])])
     ridges: list[Series] = []
     for i, name in enumerate(names):
         lo, hi, num, _, _, *counts = stats[name]["act_hist"]
@@ -189,24 +213,37 @@ def layer_summary_figure(stats: dict[str, dict[str, Any]], bins: int) -> Figure:
             ridges.append(([lo + step * (k + 0.5) for k in range(bins)],
                            [i + 0.4 - 0.8 * math.log1p(c) / peak for c in counts],
                            {"lw": 1, "color": f"C{i % 10}"}))
-    _panel(fig, _Panel(left, 0.45, width, rows, "distribution of each layer's output "
-                       "(log counts)", "output value"), ridges, ylabels=labels)
+    right = left + width + 0.15
+    _panel(fig, _Panel(right, 0.45, width, rows, "distribution (log counts)", "output value",
+                       title_left=right), ridges, ylabels=[""] * len(names))
     return fig
 
 
 def curves_figure(history: dict[str, list[tuple[int, float]]]) -> Figure:
-    """Loss above accuracy against epochs, train and val in each panel (no Axes, ~30 ms)."""
-    fig = _figure(4.1)
+    """Loss beside accuracy against epochs, train and val in each panel (no Axes, ~30 ms).
+
+    Landscape, for Time Series' image box (about twice as wide as high). A loss that spans
+    more than a decade (a first epoch of 63, then 2) is drawn on a log scale, so that every
+    epoch is on the chart.
+    """
+    height = _FIG_HEIGHT_IN + 0.2
+    fig = _figure(height)
     styles = {"train": {"marker": "o", "ls": "-", "color": "C0", "ms": 3},
               "val": {"marker": "s", "ls": "--", "color": "C1", "ms": 3}}
-    for bottom, what in ((2.45, "loss"), (0.45, "accuracy")):
+    width = (_FIG_WIDTH_IN - 1.25) / 2
+    for left, what in ((0.5, "loss"), (0.5 + width + 0.7, "accuracy")):
         series: list[Series] = [([e for e, _ in pts], [v for _, v in pts], styles[split])
                                 for split in ("train", "val")
                                 if (pts := history.get(f"{what}/{split}", []))]
-        _panel(fig, _Panel(0.62, bottom, _FIG_WIDTH_IN - 0.72, 1.3, f"{what} per epoch", "epoch",
-                           what, integer_x=True), series,
-               legend=[(split, styles[split]) for split in ("train", "val")
-                       if history.get(f"{what}/{split}")])
+        values = [v for _, ys, _ in series for v in ys if math.isfinite(v)]
+        log = what == "loss" and bool(values) and min(values) > 0 and max(values) > 10 * min(
+            values)
+        _panel(fig, _Panel(left, 0.42, width, height - 0.95,
+                           f"{what}{' (log scale)' if log else ''}", "epoch", integer_x=True,
+                           log_y=log), series)
+    splits = [s for s in ("train", "val") if any(k.endswith(f"/{s}") for k in history)]
+    _legend(fig, 1 - 0.1 / _FIG_WIDTH_IN, 1 - 0.2 / height,
+            [(split, styles[split]) for split in splits])
     return fig
 
 
@@ -340,7 +377,8 @@ class _Layout:
     label_w: int  # row-label column
     cell_w: int
     cell_h: int
-    width: int
+    columns: int  # rows flow into this many side-by-side columns
+    per_column: int  # rows per column
 
     @property
     def line(self) -> int:
@@ -350,23 +388,69 @@ class _Layout:
     def margin(self) -> int:
         return max(4, self.px // 3)
 
+    @property
+    def block_w(self) -> int:
+        """One column of rows: the labels and the cells."""
+        return self.label_w + self.ncol * self.cell_w
+
+    @property
+    def gap(self) -> int:
+        """Between two columns of rows."""
+        return self.px * 2 if self.columns > 1 else 0
+
+    @property
+    def width(self) -> int:
+        return 2 * self.margin + self.columns * self.block_w + (self.columns - 1) * self.gap
+
+    ncol: int = 1  # cells per row
+
+
+#: The shape grids are laid out for: Time Series' image box is about 1.5 (a 1280-pixel window)
+#: to 2.1 (1600 pixels) times as wide as high.
+_ASPECT = 1.8
+
 
 def _layout(rows: list[list[Cell]], row_labels: Sequence[str], px: int,
-            scale: int | None) -> _Layout:
+            scale: int | None, columns: int = 1) -> _Layout:
+    """The grid's layout; ``scale`` None: the largest enlargement that keeps it within the
+    card (1 when none does)."""
     face, gap = font(px), max(3, px // 4)
     h, w = next(c.image.shape[-2:] for row in rows for c in row)
     ncol = max((len(row) for row in rows), default=1) or 1
     lines = max((len(c.caption) for row in rows for c in row), default=0)
-    caption_w = max((face.getlength(t) for row in rows for c in row for t in c.caption),
-                    default=0.0)
+    caption_w = math.ceil(max((face.getlength(t) for row in rows for c in row
+                               for t in c.caption), default=0.0))
     label_w = math.ceil(max((face.getlength(t) for t in row_labels), default=0.0))
     label_w += 2 * gap if label_w else 0
-    margin = max(4, px // 3)
-    if scale is None:  # enlarge small images until the grid fills the card
-        scale = max(1, (CARD_WIDTH - 2 * margin - label_w) // (ncol * (w + gap)))
-    cell_w = max(w * scale, math.ceil(caption_w)) + gap
-    cell_h = h * scale + lines * round(px * 1.25) + gap + (gap if lines else 0)
-    return _Layout(px, scale, label_w, cell_w, cell_h, 2 * margin + label_w + ncol * cell_w)
+
+    def made(s: int) -> _Layout:
+        return _Layout(px, s, label_w, max(w * s, caption_w) + gap,
+                       h * s + lines * round(px * 1.25) + gap + (gap if lines else 0), columns,
+                       math.ceil(len(rows) / columns), ncol)
+
+    if scale is not None:
+        return made(scale)
+    fits = [made(s) for s in range(1, max(2, CARD_WIDTH // w + 1))]
+    return max((f for f in fits if f.width <= CARD_WIDTH), key=lambda f: f.scale,
+               default=fits[0])
+
+
+def _fitted(rows: list[list[Cell]], row_labels: Sequence[str], columns: int) -> _Layout:
+    """The layout in ``columns`` columns, its text larger when the grid is wider than the card
+    (TensorBoard shrinks it to the card: the text reads :data:`TEXT_PX` high there)."""
+    fit = _layout(rows, row_labels, TEXT_PX, None, columns)
+    if fit.width > CARD_WIDTH:
+        fit = _layout(rows, row_labels, math.ceil(TEXT_PX * fit.width / CARD_WIDTH), fit.scale,
+                      columns)
+    return fit
+
+
+def _head(title: str, notes: Sequence[str], fit: _Layout,
+          width: int) -> list[tuple[str, ImageFont.FreeTypeFont, tuple[int, int, int]]]:
+    room = width - 2 * fit.margin
+    head = [(t, font(fit.px, bold=True), _INK) for t in _wrap(title, font(fit.px, True), room)]
+    return head + [(t, font(fit.px), _NOTE) for note in notes
+                   for t in _wrap(note, font(fit.px), room)]
 
 
 def annotated_grid(rows: Sequence[Sequence[Cell]], title: str, row_labels: Sequence[str] = (),
@@ -375,8 +459,10 @@ def annotated_grid(rows: Sequence[Sequence[Cell]], title: str, row_labels: Seque
 
     Small images are enlarged (nearest neighbour) until the grid fills :data:`CARD_WIDTH`;
     the text is :data:`TEXT_PX` pixels high, more when the grid is wider than the card so that
-    it reads the same once TensorBoard scales the image down. Rows may be empty (a class
-    without samples keeps its labelled row).
+    it reads the same once TensorBoard scales the image down. Many rows flow into columns side
+    by side, as many as make the image closest to :data:`_ASPECT` times as wide as high (Time
+    Series fits an image into a landscape box: a tall strip would be a thumbnail). Rows may be
+    empty (a class without samples keeps its labelled row).
 
     Args:
         rows: The cells of each row; every image of the same size.
@@ -399,26 +485,36 @@ def annotated_grid(rows: Sequence[Sequence[Cell]], title: str, row_labels: Seque
     labels = list(row_labels) or [""] * len(grid)
     if not any(grid):
         raise ValueError("annotated_grid needs at least one image.")
-    fit = _layout(grid, row_labels, TEXT_PX, None)
-    if fit.width > CARD_WIDTH:  # too wide: the card shrinks it, so the text grows to match
-        fit = _layout(grid, row_labels, math.ceil(TEXT_PX * fit.width / CARD_WIDTH), fit.scale)
-    width, margin, line = max(fit.width, CARD_WIDTH), fit.margin, fit.line
-    head = [(t, font(fit.px, bold=True), _INK) for t in _wrap(title, font(fit.px, True),
-                                                               width - 2 * margin)]
-    head += [(t, font(fit.px), _NOTE) for note in notes
-             for t in _wrap(note, font(fit.px), width - 2 * margin)]
+
+    def grid_w(grid: list[list[Cell]]) -> int:
+        return int(next(c.image.shape[-1] for row in grid for c in row))
+
+    def shape(fit: _Layout) -> tuple[int, int]:
+        width = max(fit.width, CARD_WIDTH)
+        head = len(_head(title, notes, fit, width))
+        return width, 3 * fit.margin + head * fit.line + fit.per_column * fit.cell_h
+
+    one = _fitted(grid, row_labels, 1)
+    # more columns only while the grid stays within the card and its images stay visible
+    # (twice the text's height, or as large as in one column)
+    fits = [one] + [f for k in range(2, len(grid) + 1)
+                    if (f := _layout(grid, row_labels, TEXT_PX, None, k)).width <= CARD_WIDTH
+                    and f.scale * grid_w(grid) >= min(one.scale * grid_w(grid), 2 * TEXT_PX)]
+    fit = min(fits, key=lambda f: abs(math.log(shape(f)[0] / shape(f)[1] / _ASPECT)))
+    (width, height), margin, line = shape(fit), fit.margin, fit.line
+    head = _head(title, notes, fit, width)
     top = margin + len(head) * line + margin
-    canvas = Image.new("RGB", (width, top + len(grid) * fit.cell_h + margin), "white")
+    canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
     for k, (text, face, colour) in enumerate(head):
         draw.text((margin, margin + k * line), text, fill=colour, font=face)
     for r, (row, label) in enumerate(zip(grid, labels, strict=True)):
-        y = top + r * fit.cell_h
+        left = margin + (r // fit.per_column) * (fit.block_w + fit.gap)
+        y = top + (r % fit.per_column) * fit.cell_h
         image_h = row[0].image.shape[-2] * fit.scale if row else line
-        draw.text((margin, y + image_h // 2), label, fill=_INK, font=font(fit.px), anchor="lm")
+        draw.text((left, y + image_h // 2), label, fill=_INK, font=font(fit.px), anchor="lm")
         for c, cell in enumerate(row):
-            x = margin + fit.label_w + c * fit.cell_w
-            _paste(canvas, draw, cell, (x, y), fit)
+            _paste(canvas, draw, cell, (left + fit.label_w + c * fit.cell_w, y), fit)
     return np.asarray(canvas)
 
 
