@@ -39,9 +39,9 @@ __all__ = [
     "TRAIN_RUN", "TUNING", "TUNING_SUMMARY", "TUNING_SWEEP_CHART", "TUNING_SWEEP_TABLE",
     "TUNING_TRIAL_ENDED", "UPDATE_RATIO", "UPDATE_RATIO_MEDIAN", "VALIDATION_RUN", "WRITERS",
     "activation_histogram", "activation_stat", "curve", "data_grid", "ema_comparison",
-    "ema_metric", "overfit_ladder", "overfit_ladder_layout", "raw_metric", "refine_curve",
-    "refine_layout", "sweep_curve", "sweep_layout", "typed_layer", "update_ratio_layer",
-    "update_ratio_layout",
+    "ema_metric", "learning_rate", "overfit_ladder", "overfit_ladder_layout", "raw_metric",
+    "refine_curve", "refine_layout", "sweep_curve", "sweep_layout", "typed_layer",
+    "update_ratio_layer", "update_ratio_layout",
 ]
 
 Kind = Literal["scalar", "histogram", "image", "text", "layout"]
@@ -159,6 +159,17 @@ def curve(quantity: str) -> str:
 
 
 CURVES_GAP = CURVES.tag("train_minus_val_accuracy")
+
+
+def learning_rate(group: str) -> str:
+    """The learning rate of one optimizer's parameter group per epoch, next to the curves it
+    explains (the diagnosis often blames it).
+
+    Example:
+        >>> learning_rate("Adam"), learning_rate("SGD_1.group2")
+        ('0_curves/learning_rate/Adam', '0_curves/learning_rate/SGD_1.group2')
+    """
+    return CURVES.tag("learning_rate", group)
 # Sorted after the curves (TensorBoard sorts a group's cards by tag): the charts come first.
 CURVES_FIGURE = CURVES.tag("overview")
 

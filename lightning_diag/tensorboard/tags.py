@@ -74,6 +74,7 @@ from lightning_diag.tensorboard.families import (
     data_grid,
     ema_comparison,
     ema_metric,
+    learning_rate,
     overfit_ladder,
     overfit_ladder_layout,
     raw_metric,
@@ -95,9 +96,10 @@ __all__ = [
     "TAGS", "TRAIN_RUN", "TUNING", "TUNING_SUMMARY", "TUNING_SWEEP_CHART", "TUNING_SWEEP_TABLE",
     "TUNING_TRIAL_ENDED", "TagSpec", "UPDATE_RATIO", "UPDATE_RATIO_MEDIAN", "VALIDATION_RUN",
     "WRITERS", "activation_histogram", "activation_stat", "curve", "data_grid", "declared",
-    "ema_comparison", "ema_metric", "find", "overfit_ladder", "overfit_ladder_layout",
-    "raw_metric", "refine_curve", "refine_layout", "replace_table", "sweep_curve", "sweep_layout",
-    "tag_table", "typed_layer", "update_ratio_layer", "update_ratio_layout", "write_table",
+    "ema_comparison", "ema_metric", "find", "learning_rate", "overfit_ladder",
+    "overfit_ladder_layout", "raw_metric", "refine_curve", "refine_layout", "replace_table",
+    "sweep_curve", "sweep_layout", "tag_table", "typed_layer", "update_ratio_layer",
+    "update_ratio_layout", "write_table",
 ]
 
 # -- the declarations -------------------------------------------------------------------------
@@ -195,6 +197,10 @@ def _specs() -> tuple[TagSpec, ...]:
              runs=split_runs),
         spec(CURVES, "scalar", CURVES_GAP, "training minus validation accuracy; step = epoch",
              "both accuracies are logged"),
+        spec(CURVES, "scalar", learning_rate("<group>"), "the learning rate of each "
+             "optimizer's parameter group as each epoch starts (step = epoch); `<group>`: "
+             "the optimizer's class (`_<k>` for the k-th of one class), `.group<j>` when it "
+             "has several groups"),
         spec(CURVES, "image", CURVES_FIGURE, "loss and accuracy, train and val on one panel "
              "each (also `learning_curves.png`)"),
         spec(DATA, "text", DATA_SUMMARY, "every count of the inspection, per set"),
