@@ -51,9 +51,10 @@ class LearningCurves(ConfiguredCallback):
     sibling run ``train`` and the validation value in ``validation`` (sub-directories of the log
     directory), so that every TensorBoard dashboard draws train and val on one chart in two
     colours; ``0_curves/train_minus_val_accuracy`` in the run itself; and the learning rate of
-    each optimizer's parameter group as each epoch starts, ``0_curves/learning_rate/<optimizer>``. A matplotlib figure of
-    both (``0_curves/overview`` and ``learning_curves.png``) is drawn at the end of training and
-    every ``figure_every_n_epochs``. Each metric is found among the logged names
+    each optimizer's parameter group as each epoch starts,
+    ``0_curves/learning_rate/<optimizer>``. A matplotlib figure of both (``0_curves/overview``
+    and ``learning_curves.png``) is drawn at the end of training and every
+    ``figure_every_n_epochs``. Each metric is found among the logged names
     by the usual conventions (``_`` or ``/`` separators, ``val``/``valid``/``validation``,
     ``acc``/``accuracy``, an ``_epoch`` suffix), unless its name is given. One INFO finding
     ``curves.keys`` says which names were used; the ones no convention finds give one INFO
