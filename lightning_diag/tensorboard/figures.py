@@ -396,7 +396,7 @@ class _Layout:
     @property
     def gap(self) -> int:
         """Between two columns of rows."""
-        return self.px * 2 if self.columns > 1 else 0
+        return self.px if self.columns > 1 else 0
 
     @property
     def width(self) -> int:
