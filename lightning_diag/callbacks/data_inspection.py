@@ -49,7 +49,8 @@ from lightning_diag.isolation import (
     side_experiment,
     train_dataloader_of,
 )
-from lightning_diag.tensorboard.figures import Cell, annotated_grid, class_counts_figure
+from lightning_diag.tensorboard.figures import class_counts_figure
+from lightning_diag.tensorboard.grids import Cell, annotated_grid
 from lightning_diag.tensorboard.tags import DATA_CLASS_COUNTS, DATA_SUMMARY, data_grid
 from lightning_diag.tensorboard.writer import (
     log_figure,

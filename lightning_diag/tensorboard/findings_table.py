@@ -175,7 +175,7 @@ class FindingsCard:
         import numpy as np
         from PIL import Image, ImageDraw
 
-        from lightning_diag.tensorboard.figures import font
+        from lightning_diag.tensorboard.grids import font
 
         width, height = (_SCALE * n for n in CARD_SIZE)
         canvas = Image.new("RGB", (width, height), "white")
@@ -210,7 +210,7 @@ def findings_card(found: list[Finding], final: bool = False) -> FindingsCard:
         >>> card.metadata["counts"], card.image().shape
         ('fail=1 warn=0 info=0', (380, 690, 3))
     """
-    from lightning_diag.tensorboard.figures import font
+    from lightning_diag.tensorboard.grids import font
 
     n = counts(found)
     head: list[Span] = []
