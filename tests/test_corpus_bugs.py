@@ -1,0 +1,62 @@
+"""The planted-bug corpus (issue 20, item 8): each silent bug is flagged with its code.
+
+Each bug of ``tests/corpus/bugs.py`` is one mistake planted in a healthy program; fitted with
+every callback of the library at its defaults (``TrainingInvariants`` too once it is
+exported), at least one of the bug's codes must be raised at WARN or FAIL.
+
+Bugs missed today are marked ``xfail(strict=True)`` with the fix that owns them: when it lands
+the test passes, strict xfail turns that into a failure, and the mark must be removed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.corpus.bugs import BUGS
+from tests.corpus.runner import TrainingInvariants, describe, run
+
+pytestmark = pytest.mark.slow
+
+_INVARIANTS = ("no TrainingInvariants yet" if TrainingInvariants is None
+               else "TrainingInvariants attached")
+#: Today's misses: bug -> (what was raised instead, the fix that owns it).
+MISSED = {
+    "no_zero_grad": f"nothing raised ({_INVARIANTS}). Fix: invariants (issue 20.5)",
+    "target_leak_shift": f"nothing raised ({_INVARIANTS}). Fix: invariants (issue 20.5)",
+    "accuracy_above_one": f"nothing raised ({_INVARIANTS}). Fix: invariants (issue 20.5)",
+    "running_sum_epoch_loss": f"nothing raised ({_INVARIANTS}). Fix: invariants (issue 20.5)",
+    "param_not_in_optimizer": f"nothing raised: the update-ratio monitor measures the "
+                              f"optimizer's parameters only ({_INVARIANTS}). Fix: invariants "
+                              "(issue 20.5)",
+    "eval_mode_in_training": f"only gradient_check.inconclusive ({_INVARIANTS}). Fix: "
+                             "invariants (issue 20.5)",
+    "label_out_of_range": "data.class_imbalance (class 0 empty) and three *.user_error, no "
+                          "data.label_out_of_range: the class count comes from the training "
+                          "labels (5), not the output width (4). Fix: trust-data (issue 20.7)",
+    "binary_label_2": "gradient_check.mismatch (the labels.float() false alarm), no "
+                      "data.label_out_of_range: three classes inferred from the labels, the "
+                      "single-logit output not read. Fix: trust-data (issue 20.7)",
+}
+
+
+def _params() -> list[object]:
+    return [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=MISSED[name]))
+            if name in MISSED else name for name in BUGS]
+
+
+def test_the_corpus_has_the_silent_bugs_of_issue_20() -> None:
+    issue = {name for name, bug in BUGS.items() if bug.source == "issue 20"}
+    assert issue == {"no_zero_grad", "target_leak_shift", "accuracy_above_one",
+                     "running_sum_epoch_loss"}
+    assert len(BUGS) >= 18
+    assert set(MISSED) <= set(BUGS)
+
+
+@pytest.mark.parametrize("name", _params())
+def test_planted_bug_is_flagged(name: str, tmp_path: Path) -> None:
+    bug = BUGS[name]
+    result = run(bug.program, tmp_path)
+    assert set(bug.codes) & result.codes(), (
+        f"{name}: none of {bug.codes} raised; WARN/FAIL found:\n{describe(result.alarms())}")
