@@ -257,14 +257,15 @@ class Distillation(Classifier):
 
 
 def distillation() -> Program:
-    # The teacher is the linear rule that made the labels (a perfect, frozen teacher).
+    # The teacher is the linear rule that made the labels, twice as confident (a frozen
+    # teacher trained to convergence): its softened targets are far from uniform.
     x, w, logits = teacher_logits(512, 16, 4, seed=0)
     g = torch.Generator().manual_seed(1)
     y = (logits + 0.3 * torch.randn(logits.shape, generator=g)).argmax(1)
     data = TensorDataset(x, y)
     return Program("distillation", "distillation", "student MLP: 0.5 x T^2 KL to a frozen "
                    "teacher's softened logits (T=2) + 0.5 x CE",
-                   lambda: Distillation(2.0 * w), lambda: split(data, 384))
+                   lambda: Distillation(4.0 * w), lambda: split(data, 384))
 
 
 # --- 7-10. label smoothing, with and without class weights -----------------------------------
@@ -466,7 +467,7 @@ class Quantile(Regressor):
     quantiles = (0.1, 0.5, 0.9)
 
     def __init__(self) -> None:
-        super().__init__(d_out=3)
+        super().__init__(d_out=3, width=64)
 
     def loss_of(self, out: Tensor, batch: Any) -> Tensor:
         q = torch.tensor(self.quantiles, device=out.device)

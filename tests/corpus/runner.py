@@ -109,9 +109,12 @@ class Run:
 
     program: Program
     findings: list[Finding]
-    seconds: float
+    seconds: float  #: wall-clock seconds of the fit
+    cpu_seconds: float  #: CPU seconds of this process during the fit (every thread)
     #: The exception that ended the fit (the user's own code failing), if any.
     error: BaseException | None = None
+    #: The callbacks, with what they kept (the overfit test's result, the monitors' series).
+    callbacks: list[DiagnosticCallback] = field(default_factory=list)
 
     def alarms(self) -> list[Finding]:
         """Every WARN or FAIL finding (the diagnosis, which restates them, left out)."""
@@ -126,14 +129,16 @@ def run(program: Program, root: Path) -> Run:
     """Fit ``program`` with :func:`every_callback` under ``root``; an exception of the user's
     code (a planted bug may crash the run) is kept, with what was found before it."""
     module, train, val = program.build()
-    trainer = program.trainer_for(root, list(every_callback()))
-    start = time.perf_counter()
+    callbacks = every_callback()
+    trainer = program.trainer_for(root, list(callbacks))
+    start, cpu = time.perf_counter(), time.process_time()
     error: BaseException | None = None
     try:
         trainer.fit(module, train, val)
     except Exception as err:  # a planted bug may end the run: what was found still counts
         error = err
-    return Run(program, trainer_findings(trainer), time.perf_counter() - start, error)
+    return Run(program, trainer_findings(trainer), time.perf_counter() - start,
+               time.process_time() - cpu, error, callbacks)
 
 
 def describe(found: Iterable[Finding]) -> str:
