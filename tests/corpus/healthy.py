@@ -275,8 +275,8 @@ _PRIORS = [0.4, 0.3, 0.2, 0.1]
 class Criterion(Classifier):
     """A classifier whose loss is a loss module (``self.criterion``), as most code has it."""
 
-    def __init__(self, criterion: nn.Module) -> None:
-        super().__init__(_mlp(16, 32, 4))
+    def __init__(self, criterion: nn.Module, classes: int = 4) -> None:
+        super().__init__(_mlp(16, 32, classes))
         self.criterion = criterion
 
     def loss_of(self, out: Tensor, batch: Any) -> Tensor:
@@ -289,17 +289,19 @@ def _class_weights() -> Tensor:
     return counts.sum() / (4 * counts)  # inverse frequency, as sklearn's "balanced"
 
 
-def smoothing(eps: float, weighted: bool) -> Program:
+def smoothing(eps: float, weighted: bool, classes: int = 4) -> Program:
+    """Label smoothing ``eps`` on ``classes`` classes; ``weighted``: inverse-frequency class
+    weights on classes of priors 0.4/0.3/0.2/0.1 (4 classes)."""
     name = f"smoothing_{eps}" + ("_weighted" if weighted else "")
     about = f"CrossEntropyLoss(label_smoothing={eps}" + (
-        ", weight=inverse class frequency)" if weighted else ")")
+        ", weight=inverse class frequency)" if weighted else ")") + f", {classes} classes"
 
     def module() -> Classifier:
         weight = _class_weights() if weighted else None
-        return Criterion(nn.CrossEntropyLoss(weight=weight, label_smoothing=eps))
+        return Criterion(nn.CrossEntropyLoss(weight=weight, label_smoothing=eps), classes)
 
     return Program(name, "label smoothing", about, module,
-                   lambda: _classes(priors=_PRIORS if weighted else None))
+                   lambda: _classes(classes=classes, priors=_PRIORS if weighted else None))
 
 
 def class_weights() -> Program:
@@ -311,7 +313,7 @@ def class_weights() -> Program:
 
 # --- 11. soft targets: mixup ---------------------------------------------------------------
 class Mixup(Classifier):
-    def __init__(self, alpha: float = 0.4) -> None:
+    def __init__(self, alpha: float = 1.0) -> None:
         super().__init__(_mlp(16, 32, 4))
         self.beta = torch.distributions.Beta(alpha, alpha)
 
@@ -327,7 +329,7 @@ class Mixup(Classifier):
 
 
 def mixup() -> Program:
-    return Program("mixup", "soft targets", "mixup (Beta(0.4, 0.4)): CE against the mixed "
+    return Program("mixup", "soft targets", "mixup (Beta(1, 1)): CE against the mixed "
                    "one-hot targets (probabilities)", Mixup, _classes)
 
 
@@ -824,7 +826,7 @@ def _noisy(n: int = 384) -> TensorDataset:
 def noisy_regressor() -> Program:
     return Program("noisy_regressor", "noisy regressor", "tanh MLP, MSE; noise as large as the "
                    "signal (the loss floors at half its start)",
-                   lambda: MSERegressor(width=16, act=nn.Tanh), lambda: split(_noisy(), 256))
+                   lambda: MSERegressor(width=8, act=nn.Tanh), lambda: split(_noisy(), 256))
 
 
 # --- 28. robust regression ---------------------------------------------------------------------
@@ -906,7 +908,7 @@ def custom_autograd() -> Program:
 
 PROGRAMS = [
     cnn_digits, gru_classifier, ce_aux_head, ce_feature_penalty, multitask_ce_mse,
-    distillation, lambda: smoothing(0.1, False), lambda: smoothing(0.2, False),
+    distillation, lambda: smoothing(0.1, False, classes=3), lambda: smoothing(0.2, False),
     lambda: smoothing(0.1, True), lambda: smoothing(0.2, True), class_weights, mixup, infonce,
     vae, margin_ranking, poisson, quantile, gaussian_nll, ctc, tiny_lm, gan,
     manual_optimization, bf16_accumulate_clip, batch_size_4, reads_trainer, casts_labels,
