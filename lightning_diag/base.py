@@ -738,9 +738,6 @@ class FitStartCheck(DiagnosticCallback):
             return "`fast_dev_run` is on (side experiments would defeat its purpose)"
         if self.done or trainer.ckpt_path:
             return "resumed run; it ran before the checkpoint was written"
-        if not pl_module.automatic_optimization:
-            return ("manual optimization: the loss cannot be read from `training_step` "
-                    "(it steps the optimizers itself)")
         return ""
 
     @override

@@ -107,6 +107,12 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"lightning-diag demo: --limit-batches must be >= 1, got {args.limit_batches}.",
               file=sys.stderr)
         return 2
+    try:  # the demo writes there: a path that cannot be a folder is a usage error
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        print(f"lightning-diag demo: cannot write to --out {args.out!r}: {_reason(err)}.",
+              file=sys.stderr)
+        return 2
     from lightning_diag.examples.demo import run_demo
 
     run_demo(args.out, inject=args.inject, epochs=args.epochs, seed=args.seed,
@@ -118,12 +124,31 @@ def _demo(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from lightning_diag.report import build_report
 
-    if not Path(args.logdir).is_dir():
-        print(f"lightning-diag report: log directory {args.logdir!r} does not exist.",
+    logdir = Path(args.logdir)
+    if not logdir.is_dir():
+        what = "is not a directory" if logdir.exists() else "does not exist"
+        print(f"lightning-diag report: log directory {args.logdir!r} {what}.", file=sys.stderr)
+        return 2
+    target = Path(args.out) if args.out is not None else logdir / "report.html"
+    try:
+        path = build_report(logdir, target)
+    except OSError as err:
+        # the report is written last: an error on its file or folders is the -o mistake
+        mine = err.filename is not None and Path(err.filename) in (target, *target.parents)
+        what = (f"cannot write the report to {str(target)!r}" if mine else
+                f"cannot read {str(err.filename or logdir)!r}")
+        at = (f" at {err.filename!r}" if mine and Path(err.filename) != target else "")
+        print(f"lightning-diag report: {what}: {_reason(err)}{at}"
+              + (" (pass -o a file in a folder you can write)." if mine else "."),
               file=sys.stderr)
         return 2
-    print(build_report(args.logdir, args.out))
+    print(path)
     return 0
+
+
+def _reason(err: OSError) -> str:
+    """An OSError's reason without its errno and file name, e.g. "Not a directory"."""
+    return err.strerror or type(err).__name__
 
 
 def _check(args: argparse.Namespace) -> int:

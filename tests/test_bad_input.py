@@ -266,17 +266,18 @@ BAD_ARGUMENTS: dict[type[DiagnosticCallback], list[tuple[str, Any, type[Exceptio
         ("near_threshold", 1.0, V), ("imbalance_ratio", 1, V), ("batch_to_input", 3, T),
         ("batch_to_target", "y", T), ("max_images", 0, V), ("seed", 0.5, T),
         ("num_threads", 0, V), ("num_workers", -1, V), ("num_workers", 1.5, T),
-        ("strict", "x", T)],
+        ("token_threshold", 1.0, V), ("token_threshold", "0.8", T), ("strict", "x", T)],
     ActivationHistogram: [
         ("every_n_steps", True, T), ("every_n_steps", 0, V), ("layers", 3, T),
         ("layers", "net.1", T), ("layers", [], V), ("layers", ["net.1", 2], T), ("bins", 1.5, T),
         ("dead_fraction", 2, V), ("dead_fraction", 0, V), ("saturated_fraction", 0.0, V),
         ("vanishing_ratio", 2, V), ("exploding_ratio", 1, V), ("figure_every_n_logs", -1, V),
-        ("figure_every_n_logs", True, T), ("log_charts", 1, T), ("strict", 0, T)],
+        ("figure_every_n_logs", True, T), ("log_charts", 1, T), ("strict", 0, T),
+        ("bins", 10**6, V), ("early_steps", 1, T)],
     UpdateRatioMonitor: [
         ("every_n_steps", True, T), ("low", 0, V), ("low", "a", T), ("high", 1e-6, V),
         ("extreme", 0.01, V), ("patience", True, T), ("patience", 0, V), ("log_charts", "no", T),
-        ("strict", "x", T)],
+        ("strict", "x", T), ("early_steps", None, T)],
     FirstLayerVisualization: [
         ("every_n_epochs", 0, V), ("every_n_epochs", True, T), ("input_shape", (8,), V),
         ("input_shape", (8, 0), V), ("input_shape", "8x8", T), ("input_shape", (8.0, 8), T),
@@ -292,6 +293,7 @@ BAD_ARGUMENTS: dict[type[DiagnosticCallback], list[tuple[str, Any, type[Exceptio
         ("min_epochs", 0, V), ("low_acc", 2, V), ("close_gap", -1, V), ("overfit_gap", "x", T),
         ("rel_gap", 1.5, V), ("halving_epochs", 0, V),
         ("jump_factor", 1.0, V), ("min_jump_fraction", -0.5, V), ("window", 0, V),
+        ("window", 10**6, V),
         ("min_history", 60, V), ("save_batch", None, T), ("stall_steps", 5, V),
         ("stall_steps", 30.0, T), ("strict", 1, T)],
     EMAWeights: [

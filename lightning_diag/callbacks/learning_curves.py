@@ -18,9 +18,10 @@ import lightning.pytorch as pl
 import torch
 from typing_extensions import override
 
-from lightning_diag.base import DiagnosticCallback
 from lightning_diag.callbacks._metric_keys import DESCRIPTIONS, MetricKeys
-from lightning_diag.findings import Finding, Severity
+from lightning_diag.callbacks._monitor import ConfiguredCallback
+from lightning_diag.checks.curves import CurvesConfig, curves_summary
+from lightning_diag.findings import Severity
 from lightning_diag.tensorboard.figures import curves_figure
 from lightning_diag.tensorboard.tags import (
     CURVES_FIGURE,
@@ -30,7 +31,7 @@ from lightning_diag.tensorboard.tags import (
     curve,
 )
 from lightning_diag.tensorboard.writer import SiblingRuns, log_figure, log_scalars
-from lightning_diag.validation import check_int, check_str
+from lightning_diag.validation import from_arguments
 
 __all__ = ["LearningCurves"]
 
@@ -41,7 +42,7 @@ SERIES = {"loss/train": "train_loss", "loss/val": "val_loss", "accuracy/train": 
 _RUNS = {"train": TRAIN_RUN, "val": VALIDATION_RUN}
 
 
-class LearningCurves(DiagnosticCallback):
+class LearningCurves(ConfiguredCallback):
     """Re-log the user's epoch metrics with the epoch as x-axis, train and val side by side.
 
     At each training epoch end it reads the metrics the module logged and writes the tags
@@ -69,28 +70,23 @@ class LearningCurves(DiagnosticCallback):
     """
 
     slug = "curves"
+    config_type = CurvesConfig
+    config: CurvesConfig
 
     def __init__(self, train_loss: str | None = None, val_loss: str | None = None,
                  train_acc: str | None = None, val_acc: str | None = None,
                  figure_every_n_epochs: int = 0, strict: bool = False) -> None:
-        super().__init__(strict=strict)
-        given = {"train_loss": train_loss, "val_loss": val_loss, "train_acc": train_acc,
-                 "val_acc": val_acc}
-        for arg, key in given.items():
-            check_str(arg, key, optional=True)
-        check_int("figure_every_n_epochs", figure_every_n_epochs, low=0)
-        self.given = given
-        self.keys = MetricKeys(given)
-        self.figure_every_n_epochs = figure_every_n_epochs
+        super().__init__(from_arguments(CurvesConfig, locals()), strict=strict)
+        self.keys = MetricKeys(self.given)
         self.history: dict[str, list[tuple[int, float]]] = {}
         self._reported_missing: set[str] = set()
         self._val_ran = False
         self._runs = SiblingRuns()
 
     @property
-    @override
-    def state_key(self) -> str:
-        return self._generate_state_key(**self.given)
+    def given(self) -> dict[str, str | None]:
+        """The metric names given, by role (None: found by convention)."""
+        return self.config.given
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -126,7 +122,7 @@ class LearningCurves(DiagnosticCallback):
             self.history.setdefault(series, []).append((epoch, value))
         self._report_missing(trainer, self.keys.missing_roles(SERIES[s] for s in wanted),
                              sorted(metrics))
-        n = self.figure_every_n_epochs
+        n = self.config.figure_every_n_epochs
         if n and (epoch + 1) % n == 0:
             self._figure(trainer)
 
@@ -163,27 +159,8 @@ class LearningCurves(DiagnosticCallback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.publish(trainer, [self._summary(trainer)])
+        self.publish_verdicts(trainer, [curves_summary(self.history)])
         self._figure(trainer)
-
-    def _summary(self, trainer: pl.Trainer) -> Finding:
-        """The INFO verdict ``curves.summary``: the last value of each curve."""
-        last = {series: points[-1] for series, points in self.history.items() if points}
-        names = {"loss/train": "train loss", "loss/val": "val loss",
-                 "accuracy/train": "train accuracy", "accuracy/val": "val accuracy",
-                 "accuracy/gap": "accuracy gap (train - val)"}
-        if not last:
-            return self.finding(trainer, f"{self.slug}.summary", Severity.INFO,
-                                "Learning curves: nothing recorded (none of the train/val loss "
-                                "and accuracy was logged per epoch).")
-        epochs = 1 + max(epoch for epoch, _ in last.values())
-        told = ", ".join(f"{names[s]} {v:.4g}" + (f" (epoch {e})" if e != epochs - 1 else "")
-                         for s, (e, v) in last.items())
-        key = next(s for s in ("loss/val", "loss/train", *last) if s in last)
-        return self.finding(trainer, f"{self.slug}.summary", Severity.INFO,
-                            f"Learning curves after {epochs} epoch(s): {told}.",
-                            value=last[key][1], details={"last": {s: v for s, (_, v) in
-                                                                  last.items()}, "value": key})
 
     @override
     def _release(self) -> None:

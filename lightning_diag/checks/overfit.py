@@ -268,7 +268,7 @@ def overfit_small_batch(
     keyword arguments are those of :func:`overfit_batches`.
 
     Raises:
-        ValueError: an empty dataloader, manual optimization or no optimizer.
+        ValueError: an empty dataloader or no optimizer.
         UserCodeError: the dataset, ``configure_optimizers``, ``training_step`` or
             ``batch_to_target`` raised.
     """
@@ -328,7 +328,7 @@ def overfit_batches(
             accuracy or None)``.
 
     Raises:
-        ValueError: manual optimization, no batches, or no optimizer.
+        ValueError: no batches, or no optimizer.
         UserCodeError: ``configure_optimizers``, ``training_step`` or ``batch_to_target``
             raised.
     """
@@ -336,9 +336,6 @@ def overfit_batches(
                        batch_to_target=batch_to_target, lr_ladder=lr_ladder)
     if not batches:
         raise ValueError("`batches` is empty: give at least one training batch.")
-    if not module.automatic_optimization:
-        raise ValueError(f"{type(module).__name__} uses manual optimization: its training_step "
-                         "steps the optimizers itself, so it cannot be overfit by lightning_diag.")
     attempt = _Attempt(batches, max_steps, loss_fraction, reg_attr, batch_to_target,
                        settings if settings is not None else OptimizationSettings())
     result = attempt.run(module, None, progress_bar, on_pass)

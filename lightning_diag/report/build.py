@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lightning_diag.findings import (
+    DIAGNOSIS_PREFIX,
     FINDINGS_FILE,
     Finding,
     Severity,
@@ -73,7 +74,7 @@ def build_report(logdir: str | Path, out: str | Path | None = None) -> Path:
         f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>"
         f"<h1>{html.escape(title)}</h1><p class='meta'>Log directory <code>"
         f"{html.escape(str(root.resolve()))}</code> &middot; runs: {runs} &middot; built {when}"
-        f"</p><nav><ul>{nav}</ul></nav>{body}</body></html>"
+        f"</p>{_verdicts(found)}<nav><ul>{nav}</ul></nav>{body}</body></html>"
     )
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(page, encoding="utf-8")
@@ -108,6 +109,7 @@ def _render(c: Canvas, found: dict[str, list[Finding]]) -> tuple[str, list[tuple
         return section("empty", "No data", "<p>No TensorBoard events or findings were found "
                        "here (no run yet, or a run that logged nothing).</p>"), [
                            ("empty", "No data")]
+    read = _read_as_curves(c, found)
     parts: list[tuple[str, str, Callable[[Canvas], str]]] = [
         ("findings", "Findings", lambda c: _findings(c, found)),
         ("data", "Data inspection", lambda c: c.slug(DATA.prefix)),
@@ -119,9 +121,11 @@ def _render(c: Canvas, found: dict[str, list[Finding]]) -> tuple[str, list[tuple
         ("ema", "EMA vs raw weights", sections.ema),
         ("ensemble", "Ensemble vs members", sections.ensemble),
         ("tuning", "Tuning", lambda c: c.slug(TUNING.prefix)),
-        ("other", "Other scalars", sections.other),
+        ("other", "Other scalars",
+         lambda c: sections.other(c, read if "curves" in dict(toc) else ())),
     ]
-    out, toc = [], []
+    out: list[str] = []
+    toc: list[tuple[str, str]] = []
     for anchor, title, fn in parts:
         content = fn(c)
         if content:
@@ -130,7 +134,43 @@ def _render(c: Canvas, found: dict[str, list[Finding]]) -> tuple[str, list[tuple
     return "".join(out), toc
 
 
+def _read_as_curves(c: Canvas, found: dict[str, list[Finding]]) -> set[str]:
+    """The tags of the user's metrics that LearningCurves read (its ``curves.keys`` record) in
+    every run that logged them: drawn as learning curves, not again under "Other scalars"."""
+    read = {run: {name for f in fs if f.code == "curves.keys"
+                  for name in (f.details or {}).get("keys", {}).values()}
+            for run, fs in found.items()}
+    return {tag for tag, series in c.data.scalars.items()
+            if all(tag in read.get(s.run, ()) for s in series)}
+
+
 _SEVERITIES = (Severity.FAIL, Severity.WARN, Severity.INFO)
+
+
+def _verdicts(by_run: dict[str, list[Finding]]) -> str:
+    """The first line of the page, one per run, read the same way for a healthy run and a
+    broken one: the verdict (the diagnosis, else the worst problem, else that no check found
+    one), then the run's counts per severity and a link to the findings."""
+    lines = []
+    for run, found in by_run.items():
+        if not found:
+            continue
+        problems = sorted((f for f in found if f.severity >= Severity.WARN), key=finding_rank)
+        checks = len({f.check for f in found if not f.code.startswith(DIAGNOSIS_PREFIX)})
+        if problems:
+            lead, badge = problems[0], problems[0].severity.value
+            more = (0 if lead.code.startswith(DIAGNOSIS_PREFIX) else len(problems) - 1)
+            text = html.escape(lead.headline().split("] ", 1)[-1]) + (
+                f" (and {more} more problem{'s' * (more != 1)})" if more else "")
+        else:
+            badge, text = "ok", f"no problem found by any of the {checks} check(s)"
+        counts = ", ".join(f"{sum(f.severity is s for f in found)} {s.value.upper()}"
+                           for s in _SEVERITIES)
+        who = f" for {html.escape(run)}" if len(by_run) > 1 else ""
+        lines.append(f"<p class='verdict'><b>Verdict{who}:</b> <span class='sev sev-{badge}'>"
+                     f"{badge.upper()}</span> {text} <span class='vcounts'>&middot; {counts} "
+                     "&middot; <a href='#findings'>findings</a></span></p>")
+    return "".join(lines)
 _HEAD = ("finding", "message", "advice", "value", "expected", "step")
 
 
