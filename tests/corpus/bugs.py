@@ -16,7 +16,16 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from tests.corpus.data import gaussian_classes, loader, split
-from tests.corpus.healthy import LM_VOCAB, Classifier, TinyLM, _argmax_accuracy, _lm_data, _mlp
+from tests.corpus.healthy import (
+    LM_VOCAB,
+    Classifier,
+    Forecaster,
+    TinyLM,
+    _argmax_accuracy,
+    _lm_data,
+    _mlp,
+    forecast_data,
+)
 from tests.corpus.runner import Program
 
 Tensor = torch.Tensor
@@ -91,7 +100,7 @@ class RunningSum(Classifier):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         loss = F.cross_entropy(self(batch[0]), batch[1])
-        self.loss_sum += float(loss)
+        self.loss_sum += loss.item()
         return loss
 
     def on_train_epoch_end(self) -> None:
@@ -247,6 +256,9 @@ BUG_LIST = [
     _bug("target_leak_shift", "language model scored on the token it reads (labels not "
          "shifted: position t predicts x[t], fed x[t])", ShiftedLM, ("invariants.target_leak",),
          "issue 20", data=_lm_data),
+    _bug("forecast_window_leak", "GRU forecaster whose input windows start one step late: "
+         "each ends with its own target (fed x[t+1])", Forecaster, ("invariants.target_leak",),
+         "issue 20", data=lambda: forecast_data(leak=True)),
     _bug("accuracy_above_one", "accuracy = correct / 8 on batches of 32 (logged up to 4)",
          lambda: AccuracyAboveOne(_mlp(16, 32, 4)), ("invariants.metric_out_of_range",),
          "issue 20"),

@@ -156,6 +156,52 @@ def gru_classifier() -> Program:
                    lambda: split(_channel_sums(512, 0), 384))
 
 
+# --- 2b. a GRU forecaster on a time series --------------------------------------------------
+WINDOW = 12
+
+
+def forecast_windows(n: int, seed: int, leak: bool = False) -> TensorDataset:
+    """Sliding windows of a noisy two-tone series, each with the value that follows it.
+    ``leak``: the windows start one step late, so each ends with its own target (the
+    off-by-one of issue 20: the model is fed x[t + 1])."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(n + WINDOW + 1, dtype=torch.float32)
+    series = (torch.sin(0.3 * t + 6.28 * torch.rand(1, generator=g)) + 0.5 * torch.sin(0.07 * t)
+              + 0.2 * torch.randn(len(t), generator=g))
+    first = torch.arange(n) + int(leak)
+    x = series[first[:, None] + torch.arange(WINDOW)]
+    return TensorDataset(x[..., None], series[torch.arange(n) + WINDOW])
+
+
+class Forecaster(CorpusModule):
+    lr = 1e-2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = nn.GRU(1, 16, batch_first=True)
+        self.head = nn.Linear(16, 1)
+        with torch.no_grad():  # a small last layer: the forecast starts near 0 (recipe 3.1)
+            self.head.weight.mul_(0.1)
+            self.head.bias.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        _, h = self.gru(x)
+        return self.head(h[-1]).squeeze(-1)
+
+    def loss_of(self, out: Tensor, batch: Any) -> Tensor:
+        return F.mse_loss(out, batch[1])
+
+
+def forecast_data(leak: bool = False) -> tuple[DataLoader, DataLoader]:
+    return (loader(forecast_windows(384, 0, leak)),
+            loader(forecast_windows(128, 1, leak), 64, shuffle=False))
+
+
+def gru_forecaster() -> Program:
+    return Program("gru_forecaster", "RNN/GRU", "GRU forecasting the next value of a noisy "
+                   "two-tone series from a window of 12, MSE", Forecaster, forecast_data)
+
+
 # --- 3. CE with an auxiliary head (deep supervision) -----------------------------------------
 class AuxHead(Classifier):
     def __init__(self, aux_weight: float = 0.4) -> None:
@@ -742,6 +788,12 @@ def batch_size_4() -> Program:
                    lambda: _classes(batch_size=4), train_batches=64, val_batches=8)
 
 
+def batch_size_1() -> Program:
+    return Program("batch_size_1", "batch size 1", "ReLU MLP classifier trained one sample at "
+                   "a time (720 steps), Adam 1e-3", lambda: Classifier(_mlp(16, 32, 4), lr=1e-3),
+                   lambda: _classes(batch_size=1), train_batches=120, val_batches=8)
+
+
 # --- 24. a step that reads self.trainer --------------------------------------------------
 class ReadsTrainer(AuxHead):
     """Deep supervision whose auxiliary weight decays over the run: the step reads the epoch
@@ -907,13 +959,13 @@ def custom_autograd() -> Program:
 
 
 PROGRAMS = [
-    cnn_digits, gru_classifier, ce_aux_head, ce_feature_penalty, multitask_ce_mse,
+    cnn_digits, gru_classifier, gru_forecaster, ce_aux_head, ce_feature_penalty, multitask_ce_mse,
     distillation, lambda: smoothing(0.1, False, classes=3), lambda: smoothing(0.2, False),
     lambda: smoothing(0.1, True), lambda: smoothing(0.2, True), class_weights, mixup, infonce,
     vae, margin_ranking, poisson, quantile, gaussian_nll, ctc, tiny_lm, gan,
-    manual_optimization, bf16_accumulate_clip, batch_size_4, reads_trainer, casts_labels,
-    val_only_class, noisy_regressor, huber_regression, sgd_cosine, dropout_weight_decay,
-    custom_autograd,
+    manual_optimization, bf16_accumulate_clip, batch_size_4, batch_size_1, reads_trainer,
+    casts_labels, val_only_class, noisy_regressor, huber_regression, sgd_cosine,
+    dropout_weight_decay, custom_autograd,
 ]
 #: Every healthy program by name.
 HEALTHY: dict[str, Program] = {p.name: p for p in (make() for make in PROGRAMS)}
