@@ -33,6 +33,7 @@ from lightning_diag.callbacks.ema import EMAWeights
 from lightning_diag.callbacks.first_layer import FirstLayerVisualization
 from lightning_diag.callbacks.gradient_check import GradientCheck
 from lightning_diag.callbacks.initial_loss import InitialLossCheck
+from lightning_diag.callbacks.invariants import TrainingInvariants
 from lightning_diag.callbacks.learning_curves import LearningCurves
 from lightning_diag.callbacks.lr_advisor import LRPlateauAdvisor
 from lightning_diag.callbacks.overfit import OverfitSmallBatch
@@ -52,6 +53,7 @@ def every_callback(ensemble_dir: Path | None = None) -> list[DiagnosticCallback]
         DataInspection(max_images=2),
         ActivationHistogram(every_n_steps=1, figure_every_n_logs=0),
         UpdateRatioMonitor(every_n_steps=1),
+        TrainingInvariants(every_n_steps=1),
         FirstLayerVisualization(every_n_epochs=5),
         LearningCurves(),
         LRPlateauAdvisor(patience=1, min_epochs=1, min_history=2, save_batch=False),

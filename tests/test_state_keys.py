@@ -30,6 +30,7 @@ from lightning_diag.callbacks import (
     LearningCurves,
     LRPlateauAdvisor,
     OverfitSmallBatch,
+    TrainingInvariants,
     UpdateRatioMonitor,
 )
 from lightning_diag.inference import CheckpointLoadError, load_ema_weights
@@ -70,6 +71,10 @@ CASES: dict[str, Case] = {
         lambda d: (UpdateRatioMonitor(every_n_steps=1),
                    UpdateRatioMonitor(every_n_steps=1, low=0.5, high=0.9, patience=100)),
         lambda cb: cb.streak["too_low"], None),
+    "TrainingInvariants": (
+        lambda d: (TrainingInvariants(patience=2), TrainingInvariants(patience=3)),
+        lambda cb: cb._streaks, lambda cb: cb._streaks.setdefault("optimizer 0 (Adam)", {})
+        .update({"net.1.weight": 1})),
     "FirstLayerVisualization": (
         lambda d: (FirstLayerVisualization(every_n_epochs=1, input_shape=(8, 8)),
                    FirstLayerVisualization(every_n_epochs=2, input_shape=(8, 8))),
