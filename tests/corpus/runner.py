@@ -21,7 +21,6 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 
-import lightning_diag.callbacks as ld_callbacks
 from lightning_diag import findings as trainer_findings
 from lightning_diag.base import DiagnosticCallback
 from lightning_diag.callbacks import (
@@ -35,28 +34,22 @@ from lightning_diag.callbacks import (
     LearningCurves,
     LRPlateauAdvisor,
     OverfitSmallBatch,
+    TrainingInvariants,
     UpdateRatioMonitor,
 )
 from lightning_diag.findings import Finding, Severity
 
-#: The training-invariants callback, once ``lightning_diag.callbacks`` exports it (issue 20.5).
-TrainingInvariants: type[DiagnosticCallback] | None = getattr(
-    ld_callbacks, "TrainingInvariants", None)
 #: Findings derived from the others (the diagnosis restates them): never counted as alarms.
 DERIVED = ("diagnosis.",)
 
 
 def every_callback() -> list[DiagnosticCallback]:
-    """Every callback of the library at its defaults (the README's quick start, all of them);
+    """Every callback of the library at its defaults (the README's quick start, all twelve);
     the overfit test's progress bar off only to keep the output quiet."""
-    callbacks: list[DiagnosticCallback] = [
-        DataInspection(), GradientCheck(), InitialLossCheck(),
-        OverfitSmallBatch(progress_bar=False), LearningCurves(), ActivationHistogram(),
-        FirstLayerVisualization(), UpdateRatioMonitor(), LRPlateauAdvisor(), EMAWeights(),
-        CheckpointEnsemble()]
-    if TrainingInvariants is not None:
-        callbacks.append(TrainingInvariants())
-    return callbacks
+    return [DataInspection(), GradientCheck(), InitialLossCheck(),
+            OverfitSmallBatch(progress_bar=False), LearningCurves(), ActivationHistogram(),
+            FirstLayerVisualization(), UpdateRatioMonitor(), LRPlateauAdvisor(), EMAWeights(),
+            CheckpointEnsemble(), TrainingInvariants()]
 
 
 class GroundTruth(Protocol):
