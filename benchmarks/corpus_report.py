@@ -221,8 +221,15 @@ def measures(f: Any) -> list[tuple[str, float, Any, str]]:
     """``(what, value, expected, note)`` of every threshold a finding shows a healthy value
     against: its own value and expected range, and the ones its details carry (the gradient
     RMS ratio of the activation summary; the largest and smallest logged update ratio, which
-    the too-high / too-low rules see, beside the summary's median)."""
+    the too-high / too-low rules see, beside the summary's median; the share of an overfit
+    floor's fall below the constant-output loss, which tells a floor from a failure)."""
     out: list[tuple[str, float, Any, str]] = []
+    if f.code == "overfit.floor" and f.details.get("beyond_constant") is not None:
+        from lightning_diag.checks.overfit import BEYOND_CONSTANT
+
+        return [(f"{f.code}: share of the fall below the constant-output loss",
+                 float(f.details["beyond_constant"]), (BEYOND_CONSTANT, 1.0),
+                 "the loss target is not the threshold of a floor")]
     if f.value is not None and f.expected is not None and math.isfinite(float(f.value)):
         note = ""
         if f.details.get("loss_above_target"):
