@@ -283,6 +283,11 @@ class SideTraining:
     :class:`OptimizationSettings`): the loss of each batch is backpropagated divided by the
     accumulation, and the optimizer steps when the window is full or the pass ends.
 
+    ``clips`` is the list in which the copy's
+    :class:`~lightning_diag.isolation.trainer_view.TrainerView` records the step's own
+    ``self.clip_gradients(...)`` calls (manual optimization): read at each optimizer step and
+    applied after the backward, where the main run's step applies them.
+
     Example:
         >>> import torch
         >>> w = torch.nn.Parameter(torch.ones(1))
@@ -293,8 +298,9 @@ class SideTraining:
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, settings: OptimizationSettings,
-                 device: torch.device) -> None:
+                 device: torch.device, clips: list[tuple[float, str]] | None = None) -> None:
         self.optimizer, self.settings = optimizer, settings
+        self.clips = clips if clips is not None else []
         half = settings.precision == "16-mixed"  # Lightning's 16-mixed plugin scales the loss
         self.scaler = torch.amp.GradScaler(device.type) if half else None
         self.pending = 0
@@ -311,6 +317,8 @@ class SideTraining:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         self.settings.clip(self.optimizer)
+        for value, algorithm in self.clips:
+            OptimizationSettings(value, algorithm).clip(self.optimizer)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
