@@ -140,13 +140,19 @@ def test_writes_stay_on_the_view_and_nothing_reaches_the_real_logs(tmp_path):
     assert "from_the_copy" not in events(tmp_path).Tags()["scalars"]
 
 
-ACTIONS = {
-    "save_checkpoint": lambda m, path: m.trainer.save_checkpoint(path / f"s{m.global_step}.ckpt"),
-    "fit_loop": lambda m, path: m.trainer.fit_loop.epoch_loop.batch_progress,
-    "train_dataloader": lambda m, path: next(iter(m.trainer.train_dataloader)),
-    "callbacks": lambda m, path: m.trainer.callbacks,
-    "strategy.checkpoint_io": lambda m, path: m.trainer.strategy.checkpoint_io,
-    "precision_plugin.forward_context": lambda m, path: m.trainer.precision_plugin.forward_context,
+ACTIONS = {  # what the step does, and what the skip names
+    "save_checkpoint": (lambda m, path: m.trainer.save_checkpoint(path / f"s{m.global_step}.ckpt"),
+                        "`self.trainer.save_checkpoint`"),
+    "fit_loop": (lambda m, path: m.trainer.fit_loop.epoch_loop.batch_progress,
+                 "`self.trainer.fit_loop`"),
+    "iterating train_dataloader": (lambda m, path: next(iter(m.trainer.train_dataloader)),
+                                   "`self.trainer.train_dataloader`"),
+    "callbacks": (lambda m, path: m.trainer.callbacks, "`self.trainer.callbacks`"),
+    "strategy.checkpoint_io": (lambda m, path: m.trainer.strategy.checkpoint_io,
+                               "`self.trainer.strategy.checkpoint_io`"),
+    "precision_plugin.forward_context": (
+        lambda m, path: m.trainer.precision_plugin.forward_context,
+        "`self.trainer.precision_plugin.forward_context`"),
 }
 
 
@@ -156,11 +162,12 @@ def test_what_could_act_on_the_real_run_is_refused_and_the_checks_step_aside(act
     steps aside (INFO ``.skipped`` naming the attribute), the real Trainer is never called
     from the copy."""
     calls: list[str] = []
+    act, named = ACTIONS[action]
 
     class Acting(Classifier):
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             calls.append(type(self.trainer).__name__)
-            ACTIONS[action](self, tmp_path)
+            act(self, tmp_path)
             return super().training_step(batch, batch_idx)
 
     checks = side_checks()
@@ -169,13 +176,45 @@ def test_what_could_act_on_the_real_run_is_refused_and_the_checks_step_aside(act
     assert codes(found) == set(), [(f.code, f.message) for f in found]
     assert {f.code for f in found} == {"initial_loss.skipped", "gradient_check.skipped",
                                        "overfit.skipped"}, [f.message for f in found]
-    name = action.split(".")[-1]
-    assert all(f"`self.trainer.{'' if '.' not in action else action.split('.')[0] + '.'}"
-               f"{name}` is not offered" in f.message for f in found), found[0].message
+    assert all(f"{named} is not offered to a side experiment" in f.message
+               for f in found), found[0].message
     assert calls.count("TrainerView") == 3  # one step per check, then each stepped aside
     assert calls.count("Trainer") == 2  # the main run's own steps ran
     if action == "save_checkpoint":  # only the main run's two steps wrote
         assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["s0.ckpt", "s1.ckpt"]
+
+
+def test_configure_optimizers_reading_what_is_refused_steps_aside(tmp_path):
+    class Acting(Classifier):
+        def configure_optimizers(self) -> Any:
+            _ = self.trainer.fit_loop.epoch_loop
+            return super().configure_optimizers()
+
+    checks = side_checks()
+    fit(Acting(mlp()), tmp_path, checks)
+    found = findings_of(checks)
+    assert codes(found) == set(), [(f.code, f.message) for f in found]
+    assert "overfit.skipped" in codes(found, "info")
+    assert "`self.trainer.fit_loop` is not offered" in next(
+        f.message for f in found if f.code == "initial_loss.regularization")
+
+
+def test_the_length_of_the_runs_loader_is_read_not_its_batches(tmp_path):
+    class PerEpoch(Classifier):
+        def configure_optimizers(self) -> Any:
+            opt = torch.optim.SGD(self.parameters(), lr=0.1)
+            total = self.trainer.estimated_stepping_batches  # sets the loaders up
+            per_epoch = len(self.trainer.train_dataloader)
+            assert self.trainer.train_dataloader.batch_size == 16
+            return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.OneCycleLR(
+                opt, 0.1, total_steps=int(total), steps_per_epoch=per_epoch, epochs=1)}
+
+    checks = side_checks()
+    t = fit(PerEpoch(mlp()), tmp_path, checks)
+    found = findings_of(checks)
+    assert codes(found) == set(), [(f.code, f.message) for f in found]
+    assert {"gradient_check.ok", "initial_loss.ok", "overfit.reached"} <= codes(found, "info")
+    assert t.global_step == 2
 
 
 def test_the_view_reads_what_lightning_modules_read(tmp_path):

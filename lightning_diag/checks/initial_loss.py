@@ -40,6 +40,7 @@ from lightning_diag.batch import (
     BatchFn,
     NoLossError,
     OutputCapture,
+    RefusedOnACopy,
     UserCodeError,
     _batch_size,
     call_user,
@@ -528,6 +529,9 @@ def _weight_decay_finding(module: pl.LightningModule) -> Finding:
                        advice="Fix `configure_optimizers`; if it needs the Trainer, run the "
                        "check through the InitialLossCheck callback.",
                        details={"where": err.where, "exception": type(err.error).__name__})
+    except RefusedOnACopy as err:  # it reads what the copy's Trainer view refuses
+        return Finding(CHECK, "initial_loss.regularization", Severity.INFO,
+                       f"Regularization: the optimizer's weight decay was not read: {err}")
     except ValueError:  # it returned no optimizer: there is no decay to report
         return Finding(CHECK, "initial_loss.regularization", Severity.INFO,
                        "Regularization: `configure_optimizers()` returned no optimizer, so "

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 import lightning.pytorch as pl
 import torch
 
-from lightning_diag.batch import call_user, map_floats
+from lightning_diag.batch import UserCodeError, call_user, map_floats, refusal_in
 from lightning_diag.validation import check_choice, check_int, check_number
 
 __all__ = [
@@ -45,6 +45,8 @@ def configured_optimizers(module: pl.LightningModule) -> tuple[list[torch.optim.
 
     Raises:
         UserCodeError: ``configure_optimizers`` raised.
+        RefusedOnACopy: (a ValueError) on a copy, it read from ``self.trainer`` what could act
+            on the real run (:class:`~lightning_diag.isolation.TrainerView`).
         ValueError: it returned no torch optimizer.
 
     Example:
@@ -62,8 +64,14 @@ def configured_optimizers(module: pl.LightningModule) -> tuple[list[torch.optim.
         >>> [type(o).__name__ for o in optimizers], [type(s).__name__ for s in schedulers]
         (['Adam', 'SGD'], ['StepLR'])
     """
-    out: Any = call_user(f"`{type(module).__name__}.configure_optimizers`",
-                         module.configure_optimizers)
+    try:
+        out: Any = call_user(f"`{type(module).__name__}.configure_optimizers`",
+                             module.configure_optimizers)
+    except UserCodeError as err:  # it read what a copy's Trainer view refuses: a skip
+        refused = refusal_in(err)
+        if refused is None:
+            raise
+        raise refused from err
     optimizers: list[torch.optim.Optimizer] = []
     schedulers: list[Any] = []
 

@@ -9,7 +9,9 @@ the Trainer on the copy. It is an allow-list:
   the global step, the datamodule, ``max_epochs``, ``estimated_stepping_batches``, the ranks,
   the precision, the stage flags...), everything Lightning's own ``LightningModule`` reads
   from its trainer included; ``callback_metrics``, ``logged_metrics``,
-  ``progress_bar_metrics`` and ``state`` as copies; ``lightning_module``/``model`` are the copy.
+  ``progress_bar_metrics`` and ``state`` as copies; ``train_dataloader``/``val_dataloaders``
+  as views giving their length and settings but no iterator (iterating would draw the run's
+  next shuffling); ``lightning_module``/``model`` are the copy.
 - **answered by the view**: what could leak out of the side experiment.
 
   - *logging*: ``logger``/``loggers`` are Lightning's ``DummyLogger`` (every call of its
@@ -70,6 +72,7 @@ import torch
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.loggers.logger import DummyLogger
 from lightning.pytorch.utilities.types import LRSchedulerConfig
+from torch.utils.data import DataLoader
 
 from lightning_diag.batch import NoLossError, RefusedOnACopy, loss_from_output
 from lightning_diag.isolation.optimization import configured_optimizers
@@ -100,6 +103,10 @@ READ_THROUGH = frozenset({
 #: Read from the real Trainer as copies: what the copy changes in them stays on the view.
 _COPIED = ("callback_metrics", "logged_metrics", "progress_bar_metrics", "state")
 _METRICS = ("callback_metrics", "logged_metrics", "progress_bar_metrics")
+
+#: The run's dataloaders, seen through :class:`_LoaderView`: their length and settings, never an
+#: iterator (``len(self.trainer.train_dataloader)`` for a scheduler's steps per epoch).
+_LOADERS = ("train_dataloader", "val_dataloaders")
 
 #: What a view without a Trainer answers: a fresh default Trainer's values, for the
 #: LightningModule methods that read them (``clip_gradients`` reads the clipping settings).
@@ -159,9 +166,11 @@ class TrainerView:
         real = self.__dict__.get("_real")
         if name in _COPIED and real is not None:
             return copy.copy(getattr(real, name))
+        if name in _LOADERS and real is not None:
+            return _loaders_view(getattr(real, name), f"self.trainer.{name}")
         if name in _METRICS:  # none logged without a Trainer
             return {}
-        if name not in READ_THROUGH and name not in _COPIED:
+        if name not in READ_THROUGH and name not in _COPIED and name not in _LOADERS:
             raise _refuse(f"self.trainer.{name}")
         if real is not None:
             return getattr(real, name)
@@ -304,6 +313,44 @@ class _PrecisionView:
         if clip_val and clip_val > 0:
             algorithm = getattr(gradient_clip_algorithm, "value", gradient_clip_algorithm)
             self._view.clips.append((float(clip_val), str(algorithm)))
+
+
+#: What a copy reads of one of the run's DataLoaders (``sampler``, ``batch_sampler`` and
+#: ``generator`` are not among them: drawing from them changes the run's batch order).
+_LOADER_READ_THROUGH = frozenset({
+    "dataset", "batch_size", "drop_last", "num_workers", "pin_memory", "collate_fn",
+    "persistent_workers", "prefetch_factor", "timeout"})
+
+
+def _loaders_view(value: Any, where: str) -> Any:
+    """The run's DataLoader (or list of them) seen through :class:`_LoaderView`; anything else
+    (None before the Trainer set them up, a CombinedLoader, a dict) refused."""
+    if isinstance(value, DataLoader):
+        return _LoaderView(value, where)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, DataLoader) for v in value):
+        return type(value)(_LoaderView(v, f"{where}[{i}]") for i, v in enumerate(value))
+    raise _refuse(where)
+
+
+class _LoaderView:
+    """One of the run's DataLoaders as a copy sees it: ``len()`` and its settings; iterating it
+    (which draws the run's next shuffling from its sampler's generator) is refused."""
+
+    def __init__(self, loader: DataLoader, where: str) -> None:
+        self._loader, self._where = loader, where
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    def __iter__(self) -> Any:
+        raise _refuse(f"iter({self._where})")
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        if name not in _LOADER_READ_THROUGH:
+            raise _refuse(f"{self.__dict__['_where']}.{name}")
+        return getattr(self.__dict__["_loader"], name)
 
 
 class _CopyOptimizer(LightningOptimizer):
