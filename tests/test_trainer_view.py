@@ -111,6 +111,10 @@ class Family(pl.LightningModule):
 
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_every_family_reading_the_trainer_is_checked(name, tmp_path):
+    # the initial weights: unseeded, the segmentation family's first batch misses its initial-
+    # loss band at about 1 init in 30, and 2 in 30 multilabel and dict-batch inits leave fewer
+    # than 10 judged comparisons at coords_per_tensor=3 (measured, seeds 0-29)
+    torch.manual_seed(0)
     family = FAMILIES[name]()
     module = family.module
     module.__class__ = type(f"Reading{type(module).__name__}", (Family, type(module)), {})
