@@ -51,10 +51,14 @@ def build_parser(with_tune_args: bool = False) -> argparse.ArgumentParser:
                            "on failures", description="Print the findings recorded in the "
                            "findings.jsonl of every run under LOGDIR, worst first, with the advice "
                            "of warnings and failures; exit 1 when any finding is at or above "
-                           "--fail-on (for CI), 2 when there is nothing to check.")
+                           "--fail-on (for CI), 2 when there is nothing to check (no run, or a "
+                           "findings.jsonl without one readable record).")
     check.add_argument("logdir", metavar="LOGDIR", help="a run's log directory or a folder of runs")
     check.add_argument("--fail-on", choices=["warn", "fail"], default="fail",
                        help="exit 1 when a finding is at least this severe (default fail)")
+    check.add_argument("--min-severity", choices=["info", "warn", "fail"], default="info",
+                       help="list only findings at least this severe (default info: all); the "
+                       "counts and the exit status still cover every finding")
 
     tune = sub.add_parser("tune", help="learning-rate sweep, random search and refinement",
                           description="Learning-rate sweep -> random search -> refinement "
@@ -152,15 +156,15 @@ def _reason(err: OSError) -> str:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from lightning_diag.findings import (
-        FINDINGS_FILE,
-        Severity,
-        format_findings,
-        load_findings_by_run,
-    )
+    import warnings
+
+    from lightning_diag.findings import FINDINGS_FILE, Severity, load_findings_files
+    from lightning_diag.presentation import counts_text, format_findings
 
     try:
-        runs = load_findings_by_run(args.logdir)
+        with warnings.catch_warnings():  # each skipped line is summed up per run below
+            warnings.simplefilter("ignore", UserWarning)
+            runs = load_findings_files(args.logdir)
     except FileNotFoundError:
         print(f"lightning-diag check: log directory {args.logdir!r} does not exist.",
               file=sys.stderr)
@@ -169,11 +173,24 @@ def _check(args: argparse.Namespace) -> int:
         print(f"lightning-diag check: no {FINDINGS_FILE} under {args.logdir!r}: no run with "
               "lightning_diag callbacks and a logger was found there.", file=sys.stderr)
         return 2
-    every = [f for found in runs.values() for f in found]
-    for run, found in runs.items():
-        print(f"Run {run}\n{format_findings(found)}\n")
-    counts = ", ".join(f"{sum(f.severity is s for f in every)} {s.value}"
-                       for s in (Severity.FAIL, Severity.WARN, Severity.INFO))
-    print(f"{len(every)} finding(s) in {len(runs)} run(s): {counts}.")
+    unreadable = [read for read in runs.values() if not read.findings]
+    for read in runs.values():
+        if not read.findings:
+            what = (f"{read.lines} line(s), none a finding record" if read.lines else "empty")
+            print(f"lightning-diag check: {read.path} holds no readable finding record "
+                  f"({what}): nothing to check there.", file=sys.stderr)
+        elif read.skipped:
+            print(f"lightning-diag check: {read.path}: skipped {read.skipped} of {read.lines} "
+                  "line(s) that are not finding records (cut short or corrupt).", file=sys.stderr)
+    every = [f for read in runs.values() for f in read.findings]
+    if not every:
+        return 2
+    least = Severity(args.min_severity)
+    for run, read in runs.items():
+        if read.findings:
+            print(f"Run {run}\n{format_findings(read.findings, min_severity=least)}\n")
+    print(f"{len(every)} finding(s) in {len(runs)} run(s): {counts_text(every)}.")
+    if unreadable:
+        return 2
     threshold = Severity(args.fail_on)
     return int(any(f.severity >= threshold for f in every))

@@ -150,7 +150,7 @@ def test_check_fail_run_exits_1_and_prints_findings_advice_and_count(runs, capsy
 def test_check_warn_run_exits_0_by_default_and_1_with_fail_on_warn(runs, capsys):
     assert cli.main(["check", str(runs["warning"])]) == 0
     out = capsys.readouterr().out
-    assert "[WARN] data.exact_duplicate  (DataInspection)" in out and "0 fail, 1 warn" in out
+    assert "[WARN] data.exact_duplicate train  (DataInspection)" in out and "0 fail, 1 warn" in out
     assert cli.main(["check", str(runs["warning"]), "--fail-on", "warn"]) == 1
     assert cli.main(["check", str(runs["failing"]), "--fail-on", "fail"]) == 1
 

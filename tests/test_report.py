@@ -152,7 +152,8 @@ def test_findings_table_shows_each_recorded_finding_fail_first(full_report, real
     leak = by_code["data.leakage"]
     message, indices = leak[3].split("\n")
     assert leak[2] == "DataInspection" and message == one("data.leakage").message
-    assert leak[5:] == [f"{one('data.leakage').value:.4g}", "0", "0"]
+    # a fraction of the validation set, shown as a percentage (lightning_diag.presentation)
+    assert leak[5:] == [f"{100 * one('data.leakage').value:.4g}%", "0%", "0"]
     assert indices == "indices: " + ", ".join(map(str, one("data.leakage").indices))
     assert str(LEAKED_TRAIN_INDEX) in indices.removeprefix("indices: ").split(", ")
     low, high = one("initial_loss.ok").expected  # type: ignore[misc]
@@ -220,7 +221,7 @@ def test_findings_without_events_and_tables_without_findings(tmp_path):
     append_findings(tmp_path / "csv" / FINDINGS_FILE,
                     [Finding("C", "c.nan", Severity.FAIL, "NaN loss", value=float("nan"))])
     page = _parse(build_report(tmp_path / "csv"))
-    assert list(page.sections) == ["findings"] and page.sections["findings"].rows[0][5] == "nan"
+    assert list(page.sections) == ["findings"] and page.sections["findings"].rows[0][5] == "NaN"
     with SummaryWriter(str(tmp_path / "old")) as w:  # a run from before findings.jsonl
         w.add_text(tags.FINDINGS_TABLE, "| severity |\n|---|\n| WARN |", 0)
     html = build_report(tmp_path / "old").read_text()
@@ -635,10 +636,10 @@ def test_every_run_gets_a_verdict_line_read_the_same_way(tmp_path):
         "findings"]
     assert _verdicts(build_report(tmp_path / "inject").read_text()) == [
         "Verdict: FAIL diagnosis.summary: 2 likely root causes, in the order to fix them: (1) "
-        "Data. · 2 FAIL, 1 WARN, 0 INFO · findings"]
+        "Data. · 1 FAIL, 1 WARN, 0 INFO · findings"]  # the diagnosis sums up, is not counted
     assert _verdicts(build_report(tmp_path / "one").read_text()) == [
-        "Verdict: WARN activations.dead_units net.5: 0.9 (expected 0 to 0.5) at step 10 (and 1 "
-        "more problem) · 0 FAIL, 2 WARN, 1 INFO · findings"]
+        "Verdict: WARN activations.dead_units net.5: dead units 90% (expected 0% to 50%) at step "
+        "10 (and 1 more problem) · 0 FAIL, 2 WARN, 1 INFO · findings"]
     both = _verdicts(build_report(tmp_path, tmp_path / "all.html").read_text())
     assert [v.split(":")[0] for v in both] == [
         "Verdict for clean", "Verdict for inject", "Verdict for one"]

@@ -98,6 +98,7 @@ tr.row-fail{background:#fdecea}tr.row-warn{background:#fff6e5}
 .findings td.msg{overflow-wrap:anywhere;min-width:12em}.findings td.nw{width:1%}
 .findings td.run{min-width:6em}
 .findings .check,.findings .idx{color:#666;font-size:.85em}.findings .idx{margin-top:.3em}
+.findings .check{white-space:normal;overflow-wrap:anywhere}
 table.values{width:auto;margin:.5em 0}img.plot{max-width:100%;display:block;margin:.6em 0}
 .gallery{display:flex;flex-wrap:wrap;gap:1em}.gallery figure{margin:0;max-width:100%}
 .gallery img{max-width:100%;image-rendering:pixelated;min-width:160px;border:1px solid #eee}
