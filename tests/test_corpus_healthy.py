@@ -30,11 +30,6 @@ FALSE_ALARMS = {
            "against themselves) is never measured; and data.class_imbalance WARN on both "
            "splits: the 64-wide reconstruction read as 64 classes (classes 10-63 'have no "
            "sample'). No owner (issue 20.2's floor and 20.7's class count, both merged)",
-    "val_only_class": "data.class_imbalance WARN 3.73 (expected < 10): 'class 4 has no sample' "
-                      "in the training split; the rare class appears only in validation, and "
-                      "the class count now comes from the output width (5). No owner (issue "
-                      "20.7's class count, merged): a class missing from one split is not an "
-                      "imbalance of the classes present",
     "batch_size_1": "activations.dead_units WARN 0.69 (expected <= 0.5) at step 200: on one "
                     "sample about half the ReLU units are off, which is not dead (4 of 4 "
                     "seeds). No owner in this round: batch-size-aware monitors (issue 20.6), a "

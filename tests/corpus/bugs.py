@@ -195,11 +195,6 @@ class SoftmaxBeforeCE(Classifier):
         return F.cross_entropy(out.softmax(1), batch[1])  # BUG: cross_entropy applies it again
 
 
-class SumReduction(Classifier):
-    def loss_of(self, out: Tensor, batch: Any) -> Tensor:
-        return F.cross_entropy(out, batch[1], reduction="sum")  # BUG: the batch's sum
-
-
 class DeadReLU(Classifier):
     def __init__(self) -> None:
         super().__init__(_mlp(16, 32, 4))
@@ -291,8 +286,6 @@ BUG_LIST = [
     _bug("softmax_before_ce", "softmax applied before F.cross_entropy",
          lambda: SoftmaxBeforeCE(_mlp(16, 32, 4)), ("overfit.not_reached",
                                                     "initial_loss.mismatch")),
-    _bug("reduction_sum", "cross-entropy with reduction='sum' (32x the mean)",
-         lambda: SumReduction(_mlp(16, 32, 4)), ("initial_loss.mismatch",)),
     # hyperparameters and initialization (step 5)
     _bug("lr_too_high", "Adam at lr 1.0", lambda: _classifier(1.0),
          ("update_ratio.too_high", "advisor.divergence")),

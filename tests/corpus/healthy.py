@@ -350,6 +350,14 @@ def smoothing(eps: float, weighted: bool, classes: int = 4) -> Program:
                    lambda: _classes(classes=classes, priors=_PRIORS if weighted else None))
 
 
+def summed_ce() -> Program:
+    """Cross-entropy summed over the batch (``reduction="sum"``), as PyTorch's VAE example sums
+    its loss: a scale choice (the learning rate then scales with the batch size; Adam does not
+    mind), not a bug; the initial loss is judged per sample."""
+    return Program("ce_summed", "summed loss", "CrossEntropyLoss(reduction='sum') with Adam",
+                   lambda: Criterion(nn.CrossEntropyLoss(reduction="sum")), _classes)
+
+
 def class_weights() -> Program:
     return Program("class_weights", "class weights", "CrossEntropyLoss(weight=inverse class "
                    "frequency) on classes of priors 0.4/0.3/0.2/0.1",
@@ -961,7 +969,8 @@ def custom_autograd() -> Program:
 PROGRAMS = [
     cnn_digits, gru_classifier, gru_forecaster, ce_aux_head, ce_feature_penalty, multitask_ce_mse,
     distillation, lambda: smoothing(0.1, False, classes=3), lambda: smoothing(0.2, False),
-    lambda: smoothing(0.1, True), lambda: smoothing(0.2, True), class_weights, mixup, infonce,
+    lambda: smoothing(0.1, True), lambda: smoothing(0.2, True), class_weights, summed_ce, mixup,
+    infonce,
     vae, margin_ranking, poisson, quantile, gaussian_nll, ctc, tiny_lm, gan,
     manual_optimization, bf16_accumulate_clip, batch_size_4, batch_size_1, reads_trainer,
     casts_labels, val_only_class, noisy_regressor, huber_regression, sgd_cosine,
