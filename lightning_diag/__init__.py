@@ -13,25 +13,14 @@ Example:
 
 from __future__ import annotations
 
+import ast
 import importlib
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from lightning_diag.base import DiagnosticCallback, findings
-    from lightning_diag.callbacks import (
-        ActivationHistogram,
-        CheckpointEnsemble,
-        DataInspection,
-        EMAWeights,
-        FirstLayerVisualization,
-        GradientCheck,
-        InitialLossCheck,
-        LearningCurves,
-        LRPlateauAdvisor,
-        OverfitSmallBatch,
-        TrainingInvariants,
-        UpdateRatioMonitor,
-    )
+    from lightning_diag.callbacks import *  # noqa: F403  (its __all__: every callback)
     from lightning_diag.checks.data.inspect import inspect_dataset
     from lightning_diag.checks.diagnosis import diagnose
     from lightning_diag.checks.gradients import check_gradients
@@ -62,12 +51,8 @@ del globals()["findings"]
 __version__ = "0.1.0"
 
 #: Where each public name lives.
-_SOURCES = {
+_SOURCES: dict[str, tuple[str, ...]] = {
     "lightning_diag.base": ("DiagnosticCallback", "findings"),
-    "lightning_diag.callbacks": (
-        "ActivationHistogram", "CheckpointEnsemble", "DataInspection", "EMAWeights",
-        "FirstLayerVisualization", "GradientCheck", "InitialLossCheck", "LearningCurves",
-        "LRPlateauAdvisor", "OverfitSmallBatch", "TrainingInvariants", "UpdateRatioMonitor"),
     "lightning_diag.checks.data.inspect": ("inspect_dataset",),
     "lightning_diag.checks.diagnosis": ("diagnose",),
     "lightning_diag.checks.gradients": ("check_gradients",),
@@ -78,40 +63,23 @@ _SOURCES = {
     "lightning_diag.inference": ("CheckpointLoadError", "EnsembleModel", "load_ema_weights",
                                  "train_ensemble", "train_top_configs"),
 }
+
+
+def _callback_names() -> tuple[str, ...]:
+    """``lightning_diag.callbacks.__all__``, read from its source without importing it (that
+    would load torch and Lightning): adding a callback there exports it here too."""
+    source = Path(__file__).with_name("callbacks") / "__init__.py"
+    for node in ast.parse(source.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Assign) and any(
+                isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
+            return tuple(ast.literal_eval(node.value))
+    raise ImportError(f"{source} declares no __all__")
+
+
+_SOURCES["lightning_diag.callbacks"] = _callback_names()
 _LAZY = {name: module for module, names in _SOURCES.items() for name in names}
 
-__all__ = [
-    "ActivationHistogram",
-    "CheckpointEnsemble",
-    "CheckpointLoadError",
-    "DataInspection",
-    "DiagnosticCallback",
-    "DiagnosticError",
-    "DiagnosticWarning",
-    "EMAWeights",
-    "EnsembleModel",
-    "Finding",
-    "FirstLayerVisualization",
-    "GradientCheck",
-    "InitialLossCheck",
-    "LRPlateauAdvisor",
-    "LearningCurves",
-    "OverfitResult",
-    "OverfitSmallBatch",
-    "Severity",
-    "TrainingInvariants",
-    "UpdateRatioMonitor",
-    "check_gradients",
-    "check_initial_loss",
-    "diagnose",
-    "findings",
-    "inspect_dataset",
-    "load_ema_weights",
-    "load_findings",
-    "overfit_small_batch",
-    "train_ensemble",
-    "train_top_configs",
-]
+__all__ = sorted(_LAZY)
 
 
 def __getattr__(name: str) -> Any:
