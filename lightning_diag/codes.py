@@ -325,8 +325,8 @@ def declared_codes(check: str) -> list[CodeSpec]:
 
 
 # -- the generated documentation --------------------------------------------------------------
-_BEGIN = ("<!-- code table: generated from lightning_diag/codes.py by `make code-table`; "
-          "do not edit -->")
+_BEGIN = ("<!-- code table: generated from lightning_diag/codes.py when the docs are built "
+          "(docs/hooks/generated.py) -->")
 _END = "<!-- end of code table -->"
 
 

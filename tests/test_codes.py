@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 import lightning_diag.callbacks
-from lightning_diag import codes
 from lightning_diag.base import DiagnosticCallback, FitStartCheck
 from lightning_diag.checks.diagnosis import CAUSES, _kind
 from lightning_diag.codes import CODES, FAMILIES, GENERIC, declared_codes, spec
@@ -148,13 +147,3 @@ def test_pruning_codes_are_derived_and_unchanged():
 def test_fractions_are_declared_as_percentages(code):
     s = spec(code)
     assert s is not None and s.percent and s.value
-
-
-def test_docs_hold_the_generated_code_table():
-    page = ROOT / "docs" / "codes.md"
-    doc = page.read_text(encoding="utf-8")
-    assert codes.replace_between(doc, codes._BEGIN, codes._END, codes.code_table()) == doc, (
-        "docs/codes.md's code table differs from lightning_diag/codes.py; regenerate it with "
-        "`make code-table`")
-    assert all(f"`{s.code}`" in doc for s in CODES)
-

@@ -16,6 +16,7 @@ from lightning_diag.isolation import first_batches
 from lightning_diag.tensorboard.tags import FINDINGS_TABLE
 from tests.families import FAMILIES
 from tests.helpers import Classifier, cnn, codes, digits, events, loader, mlp, text_events, trainer
+from tests.shared_cases import Shared, T, V
 
 
 def batches(n=2, size=64, flatten=False):
@@ -503,3 +504,17 @@ def test_a_model_computing_its_own_loss_is_judged_through_its_head():
     assert "(= log 10" in ok.message and "`classifier output`" in ok.message
     torch.manual_seed(0)
     assert "initial_loss.mismatch" in codes(check_initial_loss(WithItsLoss(30.0), batches()))
+
+
+SHARED = Shared(
+    InitialLossCheck,
+    run={"num_batches": 1},
+    guard={"num_batches": 1},
+    bad=[("num_batches", 0, V), ("num_batches", True, T), ("num_classes", 1, V),
+         ("num_classes", 2.5, T), ("expected_loss", math.nan, V), ("expected_loss", "2.3", T),
+         ("rel_tol", -0.1, V), ("abs_tol", "x", T), ("reg_attr", "", V), ("reg_attr", 3, T),
+         ("reg_strengths", [0.0, 0.0], V), ("reg_strengths", [1.0], V),
+         ("reg_strengths", 0.1, T), ("batch_to_target", None, T), ("strict", "no", T)],
+    state=(lambda d: (InitialLossCheck(num_batches=1), InitialLossCheck(num_batches=2)),
+           lambda cb: cb.done, lambda cb: setattr(cb, "done", False)),
+)
