@@ -142,8 +142,11 @@ def _group_sections() -> list[tuple[str, str, Callable[[Canvas], str]]]:
     """A section for each tag group (root of :data:`ROOTS`) that no section above showed, say
     a new check's: everything under its root, titled by its writer."""
     writers = {s.pattern.split("/", 1)[0]: s.writer for s in TAGS}
-    return [(root, writers.get(root, root), lambda c, prefix=root + "/": c.slug(prefix))
-            for root in ROOTS]
+    return [(root, writers.get(root, root), _everything_under(root + "/")) for root in ROOTS]
+
+
+def _everything_under(prefix: str) -> Callable[[Canvas], str]:
+    return lambda c: c.slug(prefix)
 
 
 def _read_as_curves(c: Canvas, found: dict[str, list[Finding]]) -> set[str]:
