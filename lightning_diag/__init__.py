@@ -18,28 +18,26 @@ import importlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from lightning_diag.base import DiagnosticCallback, findings
-    from lightning_diag.callbacks import *  # noqa: F403  (its __all__: every callback)
-    from lightning_diag.checks.data.inspect import inspect_dataset
-    from lightning_diag.checks.diagnosis import diagnose
-    from lightning_diag.checks.gradients import check_gradients
-    from lightning_diag.checks.initial_loss import check_initial_loss
-    from lightning_diag.checks.overfit import OverfitResult, overfit_small_batch
-    from lightning_diag.findings import (
-        DiagnosticError,
-        DiagnosticWarning,
-        Finding,
-        Severity,
-        load_findings,
-    )
-    from lightning_diag.inference import (
-        CheckpointLoadError,
-        EnsembleModel,
-        load_ema_weights,
-        train_ensemble,
-        train_top_configs,
-    )
+if TYPE_CHECKING:  # `X as X`: re-exported for type checkers (the star: callbacks.__all__)
+    from lightning_diag.base import DiagnosticCallback as DiagnosticCallback
+    from lightning_diag.base import findings as findings
+    from lightning_diag.callbacks import *  # noqa: F403
+    from lightning_diag.checks.data.inspect import inspect_dataset as inspect_dataset
+    from lightning_diag.checks.diagnosis import diagnose as diagnose
+    from lightning_diag.checks.gradients import check_gradients as check_gradients
+    from lightning_diag.checks.initial_loss import check_initial_loss as check_initial_loss
+    from lightning_diag.checks.overfit import OverfitResult as OverfitResult
+    from lightning_diag.checks.overfit import overfit_small_batch as overfit_small_batch
+    from lightning_diag.findings import DiagnosticError as DiagnosticError
+    from lightning_diag.findings import DiagnosticWarning as DiagnosticWarning
+    from lightning_diag.findings import Finding as Finding
+    from lightning_diag.findings import Severity as Severity
+    from lightning_diag.findings import load_findings as load_findings
+    from lightning_diag.inference import CheckpointLoadError as CheckpointLoadError
+    from lightning_diag.inference import EnsembleModel as EnsembleModel
+    from lightning_diag.inference import load_ema_weights as load_ema_weights
+    from lightning_diag.inference import train_ensemble as train_ensemble
+    from lightning_diag.inference import train_top_configs as train_top_configs
 
 import lightning_diag.findings  # noqa: F401  (light; loaded now for the name below)
 

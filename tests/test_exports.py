@@ -87,3 +87,25 @@ def test_importing_the_package_loads_neither_torch_nor_lightning() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_every_public_name_is_re_exported_for_type_checkers() -> None:
+    """A type checker (mypy --strict: no implicit re-export) sees each name: imported under
+    TYPE_CHECKING as ``X as X``, or the callbacks through ``from lightning_diag.callbacks import
+    *`` (its literal ``__all__``)."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse(Path(lightning_diag.__file__).read_text(encoding="utf-8"))
+    block = next(n for n in tree.body if isinstance(n, ast.If)
+                 and isinstance(n.test, ast.Name) and n.test.id == "TYPE_CHECKING")
+    seen: set[str] = set()
+    for node in block.body:
+        assert isinstance(node, ast.ImportFrom)
+        for alias in node.names:
+            if alias.name == "*":
+                assert node.module == "lightning_diag.callbacks"
+                seen |= set(callbacks.__all__)
+            elif alias.asname == alias.name:
+                seen.add(alias.name)
+    assert seen == set(lightning_diag.__all__)
