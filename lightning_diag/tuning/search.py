@@ -27,6 +27,7 @@ from typing import Any
 from lightning_diag.tuning.records import RefineResult, SearchResult
 from lightning_diag.tuning.refine import check_refine_arguments, refine
 from lightning_diag.tuning.study import (
+    EMBEDDED_STUDY,
     embedded_url,
     fail_leftovers,
     open_storage,
@@ -158,7 +159,8 @@ def random_search(model_factory: ModelFactory, data: Any, center_lr: float, n_tr
     url = embedded_url(run_dir) if embedded else storage
     with run_dir_lock(run_dir) if embedded else nullcontext():
         study = optuna.create_study(
-            storage=open_storage(optuna, url, None if embedded else heartbeat),
+            storage=open_storage(optuna, url, None if embedded else heartbeat,
+                                 embedded=run_dir / EMBEDDED_STUDY if embedded else None),
             study_name=study_name, direction=direction, load_if_exists=True,
             sampler=trial_sampler(optuna, seed),
             pruner=pruner or optuna.pruners.MedianPruner(n_startup_trials=2,

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import math
 import random
+import sqlite3
 import time
 import warnings
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -132,11 +134,16 @@ def _shown(url: str) -> str:
         return url
 
 
-def open_storage(optuna: Any, storage: Any, heartbeat: int | None) -> Any:
+def open_storage(optuna: Any, storage: Any, heartbeat: int | None,
+                 embedded: Path | None = None) -> Any:
     """The RDB storage at URL ``storage`` (any other storage object is returned as given).
 
     With ``heartbeat`` (seconds), a running trial writes a heartbeat; one silent for twice that
     long is failed by the next worker that starts a trial, and its configuration retried once.
+    ``embedded``: the file of a run_dir's own study (``storage`` is its URL), which one process
+    holds: it is written ahead (SQLite's WAL journal, synchronised at checkpoints), so that a
+    trial's dozen small writes do not each wait for the disk (24 ms each on a busy disk, 0.01
+    ms so); a killed process loses nothing, a power cut at most the last trials.
     Workers creating a fresh study's tables at the same moment collide (a unique constraint of
     the schema's version row); the storage is then opened again, up to 5 times.
 
@@ -155,6 +162,8 @@ def open_storage(optuna: Any, storage: Any, heartbeat: int | None) -> Any:
             kwargs = {"heartbeat_interval": heartbeat,
                       "failed_trial_callback": optuna.storages.RetryFailedTrialCallback(
                           max_retry=1)}
+    if embedded is not None:
+        kwargs["engine_kwargs"] = {"creator": partial(_write_ahead, embedded)}
     tries = 0
     while True:
         try:
@@ -166,6 +175,14 @@ def open_storage(optuna: Any, storage: Any, heartbeat: int | None) -> Any:
             time.sleep(random.uniform(0.05, 0.3) * tries)
         except (ArgumentError, ImportError, SQLAlchemyError) as err:
             raise _storage_error(storage, err) from err
+
+
+def _write_ahead(path: Path) -> sqlite3.Connection:
+    """A connection to the SQLite file ``path`` in WAL mode, synchronised at checkpoints."""
+    conn = sqlite3.connect(str(path), check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    return conn
 
 
 def _racing(err: Exception) -> bool:
