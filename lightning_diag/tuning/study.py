@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import math
 import random
 import sqlite3
@@ -159,9 +160,12 @@ def open_storage(optuna: Any, storage: Any, heartbeat: int | None,
     if heartbeat is not None:
         with warnings.catch_warnings():  # the retry callback is marked experimental
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            kwargs = {"heartbeat_interval": heartbeat,
-                      "failed_trial_callback": optuna.storages.RetryFailedTrialCallback(
-                          max_retry=1)}
+            retry = optuna.storages.RetryFailedTrialCallback(max_retry=1)
+        # Optuna 4.9 renamed the argument (the old name warns, and goes in 6.0)
+        renamed = "heartbeat_stale_trial_callback" in inspect.signature(
+            optuna.storages.RDBStorage).parameters
+        kwargs = {"heartbeat_interval": heartbeat,
+                  "heartbeat_stale_trial_callback" if renamed else "failed_trial_callback": retry}
     if embedded is not None:
         kwargs["engine_kwargs"] = {"creator": partial(_write_ahead, embedded)}
     tries = 0
