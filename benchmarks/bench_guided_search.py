@@ -15,9 +15,11 @@ first. Families (``search_tasks.py``):
 - ``bars``: a CNN, AdamW with a cosine schedule, bars of 4 orientations in noise;
 - ``waves``: a GRU, Adam with a linear warm-up then cosine, gradients clipped at 1, noisy sines.
 
-Reported per family, from the studies' own trial timestamps: the wall time until the plain
-search's best validation accuracy is reached in each search, the best accuracy of each, the
-whole search's time, what ended trials; and **false prunes**: every trial the diagnosis ended is
+Reported per family: the time until the plain search's best validation accuracy is reached in
+each search, as the process's CPU seconds (single-threaded work: its wall time on an idle
+machine; the load of other jobs on a shared machine does not inflate it) and as wall seconds
+from the studies' timestamps; the best accuracy of each, the whole search's time, what ended
+trials; and **false prunes**: every trial the diagnosis ended is
 also trained to its end in a side measurement (outside the timed searches), and counts as a
 false prune if it finishes within 1 point of the best accuracy seen for that seed.
 
@@ -90,29 +92,48 @@ FAMILIES = {
 
 def search(family: Family, seed: int, center: float, diagnose: bool,
            args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The search's trials in the order they ran, each with the wall time from the start of the
-    first trial to its own end (``elapsed``), read from the study's timestamps."""
+    """The search's trials in the order they ran, each with the time from the start of the
+    search to its own end: ``cpu``, the process's CPU seconds (what the load of other jobs on
+    the machine does not inflate), and ``elapsed``, the wall seconds from the start of the
+    study's first trial, read from the study's timestamps."""
     import optuna
 
-    from lightning_diag.tuning.search import random_search
+    import lightning_diag.tuning.search as searching
 
-    with tempfile.TemporaryDirectory() as run_dir:
-        result = random_search(
-            family.factory(), family.data(seed), center_lr=center, lr_span=SPAN,
-            n_trials=args.trials, epochs=tuple(args.epochs), weight_decays=WEIGHT_DECAYS,
-            run_dir=run_dir, seed=seed, diagnose=diagnose, accelerator="cpu",
-            **family.trainer_kwargs())
-        trials = optuna.load_study(study_name=result.study_name,
-                                   storage=result.storage).get_trials(deepcopy=False)
-    start = min(t.datetime_start for t in trials)
-    ended = {t.number: (t.datetime_complete - start).total_seconds() for t in trials}
-    return [{**dict(r), "elapsed": ended[r.number]}
+    real, cpu = searching.objective, {}
+    start = time.process_time()
+
+    def timed(*given: Any, **kwargs: Any) -> Any:  # each trial's end, in CPU seconds
+        run = real(*given, **kwargs)
+
+        def timed_run(trial: Any) -> float:
+            try:
+                return run(trial)
+            finally:
+                cpu[trial.number] = time.process_time() - start
+        return timed_run
+
+    searching.objective = timed
+    try:
+        with tempfile.TemporaryDirectory() as run_dir:
+            result = searching.random_search(
+                family.factory(), family.data(seed), center_lr=center, lr_span=SPAN,
+                n_trials=args.trials, epochs=tuple(args.epochs), weight_decays=WEIGHT_DECAYS,
+                run_dir=run_dir, seed=seed, diagnose=diagnose, accelerator="cpu",
+                **family.trainer_kwargs())
+            trials = optuna.load_study(study_name=result.study_name,
+                                       storage=result.storage).get_trials(deepcopy=False)
+    finally:
+        searching.objective = real
+    first = min(t.datetime_start for t in trials)
+    ended = {t.number: (t.datetime_complete - first).total_seconds() for t in trials}
+    return [{**dict(r), "elapsed": ended[r.number], "cpu": cpu[r.number]}
             for r in sorted(result.rows, key=lambda r: r.number)]
 
 
-def time_to(rows: list[dict[str, Any]], target: float) -> float:
-    """Elapsed seconds when a completed trial first reached ``target`` (inf: never)."""
-    return next((r["elapsed"] for r in rows
+def time_to(rows: list[dict[str, Any]], target: float, clock: str) -> float:
+    """``clock`` seconds when a completed trial first reached ``target`` (inf: never)."""
+    return next((r[clock] for r in rows
                  if r["state"] == "complete" and r["value"] >= target - 1e-9), math.inf)
 
 
@@ -138,36 +159,42 @@ def compare(family: Family, seed: int, args: argparse.Namespace) -> dict[str, An
              f"{v:.3f})" for n, v in finals.items() if v >= best - POINT]
     return {"family": family.name, "seed": seed, "pick": center,
             "best_plain": best_plain, "best_guided": best_guided,
-            "t_plain": time_to(plain, best_plain), "t_guided": time_to(guided, best_plain),
-            "total_plain": plain[-1]["elapsed"], "total_guided": guided[-1]["elapsed"],
+            "t_plain": time_to(plain, best_plain, "cpu"),
+            "t_guided": time_to(guided, best_plain, "cpu"),
+            "w_plain": time_to(plain, best_plain, "elapsed"),
+            "w_guided": time_to(guided, best_plain, "elapsed"),
+            "total_plain": plain[-1]["cpu"], "total_guided": guided[-1]["cpu"],
             "ended": dict(collections.Counter(r["ended_by"] for r in guided if r["ended_by"])),
             "plain_pruned": sum(r["ended_by"] == "pruner" for r in plain),
             "diagnosed": len(diagnosed), "false": false,
             "side_best": max(finals.values(), default=math.nan)}
 
 
-def saved(r: dict[str, Any]) -> float:
-    return 1 - r["t_guided"] / r["t_plain"]
+def saved(r: dict[str, Any], clock: str = "t") -> float:
+    return 1 - r[f"{clock}_guided"] / r[f"{clock}_plain"]
 
 
 def row(r: dict[str, Any]) -> str:
     ended = ", ".join(f"{code} {n}" for code, n in sorted(r["ended"].items())) or "-"
     return (f"| {r['family']} | {r['seed']} | {r['pick']:g} | {r['best_plain']:.4f} | "
             f"{r['best_guided']:.4f} | {r['t_plain']:.1f} | {r['t_guided']:.1f} | "
-            f"{saved(r):.0%} | {r['total_plain']:.1f} | {r['total_guided']:.1f} | {ended} | "
-            f"{r['plain_pruned']} | {r['diagnosed']} | {len(r['false'])} |")
+            f"**{saved(r):.0%}** | {saved(r, 'w'):.0%} | {r['total_plain']:.1f} | "
+            f"{r['total_guided']:.1f} | {ended} | {r['plain_pruned']} | {r['diagnosed']} | "
+            f"{len(r['false'])} |")
 
 
 def summary(results: list[dict[str, Any]]) -> list[str]:
-    lines = ["| family | pairs | time to the plain search's best: saved per seed | mean | "
-             "best accuracy: lowest guided - plain | whole search, plain -> guided (s) | "
-             "trials the diagnosis ended | false prunes |", "|" + "---|" * 8]
+    lines = ["| family | pairs | time to the plain search's best, CPU: saved per seed | mean | "
+             "wall (loaded machine): mean | best accuracy: lowest guided - plain | whole "
+             "search CPU, plain -> guided (s) | trials the diagnosis ended | false prunes |",
+             "|" + "---|" * 9]
     for name in dict.fromkeys(r["family"] for r in results):
         rs = [r for r in results if r["family"] == name]
         gap = min(r["best_guided"] - r["best_plain"] for r in rs)
         lines.append(
             f"| {name} | {len(rs)} | {', '.join(f'{saved(r):.0%}' for r in rs)} | "
-            f"**{statistics.mean(saved(r) for r in rs):.0%}** | {gap * 100:+.1f} points | "
+            f"**{statistics.mean(saved(r) for r in rs):.0%}** | "
+            f"{statistics.mean(saved(r, 'w') for r in rs):.0%} | {gap * 100:+.1f} points | "
             f"{sum(r['total_plain'] for r in rs):.1f} -> "
             f"{sum(r['total_guided'] for r in rs):.1f} | {sum(r['diagnosed'] for r in rs)} | "
             f"{sum(len(r['false']) for r in rs)} |")
@@ -187,8 +214,10 @@ def write(args: argparse.Namespace, results: list[dict[str, Any]], load: list[fl
         f"pick x {SPAN:g}], weight decay from {WEIGHT_DECAYS}, epochs {tuple(args.epochs)} "
         "(Optuna's median pruner from the end of the first), once with `diagnose=False` "
         "(plain) and once with `diagnose=True` (guided) on the same seed, taking turns going "
-        "first, after a warm-up search of each. Times are wall times from the start of the "
-        "study's first trial, read from the study's timestamps. A false prune: a trial the "
+        "first, after a warm-up search of each. Times are the search process's CPU seconds "
+        "from its start to the end of a trial (single-threaded work: its wall time on an idle "
+        "machine, and what the other jobs' load does not inflate); the wall-time column reads "
+        "the study's timestamps, as loaded as the machine was. A false prune: a trial the "
         "diagnosis ended that, trained to its end in a side measurement, finishes within 1 "
         "point of the best accuracy seen for that seed.",
         "",
@@ -197,10 +226,11 @@ def write(args: argparse.Namespace, results: list[dict[str, Any]], load: list[fl
         *summary(results),
         "",
         "| family | seed | sweep pick | best plain | best guided | time to plain's best, "
-        "plain (s) | guided (s) | time saved | search total, plain (s) | guided (s) | guided: "
-        "trials ended, by rule (finding code, or Optuna's pruner) | plain: trials the median "
-        "pruner ended | trials the diagnosis ended | false prunes |",
-        "|" + "---|" * 14,
+        "plain (CPU s) | guided (CPU s) | time saved, CPU | wall | search total, plain (CPU "
+        "s) | guided (CPU s) | guided: trials ended, by rule (finding code, or Optuna's "
+        "pruner) | plain: trials the median pruner ended | trials the diagnosis ended | false "
+        "prunes |",
+        "|" + "---|" * 15,
         *map(row, results),
         "",
         "False prunes: " + ("none." if not false else ""),

@@ -28,6 +28,7 @@ import collections
 import datetime
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -110,7 +111,8 @@ def corpus(args: argparse.Namespace) -> list[dict[str, Any]]:
             trials = [run_trial(task, seed, lr, wd, args.epochs)
                       for lr, wd in draws(seed, sweep.best_lr, args.span, args.trials)]
             searches.append({"task": name, "seed": seed, "pick": sweep.best_lr,
-                             "trials": trials})
+                             "trials": trials, "date": str(datetime.date.today()),
+                             "load": os.getloadavg()[0]})
             best = max(t["acc"] for t in trials)
             fired = collections.Counter(k for t in trials for k in t["first"])
             print(f"{name} seed {seed}: pick {sweep.best_lr:g}, best {best:.3f}, "
@@ -138,32 +140,63 @@ def tally(searches: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def margins(searches: list[dict[str, Any]]) -> tuple[tuple[float, str], tuple[float, str]]:
+    """The update ratios of the trials within 1 point of their search's best that came closest
+    to each threshold: the largest median ratio at any logged step (``too_high`` fires at 1),
+    and the smallest largest-of-3-consecutive logged medians (``too_low`` needs 3 below 1e-5)."""
+    high, low = (0.0, ""), (math.inf, "")
+    for s in searches:
+        best = max(t["acc"] for t in s["trials"])
+        for t in s["trials"]:
+            ratios = [r for _, r in t["ratios"] if math.isfinite(r)]
+            if t["acc"] < best - POINT or not ratios:
+                continue
+            where = f"{s['task']} s{s['seed']} lr {t['lr']:.2g}"
+            high = max(high, (max(ratios), where))
+            runs = [max(ratios[i:i + 3]) for i in range(len(ratios) - 2)]
+            low = min(low, (min(runs, default=math.inf), where))
+    return high, low
+
+
 def write(args: argparse.Namespace, searches: list[dict[str, Any]]) -> None:
     rows = tally(searches)
     total_trials = sum(len(s["trials"]) for s in searches)
+    (high, high_at), (low, low_at) = margins(searches)
+    loads = [s["load"] for s in searches if "load" in s] or args.load
+    dates = sorted({s.get("date", args.date) for s in searches})
     lines = [
         "## False prunes of each diagnosis rule (issue 24)",
         "",
-        f"Measured {datetime.date.today()} on {os.cpu_count()} CPU cores (load average "
-        f"{os.getloadavg()[0]:.1f} at the end). {len(searches)} searches ({len(args.tasks)} tasks "
-        f"x seeds {args.seeds}), {args.trials} trials each ({total_trials} trials), lr "
-        f"log-uniform in [pick / {args.span:g}, pick x {args.span:g}] around each seed's sweep "
-        f"pick, weight decay from {WEIGHT_DECAYS}, every trial trained {args.epochs} epochs "
-        "with the search's trial monitors attached and nothing ended. A false prune: a trial "
-        "the rule would end that finishes within 1 point of its search's best.",
+        f"Measured {', '.join(dates)} on {os.cpu_count()} CPU cores shared with other jobs "
+        f"(load average {min(loads):.1f}-{max(loads):.1f}). "
+        f"{len(searches)} searches ({len(args.tasks)} tasks x seeds {args.seeds}), "
+        f"{args.trials} trials each ({total_trials} trials), lr log-uniform in [pick / "
+        f"{args.span:g}, pick x {args.span:g}] around each seed's sweep pick, weight decay from "
+        f"{WEIGHT_DECAYS}, every trial trained {args.epochs} epochs with the monitors of the "
+        "search's trials before issue 24 attached (`LRPlateauAdvisor(stall_steps=30)`, "
+        "`UpdateRatioMonitor(every_n_steps=20, high=1, extreme=1)`, `ActivationHistogram("
+        "every_n_steps=50)`) and nothing ended. A false prune: a trial the rule would end that, "
+        "trained to its end, finishes within 1 point of its search's best. \"ends a trial\": "
+        "in `PRUNING_CODES` now (any FAIL ends one too; none was seen). Deterministic given "
+        "the seeds (CPU, one thread); the seconds below are wall times on a shared machine.",
         "",
-        "| finding (severity) | ends a trial today | trials it would end | false prunes | "
-        "median step | share of those trials' steps saved |",
+        "| finding (severity) | ends a trial | trials it would end | false prunes | median "
+        "step | share of those trials' steps it would save |",
         "|---|---|---|---|---|---|",
     ]
     for key in sorted(rows, key=lambda k: (-len(rows[k]["false"]), k)):
         r = rows[key]
         code, _, severity = key.partition(":")
-        today = "yes" if severity == "FAIL" or code in PRUNING_CODES else "no"
+        today = "**yes**" if severity == "FAIL" or code in PRUNING_CODES else "no"
         at = sorted(r["at"])[len(r["at"]) // 2]
         lines.append(f"| `{code}` ({severity}) | {today} | {r['ended']} | {len(r['false'])} | "
                      f"{at} | {r['saved'] / max(1, r['steps']):.0%} |")
-    lines += ["", "False prunes, each: task, seed, learning rate (final accuracy vs the "
+    lines += ["", "Margins of the update-ratio thresholds over the trials within 1 point of "
+              f"their search's best: the largest median update ratio any of them reached is "
+              f"{high:.3g} ({high_at}; `too_high` ends a trial at 1); the smallest ratio any "
+              f"of them stayed under for 3 consecutive logged steps is {low:.3g} ({low_at}; "
+              "`too_low` fires below 1e-5).",
+              "", "False prunes, each: task, seed, learning rate (final accuracy vs the "
               "search's best, the step the rule fired at):", ""]
     for key, r in sorted(rows.items()):
         for what in r["false"]:
@@ -193,6 +226,11 @@ def main() -> None:
     parser.add_argument("--json", default=str(Path("/tmp") / "pruning_rules.json"))
     parser.add_argument("--from-json", action="store_true",
                         help="Tabulate the records of --json again without training.")
+    parser.add_argument("--date", default=str(datetime.date.today()),
+                        help="With --from-json: the date of records that do not hold theirs.")
+    parser.add_argument("--load", type=float, nargs="+", default=[os.getloadavg()[0]],
+                        help="With --from-json: the load seen while records that do not hold "
+                             "theirs were measured.")
     args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     logging.getLogger("lightning_diag").setLevel(logging.ERROR)
