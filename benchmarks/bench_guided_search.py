@@ -4,10 +4,11 @@ For each family and seed, the recipe's search is run as a user would: a learning
 (recipe rates 1e-1 to 1e-4, 100 steps, extended once at an edge) picks a rate, then
 :func:`random_search` draws ``--trials`` configurations, learning rate log-uniform two decades
 either side of the pick (``lr_span=100``), weight decay from (1e-4, 1e-5, 0), ``--epochs`` 2-8
-per trial under Optuna's median pruner. It runs twice on the same seed, so trial ``n`` is the
-same configuration in both: ``diagnose=False`` (plain: the median pruner alone) and
-``diagnose=True`` (guided: the trial monitors also end trials), the two taking turns going
-first. Families (``search_tasks.py``):
+per trial under Optuna's median pruner. It runs on the same seed, so trial ``n`` is the same
+configuration in both, with ``diagnose=False`` (plain: the median pruner alone) and
+``diagnose=True`` (guided: the trial monitor also ends trials), ``--repeats`` times each, the
+two taking turns going first; a search is deterministic, so its repeats differ only in time
+(checked), and the median time is taken. Families (``search_tasks.py``):
 
 - ``digits``: the library's example, ``DigitsClassifier(arch="cnn")``, Adam;
 - ``blobs``: a tanh MLP, SGD with momentum 0.9, 5 overlapping Gaussian classes (the case of
@@ -137,18 +138,35 @@ def time_to(rows: list[dict[str, Any]], target: float, clock: str) -> float:
                  if r["state"] == "complete" and r["value"] >= target - 1e-9), math.inf)
 
 
+def outcome(rows: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    """What a search did, trial by trial, whatever its timing."""
+    return [(r["number"], r["state"], r["steps"], r["ended_by"],
+             round(r["value"], 6) if math.isfinite(r["value"]) else None) for r in rows]
+
+
 def compare(family: Family, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     sweep = lr_sweep(family.factory(), datamodule=family.data(seed), steps=100, seed=seed,
                      accelerator="cpu", **family.trainer_kwargs())
     center = sweep.best_lr
-    # the two searches take turns going first, so neither always finds the caches warm
-    first, second = (True, False) if seed % 2 else (False, True)
-    runs = {first: search(family, seed, center, first, args)}
-    runs[second] = search(family, seed, center, second, args)
-    plain, guided = runs[False], runs[True]
+    # Each search ``--repeats`` times, the two taking turns going first (so neither always
+    # finds the caches warm); a search is deterministic, so its repeats differ only in time,
+    # and the median time of the repeats is taken.
+    runs: dict[bool, list[list[dict[str, Any]]]] = {False: [], True: []}
+    for rep in range(args.repeats):
+        for diagnose in (False, True) if (seed + rep) % 2 == 0 else (True, False):
+            runs[diagnose].append(search(family, seed, center, diagnose, args))
+    for diagnose, repeats in runs.items():
+        if any(outcome(r) != outcome(repeats[0]) for r in repeats):
+            raise RuntimeError(f"{family.name} seed {seed}: the repeats of the "
+                               f"{'guided' if diagnose else 'plain'} search differ")
+    plain, guided = runs[False][0], runs[True][0]
     best_plain = max((r["value"] for r in plain if r["state"] == "complete"), default=math.nan)
     best_guided = max((r["value"] for r in guided if r["state"] == "complete"),
                       default=math.nan)
+
+    def median_to(diagnose: bool, clock: str) -> float:
+        return statistics.median(time_to(r, best_plain, clock) for r in runs[diagnose])
+
     # side measurement: every trial the diagnosis ended, trained to its end
     diagnosed = [r for r in guided if r["ended_by"] not in ("", "pruner")]
     finals = {r["number"]: train_and_score(
@@ -157,13 +175,14 @@ def compare(family: Family, seed: int, args: argparse.Namespace) -> dict[str, An
     best = max([best_plain, best_guided, *finals.values()])
     false = [f"trial {n} (lr {next(r['lr'] for r in diagnosed if r['number'] == n):.2g}, "
              f"{v:.3f})" for n, v in finals.items() if v >= best - POINT]
+    plain_times = [time_to(r, best_plain, "cpu") for r in runs[False]]
     return {"family": family.name, "seed": seed, "pick": center,
             "best_plain": best_plain, "best_guided": best_guided,
-            "t_plain": time_to(plain, best_plain, "cpu"),
-            "t_guided": time_to(guided, best_plain, "cpu"),
-            "w_plain": time_to(plain, best_plain, "elapsed"),
-            "w_guided": time_to(guided, best_plain, "elapsed"),
-            "total_plain": plain[-1]["cpu"], "total_guided": guided[-1]["cpu"],
+            "t_plain": median_to(False, "cpu"), "t_guided": median_to(True, "cpu"),
+            "w_plain": median_to(False, "elapsed"), "w_guided": median_to(True, "elapsed"),
+            "spread": max(plain_times) / min(plain_times) - 1,
+            "total_plain": statistics.median(r[-1]["cpu"] for r in runs[False]),
+            "total_guided": statistics.median(r[-1]["cpu"] for r in runs[True]),
             "ended": dict(collections.Counter(r["ended_by"] for r in guided if r["ended_by"])),
             "plain_pruned": sum(r["ended_by"] == "pruner" for r in plain),
             "diagnosed": len(diagnosed), "false": false,
@@ -178,7 +197,8 @@ def row(r: dict[str, Any]) -> str:
     ended = ", ".join(f"{code} {n}" for code, n in sorted(r["ended"].items())) or "-"
     return (f"| {r['family']} | {r['seed']} | {r['pick']:g} | {r['best_plain']:.4f} | "
             f"{r['best_guided']:.4f} | {r['t_plain']:.1f} | {r['t_guided']:.1f} | "
-            f"**{saved(r):.0%}** | {saved(r, 'w'):.0%} | {r['total_plain']:.1f} | "
+            f"**{saved(r):.0%}** | {saved(r, 'w'):.0%} | {r['spread']:.0%} | "
+            f"{r['total_plain']:.1f} | "
             f"{r['total_guided']:.1f} | {ended} | {r['plain_pruned']} | {r['diagnosed']} | "
             f"{len(r['false'])} |")
 
@@ -213,8 +233,10 @@ def write(args: argparse.Namespace, results: list[dict[str, Any]], load: list[fl
         f"`random_search` draws {args.trials} trials, lr log-uniform in [pick / {SPAN:g}, "
         f"pick x {SPAN:g}], weight decay from {WEIGHT_DECAYS}, epochs {tuple(args.epochs)} "
         "(Optuna's median pruner from the end of the first), once with `diagnose=False` "
-        "(plain) and once with `diagnose=True` (guided) on the same seed, taking turns going "
-        "first, after a warm-up search of each. Times are the search process's CPU seconds "
+        f"(plain) and once with `diagnose=True` (guided) on the same seed, {args.repeats} "
+        "times each, taking turns going first, after a warm-up search of each; a search is "
+        "deterministic, so its repeats differ only in time, and times are the median of the "
+        "repeats. Times are the search process's CPU seconds "
         "from its start to the end of a trial (single-threaded work: its wall time on an idle "
         "machine, and what the other jobs' load does not inflate); the wall-time column reads "
         "the study's timestamps, as loaded as the machine was. A false prune: a trial the "
@@ -226,11 +248,11 @@ def write(args: argparse.Namespace, results: list[dict[str, Any]], load: list[fl
         *summary(results),
         "",
         "| family | seed | sweep pick | best plain | best guided | time to plain's best, "
-        "plain (CPU s) | guided (CPU s) | time saved, CPU | wall | search total, plain (CPU "
-        "s) | guided (CPU s) | guided: trials ended, by rule (finding code, or Optuna's "
-        "pruner) | plain: trials the median pruner ended | trials the diagnosis ended | false "
-        "prunes |",
-        "|" + "---|" * 15,
+        "plain (CPU s) | guided (CPU s) | time saved, CPU | wall | plain's repeats: slowest / "
+        "fastest - 1 | search total, plain (CPU s) | guided (CPU s) | guided: trials ended, "
+        "by rule (finding code, or Optuna's pruner) | plain: trials the median pruner ended | "
+        "trials the diagnosis ended | false prunes |",
+        "|" + "---|" * 16,
         *map(row, results),
         "",
         "False prunes: " + ("none." if not false else ""),
@@ -238,7 +260,7 @@ def write(args: argparse.Namespace, results: list[dict[str, Any]], load: list[fl
         "",
         f"Command: `.venv/bin/python benchmarks/bench_guided_search.py --families "
         f"{' '.join(args.families)} --seeds {' '.join(map(str, args.seeds))} --trials "
-        f"{args.trials} --epochs {args.epochs[0]} {args.epochs[1]}`",
+        f"{args.trials} --epochs {args.epochs[0]} {args.epochs[1]} --repeats {args.repeats}`",
     ]
     Path(args.out).write_text("\n".join(lines) + "\n", encoding="utf-8")
 
@@ -251,6 +273,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--epochs", type=int, nargs=2, default=[2, 8], metavar=("MIN", "MAX"))
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="Runs of each search per seed; the median time is taken.")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"
                                              / "guided_search.md"))
     args = parser.parse_args()
