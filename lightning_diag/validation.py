@@ -28,12 +28,14 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 __all__ = [
+    "argument",
     "check_callable",
     "check_choice",
     "check_flag",
@@ -41,8 +43,14 @@ __all__ = [
     "check_number",
     "check_sequence",
     "check_str",
+    "from_arguments",
+    "key_arguments",
     "require",
+    "validate_arguments",
 ]
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def require(ok: bool, name: str, value: Any, allowed: str,
@@ -239,3 +247,83 @@ def check_sequence(name: str, value: Any, item: Callable[[str, Any], None] | Non
     if item is not None:
         for i, v in enumerate(value):
             item(f"{name}[{i}]", v)
+
+
+def argument(default: T, check: Callable[[str, Any], None] | None = None, *,
+             convert: Callable[[Any], Any] | None = None, key: bool | str = True) -> T:
+    """A field of a frozen settings record (a dataclass): one callback argument, declared once.
+
+    The record is the single source of an argument's name, default and check; the callback's
+    ``__init__`` builds it with :func:`from_arguments` and its ``state_key`` comes from
+    :func:`key_arguments`. The record's ``__post_init__`` calls :func:`validate_arguments`.
+
+    Args:
+        default: The default value (the callback's signature repeats it; a test compares them).
+        check: Called as ``check(name, value)``; raises in this module's style.
+        convert: Applied to the value once it is checked (e.g. ``float``).
+        key: Whether the argument changes what the callback measures, so that it is part of
+            the ``state_key``: True under its own name, a string under that name (the key
+            of an older version), False left out (presentation: figures, charts, schedules
+            that keep the saved state valid).
+
+    Example:
+        >>> from dataclasses import dataclass
+        >>> from functools import partial
+        >>> @dataclass(frozen=True)
+        ... class Settings:
+        ...     bins: int = argument(64, partial(check_int, high=256))
+        ...     ratio: float = argument(0.5, check_number, convert=float)
+        ...     log_charts: bool = argument(True, check_flag, key=False)
+        ...     def __post_init__(self) -> None:
+        ...         validate_arguments(self)
+        >>> Settings(ratio=1)
+        Settings(bins=64, ratio=1.0, log_charts=True)
+        >>> key_arguments(Settings())
+        {'bins': 64, 'ratio': 0.5}
+        >>> Settings(bins=10**6)
+        Traceback (most recent call last):
+        ...
+        ValueError: `bins` must be an int in [1, 256], got 1000000.
+    """
+    metadata = {"check": check, "convert": convert, "key": key}
+    return dataclasses.field(default=default, metadata=metadata)  # type: ignore[no-any-return]
+
+
+def validate_arguments(record: Any) -> None:
+    """Check every :func:`argument` of ``record`` (a frozen dataclass) in field order, and
+    convert the ones that say so; relations between arguments are checked after it, with
+    :func:`require`."""
+    for field in dataclasses.fields(record):
+        value = getattr(record, field.name)
+        check, convert = field.metadata.get("check"), field.metadata.get("convert")
+        if check is not None:
+            check(field.name, value)
+        if convert is not None:
+            object.__setattr__(record, field.name, convert(value))  # frozen: set once, here
+
+
+def from_arguments(record_type: Callable[..., R], arguments: Mapping[str, Any]) -> R:
+    """The record of ``record_type`` built from the entries of ``arguments`` that are its
+    fields: a callback's ``__init__`` passes ``locals()``, so that no argument is named again.
+
+    Example:
+        >>> from dataclasses import dataclass
+        >>> @dataclass(frozen=True)
+        ... class Settings:
+        ...     bins: int = 64
+        >>> from_arguments(Settings, {"self": None, "bins": 8, "strict": False})
+        Settings(bins=8)
+    """
+    names = [f.name for f in dataclasses.fields(record_type)]  # type: ignore[arg-type]
+    return record_type(**{name: arguments[name] for name in names if name in arguments})
+
+
+def key_arguments(record: Any) -> dict[str, Any]:
+    """The arguments of ``record`` that make a callback's ``state_key``, in field order, each
+    under its key name (see :func:`argument`)."""
+    out: dict[str, Any] = {}
+    for field in dataclasses.fields(record):
+        key = field.metadata.get("key", True)
+        if key is not False:
+            out[field.name if key is True else key] = getattr(record, field.name)
+    return out

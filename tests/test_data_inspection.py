@@ -3,6 +3,7 @@ quiet, the main run unchanged."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +14,14 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
 from lightning_diag.callbacks.data_inspection import DataInspection
-from lightning_diag.checks.data.inspect import inspect_dataset
+from lightning_diag.checks.data.inspect import InspectionConfig, inspect_dataset, run_inspection
 from lightning_diag.examples.digits import DigitsDataModule, load_digits_tensors
 from lightning_diag.findings import FINDINGS_FILE, Finding, Severity
 from lightning_diag.tensorboard.tags import (
     DATA_CLASS_COUNTS,
     DATA_SUMMARY,
+    FINDINGS_CARD,
     data_grid,
-    data_labels,
 )
 from tests.helpers import Classifier, codes, events, loader, mlp, text_events, trainer
 
@@ -267,7 +268,7 @@ def test_callback_leaves_the_main_run_unchanged_and_logs(tmp_path: Path, split: 
     images = set(acc.Tags()["images"])
     assert {DATA_CLASS_COUNTS, data_grid("samples_per_class"), data_grid("exact_duplicates"),
             data_grid("leakage_train_vs_validation")} <= images
-    assert {data_labels("train"), data_labels("validation")} <= set(acc.Tags()["histograms"])
+    assert not acc.Tags()["histograms"]  # the labels are the class counts' bars
     assert "exact_duplicate_groups | 1" in text_events(acc, DATA_SUMMARY)[0]
     leftovers = {p.name for p in (tmp_path / "cb").rglob("*") if p.is_file()}
     assert all(name.startswith("events.out.tfevents") or name in ("hparams.yaml", FINDINGS_FILE)
@@ -419,6 +420,8 @@ def _tile_rows(image: Any, left: int) -> list[tuple[int, int]]:
 
 def test_grids_label_every_class_and_mark_split_index_and_label(
         tmp_path: Path, split: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+
     from lightning_diag.callbacks import data_inspection
     from lightning_diag.tensorboard.figures import CARD_WIDTH
     from lightning_diag.tensorboard.tags import data_grid
@@ -436,12 +439,17 @@ def test_grids_label_every_class_and_mark_split_index_and_label(
 
     per_class = _image(acc, data_grid("samples_per_class"))
     rows = _tile_rows(per_class, left=120)
-    assert per_class.shape[1] == CARD_WIDTH and len(rows) == 10  # every class, a row each
-    for first, end in rows:  # each row labelled ("class k") left of its images
-        tiles_start = (per_class[first:end] == 0).all(2).any(0).tolist().index(True)
-        assert tiles_start > 30 and (per_class[first:end, :tiles_start] < 100).any()
+    # every class a row of its own, labelled ("class k") left of its images; the rows flow
+    # into columns side by side (a landscape card), each column's rows labelled alike
+    tiles = [*(per_class[rows[0][0]:rows[0][1]] == 0).all(2).any(0).tolist(), False]
+    starts = [i for i, t in enumerate(tiles) if t and not any(tiles[max(0, i - 25):i])]
+    assert per_class.shape[1] == CARD_WIDTH and len(rows) * len(starts) >= 10 > (
+        len(rows) - 1) * len(starts)
+    for first, end in rows:
+        for start in starts:
+            assert (per_class[first:end, start - 24:start - 2] < 100).any()  # its label
     pitch = rows[1][0] - rows[0][0]
-    assert per_class.shape[0] >= rows[0][0] + 10 * pitch - 8  # the height holds the 10 rows
+    assert per_class.shape[0] >= rows[0][0] + len(rows) * pitch - 8  # the height holds them
 
     def red(image: Any) -> Any:
         return (image[..., 0] > 150) & (image[..., 1] < 90) & (image[..., 2] < 90)
@@ -449,13 +457,14 @@ def test_grids_label_every_class_and_mark_split_index_and_label(
     dup = _image(acc, data_grid("exact_duplicates"))
     assert len(_tile_rows(dup, left=10)) == 1 and red(dup).sum() > 100  # conflicting: red
     leak = _image(acc, data_grid("leakage_train_vs_validation"))
-    (a_first, a_end), (b_first, _) = _tile_rows(leak, left=10)
-    assert red(leak[:a_end + 2]).sum() > 100  # the pair whose labels differ comes first, red
-    assert not red(leak[b_first:]).any()  # the agreeing pair is not
-    caption = leak[a_end + 2:b_first - 2]  # split, index and label under each sample
-    columns = (leak[a_first:a_end] == 0).all(2).any(0).tolist()  # the two samples' columns
-    split_at = columns.index(False, columns.index(True))  # where the training sample ends
-    assert red(caption[:, :split_at]).any() and red(caption[:, split_at:]).any()
+    # two pairs: side by side (a landscape image for Time Series), the one whose labels
+    # differ first, framed and captioned in red; the agreeing one right of it, not red
+    (first, end), = _tile_rows(leak, left=10)
+    reds = np.flatnonzero(red(leak).any(0))
+    assert red(leak).sum() > 100 and (leak[first:end, reds[-1] + 5:] == 0).all(2).any()
+    captions = np.flatnonzero(red(leak[end + 2:]).any(0))  # index and label under each sample
+    middle = (reds[0] + reds[-1]) // 2
+    assert (captions < middle).any() and (captions > middle).any()
 
     # a cap on classes says how many are left out
     monkeypatch.setattr(data_inspection, "_MAX_CLASSES", 4)
@@ -466,5 +475,250 @@ def test_grids_label_every_class_and_mark_split_index_and_label(
     writer.flush()
     capped = _image(events(tmp_path / "tb" / "version_0"), data_grid("samples_per_class"))
     brown = (abs(capped.astype(int) - (140, 75, 0)).sum(2) < 60)
-    assert len(_tile_rows(capped, left=120)) == 4 and brown[: rows[0][0]].any()
+    assert len(_tile_rows(capped, left=120)) in (2, 4) and brown[: rows[0][0]].any()
     assert not (abs(per_class.astype(int) - (140, 75, 0)).sum(2) < 60).any()  # no note
+
+
+# --- token ids compared as sequences; the class count from every split and the model ---------
+def zipf_text(n: int, seed: int, lengths: tuple[int, int] = (4, 20), width: int = 24,
+              vocab: int = 500) -> torch.Tensor:
+    """Sentences of Zipf-distributed words (ids 1..vocab), padded with 0 at the end."""
+    g = torch.Generator().manual_seed(seed)
+    p = 1 / torch.arange(1, vocab + 1, dtype=torch.float)
+    ids = torch.zeros(n, width, dtype=torch.long)
+    for i in range(n):
+        size = int(torch.randint(*lengths, (1,), generator=g))
+        ids[i, :size] = torch.multinomial(p / p.sum(), size, replacement=True, generator=g) + 1
+    return ids
+
+
+class Text(Dataset):
+    """Hugging Face style samples: ``input_ids`` (padded with 0), ``attention_mask``,
+    ``labels``; ``ragged`` drops the padding (sequences of their own lengths)."""
+
+    def __init__(self, ids: torch.Tensor, labels: torch.Tensor, ragged: bool = False) -> None:
+        self.ids, self.labels, self.ragged = ids, labels, ragged
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        ids = self.ids[i][self.ids[i] > 0] if self.ragged else self.ids[i]
+        return {"input_ids": ids, "attention_mask": (ids > 0).long(), "labels": self.labels[i]}
+
+
+def text_split(lengths: tuple[int, int] = (4, 20), width: int = 24,
+               ragged: bool = False) -> tuple[Text, Text]:
+    g = torch.Generator().manual_seed(5)
+    train = Text(zipf_text(300, 0, lengths, width), torch.randint(0, 3, (300,), generator=g),
+                 ragged)
+    val = Text(zipf_text(80, 1, lengths, width), torch.randint(0, 3, (80,), generator=g), ragged)
+    return train, val
+
+
+@pytest.mark.parametrize("ragged", [False, True])
+def test_padded_sentences_sharing_no_token_are_not_near_duplicates(ragged: bool) -> None:
+    train, val = text_split(ragged=ragged)
+    found = inspect_dataset(train, val, progress=False)
+    assert codes(found) == set(), [f.format() for f in found]
+    assert "token sequences" in one(found, "data.summary").message
+    short = by_code(found, "data.near_duplicates_skipped")  # 4-19 words: too short to judge
+    assert [f.subject for f in short] == ["train", "validation"]
+    assert all(f.severity is Severity.INFO and "fewer than 27 distinct" in f.message
+               for f in short)
+
+
+def test_long_token_sequences_near_copies_and_leaks_are_found() -> None:
+    train, val = text_split(lengths=(30, 60), width=64)
+    assert codes(inspect_dataset(train, val, progress=False)) == set()
+    ids, vids = train.ids.clone(), val.ids.clone()
+    ids[7] = ids[3]
+    ids[7, 10] = 499  # one word changed: a near copy
+    ids[9] = ids[4]  # an exact copy
+    vids[2] = ids[20]  # a training text in validation
+    vids[5] = ids[21]
+    vids[5, 5] = 498  # and a near copy of another
+    found = inspect_dataset(Text(ids, train.labels), Text(vids, val.labels), progress=False)
+    assert one(found, "data.near_duplicate").details["groups"] == [[3, 7]]
+    assert one(found, "data.exact_duplicate").details["groups"] == [[4, 9]]
+    leak = one(found, "data.leakage")
+    assert leak.details["pairs"] == [(20, 2), (21, 5)] and leak.severity is Severity.FAIL
+    assert "Jaccard" in one(found, "data.near_duplicate").message
+
+
+def test_integer_codes_over_a_few_symbols_are_not_searched_for_near_copies() -> None:
+    g = torch.Generator().manual_seed(0)
+    codes_ = torch.randint(0, 3, (200, 200), generator=g)  # 200 features in {0, 1, 2}
+    found = inspect_dataset(TensorDataset(codes_, torch.arange(200) % 2), progress=False)
+    assert codes(found) == set()
+    skipped = one(found, "data.near_duplicates_skipped")
+    assert "of random pairs" in skipped.message and "not text" in skipped.message
+
+
+def test_images_stored_as_uint8_stay_intensities(split: Any) -> None:
+    x, y, _, _ = split
+    pixels = (x * 255 / x.max()).to(torch.uint8)
+    pixels[50] = pixels[10]
+    found = inspect_dataset(TensorDataset(pixels, y), progress=False)
+    assert "input shape (1, 8, 8)" in one(found, "data.summary").message
+    assert one(found, "data.exact_duplicate").indices == (10, 50)
+
+
+def test_a_validation_class_absent_from_training_is_in_range(split: Any) -> None:
+    x, y, xv, yv = split
+    keep = y != 9
+    found = inspect_dataset(TensorDataset(x[keep], y[keep]), TensorDataset(xv, yv),
+                            progress=False)
+    assert not by_code(found, "data.label_out_of_range")
+    assert "10 classes, inferred from the labels of both splits" in one(
+        found, "data.summary").message
+    # training never shows class 9, validation does: a fact about the splits, not a warning
+    assert codes(found) == set(), [f.format() for f in found]
+    absent = one(found, "data.class_absent")
+    assert absent.severity is Severity.INFO and absent.details["split"] == "train"
+    assert absent.details["classes"] == [9]
+    assert absent.details["held_by"] == {"9": {"validation": int((yv == 9).sum())}}
+    assert "class(es) [9] have no sample in the train split" in absent.message
+    assert f"class 9: {int((yv == 9).sum())} in validation" in absent.message
+
+
+def test_a_class_in_no_split_stays_as_it_was(split: Any) -> None:
+    """A class no split holds: below the largest training label, a gap in the labels (WARN, as
+    before the class count read every split); above it, nothing (only the model's output
+    width allows it, which says nothing about the data)."""
+    x, y, xv, yv = split
+    gap = (y != 4) & (y != 9)
+    vgap = (yv != 4) & (yv != 9)
+    found = inspect_dataset(TensorDataset(x[gap], y[gap]), TensorDataset(xv[vgap], yv[vgap]),
+                            progress=False)
+    warned = by_code(found, "data.class_imbalance")
+    assert [(f.details["split"], f.details["missing"]) for f in warned] == [
+        ("train", [4]), ("validation", [4])]
+    assert all("class(es) [4] have no sample in any split" in f.message for f in warned)
+    assert not by_code(found, "data.class_absent")
+    # a 10-output model: class 9 is in range, held by no split and above every label
+    config = InspectionConfig(output_classes=10, progress=False)
+    report = run_inspection(TensorDataset(x[gap], y[gap]), TensorDataset(xv[vgap], yv[vgap]),
+                            config, lambda code, severity, message, **kw: Finding(
+                                "t", code, severity, message, **kw))
+    assert "10 classes, the model's output width" in one(report.findings,
+                                                         "data.summary").message
+    assert [f.details["missing"] for f in by_code(report.findings, "data.class_imbalance")] == [
+        [4], [4]]
+    assert not by_code(report.findings, "data.class_absent")
+
+
+def test_a_small_validation_set_lacking_a_class_is_a_fact(split: Any) -> None:
+    x, y, xv, yv = split
+    keep = yv != 2
+    found = inspect_dataset(TensorDataset(x, y), TensorDataset(xv[keep], yv[keep]),
+                            progress=False)
+    assert codes(found) == set(), [f.format() for f in found]
+    absent = one(found, "data.class_absent")
+    assert absent.details["split"] == "validation" and absent.details["classes"] == [2]
+    assert absent.message.startswith("Validation set: class(es) [2]")
+
+
+def _fit_digits(tmp_path: Path, check: DataInspection, y: torch.Tensor, yv: torch.Tensor,
+                split: Any) -> None:
+    x, _, xv, _ = split
+    run = trainer(tmp_path, [check], logger=False, max_steps=1, limit_val_batches=0)
+    run.fit(Classifier(mlp()), loader(TensorDataset(x, y), 32),
+            loader(TensorDataset(xv, yv), 64, shuffle=False))
+
+
+def test_the_models_output_width_counts_the_classes(tmp_path: Path, split: Any) -> None:
+    _, y, _, yv = split
+    healthy = DataInspection()
+    keep = y != 9
+    y_no9 = torch.where(keep, y, torch.zeros_like(y))  # class 9 only in validation
+    _fit_digits(tmp_path, healthy, y_no9, yv, split)
+    assert codes(healthy.findings) == set(), [f.format() for f in healthy.findings]
+    assert one(healthy.findings, "data.class_absent").details["classes"] == [9]
+    assert "10 classes, the model's output width" in one(healthy.findings,
+                                                         "data.summary").message
+    broken = DataInspection()
+    y_bad = y.clone()
+    y_bad[17] = 10  # one label past the 10 outputs: cross-entropy would fail on it
+    _fit_digits(tmp_path, broken, y_bad, yv, split)
+    out = one(broken.findings, "data.label_out_of_range")
+    assert out.indices == (17,) and "the model's output width" in out.message
+
+
+def test_token_classifier_fit_is_quiet(tmp_path: Path) -> None:
+    class Bag(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.EmbeddingBag(501, 16, padding_idx=0)
+            self.out = torch.nn.Linear(16, 3)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.out(self.embed(ids))
+
+        def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+            return F.cross_entropy(self(batch["input_ids"]), batch["labels"])
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.Adam(self.parameters())
+
+    train, val = text_split()
+    check = DataInspection()
+    run = trainer(tmp_path, [check], max_steps=1, limit_val_batches=0)
+    run.fit(Bag(), loader(train, 32), loader(val, 32, shuffle=False))
+    assert codes(check.findings) == set(), [f.format() for f in check.findings]
+    assert "3 classes, the model's output width" in one(check.findings, "data.summary").message
+    images = events(tmp_path / "tb" / "version_0").Tags()["images"]
+    # the counts chart (and the findings card); text makes no image grid
+    assert set(images) == {DATA_CLASS_COUNTS, FINDINGS_CARD}
+
+
+def closest_distinct_pair(a: torch.Tensor, b: torch.Tensor | None = None) -> float:
+    """The largest exact Jaccard of 3-gram sets over distinct pairs (within ``a``, or across),
+    through an inverted index: only pairs sharing an n-gram are counted."""
+    from collections import Counter
+
+    from lightning_diag.functional.tokens import shingles
+
+    rows = a if b is None else torch.cat([a, b])
+    sets = [set(g.tolist()) for g in shingles(rows)]
+    holders: dict[int, list[int]] = {}
+    for i, grams in enumerate(sets):
+        for g in grams:
+            holders.setdefault(g, []).append(i)
+    shared: Counter[tuple[int, int]] = Counter()
+    for ids in holders.values():
+        for i, j in itertools.combinations(ids, 2):
+            if b is None or (i < len(a)) != (j < len(a)):
+                shared[i, j] += 1
+    return max((k / (len(sets[i]) + len(sets[j]) - k) for (i, j), k in shared.items()
+                if not torch.equal(rows[i], rows[j])), default=0.0)
+
+
+def template_paragraphs(n: int, seed: int) -> torch.Tensor:
+    """Three sentences of 11 tokens each: `the <adj> <noun> <verb> a <noun> on the <adj> <noun>
+    .` from slot lists of 10-20 words (ids 1-45), padded to 40."""
+    g = torch.Generator().manual_seed(seed)
+    out = torch.zeros(n, 40, dtype=torch.long)
+    for i in range(n):
+        words = []
+        for _ in range(3):
+            pick = [int(torch.randint(lo, hi, (1,), generator=g))
+                    for lo, hi in ((33, 43), (3, 23), (23, 33), (1, 3), (3, 23), (43, 45),
+                                   (33, 43), (3, 23))]
+            words += [1, *pick[:6], 1, *pick[6:], 45]
+        out[i, :33] = torch.tensor(words)
+    return out
+
+
+def test_margin_of_the_token_threshold_on_healthy_text() -> None:
+    """The closest distinct pairs of texts long enough to judge, against 0.8 (the numbers in
+    docs/callbacks/data_inspection.md)."""
+    texts = (zipf_text(200, 0, (30, 60), 64, 2000), zipf_text(50, 1, (30, 60), 64, 2000))
+    paragraphs = (template_paragraphs(200, 0), template_paragraphs(50, 1))
+    for train, val in (texts, paragraphs):
+        within, across = closest_distinct_pair(train), closest_distinct_pair(train, val)
+        assert max(within, across) < 0.3, (within, across)  # a margin of 0.5 at least
+        found = inspect_dataset(TensorDataset(train, torch.zeros(len(train), dtype=torch.long)),
+                                TensorDataset(val, torch.zeros(len(val), dtype=torch.long)),
+                                progress=False)
+        assert codes(found) == set() and not by_code(found, "data.near_duplicates_skipped")

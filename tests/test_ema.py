@@ -15,7 +15,7 @@ from lightning_diag.callbacks.ema import EMAWeights
 from lightning_diag.functional.ema import all_finite, ema_update_, warmup_decay
 from lightning_diag.inference.checkpoints import CheckpointLoadError
 from lightning_diag.inference.ema import load_ema_weights
-from lightning_diag.tensorboard.tags import EMA_RUN, RAW_RUN, ema_comparison
+from lightning_diag.tensorboard.tags import EMA_RUN, VALIDATION_RUN, ema_comparison
 from tests.helpers import Classifier, cnn, codes, digits, events, loader, mlp, trainer
 
 
@@ -182,8 +182,9 @@ def test_both_logs_ema_metrics(tmp_path: Path) -> None:
     assert float(m["val_loss_ema"]) != pytest.approx(float(m["val_loss"]), rel=1e-6)
     run = tmp_path / "tb" / "version_0"
     assert "val_acc_ema" in events(run).Tags()["scalars"]
-    # raw and EMA of each metric on one chart: one tag, two sibling runs, step = epoch
-    for sibling, key in ((RAW_RUN, "val_loss"), (EMA_RUN, "val_loss_ema")):
+    # the trained weights (the validation run, as the curves') and EMA of each metric on one
+    # chart: one tag, two sibling runs, step = epoch
+    for sibling, key in ((VALIDATION_RUN, "val_loss"), (EMA_RUN, "val_loss_ema")):
         (*_, last) = events(run / sibling).Scalars(ema_comparison("val_loss"))
         assert last.step == t.current_epoch - 1 or last.step == t.current_epoch
         assert last.value == pytest.approx(float(m[key]), rel=1e-6)
@@ -317,3 +318,17 @@ def test_second_fit_starts_a_new_average(tmp_path: Path) -> None:
     _fit(tmp_path / "a", _model(), [ema], max_steps=2)
     _fit(tmp_path / "b", _model(), [ema], max_steps=3)
     assert ema.num_updates == 3
+
+
+def test_a_second_fit_starts_a_new_average(tmp_path: Path) -> None:
+    """State of one fit is reset at the next (a restored checkpoint aside): a reused callback
+    averages only the second fit's weights, as a fresh one would."""
+    reused = EMAWeights(decay=0.9, evaluate="raw")
+    _fit(tmp_path / "a", _model(), [reused], max_steps=3)
+    _fit(tmp_path / "b", _model(lr=0.1), [reused], max_steps=2)
+    fresh = EMAWeights(decay=0.9, evaluate="raw")
+    _fit(tmp_path / "c", _model(lr=0.1), [fresh], max_steps=2)
+    assert reused.num_updates == fresh.num_updates == 2
+    assert all(torch.equal(reused.ema_state_dict()[k], v)
+               for k, v in fresh.ema_state_dict().items())
+    assert [f.code for f in reused.findings] == [f.code for f in fresh.findings]

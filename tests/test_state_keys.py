@@ -30,6 +30,7 @@ from lightning_diag.callbacks import (
     LearningCurves,
     LRPlateauAdvisor,
     OverfitSmallBatch,
+    TrainingInvariants,
     UpdateRatioMonitor,
 )
 from lightning_diag.inference import CheckpointLoadError, load_ema_weights
@@ -70,6 +71,10 @@ CASES: dict[str, Case] = {
         lambda d: (UpdateRatioMonitor(every_n_steps=1),
                    UpdateRatioMonitor(every_n_steps=1, low=0.5, high=0.9, patience=100)),
         lambda cb: cb.streak["too_low"], None),
+    "TrainingInvariants": (
+        lambda d: (TrainingInvariants(patience=2), TrainingInvariants(patience=3)),
+        lambda cb: cb._streaks, lambda cb: cb._streaks.setdefault("optimizer 0 (Adam)", {})
+        .update({"net.1.weight": 1})),
     "FirstLayerVisualization": (
         lambda d: (FirstLayerVisualization(every_n_epochs=1, input_shape=(8, 8)),
                    FirstLayerVisualization(every_n_epochs=2, input_shape=(8, 8))),
@@ -87,7 +92,7 @@ CASES: dict[str, Case] = {
                    EMAWeights(decay=0.9, warmup=False, evaluate="raw")),
         _ema_sum, None),
     "CheckpointEnsemble": (
-        lambda d: (CheckpointEnsemble(k=1, dirpath=d / "a"),
+        lambda d: (CheckpointEnsemble(k=2, every_n_epochs=2, dirpath=d / "a"),
                    CheckpointEnsemble(k=2, dirpath=d / "b")),
         lambda cb: len(cb.kept), None),
 }
@@ -177,7 +182,7 @@ def test_load_ema_weights_chooses_among_several_averages(tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize(("callbacks", "match"), [
-    (lambda d: [CheckpointEnsemble(k=1), CheckpointEnsemble(k=2)], "give each its own `dirpath=`"),
+    (lambda d: [CheckpointEnsemble(k=2), CheckpointEnsemble(k=3)], "give each its own `dirpath=`"),
     (lambda d: [EMAWeights(decay=0.5), EMAWeights(decay=0.9)], "evaluate='ema'.*swap"),
     (lambda d: [EMAWeights(decay=0.5, evaluate="both"), EMAWeights(decay=0.9, evaluate="both")],
      "evaluate='both'.*_ema"),
@@ -204,3 +209,61 @@ def test_the_state_key_is_kept_and_built_again_when_an_argument_changes() -> Non
     cb.every_n_steps = 20
     assert cb.state_key == key.replace("'every_n_steps': 10", "'every_n_steps': 20")
     assert copy.deepcopy(cb).state_key == cb.state_key
+
+
+#: The keys of the last release: a checkpoint stores each callback's state under its key and
+#: Lightning restores it by exact match, so a changed key orphans every saved state.
+KEYS_OF_SAVED_CHECKPOINTS = {
+    "ActivationHistogram": "ActivationHistogram{'every_n_steps': 200, 'layers': None, 'bins': 64, "
+                           "'dead_fraction': 0.5, 'saturated_fraction': 0.5, 'vanishing_ratio': "
+                           "0.001, 'exploding_ratio': 1000.0}",
+    "UpdateRatioMonitor": "UpdateRatioMonitor{'every_n_steps': 100, 'low': 1e-05, 'high': 0.2, "
+                          "'extreme': 1.0, 'patience': 3}",
+    "LRPlateauAdvisor": "LRPlateauAdvisor{'monitor': None, 'train_loss': None, 'val_loss': None, "
+                        "'train_acc': None, 'val_acc': None, 'patience': 3, 'min_rel_delta': "
+                        "0.01, 'high_fraction': 0.2, 'act': False, 'factor': 0.1, 'min_lr': 0.0, "
+                        "'min_epochs': 5, 'low_acc': 0.9, 'close_gap': 0.02, 'overfit_gap': 0.1, "
+                        "'rel_gap': 0.5, 'halving_epochs': 20.0, 'jump_factor': 5.0, "
+                        "'min_jump_fraction': 0.5, 'window': 50, 'min_history': 10, "
+                        "'stall_steps': None}",
+    "LearningCurves": "LearningCurves{'train_loss': None, 'val_loss': None, 'train_acc': None, "
+                      "'val_acc': None}",
+}
+
+
+def test_state_keys_are_those_of_saved_checkpoints() -> None:
+    """The settings records build the keys the argument lists built: at the defaults, with every
+    argument changed (ints given for floats stay as they were keyed), and with the arguments
+    left out of the key (charts, figures, the schedule's early steps) changed."""
+    defaults = {"ActivationHistogram": ActivationHistogram(), "UpdateRatioMonitor":
+                UpdateRatioMonitor(), "LRPlateauAdvisor": LRPlateauAdvisor(),
+                "LearningCurves": LearningCurves()}
+    assert {name: cb.state_key for name, cb in defaults.items()} == KEYS_OF_SAVED_CHECKPOINTS
+    changed = [
+        (ActivationHistogram(every_n_steps=7, layers=["a", "b"], bins=10, dead_fraction=1,
+                             saturated_fraction=0.25, vanishing_ratio=0.01, exploding_ratio=100,
+                             figure_every_n_logs=3, log_charts=False, early_steps=True),
+         "ActivationHistogram{'every_n_steps': 7, 'layers': ('a', 'b'), 'bins': 10, "
+         "'dead_fraction': 1.0, 'saturated_fraction': 0.25, 'vanishing_ratio': 0.01, "
+         "'exploding_ratio': 100.0}"),
+        (UpdateRatioMonitor(every_n_steps=5, low=1, high=2, extreme=3, patience=2,
+                            log_charts=False, early_steps=False),
+         "UpdateRatioMonitor{'every_n_steps': 5, 'low': 1.0, 'high': 2.0, 'extreme': 3.0, "
+         "'patience': 2}"),
+        (LRPlateauAdvisor(monitor="m", train_loss_key="a", val_loss_key="b", train_acc_key="c",
+                          val_acc_key="d", patience=2, min_rel_delta=0, high_fraction=1,
+                          act=True, factor=0.5, min_lr=1, min_epochs=2, low_acc=1, close_gap=0,
+                          overfit_gap=1, rel_gap=0, halving_epochs=3, jump_factor=2,
+                          min_jump_fraction=0, window=20, min_history=5, save_batch=False,
+                          stall_steps=10),
+         "LRPlateauAdvisor{'monitor': 'm', 'train_loss': 'a', 'val_loss': 'b', 'train_acc': "
+         "'c', 'val_acc': 'd', 'patience': 2, 'min_rel_delta': 0, 'high_fraction': 1, 'act': "
+         "True, 'factor': 0.5, 'min_lr': 1, 'min_epochs': 2, 'low_acc': 1, 'close_gap': 0, "
+         "'overfit_gap': 1, 'rel_gap': 0, 'halving_epochs': 3, 'jump_factor': 2, "
+         "'min_jump_fraction': 0, 'window': 20, 'min_history': 5, 'stall_steps': 10}"),
+        (LearningCurves(train_loss="l", figure_every_n_epochs=2),
+         "LearningCurves{'train_loss': 'l', 'val_loss': None, 'train_acc': None, "
+         "'val_acc': None}"),
+    ]
+    for cb, key in changed:
+        assert cb.state_key == key

@@ -18,9 +18,10 @@ import lightning.pytorch as pl
 import torch
 from typing_extensions import override
 
-from lightning_diag.base import DiagnosticCallback
 from lightning_diag.callbacks._metric_keys import DESCRIPTIONS, MetricKeys
-from lightning_diag.findings import Finding, Severity
+from lightning_diag.callbacks._monitor import ConfiguredCallback
+from lightning_diag.checks.curves import CurvesConfig, curves_summary
+from lightning_diag.findings import Severity
 from lightning_diag.tensorboard.figures import curves_figure
 from lightning_diag.tensorboard.tags import (
     CURVES_FIGURE,
@@ -28,9 +29,10 @@ from lightning_diag.tensorboard.tags import (
     TRAIN_RUN,
     VALIDATION_RUN,
     curve,
+    learning_rate,
 )
 from lightning_diag.tensorboard.writer import SiblingRuns, log_figure, log_scalars
-from lightning_diag.validation import check_int, check_str
+from lightning_diag.validation import from_arguments
 
 __all__ = ["LearningCurves"]
 
@@ -41,16 +43,18 @@ SERIES = {"loss/train": "train_loss", "loss/val": "val_loss", "accuracy/train": 
 _RUNS = {"train": TRAIN_RUN, "val": VALIDATION_RUN}
 
 
-class LearningCurves(DiagnosticCallback):
+class LearningCurves(ConfiguredCallback):
     """Re-log the user's epoch metrics with the epoch as x-axis, train and val side by side.
 
     At each training epoch end it reads the metrics the module logged and writes the tags
     ``0_curves/loss`` and ``0_curves/accuracy`` with ``step = epoch``, the training value in the
     sibling run ``train`` and the validation value in ``validation`` (sub-directories of the log
     directory), so that every TensorBoard dashboard draws train and val on one chart in two
-    colours; and ``0_curves/train_minus_val_accuracy`` in the run itself. A matplotlib figure of
-    both (``0_curves/overview`` and ``learning_curves.png``) is drawn at the end of training and
-    every ``figure_every_n_epochs``. Each metric is found among the logged names
+    colours; ``0_curves/train_minus_val_accuracy`` in the run itself; and the learning rate of
+    each optimizer's parameter group as each epoch starts,
+    ``0_curves/learning_rate/<optimizer>``. A matplotlib figure of both (``0_curves/overview``
+    and ``learning_curves.png``) is drawn at the end of training and every
+    ``figure_every_n_epochs``. Each metric is found among the logged names
     by the usual conventions (``_`` or ``/`` separators, ``val``/``valid``/``validation``,
     ``acc``/``accuracy``, an ``_epoch`` suffix), unless its name is given. One INFO finding
     ``curves.keys`` says which names were used; the ones no convention finds give one INFO
@@ -69,28 +73,23 @@ class LearningCurves(DiagnosticCallback):
     """
 
     slug = "curves"
+    config_type = CurvesConfig
+    config: CurvesConfig
 
     def __init__(self, train_loss: str | None = None, val_loss: str | None = None,
                  train_acc: str | None = None, val_acc: str | None = None,
                  figure_every_n_epochs: int = 0, strict: bool = False) -> None:
-        super().__init__(strict=strict)
-        given = {"train_loss": train_loss, "val_loss": val_loss, "train_acc": train_acc,
-                 "val_acc": val_acc}
-        for arg, key in given.items():
-            check_str(arg, key, optional=True)
-        check_int("figure_every_n_epochs", figure_every_n_epochs, low=0)
-        self.given = given
-        self.keys = MetricKeys(given)
-        self.figure_every_n_epochs = figure_every_n_epochs
+        super().__init__(from_arguments(CurvesConfig, locals()), strict=strict)
+        self.keys = MetricKeys(self.given)
         self.history: dict[str, list[tuple[int, float]]] = {}
         self._reported_missing: set[str] = set()
         self._val_ran = False
         self._runs = SiblingRuns()
 
     @property
-    @override
-    def state_key(self) -> str:
-        return self._generate_state_key(**self.given)
+    def given(self) -> dict[str, str | None]:
+        """The metric names given, by role (None: found by convention)."""
+        return self.config.given
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -100,6 +99,28 @@ class LearningCurves(DiagnosticCallback):
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._record(trainer)
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log_learning_rates(trainer)
+
+    def _log_learning_rates(self, trainer: pl.Trainer) -> None:
+        """The learning rate of every optimizer's parameter group as the epoch starts (step =
+        epoch; an epoch's scheduler step comes before its end), beside the curves: what the
+        diagnosis often blames, as the run set it."""
+        rates, seen = {}, dict[str, int]()
+        optimizers = trainer.optimizers
+        for optimizer in optimizers:
+            kind = type(optimizer).__name__
+            same = sum(type(o).__name__ == kind for o in optimizers)
+            name = f"{kind}_{seen.get(kind, 0)}" if same > 1 else kind
+            seen[kind] = seen.get(kind, 0) + 1
+            groups = optimizer.param_groups
+            for j, group in enumerate(groups):
+                if isinstance(group.get("lr"), (int, float, torch.Tensor)):
+                    rates[learning_rate(f"{name}.group{j}" if len(groups) > 1 else name)] = (
+                        float(group["lr"]))
+        log_scalars(trainer, rates, trainer.current_epoch)
 
     def _lookup(self, metrics: dict[str, Any], series: str) -> float | None:
         value = metrics.get(self.keys.used.get(SERIES[series], ""))
@@ -126,7 +147,7 @@ class LearningCurves(DiagnosticCallback):
             self.history.setdefault(series, []).append((epoch, value))
         self._report_missing(trainer, self.keys.missing_roles(SERIES[s] for s in wanted),
                              sorted(metrics))
-        n = self.figure_every_n_epochs
+        n = self.config.figure_every_n_epochs
         if n and (epoch + 1) % n == 0:
             self._figure(trainer)
 
@@ -163,27 +184,8 @@ class LearningCurves(DiagnosticCallback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.publish(trainer, [self._summary(trainer)])
+        self.publish_verdicts(trainer, [curves_summary(self.history)])
         self._figure(trainer)
-
-    def _summary(self, trainer: pl.Trainer) -> Finding:
-        """The INFO verdict ``curves.summary``: the last value of each curve."""
-        last = {series: points[-1] for series, points in self.history.items() if points}
-        names = {"loss/train": "train loss", "loss/val": "val loss",
-                 "accuracy/train": "train accuracy", "accuracy/val": "val accuracy",
-                 "accuracy/gap": "accuracy gap (train - val)"}
-        if not last:
-            return self.finding(trainer, f"{self.slug}.summary", Severity.INFO,
-                                "Learning curves: nothing recorded (none of the train/val loss "
-                                "and accuracy was logged per epoch).")
-        epochs = 1 + max(epoch for epoch, _ in last.values())
-        told = ", ".join(f"{names[s]} {v:.4g}" + (f" (epoch {e})" if e != epochs - 1 else "")
-                         for s, (e, v) in last.items())
-        key = next(s for s in ("loss/val", "loss/train", *last) if s in last)
-        return self.finding(trainer, f"{self.slug}.summary", Severity.INFO,
-                            f"Learning curves after {epochs} epoch(s): {told}.",
-                            value=last[key][1], details={"last": {s: v for s, (_, v) in
-                                                                  last.items()}, "value": key})
 
     @override
     def _release(self) -> None:

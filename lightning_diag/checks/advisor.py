@@ -1,7 +1,9 @@
-"""Epoch verdicts of :class:`~lightning_diag.callbacks.lr_advisor.LRPlateauAdvisor` (recipe 6.4).
+"""The rules of :class:`~lightning_diag.callbacks.lr_advisor.LRPlateauAdvisor` (recipe 6.4): its
+arguments (:class:`AdvisorConfig`), the epoch verdicts on the recorded curves (plateau, under- and
+overfitting), the step-loss rules (the divergence's reference losses, the stall) and the summary.
 
-Pure rules on the recorded curves: each returns a :class:`Verdict` (what the finding says) or
-``None``, so they can be checked without a Trainer.
+Pure rules: each returns a :class:`Verdict` (what the finding says) or ``None``, so they can be
+checked without a Trainer.
 
 Example:
     >>> overfit = Curves(train_loss=[1.0, 0.3, 0.1, 0.05, 0.02, 0.01],
@@ -18,25 +20,103 @@ Example:
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
 from typing import Any, NamedTuple
 
 import torch
 
+from lightning_diag.checks.verdict import Verdict
+from lightning_diag.findings import Severity
 from lightning_diag.functional.curves import plateau_length
+from lightning_diag.validation import (
+    argument,
+    check_flag,
+    check_int,
+    check_number,
+    check_str,
+    require,
+    validate_arguments,
+)
 
-__all__ = ["Curves", "GapRule", "Verdict", "fit_gap_verdict", "halving_rate", "plateau_verdict",
-           "scale_lr"]
+__all__ = ["ADVICE", "MAX_WINDOW", "STALLED_ADVICE", "UNDERFIT_AFTER_DIVERGENCE", "AdvisorConfig",
+           "Curves", "GapRule", "Verdict", "advice_for", "advisor_summary", "divergence_history",
+           "fit_gap_verdict", "halving_rate", "plateau_verdict", "scale_lr", "stall_verdict"]
+
+ADVICE = {
+    "plateau": "Decay the learning rate (the loss plateaus while still high).",
+    "underfit": "Underfitting: use a bigger model, train longer, perhaps raise the learning rate.",
+    "overfit": "Overfitting: add weight decay or other regularization, or get more data.",
+}
+STALLED_ADVICE = ("Nothing is being learnt: raise the learning rate (try 10x; see the update "
+                  "ratio, recipe 5.5), check that the loss depends on the weights (no `detach`, "
+                  "an optimizer holding the model's parameters), and that the network did not "
+                  "die (dead ReLUs after a divergence).")
+#: The underfitting advice once the loss has diverged: a higher learning rate would contradict it.
+UNDERFIT_AFTER_DIVERGENCE = ("Underfitting: use a bigger model or train longer; do not raise the "
+                             "learning rate: the loss already diverged at step {step} with it.")
+#: Step losses the divergence median is taken over at most: it is taken on every training
+#: step (1000 cost ~40 us a step, 10,000 over 1 ms).
+MAX_WINDOW = 1000
+
+_METRIC = partial(check_str, optional=True)
+_SHARE = partial(check_number, low=0, high=1)
 
 
-class Verdict(NamedTuple):
-    """A finding's code, message, measured value, expected range and details."""
+@dataclass(frozen=True)
+class AdvisorConfig:
+    """The validated arguments of ``LRPlateauAdvisor`` (see it for their meaning), each declared
+    once; ``state_key`` is built from all but ``save_batch``, the metric names under their
+    older keys (``train_loss`` for ``train_loss_key``, ...)."""
 
-    code: str
-    message: str
-    value: float
-    expected: tuple[float, float]
-    details: dict[str, Any] | None = None
+    monitor: str | None = argument(None, _METRIC)
+    train_loss_key: str | None = argument(None, _METRIC, key="train_loss")
+    val_loss_key: str | None = argument(None, _METRIC, key="val_loss")
+    train_acc_key: str | None = argument(None, _METRIC, key="train_acc")
+    val_acc_key: str | None = argument(None, _METRIC, key="val_acc")
+    patience: int = argument(3, check_int)
+    min_rel_delta: float = argument(0.01, _SHARE)
+    high_fraction: float = argument(0.2, _SHARE)
+    act: bool = argument(False, check_flag)
+    # a factor of 0 would stop training, one of 1 or more would not decay
+    factor: float = argument(0.1, partial(check_number, low=0, high=1, low_open=True,
+                                          high_open=True))
+    min_lr: float = argument(0.0, partial(check_number, low=0))
+    min_epochs: int = argument(5, check_int)
+    low_acc: float = argument(0.9, _SHARE)
+    close_gap: float = argument(0.02, _SHARE)
+    overfit_gap: float = argument(0.1, _SHARE)
+    rel_gap: float = argument(0.5, _SHARE)
+    halving_epochs: float = argument(20.0, partial(check_number, low=0, low_open=True))
+    jump_factor: float = argument(5.0, partial(check_number, low=1, low_open=True))
+    min_jump_fraction: float = argument(0.5, partial(check_number, low=0))
+    window: int = argument(50, partial(check_int, high=MAX_WINDOW))
+    min_history: int = argument(10, check_int)
+    save_batch: bool = argument(True, check_flag, key=False)
+    stall_steps: int | None = argument(None, partial(check_int, optional=True))
+
+    def __post_init__(self) -> None:
+        validate_arguments(self)
+        require(self.min_history <= self.window, "min_history", self.min_history,
+                f"an int <= `window` ({self.window}), the number of losses the median keeps")
+        if self.stall_steps is not None:
+            require(self.stall_steps >= 2 * self.min_history, "stall_steps", self.stall_steps,
+                    f"None or an int >= 2 * `min_history` ({2 * self.min_history}): the first "
+                    "and the last `min_history` step losses are compared")
+
+    @property
+    def given(self) -> dict[str, str | None]:
+        """The metric names given, by role (``train_loss``, ...; None: found by convention)."""
+        return {"train_loss": self.train_loss_key, "val_loss": self.val_loss_key,
+                "train_acc": self.train_acc_key, "val_acc": self.val_acc_key}
+
+    def gap_rule(self, start_loss: float | None) -> GapRule:
+        """The thresholds of :func:`fit_gap_verdict`, with the run's start loss."""
+        return GapRule(self.patience, self.min_rel_delta, self.overfit_gap, self.close_gap,
+                       self.rel_gap, self.low_acc, self.high_fraction, self.halving_epochs,
+                       start_loss)
 
 
 class Curves(NamedTuple):
@@ -262,3 +342,80 @@ def scale_lr(optimizers: list[torch.optim.Optimizer], factor: float, min_lr: flo
         return changes, "No optimizer to act on."
     return changes, (f"Scaled the learning rate of {len(changes)} param group(s) by {factor}: "
                      f"{changes[0]['old']:.3g} -> {changes[0]['new']:.3g} (act=True).")
+
+
+def advice_for(code: str, diverged_at: int | None = None) -> str:
+    """The advice of an epoch verdict (``advisor.plateau``, ``.underfit``, ``.overfit``);
+    ``diverged_at``: the step where the loss diverged in this fit, if it did (raising the
+    learning rate is then no advice for underfitting).
+
+    Example:
+        >>> advice_for("advisor.underfit", diverged_at=12)[-45:]
+        'the loss already diverged at step 12 with it.'
+    """
+    if code == "advisor.underfit" and diverged_at is not None:
+        return UNDERFIT_AFTER_DIVERGENCE.format(step=diverged_at)
+    return ADVICE[code.removeprefix("advisor.")]
+
+
+def divergence_history(step_losses: Sequence[float], start_loss: float | None,
+                       min_history: int) -> list[float]:
+    """The losses a new step loss is compared with: the last ``window`` finite step losses,
+    or the start loss alone while fewer than ``min_history`` are known (none before the first
+    finite loss).
+
+    Example:
+        >>> divergence_history([2.3, 2.2], 2.3, min_history=10)
+        [2.3]
+    """
+    if len(step_losses) >= min_history:
+        return list(step_losses)
+    return [start_loss] if start_loss is not None else []
+
+
+def stall_verdict(first_losses: Sequence[float], step_losses: Sequence[float], finite_steps: int,
+                  config: AdvisorConfig) -> Verdict | None:
+    """``advisor.stalled`` when the median of the last ``min_history`` finite step losses is
+    not ``min_rel_delta`` (of its size) below the median of the first ``min_history``.
+
+    Example:
+        >>> flat = [2.3] * 10
+        >>> stall_verdict(flat, flat, 20, AdvisorConfig(stall_steps=20)).value
+        0.0
+    """
+    n = config.min_history
+    first = statistics.median(first_losses)
+    last = statistics.median(list(step_losses)[-n:])
+    drop = (first - last) / abs(first) if first else (math.inf if last < 0 else 0.0)
+    if drop >= config.min_rel_delta:
+        return None
+    return Verdict(
+        "advisor.stalled",
+        f"The step loss does not move: the median of the last {n} step losses is {last:.4g} "
+        f"after {finite_steps} steps, {drop:+.2%} below the median {first:.4g} of the first {n} "
+        f"(expected a drop of at least {config.min_rel_delta:.0%}).",
+        float(drop), (config.min_rel_delta, 1.0), advice=STALLED_ADVICE)
+
+
+def advisor_summary(key: str, curve: Sequence[float], plateau_from: int, plateaus: int,
+                    reported: set[str], lr_changes: int, config: AdvisorConfig) -> Verdict:
+    """The INFO verdict ``advisor.summary``: the plateau counter on the watched curve ``key``
+    (its epoch values), the plateaus reported, the learning-rate changes (``act``) and the
+    other verdicts given."""
+    code = "advisor.summary"
+    finite = [v for v in curve if math.isfinite(v)]
+    if not finite:
+        return Verdict(code, "The advisor read no finite loss curve (see `advisor.keys`): no "
+                       "plateau or under/overfitting could be judged.", None, None,
+                       severity=Severity.INFO)
+    waited = plateau_length(list(curve)[plateau_from:], config.min_rel_delta)
+    said = sorted(reported - {"advisor.divergence"})
+    return Verdict(
+        code,
+        f"Plateau counter on `{key}`: {waited} of {config.patience} epoch(s) without a "
+        f"{config.min_rel_delta:.0%} improvement; best {min(finite):.4g} over {len(finite)} "
+        f"epoch(s); {plateaus} plateau(s) reported"
+        + (f", learning rate scaled {lr_changes} time(s)" if config.act else "")
+        + f"; {', '.join(f'`{c}`' for c in said) if said else 'no under/overfitting'} found.",
+        float(waited), (0.0, float(config.patience)),
+        {"monitor": key, "best": min(finite), "plateaus": plateaus}, severity=Severity.INFO)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -29,6 +30,7 @@ __all__ = [
     "is_logging_step",
     "layer_stats",
     "layer_summary",
+    "parse_summary_row",
     "update_ratios",
 ]
 
@@ -165,19 +167,46 @@ def layer_stats(
     return layer_summary(x, bounds, bins=1, saturation_tol=saturation_tol)[:len(STAT_NAMES)]
 
 
-def is_logging_step(step: int, every_n_steps: int) -> bool:
-    """Every ``every_n_steps``-th step, plus the powers of two before the first of them.
+def is_logging_step(step: int, every_n_steps: int, early_steps: bool = True) -> bool:
+    """The monitors' one logging schedule: steps 0, n, 2n, ... (``n = every_n_steps``), plus,
+    with ``early_steps``, the powers of two below n (1, 2, 4, 8, ...).
 
     The early steps are where divergence and bad initializations show, and a sparse schedule
-    would miss them; this adds only ``log2(every_n_steps)`` logging steps per run.
+    would miss them; they add only ``log2(every_n_steps)`` logging steps per run.
 
     Example:
         >>> [s for s in range(40) if is_logging_step(s, 10)]
         [0, 1, 2, 4, 8, 10, 20, 30]
+        >>> [s for s in range(40) if is_logging_step(s, 10, early_steps=False)]
+        [0, 10, 20, 30]
     """
     if step % every_n_steps == 0:
         return True
-    return step < every_n_steps and step & (step - 1) == 0
+    return early_steps and step < every_n_steps and step & (step - 1) == 0
+
+
+def parse_summary_row(row: Sequence[float], has_grad: bool, numel: int) -> dict[str, Any]:
+    """One layer's host row, its activation's :func:`layer_summary` then its gradient's, as
+    named statistics: those of :data:`STAT_NAMES`, ``act_hist`` and ``grad_hist`` (each
+    ``[min, max, num, sum, sum_squares, counts...]``), and the gradient's ``grad_norm`` and
+    per-element ``grad_rms`` (NaN without a gradient; infinite when a gradient value is not
+    finite, since those are left out of the sums).
+
+    Example:
+        >>> act = layer_summary(torch.tensor([[0.0, 1.0]]), bins=2).tolist()
+        >>> grad = layer_summary(torch.tensor([[3.0, 4.0]]), bins=2).tolist()
+        >>> s = parse_summary_row(act + grad, has_grad=True, numel=2)
+        >>> s["dead_fraction"], s["grad_norm"], s["act_hist"][2]
+        (0.5, 5.0, 2.0)
+    """
+    k, width = len(STAT_NAMES), len(row) // 2
+    out: dict[str, Any] = dict(zip(STAT_NAMES, row[:k], strict=True))
+    out["act_hist"], grad, out["grad_hist"] = row[k:width], row[width:], row[width + k:]
+    num, squares = grad[k + 2], grad[k + 4]
+    norm = math.sqrt(squares) if num == numel and math.isfinite(squares) else math.inf
+    out["grad_norm"] = norm if has_grad else math.nan
+    out["grad_rms"] = out["grad_norm"] / math.sqrt(max(numel, 1))
+    return out
 
 
 def update_ratios(before: Sequence[torch.Tensor], after: Sequence[torch.Tensor]) -> torch.Tensor:

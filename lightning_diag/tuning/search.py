@@ -65,7 +65,8 @@ def _epochs(epochs: Any) -> tuple[int, int]:
 
 def check_search_arguments(*, model_factory: Any, n_trials: Any, epochs: Any,
                            weight_decays: Any, study_name: Any, monitor: Any, direction: Any,
-                           seed: Any, heartbeat: Any = None, diagnose: Any = True) -> None:
+                           seed: Any, heartbeat: Any = None, diagnose: Any = True,
+                           center_lr: Any = 1.0, lr_span: Any = 3.0) -> None:
     """Check the arguments :func:`random_search` shares with ``tune``, before any training.
 
     Example:
@@ -86,6 +87,24 @@ def check_search_arguments(*, model_factory: Any, n_trials: Any, epochs: Any,
     check_int("seed", seed, low=None)
     check_int("heartbeat", heartbeat, optional=True)
     check_flag("diagnose", diagnose)
+    check_number("center_lr", center_lr, low=0, low_open=True)
+    check_number("lr_span", lr_span, low=1, low_open=True)
+
+
+def _median_pruner(optuna: Any, min_epochs: int) -> Any:
+    """Optuna's median pruner, from the end of a trial's ``min_epochs``-th epoch."""
+    return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=min_epochs - 1)
+
+
+def _finish(optuna: Any, study: Any, run: Any, n_trials: int) -> None:
+    """Runs trials until ``study`` holds ``n_trials`` finished ones (complete or pruned), counting
+    those of earlier runs and of other workers."""
+    states = optuna.trial.TrialState
+    finished = (states.COMPLETE, states.PRUNED)
+    done = len(study.get_trials(deepcopy=False, states=finished))
+    if done < n_trials:
+        study.optimize(run, n_trials=n_trials - done,
+                       callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=finished)])
 
 
 def random_search(model_factory: ModelFactory, data: Any, center_lr: float, n_trials: int,
@@ -139,12 +158,10 @@ def random_search(model_factory: ModelFactory, data: Any, center_lr: float, n_tr
         process searches with ``run_dir``'s embedded study.
     """
     optuna = require_optuna()
-    check_number("center_lr", center_lr, low=0, low_open=True)
     check_search_arguments(model_factory=model_factory, n_trials=n_trials, epochs=epochs,
                            weight_decays=weight_decays, study_name=study_name, monitor=monitor,
                            direction=direction, seed=seed, heartbeat=heartbeat,
-                           diagnose=diagnose)
-    check_number("lr_span", lr_span, low=1, low_open=True)
+                           diagnose=diagnose, center_lr=center_lr, lr_span=lr_span)
     lo_ep, hi_ep = _epochs(epochs)
     fit_data(data)
     run_dir = Path(run_dir)
@@ -162,18 +179,11 @@ def random_search(model_factory: ModelFactory, data: Any, center_lr: float, n_tr
             storage=open_storage(optuna, url, None if embedded else heartbeat,
                                  embedded=run_dir / EMBEDDED_STUDY if embedded else None),
             study_name=study_name, direction=direction, load_if_exists=True,
-            sampler=trial_sampler(optuna, seed),
-            pruner=pruner or optuna.pruners.MedianPruner(n_startup_trials=2,
-                                                         n_warmup_steps=lo_ep - 1))
+            sampler=trial_sampler(optuna, seed), pruner=pruner or _median_pruner(optuna, lo_ep))
         if embedded:  # this process holds the run_dir: RUNNING trials are leftovers of a crash
             fail_leftovers(optuna, study)
-        states = optuna.trial.TrialState
-        finished = (states.COMPLETE, states.PRUNED)
-        done = len(study.get_trials(deepcopy=False, states=finished))
-        if done < n_trials:
-            study.optimize(objective(optuna, setup, center_lr, lr_span, weight_decays),
-                           n_trials=n_trials - done,
-                           callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=finished)])
+        _finish(optuna, study, objective(optuna, setup, center_lr, lr_span, weight_decays),
+                n_trials)
         rows = read_trials(study, direction)
     return SearchResult(rows, study.study_name, str(url), monitor, direction, model_factory,
                         data, run_dir, dict(trainer_kwargs))

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from lightning_diag.checks.data.scan import DataReport, SplitScan
 from lightning_diag.findings import Finding, Severity
 from lightning_diag.functional.data import imbalance_ratio
+from lightning_diag.functional.tokens import SHINGLE
 
 __all__ = ["findings_of"]
 
@@ -59,6 +60,13 @@ def findings_of(report: DataReport, make: Make) -> list[Finding]:
     return out
 
 
+def _near_rule(report: DataReport, scan: SplitScan) -> str:
+    if scan.tokens:
+        return (f" (token sequences sharing >= {report.config.token_threshold:g} of their "
+                f"{SHINGLE}-token n-grams, Jaccard)")
+    return f" (centred cosine >= {report.config.near_threshold})"
+
+
 def _where(scan: SplitScan) -> str:
     return "" if scan.name == "train" else "Validation set: "
 
@@ -73,8 +81,12 @@ def _summary(report: DataReport, make: Make) -> Finding:
                          f"{s['near_duplicate_groups']} near duplicate groups")
     leaks = f"; {len(report.leaks['pairs'])} train/validation leak pairs" if report.val else ""
     shape = report.train.shape
+    inputs = (f"token sequences, the first of length {shape[0]}" if report.train.tokens
+              and shape else f"input shape {shape}")
+    classes = report.num_classes
+    source = f", {report.class_source}" if classes is not None else ""
     return make("data.summary", Severity.INFO,
-                f"Data inspected (input shape {shape}, {report.num_classes} classes): "
+                f"Data inspected ({inputs}, {classes} classes{source}): "
                 + "; ".join(parts) + leaks + ".", details=report.summary())
 
 
@@ -117,13 +129,19 @@ def _duplicates(report: DataReport, scan: SplitScan, make: Make) -> list[Finding
         if not groups:
             continue
         members = sorted(i for g in groups for i in g)
-        threshold = "" if code == "data.exact_duplicate" else (
-            f" (centred cosine >= {report.config.near_threshold})")
+        threshold = "" if code == "data.exact_duplicate" else _near_rule(report, scan)
         out.append(make(code, Severity.WARN,
                         f"{_where(scan)}{len(groups)} group(s) of {what} inputs{threshold}: "
                         f"{len(members)} samples, {len(members) - len(groups)} redundant.",
                         advice=_DUP, value=float(len(groups)), expected=0.0,
                         indices=tuple(members), details={**split, "groups": groups}))
+    if reason := report.near_skipped.get(scan.name):
+        out.append(make("data.near_duplicates_skipped", Severity.INFO,
+                        f"{_where(scan)}near duplicates not searched: {reason}. Exact "
+                        "duplicates are still reported.",
+                        advice="If these inputs are text, check the tokenization; else pass "
+                               "`batch_to_input=` returning them as float features.",
+                        details=split))
     labels = dict(zip(scan.indices.tolist(), scan.labels, strict=True))
     conflicts = [g for g in report.exact[scan.name]
                  if len({labels[i] for i in g if labels[i] is not None}) > 1]
@@ -150,30 +168,61 @@ def _labels(report: DataReport, scan: SplitScan, make: Make) -> list[Finding]:
     bad = [i for i, v in zip(scan.indices.tolist(), scan.labels, strict=True)
            if v is not None and not 0 <= v < n]
     if bad:
-        source = "given" if report.config.num_classes is not None else "inferred from train"
         out.append(make("data.label_out_of_range", Severity.FAIL,
                         f"{_where(scan)}{len(bad)} label(s) outside [0, {n}) ({n} classes, "
-                        f"{source}).",
+                        f"{report.class_source}).",
                         advice="Fix the labels or `num_classes`; cross-entropy fails on them.",
                         value=float(len(bad)), expected=(0.0, float(n - 1)), indices=tuple(bad),
                         details=split))
     missing = [c for c, k in enumerate(counts.tolist()) if k == 0]
+    # a class another split holds is a fact about the splits (a small validation set, a
+    # class kept for validation), not a problem of this one's; one that no split holds is a
+    # gap in the labels when it lies below the largest training label
+    elsewhere = _held_elsewhere(report, scan, missing)
+    gaps = [c for c in missing if c not in elsewhere and c < report.labelled_classes]
     ratio = imbalance_ratio(counts)
     limit = report.config.imbalance_ratio
-    if missing or ratio >= limit:
+    if gaps or ratio >= limit:
         present = counts.clone().float()
         present[counts == 0] = float("inf")
         rare, common = int(present.argmin()), int(counts.argmax())
         text = (f"the commonest class ({common}, {int(counts[common])} samples) has {ratio:.1f}x "
                 f"the samples of the rarest ({rare}, {int(counts[rare])}); expected < {limit:g}x")
-        if missing:
-            text = f"class(es) {missing} have no sample; " + text
+        if gaps:
+            text = f"class(es) {gaps} have no sample in any split; " + text
         out.append(make("data.class_imbalance", Severity.WARN, _where(scan) + text + ".",
                         advice="Look at the data first: collect or re-weight the rare classes "
                                "and watch per-class accuracy.",
                         value=ratio, expected=float(limit),
-                        details={**split, "counts": counts.tolist(), "missing": missing}))
+                        details={**split, "counts": counts.tolist(), "missing": gaps}))
+    if elsewhere:
+        where = "; ".join(f"class {c}: " + ", ".join(f"{k} in {name}" for name, k in held.items())
+                          for c, held in elsewhere.items())
+        out.append(make("data.class_absent", Severity.INFO,
+                        f"{_where(scan)}class(es) {list(elsewhere)} have no sample in the "
+                        f"{scan.name} split; another split holds them ({where}).",
+                        advice=("The model never trains on them: its accuracy on them is a "
+                                "guess's. Move some of their samples to training if it should "
+                                "learn them." if scan.name == "train" else ""),
+                        value=float(len(elsewhere)),
+                        details={**split, "classes": list(elsewhere),
+                                 "held_by": {str(c): held for c, held in elsewhere.items()}}))
     return out
+
+
+def _held_elsewhere(report: DataReport, scan: SplitScan,
+                    classes: list[int]) -> dict[int, dict[str, int]]:
+    """Of ``classes`` (missing from ``scan``), those another split holds: class -> split ->
+    samples."""
+    held: dict[int, dict[str, int]] = {}
+    for other in report.scans():
+        counts = None if other is scan else report.counts(other)
+        if counts is None:
+            continue
+        for c in classes:
+            if int(counts[c]):
+                held.setdefault(c, {})[other.name] = int(counts[c])
+    return dict(sorted(held.items()))
 
 
 def _leakage(report: DataReport, val: SplitScan, make: Make) -> Finding:
