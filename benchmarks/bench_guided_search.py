@@ -232,9 +232,10 @@ def write(args: argparse.Namespace, results: list[dict[str, Any]], load: list[fl
         f"thread. Per family and seed: a sweep (recipe rates, 100 steps) picks a rate; "
         f"`random_search` draws {args.trials} trials, lr log-uniform in [pick / {SPAN:g}, "
         f"pick x {SPAN:g}], weight decay from {WEIGHT_DECAYS}, epochs {tuple(args.epochs)} "
-        "(Optuna's median pruner from the end of the first), once with `diagnose=False` "
-        f"(plain) and once with `diagnose=True` (guided) on the same seed, {args.repeats} "
-        "times each, taking turns going first, after a warm-up search of each; a search is "
+        f"(Optuna's median pruner from the end of epoch {args.epochs[0]}), with "
+        "`diagnose=False` (plain) and with `diagnose=True` (guided) on the same seed, "
+        f"{args.repeats} run(s) each, taking turns going first, after a warm-up search of "
+        "each; a search is "
         "deterministic, so its repeats differ only in time, and times are the median of the "
         "repeats. Times are the search process's CPU seconds "
         "from its start to the end of a trial (single-threaded work: its wall time on an idle "
@@ -276,7 +277,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3,
                         help="Runs of each search per seed; the median time is taken.")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"
-                                             / "guided_search.md"))
+                                             / "guided_search_families.md"))
     args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     logging.getLogger("lightning_diag").setLevel(logging.ERROR)
