@@ -31,9 +31,6 @@ MISSED = {
     "accuracy_above_one": "nothing raised: values of 1-4 are read as a percentage (2.8%), "
                           "though a 4-class accuracy of 2.8% is far below chance (25%). No "
                           "owner (issue 20.5's invariants, merged)",
-    "binary_label_2": "nothing raised: three classes inferred from the labels {0, 1, 2}; the "
-                      "single-logit (binary) output is not read as two classes. No owner "
-                      "(issue 20.7's class count, merged)",
 }
 
 

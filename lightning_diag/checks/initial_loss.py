@@ -50,6 +50,7 @@ from lightning_diag.batch import (
     select_samples,
     step_loss,
 )
+from lightning_diag.checks.label_use import StepProbe, step_task
 from lightning_diag.checks.reference_outputs import (
     Prediction,
     PredictionTap,
@@ -59,7 +60,7 @@ from lightning_diag.checks.reference_outputs import (
 )
 from lightning_diag.findings import Finding, Severity
 from lightning_diag.functional.checks import expected_initial_loss
-from lightning_diag.functional.task import Task, infer_task, regression_references, select_output
+from lightning_diag.functional.task import Task, regression_references, select_output
 from lightning_diag.isolation import (
     RNGState,
     StepState,
@@ -178,6 +179,7 @@ def check_initial_loss(
         runs = _Runs(clone, list(batches), rng, state)
         losses, outputs, targets = [], [], []
         predictions: list[Prediction] = []
+        tensors: list[torch.Tensor] = []
         main: int | None = None
         with OutputCapture(clone) as capture:
             for i, batch in enumerate(batches):
@@ -196,8 +198,11 @@ def check_initial_loss(
                 targets.append(call_user("`batch_to_target`", batch_to_target, batch))
         state.restore()
         loss = sum(losses) / len(losses)
-        found = _loss_findings(runs, loss, outputs, targets, predictions, main, num_classes,
-                               expected_loss, rel_tol, abs_tol)
+        # the task the shapes say, unless the loss ignores the labels it reads as classes
+        task = step_task(StepProbe(clone, rng, state), batches[0], outputs[0], targets[0],
+                         tensors)
+        found = _loss_findings(runs, loss, task, outputs, targets, predictions, main,
+                               num_classes, expected_loss, rel_tol, abs_tol)
         if reg_attr:
             found.append(_reg_finding(clone, batches[0], rng, state, reg_attr, strength,
                                       reg_strengths))
@@ -325,15 +330,15 @@ class _Head:
         return f"`{self.prediction.name}` ({kind}) {self.delta:+.4g}, {bound}"
 
 
-def _loss_findings(runs: _Runs, loss: float, outputs: list[Any], targets: list[Any],
-                   predictions: list[Prediction], main: int | None, num_classes: int | None,
-                   expected_loss: float | None, rel_tol: float, abs_tol: float) -> list[Finding]:
+def _loss_findings(runs: _Runs, loss: float, task: Task, outputs: list[Any],
+                   targets: list[Any], predictions: list[Prediction], main: int | None,
+                   num_classes: int | None, expected_loss: float | None, rel_tol: float,
+                   abs_tol: float) -> list[Finding]:
     if not math.isfinite(loss):
         return [Finding(CHECK, "initial_loss.non_finite", Severity.FAIL,
                         f"The initial loss is {loss} before any training step.",
                         advice="Look for log(0), division by zero, NaN/Inf inputs or an "
                         "exploding initialization.", value=loss)]
-    task = infer_task(outputs[0], targets[0])
     found = [_collapse(task, outputs)] if task.kind == "multiclass" else []
     if expected_loss is not None:  # the user's own expectation, for the loss as it is
         found.append(_band_finding(loss, expected_loss, "given", task, rel_tol, abs_tol))

@@ -47,6 +47,7 @@ from lightning_diag.batch import (
     default_batch_to_target,
     step_loss,
 )
+from lightning_diag.checks.label_use import StepProbe, step_task
 from lightning_diag.checks.reference_outputs import (
     Prediction,
     PredictionTap,
@@ -60,7 +61,6 @@ from lightning_diag.findings import Finding, Severity
 from lightning_diag.functional.task import (
     Task,
     correct_counts,
-    infer_task,
     memorising_output,
     select_output,
 )
@@ -644,13 +644,19 @@ class _Run:
         state put back), whether the model saw the batch's own input, and, inside, tap the
         main prediction of every step (the output the task is read from)."""
         batch = self.batches[0]
-        with preserved_rng():
+        with preserved_rng() as rng:
             capture.clear()
             with self.settings.forward_context(self.clone.device):
                 _, self.predictions, tensors = record_predictions(self.clone, batch, 0)
             output = select_output(capture.output)
+            self.state.restore()
+            self.main = main_prediction(self.predictions, tensors, output)
+            # the task the shapes say, unless the loss ignores the labels it reads as classes
+            probe = StepProbe(self.clone, rng, self.state,
+                              lambda: self.settings.forward_context(self.clone.device))
+            self.task = step_task(probe, batch, output if self.main is None
+                                  else tensors[self.main], self.targets[0], tensors)
         self.state.restore()
-        self.main = main_prediction(self.predictions, tensors, output)
         if self.main is None:
             yield
             return
@@ -843,11 +849,9 @@ class _Run:
             losses.append(float(loss.detach()))
             tapped = self.tap.value if self.tap is not None else None
             output = tapped if tapped is not None else select_output(capture.output)
-            if self.task is None:
-                self.task = infer_task(output, self.targets[i])
             counts = (correct_counts(self.task, output, self.targets[i])
-                      if self.task.is_classification and isinstance(output, torch.Tensor)
-                      else None)
+                      if self.task is not None and self.task.is_classification
+                      and isinstance(output, torch.Tensor) else None)
             if counts is not None:
                 correct, counted = correct + counts[0], counted + counts[1]
             if isinstance(output, torch.Tensor):
