@@ -60,7 +60,6 @@ ALLOWED_OFFENDERS = {
     "lightning_diag/checks/initial_loss.py::check_initial_loss",  # helper trust-loss
     "lightning_diag/checks/overfit.py",  # helper trust-loss (landed over the limit)
     "lightning_diag/checks/overfit.py::findings",  # helper trust-loss
-    "lightning_diag/functional/task.py",  # helpers trust-loss, invariants (landed over it)
     "lightning_diag/tuning/search.py",  # helper search
     "lightning_diag/tuning/search.py::random_search",  # helper search
     "lightning_diag/tuning/sweep.py::lr_sweep",  # helper search

@@ -58,7 +58,8 @@ from lightning_diag.checks.reference_outputs import (
     main_prediction,
     record_predictions,
 )
-from lightning_diag.functional.task import Task, infer_task, memorising_output, select_output
+from lightning_diag.functional.output_form import memorising_output
+from lightning_diag.functional.task import Task, infer_task, select_output
 from lightning_diag.isolation import RNGState, StepState, side_experiment
 
 __all__ = ["BINARY", "BINARY_MARGIN", "SAME_LOSS_TOL", "WIDTH", "StepProbe", "binary_scores",

@@ -58,12 +58,8 @@ from lightning_diag.checks.reference_outputs import (
     record_predictions,
 )
 from lightning_diag.findings import Finding, Severity
-from lightning_diag.functional.task import (
-    Task,
-    correct_counts,
-    memorising_output,
-    select_output,
-)
+from lightning_diag.functional.output_form import memorising_output
+from lightning_diag.functional.task import Task, correct_counts, select_output
 from lightning_diag.isolation import (
     OptimizationSettings,
     RNGState,
