@@ -56,10 +56,6 @@ DECLARATION_ITEMS = 10
 ALLOWED_OFFENDERS = {
     "lightning_diag/callbacks/invariants.py",  # helper invariants (landed over the limit)
     "lightning_diag/checks/invariants.py",  # helper invariants (landed over the limit)
-    "lightning_diag/checks/initial_loss.py",  # helper trust-loss (landed over the limit)
-    "lightning_diag/checks/initial_loss.py::check_initial_loss",  # helper trust-loss
-    "lightning_diag/checks/overfit.py",  # helper trust-loss (landed over the limit)
-    "lightning_diag/checks/overfit.py::findings",  # helper trust-loss
     "lightning_diag/tuning/search.py",  # helper search
     "lightning_diag/tuning/search.py::random_search",  # helper search
     "lightning_diag/tuning/sweep.py::lr_sweep",  # helper search
