@@ -259,6 +259,10 @@ class DiagnosticCallback(pl.Callback):
 
     def __init__(self, strict: bool = False) -> None:
         check_flag("strict", strict)
+        # Lightning skips a hook attribute that is not callable: a per-batch hook this class
+        # does not implement costs nothing then (each call costs ~5 us: a profiler context and
+        # a name built from the state key, per callback and hook, on every batch).
+        self.__dict__.update(dict.fromkeys(_unused_batch_hooks(type(self))))
         self.strict = strict
         self.findings: list[Finding] = []
         self.hooks = HookRegistry(strict)
@@ -275,7 +279,7 @@ class DiagnosticCallback(pl.Callback):
     def __setattr__(self, name: str, value: Any) -> None:
         # an argument the state key was built from changes: the key is built again
         if name in self.__dict__.get("_state_key_args", ()):
-            self.__dict__.pop("_state_key", None)
+            self.__dict__.pop("state_key", None)
         object.__setattr__(self, name, value)
 
     @property
@@ -529,23 +533,42 @@ def _guard_hooks(cls: type[DiagnosticCallback]) -> None:
 def _cache_state_key(cls: type[DiagnosticCallback]) -> None:
     """Keep the ``state_key`` property ``cls`` defines once built.
 
-    Lightning reads every callback's ``state_key`` around each hook call, a dozen times per
-    training step, and building it from twenty arguments costs ~10 us. The key is dropped
-    (and built again) when an attribute named like one of its arguments is set.
+    Lightning reads every callback's ``state_key`` around each hook call, and building it from
+    twenty arguments costs ~10 us. The key is kept in the instance's dict, where a read finds
+    it with no Python call (:class:`_StateKey`), and dropped (built again at the next read)
+    when an attribute named like one of its arguments is set.
     """
     prop = vars(cls).get("state_key")
-    if not isinstance(prop, property) or prop.fget is None:
-        return
-    build = prop.fget
+    if isinstance(prop, property) and prop.fget is not None:
+        cls.state_key = _StateKey(prop.fget)  # type: ignore[assignment,method-assign]
 
-    @functools.wraps(build)
-    def state_key(self: DiagnosticCallback) -> str:
-        key = self.__dict__.get("_state_key")
-        if key is None:
-            key = self.__dict__["_state_key"] = build(self)
-        return str(key)
 
-    cls.state_key = property(state_key)  # type: ignore[assignment,method-assign]
+class _StateKey:
+    """A non-data descriptor (as :func:`functools.cached_property`) that builds the state key
+    and stores it in the instance's ``__dict__``: later reads find it there, as a plain
+    attribute (~0.04 us against ~0.4 us for a property that returns a kept value)."""
+
+    def __init__(self, build: Callable[[Any], Any]) -> None:
+        self.build = build
+        self.__doc__ = build.__doc__
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        key = obj.__dict__["state_key"] = str(self.build(obj))
+        return key
+
+
+#: Hooks Lightning calls on every batch, only through its ``_call_callback_hooks``.
+BATCH_HOOKS = tuple(name for name in LIGHTNING_HOOKS
+                    if "_batch_" in name or name.startswith(("on_before_", "on_after_")))
+
+
+@functools.cache
+def _unused_batch_hooks(cls: type) -> tuple[str, ...]:
+    """The per-batch hooks ``cls`` leaves as Lightning's no-ops (set to None on its instances:
+    a subclass's ``super()`` call still finds the no-op on the class)."""
+    return tuple(name for name in BATCH_HOOKS if getattr(cls, name) is getattr(pl.Callback, name))
 
 
 def _then_diagnose(hook: Callable[..., Any]) -> Callable[..., Any]:
