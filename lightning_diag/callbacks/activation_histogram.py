@@ -169,6 +169,7 @@ class ActivationHistogram(MonitorCallback):
         self._seen: set[str] = set()
         self._event_step = self._event_epoch = -1  # the logging step `last` measured
         self._worker = EventWorker(depth=2)
+        self._queued = 0  # logging steps handed to the worker, not yet applied
 
     def _chosen(self, pl_module: nn.Module) -> list[tuple[str, nn.Module]]:
         return chosen_layers(pl_module, self.config.layers)
@@ -237,6 +238,7 @@ class ActivationHistogram(MonitorCallback):
         event = _Event(self.logging_step, trainer.current_epoch, self._logs,
                        {n: typed_layer(n, self.layer_types[n]) for n in order})
         if copies:  # there is a TensorBoard writer (`_charts`): the worker finishes the step
+            self._queued += 1
             self._worker.submit(functools.partial(
                 self._summarize, event, tensorboard_writer(trainer), order, acts, grads, numel,
                 copies))
@@ -273,7 +275,12 @@ class ActivationHistogram(MonitorCallback):
     def _collect(self, trainer: pl.Trainer, wait: bool = False) -> None:
         """Apply the logging steps the worker finished, in order (every one with ``wait``)."""
         for event, last, scalars in self._worker.drain() if wait else self._worker.ready():
+            self._queued -= 1
             self._apply(trainer, event, last, scalars)
+
+    @override
+    def _waiting(self) -> bool:
+        return self._queued > 0
 
     def _apply(self, trainer: pl.Trainer, event: _Event, last: dict[str, dict[str, Any]],
                scalars: dict[str, float] | None) -> None:
@@ -352,7 +359,10 @@ class ActivationHistogram(MonitorCallback):
     @override
     def _release(self) -> None:
         super()._release()
-        self._worker.close()  # what was queued is still written; a job's error is reported
+        try:
+            self._worker.close()  # what was queued is still written; a job's error is reported
+        finally:
+            self._queued = 0
 
     @override
     def state_dict(self) -> dict[str, Any]:
