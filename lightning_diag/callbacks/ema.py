@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -319,5 +320,7 @@ def _finite_loss(outputs: Any) -> bool:
         loss = loss_from_output(outputs)
     except ValueError:  # manual optimization or a step returning None: weights are checked anyway
         return True
-    return bool(torch.isfinite(loss.detach()).all())
+    loss = loss.detach()
+    # one op for the usual scalar loss (isfinite, all and bool are three): run on every step
+    return math.isfinite(loss.item()) if loss.numel() == 1 else bool(torch.isfinite(loss).all())
 
