@@ -231,7 +231,7 @@ def test_overfit(tmp_path):
 def test_scripted_divergence_jump_and_nan(tmp_path):
     losses = [2.3, 2.2, 2.1, 2.0, 1.9, 1.8, 1.8, 1.7, 1.7, 1.6, 1.6, 1.5, 30.0, 1.5, 1.4, 1.4]
     epochs = _stream([1.0] * 4, [1.0] * 4, [0.5] * 4, [0.5] * 4)
-    adv = LRPlateauAdvisor(min_epochs=99, patience=9)
+    adv = LRPlateauAdvisor(min_epochs=99, patience=9, min_samples=1)  # batches of 1 sample
     _run(tmp_path, epochs, adv, step_losses=losses)
     (f,) = [f for f in adv.findings if f.code == "advisor.divergence"]
     assert f.step == 12 and f.details["batch_idx"] == 0 and f.epoch == 3
@@ -240,7 +240,7 @@ def test_scripted_divergence_jump_and_nan(tmp_path):
     assert torch.equal(saved[0], torch.zeros(1, 1))
     # noise near zero loss (0.01 -> 0.2) is no divergence; a NaN is, at once
     assert not is_jump(0.2, [0.01] * 20, 5.0, 0.5 * 2.3)
-    adv = LRPlateauAdvisor(min_epochs=99, patience=9, save_batch=False)
+    adv = LRPlateauAdvisor(min_epochs=99, patience=9, save_batch=False, min_samples=1)
     _run(tmp_path / "nan", epochs, adv, step_losses=[2.3, float("nan")] + [1.0] * 14)
     (f,) = _verdicts(adv)
     assert f.severity == "fail" and f.step == 1 and math.isnan(f.value)
@@ -270,7 +270,7 @@ def test_loss_at_exactly_zero_then_a_jump_reads_well_and_never_divides_by_zero(t
     # a median of 0 used to raise ZeroDivisionError inside on_train_batch_end (5.0 / 0), and a
     # start loss of 0 inside the plateau verdict at epoch end (0 / 0)
     epochs = _stream([0.0] * 4, [0.0] * 4, [1.0] * 4, [1.0] * 4)
-    adv = LRPlateauAdvisor(min_epochs=99, patience=2, save_batch=False)
+    adv = LRPlateauAdvisor(min_epochs=99, patience=2, save_batch=False, min_samples=1)
     _run(tmp_path, epochs, adv, step_losses=[0.0] * 12 + [5.0] + [0.0] * 3)
     (f,) = _verdicts(adv)  # no plateau: a loss that sits at 0 has converged
     assert f.code == "advisor.divergence" and f.severity == "warn" and f.step == 12

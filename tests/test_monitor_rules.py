@@ -22,7 +22,7 @@ from lightning_diag.checks.activations import (
 from lightning_diag.checks.advisor import (
     AdvisorConfig,
     advisor_summary,
-    divergence_history,
+    JumpWindow,
     stall_verdict,
 )
 from lightning_diag.checks.curves import curves_summary
@@ -159,9 +159,15 @@ def test_ratio_reading_leaves_biases_out_and_nan_wins():
 
 
 def test_advisor_step_rules():
-    assert divergence_history([2.3] * 3, 2.3, min_history=10) == [2.3]
-    assert divergence_history([2.3] * 10, 2.3, min_history=10) == [2.3] * 10
-    assert divergence_history([], None, min_history=10) == []
+    jumps = JumpWindow(window=50, min_history=10, min_samples=1)
+    assert jumps.reference() is None  # nothing known yet
+    assert jumps.add(2.3, samples=8) == (2.3, 8, 1)  # a batch of enough samples: judged alone
+    for _ in range(3):
+        jumps.push(2.3)
+    assert jumps.reference() == 2.3  # fewer than min_history: the first group's mean
+    for v in (1.0, 3.0, 2.0, 5.0, 4.0, 0.5, 6.0):
+        jumps.push(v)
+    assert jumps.reference() == 2.3  # the lower median of the 10 kept
     config = AdvisorConfig(stall_steps=20)
     falling = [2.3 - 0.1 * i for i in range(20)]
     assert stall_verdict(falling[:10], falling, 20, config) is None

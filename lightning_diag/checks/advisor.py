@@ -19,8 +19,10 @@ Example:
 
 from __future__ import annotations
 
+import bisect
 import math
 import statistics
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -41,9 +43,10 @@ from lightning_diag.validation import (
     validate_arguments,
 )
 
-__all__ = ["ADVICE", "MAX_WINDOW", "STALLED_ADVICE", "UNDERFIT_AFTER_DIVERGENCE", "AdvisorConfig",
-           "Curves", "GapRule", "Verdict", "advice_for", "advisor_summary", "divergence_history",
-           "fit_gap_verdict", "halving_rate", "plateau_verdict", "scale_lr", "stall_verdict"]
+__all__ = ["ADVICE", "MAX_WINDOW", "MIN_SAMPLES", "STALLED_ADVICE", "UNDERFIT_AFTER_DIVERGENCE",
+           "AdvisorConfig", "Curves", "GapRule", "JumpWindow", "Verdict", "advice_for",
+           "advisor_summary", "fit_gap_verdict", "halving_rate", "plateau_verdict", "scale_lr",
+           "stall_verdict"]
 
 ADVICE = {
     "plateau": "Decay the learning rate (the loss plateaus while still high).",
@@ -60,6 +63,9 @@ UNDERFIT_AFTER_DIVERGENCE = ("Underfitting: use a bigger model or train longer; 
 #: Step losses the divergence median is taken over at most: it is taken on every training
 #: step (1000 cost ~40 us a step, 10,000 over 1 ms).
 MAX_WINDOW = 1000
+#: Samples a step loss is judged over at least (consecutive small batches pooled): see
+#: ``docs/callbacks/lr_advisor.md`` for the measurements behind it.
+MIN_SAMPLES = 32
 
 _METRIC = partial(check_str, optional=True)
 _SHARE = partial(check_number, low=0, high=1)
@@ -96,6 +102,8 @@ class AdvisorConfig:
     min_history: int = argument(10, check_int)
     save_batch: bool = argument(True, check_flag, key=False)
     stall_steps: int | None = argument(None, partial(check_int, optional=True))
+    # left out of the state key: the saved history stays valid whatever it is
+    min_samples: int = argument(MIN_SAMPLES, check_int, key=False)
 
     def __post_init__(self) -> None:
         validate_arguments(self)
@@ -358,19 +366,78 @@ def advice_for(code: str, diverged_at: int | None = None) -> str:
     return ADVICE[code.removeprefix("advisor.")]
 
 
-def divergence_history(step_losses: Sequence[float], start_loss: float | None,
-                       min_history: int) -> list[float]:
-    """The losses a new step loss is compared with: the last ``window`` finite step losses,
-    or the start loss alone while fewer than ``min_history`` are known (none before the first
-    finite loss).
+class JumpWindow:
+    """The step losses a new one is judged against for a divergence (recipe 6.4.4), in groups
+    of at least ``min_samples`` samples.
+
+    A batch of fewer samples is too few to judge a jump: one hard sample's loss is many times
+    the median of a batch-of-one run. Consecutive finite step losses are pooled (weighted by
+    their samples) until a group holds ``min_samples``; each complete group's mean is judged
+    against the lower median of the last ``window`` group means (the first group's mean alone
+    while fewer than ``min_history`` are known) and then joins them. A batch of
+    ``min_samples`` or more is a group on its own: each step loss is judged as it comes. The
+    window is kept sorted as well, so that the median is read, not computed, on every step.
 
     Example:
-        >>> divergence_history([2.3, 2.2], 2.3, min_history=10)
-        [2.3]
+        >>> w = JumpWindow(window=50, min_history=2, min_samples=4)
+        >>> w.add(2.0, samples=2) is None  # half a group
+        True
+        >>> w.add(3.0, samples=2)  # complete: (mean, samples, batches)
+        (2.5, 4, 2)
+        >>> w.reference(), w.push(2.5), w.reference()
+        (None, None, 2.5)
     """
-    if len(step_losses) >= min_history:
-        return list(step_losses)
-    return [start_loss] if start_loss is not None else []
+
+    def __init__(self, window: int, min_history: int, min_samples: int) -> None:
+        self.values: deque[float] = deque(maxlen=window)  # the group means, oldest first
+        self.min_history, self.min_samples = min_history, min_samples
+        self.start: float | None = None  # the first group's mean
+        self._sorted: list[float] = []
+        self._total, self._samples, self._batches = 0.0, 0, 0
+
+    @property
+    def pending(self) -> tuple[int, int]:
+        """Samples and batches of the group being filled."""
+        return self._samples, self._batches
+
+    def add(self, loss: float, samples: int) -> tuple[float, int, int] | None:
+        """Pool a finite step loss of ``samples`` samples; when its group is complete, the
+        group's ``(mean, samples, batches)`` (the first one is also :attr:`start`)."""
+        self._total += loss * samples
+        self._samples += samples
+        self._batches += 1
+        if self._samples < self.min_samples:
+            return None
+        # one batch: the loss itself (bit-identical to a batch judged alone)
+        mean = loss if self._batches == 1 else self._total / self._samples
+        done = (mean, self._samples, self._batches)
+        self._total, self._samples, self._batches = 0.0, 0, 0
+        if self.start is None:
+            self.start = mean
+        return done
+
+    def reference(self) -> float | None:
+        """The value a new group mean is compared with: the lower median of the last
+        ``window`` group means, the first one's alone while fewer than ``min_history`` are
+        known, None before any."""
+        if len(self.values) >= self.min_history:
+            return self._sorted[(len(self._sorted) - 1) // 2]
+        return self.start
+
+    def push(self, mean: float) -> None:
+        """Add a judged group mean to the window (the oldest leaves a full one)."""
+        if len(self.values) == self.values.maxlen:
+            del self._sorted[bisect.bisect_left(self._sorted, self.values[0])]
+        self.values.append(mean)
+        bisect.insort(self._sorted, mean)
+
+    def load(self, values: Sequence[float], start: float | None) -> None:
+        """Restore the window's group means and first mean (a checkpoint's)."""
+        self.values.clear()
+        self._sorted = []
+        self.start = start
+        for v in values:
+            self.push(float(v))
 
 
 def stall_verdict(first_losses: Sequence[float], step_losses: Sequence[float], finite_steps: int,
