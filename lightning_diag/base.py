@@ -564,11 +564,15 @@ BATCH_HOOKS = tuple(name for name in LIGHTNING_HOOKS
                     if "_batch_" in name or name.startswith(("on_before_", "on_after_")))
 
 
-@functools.cache
 def _unused_batch_hooks(cls: type) -> tuple[str, ...]:
     """The per-batch hooks ``cls`` leaves as Lightning's no-ops (set to None on its instances:
-    a subclass's ``super()`` call still finds the no-op on the class)."""
-    return tuple(name for name in BATCH_HOOKS if getattr(cls, name) is getattr(pl.Callback, name))
+    a subclass's ``super()`` call still finds the no-op on the class), found once per class."""
+    found = cls.__dict__.get("_unused_hooks")
+    if found is None:
+        found = tuple(name for name in BATCH_HOOKS
+                      if getattr(cls, name) is getattr(pl.Callback, name))
+        type.__setattr__(cls, "_unused_hooks", found)
+    return found
 
 
 def _then_diagnose(hook: Callable[..., Any]) -> Callable[..., Any]:
