@@ -21,8 +21,8 @@ from lightning_diag.checks.activations import (
 )
 from lightning_diag.checks.advisor import (
     AdvisorConfig,
-    advisor_summary,
     JumpWindow,
+    advisor_summary,
     stall_verdict,
 )
 from lightning_diag.checks.curves import curves_summary

@@ -63,8 +63,8 @@ CASES: dict[str, Case] = {
                    DataInspection(max_samples=60, max_images=1)),
         lambda cb: cb.done, lambda cb: setattr(cb, "done", False)),
     "ActivationHistogram": (
-        lambda d: (ActivationHistogram(every_n_steps=1, layers=["net.1"]),
-                   ActivationHistogram(every_n_steps=2, layers=["net.3"])),
+        lambda d: (ActivationHistogram(every_n_steps=1, layers=["net.1"], min_samples=1),
+                   ActivationHistogram(every_n_steps=2, layers=["net.3"], min_samples=1)),
         lambda cb: cb._logs, None),
     "UpdateRatioMonitor": (
         lambda d: (UpdateRatioMonitor(every_n_steps=1),

@@ -55,6 +55,7 @@ import torch
 from typing_extensions import override
 
 from lightning_diag.base import DiagnosticCallback
+from lightning_diag.batch import batch_size
 from lightning_diag.checks.verdict import Verdict
 from lightning_diag.findings import Finding
 from lightning_diag.functional.monitors import is_logging_step
@@ -137,6 +138,8 @@ class MonitorCallback(ConfiguredCallback):
         super().__init__(config, strict=strict)
         self._armed = False  # a logging step is being measured
         self._logging_step = -1  # the optimizer step armed last
+        #: Samples (the batches' first dimension) and batches the armed logging step has seen.
+        self.seen_samples = self.seen_batches = 0
         # the armed-step hooks this class leaves to the base (a subclass's own run every batch)
         self._idle_hooks = tuple(name for name in ARMED_HOOKS
                                  if getattr(type(self), name) is getattr(MonitorCallback, name))
@@ -155,15 +158,26 @@ class MonitorCallback(ConfiguredCallback):
                              batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
         if step == self._logging_step:  # another micro-batch of the step armed last
+            if self._armed:
+                self._count(batch)
             return
         if self._armed:  # the step moved on without completing its measurement
             if self._keeps_measuring():
+                self._count(batch)
                 return
             self._abandon()
         if self.is_logging_step(step):
             self._armed, self._logging_step = True, step
+            self.seen_samples = self.seen_batches = 0
+            self._count(batch)
             self._listen(True)
             self._arm(trainer, pl_module)
+
+    def _count(self, batch: Any) -> None:
+        """Add a batch of the armed step to :attr:`seen_samples` and :attr:`seen_batches`."""
+        size = batch_size(batch)
+        self.seen_samples += self._unknown_size if size is None else size
+        self.seen_batches += 1
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -198,6 +212,12 @@ class MonitorCallback(ConfiguredCallback):
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
         """Measure what the armed step left pending; True when its measurement is complete."""
         return True
+
+    @property
+    def _unknown_size(self) -> int:
+        """The samples a batch of unknown size counts for: enough for any rule (it is judged
+        alone, as when batches were not counted)."""
+        return int(getattr(self.config, "min_samples", 1))
 
     def _keeps_measuring(self) -> bool:
         """Whether an armed logging step whose measurement is not complete goes on into the
