@@ -1,0 +1,191 @@
+"""Cost per epoch and fixed cost of the callbacks, by the slope method (issue 23 part 1).
+
+Each arm trains the digits CNN (``DigitsClassifier(arch="cnn")``, digits, batch 64, 23 steps
+an epoch, validation every epoch, a TensorBoardLogger) for ``--short`` and ``--long`` epochs
+(10 and 40 by default):
+
+- ``plain``: no callback;
+- ``four``: ActivationHistogram, UpdateRatioMonitor, FirstLayerVisualization and
+  LearningCurves at their defaults (the step-5 monitors);
+- ``eleven``: every callback of the library at its defaults: DataInspection, GradientCheck,
+  InitialLossCheck, OverfitSmallBatch (the pre-flight checks, once per fit), the four monitors,
+  LRPlateauAdvisor, EMAWeights and CheckpointEnsemble.
+
+An arm's cost per epoch is the slope ``(T_long - T_short) / (long - short)`` and its fixed cost
+the intercept ``T_short - short * slope``; the figures are the arm's slope over the plain
+Trainer's (the per-epoch ratio) and the arm's intercept minus the plain one (the fixed seconds,
+pre-flight checks and end-of-fit figures included), each pair of runs giving one reading. Runs
+are interleaved (the arms rotate, the lengths alternate), one intra-op thread; wall time,
+process CPU time and the training thread's CPU time are reported, with the 1-minute load
+average before and after.
+
+Usage:
+    python benchmarks/bench_cost.py --pairs 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+
+import lightning.pytorch as pl
+import matplotlib
+
+matplotlib.use("Agg")
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from lightning_diag.callbacks import (
+    ActivationHistogram,
+    CheckpointEnsemble,
+    DataInspection,
+    EMAWeights,
+    FirstLayerVisualization,
+    GradientCheck,
+    InitialLossCheck,
+    LearningCurves,
+    LRPlateauAdvisor,
+    OverfitSmallBatch,
+    UpdateRatioMonitor,
+)
+from lightning_diag.examples.digits import DigitsClassifier, DigitsDataModule
+
+#: Per-epoch ratio and fixed seconds the issue asks for (issue 23 part 1).
+TARGET_RATIO, TARGET_FIXED = 1.02, 0.15
+CLOCKS = ("wall", "cpu", "thread")
+
+
+def four() -> list[pl.Callback]:
+    return [ActivationHistogram(), UpdateRatioMonitor(), FirstLayerVisualization(),
+            LearningCurves()]
+
+
+def eleven() -> list[pl.Callback]:
+    return [DataInspection(), GradientCheck(), InitialLossCheck(), OverfitSmallBatch(), *four(),
+            LRPlateauAdvisor(), EMAWeights(), CheckpointEnsemble()]
+
+
+ARMS: dict[str, Callable[[], list[pl.Callback]]] = {"plain": list, "four": four,
+                                                    "eleven": eleven}
+
+
+def fit(callbacks: list[pl.Callback], epochs: int, root: str) -> dict[str, float]:
+    """Seconds of one ``trainer.fit`` on each clock."""
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(
+        max_epochs=epochs, accelerator="cpu", devices=1, callbacks=callbacks,
+        logger=TensorBoardLogger(root, name="bench"), enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
+        default_root_dir=root)
+    model, data = DigitsClassifier(arch="cnn"), DigitsDataModule(64)
+    wall, cpu, thread = time.perf_counter(), time.process_time(), time.thread_time()
+    trainer.fit(model, data)
+    return {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu,
+            "thread": time.thread_time() - thread}
+
+
+def measure(arms: list[str], short: int, long: int, pairs: int
+            ) -> dict[str, list[dict[str, dict[str, float]]]]:
+    """``pairs`` readings of each arm: {arm: [{length: {clock: seconds}}, ...]}."""
+    out: dict[str, list[dict[str, dict[str, float]]]] = {arm: [] for arm in arms}
+    with tempfile.TemporaryDirectory() as root:
+        for arm in arms:  # warm-up, discarded: the first fit of a process pays one-off costs
+            fit(ARMS[arm](), 1, root)
+        for p in range(pairs):
+            order = arms[p % len(arms):] + arms[:p % len(arms)]
+            lengths = (short, long) if p % 2 == 0 else (long, short)
+            runs: dict[str, dict[str, dict[str, float]]] = {arm: {} for arm in arms}
+            for length in lengths:
+                for arm in order:
+                    runs[arm][str(length)] = t = fit(ARMS[arm](), length, root)
+                    print(f"  pair {p + 1} {arm:6s} {length:3d} epochs: wall {t['wall']:.2f} s "
+                          f"cpu {t['cpu']:.2f} s thread {t['thread']:.2f} s "
+                          f"load {os.getloadavg()[0]:.2f}", flush=True)
+            for arm in arms:
+                out[arm].append(runs[arm])
+    return out
+
+
+def slope_and_fixed(run: dict[str, dict[str, float]], clock: str, short: int, long: int
+                    ) -> tuple[float, float]:
+    """Seconds per epoch and fixed seconds of one pair of runs of an arm."""
+    slope = (run[str(long)][clock] - run[str(short)][clock]) / (long - short)
+    return slope, run[str(short)][clock] - short * slope
+
+
+def summarize(data: dict[str, list[dict[str, dict[str, float]]]], short: int, long: int
+              ) -> list[str]:
+    """Markdown rows: each arm against the plain Trainer, on each clock."""
+    rows = []
+    plain = data["plain"]
+    for arm in (a for a in data if a != "plain"):
+        for clock in CLOCKS:
+            ratios, fixed, per_epoch = [], [], []
+            for mine, base in zip(data[arm], plain, strict=True):
+                s, f = slope_and_fixed(mine, clock, short, long)
+                s0, f0 = slope_and_fixed(base, clock, short, long)
+                ratios.append(s / s0)
+                fixed.append(f - f0)
+                per_epoch.append((s - s0) * 1e3)
+            ratio, extra = statistics.median(ratios), statistics.median(fixed)
+            verdict = ("met" if ratio <= TARGET_RATIO and extra <= TARGET_FIXED else
+                       "ratio met" if ratio <= TARGET_RATIO else
+                       "fixed met" if extra <= TARGET_FIXED else "not met")
+            rows.append(
+                f"| {arm} | {clock} | **{ratio:.3f}x** | {min(ratios):.3f}-{max(ratios):.3f} | "
+                f"{statistics.median(per_epoch):+.1f} ms | **{extra:.3f} s** | "
+                f"{min(fixed):.3f}-{max(fixed):.3f} | {verdict if clock == 'wall' else ''} |")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=5)
+    parser.add_argument("--short", type=int, default=10)
+    parser.add_argument("--long", type=int, default=40)
+    parser.add_argument("--arms", nargs="+", default=["plain", "four", "eleven"],
+                        choices=list(ARMS))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="benchmarks/results/cost.md")
+    args = parser.parse_args()
+    arms = ["plain", *(a for a in args.arms if a != "plain")]
+    # One intra-op thread: on a shared machine, spinning OpenMP workers make timings meaningless.
+    torch.set_num_threads(args.threads)
+    load, start = os.getloadavg(), time.perf_counter()
+    data = measure(arms, args.short, args.long, args.pairs)
+    load_end, took = os.getloadavg(), time.perf_counter() - start
+    plain = {str(n): statistics.median(r[str(n)]["wall"] for r in data["plain"])
+             for n in (args.short, args.long)}
+    lines = [
+        "## Cost per epoch and fixed cost (issue 23 part 1)", "",
+        f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {os.cpu_count()} CPU "
+        f"cores ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
+        f"lightning {pl.__version__}, {args.threads} intra-op thread(s); 1-minute load average "
+        f"{load[0]:.2f} at the start, {load_end[0]:.2f} at the end; {took:.0f} s in all. "
+        f"Command: `python benchmarks/bench_cost.py --pairs {args.pairs}`.", "",
+        f"Digits CNN, batch 64 (23 steps an epoch), validation every epoch, TensorBoardLogger; "
+        f"plain Trainer median wall {plain[str(args.short)]:.2f} s for {args.short} epochs, "
+        f"{plain[str(args.long)]:.2f} s for {args.long}. Per pair: each arm run for "
+        f"{args.short} and {args.long} epochs (interleaved); per-epoch cost = slope between the "
+        "two, fixed = intercept; ratio = arm slope / plain slope, fixed = arm intercept - plain "
+        f"intercept; median and range over {args.pairs} pairs. Targets: <= {TARGET_RATIO}x per "
+        f"epoch, <= {TARGET_FIXED} s fixed. Clocks: wall, process CPU (`cpu`, background "
+        "threads included), the training thread's CPU (`thread`).", "",
+        "| arm | clock | per-epoch ratio (median) | range | extra per epoch (median) | "
+        "fixed (median) | range | verdict (wall) |",
+        "|---|---|---|---|---|---|---|---|", *summarize(data, args.short, args.long)]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as fh:
+        fh.write(text)
+
+
+if __name__ == "__main__":
+    main()
