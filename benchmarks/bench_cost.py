@@ -9,7 +9,8 @@ an epoch, validation every epoch, a TensorBoardLogger) for ``--short`` and ``--l
   LearningCurves at their defaults (the step-5 monitors);
 - ``eleven``: every callback of the library at its defaults: DataInspection, GradientCheck,
   InitialLossCheck, OverfitSmallBatch (the pre-flight checks, once per fit), the four monitors,
-  LRPlateauAdvisor, EMAWeights and CheckpointEnsemble.
+  LRPlateauAdvisor, EMAWeights and CheckpointEnsemble;
+- ``ten`` (with ``--arms``): the eleven but CheckpointEnsemble, to show its share.
 
 An arm's cost per epoch is the slope ``(T_long - T_short) / (long - short)`` and its fixed cost
 the intercept ``T_short - short * slope``; the figures are the arm's slope over the plain
@@ -71,8 +72,13 @@ def eleven() -> list[pl.Callback]:
             LRPlateauAdvisor(), EMAWeights(), CheckpointEnsemble()]
 
 
+def ten() -> list[pl.Callback]:
+    """The eleven but CheckpointEnsemble (it saves a checkpoint every epoch): its share."""
+    return [cb for cb in eleven() if not isinstance(cb, CheckpointEnsemble)]
+
+
 ARMS: dict[str, Callable[[], list[pl.Callback]]] = {"plain": list, "four": four,
-                                                    "eleven": eleven}
+                                                    "eleven": eleven, "ten": ten}
 
 
 def fit(callbacks: list[pl.Callback], epochs: int, root: str) -> dict[str, float]:

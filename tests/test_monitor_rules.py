@@ -4,6 +4,7 @@ curves.py): hand-made statistics in, the expected verdicts out."""
 from __future__ import annotations
 
 import math
+import random
 from typing import Any
 
 import pytest
@@ -34,6 +35,7 @@ from lightning_diag.checks.update_ratio import (
     read_ratios,
 )
 from lightning_diag.findings import Severity
+from lightning_diag.functional.curves import is_jump, jump_threshold
 
 NAN = math.nan
 
@@ -168,6 +170,25 @@ def test_advisor_step_rules():
     for v in (1.0, 3.0, 2.0, 5.0, 4.0, 0.5, 6.0):
         jumps.push(v)
     assert jumps.reference() == 2.3  # the lower median of the 10 kept
+
+
+def test_the_sorted_jump_window_judges_as_is_jump_on_the_losses_it_keeps():
+    """The advisor reads the window's median instead of computing it each step: the same
+    verdicts as ``is_jump`` on the same history, through windows that fill and slide."""
+    gen = random.Random(0)
+    jumps = JumpWindow(window=20, min_history=5, min_samples=1)
+    kept: list[float] = []
+    for _ in range(200):
+        loss = gen.choice([gen.uniform(0.1, 2.0), gen.uniform(5.0, 30.0)])
+        mean, _, _ = jumps.add(loss, samples=1) or (math.nan, 0, 0)
+        history = kept[-20:] if len(kept) >= 5 else [kept[0] if kept else mean]
+        min_jump = 0.5 * abs(jumps.start or 0.0)
+        reference = jumps.reference()
+        assert reference is not None
+        assert (mean > jump_threshold(reference, 5.0, min_jump)) == is_jump(
+            mean, history, 5.0, min_jump)
+        jumps.push(mean)
+        kept.append(mean)
     config = AdvisorConfig(stall_steps=20)
     falling = [2.3 - 0.1 * i for i in range(20)]
     assert stall_verdict(falling[:10], falling, 20, config) is None

@@ -14,6 +14,8 @@ again). A field renamed in the state key (the advisor's ``train_loss_key``) is r
    (steps 0, n, 2n, ... with ``n = every_n_steps``; with ``early_steps`` also 1, 2, 4, ... below
    n): the step is *armed* and :meth:`~MonitorCallback._arm` runs once (module hooks go on).
    With gradient accumulation the later micro-batches of an armed step do not arm it again.
+   Each batch of the armed step adds its samples to :attr:`~MonitorCallback.seen_samples`
+   (and one to ``seen_batches``), for rules judged over ``min_samples``.
 2. ``on_before_optimizer_step`` while armed: :meth:`~MonitorCallback._optimizer_step`.
 3. ``on_train_batch_end`` while armed: :meth:`~MonitorCallback._finish` measures what the
    step left pending and returns True when it is complete (False: it waits for another

@@ -101,7 +101,7 @@ class ActivationHistogram(MonitorCallback):
     optimizer step 0 and every ``every_n_steps``-th step (training only), forward hooks on
     the chosen layers compute, on the tensors' device and in one fused pass per tensor
     (:func:`~lightning_diag.functional.monitors.layer_summary`): mean, std, zero fraction, dead
-    fraction (units zero on the whole batch), saturated fraction (bounded activations: tanh,
+    fraction (units zero on every sample measured), saturated fraction (bounded activations: tanh,
     sigmoid, hardtanh, ...), a 64-bin histogram, and for the gradient flowing back into the
     output its norm and histogram, unscaled under mixed precision. Everything is copied to the
     host once per logging step and written to TensorBoard as one event, each layer named with
@@ -141,6 +141,9 @@ class ActivationHistogram(MonitorCallback):
         strict: Raise on FAIL findings (these findings are WARN).
         early_steps: Also log steps 1, 2, 4, ... below ``every_n_steps`` (default False: a
             logging step here costs ~10x one of ``UpdateRatioMonitor``).
+        min_samples: Keyword-only. A logging step measures at least this many samples (default
+            32): on smaller batches it keeps its hooks over the next batches and pools them
+            (``docs/callbacks/schedule.md``), so that one sample does not make a unit dead.
 
     Example:
         >>> cb = ActivationHistogram(every_n_steps=100, layers=["net.1", "net.3"])

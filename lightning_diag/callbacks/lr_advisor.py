@@ -82,6 +82,11 @@ class LRPlateauAdvisor(ConfiguredCallback):
             every step); before ``min_history`` are known, the median is replaced by the start
             loss (the first finite step loss).
         save_batch: Save the offending batch with ``torch.save`` to the run's log directory.
+        min_samples: Keyword-only. A jump is judged over at least this many samples (default
+            32): consecutive step losses of smaller batches are pooled (their mean, weighted by
+            samples) into groups, and ``jump_factor``, ``min_jump_fraction``, ``window`` and
+            ``min_history`` then count groups; a batch of ``min_samples`` or more is a group on
+            its own, as before. A non-finite loss is reported at once.
         stall_steps: Off by default (None). At this many finite step losses, a loss whose
             median over the last ``min_history`` steps has not fallen by ``min_rel_delta`` (of
             its size) below the median of the first ``min_history`` is reported (checked once

@@ -84,6 +84,10 @@ class UpdateRatioMonitor(MonitorCallback):
             the findings table); the search's trials run so.
         strict: Raise on FAIL findings (these findings are WARN).
         early_steps: Also measure steps 1, 2, 4, ... below ``every_n_steps``.
+        min_samples: Keyword-only. Weights that did not move at all on a logging step of fewer
+            samples (default 32) are measured again over the next steps, against the same
+            copies, until that many samples were seen: ``zero_updates`` needs them still over
+            all of them (one sample beyond a hinge's margin moves nothing).
 
     Example:
         >>> cb = UpdateRatioMonitor(every_n_steps=10, patience=2)
