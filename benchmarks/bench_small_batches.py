@@ -139,8 +139,8 @@ class Case:
 
 
 CASES = [
-    Case("digits MLP (Adam)", True, lambda n: Net(mlp()), digits),
-    Case("digits CNN (Adam)", True, lambda n: Net(cnn()), digits),
+    Case("digits MLP (Adam 1e-3)", True, lambda n: Net(mlp()), digits),
+    Case("digits CNN (Adam 1e-3)", True, lambda n: Net(cnn()), digits),
     Case("digits CNN (Adam 3e-4)", True, lambda n: Net(cnn(), lr=3e-4), digits),
     Case("digits MLP (SGD 0.05)", True, lambda n: Net(mlp(), lr=0.05, sgd=True), digits),
     Case("digits MLP (multi-class hinge, SGD 0.05)", True,
@@ -246,15 +246,14 @@ def cell(r: dict[str, Any], case: Case) -> str:
     if case.healthy:
         verdict = "silent" if not r["found"] else "**" + ", ".join(r["found"]) + "**"
         if r["dead_on_all"]:  # is the finding right? the flagged layers on all samples
-            verdict += " (" + ", ".join(f"{name}: {v:.0%} of its units dead on all "
-                                        f"{N_TRAIN} training samples after training"
-                                        for name, v in r["dead_on_all"].items()) + ")"
+            shares = ", ".join(f"{name} {v:.0%}" for name, v in r["dead_on_all"].items())
+            verdict += f" (dead on all {N_TRAIN} training samples after training: {shares})"
     else:
         missed = [c for c in case.expected if c not in r["found"]]
         verdict = "caught" if not missed else "**missed " + ", ".join(missed) + "**"
     grad = "-" if math.isinf(r["grad"]) else f"{r['grad']:.2g}"
     return (f"{verdict} (dead {r['dead']:.2f}, grad {grad}, still {r['still']}, "
-            f"jump {r['jump']:.2f})")
+            f"jump {r['jump']:.3g})")
 
 
 def main() -> None:
