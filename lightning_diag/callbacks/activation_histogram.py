@@ -83,7 +83,7 @@ class _Event(NamedTuple):
     epoch: int
     number: int
     typed: dict[str, str]
-    samples: tuple[int, int] = (0, 1)
+    samples: tuple[int, int]
 
 
 def _loss_scale(trainer: pl.Trainer) -> torch.Tensor | float:

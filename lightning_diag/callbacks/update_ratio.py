@@ -147,7 +147,7 @@ class UpdateRatioMonitor(MonitorCallback):
         if not self._pending:
             return False
         if self._first is None:  # the logging step itself
-            reading = self._read(self._pending)
+            reading = self._read(self._pending, squared=False)
             if reading.median == 0.0 and self.seen_samples < self.config.min_samples:
                 self._first = reading  # too few samples to call a weight still: a window
                 return False
@@ -158,20 +158,19 @@ class UpdateRatioMonitor(MonitorCallback):
             window = [(labels, params, snap, gnorm ** 2 + self._window_grads.get(opt, 0))
                       for (labels, params, snap, gnorm), opt
                       in zip(self._pending, self._optimizers, strict=True)]
-            self._judge(trainer, self._first, self._read(window))
+            self._judge(trainer, self._first, self._read(window, squared=True))
         self._abandon()
         return True
 
-    def _read(self, pending: list[_Pending]) -> RatioReading:
+    def _read(self, pending: list[_Pending], squared: bool) -> RatioReading:
         """The ratios of ``pending`` (the weights now against their copies), one host sync;
-        the gradient norms given are squared sums over a window's steps when ``window``."""
+        its gradient norms are ``squared`` sums over a window's steps, or norms."""
         device = pending[0][2][0].device
         parts = [update_ratios(snap, params).to(device) for _, params, snap, _ in pending]
         parts += [g.to(device) for *_, g in pending]
         values = torch.cat(parts).cpu().tolist()  # the one host sync
         labels = [n for names, *_ in pending for n in names]
         dims = [p.dim() for _, params, *_ in pending for p in params]
-        squared = self._first is not None
         norms = [math.sqrt(v) if squared else v for v in values[len(labels):]]
         return read_ratios(labels, dims, values[:len(labels)], norms)
 
