@@ -546,7 +546,8 @@ def _cache_state_key(cls: type[DiagnosticCallback]) -> None:
 class _StateKey:
     """A non-data descriptor (as :func:`functools.cached_property`) that builds the state key
     and stores it in the instance's ``__dict__``: later reads find it there, as a plain
-    attribute (~0.04 us against ~0.4 us for a property that returns a kept value)."""
+    attribute (measured: ~0.08 us a read, against 0.2-0.4 us for a property returning a kept
+    value)."""
 
     def __init__(self, build: Callable[[Any], Any]) -> None:
         self.build = build
