@@ -384,8 +384,12 @@ class JumpWindow:
         True
         >>> w.add(3.0, samples=2)  # complete: (mean, samples, batches)
         (2.5, 4, 2)
-        >>> w.reference(), w.push(2.5), w.reference()
-        (None, None, 2.5)
+        >>> w.reference()  # fewer than `min_history` means known: the first one
+        2.5
+        >>> for mean in (2.5, 1.0, 9.0):
+        ...     w.push(mean)
+        >>> w.reference()  # the lower median of those kept
+        2.5
     """
 
     def __init__(self, window: int, min_history: int, min_samples: int) -> None:
