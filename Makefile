@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv browser postgres demo test lint bench clean tag-table
+.PHONY: venv browser postgres demo test lint bench clean tag-table code-table
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,11 @@ lint: $(STAMP)
 tag-table:
 	$(BIN)/python -c "from lightning_diag.tensorboard.tags import write_table; \
 	  write_table('docs/tensorboard.md')"
+
+# docs/codes.md's code table, generated from lightning_diag/codes.py.
+code-table:
+	$(BIN)/python -c "from lightning_diag.codes import write_code_table; \
+	  write_code_table('docs/codes.md')"
 
 # Cost and quality figures for docs/performance.md (minutes; not part of the tests).
 bench: $(STAMP)

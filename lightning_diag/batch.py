@@ -146,8 +146,8 @@ def loss_from_output(output: Any) -> torch.Tensor:
         return output["loss"]
     raise NoLossError(
         "`training_step` must return the loss as a tensor or a dict with a 'loss' tensor for this "
-        f"diagnostic, but it returned {type(output).__name__}. Return the loss, or use a model "
-        "with automatic optimization."
+        f"diagnostic, but it returned {type(output).__name__}. Return the loss (or, under manual "
+        "optimization, pass it to `self.manual_backward`)."
     )
 
 
@@ -155,14 +155,24 @@ def step_loss(module: pl.LightningModule, batch: Any, batch_idx: int = 0) -> tor
     """Run the module's own ``training_step`` on ``batch`` and return the loss tensor.
 
     Side experiments call it on a copy, so that the user's step failing there is the user's
-    error to report (the check steps aside), not a crash of the run nor an internal error.
+    error to report (the check steps aside), not a crash of the run nor an internal error. On a
+    copy (whose ``self.trainer`` is a
+    :class:`~lightning_diag.isolation.trainer_view.TrainerView`) under manual optimization, the
+    loss is the one the step passed to ``manual_backward``, when it returned none.
 
     Raises:
         UserCodeError: ``training_step`` raised.
-        NoLossError: it returned no loss.
+        NoLossError: it returned no loss, or (manual optimization) the step has several
+            optimizers or several ``manual_backward`` calls: no one loss to judge.
     """
+    view = getattr(module, "_trainer", None)
+    begin = getattr(view, "begin_step", None)  # only a copy's TrainerView has these two
+    if begin is not None:
+        begin()
     step = call_user(f"`{type(module).__name__}.training_step`", module.training_step, batch,
                      batch_idx)
+    if begin is not None:
+        return view.step_loss(step)  # type: ignore[union-attr]
     return loss_from_output(step)
 
 

@@ -51,10 +51,14 @@ def build_parser(with_tune_args: bool = False) -> argparse.ArgumentParser:
                            "on failures", description="Print the findings recorded in the "
                            "findings.jsonl of every run under LOGDIR, worst first, with the advice "
                            "of warnings and failures; exit 1 when any finding is at or above "
-                           "--fail-on (for CI), 2 when there is nothing to check.")
+                           "--fail-on (for CI), 2 when there is nothing to check (no run, or a "
+                           "findings.jsonl without one readable record).")
     check.add_argument("logdir", metavar="LOGDIR", help="a run's log directory or a folder of runs")
     check.add_argument("--fail-on", choices=["warn", "fail"], default="fail",
                        help="exit 1 when a finding is at least this severe (default fail)")
+    check.add_argument("--min-severity", choices=["info", "warn", "fail"], default="info",
+                       help="list only findings at least this severe (default info: all); the "
+                       "counts and the exit status still cover every finding")
 
     tune = sub.add_parser("tune", help="learning-rate sweep, random search and refinement",
                           description="Learning-rate sweep -> random search -> refinement "
@@ -107,6 +111,12 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"lightning-diag demo: --limit-batches must be >= 1, got {args.limit_batches}.",
               file=sys.stderr)
         return 2
+    try:  # the demo writes there: a path that cannot be a folder is a usage error
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        print(f"lightning-diag demo: cannot write to --out {args.out!r}: {_reason(err)}.",
+              file=sys.stderr)
+        return 2
     from lightning_diag.examples.demo import run_demo
 
     run_demo(args.out, inject=args.inject, epochs=args.epochs, seed=args.seed,
@@ -118,24 +128,43 @@ def _demo(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from lightning_diag.report import build_report
 
-    if not Path(args.logdir).is_dir():
-        print(f"lightning-diag report: log directory {args.logdir!r} does not exist.",
+    logdir = Path(args.logdir)
+    if not logdir.is_dir():
+        what = "is not a directory" if logdir.exists() else "does not exist"
+        print(f"lightning-diag report: log directory {args.logdir!r} {what}.", file=sys.stderr)
+        return 2
+    target = Path(args.out) if args.out is not None else logdir / "report.html"
+    try:
+        path = build_report(logdir, target)
+    except OSError as err:
+        # the report is written last: an error on its file or folders is the -o mistake
+        mine = err.filename is not None and Path(err.filename) in (target, *target.parents)
+        what = (f"cannot write the report to {str(target)!r}" if mine else
+                f"cannot read {str(err.filename or logdir)!r}")
+        at = (f" at {err.filename!r}" if mine and Path(err.filename) != target else "")
+        print(f"lightning-diag report: {what}: {_reason(err)}{at}"
+              + (" (pass -o a file in a folder you can write)." if mine else "."),
               file=sys.stderr)
         return 2
-    print(build_report(args.logdir, args.out))
+    print(path)
     return 0
 
 
+def _reason(err: OSError) -> str:
+    """An OSError's reason without its errno and file name, e.g. "Not a directory"."""
+    return err.strerror or type(err).__name__
+
+
 def _check(args: argparse.Namespace) -> int:
-    from lightning_diag.findings import (
-        FINDINGS_FILE,
-        Severity,
-        format_findings,
-        load_findings_by_run,
-    )
+    import warnings
+
+    from lightning_diag.findings import FINDINGS_FILE, Severity, load_findings_files
+    from lightning_diag.presentation import counts_text, format_findings
 
     try:
-        runs = load_findings_by_run(args.logdir)
+        with warnings.catch_warnings():  # each skipped line is summed up per run below
+            warnings.simplefilter("ignore", UserWarning)
+            runs = load_findings_files(args.logdir)
     except FileNotFoundError:
         print(f"lightning-diag check: log directory {args.logdir!r} does not exist.",
               file=sys.stderr)
@@ -144,11 +173,24 @@ def _check(args: argparse.Namespace) -> int:
         print(f"lightning-diag check: no {FINDINGS_FILE} under {args.logdir!r}: no run with "
               "lightning_diag callbacks and a logger was found there.", file=sys.stderr)
         return 2
-    every = [f for found in runs.values() for f in found]
-    for run, found in runs.items():
-        print(f"Run {run}\n{format_findings(found)}\n")
-    counts = ", ".join(f"{sum(f.severity is s for f in every)} {s.value}"
-                       for s in (Severity.FAIL, Severity.WARN, Severity.INFO))
-    print(f"{len(every)} finding(s) in {len(runs)} run(s): {counts}.")
+    unreadable = [read for read in runs.values() if not read.findings]
+    for read in runs.values():
+        if not read.findings:
+            what = (f"{read.lines} line(s), none a finding record" if read.lines else "empty")
+            print(f"lightning-diag check: {read.path} holds no readable finding record "
+                  f"({what}): nothing to check there.", file=sys.stderr)
+        elif read.skipped:
+            print(f"lightning-diag check: {read.path}: skipped {read.skipped} of {read.lines} "
+                  "line(s) that are not finding records (cut short or corrupt).", file=sys.stderr)
+    every = [f for read in runs.values() for f in read.findings]
+    if not every:
+        return 2
+    least = Severity(args.min_severity)
+    for run, read in runs.items():
+        if read.findings:
+            print(f"Run {run}\n{format_findings(read.findings, min_severity=least)}\n")
+    print(f"{len(every)} finding(s) in {len(runs)} run(s): {counts_text(every)}.")
+    if unreadable:
+        return 2
     threshold = Severity(args.fail_on)
     return int(any(f.severity >= threshold for f in every))

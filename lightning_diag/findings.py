@@ -1,4 +1,4 @@
-"""The one result type every diagnostic produces.
+"""The one result type every diagnostic produces, and its record: ``findings.jsonl``.
 
 Example:
     >>> from lightning_diag.findings import Finding, Severity
@@ -12,85 +12,42 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import enum
 import json
 import math
-import os
 import re
-import shutil
-import textwrap
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
+from lightning_diag import jsonable
+from lightning_diag.codes import DIAGNOSIS_PREFIX
+from lightning_diag.presentation import (
+    finding_rank,
+    format_findings,
+    headline,
+    line,
+    sort_findings,
+)
+from lightning_diag.severity import Severity
 
-__all__ = [
-    "DIAGNOSIS_PREFIX",
-    "FINDINGS_FILE",
-    "FORMAT_VERSION",
-    "DiagnosticError",
-    "DiagnosticWarning",
-    "Finding",
-    "Severity",
-    "append_findings",
-    "finding_rank",
-    "format_findings",
-    "sort_findings",
-    "load_findings",
-    "load_findings_by_run",
-    "updated",
-]
+__all__ = ["DIAGNOSIS_PREFIX", "FINDINGS_FILE", "FORMAT_VERSION", "UPDATE_VERSION",
+           "DiagnosticError", "DiagnosticWarning", "Finding", "FindingsFile", "Severity",
+           "append_findings", "append_lines", "encode", "finding_rank", "format_findings",
+           "load_findings", "load_findings_by_run", "load_findings_files", "merge",
+           "read_findings_file", "sort_findings", "update_record", "updated"]
 
 #: Name of the JSON Lines file, one finding per line, that each run writes in its log directory.
 FINDINGS_FILE = "findings.jsonl"
 #: Version of the record :meth:`Finding.to_dict` writes; bumped when a field changes meaning.
 FORMAT_VERSION = 1
-#: Strict JSON has no non-finite numbers; they are written as these strings (which JavaScript's
-#: ``Number()`` and Python's ``float()`` both parse) and read back as floats.
-_NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+#: Version of an update record (:func:`update_record`), which older readers skip.
+UPDATE_VERSION = 2
 _FIELDS = ("check", "code", "severity", "message", "advice", "value", "expected", "step",
            "epoch", "indices", "details", "subject")
-
-_ORDER = {"info": 0, "warn": 1, "fail": 2}
-
-
-class Severity(str, enum.Enum):
-    """How much a finding matters, ordered ``INFO < WARN < FAIL``."""
-
-    INFO = "info"
-    WARN = "warn"
-    FAIL = "fail"
-
-    @property
-    def rank(self) -> int:
-        return _ORDER[self.value]
-
-    def __lt__(self, other: object) -> bool:
-        if not isinstance(other, Severity):
-            return NotImplemented
-        return self.rank < other.rank
-
-    def __le__(self, other: object) -> bool:
-        if not isinstance(other, Severity):
-            return NotImplemented
-        return self.rank <= other.rank
-
-    def __gt__(self, other: object) -> bool:
-        if not isinstance(other, Severity):
-            return NotImplemented
-        return self.rank > other.rank
-
-    def __ge__(self, other: object) -> bool:
-        if not isinstance(other, Severity):
-            return NotImplemented
-        return self.rank >= other.rank
-
-    def __str__(self) -> str:
-        return self.value
+#: The fields naming a fact (:attr:`Finding.key`), which an update record repeats.
+_KEY = ("check", "code", "subject")
 
 
 @dataclass(frozen=True)
@@ -99,7 +56,8 @@ class Finding:
 
     Attributes:
         check: Name of the callback (or function) that produced it, e.g. ``"GradientCheck"``.
-        code: Stable dotted identifier, e.g. ``"gradient_check.mismatch"``; a public contract.
+        code: Stable dotted identifier, e.g. ``"gradient_check.mismatch"``; a public contract
+            (every code is declared in :mod:`lightning_diag.codes`).
         severity: ``Severity.INFO``, ``WARN`` or ``FAIL``.
         message: One sentence with the measured value and the expected range.
         advice: What the recipe says to do about it (may be empty for info findings).
@@ -136,9 +94,13 @@ class Finding:
             object.__setattr__(self, "indices", tuple(int(i) for i in self.indices))
 
     def format(self) -> str:
-        """A one-line human-readable rendering: ``[FAIL] code: message Advice: ...``."""
-        text = f"[{self.severity.value.upper()}] {self.code}: {self.message}"
-        return f"{text} Advice: {self.advice}" if self.advice else text
+        """A one-line rendering: ``[FAIL] code: message Advice: ...``
+        (:func:`lightning_diag.presentation.line`)."""
+        return line(self)
+
+    def headline(self) -> str:
+        """One short line for a terminal (:func:`lightning_diag.presentation.headline`)."""
+        return headline(self)
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -152,41 +114,12 @@ class Finding:
             return [int(s) for s in seen]
         return [] if self.step is None else [self.step]
 
-    def headline(self) -> str:
-        """One short line for a terminal: severity, code, subject, the measured number with the
-        expected range, and the step(s); no advice. Without a number, the message's first
-        sentence, cut at a space before 90 characters.
-
-        Example:
-            >>> Finding("U", "update_ratio.too_high", Severity.WARN, "Median ratio 1.31 ...",
-            ...         value=1.3071, expected=(1e-05, 0.2), step=1).headline()
-            '[WARN] update_ratio.too_high: 1.31 (expected 1e-05 to 0.2) at step 1'
-            >>> Finding("D", "data.summary", Severity.INFO, "Data inspected. 3 splits.").headline()
-            '[INFO] data.summary: Data inspected.'
-        """
-        text = f"[{self.severity.value.upper()}] {self.code}"
-        if self.subject:
-            text += f" {self.subject}"
-        if self.value is None:
-            first = self.message.split(". ")[0].rstrip(".") + "."
-            return f"{text}: {first if len(first) <= 90 else first[:88].rsplit(' ', 1)[0] + ' ...'}"
-        text += f": {_short(self.value)}"
-        if isinstance(self.expected, tuple):
-            text += f" (expected {_short(self.expected[0])} to {_short(self.expected[1])})"
-        elif self.expected is not None:
-            text += f" (expected {_short(self.expected)})"
-        steps = self.steps()
-        if steps:
-            text += f" at step{'s' if len(steps) > 1 else ''} {_step_list(steps)}"
-        return text
-
     def to_dict(self) -> dict[str, Any]:
         """The finding as a record strict JSON can hold: one line of ``findings.jsonl``.
 
-        Tensors and numpy values become numbers or lists, dataclasses (e.g. the per-tensor rows
-        of ``details["table"]``) become dicts, tuples become lists, enums their value, and
-        anything else JSON cannot hold its ``repr``: it never raises. Strict JSON has no NaN or
-        infinity, so non-finite floats are written as the strings ``"NaN"``, ``"Infinity"`` and
+        Values are converted by :func:`lightning_diag.jsonable.to_json` (tensors and numpy
+        values become numbers or lists, dataclasses dicts, anything else its ``repr``; it never
+        raises). Non-finite floats are written as the strings ``"NaN"``, ``"Infinity"`` and
         ``"-Infinity"``; :meth:`from_dict` reads them back as floats (in ``details`` too, so a
         ``details`` string spelled exactly like one of them also comes back as a float).
 
@@ -201,7 +134,7 @@ class Finding:
         """
         record: dict[str, Any] = {"version": FORMAT_VERSION}
         for name in _FIELDS:
-            record[name] = _jsonable(getattr(self, name))
+            record[name] = jsonable.to_json(getattr(self, name))
         record["severity"] = self.severity.value
         return record
 
@@ -230,19 +163,19 @@ class Finding:
             if not isinstance(details, Mapping):
                 raise TypeError(f"`details` is a {type(details).__name__}, not an object")
             return cls(
-                check=_text(record["check"]),
-                code=_text(record["code"]),
+                check=jsonable.text(record["check"]),
+                code=jsonable.text(record["code"]),
                 severity=Severity(record["severity"]),
-                message=_text(record["message"]),
-                advice=_text(record.get("advice", "")),
-                value=_optional_number(record.get("value")),
-                expected=(_pair(expected) if isinstance(expected, list)
-                          else _optional_number(expected)),
-                step=_optional_int(record.get("step")),
-                epoch=_optional_int(record.get("epoch")),
-                indices=tuple(_integer(i) for i in record.get("indices", ())),
-                details=_from_jsonable(dict(details)),
-                subject=_text(record.get("subject", "")),
+                message=jsonable.text(record["message"]),
+                advice=jsonable.text(record.get("advice", "")),
+                value=jsonable.optional_number(record.get("value")),
+                expected=(jsonable.pair(expected) if isinstance(expected, list)
+                          else jsonable.optional_number(expected)),
+                step=jsonable.optional_int(record.get("step")),
+                epoch=jsonable.optional_int(record.get("epoch")),
+                indices=tuple(jsonable.integer(i) for i in record.get("indices", ())),
+                details=jsonable.from_json(dict(details)),
+                subject=jsonable.text(record.get("subject", "")),
             )
         except KeyError as err:
             raise ValueError(f"finding record lacks the field {err.args[0]!r}") from err
@@ -250,143 +183,7 @@ class Finding:
             raise ValueError(f"malformed finding record: {err}") from err
 
 
-def _short(x: float) -> str:
-    return f"{x:.3g}"
-
-
-def _step_list(steps: list[int], most: int = 6) -> str:
-    """``steps`` joined, the middle ones elided past ``most``.
-
-    Example:
-        >>> _step_list([1, 3]), _step_list(list(range(0, 100, 10)))
-        ('1, 3', '0, 10, 20, ..., 80, 90 (10 steps)')
-    """
-    if len(steps) <= most:
-        return ", ".join(map(str, steps))
-    head, tail = steps[: most // 2], steps[-(most // 2 - 1):]
-    return f"{', '.join(map(str, head))}, ..., {', '.join(map(str, tail))} ({len(steps)} steps)"
-
-
-def _jsonable(obj: Any, active: frozenset[int] = frozenset()) -> Any:
-    """``obj`` as strict-JSON data (see :meth:`Finding.to_dict`); ``active`` guards cycles."""
-    if isinstance(obj, enum.Enum):
-        return _jsonable(obj.value, active)
-    if obj is None or isinstance(obj, bool):
-        return obj
-    if isinstance(obj, str):
-        return str(obj)
-    if isinstance(obj, int):
-        return int(obj)
-    if isinstance(obj, float):
-        return float(obj) if math.isfinite(obj) else _spelled(obj)
-    if isinstance(obj, (np.generic, np.ndarray)):
-        return _jsonable(obj.tolist(), active)
-    if isinstance(obj, torch.Tensor):
-        try:
-            return _jsonable(obj.detach().cpu().tolist(), active)
-        except (RuntimeError, NotImplementedError):  # e.g. a meta tensor has no values to copy
-            return _safe_repr(obj)
-    if isinstance(obj, os.PathLike):
-        return _jsonable(os.fspath(obj), active)
-    is_dataclass = dataclasses.is_dataclass(obj) and not isinstance(obj, type)
-    if not (is_dataclass or isinstance(obj, (Mapping, list, tuple, set, frozenset))):
-        return _safe_repr(obj)
-    if id(obj) in active:
-        return "..."
-    inner = active | {id(obj)}
-    if is_dataclass:
-        return {f.name: _jsonable(getattr(obj, f.name), inner) for f in dataclasses.fields(obj)}
-    if isinstance(obj, Mapping):
-        return {_key(k): _jsonable(v, inner) for k, v in obj.items()}
-    return [_jsonable(v, inner) for v in obj]
-
-
-def _spelled(x: float) -> str:
-    return "NaN" if math.isnan(x) else ("Infinity" if x > 0 else "-Infinity")
-
-
-def _key(key: Any) -> str:
-    value = key.value if isinstance(key, enum.Enum) else key
-    return value if isinstance(value, str) else str(value)
-
-
-def _safe_repr(obj: Any) -> str:
-    try:
-        return repr(obj)
-    # A user object's __repr__ may raise anything, and the record must still be written.
-    except Exception:
-        return f"<{type(obj).__name__} object>"
-
-
-def _from_jsonable(obj: Any) -> Any:
-    if isinstance(obj, str):
-        return _NON_FINITE.get(obj, obj)
-    if isinstance(obj, dict):
-        return {k: _from_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_from_jsonable(v) for v in obj]
-    return obj
-
-
-def _text(x: Any) -> str:
-    if not isinstance(x, str):
-        raise TypeError(f"expected a string, got {x!r}")
-    return x
-
-
-def _number(x: Any) -> float:
-    if isinstance(x, str) and x in _NON_FINITE:
-        return _NON_FINITE[x]
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        raise TypeError(f"expected a number, got {x!r}")
-    return x
-
-
-def _optional_number(x: Any) -> float | None:
-    return None if x is None else _number(x)
-
-
-def _pair(x: list[Any]) -> tuple[float, float]:
-    if len(x) != 2:
-        raise TypeError(f"`expected` is a number or a (low, high) pair, got {x!r}")
-    return _number(x[0]), _number(x[1])
-
-
-def _integer(x: Any) -> int:
-    if isinstance(x, bool) or not isinstance(x, int):
-        raise TypeError(f"expected an integer, got {x!r}")
-    return x
-
-
-def _optional_int(x: Any) -> int | None:
-    return None if x is None else _integer(x)
-
-
-def append_findings(path: str | Path, findings: Iterable[Finding]) -> None:
-    """Append ``findings`` to the JSON Lines file ``path``, one :meth:`Finding.to_dict` a line.
-
-    The lines are strict JSON and ASCII, written in one call and closed (flushed) before this
-    returns, so a run that crashes afterwards keeps them.
-
-    Raises:
-        OSError: The file or its folder cannot be written; the caller decides whether it matters.
-
-    Example:
-        >>> import tempfile
-        >>> path = Path(tempfile.mkdtemp()) / FINDINGS_FILE
-        >>> append_findings(path, [Finding("X", "x.ok", Severity.INFO, "fine", value=1.0)])
-        >>> path.read_text().count("\\n"), '"code": "x.ok"' in path.read_text()
-        (1, True)
-    """
-    lines = "".join(json.dumps(f.to_dict(), allow_nan=False) + "\n" for f in findings)
-    if not lines:
-        return
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with target.open("a", encoding="utf-8") as fh:
-        fh.write(lines)
-
-
+# -- one fact seen again ---------------------------------------------------------------------
 def updated(old: Finding, new: Finding) -> Finding:
     """One fact (same :attr:`Finding.key`) seen again: the worse of ``old`` and ``new`` (the
     higher severity, then the value farther outside the expected range; ``new`` when neither
@@ -426,6 +223,193 @@ def _excess(f: Finding) -> float | None:
     return abs(f.value - f.expected)
 
 
+def merge(into: list[Finding], new: Iterable[Finding]) -> tuple[list[Finding], list[Finding]]:
+    """Record ``new`` in ``into``, one finding per fact: a fact already there is
+    :func:`updated` in place. Returns the findings as recorded and the "loud" ones among them
+    (new facts, and updates whose severity rose: those worth telling a person again).
+
+    Example:
+        >>> kept = [Finding("U", "u.high", Severity.WARN, "ratio 1.31", value=1.31, step=1)]
+        >>> out, loud = merge(kept, [Finding("U", "u.high", Severity.FAIL, "ratio 5", step=2)])
+        >>> len(kept), kept[0].severity, loud == out
+        (1, <Severity.FAIL: 'fail'>, True)
+    """
+    out, loud = [], []
+    for f in new:
+        i = next((k for k, old in enumerate(into) if old.key == f.key), None)
+        if i is None:
+            into.append(f)
+            loud.append(f)
+        else:
+            f, old = updated(into[i], f), into[i]
+            into[i] = f
+            if f.severity > old.severity:
+                loud.append(f)
+        out.append(f)
+    return out, loud
+
+
+# -- the record: findings.jsonl ----------------------------------------------------------------
+def update_record(old: Finding, new: Finding) -> dict[str, Any] | None:
+    """The record of what changed from ``old`` to ``new`` (one fact, the later reading): the
+    fact's key, the steps not seen before, and each other field that changed; None when
+    nothing did. Appending it instead of the whole finding keeps ``findings.jsonl`` linear in
+    the steps seen.
+
+    Example:
+        >>> first = Finding("U", "u.high", Severity.WARN, "ratio 1.31", value=1.31,
+        ...                 expected=(0.0, 0.2), step=1)
+        >>> both = updated(first, Finding("U", "u.high", Severity.WARN, "ratio 0.3", value=0.3,
+        ...                               expected=(0.0, 0.2), step=3))
+        >>> update_record(first, both)
+        {'version': 2, 'update': True, 'check': 'U', 'code': 'u.high', 'subject': '', 'steps': [3]}
+    """
+    before, after = old.to_dict(), new.to_dict()
+    steps = sorted(set(new.steps()) - set(old.steps()))
+    for record in (before, after):
+        record["details"] = {k: v for k, v in record["details"].items() if k != "steps"}
+    changed = {k: v for k, v in after.items()
+               if k not in _KEY and k != "version" and before.get(k) != v}
+    if not steps and not changed:
+        return None
+    return {"version": UPDATE_VERSION, "update": True, **{k: after[k] for k in _KEY},
+            "steps": steps, **changed}
+
+
+def encode(records: Iterable[Mapping[str, Any]]) -> bytes:
+    """Records as JSON lines: strict JSON, ASCII, one a line."""
+    return "".join(json.dumps(r, allow_nan=False) + "\n" for r in records).encode("ascii")
+
+
+def append_lines(path: str | Path, data: bytes) -> None:
+    """Append ``data`` (:func:`encode`) to ``path``, on a fresh line: a last line left
+    half-written (a killed process, a full disk) stays a line of its own, to be skipped by the
+    reader, instead of swallowing the first record appended. Written in one call and closed
+    (flushed) before this returns, so a run that crashes afterwards keeps it.
+
+    Raises:
+        OSError: The file or its folder cannot be written; the caller decides whether it matters.
+    """
+    if not data:
+        return
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with target.open("ab+") as fh:  # appends whatever the position; reads from anywhere
+        if fh.seek(0, 2) > 0:
+            fh.seek(-1, 2)
+            if fh.read(1) != b"\n":
+                data = b"\n" + data
+        fh.write(data)
+
+
+def append_findings(path: str | Path, findings: Iterable[Finding]) -> None:
+    """Append ``findings`` to the JSON Lines file ``path``, one :meth:`Finding.to_dict` a line
+    (:func:`append_lines`).
+
+    Raises:
+        OSError: The file or its folder cannot be written; the caller decides whether it matters.
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / FINDINGS_FILE
+        >>> append_findings(path, [Finding("X", "x.ok", Severity.INFO, "fine", value=1.0)])
+        >>> path.read_text().count("\\n"), '"code": "x.ok"' in path.read_text()
+        (1, True)
+    """
+    append_lines(path, encode(f.to_dict() for f in findings))
+
+
+@dataclass
+class FindingsFile:
+    """What a ``findings.jsonl`` holds, as read back.
+
+    Attributes:
+        path: The file.
+        findings: One finding per fact (updates merged), in the order first written.
+        lines: Its lines that are not blank.
+        skipped: Those of them that are not records (a line cut short, corrupt data, an update
+            of a fact with no record before it): each was warned about.
+    """
+
+    path: Path
+    findings: list[Finding]
+    lines: int = 0
+    skipped: int = 0
+
+
+def read_findings_file(path: str | Path) -> FindingsFile:
+    """Read one ``findings.jsonl``: each record, each update merged into its fact
+    (:func:`update_record`), each line that is neither skipped with a warning naming the file
+    and line.
+
+    A fact written again whole (by versions before update records) keeps its latest record in
+    the place of the first; records without a ``subject`` field (older versions) are all kept.
+    """
+    source = Path(path)
+    out = FindingsFile(source, [])
+    place: dict[tuple[str, str, str], int] = {}  # where each fact's first record sits
+    with source.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            if not raw.strip():
+                continue
+            out.lines += 1
+            try:
+                record = json.loads(raw)
+                if isinstance(record, dict) and record.get("update") is True:
+                    key = tuple(jsonable.text(record.get(k, "")) for k in _KEY)
+                    if key not in place:
+                        raise ValueError("an update of a fact with no record before it")
+                    i = place[key]
+                    out.findings[i] = _apply(out.findings[i], record)
+                    continue
+                finding = Finding.from_dict(record)
+            # bad JSON or UTF-8, not a record, or nested deeper than the parser goes
+            except (ValueError, TypeError, RecursionError) as err:
+                out.skipped += 1
+                warnings.warn(f"{source}:{lineno}: skipped a line that is not a finding record "
+                              f"({type(err).__name__}: {err})."[:400], stacklevel=3)
+                continue
+            if "subject" in record and finding.key in place:  # a whole record written again
+                out.findings[place[finding.key]] = finding
+                continue
+            if "subject" in record:
+                place[finding.key] = len(out.findings)
+            out.findings.append(finding)
+    return out
+
+
+def _apply(old: Finding, update: Mapping[str, Any]) -> Finding:
+    """``old`` with an update record's changes and steps."""
+    record = old.to_dict()
+    steps = old.steps()
+    record.update({k: v for k, v in update.items() if k in _FIELDS and k not in _KEY})
+    record["version"] = FORMAT_VERSION
+    new_steps = [jsonable.integer(s) for s in update.get("steps", [])]
+    merged = Finding.from_dict(record)
+    details = {k: v for k, v in merged.details.items() if k != "steps"}
+    return dataclasses.replace(merged, details={**details,
+                                                "steps": sorted(set(steps) | set(new_steps))})
+
+
+def load_findings_files(logdir: str | Path) -> dict[str, FindingsFile]:
+    """Every ``findings.jsonl`` under ``logdir`` read (:func:`read_findings_file`), keyed by
+    run as :func:`load_findings_by_run` keys them, with how many lines each skipped.
+
+    Raises:
+        FileNotFoundError: ``logdir`` does not exist or is not a directory.
+    """
+    root = Path(logdir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"log directory {str(root)!r} does not exist or is not a directory")
+    runs: dict[str, FindingsFile] = {}
+    files = (p for p in root.rglob(FINDINGS_FILE) if p.is_file())
+    for path in sorted(files, key=lambda p: _natural(p.relative_to(root).as_posix())):
+        folder = path.parent.relative_to(root).as_posix()
+        run = (root.resolve().name or str(root)) if folder == "." else folder
+        runs[run] = read_findings_file(path)
+    return runs
+
+
 def load_findings_by_run(logdir: str | Path) -> dict[str, list[Finding]]:
     """The findings of every run under ``logdir``, keyed by run folder, in the order written.
 
@@ -433,10 +417,9 @@ def load_findings_by_run(logdir: str | Path) -> dict[str, list[Finding]]:
     its folder relative to ``logdir`` (e.g. ``"tb/version_0"``), or by the folder's own name when
     the file sits directly in ``logdir``. Runs are in natural order (``version_2`` before
     ``version_10``). A line that is not a finding record (e.g. the last line of a run killed
-    mid-write) is skipped with a warning naming the file and line. A fact seen again is appended
-    again, updated (:func:`updated`): the latest record of each :attr:`Finding.key` is kept, in
-    the place of the first (records written without a ``subject`` field, by older versions, are
-    all kept).
+    mid-write) is skipped with a warning naming the file and line
+    (:func:`load_findings_files` also counts them). A fact seen again is one finding: its
+    update records are merged into it.
 
     Raises:
         FileNotFoundError: ``logdir`` does not exist or is not a directory.
@@ -449,16 +432,7 @@ def load_findings_by_run(logdir: str | Path) -> dict[str, list[Finding]]:
         >>> {run: [f.code for f in found] for run, found in load_findings_by_run(root).items()}
         {'tb/version_0': ['x.bad']}
     """
-    root = Path(logdir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"log directory {str(root)!r} does not exist or is not a directory")
-    runs: dict[str, list[Finding]] = {}
-    files = (p for p in root.rglob(FINDINGS_FILE) if p.is_file())
-    for path in sorted(files, key=lambda p: _natural(p.relative_to(root).as_posix())):
-        folder = path.parent.relative_to(root).as_posix()
-        run = (root.resolve().name or str(root)) if folder == "." else folder
-        runs[run] = _read_findings_file(path)
-    return runs
+    return {run: read.findings for run, read in load_findings_files(logdir).items()}
 
 
 def load_findings(logdir: str | Path) -> list[Finding]:
@@ -482,29 +456,6 @@ def load_findings(logdir: str | Path) -> list[Finding]:
 def _natural(text: str) -> list[Any]:
     # re.split with a group alternates text and digits, so ints only meet ints when compared.
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
-
-
-def _read_findings_file(path: Path) -> list[Finding]:
-    found: list[Finding] = []
-    place: dict[tuple[str, str, str], int] = {}  # where each fact's first record sits
-    with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw)
-                finding = Finding.from_dict(record)
-            except ValueError as err:  # bad JSON, bad UTF-8 or not a finding record
-                warnings.warn(f"{path}:{lineno}: skipped a line that is not a finding record "
-                              f"({err}).", stacklevel=3)
-                continue
-            if "subject" in record and finding.key in place:  # an update of that fact
-                found[place[finding.key]] = finding
-                continue
-            if "subject" in record:
-                place[finding.key] = len(found)
-            found.append(finding)
-    return found
 
 
 class DiagnosticError(RuntimeError):
@@ -531,55 +482,3 @@ class DiagnosticWarning(UserWarning):
     what happens to it: ``error`` makes a finding fatal, ``default`` shows it. The text is
     :meth:`Finding.format`.
     """
-
-
-#: Codes under this prefix are the combined diagnosis of a run: it heads every listing.
-DIAGNOSIS_PREFIX = "diagnosis."
-
-
-def sort_findings(findings: Iterable[Finding]) -> list[Finding]:
-    """The order every listing uses (terminal, TensorBoard, report, ``lightning-diag check``):
-    the diagnosis first, then FAIL, WARN, INFO; within a severity, in publication order.
-
-    Example:
-        >>> found = [Finding("A", "a.x", Severity.INFO, "m"), Finding("B", "b.y", Severity.FAIL,
-        ...          "m"), Finding("D", "diagnosis.summary", Severity.WARN, "m")]
-        >>> [f.code for f in sort_findings(found)]
-        ['diagnosis.summary', 'b.y', 'a.x']
-    """
-    return sorted(findings, key=finding_rank)
-
-
-def finding_rank(f: Finding) -> tuple[bool, int]:
-    """The sort key of :func:`sort_findings` (for listings that pair findings with more)."""
-    return (not f.code.startswith(DIAGNOSIS_PREFIX), -f.severity.rank)
-
-
-def format_findings(findings: list[Finding], width: int | None = None) -> str:
-    """The findings as terminal text, FAIL first, each with its message and advice, wrapped.
-
-    Example:
-        >>> print(format_findings([Finding("X", "x.bad", Severity.WARN, "3 of 4 broken.",
-        ...                                advice="Fix them.")], width=40))
-        Findings: 0 fail, 1 warn, 0 info
-        ========================================
-        [WARN] x.bad  (X)
-            3 of 4 broken.
-            advice: Fix them.
-    """
-    width = width or min(shutil.get_terminal_size((100, 20)).columns, 120)
-    counts = {s: sum(f.severity is s for f in findings) for s in Severity}
-    head = (f"Findings: {counts[Severity.FAIL]} fail, {counts[Severity.WARN]} warn, "
-            f"{counts[Severity.INFO]} info")
-    lines = [head, "=" * min(width, len(head) + 10)]
-    wrap = textwrap.TextWrapper(width=width, initial_indent="    ", subsequent_indent="    ")
-    for f in sort_findings(findings):
-        steps = f.steps()
-        seen = f", seen at steps {_step_list(steps)}" if len(steps) > 1 else ""
-        lines.append(f"[{f.severity.value.upper():4}] {f.code}  ({f.check}{seen})")
-        lines += wrap.wrap(f.message)
-        if f.advice:
-            lines += wrap.wrap(f"advice: {f.advice}")
-    if not findings:
-        lines.append("(none)")
-    return "\n".join(lines)

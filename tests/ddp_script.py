@@ -29,6 +29,7 @@ from lightning_diag.callbacks.ema import EMAWeights
 from lightning_diag.callbacks.first_layer import FirstLayerVisualization
 from lightning_diag.callbacks.gradient_check import GradientCheck
 from lightning_diag.callbacks.initial_loss import InitialLossCheck
+from lightning_diag.callbacks.invariants import TrainingInvariants
 from lightning_diag.callbacks.learning_curves import LearningCurves
 from lightning_diag.callbacks.lr_advisor import LRPlateauAdvisor
 from lightning_diag.callbacks.overfit import OverfitSmallBatch
@@ -63,6 +64,7 @@ def callbacks() -> dict[str, DiagnosticCallback]:
         "DataInspection": DataInspection(max_images=2),
         "ActivationHistogram": ActivationHistogram(every_n_steps=2, figure_every_n_logs=0),
         "UpdateRatioMonitor": UpdateRatioMonitor(every_n_steps=2),
+        "TrainingInvariants": TrainingInvariants(every_n_steps=2),
         # a layer with no weights and a metric never logged: the info findings must agree too
         "FirstLayerVisualization": FirstLayerVisualization(layer="net.4"),
         "LearningCurves": LearningCurves(val_acc="val/accuracy"),

@@ -27,6 +27,7 @@ from lightning_diag.callbacks import (
     LearningCurves,
     LRPlateauAdvisor,
     OverfitSmallBatch,
+    TrainingInvariants,
     UpdateRatioMonitor,
 )
 from lightning_diag.findings import DiagnosticWarning
@@ -70,6 +71,7 @@ def callbacks() -> list[DiagnosticCallback]:
         ActivationHistogram(every_n_steps=2),
         FirstLayerVisualization(every_n_epochs=1),
         UpdateRatioMonitor(every_n_steps=2),
+        TrainingInvariants(every_n_steps=2),
         # thresholds no short run meets, so that it finds underfitting
         LRPlateauAdvisor(min_epochs=2, low_acc=0.999, close_gap=1.0),
         EMAWeights(decay=0.9, evaluate="both"),

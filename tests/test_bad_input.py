@@ -37,6 +37,7 @@ from lightning_diag.callbacks.ema import EMAWeights
 from lightning_diag.callbacks.first_layer import FirstLayerVisualization
 from lightning_diag.callbacks.gradient_check import GradientCheck
 from lightning_diag.callbacks.initial_loss import InitialLossCheck
+from lightning_diag.callbacks.invariants import TrainingInvariants
 from lightning_diag.callbacks.learning_curves import LearningCurves
 from lightning_diag.callbacks.lr_advisor import LRPlateauAdvisor
 from lightning_diag.callbacks.overfit import OverfitSmallBatch
@@ -59,6 +60,7 @@ def every_callback() -> dict[str, DiagnosticCallback]:
         "DataInspection": DataInspection(max_images=2),
         "ActivationHistogram": ActivationHistogram(every_n_steps=1, figure_every_n_logs=0),
         "UpdateRatioMonitor": UpdateRatioMonitor(every_n_steps=1),
+        "TrainingInvariants": TrainingInvariants(every_n_steps=1),
         "FirstLayerVisualization": FirstLayerVisualization(),
         "LearningCurves": LearningCurves(),
         "LRPlateauAdvisor": LRPlateauAdvisor(save_batch=False),
@@ -173,8 +175,12 @@ def test_model_without_logits(tmp_path: Path) -> None:
     train = DataLoader(digits(64), batch_size=16)
     cbs = fit_all(tmp_path, Regressor(), train, DataLoader(digits(32), batch_size=16))
     initial = cbs["InitialLossCheck"].findings
-    no_expectation = [f for f in initial if f.code == "initial_loss.no_expectation"]
-    assert len(no_expectation) == 1 and "expected_loss" in no_expectation[0].advice
+    # no task is inferred (integer labels against one value), yet the step's own loss at a zero
+    # output, mean(y^2) of the labels, is the expectation
+    (ok,) = [f for f in initial if f.code == "initial_loss.ok"]
+    labels = digits(16).tensors[1].float()  # the check's one batch of 16
+    assert ok.details["know_nothing_loss"] == pytest.approx(float((labels**2).mean()), rel=1e-5)
+    assert ok.details["task"] == "unknown"
     assert all(f.severity is Severity.INFO for f in initial)
     overfit = cbs["OverfitSmallBatch"].findings
     assert overfit and not any(f.code.endswith(".skipped") for f in overfit)
@@ -266,7 +272,7 @@ BAD_ARGUMENTS: dict[type[DiagnosticCallback], list[tuple[str, Any, type[Exceptio
         ("near_threshold", 1.0, V), ("imbalance_ratio", 1, V), ("batch_to_input", 3, T),
         ("batch_to_target", "y", T), ("max_images", 0, V), ("seed", 0.5, T),
         ("num_threads", 0, V), ("num_workers", -1, V), ("num_workers", 1.5, T),
-        ("strict", "x", T)],
+        ("token_threshold", 1.0, V), ("token_threshold", "0.8", T), ("strict", "x", T)],
     ActivationHistogram: [
         ("every_n_steps", True, T), ("every_n_steps", 0, V), ("layers", 3, T),
         ("layers", "net.1", T), ("layers", [], V), ("layers", ["net.1", 2], T), ("bins", 1.5, T),
@@ -280,6 +286,12 @@ BAD_ARGUMENTS: dict[type[DiagnosticCallback], list[tuple[str, Any, type[Exceptio
         ("extreme", 0.01, V), ("patience", True, T), ("patience", 0, V), ("log_charts", "no", T),
         ("strict", "x", T), ("early_steps", None, T), ("min_samples", 0, V),
         ("min_samples", True, T)],
+    TrainingInvariants: [
+        ("every_n_steps", 0, V), ("every_n_steps", 2.0, T), ("patience", True, T),
+        ("patience", 0, V), ("percent_metrics", "val_acc", T), ("percent_metrics", [""], V),
+        ("percent_metrics", [3], T), ("leak_fraction", 0.0, V), ("leak_fraction", 1.0, V),
+        ("leak_fraction", "0.05", T), ("disable", ["zero_grad"], V), ("disable", "target_leak", T),
+        ("disable", [None], T), ("strict", "no", T)],
     FirstLayerVisualization: [
         ("every_n_epochs", 0, V), ("every_n_epochs", True, T), ("input_shape", (8,), V),
         ("input_shape", (8, 0), V), ("input_shape", "8x8", T), ("input_shape", (8.0, 8), T),

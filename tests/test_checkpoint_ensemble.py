@@ -24,22 +24,28 @@ from tests.helpers import Classifier, codes, digits, events, loader, mlp, traine
 
 
 def _fit(tmp_path: Path, callbacks: list[pl.Callback], val: bool = True,
-         **kw: Any) -> pl.Trainer:
+         ckpt_path: str | None = None, **kw: Any) -> pl.Trainer:
     pl.seed_everything(0)
     model = Classifier(mlp(width=16), lr=0.02)
     opts: dict[str, Any] = {"max_epochs": 4, "limit_train_batches": 2, "deterministic": True}
     opts.update(kw)
     t = trainer(tmp_path, callbacks, **opts)
     ds = digits(96, flatten=True)
-    t.fit(model, loader(ds, 32), loader(ds, 96, shuffle=False) if val else None)
+    t.fit(model, loader(ds, 32), loader(ds, 96, shuffle=False) if val else None,
+          ckpt_path=ckpt_path)
     return t
 
 
-@pytest.mark.parametrize("kw", [{"k": 0}, {"mode": "avg"}, {"combine": "median"},
+@pytest.mark.parametrize("kw", [{"k": 0}, {"k": 1}, {"mode": "avg"}, {"combine": "median"},
                                 {"every_n_epochs": 0}, {"monitor": 3}])
 def test_arguments_validated(kw: dict[str, Any]) -> None:
     with pytest.raises((ValueError, TypeError), match=next(iter(kw))):
         CheckpointEnsemble(**kw)
+
+
+def test_one_checkpoint_is_refused_saying_an_ensemble_needs_two() -> None:
+    with pytest.raises(ValueError, match=r"`k` must be an int >= 2 .*two members or more.*got 1"):
+        CheckpointEnsemble(k=1)
 
 
 def test_last_k_kept_and_ensemble_reported(tmp_path: Path) -> None:
@@ -150,9 +156,16 @@ def test_skipped_without_validation_or_enough_checkpoints(tmp_path: Path) -> Non
     cb = CheckpointEnsemble(k=2)
     _fit(tmp_path / "a", [cb], val=False, max_epochs=2)
     assert codes(cb.findings, "info") == {"ensemble.skipped"} and cb.results == {}
-    cb1 = CheckpointEnsemble(k=1)
-    _fit(tmp_path / "b", [cb1], max_epochs=2)
-    assert codes(cb1.findings, "info") == {"ensemble.skipped"}
+    assert cb.findings[0].message == ("No ensemble: no validation dataloader (none given, or "
+                                      "`limit_val_batches=0`).")
+    empty = torch.utils.data.TensorDataset(torch.zeros(0, 64), torch.zeros(0, dtype=torch.long))
+    trainer(tmp_path / "b", [cb], max_epochs=3, limit_train_batches=2).fit(
+        Classifier(mlp(width=16)), loader(digits(64, flatten=True), 32),
+        loader(empty, 8, shuffle=False))
+    assert cb.findings[0].message == "No ensemble: the validation dataloader is empty."
+    _fit(tmp_path / "c", [cb], max_epochs=1)
+    assert cb.findings[0].message == ("No ensemble: only 1 checkpoint(s) kept (one every 1 "
+                                      "epoch(s)), and an ensemble needs 2 or more.")
 
 
 def test_missing_monitor_is_reported_once(tmp_path: Path) -> None:
@@ -187,3 +200,80 @@ def test_users_failing_validation_step_on_the_copies_is_named(tmp_path: Path) ->
     (f,) = cb.findings
     assert f.code == "ensemble.user_error" and f.severity == "warn"
     assert "`FailsOutsideValidation.validation_step` raised RuntimeError" in f.message
+
+
+def _crafted_resume(tmp_path: Path, kept: list[dict[str, Any]]) -> tuple[CheckpointEnsemble,
+                                                                       Path]:
+    """A run of 2 epochs saved to a full checkpoint whose kept list is replaced by ``kept``
+    (plain data: it loads under ``weights_only=True``), resumed for 2 more epochs with k=2."""
+    ens = tmp_path / "ens"
+    first = CheckpointEnsemble(k=2, dirpath=ens)
+    t = _fit(tmp_path / "first", [first], max_epochs=2)
+    ckpt = tmp_path / "crafted.ckpt"
+    t.save_checkpoint(ckpt)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    state["callbacks"][first.state_key]["kept"] = kept
+    torch.save(state, ckpt)
+    cb = CheckpointEnsemble(k=2, dirpath=ens)
+    _fit(tmp_path / "second", [cb], max_epochs=4, ckpt_path=str(ckpt))
+    return cb, ens
+
+
+@pytest.mark.parametrize("how", ["absolute", "dotdot", "symlink", "symlinked_dir", "malformed"])
+def test_a_crafted_checkpoint_cannot_make_it_delete_or_read_a_file_outside(
+        tmp_path: Path, how: str) -> None:
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep me")
+    ens = tmp_path / "ens"
+    ens.mkdir()
+    listed = {"absolute": victim, "dotdot": ens / ".." / victim.name,
+              "symlink": ens / "epoch=0-step=0.ckpt", "symlinked_dir": ens / "up" / victim.name}
+    if how == "symlink":
+        listed["symlink"].symlink_to(victim)
+    if how == "symlinked_dir":
+        (ens / "up").symlink_to(tmp_path, target_is_directory=True)
+    entry: dict[str, Any] = (
+        {"path": str(listed[how]), "score": None, "epoch": 0, "step": 0} if how in listed
+        else {"path": [str(victim)], "epoch": "x"})
+    cb, _ = _crafted_resume(tmp_path, [entry])
+    assert victim.read_text() == "keep me"  # never deleted, never overwritten
+    assert all(Path(p).resolve().parent == ens.resolve() for p in cb.paths)
+    assert len(cb.paths) == 2 and all(p != entry["path"] for p in cb.paths)
+    (ignored,) = [f for f in cb.findings if f.code == "ensemble.ignored_paths"]
+    named = str(listed[how]) if how in listed else "not a kept-checkpoint entry"
+    assert ignored.severity == "info" and named in ignored.message
+    assert "left alone" in ignored.message and ignored.value == 1
+    assert codes(cb.findings, "info") == {"ensemble.ignored_paths", "ensemble.gain"}
+    if how == "symlink":
+        assert listed["symlink"].is_symlink()  # not ours: the link itself is left too
+
+
+def test_after_a_resume_only_files_written_in_this_process_are_deleted(tmp_path: Path) -> None:
+    ens = tmp_path / "ens"
+    first = CheckpointEnsemble(k=2, dirpath=ens)
+    t = _fit(tmp_path / "first", [first], max_epochs=2)
+    ckpt = tmp_path / "full.ckpt"
+    t.save_checkpoint(ckpt)
+    before = sorted(p.name for p in ens.iterdir())
+    cb = CheckpointEnsemble(k=2, dirpath=ens)
+    _fit(tmp_path / "second", [cb], max_epochs=4, ckpt_path=str(ckpt))
+    # the restored entries (same directory) were kept, ranked and pruned, but their files,
+    # written by another process, stay; the two this process wrote are the ensemble
+    assert [Path(p).name for p in cb.paths] == ["epoch=2-step=6.ckpt", "epoch=3-step=8.ckpt"]
+    assert sorted(p.name for p in ens.iterdir()) == sorted([*before, *map(
+        lambda p: Path(p).name, cb.paths)])
+    assert not [f for f in cb.findings if f.code == "ensemble.ignored_paths"]
+
+
+def test_a_second_fit_starts_a_new_kept_list(tmp_path: Path) -> None:
+    cb = CheckpointEnsemble(k=2)
+    _fit(tmp_path / "a", [cb], max_epochs=2)
+    first = list(cb.paths)
+    assert len(first) == 2 and cb.results
+    _fit(tmp_path / "b", [cb], max_epochs=3)
+    assert all(Path(p).exists() for p in first)  # the first run's checkpoints are not pruned
+    assert [Path(p).parent for p in cb.paths] == [tmp_path / "b" / "tb" / "version_0" /
+                                                  "ensemble"] * 2
+    assert len(cb.results["members"]) == 2
+    (gain,) = [f for f in cb.findings if f.code == "ensemble.gain"]
+    assert "Ensemble of 2 checkpoints" in gain.message

@@ -150,7 +150,7 @@ def test_check_fail_run_exits_1_and_prints_findings_advice_and_count(runs, capsy
 def test_check_warn_run_exits_0_by_default_and_1_with_fail_on_warn(runs, capsys):
     assert cli.main(["check", str(runs["warning"])]) == 0
     out = capsys.readouterr().out
-    assert "[WARN] data.exact_duplicate  (DataInspection)" in out and "0 fail, 1 warn" in out
+    assert "[WARN] data.exact_duplicate train  (DataInspection)" in out and "0 fail, 1 warn" in out
     assert cli.main(["check", str(runs["warning"]), "--fail-on", "warn"]) == 1
     assert cli.main(["check", str(runs["failing"]), "--fail-on", "fail"]) == 1
 
@@ -178,3 +178,34 @@ def test_check_dir_without_findings_exits_2(tmp_path, capsys):
     assert cli.main(["check", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "no findings.jsonl" in err and "no run with lightning_diag callbacks" in err
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "a_directory", "deep_under_a_file"])
+def test_report_into_a_place_it_cannot_write_is_one_line_exit_2(tmp_path, capsys, where):
+    with SummaryWriter(str(tmp_path / "run")) as w:
+        w.add_scalar(curve("loss"), 1.0, 0)
+    (tmp_path / "afile").write_text("not a folder")
+    out = {"under_a_file": tmp_path / "afile" / "r.html", "a_directory": tmp_path / "run",
+           "deep_under_a_file": tmp_path / "afile" / "deeper" / "r.html"}[where]
+    assert cli.main(["report", str(tmp_path / "run"), "-o", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "Traceback" not in captured.err
+    (line,) = captured.err.splitlines()
+    assert line.startswith(f"lightning-diag report: cannot write the report to '{out}': ")
+    assert line.endswith("(pass -o a file in a folder you can write).")
+    assert (tmp_path / "afile").read_text() == "not a folder"
+
+
+def test_report_of_a_file_is_not_a_directory(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    assert cli.main(["report", str(tmp_path / "afile")]) == 2
+    assert capsys.readouterr().err == (f"lightning-diag report: log directory "
+                                       f"'{tmp_path / 'afile'}' is not a directory.\n")
+
+
+def test_demo_into_a_place_it_cannot_write_is_one_line_exit_2(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    assert cli.main(["demo", "--out", str(tmp_path / "afile" / "runs")]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line == (f"lightning-diag demo: cannot write to --out "
+                    f"'{tmp_path / 'afile' / 'runs'}': Not a directory.")

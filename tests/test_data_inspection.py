@@ -3,6 +3,7 @@ quiet, the main run unchanged."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -468,3 +469,204 @@ def test_grids_label_every_class_and_mark_split_index_and_label(
     brown = (abs(capped.astype(int) - (140, 75, 0)).sum(2) < 60)
     assert len(_tile_rows(capped, left=120)) == 4 and brown[: rows[0][0]].any()
     assert not (abs(per_class.astype(int) - (140, 75, 0)).sum(2) < 60).any()  # no note
+
+
+# --- token ids compared as sequences; the class count from every split and the model ---------
+def zipf_text(n: int, seed: int, lengths: tuple[int, int] = (4, 20), width: int = 24,
+              vocab: int = 500) -> torch.Tensor:
+    """Sentences of Zipf-distributed words (ids 1..vocab), padded with 0 at the end."""
+    g = torch.Generator().manual_seed(seed)
+    p = 1 / torch.arange(1, vocab + 1, dtype=torch.float)
+    ids = torch.zeros(n, width, dtype=torch.long)
+    for i in range(n):
+        size = int(torch.randint(*lengths, (1,), generator=g))
+        ids[i, :size] = torch.multinomial(p / p.sum(), size, replacement=True, generator=g) + 1
+    return ids
+
+
+class Text(Dataset):
+    """Hugging Face style samples: ``input_ids`` (padded with 0), ``attention_mask``,
+    ``labels``; ``ragged`` drops the padding (sequences of their own lengths)."""
+
+    def __init__(self, ids: torch.Tensor, labels: torch.Tensor, ragged: bool = False) -> None:
+        self.ids, self.labels, self.ragged = ids, labels, ragged
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        ids = self.ids[i][self.ids[i] > 0] if self.ragged else self.ids[i]
+        return {"input_ids": ids, "attention_mask": (ids > 0).long(), "labels": self.labels[i]}
+
+
+def text_split(lengths: tuple[int, int] = (4, 20), width: int = 24,
+               ragged: bool = False) -> tuple[Text, Text]:
+    g = torch.Generator().manual_seed(5)
+    train = Text(zipf_text(300, 0, lengths, width), torch.randint(0, 3, (300,), generator=g),
+                 ragged)
+    val = Text(zipf_text(80, 1, lengths, width), torch.randint(0, 3, (80,), generator=g), ragged)
+    return train, val
+
+
+@pytest.mark.parametrize("ragged", [False, True])
+def test_padded_sentences_sharing_no_token_are_not_near_duplicates(ragged: bool) -> None:
+    train, val = text_split(ragged=ragged)
+    found = inspect_dataset(train, val, progress=False)
+    assert codes(found) == set(), [f.format() for f in found]
+    assert "token sequences" in one(found, "data.summary").message
+    short = by_code(found, "data.near_duplicates_skipped")  # 4-19 words: too short to judge
+    assert [f.subject for f in short] == ["train", "validation"]
+    assert all(f.severity is Severity.INFO and "fewer than 27 distinct" in f.message
+               for f in short)
+
+
+def test_long_token_sequences_near_copies_and_leaks_are_found() -> None:
+    train, val = text_split(lengths=(30, 60), width=64)
+    assert codes(inspect_dataset(train, val, progress=False)) == set()
+    ids, vids = train.ids.clone(), val.ids.clone()
+    ids[7] = ids[3]
+    ids[7, 10] = 499  # one word changed: a near copy
+    ids[9] = ids[4]  # an exact copy
+    vids[2] = ids[20]  # a training text in validation
+    vids[5] = ids[21]
+    vids[5, 5] = 498  # and a near copy of another
+    found = inspect_dataset(Text(ids, train.labels), Text(vids, val.labels), progress=False)
+    assert one(found, "data.near_duplicate").details["groups"] == [[3, 7]]
+    assert one(found, "data.exact_duplicate").details["groups"] == [[4, 9]]
+    leak = one(found, "data.leakage")
+    assert leak.details["pairs"] == [(20, 2), (21, 5)] and leak.severity is Severity.FAIL
+    assert "Jaccard" in one(found, "data.near_duplicate").message
+
+
+def test_integer_codes_over_a_few_symbols_are_not_searched_for_near_copies() -> None:
+    g = torch.Generator().manual_seed(0)
+    codes_ = torch.randint(0, 3, (200, 200), generator=g)  # 200 features in {0, 1, 2}
+    found = inspect_dataset(TensorDataset(codes_, torch.arange(200) % 2), progress=False)
+    assert codes(found) == set()
+    skipped = one(found, "data.near_duplicates_skipped")
+    assert "of random pairs" in skipped.message and "not text" in skipped.message
+
+
+def test_images_stored_as_uint8_stay_intensities(split: Any) -> None:
+    x, y, _, _ = split
+    pixels = (x * 255 / x.max()).to(torch.uint8)
+    pixels[50] = pixels[10]
+    found = inspect_dataset(TensorDataset(pixels, y), progress=False)
+    assert "input shape (1, 8, 8)" in one(found, "data.summary").message
+    assert one(found, "data.exact_duplicate").indices == (10, 50)
+
+
+def test_a_validation_class_absent_from_training_is_in_range(split: Any) -> None:
+    x, y, xv, yv = split
+    keep = y != 9
+    found = inspect_dataset(TensorDataset(x[keep], y[keep]), TensorDataset(xv, yv),
+                            progress=False)
+    assert not by_code(found, "data.label_out_of_range")
+    assert "10 classes, inferred from the labels of both splits" in one(
+        found, "data.summary").message
+    missing = one(found, "data.class_imbalance")  # training never shows class 9: worth a look
+    assert missing.details == {"split": "train", "counts": missing.details["counts"],
+                               "missing": [9]}
+
+
+def _fit_digits(tmp_path: Path, check: DataInspection, y: torch.Tensor, yv: torch.Tensor,
+                split: Any) -> None:
+    x, _, xv, _ = split
+    run = trainer(tmp_path, [check], logger=False, max_steps=1, limit_val_batches=0)
+    run.fit(Classifier(mlp()), loader(TensorDataset(x, y), 32),
+            loader(TensorDataset(xv, yv), 64, shuffle=False))
+
+
+def test_the_models_output_width_counts_the_classes(tmp_path: Path, split: Any) -> None:
+    _, y, _, yv = split
+    healthy = DataInspection()
+    keep = y != 9
+    y_no9 = torch.where(keep, y, torch.zeros_like(y))  # class 9 only in validation
+    _fit_digits(tmp_path, healthy, y_no9, yv, split)
+    assert codes(healthy.findings, "fail") == set()
+    assert "10 classes, the model's output width" in one(healthy.findings,
+                                                         "data.summary").message
+    broken = DataInspection()
+    y_bad = y.clone()
+    y_bad[17] = 10  # one label past the 10 outputs: cross-entropy would fail on it
+    _fit_digits(tmp_path, broken, y_bad, yv, split)
+    out = one(broken.findings, "data.label_out_of_range")
+    assert out.indices == (17,) and "the model's output width" in out.message
+
+
+def test_token_classifier_fit_is_quiet(tmp_path: Path) -> None:
+    class Bag(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.EmbeddingBag(501, 16, padding_idx=0)
+            self.out = torch.nn.Linear(16, 3)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.out(self.embed(ids))
+
+        def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+            return F.cross_entropy(self(batch["input_ids"]), batch["labels"])
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.Adam(self.parameters())
+
+    train, val = text_split()
+    check = DataInspection()
+    run = trainer(tmp_path, [check], max_steps=1, limit_val_batches=0)
+    run.fit(Bag(), loader(train, 32), loader(val, 32, shuffle=False))
+    assert codes(check.findings) == set(), [f.format() for f in check.findings]
+    assert "3 classes, the model's output width" in one(check.findings, "data.summary").message
+    images = events(tmp_path / "tb" / "version_0").Tags()["images"]
+    assert images == [DATA_CLASS_COUNTS]  # the counts chart; text makes no image grid
+
+
+def closest_distinct_pair(a: torch.Tensor, b: torch.Tensor | None = None) -> float:
+    """The largest exact Jaccard of 3-gram sets over distinct pairs (within ``a``, or across),
+    through an inverted index: only pairs sharing an n-gram are counted."""
+    from collections import Counter
+
+    from lightning_diag.functional.tokens import shingles
+
+    rows = a if b is None else torch.cat([a, b])
+    sets = [set(g.tolist()) for g in shingles(rows)]
+    holders: dict[int, list[int]] = {}
+    for i, grams in enumerate(sets):
+        for g in grams:
+            holders.setdefault(g, []).append(i)
+    shared: Counter[tuple[int, int]] = Counter()
+    for ids in holders.values():
+        for i, j in itertools.combinations(ids, 2):
+            if b is None or (i < len(a)) != (j < len(a)):
+                shared[i, j] += 1
+    return max((k / (len(sets[i]) + len(sets[j]) - k) for (i, j), k in shared.items()
+                if not torch.equal(rows[i], rows[j])), default=0.0)
+
+
+def template_paragraphs(n: int, seed: int) -> torch.Tensor:
+    """Three sentences of 11 tokens each: `the <adj> <noun> <verb> a <noun> on the <adj> <noun>
+    .` from slot lists of 10-20 words (ids 1-45), padded to 40."""
+    g = torch.Generator().manual_seed(seed)
+    out = torch.zeros(n, 40, dtype=torch.long)
+    for i in range(n):
+        words = []
+        for _ in range(3):
+            pick = [int(torch.randint(lo, hi, (1,), generator=g))
+                    for lo, hi in ((33, 43), (3, 23), (23, 33), (1, 3), (3, 23), (43, 45),
+                                   (33, 43), (3, 23))]
+            words += [1, *pick[:6], 1, *pick[6:], 45]
+        out[i, :33] = torch.tensor(words)
+    return out
+
+
+def test_margin_of_the_token_threshold_on_healthy_text() -> None:
+    """The closest distinct pairs of texts long enough to judge, against 0.8 (the numbers in
+    docs/callbacks/data_inspection.md)."""
+    texts = (zipf_text(200, 0, (30, 60), 64, 2000), zipf_text(50, 1, (30, 60), 64, 2000))
+    paragraphs = (template_paragraphs(200, 0), template_paragraphs(50, 1))
+    for train, val in (texts, paragraphs):
+        within, across = closest_distinct_pair(train), closest_distinct_pair(train, val)
+        assert max(within, across) < 0.3, (within, across)  # a margin of 0.5 at least
+        found = inspect_dataset(TensorDataset(train, torch.zeros(len(train), dtype=torch.long)),
+                                TensorDataset(val, torch.zeros(len(val), dtype=torch.long)),
+                                progress=False)
+        assert codes(found) == set() and not by_code(found, "data.near_duplicates_skipped")

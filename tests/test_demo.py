@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_diag import base
+from lightning_diag import terminal
 from lightning_diag.examples.demo import (
     BrokenDigitsDataModule,
     mis_scale_last_layer,
@@ -20,6 +20,7 @@ from lightning_diag.examples.demo import (
 )
 from lightning_diag.examples.digits import DigitsClassifier
 from lightning_diag.findings import Finding, Severity, format_findings, sort_findings
+from lightning_diag.presentation import title
 
 
 def _tiny(tmp_path, capsys, inject, report=True):
@@ -73,7 +74,7 @@ def test_tiny_injected_demo_finds_the_planted_bugs(tmp_path, capsys):
 def test_demo_terminal_prints_each_finding_once_then_the_table(tmp_path, capsys, caplog,
                                                                monkeypatch):
     # as in a script without logging configured (pytest's capture handlers count as none)
-    monkeypatch.setattr(base, "_handled_elsewhere", lambda record, mine: False)
+    monkeypatch.setattr(terminal, "_handled_elsewhere", lambda record, mine: False)
     caplog.set_level(logging.INFO, logger="lightning.pytorch")  # conftest quiets Lightning
     result = run_demo(tmp_path / "runs", inject=True, epochs=1, limit_batches=2,
                       progress_bar=False, report=False,
@@ -84,7 +85,7 @@ def test_demo_terminal_prints_each_finding_once_then_the_table(tmp_path, capsys,
     for f in loud:  # once while training, one short line; once in the table at the end
         (line,) = [line for line in err.splitlines() if f" {f.code}" in line]
         assert line.startswith(f"[{f.severity.value.upper()}] {f.code}") and len(line) < 130
-        assert out.count(f"] {f.code}  (") == 1
+        assert out.count(f"] {title(f)}  (") == 1  # the code, and its subject if any
     assert "Advice" not in err and "base.py" not in err and out.count("Findings:") == 1
     lightning = [r.getMessage() for r in caplog.records if r.name.startswith("lightning.")]
     assert any("`Trainer.fit` stopped" in m for m in lightning)  # Lightning's own lines stay

@@ -317,3 +317,17 @@ def test_second_fit_starts_a_new_average(tmp_path: Path) -> None:
     _fit(tmp_path / "a", _model(), [ema], max_steps=2)
     _fit(tmp_path / "b", _model(), [ema], max_steps=3)
     assert ema.num_updates == 3
+
+
+def test_a_second_fit_starts_a_new_average(tmp_path: Path) -> None:
+    """State of one fit is reset at the next (a restored checkpoint aside): a reused callback
+    averages only the second fit's weights, as a fresh one would."""
+    reused = EMAWeights(decay=0.9, evaluate="raw")
+    _fit(tmp_path / "a", _model(), [reused], max_steps=3)
+    _fit(tmp_path / "b", _model(lr=0.1), [reused], max_steps=2)
+    fresh = EMAWeights(decay=0.9, evaluate="raw")
+    _fit(tmp_path / "c", _model(lr=0.1), [fresh], max_steps=2)
+    assert reused.num_updates == fresh.num_updates == 2
+    assert all(torch.equal(reused.ema_state_dict()[k], v)
+               for k, v in fresh.ema_state_dict().items())
+    assert [f.code for f in reused.findings] == [f.code for f in fresh.findings]

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 import lightning_diag
-from lightning_diag.base import _TABLE_HEADER, DiagnosticCallback, _table_row
+from lightning_diag.base import DiagnosticCallback
 from lightning_diag.callbacks import DataInspection, InitialLossCheck
 from lightning_diag.checks.gradients import TensorGradientError, check_gradients
 from lightning_diag.examples.digits import DigitsClassifier, load_digits_tensors
@@ -25,6 +25,7 @@ from lightning_diag.findings import (
     load_findings,
     load_findings_by_run,
 )
+from lightning_diag.tensorboard.findings_table import TABLE_HEADER, table_row
 from lightning_diag.tensorboard.tags import FINDINGS_TABLE
 from lightning_diag.tensorboard.writer import markdown_table
 from tests.helpers import Classifier, digits, events, loader, mlp, text_events, trainer
@@ -263,7 +264,7 @@ def test_published_record_and_tensorboard_table_carry_value_expected_and_step(tm
 
 def test_table_rows_escape_pipes_and_newlines():
     f = Finding("X", "x.a", Severity.INFO, "a|b", advice="do\nthis", value=math.nan)
-    _, _, row = markdown_table(_TABLE_HEADER, [_table_row(f.to_dict())]).splitlines()
+    _, _, row = markdown_table(TABLE_HEADER, [table_row(f)]).splitlines()
     assert row == "| INFO | `x.a` | a\\|b | do this | NaN | - | - |"
 
 

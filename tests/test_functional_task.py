@@ -10,9 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from lightning_diag.functional.task import (
+    OutputForm,
     Task,
     accuracy,
     infer_task,
+    memorising_output,
+    output_form,
     regression_references,
     select_output,
 )
@@ -131,3 +134,47 @@ def test_select_output_finds_the_prediction():
     assert select_output((logits, (torch.zeros(1), torch.zeros(1)))) is logits
     assert select_output({"loss": torch.tensor(1.0), "logits": logits}) is logits
     assert select_output([torch.zeros(2, dtype=torch.long)]) is None
+
+
+# --- know-nothing and memorising outputs (the checks run the user's loss on them) ------------
+def test_the_know_nothing_output_is_the_last_activation_at_zero():
+    z = torch.randn(6, 4, generator=g, requires_grad=True)
+    cases = [(z.softmax(1), "softmax", 0.25), (z.log_softmax(1), "log_softmax", math.log(0.25)),
+             (z.sigmoid(), "sigmoid", 0.5), (z.exp()[:, 0], "exp", 1.0),
+             (F.softplus(z).t(), "softplus", math.log(2)), (z.tanh(), "none", 0.0),
+             (z, "none", 0.0)]
+    for out, activation, value in cases:
+        form = output_form(out)
+        assert form.activation == activation
+        nothing = form.know_nothing(out)
+        assert nothing.shape == out.shape and torch.allclose(nothing, torch.full_like(out, value))
+        # f(0) is what activate gives a zero pre-activation
+        assert torch.allclose(form.activate(torch.zeros_like(out)), nothing)
+    # probabilities over the last dimension of a (N, T, V) output: dim 2
+    assert output_form(torch.randn(2, 3, 5).softmax(-1)) == OutputForm("softmax", 2)
+    # without the autograd history a sigmoid cannot be told from values
+    assert output_form(z.sigmoid().detach()).activation == "none"
+
+
+@pytest.mark.parametrize(("output", "target", "loss"), [
+    (torch.zeros(8, 10), _ints(10, 8), lambda o, t: F.cross_entropy(o, t)),
+    (torch.zeros(4, 3, 5, 5), _ints(3, 4, 5, 5), lambda o, t: F.cross_entropy(o, t)),
+    (torch.zeros(14, 16).log_softmax(1), _ints(16, 2, 7),
+     lambda o, t: F.nll_loss(o, t.reshape(-1))),
+    (torch.zeros(6, 4).softmax(1), _ints(4, 6), lambda o, t: F.nll_loss(o.log(), t)),
+    (torch.randn(6, 3, generator=g), _ints(2, 6, 3).float(), F.binary_cross_entropy_with_logits),
+])
+def test_a_memorising_output_takes_a_cross_entropy_to_zero(output, target, loss):
+    task = infer_task(output, target)
+    at = [float(loss(memorising_output(task, output, target, m), target)) for m in (0, 4, 32)]
+    assert at[0] == pytest.approx(task.expected_initial_loss(), rel=1e-5)  # margin 0: uniform
+    assert at[0] > at[1] > at[2] and at[2] < 1e-6
+    pred = memorising_output(task, output, target, 32.0)
+    assert accuracy(task, pred, target) == 1.0
+
+
+def test_a_memorising_regression_output_is_the_target():
+    y = torch.randn(5, generator=g)
+    task = infer_task(torch.zeros(5, 1), y)
+    assert torch.equal(memorising_output(task, torch.zeros(5, 1), y, 1.0), y[:, None])
+    assert memorising_output(Task("unknown"), torch.zeros(5), y, 1.0) is None

@@ -1,9 +1,12 @@
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
+from lightning_diag.batch import map_floats
 from lightning_diag.callbacks import GradientCheck
 from lightning_diag.checks.gradients import MIN_JUDGED, check_gradients, error_table
 from lightning_diag.findings import DiagnosticError
@@ -297,3 +300,99 @@ def test_a_carried_state_the_check_cannot_put_back_is_inconclusive():
     (f,) = check_gradients(Counter(), batch_of(flatten=True), coords_per_tensor=3,
                            reset=lambda m: setattr(m, "calls", 0))
     assert f.code == "gradient_check.ok"
+
+
+# --- lost precision: casts inside the step ---------------------------------------------------
+CASTS = {
+    "labels.float() in BCE": lambda out, y: F.binary_cross_entropy_with_logits(
+        out[:, 0], (y > 4).float()),
+    "out.to(torch.float32)": lambda out, y: F.cross_entropy(out.to(torch.float32), y),
+    "out.float()": lambda out, y: F.cross_entropy(out.float(), y),
+    "log_softmax(dtype=float32)": lambda out, y: F.nll_loss(
+        F.log_softmax(out, 1, dtype=torch.float32), y),
+    "type(torch.FloatTensor)": lambda out, y: F.cross_entropy(out.type(torch.FloatTensor), y),
+    "torch.tensor(dtype=float32)": lambda out, y: F.mse_loss(
+        out[:, 0], torch.tensor(y.tolist(), dtype=torch.float32)),
+}
+
+
+class Casting(Classifier):
+    """A smooth classifier whose step casts as people write it."""
+
+    def __init__(self, cast, net=None):
+        super().__init__(net if net is not None else mlp(nn.Tanh, width=12))
+        self.cast = cast
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return CASTS[self.cast](self(x.float()), y)
+
+
+@pytest.mark.parametrize("cast", list(CASTS))
+def test_casts_in_the_step_are_evaluated_in_float64(cast):
+    (f,) = check_gradients(Casting(cast), batch_of(flatten=True), coords_per_tensor=4)
+    assert f.code == "gradient_check.ok", f.message
+    assert f.value < 1e-6 and f.details["float64_casts"]  # true float64: no roundoff
+    assert "were evaluated in float64" in f.message
+
+
+@pytest.mark.parametrize("cast", ["labels.float() in BCE", "out.to(torch.float32)"])
+def test_bugs_behind_casts_are_still_caught(cast):
+    wrong = nn.Sequential(nn.Flatten(), nn.Linear(64, 4), Apply(WrongSquare), nn.Linear(4, 10))
+    (f,) = check_gradients(Casting(cast, wrong), batch_of(flatten=True), coords_per_tensor=3)
+    assert f.code == "gradient_check.mismatch" and "net.1.weight" in f.message
+    detached = nn.Sequential(nn.Flatten(), Detached(nn.Linear(64, 8)), nn.Tanh(),
+                             nn.Linear(8, 10))
+    (f,) = check_gradients(Casting(cast, detached), batch_of(flatten=True), coords_per_tensor=3)
+    assert f.code == "gradient_check.mismatch" and "net.1.layer.weight" in f.message
+
+
+class NumpyTanh(torch.autograd.Function):
+    """tanh by a float32 kernel outside torch (as a C or NumPy extension), right backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.from_numpy(np.tanh(x.detach().numpy().astype(np.float32)))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return (grad * (1 - torch.tanh(x) ** 2)).to(x.dtype)
+
+
+class Float32Kernel(nn.Module):
+    def forward(self, x):
+        return NumpyTanh.apply(x).to(x.dtype)  # back to the caller's dtype, as wrappers do
+
+
+def test_precision_lost_where_the_check_cannot_reach_steps_aside():
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), Float32Kernel(), nn.Linear(8, 10))
+    (f,) = check_gradients(Classifier(net), batch_of(flatten=True), coords_per_tensor=3)
+    assert f.code == "gradient_check.inconclusive" and f.severity == "info"
+    assert f.details["cause"] == "lost_precision" and "float32" in f.message
+    assert "depends on the weights" in f.message and "`.type_as(out)`" in f.advice
+
+
+def test_casts_that_do_not_touch_the_loss_run_outside_the_mode():
+    # Classifier's step casts a comparison for its accuracy: `(pred == y).float()`
+    (f,) = check_gradients(Classifier(mlp(nn.Tanh, width=8)), batch_of(flatten=True),
+                           coords_per_tensor=3)
+    assert f.code == "gradient_check.ok" and f.details["float64_casts"] == {"Tensor.float": 1}
+    assert "float64" not in f.message
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_every_family_casting_its_batch_is_judged(name):
+    torch.manual_seed(0)
+    family = FAMILIES[name]()
+    module = family.module
+
+    class CastsBatch(type(module)):
+        def training_step(self, batch, batch_idx):  # `x.float()` on every float tensor
+            return super().training_step(map_floats(batch, lambda t: t.float()), batch_idx)
+
+    module.__class__ = CastsBatch
+    batch = first_batches(family.train, 1, torch.device("cpu"))[0]
+    (f,) = check_gradients(module, batch, num_samples=2, coords_per_tensor=3)
+    assert f.code == "gradient_check.ok", f.message

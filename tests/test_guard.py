@@ -36,6 +36,7 @@ from lightning_diag.callbacks import (
     LearningCurves,
     LRPlateauAdvisor,
     OverfitSmallBatch,
+    TrainingInvariants,
     UpdateRatioMonitor,
 )
 from lightning_diag.findings import DiagnosticError, Severity
@@ -49,6 +50,7 @@ ARGS: dict[type[DiagnosticCallback], dict[str, Any]] = {
     DataInspection: {"num_classes": 10, "max_images": 2},
     ActivationHistogram: {"every_n_steps": 1, "figure_every_n_logs": 1},
     UpdateRatioMonitor: {"every_n_steps": 1},
+    TrainingInvariants: {"every_n_steps": 1},
     FirstLayerVisualization: {"every_n_epochs": 1, "input_shape": (8, 8)},
     LearningCurves: {},
     LRPlateauAdvisor: {"patience": 1, "min_epochs": 1, "min_history": 2, "save_batch": False},

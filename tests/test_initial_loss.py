@@ -136,24 +136,34 @@ def test_regression_is_judged_against_mean_square_and_variance():
     # the references, computed by hand: MSE of predicting 0 and of predicting the mean
     assert ok.details["mean_square"] == pytest.approx(float((y.double() ** 2).mean()))
     assert ok.details["variance"] == pytest.approx(float(y.double().var(unbiased=False)))
-    assert ok.expected[1] == pytest.approx(REGRESSION_FACTOR * ok.details["mean_square"])
+    # the know-nothing loss is the MSE of predicting 0; a values head may add (3 - 1) times it
+    # plus abs_tol
+    assert ok.details["know_nothing_loss"] == pytest.approx(ok.details["mean_square"], rel=1e-5)
+    assert ok.expected[1] == pytest.approx(REGRESSION_FACTOR * ok.details["mean_square"] + 0.05,
+                                           rel=1e-5)
     assert "mean(y^2)" in ok.message and "Var(y)" in ok.message
     # expected_loss= still overrides the inference
     assert "initial_loss.mismatch" in codes(
         check_initial_loss(Regressor(), [(x, y)], expected_loss=ok.value + 10))
 
 
-def test_regression_with_another_loss_gets_no_expectation():
+def test_regression_with_another_loss_is_judged_by_that_loss():
     class L1(Regressor):
         def training_step(self, batch, batch_idx):
             x, y = batch
             return nn.functional.l1_loss(self(x), y)
 
     x = torch.randn(32, 3, generator=torch.Generator().manual_seed(0))
-    found = check_initial_loss(L1(), [(x, 0.01 * x.sum(1))])
-    (f,) = [f for f in found if f.code == "initial_loss.no_expectation"]
-    assert f.severity == "info" and "not the mean squared error" in f.message
-    assert "`expected_loss=`" in f.advice
+    y = x.sum(1)
+    found = check_initial_loss(L1(), [(x, y)])
+    (ok,) = [f for f in found if f.code == "initial_loss.ok"]
+    # the expectation is the L1 loss of a zero output, mean |y|, not mean(y^2)
+    assert ok.details["know_nothing_loss"] == pytest.approx(float(y.abs().mean()), rel=1e-5)
+    assert "mean(y^2)" not in ok.message
+    # targets a hundred times smaller than the initial outputs: rightly flagged
+    found = check_initial_loss(L1(), [(x, 0.01 * y)])
+    (f,) = [f for f in found if f.code == "initial_loss.mismatch"]
+    assert f.value > f.expected[1] and "standardize the targets" in f.advice
 
 
 FAMILY_NAMES = sorted(FAMILIES)
@@ -194,12 +204,14 @@ def test_every_family_with_a_scaled_last_layer_is_flagged(name):
         assert "last layer" in f.advice
 
 
-def test_regression_on_bare_tensor_batches_names_what_to_pass():
+def test_regression_on_bare_tensor_batches_needs_no_target_reader():
+    # the step reads its target as always; the know-nothing output (zeros) goes through it
     fam, batches = family_batches("regression")
     found = check_initial_loss(fam.module, batches)
-    (f,) = [f for f in found if f.code == "initial_loss.no_expectation"]
-    assert "no target could be read" in f.message
-    assert "`expected_loss=`" in f.advice and "`batch_to_target=`" in f.advice
+    (ok,) = [f for f in found if f.code == "initial_loss.ok"]
+    y = torch.cat([b[:, -1] for b in batches]).double()
+    assert ok.details["know_nothing_loss"] == pytest.approx(float((y**2).mean()), rel=1e-5)
+    assert ok.details["task"] == "unknown" and "mean_square" not in ok.details
 
 
 def test_probabilities_fed_to_nll_are_flagged():
@@ -290,8 +302,7 @@ def test_bad_inputs_give_findings(tmp_path):
     assert [f.code for f in cb.findings] == ["initial_loss.skipped"]
     cb = InitialLossCheck()
     trainer(tmp_path, [cb], limit_train_batches=1).fit(Manual(), loader(digits(32, True)))
-    assert [f.code for f in cb.findings] == ["initial_loss.skipped"]
-    assert "manual optimization" in cb.findings[0].message
+    assert cb.findings[0].code == "initial_loss.ok"  # the loss given to `manual_backward`
     with pytest.raises(ValueError, match="batches"):
         check_initial_loss(Classifier(mlp()), [])
 
@@ -305,3 +316,114 @@ def test_bad_inputs_give_findings(tmp_path):
 def test_init_validates(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         InitialLossCheck(**kwargs)
+
+
+# --- the expectation from the user's own loss (issue 20) -------------------------------------
+def test_a_loss_summed_over_the_samples_is_flagged():
+    class Summed(Classifier):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self(x), y, reduction="sum")
+
+    torch.manual_seed(0)
+    found = check_initial_loss(Summed(mlp(width=16)), batches())
+    (f,) = [f for f in found if f.code == "initial_loss.mismatch"]
+    assert f.severity == "fail" and f.details["reason"] == "sum_over_samples"
+    assert f.details["doubled_batch_ratio"] == pytest.approx(2.0)
+    assert "summed over the samples" in f.message and "reduction='mean'" in f.advice
+    # its know-nothing loss is N log C: the closed form log 10 does not hold
+    assert f.details["know_nothing_loss"] == pytest.approx(64 * math.log(10), rel=1e-5)
+    # given on purpose: the user's expectation decides
+    assert "initial_loss.mismatch" not in codes(check_initial_loss(
+        Summed(mlp(width=16)), batches(), expected_loss=64 * math.log(10), rel_tol=0.2))
+
+
+def test_a_scaled_head_of_a_multi_task_model_is_named():
+    from tests.loss_programs import program
+
+    prog = program("multitask")
+    with torch.no_grad():
+        prog.module.classes.weight.mul_(30)
+    found = check_initial_loss(prog.module, first_batches(prog.train, 3, torch.device("cpu")))
+    (f,) = [f for f in found if f.code == "initial_loss.mismatch"]
+    heads = {h["name"]: h for h in f.details["heads"]}
+    assert set(heads) == {"output[0]", "output[1]"}
+    assert abs(heads["output[0]"]["delta"]) > heads["output[0]"]["tolerance"]  # the scores
+    assert heads["output[1]"]["delta"] <= heads["output[1]"]["tolerance"]  # the value is fine
+    assert "Off: `output[0]` (scores)" in f.message and "last layer" in f.advice
+
+
+def test_a_scaled_distillation_student_is_flagged_against_its_own_loss():
+    from tests.loss_programs import program
+
+    prog = program("distillation")
+    with torch.no_grad():
+        prog.module.student[-1].weight.mul_(30)
+    batches3 = first_batches(prog.train, 3, torch.device("cpu"))
+    found = check_initial_loss(prog.module, batches3)
+    (f,) = [f for f in found if f.code == "initial_loss.mismatch"]
+    # the expectation is the distillation loss at uniform student scores, not log 4
+    assert f.details["know_nothing_loss"] == pytest.approx(
+        prog.know_nothing(prog.module, batches3), rel=1e-5)
+    # ... which lies outside log 4's band: judged against log 4, the healthy student failed
+    assert abs(f.details["know_nothing_loss"] - math.log(4)) > loss_tolerance(math.log(4))
+    assert "(= log 4" not in f.message
+    healthy = program("distillation")
+    assert codes(check_initial_loss(healthy.module, batches3)) == set()
+
+
+def test_the_closed_form_explains_an_expectation_that_agrees():
+    torch.manual_seed(0)
+    (ok,) = [f for f in check_initial_loss(Classifier(mlp()), batches())
+             if f.code == "initial_loss.ok"]
+    assert "(= log 10: the cross-entropy of a uniform prediction, 10-class logits)" in ok.message
+    assert ok.details["closed_form"] == pytest.approx(math.log(10))
+
+
+def test_when_the_expectation_cannot_be_computed_it_says_why():
+    class Refuses(Regressor):  # refuses an all-zero output
+        def training_step(self, batch, batch_idx):
+            out = self(batch[0])
+            if not bool(out.abs().sum()):
+                raise ValueError("an all-zero prediction")
+            return nn.functional.mse_loss(out, batch[1])
+
+    class LogOfOutput(Regressor):  # log of a ReLU output: -inf at zero
+        def forward(self, x):
+            return torch.relu(self.net(x).squeeze(1)) + 1e-3
+
+        def training_step(self, batch, batch_idx):
+            return (self(batch[0]) - batch[1].exp() * self(batch[0]).log()).mean()
+
+    x = torch.randn(32, 3, generator=torch.Generator().manual_seed(0))
+    for module, why in ((Refuses(), "ValueError: an all-zero prediction"),
+                        (LogOfOutput(), "the loss at the know-nothing output is")):
+        found = check_initial_loss(module, [(x, x.sum(1))])
+        (f,) = [f for f in found if f.code == "initial_loss.no_expectation"]
+        assert f.severity == "info" and why in f.message and "`expected_loss=`" in f.advice
+
+
+class WithItsLoss(pl.LightningModule):
+    """As a Hugging Face model given its labels: the loss computed inside ``forward``."""
+
+    def __init__(self, scale=1.0):
+        super().__init__()
+        self.body, self.classifier = nn.Linear(64, 32), nn.Linear(32, 10)
+        with torch.no_grad():
+            self.classifier.weight.mul_(scale)
+
+    def forward(self, x, labels):
+        logits = self.classifier(torch.relu(self.body(x.flatten(1))))
+        return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+    def training_step(self, batch, batch_idx):
+        return self(batch[0], labels=batch[1])["loss"]
+
+
+def test_a_model_computing_its_own_loss_is_judged_through_its_head():
+    torch.manual_seed(0)
+    (ok,) = [f for f in check_initial_loss(WithItsLoss(), batches())
+             if f.code == "initial_loss.ok"]
+    assert "(= log 10" in ok.message and "`classifier output`" in ok.message
+    torch.manual_seed(0)
+    assert "initial_loss.mismatch" in codes(check_initial_loss(WithItsLoss(30.0), batches()))

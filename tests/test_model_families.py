@@ -35,6 +35,7 @@ from lightning_diag.callbacks import (
     LearningCurves,
     LRPlateauAdvisor,
     OverfitSmallBatch,
+    TrainingInvariants,
     UpdateRatioMonitor,
 )
 from lightning_diag.findings import Finding, Severity
@@ -57,6 +58,7 @@ def every_callback(family: Family) -> list[DiagnosticCallback]:
         ActivationHistogram(every_n_steps=4, figure_every_n_logs=0),
         FirstLayerVisualization(every_n_epochs=2),
         UpdateRatioMonitor(every_n_steps=4),
+        TrainingInvariants(),
         LRPlateauAdvisor(save_batch=False),
         EMAWeights(decay=0.9, evaluate="both"),
         CheckpointEnsemble(k=2),

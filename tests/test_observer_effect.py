@@ -28,6 +28,7 @@ from lightning_diag.callbacks.ema import EMAWeights
 from lightning_diag.callbacks.first_layer import FirstLayerVisualization
 from lightning_diag.callbacks.gradient_check import GradientCheck
 from lightning_diag.callbacks.initial_loss import InitialLossCheck
+from lightning_diag.callbacks.invariants import TrainingInvariants
 from lightning_diag.callbacks.learning_curves import LearningCurves
 from lightning_diag.callbacks.lr_advisor import LRPlateauAdvisor
 from lightning_diag.callbacks.overfit import OverfitSmallBatch
@@ -44,6 +45,7 @@ FACTORIES: dict[str, Callable[[], pl.Callback]] = {
                                                    progress_bar=False),
     "ActivationHistogram": lambda: ActivationHistogram(every_n_steps=3, figure_every_n_logs=0),
     "UpdateRatioMonitor": lambda: UpdateRatioMonitor(every_n_steps=3),
+    "TrainingInvariants": lambda: TrainingInvariants(every_n_steps=1),
     "FirstLayerVisualization": lambda: FirstLayerVisualization(every_n_epochs=2),
     "LearningCurves": lambda: LearningCurves(figure_every_n_epochs=0),
     "DataInspection": lambda: DataInspection(max_images=2),

@@ -1,3 +1,4 @@
+import math
 import re
 
 import lightning.pytorch as pl
@@ -7,7 +8,12 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from lightning_diag.callbacks import OverfitSmallBatch
-from lightning_diag.checks.overfit import OverfitResult, overfit_batches, overfit_small_batch
+from lightning_diag.checks.overfit import (
+    BEYOND_CONSTANT,
+    OverfitResult,
+    overfit_batches,
+    overfit_small_batch,
+)
 from lightning_diag.isolation import OptimizationSettings, first_batches
 from lightning_diag.tensorboard.tags import OVERFIT_ACCURACY, OVERFIT_LOSS, overfit_ladder
 from tests.families import FAMILIES
@@ -140,9 +146,8 @@ def test_bad_inputs_give_findings_or_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="no batch"):
         overfit_small_batch(Classifier(mlp()), loader(digits(0, True), shuffle=False))
     manual = Classifier(mlp())
-    manual.automatic_optimization = False
-    with pytest.raises(ValueError, match="manual optimization"):
-        overfit_small_batch(manual, data())
+    manual.automatic_optimization = False  # its step returns the loss: judged as it is
+    assert overfit_small_batch(manual, data(), max_steps=2).steps == 2
 
 
 def test_several_optimizers_are_refused_clearly_by_lightning(tmp_path):
@@ -359,7 +364,10 @@ def test_full_accuracy_with_a_slowly_falling_loss_has_overfit():
     (f,) = result.findings()
     assert f.code == "overfit.reached" and f.severity == "info" and not result.ladder
     assert f"100% accuracy at step {result.accuracy_step} (the recipe's criterion)" in f.message
-    assert f.details == {"accuracy_step": result.accuracy_step, "loss_above_target": True}
+    assert {k: f.details[k] for k in ("accuracy_step", "loss_above_target")} == {
+        "accuracy_step": result.accuracy_step, "loss_above_target": True}
+    # the loss's own floor, measured at memorising outputs: a plain cross-entropy's is ~0
+    assert f.details["floor"]["value"] < 1e-6 and not f.details["floor"]["squashed"]
 
 
 def test_callback_logs_one_ladder_curve_per_learning_rate(tmp_path):
@@ -383,3 +391,108 @@ def test_callback_logs_one_ladder_curve_per_learning_rate(tmp_path):
     patterns = list(chart.multiline.tag)  # regular expressions, one per series
     assert len(patterns) == len(wanted)
     assert all(re.fullmatch(p, tag) for p, tag in zip(patterns, wanted, strict=True))
+
+
+# --- floors measured, not assumed (issue 20) --------------------------------------------------
+def _program_batches(name, **kwargs):
+    from tests.loss_programs import program
+
+    prog = program(name, **kwargs)
+    return prog, first_batches(prog.train, 5, torch.device("cpu"))
+
+
+def test_a_softmax_as_the_models_last_layer_is_shown_to_be_probabilities():
+    class SoftmaxLast(Classifier):
+        def __init__(self):
+            super().__init__(nn.Sequential(mlp(width=32), nn.Softmax(dim=1)), lr=1e-2)
+            self.criterion = nn.CrossEntropyLoss()
+
+        def training_step(self, batch, batch_idx):
+            return self.criterion(self(batch[0]), batch[1])
+
+    result = overfit_small_batch(SoftmaxLast(), data(), num_batches=2, max_steps=200)
+    (f,) = result.findings()
+    assert f.code == "overfit.not_reached" and f.severity == "fail" and not result.ladder
+    assert result.squashed and result.probabilities
+    assert result.floor.value == pytest.approx(math.log(1 + 9 / math.e), rel=1e-3)
+    assert "output itself is probabilities" in f.message and "softmax" in f.advice
+
+
+def test_a_softmax_before_a_smoothed_cross_entropy_is_still_squashed():
+    prog, batches5 = _program_batches("smoothing_0.2_functional")
+
+    class Squashed(type(prog.module)):
+        def loss(self, batch):
+            x, y = batch
+            return nn.functional.cross_entropy(self.net(x).softmax(1), y, label_smoothing=0.2)
+
+    prog.module.__class__ = Squashed
+    result = overfit_batches(prog.module, batches5, max_steps=100)
+    assert result.squashed and not result.reached and not result.ladder
+    assert result.findings()[0].severity == "fail"
+    # no captured probabilities here: the squash is in the step, said so without the claim
+    assert not result.probabilities
+    assert "output itself" not in result.findings()[0].message
+
+
+def test_a_frozen_network_and_a_zero_learning_rate_fail():
+    prog, batches5 = _program_batches("noisy_regressor")
+    prog.module.requires_grad_(False)
+    prog.module.net[-1].bias.requires_grad_(True)  # an optimizer needs one parameter
+    frozen = overfit_batches(prog.module, batches5, max_steps=200, lr_ladder=False)
+    prog, batches5 = _program_batches("noisy_regressor")
+    prog.module.lr = 0.0
+    still = overfit_batches(prog.module, batches5, max_steps=200)
+    for result in (frozen, still):
+        (f,) = result.findings()
+        assert f.code == "overfit.not_reached" and f.severity == "fail"
+        assert not result.natural_floor and not result.ladder
+        assert (result.beyond_constant() or 0.0) < BEYOND_CONSTANT
+    assert "shared by every sample" in frozen.findings()[0].message
+
+
+def test_targets_shuffled_apart_from_their_inputs_are_no_natural_floor():
+    prog, _ = _program_batches("noisy_regressor")
+    x, y = prog.train.dataset.tensors
+    y = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(99))]
+    shuffled = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 80, 16)]
+    result = overfit_batches(prog.module, shuffled, lr_ladder=False)
+    (f,) = result.findings()
+    assert f.code == "overfit.not_reached" and f.severity == "fail"
+    assert result.constant_loss is not None and not result.natural_floor
+    # the same network on the true targets learns from its inputs down to the noise
+    healthy, batches5 = _program_batches("noisy_regressor")
+    floor = overfit_batches(healthy.module, batches5)
+    assert floor.natural_floor and floor.findings()[0].code == "overfit.floor"
+    assert floor.beyond_constant() > 3 * (result.beyond_constant() or 0.0)
+
+
+@pytest.mark.slow
+def test_a_vae_that_cannot_see_its_inputs_fails():
+    prog, batches5 = _program_batches("vae")
+
+    class Blind(type(prog.module)):
+        def forward(self, x):
+            return super().forward(torch.zeros_like(x))
+
+    prog.module.__class__ = Blind
+    result = overfit_batches(prog.module, batches5, lr_ladder=False)
+    assert result.findings()[0].code == "overfit.not_reached"
+    assert (result.beyond_constant() or 0.0) < 0.05 < BEYOND_CONSTANT
+
+
+def test_mixup_inside_the_step_reports_accuracy_without_requiring_it():
+    prog, batches5 = _program_batches("mixup")
+    result = overfit_batches(prog.module, batches5)
+    assert not result.accuracy_required and result.best_accuracy is not None
+    assert result.findings()[0].severity == "info"
+
+
+def test_a_sigmoid_before_a_regression_loss_is_shown_squashed():
+    fam, batches2 = family_batches("regression", "softmax_before_loss")  # a sigmoid, in fact
+    result = overfit_batches(fam.module, batches2, max_steps=300,
+                             batch_to_target=fam.batch_to_target)
+    (f,) = result.findings()
+    assert f.code == "overfit.not_reached" and f.severity == "fail" and not result.ladder
+    assert result.squashed and not result.natural_floor
+    assert "comes out of a sigmoid, in (0, 1)" in f.message and "remove it" in f.advice

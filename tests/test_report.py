@@ -111,8 +111,9 @@ def full_report(real_run, tmp_path_factory) -> Path:
 
 def test_a_real_run_fills_every_section_with_embedded_images(full_report):
     page = _parse(full_report)
+    # no "other": the model's own metrics are its learning curves, `epoch` their x-axis
     assert list(page.sections) == ["findings", "data", "before", "curves", "activations",
-                                   "update_ratio", "first_layer", "ema", "ensemble", "other"]
+                                   "update_ratio", "first_layer", "ema", "ensemble"]
     srcs = [src for s in page.sections.values() for src in s.srcs]
     assert len(srcs) >= 20 and all(src.startswith("data:image/png;base64,") for src in srcs)
     for src in srcs:  # every image is a decodable PNG
@@ -151,7 +152,8 @@ def test_findings_table_shows_each_recorded_finding_fail_first(full_report, real
     leak = by_code["data.leakage"]
     message, indices = leak[3].split("\n")
     assert leak[2] == "DataInspection" and message == one("data.leakage").message
-    assert leak[5:] == [f"{one('data.leakage').value:.4g}", "0", "0"]
+    # a fraction of the validation set, shown as a percentage (lightning_diag.presentation)
+    assert leak[5:] == [f"{100 * one('data.leakage').value:.4g}%", "0%", "0"]
     assert indices == "indices: " + ", ".join(map(str, one("data.leakage").indices))
     assert str(LEAKED_TRAIN_INDEX) in indices.removeprefix("indices: ").split(", ")
     low, high = one("initial_loss.ok").expected  # type: ignore[misc]
@@ -187,11 +189,12 @@ def test_nothing_logged_is_dropped(full_report, real_run):
     assert findings and not shown_texts & set(findings)  # shown as the findings table
     assert set(data.texts) - set(findings) <= shown_texts
     assert set(data.images) <= captions
-    other = page.sections["other"]
-    drawn = {t for alt in other.alts for t in alt.split(", ")}
-    # each tag of lightning_diag in its own section; only the model's metrics land in "other"
-    assert drawn == USER_SCALARS & set(data.scalars)
-    assert not other.captions and not other.cells
+    # each tag of lightning_diag in its own section; the model's own metrics are the ones
+    # LearningCurves read (drawn as its curves, not again), and `epoch` is their x-axis
+    assert "other" not in page.sections
+    read = {name for cb in real_run.callbacks for f in cb.findings if f.code == "curves.keys"
+            for name in f.details["keys"].values()}
+    assert USER_SCALARS & set(data.scalars) == read | {"epoch"}
 
 
 def test_partial_logdir_shows_only_present_sections(tmp_path):
@@ -218,7 +221,7 @@ def test_findings_without_events_and_tables_without_findings(tmp_path):
     append_findings(tmp_path / "csv" / FINDINGS_FILE,
                     [Finding("C", "c.nan", Severity.FAIL, "NaN loss", value=float("nan"))])
     page = _parse(build_report(tmp_path / "csv"))
-    assert list(page.sections) == ["findings"] and page.sections["findings"].rows[0][5] == "nan"
+    assert list(page.sections) == ["findings"] and page.sections["findings"].rows[0][5] == "NaN"
     with SummaryWriter(str(tmp_path / "old")) as w:  # a run from before findings.jsonl
         w.add_text(tags.FINDINGS_TABLE, "| severity |\n|---|\n| WARN |", 0)
     html = build_report(tmp_path / "old").read_text()
@@ -354,3 +357,289 @@ def test_one_run_is_named_after_its_folder(tmp_path):
     assert "runs: inject/version_0 " in text and "runs: . " not in text
     folder = build_report(tmp_path / "inject", tmp_path / "r.html").read_text()  # of runs
     assert "<title>lightning_diag report: inject</title>" in folder
+
+
+#: Text anyone who can write to the log directory can plant (TensorBoard text is markdown):
+#: links of every form with a scheme that runs code, obfuscated as filters are usually fooled,
+#: and raw HTML that runs code by itself.
+PAYLOADS = [
+    "[a](javascript:alert(1))",
+    "[a](JaVaScRiPt:alert(1))",
+    "[a](&#106;avascript:alert(1))",
+    "[a](&#x6A;avascript&#x3A;alert(1))",
+    "[a](javascript&colon;alert(1))",
+    "[a](java\tscript:alert(1))",
+    "[a](java&#9;script:alert(1))",
+    "[a](\x01javascript:alert(1))",
+    "[a](\x00javascript:alert(1))",
+    "[a](<javascript:alert(1)>)",
+    "[a]( javascript:alert(1) )",
+    "[a](data:text/html;base64,PHNjcmlwdD5hbGVydCgxKTwvc2NyaXB0Pg==)",
+    "[a](DATA:text/html,<script>alert(1)</script>)",
+    "[a](vbscript:msgbox(1))",
+    "[a](VBScript:msgbox(1))",
+    "![i](javascript:alert(1))",
+    "![i](data:image/svg+xml;base64,PHN2ZyBvbmxvYWQ9YWxlcnQoMSk+)",
+    "[a][r]\n\n[r]: javascript:alert(1)",
+    "[a][r]\n\n[r]: <JAVASCRIPT:alert(1)>",
+    "![i][r]\n\n[r]: data:text/html,x",
+    "[a][r]\n\n[r]: vbscript:msgbox(1)",
+    "<javascript:alert(1)>",
+    "<script>alert(1)</script>",
+    "<img src=x onerror=alert(1)>",
+    "<IMG SRC=\"jav&#x09;ascript:alert(1)\">",
+    "<svg onload=alert(1)><circle r=5/></svg>",
+    "<svg><a xlink:href='javascript:alert(1)'><text>x</text></a></svg>",
+    '<a href="javascript:alert(1)">x</a>',
+    '<a href="jav&#x0A;ascript:alert(1)">x</a>',
+    '<a href=" &#14; javascript:alert(1)">x</a>',
+    '<iframe src="javascript:alert(1)"></iframe>',
+    "<math><mtext><table><mglyph><style><img src=x onerror=alert(1)>",
+    '<div style="background:url(javascript:alert(1))">x</div>',
+    '<form action="javascript:alert(1)"><button formaction="javascript:alert(1)">x</button>'
+    "</form>",
+    '<object data="data:text/html,x"></object><embed src="javascript:alert(1)">',
+    '<a href="#" onclick="alert(1)">x</a><p onmouseover=alert(1)>p</p>',
+    "<base href=\"javascript:/\"><meta http-equiv=refresh content='0;url=javascript:alert(1)'>",
+    '<details open ontoggle=alert(1)>x</details>',
+    "| a | b |\n|---|---|\n| [c](javascript:alert(1)) | <img src=x onerror=alert(1)> |",
+]
+
+#: What markdown (with tables) makes: the only elements logged text may bring into the report.
+SAFE_TAGS = {"p", "a", "img", "em", "strong", "code", "pre", "blockquote", "ul", "ol", "li",
+             "h1", "h2", "h3", "h4", "h5", "h6", "hr", "br", "table", "thead", "tbody", "tr",
+             "th", "td", "div", "small"}
+_URL_ATTRIBUTES = {"href", "src", "action", "formaction", "xlink:href", "data", "srcset",
+                   "background", "poster", "content"}
+
+
+class _Untrusted(HTMLParser):
+    """The elements and attributes inside the report's logged-text blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.depth = 0  # inside <div class='text'>
+        self.tags: set[str] = set()
+        self.attrs: list[tuple[str, str, str]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if self.depth or ("class", "text") in attrs:
+            self.tags.add(tag)
+            self.attrs += [(tag, k, v or "") for k, v in attrs]
+            self.depth += tag == "div"
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if self.depth:
+            self.tags.add(tag)
+            self.attrs += [(tag, k, v or "") for k, v in attrs]
+
+    def handle_endtag(self, tag: str) -> None:
+        if self.depth and tag == "div":
+            self.depth -= 1
+
+
+def _scheme(url: str) -> str:
+    """The scheme a browser reads in ``url`` (entities already decoded): it drops leading and
+    trailing controls and spaces and every tab and newline inside, and ignores case."""
+    url = re.sub(r"[\t\n\r]", "", url.strip("".join(map(chr, range(0x21)))))
+    m = re.match(r"([a-zA-Z][a-zA-Z0-9+.-]*):", url)
+    return m.group(1).lower() if m else ""
+
+
+def _unsafe(page: str) -> list[tuple[str, str, str]]:
+    found = _Untrusted()
+    found.feed(page)
+    bad = [("tag", t, "") for t in sorted(found.tags - SAFE_TAGS)]
+    for tag, name, value in found.attrs:
+        if name.startswith("on") or (name == "style" and "url" in value.lower()):
+            bad.append((tag, name, value))
+        if name in _URL_ATTRIBUTES and _scheme(value) not in ("", "http", "https"):
+            bad.append((tag, name, value))
+    return bad
+
+
+@pytest.mark.parametrize("payload", PAYLOADS)
+def test_logged_text_cannot_bring_a_live_link_or_script(payload: str) -> None:
+    from lightning_diag.report.html import markdown_html
+
+    assert _unsafe(f"<div class='text'>{markdown_html(payload)}</div>") == []
+
+
+def test_logged_text_in_a_report_is_sanitized_and_keeps_safe_links(tmp_path: Path) -> None:
+    safe = "[anchor](#findings) [page](other/report.html) [web](https://example.org/x?a=1)"
+    with SummaryWriter(str(tmp_path / "run")) as w:
+        for i, payload in enumerate([*PAYLOADS, safe]):
+            w.add_text(f"notes/{i:02d}", payload, 0)
+        w.add_text("notes/table", "| x | y |\n|:--|--:|\n| **1** | `2` |", 0)
+    page = build_report(tmp_path / "run").read_text()
+    assert _unsafe(page) == []
+    assert 'href="#findings"' in page and 'href="other/report.html"' in page
+    assert 'href="https://example.org/x?a=1"' in page
+    assert "<strong>1</strong>" in page and "<code>2</code>" in page  # markdown still renders
+    assert page.count("<table>") >= 2 and "<th" in page
+
+
+@pytest.fixture
+def figures(monkeypatch) -> list:
+    """Every matplotlib figure the report embeds, with its alt text, as drawn."""
+    from lightning_diag.report import canvas, html, sections
+
+    drawn: list = []
+
+    def keep(fig, alt, *args, **kwargs):
+        drawn.append((fig, alt))
+        return html.img(fig, alt, *args, **kwargs)
+
+    monkeypatch.setattr(canvas, "img", keep)
+    monkeypatch.setattr(sections, "img", keep)
+    return drawn
+
+
+def _legend_texts(fig) -> list[str]:
+    """The entries of the figure's one legend (fig.legend, or the only axes legend)."""
+    legends = list(fig.legends) + [ax.get_legend() for ax in fig.axes if ax.get_legend()]
+    assert len(legends) == 1, legends
+    return [t.get_text() for t in legends[0].get_texts()]
+
+
+def _outside_every_plot(fig) -> bool:
+    (legend,) = list(fig.legends) + [ax.get_legend() for ax in fig.axes if ax.get_legend()]
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    box = legend.get_window_extent(renderer)
+    return not any(box.overlaps(ax.get_window_extent(renderer)) for ax in fig.axes
+                   if ax.get_visible())
+
+
+LAYERS = [f"net.{i}_{kind}" for i, kind in enumerate(
+    ["Conv2d", "BatchNorm2d", "ReLU", "Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d", "Flatten",
+     "Dropout", "Linear", "ReLU", "Linear"]) if kind not in ("Flatten", "Dropout")]
+
+
+def _activations(run: Path, shift: float = 0.0) -> None:
+    with SummaryWriter(str(run)) as w:
+        for step in range(0, 50, 10):
+            for i, layer in enumerate(LAYERS):
+                for stat in ("mean", "std"):
+                    w.add_scalar(tags.activation_stat(stat, layer), i + shift + step / 100, step)
+
+
+def test_activation_legend_in_natural_order_outside_the_plots(tmp_path, figures):
+    _activations(tmp_path / "run")
+    build_report(tmp_path / "run")
+    ((fig, _),) = [(f, a) for f, a in figures if "mean" in a.split(", ")]
+    assert _legend_texts(fig) == LAYERS  # net.0 ... net.9, net.10, net.11: not net.0, net.10
+    assert LAYERS[1] == "net.1_BatchNorm2d" and LAYERS[-2:] == ["net.10_ReLU", "net.11_Linear"]
+    assert _outside_every_plot(fig)
+    for ax in fig.axes:  # each layer one colour, the same in every chart
+        colours = [line.get_color() for line in ax.get_lines()]
+        assert len(set(map(str, colours))) == len(LAYERS)
+    assert [str(line.get_color()) for line in fig.axes[0].get_lines()] == [
+        str(line.get_color()) for line in fig.axes[1].get_lines()]
+
+
+def test_two_runs_keep_a_legend_layers_by_colour_runs_by_style(tmp_path, figures):
+    _activations(tmp_path / "clean" / "version_0")
+    _activations(tmp_path / "inject" / "version_0", shift=0.5)
+    build_report(tmp_path)
+    ((fig, _),) = [(f, a) for f, a in figures if "mean" in a.split(", ")]
+    lines = fig.axes[0].get_lines()
+    assert len(lines) == 2 * len(LAYERS) == 20
+    assert _legend_texts(fig) == [*LAYERS, "run clean/version_0", "run inject/version_0"]
+    assert _outside_every_plot(fig)
+    by_layer: dict[str, set] = {}
+    for line in lines:
+        by_layer.setdefault(str(line.get_color()), set()).add(line.get_linestyle())
+    assert len(by_layer) == len(LAYERS) and all(s == {"-", "--"} for s in by_layer.values())
+
+
+def _curves_run(run: Path) -> None:
+    train, val = [2.0, 1.0, 0.5, 0.3], [2.1, 1.2, 0.7, 0.6]
+    acc_train, acc_val = [0.3, 0.6, 0.8, 0.95], [0.3, 0.55, 0.7, 0.72]
+    for sibling, loss, acc in ((tags.TRAIN_RUN, train, acc_train),
+                               (tags.VALIDATION_RUN, val, acc_val)):
+        with SummaryWriter(str(run / sibling)) as w:
+            for epoch in range(4):
+                w.add_scalar(tags.curve("loss"), loss[epoch], epoch)
+                w.add_scalar(tags.curve("accuracy"), acc[epoch], epoch)
+    from matplotlib.figure import Figure
+
+    overview = Figure(figsize=(2, 2))
+    overview.subplots().plot(train)
+    with SummaryWriter(str(run)) as w:
+        for epoch in range(4):
+            w.add_scalar(tags.CURVES_GAP, acc_train[epoch] - acc_val[epoch], epoch)
+            for step in (epoch * 10 + 9,):  # the model's own metrics, at global steps
+                w.add_scalar("train_loss", train[epoch], step)
+                w.add_scalar("val_loss", val[epoch], step)
+                w.add_scalar("lr", 0.1 / (epoch + 1), step)
+                w.add_scalar("epoch", epoch, step)
+        w.add_figure(tags.CURVES_FIGURE, overview, 3)
+    append_findings(run / FINDINGS_FILE, [Finding(
+        "LearningCurves", "curves.keys", Severity.INFO, "Learning curves read `train_loss`.",
+        details={"keys": {"train_loss": "train_loss", "val_loss": "val_loss"}})])
+
+
+def test_learning_curves_drawn_once_with_the_gap_on_its_own_scale(tmp_path, figures):
+    _curves_run(tmp_path / "run")
+    page = build_report(tmp_path / "run").read_text()
+    ((fig, _),) = [(f, a) for f, a in figures if a == "learning curves"]
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["loss", "accuracy", "accuracy gap (train - val)"]
+    accuracy = fig.axes[1]
+    assert len(accuracy.get_lines()) == 2 and min(accuracy.get_lines()[0].get_ydata()) > 0.2
+    assert _legend_texts(fig) == ["train", "validation"] and _outside_every_plot(fig)
+    # LearningCurves' own drawing of the same curves is kept, folded: the curves show once
+    curves = re.search(r"<section id='curves'>(.*?)</section>", page, re.S).group(1)
+    assert curves.count("<img") == 2
+    folded = re.search(r"<details>(.*?)</details>", curves, re.S).group(1)
+    assert folded.count("<img") == 1 and tags.CURVES_FIGURE in folded
+
+
+def test_other_scalars_hold_no_epoch_chart_and_name_the_curves_read(tmp_path, figures):
+    _curves_run(tmp_path / "run")
+    page = _parse(build_report(tmp_path / "run"))
+    other = page.sections["other"]
+    assert other.alts == ["lr"]  # not `epoch` (the x-axis), not train_loss/val_loss again
+    html_text = (tmp_path / "run" / "report.html").read_text()
+    note = re.search(r"<section id='other'>.*?<p class='note'>(.*?)</p>", html_text, re.S)
+    assert note and "<code>train_loss</code>, <code>val_loss</code>" in note.group(1)
+    ((fig, _),) = [(f, a) for f, a in figures if a == "lr"]
+    assert fig.axes[0].get_xlabel() == "epoch" and not fig.legends
+
+
+def _verdicts(page: str) -> list[str]:
+    found = re.findall(r"<p class='verdict'>(.*?)</p>", page, re.S)
+    return [re.sub(r"\s+", " ", unescape(re.sub(r"<[^>]+>", "", v))).strip() for v in found]
+
+
+def test_every_run_gets_a_verdict_line_read_the_same_way(tmp_path):
+    healthy = [Finding("DataInspection", "data.summary", Severity.INFO, "Data inspected."),
+               Finding("InitialLossCheck", "initial_loss.ok", Severity.INFO, "Fine.")]
+    broken = [Finding("Diagnosis", "diagnosis.summary", Severity.FAIL,
+                      "2 likely root causes, in the order to fix them: (1) Data. (2) Rate."),
+              Finding("DataInspection", "data.leakage", Severity.FAIL, "30 leaked.", value=30.0,
+                      expected=0.0, step=0),
+              Finding("UpdateRatioMonitor", "update_ratio.too_high", Severity.WARN, "High.")]
+    one_check = [Finding("ActivationHistogram", "activations.dead_units", Severity.WARN,
+                         "Dead.", value=0.9, expected=(0.0, 0.5), step=10, subject="net.5"),
+                 Finding("ActivationHistogram", "activations.dead_units", Severity.WARN,
+                         "Dead.", value=0.8, expected=(0.0, 0.5), step=10, subject="net.10"),
+                 Finding("ActivationHistogram", "activations.summary", Severity.INFO, "Sum.")]
+    for name, found in (("clean", healthy), ("inject", broken), ("one", one_check)):
+        append_findings(tmp_path / name / FINDINGS_FILE, found)
+    assert _verdicts(build_report(tmp_path / "clean").read_text()) == [
+        "Verdict: OK no problem found by any of the 2 check(s) · 0 FAIL, 0 WARN, 2 INFO · "
+        "findings"]
+    assert _verdicts(build_report(tmp_path / "inject").read_text()) == [
+        "Verdict: FAIL diagnosis.summary: 2 likely root causes, in the order to fix them: (1) "
+        "Data. · 1 FAIL, 1 WARN, 0 INFO · findings"]  # the diagnosis sums up, is not counted
+    assert _verdicts(build_report(tmp_path / "one").read_text()) == [
+        "Verdict: WARN activations.dead_units net.5: dead units 90% (expected 0% to 50%) at step "
+        "10 (and 1 more problem) · 0 FAIL, 2 WARN, 1 INFO · findings"]
+    both = _verdicts(build_report(tmp_path, tmp_path / "all.html").read_text())
+    assert [v.split(":")[0] for v in both] == [
+        "Verdict for clean", "Verdict for inject", "Verdict for one"]

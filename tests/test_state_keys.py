@@ -30,6 +30,7 @@ from lightning_diag.callbacks import (
     LearningCurves,
     LRPlateauAdvisor,
     OverfitSmallBatch,
+    TrainingInvariants,
     UpdateRatioMonitor,
 )
 from lightning_diag.inference import CheckpointLoadError, load_ema_weights
@@ -70,6 +71,10 @@ CASES: dict[str, Case] = {
         lambda d: (UpdateRatioMonitor(every_n_steps=1),
                    UpdateRatioMonitor(every_n_steps=1, low=0.5, high=0.9, patience=100)),
         lambda cb: cb.streak["too_low"], None),
+    "TrainingInvariants": (
+        lambda d: (TrainingInvariants(patience=2), TrainingInvariants(patience=3)),
+        lambda cb: cb._streaks, lambda cb: cb._streaks.setdefault("optimizer 0 (Adam)", {})
+        .update({"net.1.weight": 1})),
     "FirstLayerVisualization": (
         lambda d: (FirstLayerVisualization(every_n_epochs=1, input_shape=(8, 8)),
                    FirstLayerVisualization(every_n_epochs=2, input_shape=(8, 8))),
@@ -87,7 +92,7 @@ CASES: dict[str, Case] = {
                    EMAWeights(decay=0.9, warmup=False, evaluate="raw")),
         _ema_sum, None),
     "CheckpointEnsemble": (
-        lambda d: (CheckpointEnsemble(k=1, dirpath=d / "a"),
+        lambda d: (CheckpointEnsemble(k=2, every_n_epochs=2, dirpath=d / "a"),
                    CheckpointEnsemble(k=2, dirpath=d / "b")),
         lambda cb: len(cb.kept), None),
 }
@@ -177,7 +182,7 @@ def test_load_ema_weights_chooses_among_several_averages(tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize(("callbacks", "match"), [
-    (lambda d: [CheckpointEnsemble(k=1), CheckpointEnsemble(k=2)], "give each its own `dirpath=`"),
+    (lambda d: [CheckpointEnsemble(k=2), CheckpointEnsemble(k=3)], "give each its own `dirpath=`"),
     (lambda d: [EMAWeights(decay=0.5), EMAWeights(decay=0.9)], "evaluate='ema'.*swap"),
     (lambda d: [EMAWeights(decay=0.5, evaluate="both"), EMAWeights(decay=0.9, evaluate="both")],
      "evaluate='both'.*_ema"),

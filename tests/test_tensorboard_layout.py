@@ -12,7 +12,8 @@ import pytest
 
 from lightning_diag.callbacks.update_ratio import UpdateRatioMonitor
 from lightning_diag.examples.demo import DemoResult, recipe_callbacks, run_demo
-from lightning_diag.findings import sort_findings
+from lightning_diag.findings import Severity, sort_findings
+from lightning_diag.presentation import counts
 from lightning_diag.tensorboard import tags
 from tests.helpers import events
 
@@ -69,13 +70,33 @@ def test_one_findings_table_holds_every_finding_diagnosis_and_fail_first(demo):
     assert latest.step == max(e.step for e in written)
     table = latest.tensor_proto.string_val[0].decode()
     rows = [line for line in table.splitlines() if line.startswith("| ") and "`" in line]
-    codes = [row.split(" | ")[1].strip("`") for row in rows]
+    codes = [row.split(" | ")[1].split("`")[1] for row in rows]  # the code, then its subject
     assert codes == [f.code for f in sort_findings(result.findings)]
     severities = [row.split(" | ")[0].removeprefix("| ") for row in rows]
     assert severities[0] == "FAIL" or codes[0].startswith("diagnosis.")
     assert {"data.leakage", "initial_loss.mismatch"} <= set(codes)
     assert not [t for acc in runs.values() for t in acc.Tags()["scalars"]
                 if t.startswith(tags.FINDINGS.prefix)]  # no lone dots of finding values
+
+
+def test_one_table_version_per_content_and_the_counts_where_tensorboard_opens(demo):
+    result, _ = demo
+    main = _runs(result.log_dir)[""]
+    versions = [e.tensor_proto.string_val[0].decode()
+                for e in main.Tensors(f"{tags.FINDINGS_TABLE}/text_summary")]
+    bodies = [v.split("\n\n", 1)[1] for v in versions]  # the table, without its step line
+    assert len(bodies) == len(set(bodies)) >= 2
+    n = counts(result.findings)
+    assert n[Severity.FAIL] >= 2  # the leak and the initial loss; the diagnosis is not counted
+    for severity in (Severity.FAIL, Severity.WARN):
+        points = main.Scalars(tags.findings_count(severity.value))
+        assert points[-1].value == n[severity]
+        assert points[-1].step == max(e.step for e in main.Tensors(
+            f"{tags.FINDINGS_TABLE}/text_summary"))
+    # on the first cards TensorBoard opens on: the first group, before its loss chart
+    group = sorted({t for acc in _runs(result.log_dir).values() for t in acc.Tags()["scalars"]
+                    if t.startswith(tags.CURVES.prefix)})
+    assert group.index(tags.findings_count("fail")) == 1, group  # next to the accuracy
 
 
 def test_train_and_validation_curves_share_one_tag_in_sibling_runs(demo):

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from lightning_diag import base
+from lightning_diag import terminal
 from lightning_diag.base import DiagnosticCallback, log
 from lightning_diag.findings import (
     FINDINGS_FILE,
@@ -56,21 +56,21 @@ def _fit(tmp_path: Any, cb: DiagnosticCallback, progress_bar: bool = False) -> A
 def unconfigured_logging(monkeypatch: pytest.MonkeyPatch) -> None:
     """The ``lightning_diag`` logger as in a script that configured no logging: pytest's capture
     handlers (on the root logger, and on any logger that does not propagate) count as none."""
-    monkeypatch.setattr(base, "_handled_elsewhere", lambda record, mine: False)
+    monkeypatch.setattr(terminal, "_handled_elsewhere", lambda record, mine: False)
 
 
 def test_the_terminal_handler_steps_back_when_another_handler_takes_the_record():
     record = logging.LogRecord("lightning_diag", logging.WARNING, "", 0, "m", None, None)
-    (mine,) = [h for h in log.handlers if isinstance(h, base._TerminalHandler)]
-    assert base._handled_elsewhere(record, mine)  # pytest's capture handlers take it here
+    (mine,) = [h for h in log.handlers if isinstance(h, terminal._TerminalHandler)]
+    assert terminal._handled_elsewhere(record, mine)  # pytest's capture handlers take it here
     alone = logging.getLogger("lightning_diag_probe_alone")
     alone.propagate = False
     alone.addHandler(mine)
     try:
         record.name = alone.name
-        assert not base._handled_elsewhere(record, mine)
+        assert not terminal._handled_elsewhere(record, mine)
         alone.addHandler(logging.NullHandler())  # any handler of the user's: it decides
-        assert base._handled_elsewhere(record, mine)
+        assert terminal._handled_elsewhere(record, mine)
     finally:
         alone.handlers.clear()
 
@@ -119,7 +119,10 @@ def test_a_fact_seen_again_is_one_finding_with_the_worst_value_and_every_step(tm
     assert (only.value, only.step, only.steps()) == (1.31, 1, [1, 3])
     record = Path(t.logger.log_dir) / FINDINGS_FILE
     lines = [json.loads(line) for line in record.read_text(encoding="utf-8").splitlines()]
-    assert [r["details"].get("steps") for r in lines] == [None, [1, 3]]  # appended, not rewritten
+    # the first reading whole, then only what changed: the new step (appended, not rewritten)
+    assert lines[0]["details"].get("steps") is None and lines[0]["step"] == 1
+    assert lines[1] == {"version": 2, "update": True, "check": "Readings",
+                        "code": "readings.high", "subject": "", "steps": [3]}
     (loaded,) = load_findings(t.logger.log_dir)
     assert loaded == only and loaded.steps() == [1, 3]
     assert "(Readings, seen at steps 1, 3)" in format_findings([loaded])

@@ -25,6 +25,7 @@ from lightning_diag.callbacks.ema import EMAWeights
 from lightning_diag.callbacks.first_layer import FirstLayerVisualization
 from lightning_diag.callbacks.gradient_check import GradientCheck
 from lightning_diag.callbacks.initial_loss import InitialLossCheck
+from lightning_diag.callbacks.invariants import TrainingInvariants
 from lightning_diag.callbacks.learning_curves import LearningCurves
 from lightning_diag.callbacks.lr_advisor import LRPlateauAdvisor
 from lightning_diag.callbacks.overfit import OverfitSmallBatch
@@ -40,6 +41,7 @@ FACTORIES: dict[str, Callable[[], DiagnosticCallback]] = {
     "DataInspection": lambda: DataInspection(max_images=2),
     "ActivationHistogram": lambda: ActivationHistogram(every_n_steps=2, figure_every_n_logs=0),
     "UpdateRatioMonitor": lambda: UpdateRatioMonitor(every_n_steps=2),
+    "TrainingInvariants": lambda: TrainingInvariants(every_n_steps=2),
     "FirstLayerVisualization": lambda: FirstLayerVisualization(every_n_epochs=5),
     "LearningCurves": lambda: LearningCurves(),
     "LRPlateauAdvisor": lambda: LRPlateauAdvisor(patience=1, min_epochs=1, save_batch=False),
@@ -142,6 +144,7 @@ def worked(name: str, cb: Any, run: dict[str, Any]) -> bool:
         "DataInspection": lambda: cb.report is not None,
         "ActivationHistogram": lambda: bool(cb.last),
         "UpdateRatioMonitor": lambda: bool(cb.last),
+        "TrainingInvariants": lambda: bool(cb.findings[-1].details["checked"]),
         "FirstLayerVisualization": lambda: any(run["root"].rglob("first_layer_step*.png")),
         "LearningCurves": lambda: bool(cb.history),
         "LRPlateauAdvisor": lambda: bool(cb.step_losses or cb.history),
@@ -169,8 +172,10 @@ def test_callback_works_or_says_why_it_skips(setup: str, name: str,
     assert worked(name, cb, run) or notes, f"{name} under {setup}: no output, no reason given"
     if setup == "fast_dev_run" and (name in SIDE_EXPERIMENTS or name == "DataInspection"):
         assert notes and "fast_dev_run" in notes[0]
-    if setup in ("manual", "two_optimizers") and name in SIDE_EXPERIMENTS:
-        assert notes and "manual optimization" in notes[0]
+    if setup == "two_optimizers" and name in SIDE_EXPERIMENTS:  # no one loss for two steps
+        assert notes and "manual optimization with 2 optimizers" in notes[0]
+    if setup == "manual" and name in SIDE_EXPERIMENTS:  # the loss given to `manual_backward`
+        assert worked(name, cb, run), f"{name} should run under manual optimization: {notes}"
     if setup in ("bf16_mixed", "accumulate", "clipping", "max_steps_in_epoch") and \
             name in (*SIDE_EXPERIMENTS, "ActivationHistogram", "UpdateRatioMonitor", "EMAWeights"):
         assert worked(name, cb, run), f"{name} should run under {setup}: {notes}"

@@ -7,6 +7,7 @@ from lightning_diag.callbacks.ema import EMAWeights
 from lightning_diag.callbacks.first_layer import FirstLayerVisualization
 from lightning_diag.callbacks.gradient_check import GradientCheck
 from lightning_diag.callbacks.initial_loss import InitialLossCheck
+from lightning_diag.callbacks.invariants import TrainingInvariants
 from lightning_diag.callbacks.learning_curves import LearningCurves
 from lightning_diag.callbacks.lr_advisor import LRPlateauAdvisor
 from lightning_diag.callbacks.overfit import OverfitSmallBatch
@@ -23,5 +24,6 @@ __all__ = [
     "LRPlateauAdvisor",
     "LearningCurves",
     "OverfitSmallBatch",
+    "TrainingInvariants",
     "UpdateRatioMonitor",
 ]

@@ -9,6 +9,11 @@ evaluate_members`), for any task: every metric it logs goes to TensorBoard under
 at the same epochs in ``combined`` (one chart, two colours), and an info finding ``ensemble.gain``
 compares the ensemble with each member.
 
+It deletes only checkpoints it wrote itself in this process, in its own directory. The kept list
+of a checkpoint it resumes from is trusted only for plain files directly in that directory (no
+symbolic link, no ``..``, no other directory); any other entry is left alone (never deleted,
+never loaded) and named in the info finding ``ensemble.ignored_paths``.
+
 Example:
     >>> from lightning_diag.callbacks.checkpoint_ensemble import CheckpointEnsemble
     >>> cb = CheckpointEnsemble(k=3, monitor="val_loss", mode="min")
@@ -62,7 +67,7 @@ class CheckpointEnsemble(DiagnosticCallback):
     """Keep the last (or best) ``k`` checkpoints and report their ensemble at fit end.
 
     Args:
-        k: How many checkpoints to keep (>= 2 for an ensemble).
+        k: How many checkpoints to keep (>= 2: an ensemble has two members or more).
         monitor: Metric in ``trainer.callback_metrics`` to rank by; None keeps the last ``k``.
         mode: ``"min"`` or ``"max"`` for ``monitor``.
         every_n_epochs: Save at the end of every n-th epoch.
@@ -81,7 +86,9 @@ class CheckpointEnsemble(DiagnosticCallback):
                  batch_to_target: BatchFn = default_batch_to_target, strict: bool = False
                  ) -> None:
         super().__init__(strict=strict)
-        check_int("k", k)
+        require(not isinstance(k, int) or isinstance(k, bool) or k >= 2, "k", k,
+                "an int >= 2 (an ensemble has two members or more)")
+        check_int("k", k, low=2)
         check_str("monitor", monitor, optional=True)
         check_choice("mode", mode, ("min", "max"))
         check_int("every_n_epochs", every_n_epochs)
@@ -95,6 +102,8 @@ class CheckpointEnsemble(DiagnosticCallback):
         self.dirpath = Path(dirpath) if dirpath is not None else None
         self.kept: list[dict[str, Any]] = []  # {"path", "score", "epoch", "step"}
         self.results: dict[str, Any] = {}
+        self._written: set[str] = set()  # the files this callback wrote in this fit
+        self._refused: list[tuple[str, str]] = []  # restored entries not followed, and why
         self._runs = SiblingRuns()
 
     @property
@@ -108,6 +117,12 @@ class CheckpointEnsemble(DiagnosticCallback):
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
             self._refuse_shared_directory(trainer)
+            # one fit's list: a checkpoint restored after setup sets it back (load_state_dict)
+            self.kept, self.results, self._written, self._refused = [], {}, set(), []
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._trust_restored(trainer)
 
     def _directory(self, trainer: pl.Trainer) -> Path:
         root = log_dir(trainer) or Path(trainer.default_root_dir)
@@ -127,6 +142,31 @@ class CheckpointEnsemble(DiagnosticCallback):
     def paths(self) -> list[str]:
         """The kept checkpoints, oldest first."""
         return [m["path"] for m in sorted(self.kept, key=lambda m: m["step"])]
+
+    def _trust_restored(self, trainer: pl.Trainer) -> None:
+        """Keep of a restored list only plain files directly in this callback's directory; say
+        which entries are left alone (checked once the directory is known: at fit start)."""
+        directory = self._directory(trainer)
+        refused = list(self._refused)
+        for entry in [m for m in self.kept if m["path"] not in self._written]:
+            why = _untrusted(entry["path"], directory)
+            if why:
+                self.kept.remove(entry)
+                refused.append((entry["path"], why))
+        self._refused = []
+        if not refused:
+            return
+        shown = "; ".join(f"`{path}` ({why})" for path, why in refused[:5])
+        more = f"; and {len(refused) - 5} more" if len(refused) > 5 else ""
+        self.publish(trainer, [self.finding(
+            trainer, "ensemble.ignored_paths", Severity.INFO,
+            f"The checkpoint this fit resumed from lists {len(refused)} kept checkpoint(s) that "
+            f"are not plain files in this callback's directory {directory}: {shown}{more}. They "
+            "are left alone: never deleted, never loaded into the ensemble.",
+            advice="A fit resumed into another log directory starts a new list: pass the same "
+                   "`dirpath=` to both fits to continue the old one. A path you do not know "
+                   "means the checkpoint was edited: do not trust it.",
+            value=float(len(refused)), details={"ignored": [p for p, _ in refused]})])
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -152,15 +192,24 @@ class CheckpointEnsemble(DiagnosticCallback):
                           f"epoch {trainer.current_epoch}; this checkpoint is ranked last.")
             score = float(value) if value is not None else None
         name = f"epoch={trainer.current_epoch}-step={trainer.global_step}.ckpt"
-        path = self._directory(trainer) / name
+        path = str(self._directory(trainer) / name)
         trainer.save_checkpoint(path, weights_only=True)
-        self.kept.append({"path": str(path), "score": score, "epoch": trainer.current_epoch,
+        self._written.add(path)
+        self.kept = [m for m in self.kept if m["path"] != path]  # a restored entry overwritten
+        self.kept.append({"path": path, "score": score, "epoch": trainer.current_epoch,
                           "step": trainer.global_step})
         if len(self.kept) > self.k:
             drop = self._worst()
             self.kept.remove(drop)
             if trainer.is_global_zero:
-                Path(drop["path"]).unlink(missing_ok=True)
+                self._delete(drop["path"], self._directory(trainer))
+
+    def _delete(self, path: str, directory: Path) -> None:
+        """Delete ``path`` only if this callback wrote it in this fit and it is still a plain
+        file in ``directory``; a restored entry's file (another process wrote it) stays."""
+        if path in self._written and not _untrusted(path, directory):
+            self._written.discard(path)
+            Path(path).unlink(missing_ok=True)
 
     def _worst(self) -> dict[str, Any]:
         if self.monitor is None:
@@ -172,10 +221,14 @@ class CheckpointEnsemble(DiagnosticCallback):
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         loaders = trainer.val_dataloaders
         limit = int(min(trainer.num_val_batches[0], 1e12)) if trainer.num_val_batches else 0
-        if len(self.kept) < 2 or loaders is None or limit == 0:
-            self._say(trainer, "ensemble.skipped", f"{len(self.kept)} checkpoint(s) kept and "
-                      f"{'a' if loaders is not None else 'no'} validation loader: an ensemble "
-                      "needs >= 2 checkpoints and validation data.")
+        missing = ([f"only {len(self.kept)} checkpoint(s) kept (one every "
+                    f"{self.every_n_epochs} epoch(s)), and an ensemble needs 2 or more"]
+                   if len(self.kept) < 2 else [])
+        if loaders is None or limit == 0:
+            missing.append("no validation dataloader (none given, or `limit_val_batches=0`)"
+                           if loaders is None else "the validation dataloader is empty")
+        if missing or loaders is None:
+            self._say(trainer, "ensemble.skipped", f"No ensemble: {'; '.join(missing)}.")
             return
         loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
         with preserved_rng():
@@ -247,4 +300,38 @@ class CheckpointEnsemble(DiagnosticCallback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.kept = [dict(m) for m in state_dict.get("kept", [])]
+        # entries of the wrong shape are set aside here; paths are checked at fit start
+        entries = state_dict.get("kept", [])
+        entries = entries if isinstance(entries, list) else [entries]
+        self.kept = [dict(m) for m in entries if _well_formed(m)]
+        self._refused = [(repr(m)[:200], "not a kept-checkpoint entry") for m in entries
+                         if not _well_formed(m)]
+
+
+def _well_formed(entry: Any) -> bool:
+    """A kept entry as :meth:`CheckpointEnsemble._save` writes it."""
+    return (isinstance(entry, dict) and isinstance(entry.get("path"), str)
+            and all(isinstance(entry.get(k), int) and not isinstance(entry.get(k), bool)
+                    for k in ("epoch", "step"))
+            and (entry.get("score") is None or isinstance(entry.get("score"), float)))
+
+
+def _untrusted(path: str, directory: Path) -> str:
+    """Why ``path`` is not followed (empty when it is a plain file directly in ``directory``):
+    a symbolic link, or a file elsewhere once symbolic links and ``..`` are resolved.
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp()); (d / "a.ckpt").write_bytes(b"")
+        0
+        >>> _untrusted(str(d / "a.ckpt"), d), _untrusted(str(d / ".." / "a.ckpt"), d)[:7]
+        ('', 'outside')
+    """
+    candidate = Path(path)
+    if candidate.is_symlink():
+        return "a symbolic link"
+    if candidate.resolve().parent != directory.resolve():
+        return f"outside {directory}"
+    if not candidate.is_file():
+        return "not a file"
+    return ""

@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from typing import TYPE_CHECKING, Any
@@ -29,12 +30,25 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
-from lightning_diag.base import FitStartCheck
-from lightning_diag.batch import BatchFn, default_batch_to_input, default_batch_to_target
+from lightning_diag.base import SHARDED_STRATEGIES, FitStartCheck
+from lightning_diag.batch import (
+    BatchFn,
+    OutputCapture,
+    UserCodeError,
+    call_user,
+    default_batch_to_input,
+    default_batch_to_target,
+)
 from lightning_diag.checks.data.inspect import InspectionConfig, run_inspection
 from lightning_diag.checks.data.scan import DataReport, NotInspectable, SplitScan
 from lightning_diag.findings import Finding, Severity
-from lightning_diag.isolation import first_loader, preserved_rng, train_dataloader_of
+from lightning_diag.functional.task import select_output
+from lightning_diag.isolation import (
+    first_loader,
+    preserved_rng,
+    side_experiment,
+    train_dataloader_of,
+)
 from lightning_diag.tensorboard.figures import Cell, annotated_grid, class_counts_figure
 from lightning_diag.tensorboard.tags import DATA_CLASS_COUNTS, DATA_SUMMARY, data_grid, data_labels
 from lightning_diag.tensorboard.writer import (
@@ -66,9 +80,15 @@ class DataInspection(FitStartCheck):
     ``docs/callbacks/data_inspection.md``). Runs on rank zero; other ranks do nothing.
 
     Args:
-        num_classes: Number of classes; inferred as ``max(train label) + 1`` when None.
+        num_classes: Number of classes. When None: the width ``C`` of the model's output when
+            its ``training_step`` scores ``(N, C)`` classes for ``(N,)`` integer targets (run
+            once on a copy, on the first training batch, its output captured), else the
+            largest label of the training and validation sets plus one.
         max_samples: Larger sets are inspected on a seeded random subset of this size.
         near_threshold: Centred-cosine similarity above which two inputs are near duplicates.
+        token_threshold: For token sequences (1-D integer inputs such as ``input_ids``,
+            compared as sequences, never as intensities): the Jaccard similarity of their
+            3-token n-gram sets above which two are near duplicates.
         imbalance_ratio: Warn when the commonest class has this many times the rarest's samples.
         batch_to_input: Maps a dataset sample to its input (default: ``sample[0]``, or the
             first of ``lightning_diag.batch.INPUT_KEYS`` in a dict: ``pixel_values``,
@@ -86,20 +106,24 @@ class DataInspection(FitStartCheck):
     """
 
     slug = "data"
-    copies_module = False  # reads the dataset only; works whatever the strategy
+    # reads the dataset (and, off sharded strategies, one step of a copy for the output width):
+    # works whatever the strategy
+    copies_module = False
 
     def __init__(
         self, num_classes: int | None = None, max_samples: int = 100_000,
         near_threshold: float = 0.997, imbalance_ratio: float = 10.0,
         batch_to_input: BatchFn = default_batch_to_input,
         batch_to_target: BatchFn = default_batch_to_target, max_images: int = 8, seed: int = 0,
-        num_threads: int | None = 1, num_workers: int | None = None, strict: bool = False,
+        num_threads: int | None = 1, num_workers: int | None = None,
+        token_threshold: float = 0.8, strict: bool = False,
     ) -> None:
         super().__init__(strict=strict)
         self.config = InspectionConfig(
             num_classes=num_classes, max_samples=max_samples, near_threshold=near_threshold,
-            imbalance_ratio=imbalance_ratio, seed=seed, batch_to_input=batch_to_input,
-            batch_to_target=batch_to_target, num_threads=num_threads,
+            token_threshold=token_threshold, imbalance_ratio=imbalance_ratio, seed=seed,
+            batch_to_input=batch_to_input, batch_to_target=batch_to_target,
+            num_threads=num_threads,
         )
         check_int("num_workers", num_workers, low=0, optional=True)
         self.num_workers = num_workers
@@ -113,14 +137,9 @@ class DataInspection(FitStartCheck):
         c = self.config
         return self._generate_state_key(
             num_classes=c.num_classes, max_samples=c.max_samples, near_threshold=c.near_threshold,
+            token_threshold=c.token_threshold,
             imbalance_ratio=c.imbalance_ratio, seed=c.seed, batch_to_input=c.batch_to_input,
             batch_to_target=c.batch_to_target)
-
-    @override
-    def _skip_reason(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
-        reason = super()._skip_reason(trainer, pl_module)
-        # the inspection reads no loss, so manual optimization is no reason to skip it
-        return "" if reason.startswith("manual optimization") else reason
 
     @override
     def run_check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Finding]:
@@ -129,6 +148,34 @@ class DataInspection(FitStartCheck):
         if trainer.world_size > 1:
             found = trainer.strategy.broadcast(found, src=0)
         return found or []
+
+    def _output_classes(self, trainer: pl.Trainer) -> int | None:
+        """The model's output width when its step scores ``(N, C)`` classes for ``(N,)``
+        integer targets on the first training batch (run on a copy, its output captured), else
+        None: the class count then comes from the labels of every split. A step that fails on
+        the copy before its output leaves it to the labels too (the side experiments report
+        such a failure)."""
+        module = trainer.lightning_module
+        if _sharded(trainer):
+            return None
+        try:  # a sample that fails to read is the inspection's to report (data.unreadable)
+            batches, skipped = self.fit_start_batches(trainer, module, 1)
+        except UserCodeError:
+            return None
+        if skipped:
+            return None
+        batch = batches[0]
+        try:
+            target = call_user("`batch_to_target`", self.config.batch_to_target, batch)
+            with side_experiment(module) as clone, torch.no_grad(), OutputCapture(clone) as cap:
+                # the loss may fail on the very label out of range: the output came before it
+                with contextlib.suppress(UserCodeError):
+                    call_user(f"`{type(module).__name__}.training_step`", clone.training_step,
+                              batch, 0)
+        # the user's reader failing on a batch, or a module deepcopy refuses
+        except (UserCodeError, RuntimeError):
+            return None
+        return _output_width(select_output(cap.output), target)
 
     def _inspect(self, trainer: pl.Trainer) -> list[Finding]:
         with preserved_rng():  # the user's dataloader hooks and `__getitem__` may draw numbers
@@ -145,7 +192,8 @@ class DataInspection(FitStartCheck):
                 workers = getattr(train_loader, "num_workers", 0)
             config = dataclasses.replace(
                 self.config, progress=trainer.progress_bar_callback is not None,
-                num_workers=workers)
+                num_workers=workers, output_classes=None if self.config.num_classes is not None
+                else self._output_classes(trainer))
 
             def make(code: str, severity: Severity, message: str, **kw: Any) -> Finding:
                 return self.finding(trainer, code, severity, message, **kw)
@@ -158,6 +206,20 @@ class DataInspection(FitStartCheck):
             if self.require_tensorboard(trainer, "data inspection images and counts") and writer:
                 _TensorBoardView(trainer, writer, self.report, self.max_images).log()
         return self.report.findings
+
+
+def _sharded(trainer: pl.Trainer) -> bool:
+    return bool({c.__name__ for c in type(trainer.strategy).__mro__} & set(SHARDED_STRATEGIES))
+
+
+def _output_width(output: Any, target: Any) -> int | None:
+    """``C`` when ``output`` scores ``(N, C)`` classes for ``(N,)`` integer targets, else None."""
+    if not (isinstance(output, torch.Tensor) and isinstance(target, torch.Tensor)):
+        return None
+    per_sample = (output.is_floating_point() and output.dim() == 2 and target.dim() == 1
+                  and not target.is_floating_point() and target.dtype != torch.bool
+                  and len(output) == len(target))
+    return int(output.shape[1]) if per_sample and output.shape[1] >= 2 else None
 
 
 def _map_dataset(loader: Any) -> Any:
@@ -212,8 +274,8 @@ class _TensorBoardView:
     def log(self) -> None:
         self._summary()
         self._class_counts()
-        imageable = self.report.train.shape is not None and _as_image(
-            torch.zeros(self.report.train.shape)) is not None
+        imageable = (self.report.train.shape is not None and not self.report.train.tokens
+                     and _as_image(torch.zeros(self.report.train.shape)) is not None)
         if not imageable:
             return
         self._per_class()

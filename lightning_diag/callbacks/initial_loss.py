@@ -27,9 +27,11 @@ __all__ = ["InitialLossCheck"]
 class InitialLossCheck(FitStartCheck):
     """Initial-loss sanity check (recipe step 3) on the first ``num_batches`` training batches.
 
-    See :func:`check_initial_loss` for the arguments and the expectation per task (``log C``
-    for classifiers of any output shape, ``log 2`` per label, ``mean(y^2)``/``Var(y)`` for a
-    regression). Runs once at fit start, forward only.
+    See :func:`check_initial_loss` for the arguments and the expectation: the module's own
+    loss at a know-nothing prediction (zero logits, uniform probabilities, zero values, every
+    head), explained by the recipe's closed form where it agrees (``log C`` for classifiers of
+    any output shape, ``log 2`` per label, ``mean(y^2)`` for a mean squared error). Runs once
+    at fit start, forward only.
 
     Example:
         >>> import lightning.pytorch as pl

@@ -40,9 +40,12 @@ class OverfitSmallBatch(FitStartCheck):
     ``configure_optimizers`` sets. The curve goes to the loggers as
     ``4_overfit/loss`` and ``4_overfit/accuracy`` (x axis: overfit steps); a progress bar
     shows while it runs unless the trainer's progress bar is off or ``progress_bar=False``.
-    When the configured learning rate cannot overfit the sample, the ladder of other rates
-    (``lr_ladder``, see :func:`~lightning_diag.checks.overfit.ladder_rates`) writes one loss
-    curve per rate, drawn on one chart with the configured rate's.
+    The loss's own floor is measured at memorising outputs (a squashed output is shown, label
+    smoothing accounted for) and a loss that stops far below the best constant output has met
+    a floor of the data (``overfit.floor``, INFO). When the configured learning rate cannot
+    overfit the sample and no floor explains it, the ladder of other rates (``lr_ladder``, see
+    :func:`~lightning_diag.checks.overfit.ladder_rates`) writes one loss curve per rate, drawn
+    on one chart with the configured rate's.
 
     Example:
         >>> import lightning.pytorch as pl

@@ -11,9 +11,11 @@ which every listing shows first (:func:`lightning_diag.findings.sort_findings`).
 
 The causes come in the recipe's order, which is the order to fix them: each step assumes the
 earlier ones pass (data, then the implementation, the initialization, the learning rate, the
-gradient flow, and last the reading of the curves). Every diagnostic callback on a Trainer
-takes part: the last one on ``trainer.callbacks`` publishes the diagnosis once, at fit end,
-after every callback's own ``on_fit_end``, when the problems come from two checks or more.
+gradient flow, and last the reading of the curves). The cause each code points at, and what to
+do about it, is declared with the code (:attr:`lightning_diag.codes.CodeSpec.cause` and
+``fix``). Every diagnostic callback on a Trainer takes part: the run's record
+(:class:`lightning_diag.record.RunRecord`) publishes the diagnosis once, at fit end, after every
+callback's own ``on_fit_end``, when the problems come from two checks or more.
 
 Example:
     >>> from lightning_diag.findings import Finding, Severity
@@ -35,7 +37,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from lightning_diag.findings import DIAGNOSIS_PREFIX, Finding, Severity
+from lightning_diag.codes import DIAGNOSIS_PREFIX, spec
+from lightning_diag.findings import Finding, Severity
 
 __all__ = ["CAUSES", "CHECK", "CODE", "Cause", "causes", "diagnose", "problems"]
 
@@ -78,32 +81,6 @@ _DIVERGENCE_ONLY = ("The loss diverged on samples the data inspection did not fl
                     "learning rate is too high, or the model is unstable (recipe 6.4.4)",
                     "Lower the learning rate, look for vanishing or exploding gradients, clip "
                     "gradients; reproduce the step with the batch the advisor saved.")
-_DATA_PARTS = {
-    "data.non_finite": "repair or remove the corrupted samples",
-    "data.unreadable": "repair or remove the corrupted samples",
-    "data.constant_input": "repair or remove the corrupted samples",
-    "data.label_out_of_range": "fix the out-of-range labels",
-    "data.conflicting_labels": "fix the conflicting labels",
-    "data.exact_duplicate": "remove the duplicates",
-    "data.near_duplicate": "remove the duplicates",
-    "data.leakage": "take the leaked samples out of one split (until then validation "
-                    "overstates accuracy)",
-    "data.class_imbalance": "collect or re-weight the rare classes",
-}
-_BUG_PARTS = {
-    "gradient_check": "the analytic gradient disagrees with the numerical one (a custom "
-                      "backward, an in-place or non-differentiable operation)",
-    "overfit": "no learning rate overfits a small sample: look at the loss (no softmax before "
-               "cross-entropy), the labels and the data pipeline",
-    "update_ratio.zero_updates": "no weight moves: check `requires_grad`, the optimizer's "
-                                 "parameters and `detach()`",
-    "initial_loss.non_finite": "the loss is NaN/Inf at initialization (log(0), a division by "
-                               "zero)",
-    "initial_loss.reg_not_increasing": "the loss does not rise with the regularization "
-                                       "strength: the term is not in the loss",
-}
-#: Findings about the run itself, not the training: never a cause.
-_NOT_PROBLEMS = (".error", ".user_error", ".skipped", ".no_tensorboard")
 
 
 @dataclass
@@ -144,14 +121,11 @@ class Cause:
 
     def _parts(self) -> str:
         if self.key == "data":
-            parts = [_DATA_PARTS.get(f.code, f"see `{f.code}`") for f in self.evidence
-                     if f.code.startswith("data.")]
+            parts = [_fix(f) for f in self.evidence if f.code.startswith("data.")]
             if any(f.code == "advisor.divergence" for f in self.evidence):
                 parts.append("the loss diverged on flagged samples (see `advisor.divergence`)")
         elif self.key == "implementation":
-            parts = [_BUG_PARTS.get(f.code, _BUG_PARTS.get(f.code.split(".")[0],
-                                                           f"see `{f.code}`"))
-                     for f in self.evidence]
+            parts = [_fix(f) for f in self.evidence]
         else:
             parts = [f"`{f.code}`: {f.advice}" if f.advice else f"`{f.code}`"
                      for f in self.evidence]
@@ -171,38 +145,32 @@ class Cause:
                 "next_step": self.next_step(), "dropped": list(self.dropped)}
 
 
+def _fix(f: Finding) -> str:
+    """What to do about ``f``, as its code's declaration says (:attr:`CodeSpec.fix`)."""
+    declared = spec(f.code)
+    return declared.fix if declared is not None and declared.fix else f"see `{f.code}`"
+
+
 def problems(found: Iterable[Finding]) -> list[Finding]:
-    """The WARN and FAIL findings about the training (not errors of the checks themselves, not
-    a skipped check, not an earlier diagnosis)."""
+    """The WARN and FAIL findings about the training: those whose code points at a cause
+    (:attr:`lightning_diag.codes.CodeSpec.cause`; a code not declared there, unless its suffix
+    is a generic one such as ``.error`` or ``.skipped``), not an earlier diagnosis."""
     return [f for f in found if f.severity >= Severity.WARN
-            and not f.code.startswith(DIAGNOSIS_PREFIX)
-            and not f.code.endswith(_NOT_PROBLEMS)]
+            and not f.code.startswith(DIAGNOSIS_PREFIX) and _kind(f) != ""]
 
 
 def _kind(f: Finding) -> str:
-    """The cause a problem finding points at on its own."""
-    code = f.code
-    if code.startswith("data."):
+    """The cause a finding points at on its own: its code's declared cause, but for a
+    divergence on samples the data inspection flagged (the data) and an overfit test whose
+    ladder of learning rates found the rate off (that rate); ``""``: not a problem."""
+    if f.code == "advisor.divergence" and f.details.get("flagged_in_batch"):
         return "data"
-    if code == "advisor.divergence":
-        return "data" if f.details.get("flagged_in_batch") else "lr_high"
-    if code.startswith("overfit."):
+    if f.code.startswith("overfit."):
         verdict = str((f.details.get("ladder") or {}).get("verdict"))
-        return {"lr_too_low": "lr_low", "lr_too_high": "lr_high"}.get(verdict, "implementation")
-    table = {
-        "gradient_check.mismatch": "implementation", "gradient_check.non_finite":
-        "implementation", "initial_loss.non_finite": "implementation",
-        "initial_loss.reg_not_increasing": "implementation",
-        "update_ratio.zero_updates": "implementation",
-        "initial_loss.mismatch": "initialization", "initial_loss.collapsed": "initialization",
-        "update_ratio.too_high": "lr_high", "gradients.exploding": "lr_high",
-        "update_ratio.too_low": "lr_low",
-        "activations.dead_units": "gradient_flow", "activations.saturation": "gradient_flow",
-        "gradients.vanishing": "gradient_flow",
-        "advisor.overfit": "overfit", "advisor.underfit": "underfit",
-        "advisor.plateau": "plateau",
-    }
-    return table.get(code, "other")
+        if verdict in ("lr_too_low", "lr_too_high"):
+            return {"lr_too_low": "lr_low", "lr_too_high": "lr_high"}[verdict]
+    declared = spec(f.code)
+    return "other" if declared is None else declared.cause
 
 
 def causes(found: Iterable[Finding]) -> list[Cause]:

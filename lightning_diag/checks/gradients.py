@@ -1,5 +1,28 @@
 """Recipe step 2: compare analytic gradients with centered finite differences, at fit start.
 
+:func:`check_gradients` runs on a float64 copy of the module; the module and every global RNG
+stream are left untouched. For each trainable tensor, ``coords_per_tensor`` random coordinates
+(and, with ``direction``, one random unit direction) are checked with centered differences of
+step ``h`` (default: 1e-5 when the tolerance is below 1e-4, else 1e-6). The same RNG state is
+replayed before every loss evaluation, so dropout draws the same mask each time.
+
+- **Set aside, not judged**: a coordinate whose analytic and numeric values are both below the
+  resolution of float64 differences at this tolerance (``4 ulp(loss) / (2 h) / tolerance``) is
+  counted as "both zero": roundoff alone could give it any relative error. A coordinate over
+  tolerance whose error is explained by the gap between its forward and backward slopes
+  (:func:`~lightning_diag.functional.checks.kink_gap`) crossed a kink within ``h`` and is
+  counted as "kink crossed" rather than failed.
+- **A function of the weights**: the same point is evaluated twice first. Attributes that
+  ``training_step`` changes between calls (a recurrent state kept in ``self.hidden``) are put
+  back to the live module's value before every evaluation, and the finding says so; a loss that
+  still differs between the two (randomness outside the global RNG streams, nondeterministic
+  kernels) leaves nothing to compare: ``gradient_check.inconclusive`` (WARN).
+- **True float64** (recipe step 2.3): the step's own casts to a lower precision
+  (``labels.float()``, ``.to(torch.float32)``, ``dtype=torch.float32``) are evaluated in float64
+  and the finding names them (:mod:`lightning_diag.checks.float64`); a step that still computes
+  below float64 (an ``autocast`` region of its own) cannot be judged by finite differences:
+  ``gradient_check.inconclusive`` (INFO), naming the operations.
+
 Example:
     >>> import torch
     >>> from lightning_diag.examples.digits import DigitsClassifier, load_digits_tensors
@@ -12,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,12 +45,14 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_diag.batch import (
+    UserCodeError,
     call_user,
     default_batch_to_input,
     map_floats,
     select_samples,
     step_loss,
 )
+from lightning_diag.checks.float64 import Float64Step
 from lightning_diag.findings import Finding, Severity
 from lightning_diag.functional.checks import (
     centered_difference,
@@ -100,26 +126,8 @@ def check_gradients(
     seed: int = 0,
     reset: Callable[[pl.LightningModule], Any] | None = None,
 ) -> list[Finding]:
-    """Gradient check of ``module.training_step`` on the first ``num_samples`` of ``batch``.
-
-    Runs on a float64 copy; ``module`` and every global RNG stream are left untouched. For each
-    trainable tensor, ``coords_per_tensor`` random coordinates (and, with ``direction``, one
-    random unit direction) are checked with centered differences of step ``h`` (default: 1e-5
-    when the tolerance is below 1e-4, else 1e-6). The same RNG
-    state is replayed before every loss evaluation, so dropout draws the same mask each time.
-
-    A coordinate whose analytic and numeric values are both below the resolution of float64
-    differences at this tolerance (``4 ulp(loss) / (2 h) / tolerance``) is counted as "both zero"
-    rather than judged: roundoff alone could give it any relative error. A coordinate over
-    tolerance whose error is explained by the gap between its forward and backward slopes
-    (:func:`~lightning_diag.functional.checks.kink_gap`) crossed a kink within ``h`` and is
-    counted as "kink crossed" rather than failed.
-
-    The same point is evaluated twice first. Attributes that ``training_step`` changes between
-    calls (a recurrent state kept in ``self.hidden``) are put back to the live module's value
-    before every evaluation, and the finding says so; a loss that still differs between the two
-    (randomness outside the global RNG streams, nondeterministic kernels) leaves nothing to
-    compare: ``gradient_check.inconclusive``.
+    """Gradient check of ``module.training_step`` on the first ``num_samples`` of ``batch``
+    (how it judges: see the module docstring).
 
     Args:
         module: The LightningModule, as initialized.
@@ -127,7 +135,7 @@ def check_gradients(
         num_samples: Samples kept (the cost grows with them).
         coords_per_tensor: Random coordinates checked per parameter tensor.
         direction: Also check one random unit direction per tensor.
-        h: The centered-difference step (default: see above).
+        h: The centered-difference step (default: 1e-5 below a 1e-4 tolerance, else 1e-6).
         tolerance: Overrides the recipe's tolerance.
         kinks: Overrides the detection of kink layers.
         seed: Seed of the coordinate and direction sampling (a generator of its own).
@@ -140,67 +148,102 @@ def check_gradients(
     Returns:
         ``gradient_check.mismatch`` (FAIL) naming the tensors over tolerance; else
         ``gradient_check.ok`` (INFO) when at least :data:`MIN_JUDGED` comparisons were judged,
-        or ``gradient_check.inconclusive`` (WARN) when fewer were, or when the loss is not
-        reproducible; ``gradient_check.non_finite`` (FAIL) for a NaN/Inf loss. The counts
-        (compared, judged, set aside as both near zero or across a kink) are in the message
-        and ``details``; the per-tensor table in ``details["table"]`` (a list of
-        :class:`TensorGradientError`).
+        or ``gradient_check.inconclusive`` (WARN) when fewer were or the loss is not
+        reproducible, (INFO) when the step computes below float64;
+        ``gradient_check.non_finite`` (FAIL) for a NaN/Inf loss. The counts (compared, judged,
+        set aside as both near zero or across a kink) are in the message and ``details``; the
+        per-tensor table in ``details["table"]`` (a list of :class:`TensorGradientError`).
     """
     validate_arguments(num_samples=num_samples, coords_per_tensor=coords_per_tensor,
                        direction=direction, h=h, tolerance=tolerance, kinks=kinks, seed=seed,
                        reset=reset)
     with side_experiment(module) as clone:
         clone.double().train()
-        state = StepState(clone, torch.float64)  # the live module's carried state, in float64
-        state.restore()
-        size = _first_dim(batch)
-        index = torch.arange(min(num_samples, size)) if size else torch.arange(0)
-        sample = map_floats(select_samples(batch, index) if size else batch, lambda t: t.double())
-        rng = RNGState.capture()
-
-        def prepare(restore: bool) -> None:
-            rng.restore()
-            if restore:
-                state.restore()
-            if reset is not None:
-                call_user("`reset`", reset, clone)
-
-        def evaluate(restore: bool) -> float:
-            prepare(restore)
-            with torch.no_grad():
-                return float(step_loss(clone, sample))
-
-        first, second = evaluate(False), evaluate(False)
-        carried = state.changed()
-        restored = carried if not _same_loss(first, second) else []
-        if restored:
-            first, second = evaluate(True), evaluate(True)
-        if not _same_loss(first, second):
-            return [_not_reproducible(first, second, restored)]
-
-        def loss_at() -> float:
-            return evaluate(True)
-
-        prepare(True)
-        loss = step_loss(clone, sample)
-        value = float(loss.detach())
+        run = _Evaluator(clone, batch, num_samples, reset)
+        refused = run.settle()
+        if refused is not None:
+            return [refused]
+        value = run.backward()
         if not math.isfinite(value):
             return [Finding(CHECK, "gradient_check.non_finite", Severity.FAIL,
                             f"The training loss is {value} on the first samples; gradients "
                             "cannot be checked.", advice="Fix the NaN/Inf loss first (inputs, "
                             "log of zero, division by zero).", value=value)]
-        if loss.requires_grad:
-            loss.backward()
         kinky = has_kinks(clone) if kinks is None else kinks
-        tol = tolerance if tolerance is not None else gradient_tolerance(
-            kinky, count_param_layers(clone))
-        step = h if h is not None else (_KINK_STEP if tol >= 1e-4 else _SMOOTH_STEP)
-        eps = _ROUNDOFF_ULPS * math.ulp(max(abs(value), 1.0)) / (2 * step) / tol
+        probe = _Probe.of(clone, value, run.loss_at(), kinky, h, tolerance)
         gen = torch.Generator().manual_seed(seed)
-        probe = _Probe(step, eps, tol, loss_at())
-        table = [_check_tensor(name, p, loss_at, probe, coords_per_tensor, direction, gen)
+        table = [_check_tensor(name, p, run.loss_at, probe, coords_per_tensor, direction, gen)
                  for name, p in clone.named_parameters() if p.requires_grad]
-    return [_summarize(table, tol, kinky, len(index) if size else None, restored)]
+    return [_summarize(table, probe.tol, kinky, run.samples, run.restored, run.float64)]
+
+
+class _Evaluator:
+    """The loss of the copy's ``training_step`` on the float64 sample, as a function of the
+    weights: the RNG streams replayed, the carried state put back (once found to matter), the
+    user's ``reset`` called, and the step run in true float64 (:class:`Float64Step`)."""
+
+    def __init__(self, clone: pl.LightningModule, batch: Any, num_samples: int,
+                 reset: Callable[[pl.LightningModule], Any] | None) -> None:
+        self.clone, self.reset = clone, reset
+        self.state = StepState(clone, torch.float64)  # the live module's carried state
+        self.state.restore()
+        size = _first_dim(batch)
+        index = torch.arange(min(num_samples, size)) if size else torch.arange(0)
+        self.samples = len(index) if size else None
+        self.sample = map_floats(select_samples(batch, index) if size else batch,
+                                 lambda t: t.double())
+        self.rng = RNGState.capture()
+        self.float64 = Float64Step()
+        self.restored: list[str] = []
+
+    def _prepare(self, restore: bool) -> None:
+        self.rng.restore()
+        if restore:
+            self.state.restore()
+        if self.reset is not None:
+            call_user("`reset`", self.reset, self.clone)
+
+    def _loss(self) -> torch.Tensor:
+        loss = step_loss(self.clone, self.sample)
+        self.float64.check_loss(loss)
+        return loss
+
+    def value(self, restore: bool, graph: bool = False) -> float:
+        self._prepare(restore)
+        with torch.set_grad_enabled(graph), self.float64.evaluation():
+            return float(self._loss().detach())
+
+    def settle(self) -> Finding | None:
+        """Evaluate the same point twice (putting back the carried state if the two differ):
+        a finding when the check cannot judge (precision lost, a loss that is not
+        reproducible), else None. The first evaluation, watched for lost precision, builds the
+        graph: a tensor's history tells what depends on the weights."""
+        first = self.value(False, graph=True)
+        if self.float64.lost:
+            return _lost_precision(self.float64)
+        if self.float64.deciding:  # whether the step's casts lower what the loss is made of
+            with contextlib.suppress(UserCodeError):  # it needs them: they will be rewritten
+                self.value(False, graph=True)
+        second = self.value(False)
+        carried = self.state.changed()
+        self.restored = carried if not _same_loss(first, second) else []
+        if self.restored:
+            first, second = self.value(True), self.value(True)
+        if not _same_loss(first, second):
+            return _not_reproducible(first, second, self.restored)
+        return None
+
+    def backward(self) -> float:
+        """The analytic gradients (into ``.grad``) at the unperturbed weights; the loss."""
+        self._prepare(True)
+        with self.float64.evaluation():
+            loss = self._loss()
+            if loss.requires_grad:
+                loss.backward()
+        return float(loss.detach())
+
+    def loss_at(self) -> float:
+        return self.value(True)
 
 
 def _same_loss(a: float, b: float) -> bool:
@@ -223,6 +266,21 @@ def _not_reproducible(first: float, second: float, restored: list[str]) -> Findi
                    advice=NOT_REPRODUCIBLE_ADVICE, value=abs(first - second),
                    details={"cause": "not_reproducible", "losses": [first, second],
                             "restored_state": restored})
+
+
+def _lost_precision(float64: Float64Step) -> Finding:
+    lost = float64.describe_lost()
+    return Finding(CHECK, "gradient_check.inconclusive", Severity.INFO,
+                   f"Gradient check inconclusive: part of the step still runs below float64 in "
+                   f"the float64 copy ({lost}), after its casts were turned to float64. Centered "
+                   "differences of a loss computed in float32 or lower measure roundoff, not "
+                   "the gradient (recipe step 2.3: compute the numeric gradient in double "
+                   "precision), so the gradients are not judged.",
+                   advice="Compute the loss in the dtype of the model's output (`.to(out.dtype)` "
+                   "or `.type_as(out)` rather than `.float()`), and leave mixed precision to "
+                   "the Trainer's `precision=` rather than an `autocast` inside the step.",
+                   details={"cause": "lost_precision", "lost": dict(float64.lost),
+                            "casts": dict(float64.casts)})
 
 
 def validate_arguments(*, num_samples: Any, coords_per_tensor: Any, direction: Any, h: Any,
@@ -263,6 +321,17 @@ class _Probe:
     tol: float
     f_zero: float
 
+    @classmethod
+    def of(cls, clone: torch.nn.Module, value: float, f_zero: float, kinky: bool,
+           h: float | None, tolerance: float | None) -> _Probe:
+        """The recipe's tolerance (or ``tolerance``), the step for it (or ``h``), and the
+        both-zero threshold at a loss of ``value``."""
+        tol = tolerance if tolerance is not None else gradient_tolerance(
+            kinky, count_param_layers(clone))
+        step = h if h is not None else (_KINK_STEP if tol >= 1e-4 else _SMOOTH_STEP)
+        eps = _ROUNDOFF_ULPS * math.ulp(max(abs(value), 1.0)) / (2 * step) / tol
+        return cls(step, eps, tol, f_zero)
+
 
 def _check_tensor(name: str, p: torch.Tensor, loss_at: Callable[[], float], probe: _Probe,
                   coords: int, direction: bool, gen: torch.Generator) -> TensorGradientError:
@@ -302,7 +371,7 @@ def _probe(loss_at: Callable[[], float], param: torch.Tensor, direction: torch.T
 
 
 def _summarize(table: list[TensorGradientError], tol: float, kinky: bool,
-               samples: int | None, restored: list[str]) -> Finding:
+               samples: int | None, restored: list[str], float64: Float64Step) -> Finding:
     worst = max((t.worst_error for t in table), default=0.0)
     bad = sorted((t for t in table if t.worst_error > tol), key=lambda t: -t.worst_error)
     checked = sum(t.checked for t in table)
@@ -314,9 +383,10 @@ def _summarize(table: list[TensorGradientError], tol: float, kinky: bool,
               f"aside as both near zero, {kinks} as across a kink)")
     state = (f" `training_step` carries `{'`, `'.join(restored)}` between calls: put back to the "
              "live module's value before every evaluation." if restored else "")
+    state += float64.describe_casts()
     details = {"table": table, "tolerance": tol, "samples": samples, "compared": checked,
                "judged": judged, "both_zero": zeros, "kinks": kinks, "min_judged": MIN_JUDGED,
-               "restored_state": restored}
+               "restored_state": restored, "float64_casts": dict(float64.casts)}
     if bad:
         named = ", ".join(f"{t.name} ({t.worst_error:.2e})" for t in bad[:5])
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""

@@ -40,6 +40,7 @@ from lightning_diag.callbacks.ema import EMAWeights
 from lightning_diag.callbacks.first_layer import FirstLayerVisualization
 from lightning_diag.callbacks.gradient_check import GradientCheck
 from lightning_diag.callbacks.initial_loss import InitialLossCheck
+from lightning_diag.callbacks.invariants import TrainingInvariants
 from lightning_diag.callbacks.learning_curves import LearningCurves
 from lightning_diag.callbacks.lr_advisor import LRPlateauAdvisor
 from lightning_diag.callbacks.overfit import OverfitSmallBatch
@@ -105,6 +106,7 @@ def recipe_callbacks(every_n_steps: int = 10, every_n_epochs: int = 2,
         ActivationHistogram(every_n_steps=every_n_steps),   # 5.3: activations and gradients
         FirstLayerVisualization(every_n_epochs=every_n_epochs),  # 5.4: first-layer filters
         UpdateRatioMonitor(every_n_steps=every_n_steps),    # 5.5: |dw|/|w| ~ 1e-3
+        TrainingInvariants(),                               # 5: zero_grad, modes, metrics...
         LRPlateauAdvisor(),                                 # 6.4: read the curves
         EMAWeights(evaluate="both"),                        # 7.4: raw and EMA both validated
         CheckpointEnsemble(),                               # 7.3: checkpoints as an ensemble

@@ -236,10 +236,7 @@ def evaluate_members(models: Sequence[pl.LightningModule], batches: Iterable[Any
     where = torch.device(device) if device is not None else members[0].device
     logs = [LoggedMetrics() for _ in range(len(members) + 1)]
     modes = [m.training for m in members]
-    handles: list[Any] = []
-    ensemble: EnsembleModel | None = None
-    chosen: Task | None = None
-    site = ""
+    merge: _Merge | None = None
     with preserved_rng():
         host = clone_module(members[0])
         try:
@@ -248,35 +245,57 @@ def evaluate_members(models: Sequence[pl.LightningModule], batches: Iterable[Any
                 reset_metrics(m)
             for idx, batch in enumerate(batches):
                 batch = move_data_to_device(batch, where)
-                if ensemble is None:  # the first batch tells where the prediction is made
-                    site, output = _locate(members[0], partial(_step, members[0], batch, idx,
-                                                               logs[0]))
-                    chosen = task or infer_task(select_output(output),
-                                                _target(batch_to_target, batch))
-                    ensemble = EnsembleModel([_submodule(m, site) for m in members], combine,
-                                             chosen)
-                    handles.append(_submodule(host, site).register_forward_hook(
-                        _merging(ensemble), with_kwargs=True))
+                if merge is None:  # the first batch tells where the prediction is made
+                    merge = _Merge.locate(
+                        members, host, partial(_step, members[0], batch, idx, logs[0]), combine,
+                        task, partial(_target, batch_to_target, batch))
                 else:
                     _step(members[0], batch, idx, logs[0])
                 for member, log in zip(members[1:], logs[1:-1], strict=True):
                     _step(member, batch, idx, log)
-                try:
-                    _step(host, batch, idx, logs[-1])
-                except UserCodeError as err:  # the merge, not the user's code, failed in there
-                    if isinstance(err.error, EnsembleError):
-                        raise err.error from None
-                    raise
+                merge.step(host, batch, idx, logs[-1])
         finally:
-            for handle in handles:
-                handle.remove()
+            if merge is not None:
+                merge.handle.remove()
             for m, mode in zip(members, modes, strict=True):
                 m.train(mode)
-    if chosen is None:
+    if merge is None:
         raise EnsembleError("evaluate_members: the batches were empty.")
     rows = [log.values() for log in logs]
-    return {"members": rows[:-1], "ensemble": rows[-1],
-            "combined": f"{_describe(chosen, combine)}, at {_site_name(site)}"}
+    return {"members": rows[:-1], "ensemble": rows[-1], "combined": merge.describe(combine)}
+
+
+class _Merge:
+    """Where the members' predictions are merged: the module making the step's prediction in
+    the host copy (``site``, "" for the module itself) hands back the ensemble's output."""
+
+    def __init__(self, site: str, task: Task, handle: Any) -> None:
+        self.site, self.task, self.handle = site, task, handle
+
+    @classmethod
+    def locate(cls, members: list[pl.LightningModule], host: pl.LightningModule,
+               first_step: Callable[[], None], combine: str, task: Task | None,
+               target: Callable[[], Any]) -> _Merge:
+        """Run the first member's ``first_step`` to find the site and the task, and hook the
+        host's module there."""
+        site, output = _locate(members[0], first_step)
+        chosen = task or infer_task(select_output(output), target())
+        ensemble = EnsembleModel([_submodule(m, site) for m in members], combine, chosen)
+        handle = _submodule(host, site).register_forward_hook(_merging(ensemble),
+                                                              with_kwargs=True)
+        return cls(site, chosen, handle)
+
+    def step(self, host: pl.LightningModule, batch: Any, idx: int, log: LoggedMetrics) -> None:
+        """The host's step, its prediction the ensemble's."""
+        try:
+            _step(host, batch, idx, log)
+        except UserCodeError as err:  # the merge, not the user's code, failed in there
+            if isinstance(err.error, EnsembleError):
+                raise err.error from None
+            raise
+
+    def describe(self, combine: str) -> str:
+        return f"{_describe(self.task, combine)}, at {_site_name(self.site)}"
 
 
 def _check_members(members: list[Any]) -> None:

@@ -23,18 +23,14 @@ from __future__ import annotations
 
 import datetime as _dt
 import html
-import math
 import re
 from collections.abc import Callable
 from pathlib import Path
 
-from lightning_diag.findings import (
-    FINDINGS_FILE,
-    Finding,
-    Severity,
-    finding_rank,
-    load_findings_by_run,
-)
+from lightning_diag.codes import DIAGNOSIS_PREFIX
+from lightning_diag.findings import FINDINGS_FILE, Finding, Severity, load_findings_by_run
+from lightning_diag.presentation import cells, finding_rank
+from lightning_diag.presentation import counts as count
 from lightning_diag.report import sections
 from lightning_diag.report.canvas import Canvas
 from lightning_diag.report.html import CSS, section
@@ -73,7 +69,7 @@ def build_report(logdir: str | Path, out: str | Path | None = None) -> Path:
         f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>"
         f"<h1>{html.escape(title)}</h1><p class='meta'>Log directory <code>"
         f"{html.escape(str(root.resolve()))}</code> &middot; runs: {runs} &middot; built {when}"
-        f"</p><nav><ul>{nav}</ul></nav>{body}</body></html>"
+        f"</p>{_verdicts(found)}<nav><ul>{nav}</ul></nav>{body}</body></html>"
     )
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(page, encoding="utf-8")
@@ -108,6 +104,7 @@ def _render(c: Canvas, found: dict[str, list[Finding]]) -> tuple[str, list[tuple
         return section("empty", "No data", "<p>No TensorBoard events or findings were found "
                        "here (no run yet, or a run that logged nothing).</p>"), [
                            ("empty", "No data")]
+    read = _read_as_curves(c, found)
     parts: list[tuple[str, str, Callable[[Canvas], str]]] = [
         ("findings", "Findings", lambda c: _findings(c, found)),
         ("data", "Data inspection", lambda c: c.slug(DATA.prefix)),
@@ -119,9 +116,11 @@ def _render(c: Canvas, found: dict[str, list[Finding]]) -> tuple[str, list[tuple
         ("ema", "EMA vs raw weights", sections.ema),
         ("ensemble", "Ensemble vs members", sections.ensemble),
         ("tuning", "Tuning", lambda c: c.slug(TUNING.prefix)),
-        ("other", "Other scalars", sections.other),
+        ("other", "Other scalars",
+         lambda c: sections.other(c, read if "curves" in dict(toc) else ())),
     ]
-    out, toc = [], []
+    out: list[str] = []
+    toc: list[tuple[str, str]] = []
     for anchor, title, fn in parts:
         content = fn(c)
         if content:
@@ -130,16 +129,52 @@ def _render(c: Canvas, found: dict[str, list[Finding]]) -> tuple[str, list[tuple
     return "".join(out), toc
 
 
-_SEVERITIES = (Severity.FAIL, Severity.WARN, Severity.INFO)
+def _read_as_curves(c: Canvas, found: dict[str, list[Finding]]) -> set[str]:
+    """The tags of the user's metrics that LearningCurves read (its ``curves.keys`` record) in
+    every run that logged them: drawn as learning curves, not again under "Other scalars"."""
+    read = {run: {name for f in fs if f.code == "curves.keys"
+                  for name in (f.details or {}).get("keys", {}).values()}
+            for run, fs in found.items()}
+    return {tag for tag, series in c.data.scalars.items()
+            if all(tag in read.get(s.run, ()) for s in series)}
+
+
+def _verdicts(by_run: dict[str, list[Finding]]) -> str:
+    """The first line of the page, one per run, read the same way for a healthy run and a
+    broken one: the verdict (the diagnosis, else the worst problem, else that no check found
+    one), then the run's counts per severity and a link to the findings."""
+    lines = []
+    for run, found in by_run.items():
+        if not found:
+            continue
+        problems = sorted((f for f in found if f.severity >= Severity.WARN), key=finding_rank)
+        checks = len({f.check for f in found if not f.code.startswith(DIAGNOSIS_PREFIX)})
+        if problems:
+            lead, badge = problems[0], problems[0].severity.value
+            more = (0 if lead.code.startswith(DIAGNOSIS_PREFIX) else len(problems) - 1)
+            text = html.escape(lead.headline().split("] ", 1)[-1]) + (
+                f" (and {more} more problem{'s' * (more != 1)})" if more else "")
+        else:
+            badge, text = "ok", f"no problem found by any of the {checks} check(s)"
+        counts = ", ".join(f"{n} {s.value.upper()}" for s, n in count(found).items())
+        who = f" for {html.escape(run)}" if len(by_run) > 1 else ""
+        lines.append(f"<p class='verdict'><b>Verdict{who}:</b> <span class='sev sev-{badge}'>"
+                     f"{badge.upper()}</span> {text} <span class='vcounts'>&middot; {counts} "
+                     "&middot; <a href='#findings'>findings</a></span></p>")
+    return "".join(lines)
+
+
 _HEAD = ("finding", "message", "advice", "value", "expected", "step")
 
 
 def _findings(c: Canvas, by_run: dict[str, list[Finding]]) -> str:
-    """Every finding of the runs' records, FAIL first, then in the order they were found.
+    """Every finding of the runs' records, FAIL first, then in the order they were found,
+    under the counts (the diagnosis, which sums up the others, not counted).
 
     Badges, codes, numbers and steps never wrap (``class='nw'``); message and advice wrap at
     word boundaries (a path too long for the column breaks where it must); a finding about many
-    samples lists a few indices under its message and counts the rest.
+    samples lists a few indices under its message and counts the rest. Cells are
+    :func:`lightning_diag.presentation.cells`, as every other view shows a finding.
     """
     # TensorBoard's copies of the findings (tables, values) say nothing the records do not.
     tables = c.take(c.data.texts, lambda t: t.startswith(FINDINGS.prefix))
@@ -154,9 +189,10 @@ def _findings(c: Canvas, by_run: dict[str, list[Finding]]) -> str:
     if not rows:
         return note
     multi = len(by_run) > 1
+    every = [f for _, f in rows]
     counts = " &middot; ".join(
-        f"<span class='sev sev-{s.value}'>{s.value.upper()}</span> "
-        f"{sum(f.severity is s for _, f in rows)}" for s in _SEVERITIES)
+        f"<span class='sev sev-{s.value}'>{s.value.upper()}</span> {n}"
+        for s, n in count(every).items())
     head = "".join(f"<th>{h}</th>" for h in ("severity", *(("run",) if multi else ()), *_HEAD))
     body = "".join(_row(f, run if multi else None) for run, f in rows)
     return (f"{note}<p class='counts'>{counts}</p><table class='findings'><thead><tr>{head}"
@@ -166,35 +202,20 @@ def _findings(c: Canvas, by_run: dict[str, list[Finding]]) -> str:
 def _row(f: Finding, run: str | None) -> str:
     """One finding as a table row (``run``: its run's cell, when the table has several runs)."""
     sev = f.severity.value
-    code, message, advice, value, expected, step = _cells(f)
+    cell = cells(f)
     e = html.escape
     indices = (f"<div class='idx'>indices: {e(_indices(f))}</div>" if f.indices else "")
     tip = "; ".join(([f"epoch {f.epoch}"] if f.epoch is not None else [])
-                    + ([f"steps {', '.join(map(str, f.steps()))}"] if len(f.steps()) > 2 else []))
+                    + ([f"steps {', '.join(map(str, f.steps()))}"] if len(f.steps()) > 3 else []))
     epoch = f" title='{tip}'" if tip else ""
+    about = f"{f.check} &middot; {e(f.subject)}" if f.subject else e(f.check)
     return (
         f"<tr class='row-{sev}'><td><span class='sev sev-{sev}'>{sev.upper()}</span></td>"
         + (f"<td class='run'>{e(run).replace('/', '/<wbr>')}</td>" if run is not None else "")
-        + f"<td class='nw'><code class='code'>{e(code)}</code><div class='check'>{e(f.check)}"
-        f"</div></td><td class='msg'>{e(message)}{indices}</td><td class='msg'>{e(advice)}</td>"
-        f"<td class='nw'>{e(value)}</td><td class='nw'>{e(expected)}</td>"
-        f"<td class='nw'{epoch}>{e(step)}</td></tr>")
-
-
-def _cells(f: Finding) -> list[str]:
-    """The text of one finding's cells after its severity (and run): code, message, advice,
-    value, expected and step(s).
-
-    Example:
-        >>> _cells(Finding("X", "x.a", Severity.WARN, "m", value=9.123456, expected=(2, 2.5),
-        ...                step=0, epoch=0, indices=(3, 7)))
-        ['x.a', 'm', '-', '9.123', '[2, 2.5]', '0']
-    """
-    expected = f.expected
-    shown = ("-" if expected is None else f"[{_num(expected[0])}, {_num(expected[1])}]"
-             if isinstance(expected, tuple) else _num(expected))
-    return [f.code, f.message, f.advice or "-", "-" if f.value is None else _num(f.value),
-            shown, _steps(f.steps())]
+        + f"<td class='nw'><code class='code'>{e(cell.code)}</code><div class='check'>{about}"
+        f"</div></td><td class='msg'>{e(cell.message)}{indices}</td><td class='msg'>"
+        f"{e(cell.advice)}</td><td class='nw'>{e(cell.value)}</td><td class='nw'>"
+        f"{e(cell.expected)}</td><td class='nw'{epoch}>{e(cell.steps)}</td></tr>")
 
 
 def _indices(f: Finding) -> str:
@@ -206,19 +227,3 @@ def _indices(f: Finding) -> str:
     """
     shown = ", ".join(map(str, f.indices[:MAX_INDICES]))
     return shown + (f", ... ({len(f.indices)} in all)" if len(f.indices) > MAX_INDICES else "")
-
-
-def _steps(steps: list[int]) -> str:
-    """The steps a finding was seen at, short enough for one line.
-
-    Example:
-        >>> _steps([]), _steps([4]), _steps([1, 3]), _steps([10, 20, 30, 40])
-        ('-', '4', '1, 3', '10-40 (4x)')
-    """
-    if len(steps) <= 2:
-        return ", ".join(map(str, steps)) or "-"
-    return f"{steps[0]}-{steps[-1]} ({len(steps)}x)"
-
-
-def _num(x: float) -> str:
-    return f"{x:.4g}" if math.isfinite(x) else str(x)

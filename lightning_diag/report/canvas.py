@@ -14,15 +14,87 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from collections.abc import Callable, Collection, Iterable
+from typing import Any
 
+from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
-from lightning_diag.report.html import bars, img, legend, markdown_html
+from lightning_diag.report.html import bars, img, markdown_html
 from lightning_diag.tensorboard.events import Histogram, Image, RunData, Series, Text
 
-__all__ = ["Canvas"]
+__all__ = ["Canvas", "Legend", "natural"]
+
+#: Line colours: tab10's ten, then tab20's lighter tones of them; runs differ by line style.
+_COLORS = [*map(colormaps["tab10"], range(10)), *map(colormaps["tab20"], range(1, 20, 2))]
+_STYLES = ("-", "--", ":", "-.")
+#: Past this many names a legend would be taller than its figure: it names the runs only.
+MAX_LEGEND = 30
+
+
+def natural(text: str) -> list[Any]:
+    """Sort key reading the numbers in ``text`` as numbers: net.2 before net.10.
+
+    Example:
+        >>> sorted(["net.10", "net.1", "net.11", "net.0", "net.2"], key=natural)
+        ['net.0', 'net.1', 'net.2', 'net.10', 'net.11']
+    """
+    # re.split with a group alternates text and digits, so ints only meet ints when compared.
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
+
+class Legend:
+    """One legend for a figure: a colour per name (a layer, a split), the same in every panel,
+    and a line style per run when the report holds several; drawn outside the plots.
+
+    Example:
+        >>> legend = Legend(["run_a", "run_b"])
+        >>> first = legend.color("net.0")
+        >>> legend.color("net.1") != first, legend.color("net.0") == first, legend.style("run_b")
+        (True, True, '--')
+        >>> _ = legend.style("run_a")
+        >>> [h.get_label() for h in legend.handles()]
+        ['net.0', 'net.1', 'run run_b', 'run run_a']
+    """
+
+    def __init__(self, runs: list[str], named: bool = True) -> None:
+        self.runs, self.named = runs, named  # not named: one colour, its chart's title names it
+        self.single: Any = _COLORS[0]  # that colour
+        self.colors: dict[str, Any] = {}
+        self.used_runs: list[str] = []
+        self.extra: list[Line2D] = []  # entries of lines drawn apart (a guide line)
+
+    def color(self, name: str) -> Any:
+        if not self.named:
+            return self.single
+        return self.colors.setdefault(name, _COLORS[len(self.colors) % len(_COLORS)])
+
+    def style(self, run: str) -> str:
+        if run not in self.used_runs:
+            self.used_runs.append(run)
+        return _STYLES[self.runs.index(run) % len(_STYLES)] if run in self.runs else "-"
+
+    def handles(self) -> list[Line2D]:
+        """Entries: each name in its colour (when there are 2 to :data:`MAX_LEGEND`), then each
+        run in its style (when there are several)."""
+        names = self.colors if 1 < len(self.colors) <= MAX_LEGEND else {}
+        out = [Line2D([], [], color=c, lw=1.6, label=n) for n, c in names.items()]
+        if len(self.used_runs) > 1:
+            out += [Line2D([], [], color="0.3", lw=1.4, ls=self.style(r), label=f"run {r}")
+                    for r in self.used_runs]
+        return out + self.extra
+
+    def draw(self, fig: Figure) -> bool:
+        """Put the legend right of the plots, in columns of at most 25; False when empty."""
+        handles = self.handles()
+        if not handles:
+            return False
+        fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=9,
+                   frameon=False, ncols=-(-len(handles) // 25))
+        return True
 
 
 class Canvas:
@@ -36,7 +108,8 @@ class Canvas:
     # -- data selection -------------------------------------------------------------------
     def take(self, kind: dict[str, list], pred: Callable[[str], bool]) -> list[str]:
         """Tags of one kind (scalars, texts, ...) matching ``pred`` that no section showed yet."""
-        tags = sorted(t for t in kind if pred(t) and (id(kind), t) not in self._used)
+        tags = sorted((t for t in kind if pred(t) and (id(kind), t) not in self._used),
+                      key=natural)
         self._used.update((id(kind), t) for t in tags)
         return tags
 
@@ -71,8 +144,14 @@ class Canvas:
         return (f"<table class='values'><thead><tr><th>name</th>{run_head}<th>value</th>"
                 f"<th>step</th></tr></thead><tbody>{rows}</tbody></table>")
 
+    def legend(self, named: bool = True) -> Legend:
+        """A :class:`Legend` for one figure of this report's runs."""
+        return Legend(self.data.runs, named)
+
     def panels(self, panels: list[tuple[str, list[str]]], prefix: str, x_label: str,
                per_row: int = 3, strip_stat: bool = False) -> str:
+        """Up to 12 charts per figure, one per ``(title, tags)``; one legend per figure, right
+        of the charts, when their lines need names (a panel's one line is named by its title)."""
         out = []
         for start in range(0, len(panels), 12):  # bounded figure size
             chunk = panels[start:start + 12]
@@ -80,23 +159,32 @@ class Canvas:
             rows = -(-len(chunk) // cols)
             fig = Figure(figsize=(4.4 * cols, 3.0 * rows))
             axes = fig.subplots(rows, cols, squeeze=False).ravel()
+            # one line per panel: its title names it, one colour serves all
+            key = self.legend(named=not all(len(tags) == 1 and not self._sibling_series(tags[0])
+                                            for _, tags in chunk))
             for ax, (title, tags) in zip(axes, chunk, strict=False):
                 label_x = self.plot_tags(ax, tags, prefix, strip_stat=strip_stat,
-                                         epoch_axis=x_label == "epoch-or-step")
+                                         epoch_axis=x_label == "epoch-or-step", legend=key)
                 ax.set_title(title, fontsize=9)
                 ax.set_xlabel(label_x if x_label == "epoch-or-step" else x_label, fontsize=8)
             for ax in axes[len(chunk):]:
                 ax.set_visible(False)
-            out.append(img(fig, ", ".join(t for t, _ in chunk)))
+            fig.tight_layout()
+            outside = key.draw(fig)
+            out.append(img(fig, ", ".join(t for t, _ in chunk), tight=False, outside=outside))
         return "".join(out)
 
-    def plot_tags(self, ax: Axes, tags: Iterable[str], prefix: str,
+    def _sibling_series(self, tag: str) -> bool:
+        return any(s.series for s in self.data.scalars.get(tag, []))
+
+    def plot_tags(self, ax: Axes, tags: Iterable[str], prefix: str, legend: Legend,
                   emphasize: tuple[str, ...] = (), strip_stat: bool = False,
                   epoch_axis: bool = False, skip: Collection[str] = ()) -> str:
-        """One line per series of each tag (sibling runs named in the legend), except the
-        sibling runs in ``skip``; returns the x-axis label."""
+        """One line per series of each tag, except the sibling runs in ``skip``: coloured by
+        its name in ``legend`` (the tag, or its sibling run: ``train``, ``ema``), styled by its
+        run; returns the x-axis label."""
         x_label = "step"
-        n = 0
+        tags = list(tags)
         for tag in tags:
             name = tag[len(prefix):] if prefix and tag.startswith(prefix) else tag
             if strip_stat and "/" in name:
@@ -107,15 +195,14 @@ class Canvas:
                 xs: list[float] = list(s.steps)
                 if epoch_axis and (epochs := self._epochs_of(s)) is not None:
                     xs, x_label = epochs, "epoch"
-                label = " · ".join(filter(None, (name, s.series)))
-                label = f"{label} ({s.run})" if self.multi else label
+                # a panel of one tag is titled by it: its lines are named by their sibling run
+                label = " · ".join(filter(None, (name if len(tags) > 1 or not s.series
+                                                 else "", s.series)))
                 bold = any(e in name for e in emphasize)
-                ax.plot(xs, s.values, marker="o" if len(xs) < 30 else None,
-                        ms=3, lw=2.4 if bold else 1.2, label=label)
-                n += 1
+                ax.plot(xs, s.values, marker="o" if len(xs) < 30 else None, ms=3,
+                        lw=2.4 if bold else 1.2, color=legend.color(label),
+                        ls=legend.style(s.run))
         ax.grid(alpha=0.3)
-        if 1 < n <= 12:
-            legend(ax)
         return x_label
 
     def _epochs_of(self, series: Series) -> list[float] | None:

@@ -13,12 +13,14 @@ import base64
 import html
 import io
 
+import markdown
+import nh3
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from lightning_diag.tensorboard.events import Histogram
 
-__all__ = ["CSS", "bars", "img", "legend", "markdown_html", "section"]
+__all__ = ["CSS", "bars", "img", "markdown_html", "section"]
 
 
 def bars(ax: Axes, h: Histogram) -> None:
@@ -29,26 +31,50 @@ def bars(ax: Axes, h: Histogram) -> None:
     ax.stairs(h.counts, [first, *limits], fill=True, color="tab:blue")
 
 
-def legend(ax: Axes) -> None:
-    ax.legend(fontsize=6, loc="best", framealpha=0.6)
-
-
-def img(fig: Figure, alt: str, tight: bool = True) -> str:
+def img(fig: Figure, alt: str, tight: bool = True, outside: bool = False) -> str:
+    """``fig`` as an embedded PNG; ``outside``: the saved area grows to hold what lies outside
+    the figure (a legend right of the plots)."""
     # tight_layout costs a full extra draw; grids of small multiples use fixed spacing instead.
     if tight:
         fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight" if outside else None)
     src = base64.b64encode(buf.getvalue()).decode()
     return f"<img class='plot' src='data:image/png;base64,{src}' alt='{html.escape(alt, True)}'>"
 
 
+#: The elements markdown (with tables) makes, the attributes they need, and the URL schemes a
+#: link or image of logged text may use (relative URLs and in-document anchors pass too).
+_TAGS = {"p", "a", "img", "em", "strong", "code", "pre", "blockquote", "ul", "ol", "li", "h1",
+         "h2", "h3", "h4", "h5", "h6", "hr", "br", "table", "thead", "tbody", "tr", "th", "td"}
+_ATTRIBUTES = {"a": {"href", "title"}, "img": {"src", "alt", "title"}, "th": {"style"},
+               "td": {"style"}}
+_SCHEMES = {"http", "https"}
+_CLEANER = nh3.Cleaner(tags=_TAGS, attributes=_ATTRIBUTES, url_schemes=_SCHEMES,
+                       filter_style_properties={"text-align"}, link_rel="noopener noreferrer")
+
+
 def markdown_html(text: str) -> str:
-    try:
-        import markdown
-    except ImportError:  # optional: plain text reads fine too
-        return f"<pre>{html.escape(text)}</pre>"
-    return markdown.markdown(html.escape(text, quote=False), extensions=["tables"])
+    """Text logged to TensorBoard (markdown, as its Text dashboard reads it) as safe HTML.
+
+    Anyone who can write to a log directory can log text, so the markdown's HTML goes through
+    a maintained sanitizer (`nh3`, the bindings of Rust's ammonia, which parses like a browser)
+    with an allow-list: the elements markdown makes, the attributes they need, and links and
+    images to http(s), relative URLs and anchors only; ``javascript:``, ``data:``,
+    ``vbscript:`` and every other scheme are dropped however they are written, and so are
+    scripts, event handlers and any other raw HTML.
+
+    Example:
+        >>> print(markdown_html("**ok** [x](JavaScript:alert(1))<script>alert(1)</script>"))
+        <p><strong>ok</strong> <a rel="noopener noreferrer">x</a></p>
+        >>> print(markdown_html("[up](#top)"))
+        <p><a href="#top" rel="noopener noreferrer">up</a></p>
+        >>> 'href="../r.html"' in markdown_html("[r](../r.html)")
+        True
+        >>> print(markdown_html("![a](https://e.org/a.png) ![b](data:image/png,x)"))
+        <p><img alt="a" src="https://e.org/a.png"> <img alt="b"></p>
+    """
+    return _CLEANER.clean(markdown.markdown(text, extensions=["tables"]))
 
 
 def section(anchor: str, title: str, content: str) -> str:
@@ -65,11 +91,14 @@ th,td{border:1px solid #ddd;padding:.35em .5em;vertical-align:top;text-align:lef
 overflow-wrap:anywhere}
 th{background:#f4f4f4}.sev{font-weight:bold;border-radius:3px;padding:0 .4em;color:#fff}
 .sev-fail{background:#c62828}.sev-warn{background:#ef8f00}.sev-info{background:#1565c0}
+.sev-ok{background:#2e7d32}.verdict{font-size:1.05em;margin:.4em 0}.vcounts{color:#666}
+details summary{cursor:pointer;color:#555;font-size:.9em;margin:.4em 0}
 tr.row-fail{background:#fdecea}tr.row-warn{background:#fff6e5}
 .findings td{overflow-wrap:normal}.sev,.findings th,.findings .nw{white-space:nowrap}
 .findings td.msg{overflow-wrap:anywhere;min-width:12em}.findings td.nw{width:1%}
 .findings td.run{min-width:6em}
 .findings .check,.findings .idx{color:#666;font-size:.85em}.findings .idx{margin-top:.3em}
+.findings .check{white-space:normal;overflow-wrap:anywhere}
 table.values{width:auto;margin:.5em 0}img.plot{max-width:100%;display:block;margin:.6em 0}
 .gallery{display:flex;flex-wrap:wrap;gap:1em}.gallery figure{margin:0;max-width:100%}
 .gallery img{max-width:100%;image-rendering:pixelated;min-width:160px;border:1px solid #eee}

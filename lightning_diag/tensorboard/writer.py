@@ -2,7 +2,8 @@
 
 Every artifact goes through these helpers so that a run without a TensorBoard logger
 (no logger, CSVLogger, ...) degrades to scalars through the generic logger API and skips
-images, text and histograms instead of crashing.
+images, text and histograms instead of crashing. Each write is charged to the run's byte budget
+(:func:`lightning_diag.budget.budget_of`): past it, the helpers write nothing more.
 
 The tags themselves are built and declared in :mod:`lightning_diag.tensorboard.tags`.
 """
@@ -17,7 +18,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from lightning_diag.budget import budget_of
 from lightning_diag.functional.monitors import histogram_edges
+from lightning_diag.markdown import markdown_table
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -40,22 +43,6 @@ __all__ = [
     "tensorboard_writer",
     "write_step_summary",
 ]
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    """A markdown table (as TensorBoard's text plugin and terminals show it); pipes escaped.
-
-    Example:
-        >>> print(markdown_table(["lr", "loss"], [["1e-3", "0.5"]]))
-        | lr | loss |
-        |---|---|
-        | 1e-3 | 0.5 |
-    """
-
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
-
-    return "\n".join([line(header), "|" + "---|" * len(header), *map(line, rows)])
 
 
 def tensorboard_writer(trainer: pl.Trainer) -> SummaryWriter | None:
@@ -82,9 +69,21 @@ def log_dir(trainer: pl.Trainer) -> Path | None:
     return Path(root) if root and trainer.loggers else None
 
 
+def _charge(trainer: pl.Trainer, nbytes: int) -> bool:
+    """Charge ``nbytes`` to the budget of the trainer's run (none without a TensorBoard
+    writer: nothing is counted)."""
+    writer = tensorboard_writer(trainer)
+    return writer is None or budget_of(writer).charge(nbytes)
+
+
+def _scalar_bytes(metrics: dict[str, Any]) -> int:
+    """About what a scalar event of each tag takes in an event file."""
+    return sum(len(tag) + 24 for tag in metrics)
+
+
 def log_scalars(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
     """Log plain numbers through every logger (rank zero only); non-finite values are kept."""
-    if not trainer.is_global_zero or not metrics:
+    if not trainer.is_global_zero or not metrics or not _charge(trainer, _scalar_bytes(metrics)):
         return
     clean = {k: float(v) for k, v in metrics.items()}
     for logger in trainer.loggers:
@@ -128,6 +127,9 @@ class SiblingRuns:
         if not trainer.is_global_zero or not values:
             return
         main = tensorboard_writer(trainer)
+        size = sum(_scalar_bytes(scalars) for scalars in values.values())
+        if main is not None and not budget_of(main).charge(size):
+            return
         if main is not None:
             root = Path(main.get_logdir())
             if root != self._root:
@@ -192,6 +194,9 @@ def log_image(trainer: pl.Trainer, tag: str, image: np.ndarray, step: int,
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
     png = buffer.getvalue()
+    copies = (writer is not None) + (directory is not None and bool(png_name))
+    if writer is not None and not budget_of(writer).charge(copies * len(png)):
+        return
     if directory is not None and png_name:
         directory.mkdir(parents=True, exist_ok=True)
         (directory / png_name).write_bytes(png)
@@ -213,6 +218,8 @@ def merge_custom_scalars(writer: SummaryWriter, category: str,
     new = {title: ["Multiline", tags] for title, tags in charts.items()}
     if layouts.get(category) == new:
         return
+    if not budget_of(writer).charge(len(repr(layouts)) + len(repr(new))):
+        return
     layouts[category] = new
     writer.add_custom_scalars(dict(layouts))
 
@@ -226,7 +233,7 @@ def log_histogram_counts(
     """
     flat = values.detach().reshape(-1).float()
     flat = flat[torch.isfinite(flat)]
-    if flat.numel() == 0:
+    if flat.numel() == 0 or not budget_of(writer).charge(len(tag) + 16 * bins + 64):
         return
     lo, hi = flat.min(), flat.max()
     if bool(hi <= lo):
@@ -279,8 +286,11 @@ def write_step_summary(writer: SummaryWriter, scalars: dict[str, float],
             values.append(Summary.Value(tag=tag, histo=HistogramProto(
                 min=lo, max=hi, num=num, sum=total, sum_squares=squares,
                 bucket_limit=histogram_edges(lo, hi, len(counts)), bucket=counts)))
+    summary = Summary(value=values)
+    if not budget_of(writer).charge(summary.ByteSize()):
+        return
     # The public add_* calls write one event per value; the file writer takes a whole Summary.
-    writer._get_file_writer().add_summary(Summary(value=values), step)
+    writer._get_file_writer().add_summary(summary, step)
 
 
 def log_scalars_elsewhere(trainer: pl.Trainer, writer: SummaryWriter, scalars: dict[str, float],

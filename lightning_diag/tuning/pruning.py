@@ -28,7 +28,9 @@ from lightning_diag.base import DiagnosticCallback
 from lightning_diag.callbacks.activation_histogram import ActivationHistogram
 from lightning_diag.callbacks.lr_advisor import LRPlateauAdvisor
 from lightning_diag.callbacks.update_ratio import UpdateRatioMonitor
+from lightning_diag.codes import CODES
 from lightning_diag.findings import Finding, Severity
+from lightning_diag.record import RunRecord
 from lightning_diag.tensorboard.tags import TUNING_TRIAL_ENDED
 from lightning_diag.tensorboard.writer import tensorboard_writer
 from lightning_diag.validation import check_int, require
@@ -36,20 +38,14 @@ from lightning_diag.validation import check_int, require
 __all__ = ["PRUNING_CODES", "TRIAL_STALL_STEPS", "DiagnosisPruning", "describe_end", "ends_trial",
            "trial_monitors"]
 
-#: WARN findings that end a search trial, with why such a trial is hopeless. Each is FAIL-level
+#: WARN findings that end a search trial, with why such a trial is hopeless (declared with each
+#: code: :attr:`lightning_diag.codes.CodeSpec.ends_trial`). Each is FAIL-level
 #: for a trial: a short run with a fixed configuration does not recover from it, while a person
 #: watching a long run might (lower the learning rate, restart from a checkpoint). A finite jump
 #: of the step loss (``advisor.divergence`` as a WARN) is not one: the digits MLP at lr 2.8e-2,
 #: batch 16, jumps at step 419 and ends at 0.933, its search's best; a non-finite loss (its
 #: FAIL) ends the trial, as every FAIL does.
-PRUNING_CODES: dict[str, str] = {
-    "advisor.stalled": "the step loss does not move",
-    "update_ratio.too_high": "an update as large as the weights",
-    "update_ratio.too_low": "updates far below the weights' scale",
-    "update_ratio.zero_updates": "no weight moves",
-    "gradients.vanishing": "the gradients vanish before the first layers",
-    "gradients.exploding": "the gradients explode",
-}
+PRUNING_CODES: dict[str, str] = {s.code: s.ends_trial for s in CODES if s.ends_trial}
 
 #: Finite step losses before a trial's loss must have moved (``advisor.stalled``).
 TRIAL_STALL_STEPS = 30
@@ -154,8 +150,7 @@ class DiagnosisPruning(DiagnosticCallback):
             self._check(trainer)
 
     def _check(self, trainer: pl.Trainer) -> None:
-        found = next((f for m in self.monitors for f in m.findings
-                      if ends_trial(f, self.codes)), None)
+        found = RunRecord.of(trainer).first(lambda f: ends_trial(f, self.codes), self.monitors)
         if trainer.world_size > 1:
             record = trainer.strategy.broadcast(found.to_dict() if found else None, src=0)
             found = Finding.from_dict(record) if record is not None else None

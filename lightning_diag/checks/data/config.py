@@ -23,8 +23,12 @@ class InspectionConfig:
     """Validated settings of a data inspection (see :func:`inspect_dataset` for their meaning)."""
 
     num_classes: int | None = None
+    #: The model's output width for one class per sample (set by the callback from the
+    #: captured output), used when ``num_classes`` is None.
+    output_classes: int | None = None
     max_samples: int = 100_000
     near_threshold: float = 0.997
+    token_threshold: float = 0.8
     imbalance_ratio: float = 10.0
     dim: int = 64
     chunk_size: int = 2048
@@ -38,12 +42,15 @@ class InspectionConfig:
 
     def __post_init__(self) -> None:
         check_int("num_classes", self.num_classes, optional=True)
+        check_int("output_classes", self.output_classes, optional=True)
         for name, low in (("max_samples", 2), ("dim", 8), ("chunk_size", 1), ("progress_min", 0)):
             check_int(name, getattr(self, name), low=low)
         check_int("seed", self.seed, low=None)
         check_int("num_threads", self.num_threads, optional=True)
         check_int("num_workers", self.num_workers, low=0)
         check_number("near_threshold", self.near_threshold, low=0, high=1, low_open=True,
+                     high_open=True)
+        check_number("token_threshold", self.token_threshold, low=0, high=1, low_open=True,
                      high_open=True)
         check_number("imbalance_ratio", self.imbalance_ratio, low=1, low_open=True)
         check_flag("progress", self.progress)

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from lightning_diag.checks.data.scan import DataReport, SplitScan
 from lightning_diag.findings import Finding, Severity
 from lightning_diag.functional.data import imbalance_ratio
+from lightning_diag.functional.tokens import SHINGLE
 
 __all__ = ["findings_of"]
 
@@ -59,6 +60,13 @@ def findings_of(report: DataReport, make: Make) -> list[Finding]:
     return out
 
 
+def _near_rule(report: DataReport, scan: SplitScan) -> str:
+    if scan.tokens:
+        return (f" (token sequences sharing >= {report.config.token_threshold:g} of their "
+                f"{SHINGLE}-token n-grams, Jaccard)")
+    return f" (centred cosine >= {report.config.near_threshold})"
+
+
 def _where(scan: SplitScan) -> str:
     return "" if scan.name == "train" else "Validation set: "
 
@@ -73,8 +81,12 @@ def _summary(report: DataReport, make: Make) -> Finding:
                          f"{s['near_duplicate_groups']} near duplicate groups")
     leaks = f"; {len(report.leaks['pairs'])} train/validation leak pairs" if report.val else ""
     shape = report.train.shape
+    inputs = (f"token sequences, the first of length {shape[0]}" if report.train.tokens
+              and shape else f"input shape {shape}")
+    classes = report.num_classes
+    source = f", {report.class_source}" if classes is not None else ""
     return make("data.summary", Severity.INFO,
-                f"Data inspected (input shape {shape}, {report.num_classes} classes): "
+                f"Data inspected ({inputs}, {classes} classes{source}): "
                 + "; ".join(parts) + leaks + ".", details=report.summary())
 
 
@@ -117,13 +129,19 @@ def _duplicates(report: DataReport, scan: SplitScan, make: Make) -> list[Finding
         if not groups:
             continue
         members = sorted(i for g in groups for i in g)
-        threshold = "" if code == "data.exact_duplicate" else (
-            f" (centred cosine >= {report.config.near_threshold})")
+        threshold = "" if code == "data.exact_duplicate" else _near_rule(report, scan)
         out.append(make(code, Severity.WARN,
                         f"{_where(scan)}{len(groups)} group(s) of {what} inputs{threshold}: "
                         f"{len(members)} samples, {len(members) - len(groups)} redundant.",
                         advice=_DUP, value=float(len(groups)), expected=0.0,
                         indices=tuple(members), details={**split, "groups": groups}))
+    if reason := report.near_skipped.get(scan.name):
+        out.append(make("data.near_duplicates_skipped", Severity.INFO,
+                        f"{_where(scan)}near duplicates not searched: {reason}. Exact "
+                        "duplicates are still reported.",
+                        advice="If these inputs are text, check the tokenization; else pass "
+                               "`batch_to_input=` returning them as float features.",
+                        details=split))
     labels = dict(zip(scan.indices.tolist(), scan.labels, strict=True))
     conflicts = [g for g in report.exact[scan.name]
                  if len({labels[i] for i in g if labels[i] is not None}) > 1]
@@ -150,10 +168,9 @@ def _labels(report: DataReport, scan: SplitScan, make: Make) -> list[Finding]:
     bad = [i for i, v in zip(scan.indices.tolist(), scan.labels, strict=True)
            if v is not None and not 0 <= v < n]
     if bad:
-        source = "given" if report.config.num_classes is not None else "inferred from train"
         out.append(make("data.label_out_of_range", Severity.FAIL,
                         f"{_where(scan)}{len(bad)} label(s) outside [0, {n}) ({n} classes, "
-                        f"{source}).",
+                        f"{report.class_source}).",
                         advice="Fix the labels or `num_classes`; cross-entropy fails on them.",
                         value=float(len(bad)), expected=(0.0, float(n - 1)), indices=tuple(bad),
                         details=split))

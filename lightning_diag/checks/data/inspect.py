@@ -36,10 +36,20 @@ from lightning_diag.functional.data import (
     hashed_similar_pairs,
     similar_pairs,
 )
+from lightning_diag.functional.tokens import (
+    SHINGLE,
+    background_share,
+    jaccard,
+    margin_for,
+    min_ngrams,
+    shingles,
+    similar_signature_pairs,
+)
 from lightning_diag.isolation import preserved_rng
 
 __all__ = [
     "EXACT_SEARCH_PAIRS",
+    "MAX_BACKGROUND",
     "MIN_NEAR_FEATURES",
     "DataReport",
     "InspectionConfig",
@@ -54,6 +64,10 @@ MakeFinding = Callable[..., Finding]
 # correlate that well): near duplicates are searched only on inputs with at least this many.
 MIN_NEAR_FEATURES = 16
 
+#: Token sequences: near duplicates are not searched when more than this share of random pairs
+#: already overlap at the threshold (chance, not copies). Text: 0 of 2,000 random pairs.
+MAX_BACKGROUND = 0.01
+
 # Above this many sample pairs (a set of ~141,000 with itself) near duplicates are searched by
 # random-hyperplane hashing (about N log N; a pair at the threshold is missed with probability
 # below 1e-6) rather than by comparing every pair (exact, N**2).
@@ -62,8 +76,8 @@ EXACT_SEARCH_PAIRS = 10**10
 
 def inspect_dataset(
     train: Any, val: Any = None, num_classes: int | None = None, *,
-    max_samples: int = 100_000, near_threshold: float = 0.997, imbalance_ratio: float = 10.0,
-    batch_to_input: BatchFn = default_batch_to_input,
+    max_samples: int = 100_000, near_threshold: float = 0.997, token_threshold: float = 0.8,
+    imbalance_ratio: float = 10.0, batch_to_input: BatchFn = default_batch_to_input,
     batch_to_target: BatchFn = default_batch_to_target, dim: int = 64, chunk_size: int = 2048,
     seed: int = 0, progress: bool = True, num_threads: int | None = 1, num_workers: int = 0,
 ) -> list[Finding]:
@@ -79,6 +93,10 @@ def inspect_dataset(
         near_threshold: Cosine similarity of per-sample centred inputs above which two distinct
             samples are near duplicates. 0.997 sits above the closest distinct pair of
             scikit-learn's digits (0.9942, two 1s) and below a copy with a little noise.
+        token_threshold: For token sequences (1-D integer inputs, compared as sequences, never
+            as intensities): the Jaccard similarity of two sequences' sets of 3-token n-grams
+            above which they are near duplicates. 0.8 is the usual near-duplicate threshold
+            for text; see ``docs/callbacks/data_inspection.md`` for the margin measured.
         imbalance_ratio: Warn when the commonest class has this many times the rarest's samples.
         batch_to_input: Maps a sample to its input (default: ``sample[0]`` or a known dict key).
         batch_to_target: Maps a sample to its target (default: ``sample[1]``, a known key, None).
@@ -110,9 +128,9 @@ def inspect_dataset(
     """
     config = InspectionConfig(
         num_classes=num_classes, max_samples=max_samples, near_threshold=near_threshold,
-        imbalance_ratio=imbalance_ratio, dim=dim, chunk_size=chunk_size, seed=seed,
-        progress=progress, batch_to_input=batch_to_input, batch_to_target=batch_to_target,
-        num_threads=num_threads, num_workers=num_workers,
+        token_threshold=token_threshold, imbalance_ratio=imbalance_ratio, dim=dim,
+        chunk_size=chunk_size, seed=seed, progress=progress, batch_to_input=batch_to_input,
+        batch_to_target=batch_to_target, num_threads=num_threads, num_workers=num_workers,
     )
 
     def make(code: str, severity: Any, message: str, **kw: Any) -> Finding:
@@ -135,14 +153,17 @@ def run_inspection(train: Any, val: Any, config: InspectionConfig, make: MakeFin
     with preserved_rng(), torch.no_grad(), _threads(config.num_threads):
         scan_train = SplitScan.read(train, "train", config)
         scan_val = SplitScan.read(val, "validation", config) if val is not None else None
-        if scan_val is not None and scan_val.shape != scan_train.shape:
+        if scan_val is not None and not _comparable(scan_train, scan_val):
             scan_val.exclude_all()  # inputs of another shape cannot be compared with train
         report = DataReport(train=scan_train, val=scan_val, config=config)
+        searched = {}
         for scan in report.scans():
             report.exact[scan.name] = [scan.to_indices(g) for g in duplicate_groups(scan.keys())]
-            report.near[scan.name] = [scan.to_indices(g) for g in _near_groups(scan, config)]
+            searched[scan.name], report.near_skipped[scan.name] = _token_gate(scan, config)
+            report.near[scan.name] = ([scan.to_indices(g) for g in _near_groups(scan, config)]
+                                      if searched[scan.name] else [])
         if scan_val is not None:
-            report.leaks = _leaks(scan_train, scan_val, config)
+            report.leaks = _leaks(scan_train, scan_val, config, near=searched[scan_train.name])
         report.findings = findings_of(report, make)
     return report
 
@@ -169,8 +190,74 @@ def _verify(
     return pairs[centered_cosine(left, right) >= config.near_threshold]
 
 
+def _comparable(train: SplitScan, val: SplitScan) -> bool:
+    """Whether validation inputs can be compared with training ones: the same shape, or token
+    sequences on both sides (of any lengths)."""
+    return train.tokens == val.tokens and (train.tokens or val.shape == train.shape)
+
+
+def _near_reps(scan: SplitScan, config: InspectionConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The representations searched for near duplicates and their positions: every comparable
+    sample, but for token sequences only those long enough to judge (:func:`min_ngrams`)."""
+    reps, pos = scan.valid_reps()
+    if scan.tokens:
+        keep = scan.ngrams[pos] >= min_ngrams(config.token_threshold)
+        reps, pos = reps[keep], pos[keep]
+    return reps, pos
+
+
+def _token_gate(scan: SplitScan, config: InspectionConfig) -> tuple[bool, str]:
+    """Whether near duplicates of ``scan``'s token sequences are searched at all, and why some
+    or all are not ("" when every sequence is)."""
+    if not scan.tokens:
+        return True, ""
+    reps, pos = _near_reps(scan, config)
+    share = background_share(reps, config.token_threshold, seed=config.seed)
+    if share > MAX_BACKGROUND:
+        return False, (
+            f"{share:.0%} of random pairs of its integer sequences already share "
+            f"{config.token_threshold:g} of their {SHINGLE}-token n-grams (Jaccard), so an "
+            f"overlap that high says nothing (allowed: {MAX_BACKGROUND:.0%}); these look like "
+            "codes over a few symbols, not text")
+    short = int(scan.valid.sum()) - len(pos)
+    if not short:
+        return True, ""
+    need = min_ngrams(config.token_threshold)
+    return len(pos) > 1, (
+        f"{short} of {int(scan.valid.sum())} token sequences hold fewer than {need} distinct "
+        f"{SHINGLE}-token n-grams (median {int(scan.ngrams[scan.valid].median())}), too few for "
+        f"their overlap to tell a near copy from another sentence (a Jaccard of "
+        f"{config.token_threshold:g} means at most one changed token in {need} n-grams); they "
+        "were compared for exact copies only")
+
+
+def _token_candidates(a: SplitScan, b: SplitScan | None,
+                      config: InspectionConfig) -> torch.Tensor:
+    """Position pairs of token sequences whose n-gram sets overlap at ``token_threshold`` or
+    more: candidates from the MinHash signatures, those near the threshold verified exactly."""
+    threshold = config.token_threshold
+    margin = margin_for(threshold=threshold)
+    ra, pa = _near_reps(a, config)
+    rb, pb = (ra, pa) if b is None else _near_reps(b, config)
+    found, estimate = similar_signature_pairs(ra, None if b is None else rb, threshold,
+                                              margin=margin)
+    pairs = torch.stack([pa[found[:, 0]], pb[found[:, 1]]], dim=1)
+    other = a if b is None else b
+    keep = [bool(e >= threshold + margin) or _exact_overlap(a, int(i), other, int(j)) >= threshold
+            for (i, j), e in zip(pairs.tolist(), estimate.tolist(), strict=True)]
+    return pairs[torch.tensor(keep, dtype=torch.bool)] if keep else pairs
+
+
+def _exact_overlap(a: SplitScan, i: int, b: SplitScan, j: int) -> float:
+    """The exact Jaccard similarity of the n-gram sets of two sequences, read again."""
+    left, right = (s.sample(int(s.indices[p])).reshape(1, -1) for s, p in ((a, i), (b, j)))
+    return jaccard(shingles(left)[0], shingles(right)[0])
+
+
 def _candidates(a: SplitScan, b: SplitScan | None, config: InspectionConfig) -> torch.Tensor:
     """Similar position pairs of ``a`` (with itself, or with ``b``), verified on full inputs."""
+    if a.tokens:
+        return _token_candidates(a, b, config)
     if a.features < MIN_NEAR_FEATURES:
         return torch.zeros(0, 2, dtype=torch.long)
     threshold = candidate_threshold(config.near_threshold, a.projection is not None)
@@ -193,16 +280,18 @@ def _near_groups(scan: SplitScan, config: InspectionConfig) -> list[list[int]]:
     return connected_groups(keep)
 
 
-def _leaks(train: SplitScan, val: SplitScan, config: InspectionConfig) -> dict[str, Any]:
-    """Train/validation pairs (dataset indices) sharing an input, exactly or nearly."""
+def _leaks(train: SplitScan, val: SplitScan, config: InspectionConfig,
+           near: bool = True) -> dict[str, Any]:
+    """Train/validation pairs (dataset indices) sharing an input, exactly or (with ``near``)
+    nearly."""
     by_hash: dict[bytes, list[int]] = {}
     for pos, key in enumerate(train.hashes):
         if key is not None:
             by_hash.setdefault(key, []).append(pos)
     exact = [(i, j) for j, key in enumerate(val.hashes) if key is not None
              for i in by_hash.get(key, [])]
-    near = [tuple(p) for p in _candidates(train, val, config).tolist()]
-    pairs = sorted(set(exact) | set(near))
+    close = [tuple(p) for p in _candidates(train, val, config).tolist()] if near else []
+    pairs = sorted(set(exact) | set(close))
     return {
         "pairs": [(int(train.indices[i]), int(val.indices[j])) for i, j in pairs],
         "exact": len(exact),

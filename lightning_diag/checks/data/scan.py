@@ -41,6 +41,13 @@ from lightning_diag.functional.data import (
     reduce_samples,
     sample_hashes,
 )
+from lightning_diag.functional.tokens import (
+    NUM_HASHES,
+    distinct_counts,
+    is_token_sequence,
+    minhash,
+    shingles,
+)
 
 __all__ = ["DataReport", "NotInspectable", "SplitScan", "as_tensor"]
 
@@ -124,6 +131,7 @@ class _Chunk:
     pos: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     reps: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 1))
     hashes: list[bytes] = field(default_factory=list)
+    ngrams: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
     # where and what the user's `batch_to_input`/`batch_to_target` raised (an exception holding
     # another does not cross processes; these do)
     failed: tuple[str, Exception] | None = None
@@ -134,9 +142,11 @@ class _ChunkReader(TorchDataset):
     into a :class:`_Chunk`: a map-style dataset that a DataLoader's workers can read."""
 
     def __init__(self, dataset: Any, config: InspectionConfig, indices: list[int], start: int,
-                 shape: tuple[int, ...], projection: torch.Tensor | None) -> None:
+                 shape: tuple[int, ...], projection: torch.Tensor | None,
+                 tokens: bool = False) -> None:
         self.dataset, self.config, self.indices = dataset, config, indices
         self.start, self.shape, self.projection = start, shape, projection
+        self.tokens = tokens
 
     def __len__(self) -> int:
         return -(-(len(self.indices) - self.start) // _CHUNK)
@@ -164,6 +174,9 @@ class _ChunkReader(TorchDataset):
                 return chunk
             if isinstance(label, int):
                 chunk.labels.append((pos, label))
+            if self.tokens and is_token_sequence(x) and len(x):  # sequences of any length
+                same.append((pos, x))
+                continue
             if tuple(x.shape) != self.shape:
                 chunk.other_shape += 1
                 if not bool(torch.isfinite(x.float()).all()):
@@ -176,6 +189,9 @@ class _ChunkReader(TorchDataset):
 
     def _compare_form(self, chunk: _Chunk, same: list[tuple[int, torch.Tensor]]) -> None:
         """Hashes and reduced representations of the finite samples; the others named."""
+        if self.tokens:
+            self._compare_tokens(chunk, same)
+            return
         pos = torch.tensor([p for p, _ in same])
         x = torch.stack([t for _, t in same]).reshape(len(same), -1).float()
         finite = torch.isfinite(x).all(dim=1)
@@ -184,6 +200,26 @@ class _ChunkReader(TorchDataset):
         chunk.constant.extend(self.indices[p] for p in pos[constant_mask(x)].tolist())
         chunk.pos, chunk.hashes = pos, sample_hashes(x)
         chunk.reps = reduce_samples(x, self.projection)
+
+
+    def _compare_tokens(self, chunk: _Chunk, same: list[tuple[int, torch.Tensor]]) -> None:
+        """Hashes of the values and MinHash signatures of the token n-grams (never the values
+        as intensities); a sequence of one repeated token (all padding) is constant."""
+        lengths = torch.tensor([len(t) for _, t in same])
+        padded = torch.zeros(len(same), int(lengths.max()), dtype=torch.int64)
+        for row, (_, t) in enumerate(same):
+            padded[row, : len(t)] = t
+        chunk.pos = torch.tensor([p for p, _ in same])
+        chunk.hashes = [_value_hash(t) for _, t in same]
+        chunk.constant.extend(self.indices[p] for p, t in same if bool(t.min() == t.max()))
+        grams = shingles(padded, lengths=lengths)
+        chunk.reps = minhash(grams, seed=self.config.seed)
+        chunk.ngrams = distinct_counts(grams)
+
+
+def _value_hash(x: torch.Tensor) -> bytes:
+    """A 16-byte digest of one sequence's values (as int64: the dtype does not matter)."""
+    return sample_hashes(x.to(torch.int64)[None])[0]
 
 
 def _as_is(chunk: _Chunk) -> _Chunk:
@@ -211,6 +247,11 @@ class SplitScan:
     shape: tuple[int, ...] | None = None
     size: int = 0
     projection: torch.Tensor | None = None
+    #: Whether the inputs are token ids (:func:`~lightning_diag.functional.tokens.
+    #: is_token_sequence`), compared as sequences: ``reps`` then holds MinHash signatures and
+    #: ``ngrams`` each sequence's number of distinct n-grams.
+    tokens: bool = False
+    ngrams: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
 
     @property
     def features(self) -> int:
@@ -245,7 +286,7 @@ class SplitScan:
             bar.close()
             return
         reader = _ChunkReader(self.dataset, self.config, self.indices.tolist(), first,
-                              self.shape, self.projection)
+                              self.shape, self.projection, self.tokens)
         chunks: Iterable[_Chunk] = (reader[c] for c in range(len(reader)))
         if self.config.num_workers > 0 and len(reader) > 1:  # decoding in parallel processes
             chunks = DataLoader(reader, batch_size=None, num_workers=self.config.num_workers,
@@ -267,6 +308,7 @@ class SplitScan:
             if x is None:
                 continue
             self._take_label(pos, self._target(sample))
+            self.tokens = is_token_sequence(x) and len(x) > 0
             self._start(tuple(x.shape))
             return pos
         return len(self.indices)
@@ -298,10 +340,14 @@ class SplitScan:
 
     def _start(self, shape: tuple[int, ...]) -> None:
         self.shape = shape
+        self.valid = torch.zeros(len(self.indices), dtype=torch.bool)
+        if self.tokens:
+            self.reps = torch.zeros(len(self.indices), NUM_HASHES, dtype=torch.int32)
+            self.ngrams = torch.zeros(len(self.indices), dtype=torch.int64)
+            return
         self.projection = projection_matrix(self.features, self.config.dim, self.config.seed)
         width = self.features if self.projection is None else self.config.dim
         self.reps = torch.zeros(len(self.indices), width)
-        self.valid = torch.zeros(len(self.indices), dtype=torch.bool)
 
     def _merge(self, chunk: _Chunk) -> None:
         if chunk.failed is not None:
@@ -316,6 +362,8 @@ class SplitScan:
         for p, key in zip(chunk.pos.tolist(), chunk.hashes, strict=True):
             self.hashes[p] = key
         self.reps[chunk.pos] = chunk.reps
+        if self.tokens:
+            self.ngrams[chunk.pos] = chunk.ngrams
         self.valid[chunk.pos] = True
 
     def keys(self) -> list[Any]:
@@ -358,6 +406,8 @@ class DataReport:
     exact: dict[str, list[list[int]]] = field(default_factory=dict)
     near: dict[str, list[list[int]]] = field(default_factory=dict)
     leaks: dict[str, Any] = field(default_factory=lambda: {"pairs": [], "exact": 0})
+    #: Per split, why near duplicates were not searched ("" when they were).
+    near_skipped: dict[str, str] = field(default_factory=dict)
     findings: list[Finding] = field(default_factory=list)
 
     def scans(self) -> list[SplitScan]:
@@ -365,11 +415,26 @@ class DataReport:
 
     @property
     def num_classes(self) -> int | None:
+        """``num_classes`` if given, else the model's output width if known, else the largest
+        label of every split plus one (so that a class only validation holds is in range)."""
         if self.config.num_classes is not None:
             return self.config.num_classes
-        labels = self.train.label_tensor()
-        top = int(labels.max()) if len(labels) else -1
+        if self.config.output_classes is not None:
+            return self.config.output_classes
+        tops = [int(t.max()) for s in self.scans() if s.label_kind == "class"
+                and len(t := s.label_tensor())]
+        top = max(tops, default=-1)
         return top + 1 if top >= 0 else None
+
+    @property
+    def class_source(self) -> str:
+        """Where :attr:`num_classes` comes from, in words."""
+        if self.config.num_classes is not None:
+            return "given"
+        if self.config.output_classes is not None:
+            return "the model's output width"
+        return ("inferred from the labels of both splits" if self.val is not None
+                else "inferred from the labels")
 
     def counts(self, scan: SplitScan) -> torch.Tensor | None:
         """Samples per class of ``scan`` (None without class labels)."""
