@@ -117,9 +117,10 @@ class EMAWeights(DiagnosticCallback):
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
-        if trainer.global_step > self._last_step:  # an optimizer step happened (accumulation)
-            self._last_step = trainer.global_step
-            self._maybe_update(trainer, outputs)
+        step = trainer.global_step  # a chain of Lightning properties: read once a batch
+        if step > self._last_step:  # an optimizer step happened (accumulation)
+            self._last_step = step
+            self._maybe_update(trainer, outputs, step - 1)
 
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -208,8 +209,8 @@ class EMAWeights(DiagnosticCallback):
         if pending is not None:
             self._slots.load(pending["ema"])
 
-    def _maybe_update(self, trainer: pl.Trainer, outputs: Any) -> None:
-        step = trainer.global_step - 1
+    def _maybe_update(self, trainer: pl.Trainer, outputs: Any, step: int) -> None:
+        """Update the average after optimizer step ``step`` (0-based) when it is due."""
         if step < self.start_step or (step - self.start_step) % self.update_every_n_steps:
             return
         slots = self._built()
