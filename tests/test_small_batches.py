@@ -114,7 +114,9 @@ def test_the_messages_say_how_many_samples_were_judged(tmp_path: Path) -> None:
     (jump,) = [f for f in adv.findings if f.code == "advisor.divergence"]
     assert jump.message.startswith("Mean loss of the last 8 batches (32 samples, judged "
                                    "together: one small batch is too few to judge a jump)")
-    assert jump.details["samples"] == 32 and len(jump.details["batches"]) == 8
+    assert (jump.details["samples"], jump.details["batches"]) == (32, 8)
+    assert jump.details["batch_indices"] == list(range(jump.details["batch_idx"] - 7,
+                                                       jump.details["batch_idx"] + 1))
     assert len(jump.indices) == 32  # the group's samples, from the sequential loader
 
 

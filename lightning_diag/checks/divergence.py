@@ -137,7 +137,7 @@ def describe_divergence(trainer: pl.Trainer, loss: float, median: float,
     return (f"{head} {what} at {where}; {idx_text}.{saved}", indices,
             {"batch_idx": group[-1][1], "indices_source": source,
              "batch_path": str(path) if path else None, "samples": samples,
-             "batches": [i for _, i in group]})
+             "batches": batches, "batch_indices": [i for _, i in group]})
 
 
 def data_link(indices: tuple[int, ...], found: list[Finding]
