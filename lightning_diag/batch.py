@@ -24,6 +24,7 @@ __all__ = [
     "INPUT_KEYS",
     "NoLossError",
     "OutputCapture",
+    "RefusedOnACopy",
     "TARGET_KEYS",
     "UserCodeError",
     "batch_size",
@@ -32,6 +33,7 @@ __all__ = [
     "default_batch_to_target",
     "loss_from_output",
     "map_floats",
+    "refusal_in",
     "select_samples",
     "step_loss",
 ]
@@ -42,6 +44,16 @@ T = TypeVar("T")
 
 class NoLossError(ValueError):
     """``training_step`` returned no loss (None, or no ``"loss"`` entry): nothing to measure."""
+
+
+class RefusedOnACopy(NoLossError):
+    """The user's code asked a copy's stand-in Trainer for something that could act on the real
+    run (``self.trainer.save_checkpoint``, ``self.trainer.fit_loop``...): the side experiment
+    steps aside (``<slug>.skipped``, naming the attribute) rather than act on it.
+
+    Raised by :class:`~lightning_diag.isolation.TrainerView`; :func:`step_loss` takes it out of
+    the :class:`UserCodeError` that :func:`call_user` wraps it in, so that it reads as a skip.
+    """
 
 
 class UserCodeError(Exception):
@@ -65,6 +77,21 @@ class UserCodeError(Exception):
     def __init__(self, where: str, error: Exception) -> None:
         self.where, self.error = where, error
         super().__init__(f"{where} raised {type(error).__name__}: {error}")
+
+
+def refusal_in(err: BaseException) -> RefusedOnACopy | None:
+    """The :class:`RefusedOnACopy` behind ``err``, through nested :class:`UserCodeError`
+    wrappings (a ``configure_optimizers`` that ``self.optimizers()`` calls inside the step);
+    else None.
+
+    Example:
+        >>> refusal = RefusedOnACopy("`self.trainer.save_checkpoint`")
+        >>> refusal_in(UserCodeError("`step`", UserCodeError("`configure`", refusal))) is refusal
+        True
+    """
+    while isinstance(err, UserCodeError):
+        err = err.error
+    return err if isinstance(err, RefusedOnACopy) else None
 
 
 def call_user(where: str, fn: Callable[..., T], *args: Any) -> T:
@@ -169,8 +196,14 @@ def step_loss(module: pl.LightningModule, batch: Any, batch_idx: int = 0) -> tor
     begin = getattr(view, "begin_step", None)  # only a copy's TrainerView has these two
     if begin is not None:
         begin()
-    step = call_user(f"`{type(module).__name__}.training_step`", module.training_step, batch,
-                     batch_idx)
+    try:
+        step = call_user(f"`{type(module).__name__}.training_step`", module.training_step,
+                         batch, batch_idx)
+    except UserCodeError as err:
+        refused = refusal_in(err)
+        if refused is None:
+            raise
+        raise refused from err
     if begin is not None:
         return view.step_loss(step)  # type: ignore[union-attr]
     return loss_from_output(step)

@@ -140,6 +140,8 @@ def _declarations() -> tuple[CodeSpec, ...]:
         c("data.class_imbalance", data, W, W, "the commonest class far outnumbers the rarest",
           "1", value="commonest / rarest class", cause="data",
           fix="collect or re-weight the rare classes"),
+        c("data.class_absent", data, INFO, INFO, "classes a split has no sample of that another "
+          "split holds", "1", value="classes"),
         c("data.leakage", data, W, F, "validation samples that repeat training ones", "1",
           value="share of the validation set", percent=True, cause="data",
           fix="take the leaked samples out of one split (until then validation overstates "
@@ -167,6 +169,9 @@ def _declarations() -> tuple[CodeSpec, ...]:
         c("initial_loss.non_finite", init, F, F, "the initial loss is NaN or Inf", "3",
           cause="implementation",
           fix="the loss is NaN/Inf at initialization (log(0), a division by zero)"),
+        c("initial_loss.summed", init, INFO, INFO, "the loss sums over the samples: judged per "
+          "sample; the learning rate then scales with the batch size", "3",
+          value="doubled-batch loss ratio"),
         c("initial_loss.no_expectation", init, INFO, INFO, "no expected initial loss can be "
           "inferred (pass `expected_loss=`)", "3", value="initial loss"),
         c("initial_loss.regularization", init, INFO, INFO, "the regularization found, or why none "

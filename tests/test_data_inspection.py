@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
 from lightning_diag.callbacks.data_inspection import DataInspection
-from lightning_diag.checks.data.inspect import inspect_dataset
+from lightning_diag.checks.data.inspect import InspectionConfig, inspect_dataset, run_inspection
 from lightning_diag.examples.digits import DigitsDataModule, load_digits_tensors
 from lightning_diag.findings import FINDINGS_FILE, Finding, Severity
 from lightning_diag.tensorboard.tags import (
@@ -564,9 +564,51 @@ def test_a_validation_class_absent_from_training_is_in_range(split: Any) -> None
     assert not by_code(found, "data.label_out_of_range")
     assert "10 classes, inferred from the labels of both splits" in one(
         found, "data.summary").message
-    missing = one(found, "data.class_imbalance")  # training never shows class 9: worth a look
-    assert missing.details == {"split": "train", "counts": missing.details["counts"],
-                               "missing": [9]}
+    # training never shows class 9, validation does: a fact about the splits, not a warning
+    assert codes(found) == set(), [f.format() for f in found]
+    absent = one(found, "data.class_absent")
+    assert absent.severity is Severity.INFO and absent.details["split"] == "train"
+    assert absent.details["classes"] == [9]
+    assert absent.details["held_by"] == {"9": {"validation": int((yv == 9).sum())}}
+    assert "class(es) [9] have no sample in the train split" in absent.message
+    assert f"class 9: {int((yv == 9).sum())} in validation" in absent.message
+
+
+def test_a_class_in_no_split_stays_as_it_was(split: Any) -> None:
+    """A class no split holds: below the largest training label, a gap in the labels (WARN, as
+    before the class count read every split); above it, nothing (only the model's output
+    width allows it, which says nothing about the data)."""
+    x, y, xv, yv = split
+    gap = (y != 4) & (y != 9)
+    vgap = (yv != 4) & (yv != 9)
+    found = inspect_dataset(TensorDataset(x[gap], y[gap]), TensorDataset(xv[vgap], yv[vgap]),
+                            progress=False)
+    warned = by_code(found, "data.class_imbalance")
+    assert [(f.details["split"], f.details["missing"]) for f in warned] == [
+        ("train", [4]), ("validation", [4])]
+    assert all("class(es) [4] have no sample in any split" in f.message for f in warned)
+    assert not by_code(found, "data.class_absent")
+    # a 10-output model: class 9 is in range, held by no split and above every label
+    config = InspectionConfig(output_classes=10, progress=False)
+    report = run_inspection(TensorDataset(x[gap], y[gap]), TensorDataset(xv[vgap], yv[vgap]),
+                            config, lambda code, severity, message, **kw: Finding(
+                                "t", code, severity, message, **kw))
+    assert "10 classes, the model's output width" in one(report.findings,
+                                                         "data.summary").message
+    assert [f.details["missing"] for f in by_code(report.findings, "data.class_imbalance")] == [
+        [4], [4]]
+    assert not by_code(report.findings, "data.class_absent")
+
+
+def test_a_small_validation_set_lacking_a_class_is_a_fact(split: Any) -> None:
+    x, y, xv, yv = split
+    keep = yv != 2
+    found = inspect_dataset(TensorDataset(x, y), TensorDataset(xv[keep], yv[keep]),
+                            progress=False)
+    assert codes(found) == set(), [f.format() for f in found]
+    absent = one(found, "data.class_absent")
+    assert absent.details["split"] == "validation" and absent.details["classes"] == [2]
+    assert absent.message.startswith("Validation set: class(es) [2]")
 
 
 def _fit_digits(tmp_path: Path, check: DataInspection, y: torch.Tensor, yv: torch.Tensor,
@@ -583,7 +625,8 @@ def test_the_models_output_width_counts_the_classes(tmp_path: Path, split: Any) 
     keep = y != 9
     y_no9 = torch.where(keep, y, torch.zeros_like(y))  # class 9 only in validation
     _fit_digits(tmp_path, healthy, y_no9, yv, split)
-    assert codes(healthy.findings, "fail") == set()
+    assert codes(healthy.findings) == set(), [f.format() for f in healthy.findings]
+    assert one(healthy.findings, "data.class_absent").details["classes"] == [9]
     assert "10 classes, the model's output width" in one(healthy.findings,
                                                          "data.summary").message
     broken = DataInspection()

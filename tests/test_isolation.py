@@ -175,3 +175,36 @@ def test_clone_copies_a_state_still_attached_to_the_graph_detached():
     clone = clone_module(model)
     assert clone.hidden[0].grad_fn is None and torch.equal(clone.hidden[0], out)
     assert model.hidden[0] is out and out.grad_fn is not None
+
+
+def test_preserved_generators_finds_them_in_nested_datasets_and_transforms():
+    import random as stdlib_random
+
+    import numpy as np
+    from torch.utils.data import ConcatDataset, Dataset
+
+    from lightning_diag.isolation import preserved_generators
+
+    class Jitter:
+        def __init__(self) -> None:
+            self.rng = stdlib_random.Random(0)
+
+    class Part(Dataset):
+        def __init__(self) -> None:
+            self.gen = torch.Generator().manual_seed(1)
+            self.legacy = np.random.RandomState(2)
+            self.transform = Jitter()
+            self.np = np  # a module: not walked
+
+        def __len__(self) -> int:
+            return 2
+
+        def __getitem__(self, i: int) -> float:
+            return float(torch.rand(1, generator=self.gen)) + self.legacy.rand() + \
+                self.transform.rng.random()
+
+    data = ConcatDataset([Part(), Part()])
+    with preserved_generators(data):
+        inside = [data[i] for i in range(4)]
+    assert [data[i] for i in range(4)] == inside  # every generator put back
+    assert [data[i] for i in range(4)] != inside  # and drawing on, outside the block

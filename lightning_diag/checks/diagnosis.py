@@ -54,7 +54,7 @@ CAUSES: dict[str, tuple[str, str]] = {
     "initialization": ("The initialization is off (recipe 3)",
                        "Scale the initialization down, the last layer first, until the initial "
                        "loss matches its expectation (log C for C classes, recipe 3.1); check "
-                       "the loss itself (softmax applied twice, reduction='sum')."),
+                       "the loss itself (softmax applied twice, wrong labels)."),
     "lr_high": ("The learning rate is too high (recipe 5.5)",
                 "Lower the learning rate about 10x{ladder} (the update ratio should be near "
                 "1e-3, recipe 5.5), or pick it with the learning-rate sweep (recipe 6.1: "

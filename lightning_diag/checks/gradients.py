@@ -172,7 +172,8 @@ def check_gradients(
         kinky = has_kinks(clone) if kinks is None else kinks
         probe = _Probe.of(clone, value, run.loss_at(), kinky, h, tolerance)
         gen = torch.Generator().manual_seed(seed)
-        table = [_check_tensor(name, p, run.loss_at, probe, coords_per_tensor, direction, gen)
+        table = [_check_tensor(name, p, run.gradients[name], run.loss_at, probe,
+                               coords_per_tensor, direction, gen)
                  for name, p in clone.named_parameters() if p.requires_grad]
     return [_summarize(table, probe.tol, kinky, run.samples, run.restored, run.float64)]
 
@@ -195,6 +196,8 @@ class _Evaluator:
         self.rng = RNGState.capture()
         self.float64 = Float64Step()
         self.restored: list[str] = []
+        #: The analytic gradients, by parameter name (:meth:`backward`).
+        self.gradients: dict[str, torch.Tensor] = {}
 
     def _prepare(self, restore: bool) -> None:
         self.rng.restore()
@@ -234,12 +237,26 @@ class _Evaluator:
         return None
 
     def backward(self) -> float:
-        """The analytic gradients (into ``.grad``) at the unperturbed weights; the loss."""
+        """The analytic gradients at the unperturbed weights (into :attr:`gradients`); the loss.
+
+        They are kept apart and ``.grad`` is cleared: every later evaluation runs the user's
+        step again, and a step that edits ``.grad`` after its backward (``clip_gradients``,
+        ``clip_grad_norm_``, ``self.zero_grad()``, under manual optimization) would otherwise
+        clip or clear the very gradients being compared. Such edits act on the update, not on
+        the gradient of the loss, which is what the check compares.
+        """
         self._prepare(True)
+        params = [(name, p) for name, p in self.clone.named_parameters() if p.requires_grad]
+        for _, p in params:
+            p.grad = None
         with self.float64.evaluation():
             loss = self._loss()
             if loss.requires_grad:
                 loss.backward()
+        for name, p in params:
+            self.gradients[name] = (p.grad.detach().clone() if p.grad is not None
+                                    else torch.zeros_like(p))
+            p.grad = None
         return float(loss.detach())
 
     def loss_at(self) -> float:
@@ -333,9 +350,9 @@ class _Probe:
         return cls(step, eps, tol, f_zero)
 
 
-def _check_tensor(name: str, p: torch.Tensor, loss_at: Callable[[], float], probe: _Probe,
-                  coords: int, direction: bool, gen: torch.Generator) -> TensorGradientError:
-    grad = p.grad if p.grad is not None else torch.zeros_like(p)
+def _check_tensor(name: str, p: torch.Tensor, grad: torch.Tensor, loss_at: Callable[[], float],
+                  probe: _Probe, coords: int, direction: bool,
+                  gen: torch.Generator) -> TensorGradientError:
     numel = p.numel()
     picks = (torch.randperm(numel, generator=gen)[:coords] if numel <= 100 * coords
              else torch.randint(numel, (coords,), generator=gen).unique())

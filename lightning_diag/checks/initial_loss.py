@@ -13,8 +13,10 @@ Each head is judged by what its output is: scores (logits of a classification ta
 probabilities, log-probabilities) must move the loss by at most the tolerance band
 (:func:`loss_tolerance`); values (a regression, embeddings, distribution parameters) by at most
 :data:`REGRESSION_FACTOR` - 1 times the know-nothing loss. A loss that doubles with the batch
-(summed over the samples, ``reduction="sum"``) and a classification loss below 0 at a uniform
-prediction (``nll_loss`` given probabilities) are flagged too.
+(summed over the samples, ``reduction="sum"``, as PyTorch's VAE example does) is said
+(``initial_loss.summed``, INFO) and judged per sample: the loss and its expectation divided by
+the batch size. A classification loss below 0 at a uniform prediction (``nll_loss`` given
+probabilities) is flagged.
 
 Example:
     >>> from lightning_diag.examples.digits import DigitsClassifier, load_digits_tensors
@@ -40,6 +42,7 @@ from lightning_diag.batch import (
     BatchFn,
     NoLossError,
     OutputCapture,
+    RefusedOnACopy,
     UserCodeError,
     batch_size,
     call_user,
@@ -81,19 +84,13 @@ CHECK = "InitialLossCheck"
 MISMATCH_ADVICE = (
     "With small weights a network starts at the loss of a know-nothing prediction (log C for a "
     "C-class softmax classifier, recipe step 3.1): scale down the initialization (especially "
-    "the last layer), and check the loss itself (softmax applied twice, reduction='sum', wrong "
-    "labels)."
+    "the last layer), and check the loss itself (softmax applied twice, wrong labels)."
 )
 REGRESSION_ADVICE = (
     "With small weights a network's values start near 0, so the loss starts near its value at a "
     "zero output (for a mean squared error, mean(y^2); recipe step 3.1); far above it the "
     "initial outputs are larger than the targets themselves: scale down the initialization "
     "(especially the last layer), or standardize the targets."
-)
-SUM_ADVICE = (
-    "Average the loss over the samples (reduction='mean', or divide by the batch size): a sum "
-    "grows with the batch size, so the expectation per sample (recipe step 3.1) and the "
-    "learning rate both depend on it. If the sum is intended, pass `expected_loss=`."
 )
 NEGATIVE_ADVICE = (
     "A cross-entropy is never below 0: look for `nll_loss` given probabilities instead of "
@@ -269,6 +266,14 @@ class _Runs:
         self.state.restore()
         return sum(losses) / len(losses)
 
+    def mean_batch_size(self) -> float | None:
+        """The mean sample count of the batches (None when one cannot be read): a loss summed
+        over the samples, averaged over the batches, divided by it is the loss per sample."""
+        sizes = [_batch_size(b) for b in self.batches]
+        if not sizes or any(not s for s in sizes):
+            return None
+        return sum(s or 0 for s in sizes) / len(sizes)
+
     def doubled_ratio(self, predictions: list[Prediction]) -> float | None:
         """The know-nothing loss of the first batch repeated twice over that of the batch
         itself (1 for a mean over samples, 2 for a sum); None where it cannot be measured."""
@@ -330,23 +335,31 @@ def _loss_findings(runs: _Runs, loss: float, outputs: list[Any], targets: list[A
                         "exploding initialization.", value=loss)]
     task = infer_task(outputs[0], targets[0])
     found = [_collapse(task, outputs)] if task.kind == "multiclass" else []
-    if expected_loss is not None or num_classes is not None:
-        expected = (expected_loss if expected_loss is not None
-                    else expected_initial_loss(int(num_classes or 0)))
-        source = "given" if expected_loss is not None else f"log {num_classes}, given"
-        found.append(_band_finding(loss, expected, source, task, rel_tol, abs_tol))
+    if expected_loss is not None:  # the user's own expectation, for the loss as it is
+        found.append(_band_finding(loss, expected_loss, "given", task, rel_tol, abs_tol))
+    elif num_classes is not None:  # log C per sample: a loss summed over them is divided
+        expected = expected_initial_loss(num_classes)
+        summed = _Summed.of(runs.doubled_ratio(predictions) if predictions else None,
+                            runs.mean_batch_size(), loss)
+        if summed is not None:
+            found.append(summed.finding(expected))
+            loss *= summed.per_sample
+        found.append(_band_finding(loss, expected, f"log {num_classes}, given", task, rel_tol,
+                                   abs_tol, per_sample=summed is not None and summed.per_sample
+                                   != 1.0))
     else:
-        found.append(_own_loss_finding(runs, loss, task, targets, predictions, main, rel_tol,
-                                       abs_tol))
+        found += _own_loss_finding(runs, loss, task, targets, predictions, main, rel_tol,
+                                   abs_tol)
     return [f for f in found if f is not None]
 
 
 def _band_finding(loss: float, expected: float, source: str, task: Task, rel_tol: float,
-                  abs_tol: float) -> Finding:
+                  abs_tol: float, per_sample: bool = False) -> Finding:
     half = loss_tolerance(expected, rel_tol, abs_tol)
     band = (expected - half, expected + half)
-    text = f"Initial data loss {loss:.4f} vs expected {expected:.4f} ({source}); accepted " \
-           f"[{band[0]:.3f}, {band[1]:.3f}]."
+    unit = " per sample" if per_sample else ""
+    text = f"Initial data loss {loss:.4f}{unit} vs expected {expected:.4f} ({source}); " \
+           f"accepted [{band[0]:.3f}, {band[1]:.3f}]."
     details = {"task": task.kind, "task_reason": task.reason}
     if band[0] <= loss <= band[1]:
         return Finding(CHECK, "initial_loss.ok", Severity.INFO, text, value=loss, expected=band,
@@ -373,25 +386,31 @@ def _closed_form(task: Task, targets: list[Any], single: bool,
 
 def _own_loss_finding(runs: _Runs, loss: float, task: Task, targets: list[Any],
                       predictions: list[Prediction], main: int | None, rel_tol: float,
-                      abs_tol: float) -> Finding:
-    """The data loss against the user's own loss at the know-nothing prediction."""
+                      abs_tol: float) -> list[Finding]:
+    """The data loss against the user's own loss at the know-nothing prediction; per sample
+    (and said, ``initial_loss.summed``) when the loss sums over the samples."""
     if not predictions:
         why = (f" ({task.reason})" if task.kind == "unknown" else "")
-        return _no_expectation(loss, "no output of a module with trainable parameters enters "
-                               f"the loss, so there is no prediction to replace{why}")
+        return [_no_expectation(loss, "no output of a module with trainable parameters enters "
+                                f"the loss, so there is no prediction to replace{why}")]
     try:
         expected = runs.mean_loss(predictions, _know_nothing(predictions))
         deltas = ([loss - expected] if len(predictions) == 1 else
                   [runs.mean_loss(predictions, _know_nothing(predictions, keep=j)) - expected
                    for j in range(len(predictions))])
     except (UserCodeError, NoLossError) as err:
-        return _no_expectation(loss, f"the step fails when the prediction is replaced by a "
-                               f"know-nothing output: {err}")
+        return [_no_expectation(loss, f"the step fails when the prediction is replaced by a "
+                                f"know-nothing output: {err}")]
     if not math.isfinite(expected):
-        return _no_expectation(loss, f"the loss at the know-nothing output is {expected} (a "
-                               "log of 0 or a division by 0 where the output is 0 or uniform)")
+        return [_no_expectation(loss, f"the loss at the know-nothing output is {expected} (a "
+                                "log of 0 or a division by 0 where the output is 0 or uniform)")]
+    ratio = runs.doubled_ratio(predictions)
+    summed = _Summed.of(ratio, runs.mean_batch_size(), loss)
+    # a loss summed over the samples is judged per sample, as the recipe's expectation is
+    per = summed.per_sample if summed is not None else 1.0
+    loss_s, expected_s, deltas = loss * per, expected * per, [d * per for d in deltas]
     outputs = ", ".join(f"{p.form.describe()} for `{p.name}`" for p in predictions)
-    heads = [_head(p, j == main and task.is_classification, d, expected, rel_tol, abs_tol)
+    heads = [_head(p, j == main and task.is_classification, d, expected_s, rel_tol, abs_tol)
              for j, (p, d) in enumerate(zip(predictions, deltas, strict=True))]
     closed = _closed_form(task, targets, len(predictions) == 1)
     source = f"your loss at a know-nothing output: {outputs}"
@@ -400,44 +419,93 @@ def _own_loss_finding(runs: _Runs, loss: float, task: Task, targets: list[Any],
                                "heads": [{"name": h.prediction.name, "scores": h.scores,
                                           "activation": h.prediction.form.activation,
                                           "delta": h.delta, "tolerance": h.tolerance}
-                                         for h in heads]}
+                                         for h in heads],
+                               "doubled_batch_ratio": ratio}
     if closed is not None:
         value, name, references = closed
         details.update(references)
         details["closed_form"] = value
-        if math.isclose(expected, value, rel_tol=1e-3, abs_tol=1e-6):
+        if math.isclose(expected_s, value, rel_tol=1e-3, abs_tol=1e-6):
             source += f" (= {name}: {_closed_name(task, references)})"
-    ratio = runs.doubled_ratio(predictions)
-    details["doubled_batch_ratio"] = ratio
+    found = []
+    unit = ""
+    if summed is not None:
+        found.append(summed.finding(expected_s))
+        details.update(summed.details(expected_s))
+        unit = " per sample" if summed.size else ""
     scores = [h for h in heads if h.scores]
-    high = expected + sum(h.tolerance for h in heads)
-    low = expected - sum(h.tolerance for h in scores) if len(scores) == len(heads) else -math.inf
+    high = expected_s + sum(h.tolerance for h in heads)
+    low = (expected_s - sum(h.tolerance for h in scores) if len(scores) == len(heads)
+           else -math.inf)
     bound = (f"[{low:.4g}, {high:.4g}]" if math.isfinite(low) else f"up to {high:.4g}")
     per_head = (f" Per output: {'; '.join(h.describe() for h in heads)}."
                 if len(heads) > 1 else "")
-    text = (f"Initial data loss {loss:.4f} vs expected {expected:.4f} ({source}); accepted "
-            f"{bound}.{per_head}")
-    if ratio is not None and abs(ratio - 2.0) <= SUM_RATIO_TOL:
-        return Finding(CHECK, "initial_loss.mismatch", Severity.FAIL,
-                       f"The loss is summed over the samples: the batch repeated twice gives "
-                       f"{ratio:.3f} times its loss at the know-nothing output (a mean gives "
-                       f"1). {text}", advice=SUM_ADVICE, value=loss, expected=(low, high),
-                       details={**details, "reason": "sum_over_samples"})
-    if task.is_classification and expected < 0:
-        return Finding(CHECK, "initial_loss.mismatch", Severity.FAIL,
-                       f"The loss at a uniform prediction is {expected:.4g}, below 0, for "
-                       f"{task.describe()}: no cross-entropy. {text}", advice=NEGATIVE_ADVICE,
-                       value=loss, expected=(low, high),
-                       details={**details, "reason": "negative"})
+    text = (f"Initial data loss {loss_s:.4f}{unit} vs expected {expected_s:.4f}{unit} "
+            f"({source}); accepted {bound}.{per_head}")
+    if task.is_classification and expected_s < 0:
+        return [*found, Finding(
+            CHECK, "initial_loss.mismatch", Severity.FAIL,
+            f"The loss at a uniform prediction is {expected_s:.4g}{unit}, below 0, for "
+            f"{task.describe()}: no cross-entropy. {text}", advice=NEGATIVE_ADVICE,
+            value=loss_s, expected=(low, high), details={**details, "reason": "negative"})]
     bad = [h for h in heads if not h.ok]
     if not bad:
-        return Finding(CHECK, "initial_loss.ok", Severity.INFO, text, value=loss,
-                       expected=(low, high), details=details)
+        return [*found, Finding(CHECK, "initial_loss.ok", Severity.INFO, text, value=loss_s,
+                                expected=(low, high), details=details)]
     advice = MISMATCH_ADVICE if any(h.scores for h in bad) else REGRESSION_ADVICE
     where = "; ".join(h.describe() for h in bad)
-    return Finding(CHECK, "initial_loss.mismatch", Severity.FAIL,
-                   f"{text} Off: {where}." if per_head else text, advice=advice, value=loss,
-                   expected=(low, high), details=details)
+    return [*found, Finding(CHECK, "initial_loss.mismatch", Severity.FAIL,
+                            f"{text} Off: {where}." if per_head else text, advice=advice,
+                            value=loss_s, expected=(low, high), details=details)]
+
+
+@dataclass(frozen=True)
+class _Summed:
+    """A loss summed over the samples: the batch repeated twice doubles it at the know-nothing
+    output (a mean keeps it). ``size`` is the mean batch size (None when a batch's size cannot
+    be read: the sum is then judged as it is)."""
+
+    ratio: float
+    size: float | None
+    loss: float
+
+    @classmethod
+    def of(cls, ratio: float | None, size: float | None, loss: float) -> _Summed | None:
+        """The sum ``ratio`` (:meth:`_Runs.doubled_ratio`) shows, else None."""
+        if ratio is None or abs(ratio - 2.0) > SUM_RATIO_TOL:
+            return None
+        return cls(ratio, size, loss)
+
+    @property
+    def per_sample(self) -> float:
+        """The factor from the loss to the loss per sample."""
+        return 1.0 / self.size if self.size else 1.0
+
+    def details(self, expected: float) -> dict[str, Any]:
+        """``expected``: the expectation per sample."""
+        return {"summed": True, "doubled_batch_ratio": self.ratio, "batch_size": self.size,
+                "loss": self.loss, "per_sample_loss": self.loss * self.per_sample,
+                "per_sample_expected": expected}
+
+    def finding(self, expected: float) -> Finding:
+        """The info ``initial_loss.summed``; ``expected``: the expectation per sample."""
+        twice = (f"the batch repeated twice gives {self.ratio:.3f} times its loss at the "
+                 "know-nothing output (a mean gives 1)")
+        if not self.size:
+            return Finding(CHECK, "initial_loss.summed", Severity.INFO,
+                           f"The loss sums over the samples ({twice}); the batch size could "
+                           "not be read, so the sum itself is judged.", value=self.ratio,
+                           details=self.details(expected))
+        return Finding(CHECK, "initial_loss.summed", Severity.INFO,
+                       f"The loss sums over the {self.size:g} samples of a batch ({twice}): "
+                       f"{self.loss:.4g} in all, {self.loss * self.per_sample:.4g} per sample "
+                       f"against {expected:.4g} expected per sample, which is what is judged. "
+                       "A correct choice (PyTorch's VAE example sums); the gradient, and so "
+                       "the learning rate that suits it, then scales with the batch size.",
+                       value=self.ratio,
+                       advice="Scale the learning rate with the batch size if you change "
+                              "it, or average the loss (reduction='mean') to decouple them.",
+                       details=self.details(expected))
 
 
 def _head(prediction: Prediction, classification: bool, delta: float, expected: float,
@@ -528,6 +596,9 @@ def _weight_decay_finding(module: pl.LightningModule) -> Finding:
                        advice="Fix `configure_optimizers`; if it needs the Trainer, run the "
                        "check through the InitialLossCheck callback.",
                        details={"where": err.where, "exception": type(err.error).__name__})
+    except RefusedOnACopy as err:  # it reads what the copy's Trainer view refuses
+        return Finding(CHECK, "initial_loss.regularization", Severity.INFO,
+                       f"Regularization: the optimizer's weight decay was not read: {err}")
     except ValueError:  # it returned no optimizer: there is no decay to report
         return Finding(CHECK, "initial_loss.regularization", Severity.INFO,
                        "Regularization: `configure_optimizers()` returned no optimizer, so "

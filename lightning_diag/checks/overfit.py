@@ -566,8 +566,10 @@ class _Attempt:
                 for group in optimizer.param_groups:
                     group["lr"] = float(group["lr"]) * factor
             turned_off = disable_regularization(clone, optimizer, self.reg_attr)
+            # the step's own `clip_gradients` calls, recorded by the copy's view
+            clips = getattr(clone.trainer, "clips", None)
             run = _Run(clone, [settings.cast(b) for b in self.batches], self.batch_to_target,
-                       settings, SideTraining(optimizer, settings, clone.device), state)
+                       settings, SideTraining(optimizer, settings, clone.device, clips), state)
             result = OverfitResult(False, 0, math.nan, math.inf, None, self.loss_fraction,
                                    len(self.batches), turned_off,
                                    lr=float(optimizer.param_groups[0]["lr"]),

@@ -28,7 +28,7 @@ from lightning_diag.isolation.optimization import (
     get_reg_strength,
     set_reg_strength,
 )
-from lightning_diag.isolation.rng import RNGState, preserved_rng
+from lightning_diag.isolation.rng import RNGState, preserved_generators, preserved_rng
 from lightning_diag.isolation.trainer_view import TrainerView
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "first_loader",
     "fresh_optimizer",
     "get_reg_strength",
+    "preserved_generators",
     "preserved_rng",
     "set_reg_strength",
     "side_experiment",

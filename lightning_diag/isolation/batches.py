@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from lightning_diag.batch import call_user
+from lightning_diag.isolation.rng import preserved_generators
 
 __all__ = ["first_batches", "first_loader", "train_dataloader_of"]
 
@@ -58,8 +59,10 @@ def first_batches(loader: DataLoader, num_batches: int, device: torch.device) ->
     has it, as a DataLoader does) with the loader's batch size and collate function; iterable
     datasets through a fresh iterator, in the main process. A loader with ``batch_size=None``
     (no automatic batching: each item already is a batch) gives ``collate_fn(item)`` per item,
-    as it does. Call it inside :func:`preserved_rng`: the dataset's own code may draw random
-    numbers.
+    as it does. The batches are copies (a step editing its batch in place leaves the dataset
+    alone), and the generators the dataset keeps as its own are put back afterwards
+    (:func:`~lightning_diag.isolation.rng.preserved_generators`). Call it inside
+    :func:`preserved_rng`: the dataset's own code may draw from the global streams too.
 
     Raises:
         ValueError: the dataset yields no batch.
@@ -67,6 +70,7 @@ def first_batches(loader: DataLoader, num_batches: int, device: torch.device) ->
             loader's ``collate_fn`` raised (named, with the exception type and message).
     """
     from lightning.fabric.utilities.apply_func import move_data_to_device
+    from lightning_utilities.core.apply_func import apply_to_collection
 
     dataset: Dataset = loader.dataset
     batched = loader.batch_sampler is not None  # DataLoader's own test of automatic batching
@@ -74,10 +78,15 @@ def first_batches(loader: DataLoader, num_batches: int, device: torch.device) ->
                   if batched else 1)
     collate = getattr(loader.collate_fn, "__name__", type(loader.collate_fn).__name__)
     batches: list[Any] = []
-    for samples in itertools.islice(_sample_lists(dataset, batch_size), num_batches):
-        batch = call_user(f"the training loader's `collate_fn` ({collate})", loader.collate_fn,
-                          samples if batched else samples[0])
-        batches.append(move_data_to_device(batch, device))
+    with preserved_generators(dataset, loader.collate_fn):
+        for samples in itertools.islice(_sample_lists(dataset, batch_size), num_batches):
+            batch = call_user(f"the training loader's `collate_fn` ({collate})",
+                              loader.collate_fn, samples if batched else samples[0])
+            # copies: without automatic batching (or with a collate that stacks nothing) the
+            # batch holds the dataset's own tensors, which a step editing its batch in place
+            # (`x /= 255`) would change under the run
+            batches.append(apply_to_collection(move_data_to_device(batch, device),
+                                               torch.Tensor, torch.Tensor.clone))
     if not batches:
         raise ValueError(
             "The training dataloader yielded no batch (empty dataset?). Give the Trainer training "

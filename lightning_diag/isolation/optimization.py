@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 import lightning.pytorch as pl
 import torch
 
-from lightning_diag.batch import call_user, map_floats
+from lightning_diag.batch import UserCodeError, call_user, map_floats, refusal_in
 from lightning_diag.validation import check_choice, check_int, check_number
 
 __all__ = [
@@ -45,6 +45,8 @@ def configured_optimizers(module: pl.LightningModule) -> tuple[list[torch.optim.
 
     Raises:
         UserCodeError: ``configure_optimizers`` raised.
+        RefusedOnACopy: (a ValueError) on a copy, it read from ``self.trainer`` what could act
+            on the real run (:class:`~lightning_diag.isolation.TrainerView`).
         ValueError: it returned no torch optimizer.
 
     Example:
@@ -62,8 +64,14 @@ def configured_optimizers(module: pl.LightningModule) -> tuple[list[torch.optim.
         >>> [type(o).__name__ for o in optimizers], [type(s).__name__ for s in schedulers]
         (['Adam', 'SGD'], ['StepLR'])
     """
-    out: Any = call_user(f"`{type(module).__name__}.configure_optimizers`",
-                         module.configure_optimizers)
+    try:
+        out: Any = call_user(f"`{type(module).__name__}.configure_optimizers`",
+                             module.configure_optimizers)
+    except UserCodeError as err:  # it read what a copy's Trainer view refuses: a skip
+        refused = refusal_in(err)
+        if refused is None:
+            raise
+        raise refused from err
     optimizers: list[torch.optim.Optimizer] = []
     schedulers: list[Any] = []
 
@@ -283,6 +291,11 @@ class SideTraining:
     :class:`OptimizationSettings`): the loss of each batch is backpropagated divided by the
     accumulation, and the optimizer steps when the window is full or the pass ends.
 
+    ``clips`` is the list in which the copy's
+    :class:`~lightning_diag.isolation.trainer_view.TrainerView` records the step's own
+    ``self.clip_gradients(...)`` calls (manual optimization): read at each optimizer step and
+    applied after the backward, where the main run's step applies them.
+
     Example:
         >>> import torch
         >>> w = torch.nn.Parameter(torch.ones(1))
@@ -293,8 +306,9 @@ class SideTraining:
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, settings: OptimizationSettings,
-                 device: torch.device) -> None:
+                 device: torch.device, clips: list[tuple[float, str]] | None = None) -> None:
         self.optimizer, self.settings = optimizer, settings
+        self.clips = clips if clips is not None else []
         half = settings.precision == "16-mixed"  # Lightning's 16-mixed plugin scales the loss
         self.scaler = torch.amp.GradScaler(device.type) if half else None
         self.pending = 0
@@ -311,6 +325,8 @@ class SideTraining:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         self.settings.clip(self.optimizer)
+        for value, algorithm in self.clips:
+            OptimizationSettings(value, algorithm).clip(self.optimizer)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()

@@ -175,22 +175,54 @@ def _labels(report: DataReport, scan: SplitScan, make: Make) -> list[Finding]:
                         value=float(len(bad)), expected=(0.0, float(n - 1)), indices=tuple(bad),
                         details=split))
     missing = [c for c, k in enumerate(counts.tolist()) if k == 0]
+    # a class another split holds is a fact about the splits (a small validation set, a
+    # class kept for validation), not a problem of this one's; one that no split holds is a
+    # gap in the labels when it lies below the largest training label
+    elsewhere = _held_elsewhere(report, scan, missing)
+    gaps = [c for c in missing if c not in elsewhere and c < report.labelled_classes]
     ratio = imbalance_ratio(counts)
     limit = report.config.imbalance_ratio
-    if missing or ratio >= limit:
+    if gaps or ratio >= limit:
         present = counts.clone().float()
         present[counts == 0] = float("inf")
         rare, common = int(present.argmin()), int(counts.argmax())
         text = (f"the commonest class ({common}, {int(counts[common])} samples) has {ratio:.1f}x "
                 f"the samples of the rarest ({rare}, {int(counts[rare])}); expected < {limit:g}x")
-        if missing:
-            text = f"class(es) {missing} have no sample; " + text
+        if gaps:
+            text = f"class(es) {gaps} have no sample in any split; " + text
         out.append(make("data.class_imbalance", Severity.WARN, _where(scan) + text + ".",
                         advice="Look at the data first: collect or re-weight the rare classes "
                                "and watch per-class accuracy.",
                         value=ratio, expected=float(limit),
-                        details={**split, "counts": counts.tolist(), "missing": missing}))
+                        details={**split, "counts": counts.tolist(), "missing": gaps}))
+    if elsewhere:
+        where = "; ".join(f"class {c}: " + ", ".join(f"{k} in {name}" for name, k in held.items())
+                          for c, held in elsewhere.items())
+        out.append(make("data.class_absent", Severity.INFO,
+                        f"{_where(scan)}class(es) {list(elsewhere)} have no sample in the "
+                        f"{scan.name} split; another split holds them ({where}).",
+                        advice=("The model never trains on them: its accuracy on them is a "
+                                "guess's. Move some of their samples to training if it should "
+                                "learn them." if scan.name == "train" else ""),
+                        value=float(len(elsewhere)),
+                        details={**split, "classes": list(elsewhere),
+                                 "held_by": {str(c): held for c, held in elsewhere.items()}}))
     return out
+
+
+def _held_elsewhere(report: DataReport, scan: SplitScan,
+                    classes: list[int]) -> dict[int, dict[str, int]]:
+    """Of ``classes`` (missing from ``scan``), those another split holds: class -> split ->
+    samples."""
+    held: dict[int, dict[str, int]] = {}
+    for other in report.scans():
+        counts = None if other is scan else report.counts(other)
+        if counts is None:
+            continue
+        for c in classes:
+            if int(counts[c]):
+                held.setdefault(c, {})[other.name] = int(counts[c])
+    return dict(sorted(held.items()))
 
 
 def _leakage(report: DataReport, val: SplitScan, make: Make) -> Finding:

@@ -45,7 +45,7 @@ from lightning_diag.functional.tokens import (
     shingles,
     similar_signature_pairs,
 )
-from lightning_diag.isolation import preserved_rng
+from lightning_diag.isolation import preserved_generators, preserved_rng
 
 __all__ = [
     "EXACT_SEARCH_PAIRS",
@@ -144,13 +144,15 @@ def inspect_dataset(
 
 
 def run_inspection(train: Any, val: Any, config: InspectionConfig, make: MakeFinding) -> DataReport:
-    """Scan both sets, search duplicates and leaks, and build the findings (global RNG restored,
-    since a dataset's ``__getitem__`` may draw random augmentations).
+    """Scan both sets, search duplicates and leaks, and build the findings (global RNG and the
+    datasets' own generators restored, since a dataset's ``__getitem__`` may draw random
+    augmentations).
 
     Raises:
         NotInspectable: a set has no ``len()`` or its first sample holds no readable input.
     """
-    with preserved_rng(), torch.no_grad(), _threads(config.num_threads):
+    with preserved_rng(), preserved_generators(train, val), torch.no_grad(), \
+            _threads(config.num_threads):
         scan_train = SplitScan.read(train, "train", config)
         scan_val = SplitScan.read(val, "validation", config) if val is not None else None
         if scan_val is not None and not _comparable(scan_train, scan_val):

@@ -427,6 +427,17 @@ class DataReport:
         return top + 1 if top >= 0 else None
 
     @property
+    def labelled_classes(self) -> int:
+        """The class count that the training labels alone give: ``num_classes`` when given,
+        else the largest training label plus one (0 without one). A class below it that no
+        split holds is a gap in the labels (``data.class_imbalance``); one above it only the
+        model's output width allows, and that says nothing about the data."""
+        if self.config.num_classes is not None:
+            return self.config.num_classes
+        labels = self.train.label_tensor() if self.train.label_kind == "class" else None
+        return int(labels.max()) + 1 if labels is not None and len(labels) else 0
+
+    @property
     def class_source(self) -> str:
         """Where :attr:`num_classes` comes from, in words."""
         if self.config.num_classes is not None:

@@ -1,0 +1,65 @@
+"""The healthy-program corpus (issue 20, item 8): no WARN or FAIL on correct programs.
+
+Each program of ``tests/corpus/healthy.py`` is first checked without the library
+(``test_ground_truth``): its initial loss is its own loss at a know-nothing output within the
+recipe's 10%, and training improves it. Then it is fitted with every callback of the library at
+its defaults (``tests.corpus.runner.every_callback``, all twelve), and no finding may be a WARN
+or a FAIL.
+
+Programs that get a false alarm today are marked ``xfail(strict=True)`` with the alarm and the
+fix that owns it: when the fix lands, the test passes, strict xfail turns that into a failure,
+and the mark must be removed. ``benchmarks/corpus_report.py`` prints the values and margins.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.corpus.healthy import HEALTHY
+from tests.corpus.runner import describe, ground_truth, run
+
+pytestmark = pytest.mark.slow
+
+#: Today's false alarms: program -> (the alarm, its cause, the fix that owns it).
+FALSE_ALARMS = {
+    "vae": "overfit.not_reached FAIL 22.8 vs 2.26 after the whole ladder (5 rates): the task is "
+           "read as 64-class logits against the digit labels in batch[1], which the VAE "
+           "ignores (best accuracy 5.6%), so the floor of its own loss (the BCE of grey pixels "
+           "against themselves) is never measured; and data.class_imbalance WARN on both "
+           "splits: the 64-wide reconstruction read as 64 classes (classes 10-63 'have no "
+           "sample'). No owner (issue 20.2's floor and 20.7's class count, both merged)",
+    "batch_size_1": "activations.dead_units WARN 0.69 (expected <= 0.5) at step 200: on one "
+                    "sample about half the ReLU units are off, which is not dead (4 of 4 "
+                    "seeds). No owner in this round: batch-size-aware monitors (issue 20.6), a "
+                    "later batch-size task",
+}
+
+
+def _params() -> list[object]:
+    return [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=FALSE_ALARMS[name]))
+            if name in FALSE_ALARMS else name for name in HEALTHY]
+
+
+def test_the_corpus_is_large_and_varied() -> None:
+    assert len(HEALTHY) >= 25
+    assert len({p.family for p in HEALTHY.values()}) >= 20
+    assert set(FALSE_ALARMS) <= set(HEALTHY)
+
+
+@pytest.mark.parametrize("name", list(HEALTHY))
+def test_ground_truth(name: str, tmp_path: Path) -> None:
+    """The program is what the corpus claims, measured without the library: its initial loss
+    is its loss at a know-nothing output (recipe 3.1), and training improves it."""
+    truth = ground_truth(HEALTHY[name], tmp_path)
+    assert truth.initial_matches, (truth.initial, truth.know_nothing)
+    assert truth.learns, (truth.quality_before, truth.quality_after)
+
+
+@pytest.mark.parametrize("name", _params())
+def test_no_alarm_on_a_healthy_program(name: str, tmp_path: Path) -> None:
+    result = run(HEALTHY[name], tmp_path)
+    assert result.error is None, result.error
+    alarms = result.alarms()
+    assert not alarms, f"{name}: {len(alarms)} false alarm(s):\n{describe(alarms)}"
