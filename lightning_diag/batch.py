@@ -27,7 +27,6 @@ __all__ = [
     "RefusedOnACopy",
     "TARGET_KEYS",
     "UserCodeError",
-    "batch_size",
     "call_user",
     "default_batch_to_input",
     "default_batch_to_target",
@@ -279,7 +278,7 @@ def map_floats(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
 
 def select_samples(batch: Any, index: torch.Tensor) -> Any:
     """Keep the samples ``index`` of every tensor in a batch whose first dimension is the batch."""
-    size = batch_size(batch)
+    size = _batch_size(batch)
 
     def pick(obj: Any) -> Any:
         if isinstance(obj, torch.Tensor):
@@ -295,19 +294,13 @@ def select_samples(batch: Any, index: torch.Tensor) -> Any:
     return pick(batch)
 
 
-def batch_size(batch: Any) -> int | None:
-    """The first dimension of the first tensor in a batch (depth first), None without one.
-
-    Example:
-        >>> batch_size({"x": torch.zeros(4, 3), "y": torch.zeros(4)})
-        4
-    """
+def _batch_size(batch: Any) -> int | None:
     if isinstance(batch, torch.Tensor):
         return int(batch.shape[0]) if batch.dim() > 0 else None
     values = batch.values() if isinstance(batch, Mapping) else batch
     if isinstance(values, (list, tuple)) or isinstance(batch, Mapping):
         for v in values:
-            size = batch_size(v)
+            size = _batch_size(v)
             if size is not None:
                 return size
     return None

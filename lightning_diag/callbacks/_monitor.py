@@ -57,7 +57,7 @@ import torch
 from typing_extensions import override
 
 from lightning_diag.base import DiagnosticCallback
-from lightning_diag.batch import batch_size
+from lightning_diag.batch import _batch_size
 from lightning_diag.checks.verdict import Verdict
 from lightning_diag.findings import Finding
 from lightning_diag.functional.monitors import is_logging_step
@@ -177,7 +177,7 @@ class MonitorCallback(ConfiguredCallback):
 
     def _count(self, batch: Any) -> None:
         """Add a batch of the armed step to :attr:`seen_samples` and :attr:`seen_batches`."""
-        size = batch_size(batch)
+        size = _batch_size(batch)
         self.seen_samples += self._unknown_size if size is None else size
         self.seen_batches += 1
 

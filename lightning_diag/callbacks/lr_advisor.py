@@ -21,7 +21,7 @@ import lightning.pytorch as pl
 from typing_extensions import override
 
 from lightning_diag.base import findings as trainer_findings
-from lightning_diag.batch import batch_size, loss_from_output
+from lightning_diag.batch import _batch_size, loss_from_output
 from lightning_diag.callbacks._metric_keys import DESCRIPTIONS, ROLES, MetricKeys
 from lightning_diag.callbacks._monitor import ConfiguredCallback
 from lightning_diag.checks.advisor import (
@@ -343,5 +343,5 @@ class LRPlateauAdvisor(ConfiguredCallback):
 def _samples(batch: Any, unknown: int) -> int:
     """The samples of a training batch (its first dimension), ``unknown`` when none is found
     (judged as a batch of enough samples, as it always was)."""
-    size = batch_size(batch)
+    size = _batch_size(batch)
     return unknown if size is None else size

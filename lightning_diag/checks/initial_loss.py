@@ -44,7 +44,7 @@ from lightning_diag.batch import (
     OutputCapture,
     RefusedOnACopy,
     UserCodeError,
-    batch_size,
+    _batch_size,
     call_user,
     default_batch_to_target,
     select_samples,
@@ -278,7 +278,7 @@ class _Runs:
         """The know-nothing loss of the first batch repeated twice over that of the batch
         itself (1 for a mean over samples, 2 for a sum); None where it cannot be measured."""
         batch = self.batches[0]
-        size = batch_size(batch)
+        size = _batch_size(batch)
         if not size:
             return None
         doubled = select_samples(batch, torch.arange(size).repeat(2))
