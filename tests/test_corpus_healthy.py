@@ -30,10 +30,6 @@ FALSE_ALARMS = {
            "against themselves) is never measured; and data.class_imbalance WARN on both "
            "splits: the 64-wide reconstruction read as 64 classes (classes 10-63 'have no "
            "sample'). No owner (issue 20.2's floor and 20.7's class count, both merged)",
-    "batch_size_1": "activations.dead_units WARN 0.69 (expected <= 0.5) at step 200: on one "
-                    "sample about half the ReLU units are off, which is not dead (4 of 4 "
-                    "seeds). No owner in this round: batch-size-aware monitors (issue 20.6), a "
-                    "later batch-size task",
 }
 
 
