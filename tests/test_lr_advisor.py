@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -12,9 +13,15 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_diag.callbacks.data_inspection import DataInspection
 from lightning_diag.callbacks.lr_advisor import LRPlateauAdvisor
-from lightning_diag.checks.advisor import Curves, GapRule, fit_gap_verdict
+from lightning_diag.checks.advisor import (
+    Curves,
+    GapRule,
+    fit_gap_verdict,
+    loss_floor,
+    plateau_verdict,
+)
 from lightning_diag.checks.divergence import batch_indices
-from lightning_diag.findings import Severity
+from lightning_diag.findings import Finding, Severity
 from lightning_diag.functional.curves import (
     diverged,
     is_jump,
@@ -153,6 +160,75 @@ def test_underfit_and_overfit_from_the_loss_curves_alone():
     tight = Curves([2.3, 0.2, 0.09, 0.011, 0.0075, 0.0054, 0.0053],
                    [2.3, 0.13, 0.08, 0.0296, 0.0431, 0.0318, 0.0294])
     assert fit_gap_verdict(tight, GapRule(start_loss=2.3), set()) is None
+
+
+#: The healthy corpus' two-tower InfoNCE (batch 32, temperature 0.5) at seed 1, measured: its
+#: epoch losses, its first step loss, and the floor the overfit test reached on its batches.
+INFONCE_SEED_1 = Curves([3.3832, 2.9851, 2.623, 2.4921, 2.4099, 2.3641],
+                        [3.2537, 2.8052, 2.5768, 2.505, 2.4416, 2.414])
+INFONCE_START, INFONCE_FLOOR = 3.4798, 1.705
+
+
+def _overfit(code: str, value: float, floor: dict[str, Any] | None = None) -> Finding:
+    return Finding("OverfitSmallBatch", code, Severity.INFO, "...", value=value,
+                   details={} if floor is None else {"floor": floor})
+
+
+def test_the_loss_floor_is_what_the_overfit_test_measured_and_nothing_else():
+    assert loss_floor([_overfit("overfit.floor", 1.705)]) == 1.705
+    smoothing = {"value": 0.5, "squashed": False, "margins": [0.0], "losses": [0.5]}
+    assert loss_floor([_overfit("overfit.reached", 0.52, smoothing)]) == 0.5
+    # a squashed output's loss, a failed overfit test, a reached one without a measured floor:
+    # no floor (measured from 0, as without the overfit test)
+    assert loss_floor([_overfit("overfit.reached", 1.5, {**smoothing, "squashed": True})]) is None
+    assert loss_floor([_overfit("overfit.not_reached", 1.5)]) is None
+    assert loss_floor([_overfit("overfit.reached", 0.01)]) is None
+    assert loss_floor([_overfit("overfit.floor", math.nan)]) is None
+
+
+def test_underfit_and_plateau_are_judged_above_the_loss_floor():
+    # InfoNCE's floor is far above 0 (cosines bounded by the temperature, 31 negatives): from 0
+    # its loss, 68% of its start and falling 3.4% an epoch, read as underfitting; above the
+    # floor the overfit test reached on its batches it is 37% of the way and falls 10% an epoch
+    from_zero = fit_gap_verdict(INFONCE_SEED_1, GapRule(start_loss=INFONCE_START), set())
+    assert from_zero is not None and from_zero.code == "advisor.underfit"
+    rule = GapRule(start_loss=INFONCE_START, floor=INFONCE_FLOOR)
+    assert fit_gap_verdict(INFONCE_SEED_1, rule, set()) is None
+    # the same slow fall above a floor near 0 is still underfitting, said with the floor
+    slow = Curves([2.37, 2.34, 2.29, 2.24, 2.20, 2.16], [2.40, 2.35, 2.29, 2.25, 2.22, 2.18])
+    under = fit_gap_verdict(slow, GapRule(floor=0.05), set())
+    assert under is not None and under.code == "advisor.underfit"
+    assert "floor 0.05 (measured by the overfit test)" in under.message
+    assert under.details["floor"] == 0.05 and under.expected == (0.0, pytest.approx(0.514, 1e-3))
+    # a floor at or above the start loss says nothing: measured from 0
+    assert fit_gap_verdict(slow, GapRule(floor=3.0), set()) == fit_gap_verdict(slow, GapRule(),
+                                                                               set())
+    # a plateau just above the floor is the end of training; far above it, a plateau
+    flat = [3.4, 1.76, 1.75, 1.75, 1.75]
+    args: dict[str, Any] = dict(plateau_from=0, start_loss=3.48, patience=3, min_rel_delta=0.01,
+                                high_fraction=0.2)
+    assert plateau_verdict("val_loss", flat, **args) is not None
+    assert plateau_verdict("val_loss", flat, **args, floor=1.705) is None
+    high = plateau_verdict("val_loss", [3.4, 3.0, 3.0, 3.0, 3.0], **args, floor=1.705)
+    assert high is not None and "73% as far above the loss's floor 1.705" in high.message
+
+
+@pytest.mark.slow
+def test_the_advisor_reads_the_floor_the_overfit_test_measured_in_the_same_run(tmp_path):
+    """The healthy InfoNCE program at seed 1: underfitting for the advisor alone (it measures
+    from 0), silent with the overfit test in the same Trainer (it measures from its floor)."""
+    from lightning_diag.callbacks.overfit import OverfitSmallBatch
+    from tests.corpus.healthy import HEALTHY
+
+    program = dataclasses.replace(HEALTHY["infonce"], seed=1)
+    found = {}
+    for arm, extra in (("alone", []), ("with_overfit", [OverfitSmallBatch()])):
+        module, train, val = program.build()
+        advisor = LRPlateauAdvisor()
+        program.trainer_for(tmp_path / arm, [*extra, advisor]).fit(module, train, val)
+        found[arm] = {f.code for f in advisor.findings}
+    assert "advisor.underfit" in found["alone"]
+    assert not {"advisor.underfit", "advisor.plateau"} & found["with_overfit"]
 
 
 @pytest.mark.parametrize("name", ["fast", "slow"])

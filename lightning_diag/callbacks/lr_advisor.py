@@ -33,6 +33,7 @@ from lightning_diag.checks.advisor import (
     advice_for,
     advisor_summary,
     fit_gap_verdict,
+    loss_floor,
     plateau_verdict,
     scale_lr,
     stall_verdict,
@@ -279,7 +280,7 @@ class LRPlateauAdvisor(ConfiguredCallback):
         c, key = self.config, self._monitor_key()
         curve = self.history.get(key, [])
         verdict = plateau_verdict(key, curve, self.plateau_from, self.start_loss, c.patience,
-                                  c.min_rel_delta, c.high_fraction)
+                                  c.min_rel_delta, c.high_fraction, self._floor(trainer))
         if verdict is None:
             return None
         self.plateau_from = len(curve) - 1
@@ -297,8 +298,16 @@ class LRPlateauAdvisor(ConfiguredCallback):
                      max(len(curves.val_loss), len(curves.val_acc)))
         if epochs < self.config.min_epochs:
             return None
-        verdict = fit_gap_verdict(curves, self.config.gap_rule(self.start_loss), self.reported)
+        verdict = fit_gap_verdict(curves, self.config.gap_rule(self.start_loss,
+                                                               self._floor(trainer)),
+                                  self.reported)
         return None if verdict is None else self._verdict_finding(trainer, verdict)
+
+    @staticmethod
+    def _floor(trainer: pl.Trainer | None) -> float | None:
+        """The loss's floor the overfit test measured in this run, if it ran (it runs at fit
+        start: known by the first epoch's end)."""
+        return None if trainer is None else loss_floor(trainer_findings(trainer))
 
     def _verdict_finding(self, trainer: pl.Trainer | None, verdict: Verdict) -> Finding:
         diverged = next((f for f in self.findings if f.code == "advisor.divergence"), None)

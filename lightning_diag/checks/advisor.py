@@ -1,6 +1,7 @@
 """The rules of :class:`~lightning_diag.callbacks.lr_advisor.LRPlateauAdvisor` (recipe 6.4): its
 arguments (:class:`AdvisorConfig`), the epoch verdicts on the recorded curves (plateau, under- and
-overfitting), the step-loss rules (the divergence's reference losses, the stall) and the summary.
+overfitting: :mod:`lightning_diag.checks.fit_gap`, re-exported), the step-loss rules (the
+divergence's reference losses, the stall) and the summary.
 
 Pure rules: each returns a :class:`Verdict` (what the finding says) or ``None``, so they can be
 checked without a Trainer.
@@ -26,10 +27,18 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
+from lightning_diag.checks.fit_gap import (
+    Curves,
+    GapRule,
+    fit_gap_verdict,
+    halving_rate,
+    loss_floor,
+    plateau_verdict,
+)
 from lightning_diag.checks.verdict import Verdict
 from lightning_diag.findings import Severity
 from lightning_diag.functional.curves import plateau_length
@@ -45,8 +54,8 @@ from lightning_diag.validation import (
 
 __all__ = ["ADVICE", "MAX_WINDOW", "MIN_SAMPLES", "STALLED_ADVICE", "UNDERFIT_AFTER_DIVERGENCE",
            "AdvisorConfig", "Curves", "GapRule", "JumpWindow", "Verdict", "advice_for",
-           "advisor_summary", "fit_gap_verdict", "halving_rate", "plateau_verdict", "scale_lr",
-           "stall_verdict"]
+           "advisor_summary", "fit_gap_verdict", "halving_rate", "loss_floor", "plateau_verdict",
+           "scale_lr", "stall_verdict"]
 
 ADVICE = {
     "plateau": "Decay the learning rate (the loss plateaus while still high).",
@@ -121,218 +130,12 @@ class AdvisorConfig:
         return {"train_loss": self.train_loss_key, "val_loss": self.val_loss_key,
                 "train_acc": self.train_acc_key, "val_acc": self.val_acc_key}
 
-    def gap_rule(self, start_loss: float | None) -> GapRule:
-        """The thresholds of :func:`fit_gap_verdict`, with the run's start loss."""
+    def gap_rule(self, start_loss: float | None, floor: float | None = None) -> GapRule:
+        """The thresholds of :func:`fit_gap_verdict`, with the run's start loss and the loss's
+        floor (:func:`loss_floor`)."""
         return GapRule(self.patience, self.min_rel_delta, self.overfit_gap, self.close_gap,
                        self.rel_gap, self.low_acc, self.high_fraction, self.halving_epochs,
-                       start_loss)
-
-
-class Curves(NamedTuple):
-    """The epoch curves the fit verdicts read; a curve not logged is empty."""
-
-    train_loss: Sequence[float] = ()
-    val_loss: Sequence[float] = ()
-    train_acc: Sequence[float] = ()
-    val_acc: Sequence[float] = ()
-
-
-def halving_rate(epochs: float) -> float:
-    """The relative fall per epoch that halves a loss in ``epochs`` epochs.
-
-    Example:
-        >>> round(halving_rate(20), 4)
-        0.0341
-    """
-    return 1.0 - 0.5 ** (1.0 / epochs)
-
-
-class GapRule(NamedTuple):
-    """The thresholds of :func:`fit_gap_verdict` (the advisor's arguments of the same names).
-
-    Attributes:
-        patience: Epochs the validation curve must go without improving (overfitting), or over
-            which the training loss's rate of fall is measured (underfitting).
-        min_rel_delta: Relative improvement that counts as progress.
-        overfit_gap: An accuracy gap above this is overfitting on its own (far apart).
-        close_gap: A gap at or below this is "close" (and above it, a gap that matters): in
-            accuracy points, or, between losses, as a fraction of the start loss.
-        rel_gap: Overfitting needs the gap to be at least this share of the validation error
-            (accuracy) or of the validation loss (loss curves only).
-        low_acc: A training accuracy below this is low (underfitting with a close gap).
-        high_fraction: A training loss at or above this fraction of the start loss is high.
-        halving_epochs: A loss falling slower than :func:`halving_rate` of this is slow.
-        start_loss: The loss at initialization (the first step loss), when known.
-    """
-
-    patience: int = 3
-    min_rel_delta: float = 0.01
-    overfit_gap: float = 0.1
-    close_gap: float = 0.02
-    rel_gap: float = 0.5
-    low_acc: float = 0.9
-    high_fraction: float = 0.2
-    halving_epochs: float = 20.0
-    start_loss: float | None = None
-
-
-def plateau_verdict(key: str, curve: list[float], plateau_from: int, start_loss: float | None,
-                    patience: int, min_rel_delta: float, high_fraction: float) -> Verdict | None:
-    """``advisor.plateau`` when ``curve[plateau_from:]`` stalled while the loss is still high.
-
-    The start loss defaults to the first finite value of ``curve``. "Still high" is a fraction
-    of the start loss, so a start loss of 0 or below gives no verdict (a loss that starts at 0
-    has nowhere to go).
-    """
-    waited = plateau_length(curve[plateau_from:], min_rel_delta)
-    finite = [v for v in curve if math.isfinite(v)]
-    if waited < patience or not finite:
-        return None
-    start = start_loss if start_loss is not None else finite[0]
-    best = min(finite)
-    if start <= 0 or best < high_fraction * start:
-        return None  # converged low: a plateau there is the end of training, not a problem
-    msg = (f"`{key}` has not improved by {min_rel_delta:.0%} for {waited} epochs "
-           f"(patience {patience}); best {best:.4g} is still {best / start:.0%} of the "
-           f"starting loss {start:.4g} (>= {high_fraction:.0%}).")
-    return Verdict("advisor.plateau", msg, best, (0.0, high_fraction * start),
-                   {"monitor": key, "epochs_without_improvement": waited})
-
-
-def fit_gap_verdict(curves: Curves, rule: GapRule, reported: set[str]) -> Verdict | None:
-    """``advisor.overfit`` or ``advisor.underfit`` from the curves so far, unless reported.
-
-    Overfitting (recipe 6.4.3, training and validation far apart): an accuracy gap above
-    ``overfit_gap``; or the validation curve (its loss, else its accuracy) has not improved
-    for ``patience`` epochs while the training loss kept falling, and the gap is most of what
-    is left: an accuracy gap above ``close_gap`` and at least ``rel_gap`` of the validation
-    error, or (no accuracies) a loss gap above ``close_gap`` of the start loss and at least
-    ``rel_gap`` of the validation loss. Underfitting (6.4.2, both high and close): a training
-    accuracy below ``low_acc`` within ``close_gap`` of validation; or a training loss still at
-    least ``high_fraction`` of its start, within ``close_gap`` of the start loss from the
-    validation loss, still falling but too slowly to halve in ``halving_epochs`` epochs.
-    """
-    if "advisor.overfit" not in reported:
-        verdict = _overfit(curves, rule)
-        if verdict is not None:
-            return verdict
-    if "advisor.underfit" not in reported:
-        return _underfit(curves, rule)
-    return None
-
-
-def _overfit(c: Curves, rule: GapRule) -> Verdict | None:
-    acc = bool(c.train_acc) and bool(c.val_acc)
-    if acc:
-        train, val = c.train_acc[-1], c.val_acc[-1]
-        gap = train - val
-        if gap > rule.overfit_gap:
-            return Verdict(
-                "advisor.overfit",
-                f"Training accuracy {train:.3f} is {gap:.3f} above validation accuracy {val:.3f} "
-                f"(gap > {rule.overfit_gap}).", gap, (0.0, rule.overfit_gap),
-                {"basis": "accuracy gap"})
-    stalled = _stalled(c, rule)
-    if stalled is None:
-        return None
-    waited, curve_name = stalled
-    tl = list(c.train_loss)
-    falling = ""
-    if len(tl) > waited:  # both curves grow at the same epoch ends: aligned from the end
-        then, now = tl[-1 - waited], tl[-1]
-        if not now <= (1 - rule.min_rel_delta) * then:
-            return None  # training stalled too: the end of training, not a widening gap
-        falling = f" while the training loss fell from {then:.4g} to {now:.4g}"
-    since = f"has not improved on its best for {waited} epochs (patience {rule.patience})"
-    if acc:
-        error = 1.0 - val
-        if not (gap > rule.close_gap and gap >= rule.rel_gap * error):
-            return None
-        share = gap / error if error > 0 else 1.0
-        return Verdict(
-            "advisor.overfit",
-            f"Training accuracy {train:.3f} is {gap:.3f} above validation accuracy {val:.3f}: "
-            f"{share:.0%} of the validation error {error:.3f} is the gap (>= {rule.rel_gap:.0%}), "
-            f"and the {curve_name} {since}{falling}.", gap, (0.0, rule.close_gap),
-            {"basis": "curves", "share_of_error": share, "epochs_without_improvement": waited})
-    if not tl or not c.val_loss:
-        return None
-    vl = c.val_loss[-1]
-    lgap = vl - tl[-1]
-    start = _start(c, rule)
-    if not (vl > 0 and start > 0 and lgap > rule.close_gap * start and lgap >= rule.rel_gap * vl):
-        return None
-    return Verdict(
-        "advisor.overfit",
-        f"Validation loss {vl:.4g} is {vl / max(tl[-1], 1e-12):.1f}x the training loss "
-        f"{tl[-1]:.4g}: the gap is {lgap / vl:.0%} of it (>= {rule.rel_gap:.0%}) and "
-        f"{lgap / start:.0%} of the start loss (> {rule.close_gap:.0%}), and the "
-        f"validation loss {since}{falling}.", lgap, (0.0, rule.rel_gap * vl),
-        {"basis": "curves", "share_of_val_loss": lgap / vl, "epochs_without_improvement": waited})
-
-
-def _stalled(c: Curves, rule: GapRule) -> tuple[int, str] | None:
-    """(epochs without improvement, which curve) of the validation loss (else the validation
-    accuracy), when it has not improved for ``patience`` epochs."""
-    if c.val_loss:
-        curve, name = list(c.val_loss), "validation loss"
-    elif c.val_acc:
-        curve, name = [-a for a in c.val_acc], "validation accuracy"  # lower is better
-    else:
-        return None
-    waited = plateau_length(curve, rule.min_rel_delta)
-    if waited < rule.patience:
-        return None
-    return waited, name
-
-
-def _underfit(c: Curves, rule: GapRule) -> Verdict | None:
-    tl, vl, p = list(c.train_loss), list(c.val_loss), rule.patience
-    slow = halving_rate(rule.halving_epochs)
-    rate = _rate(tl, p)
-    if rate is not None and rate >= slow:
-        return None  # still falling fast: early training, not underfitting yet
-    pace = ("" if rate is None else f"; the training loss falls {rate:.1%} per epoch over the "
-            f"last {p} epochs, too slow to halve in {rule.halving_epochs:g} epochs (< {slow:.1%})")
-    details: dict[str, Any] = {"rate": rate}
-    if c.train_acc and c.val_acc:
-        train, val = c.train_acc[-1], c.val_acc[-1]
-        gap = train - val
-        if abs(gap) <= rule.close_gap and train < rule.low_acc:
-            return Verdict(
-                "advisor.underfit",
-                f"Training accuracy {train:.3f} is low (< {rule.low_acc}) and within "
-                f"{abs(gap):.3f} of validation accuracy {val:.3f} (<= {rule.close_gap}){pace}.",
-                train, (rule.low_acc, 1.0), {"basis": "accuracy", **details})
-    if rate is None or not vl or plateau_length(tl, rule.min_rel_delta) >= p:
-        return None  # not measurable, or not falling at all: a plateau, not slow progress
-    start, now, val_loss = _start(c, rule), tl[-1], vl[-1]
-    if not (start > 0 and now >= rule.high_fraction * start
-            and abs(val_loss - now) <= rule.close_gap * start):
-        return None
-    return Verdict(
-        "advisor.underfit",
-        f"Training loss {now:.4g} is still {now / start:.0%} of its start {start:.4g} "
-        f"(>= {rule.high_fraction:.0%}) and {abs(val_loss - now):.4g} from the validation loss "
-        f"{val_loss:.4g} (<= {rule.close_gap:.0%} of the start){pace}.",
-        now, (0.0, rule.high_fraction * start), {"basis": "loss curves", **details})
-
-
-def _rate(curve: list[float], epochs: int) -> float | None:
-    """Mean relative fall per epoch over the last ``epochs`` epochs; None when unmeasurable."""
-    if len(curve) <= epochs:
-        return None
-    then, now = curve[-1 - epochs], curve[-1]
-    if not (math.isfinite(then) and math.isfinite(now) and then > 0 and now > 0):
-        return None
-    return 1.0 - (now / then) ** (1.0 / epochs)
-
-
-def _start(c: Curves, rule: GapRule) -> float:
-    """The loss at initialization: the first step loss when known, else the first epoch's."""
-    if rule.start_loss is not None:
-        return rule.start_loss
-    return c.train_loss[0] if c.train_loss else math.nan
+                       start_loss, floor)
 
 
 def scale_lr(optimizers: list[torch.optim.Optimizer], factor: float, min_lr: float,
