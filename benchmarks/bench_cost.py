@@ -282,7 +282,8 @@ def main() -> None:
         f"cores ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
         f"lightning {pl.__version__}, {args.threads} intra-op thread(s); 1-minute load average "
         f"{load[0]:.2f} at the start, {load_end[0]:.2f} at the end; {took:.0f} s in all. "
-        f"Command: `python benchmarks/bench_cost.py --pairs {args.pairs} --arms "
+        f"Command: `python benchmarks/bench_cost.py --pairs {args.pairs} --attribution-pairs "
+        f"{args.attribution_pairs} --short {args.short} --long {args.long} --arms "
         f"{' '.join(arms[1:])}`.", "",
         f"Digits CNN, batch 64 (23 steps an epoch), validation every epoch, TensorBoardLogger; "
         f"plain Trainer median wall {plain[str(args.short)]:.2f} s for {args.short} epochs, "
