@@ -19,18 +19,18 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_diag.callbacks.invariants import CHECKS, TrainingInvariants
-from lightning_diag.checks.invariants import (
+from lightning_diag.checks.epoch_loss import (
     EpochSteps,
-    LeakEvidence,
     check_epoch_loss,
-    check_metric_ranges,
-    check_modes,
-    check_target_leak,
     epoch_loss_names,
-    leak_counts,
     matching_reductions,
-    metric_bound,
-    mode_layers,
+)
+from lightning_diag.checks.invariants import check_modes, mode_layers
+from lightning_diag.checks.metric_range import check_metric_ranges, metric_bound
+from lightning_diag.checks.target_leak import (
+    LeakEvidence,
+    check_target_leak,
+    leak_counts,
     strongest_leak,
 )
 from lightning_diag.findings import Severity
@@ -173,7 +173,7 @@ def test_gan_with_two_optimizers_is_sound(tmp_path, detach):
     pl.seed_everything(0)
     cb = fit(tmp_path, GAN(detach=detach), TrainingInvariants(every_n_steps=1), val=False)
     assert problems(cb) == set()
-    assert cb._counts["grad_not_zeroed"] >= 10 and len(cb._watches) == 2
+    assert cb._counts["grad_not_zeroed"] >= 10 and len(cb._optim.watches) == 2
 
 
 def test_gan_missing_generator_zero_grad_is_flagged_on_its_optimizer(tmp_path):
@@ -337,7 +337,7 @@ class Clipped(pl.LightningModule):
 
 
 def test_weights_clipped_at_their_bound_are_not_judged(tmp_path, monkeypatch):
-    import lightning_diag.callbacks.invariants as module
+    import lightning_diag.callbacks._optimizer_watch as module
 
     seen: list[bool] = []
     real = module._at_a_bound
@@ -751,7 +751,7 @@ def test_bad_arguments_are_refused():
 def test_disabled_checks_do_not_run(tmp_path):
     cb = fit(tmp_path, Manual(zero=None), TrainingInvariants(disable=["grad_not_zeroed"]),
              epochs=1)
-    assert problems(cb) == set() and not cb._watches.get(0)
+    assert problems(cb) == set() and not cb._optim.watches.get(0)
     assert only(cb, "invariants.summary").details["stepped_aside"]["grad_not_zeroed"] == (
         "disabled (`disable=`)")
 
