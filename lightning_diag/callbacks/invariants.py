@@ -36,13 +36,13 @@ from lightning_diag.checks.invariants import (
     check_optimizer_coverage,
     mode_layers,
 )
-from lightning_diag.checks.metric_range import check_metric_ranges, metric_bound
-from lightning_diag.checks.target_leak import (
-    LeakEvidence,
-    check_target_leak,
-    leak_counts,
-    strongest_leak,
+from lightning_diag.checks.metric_range import (
+    check_metric_ranges,
+    known_classes,
+    label_counts,
+    metric_bound,
 )
+from lightning_diag.checks.target_leak import LeakWatch
 from lightning_diag.findings import Finding, Severity
 from lightning_diag.functional.monitors import is_logging_step
 from lightning_diag.validation import (
@@ -61,7 +61,9 @@ CHECKS = ("grad_not_zeroed", "param_not_in_optimizer", "param_not_updated",
           "target_leak")
 #: Step losses kept before they are summed (one small device op per this many steps).
 _FOLD = 256
-#: Training batches whose inputs are compared with the target, and epochs a leak is sought in.
+#: Training batches whose inputs are compared with the target (and whose labels counted),
+#: and epochs a leak is sought in by the loss's collapse (one a Hugging Face batch's own bound
+#: confirms is sought in every epoch).
 _LEAK_BATCHES, _LEAK_EPOCHS = 3, 3
 
 
@@ -158,8 +160,9 @@ class TrainingInvariants(DiagnosticCallback):
         self._readings: dict[str, list[float]] = {}
         self._series: dict[str, tuple[list[str], list[float], list[EpochSteps]]] = {}
         self._not_loss: dict[str, str] = {}
-        self._leak: dict[tuple[str, int], LeakEvidence] = {}
-        self._leak_batches = 0
+        self._leak = LeakWatch()
+        self._labels: list[torch.Tensor] = []  # class counts of the first batches' labels
+        self._label_batches = 0
         self._percent: list[str] = []
         self._resumed_epoch: int | None = None  # its steps are not all seen: not compared
         self._ended: int | None = None  # the last epoch whose end was seen, until it is read
@@ -241,13 +244,12 @@ class TrainingInvariants(DiagnosticCallback):
                 self._first_losses.append(loss)
             if len(self._losses) >= _FOLD:
                 self._fold()
-        if self._leak_batches < _LEAK_BATCHES and self._on["target_leak"]:
-            self._leak_batches += 1
-            for e in leak_counts(batch):
-                old = self._leak.get((e.input, e.lag))
-                self._leak[e.input, e.lag] = e if old is None else LeakEvidence(
-                    e.input, e.lag, old.matches + e.matches, old.compared + e.compared,
-                    max(old.chance, e.chance), old.batches + 1)
+        if self._leak.batches < _LEAK_BATCHES and self._on["target_leak"]:
+            self._leak.add(batch)
+        if self._label_batches < _LEAK_BATCHES and self._on["metric_out_of_range"]:
+            self._label_batches += 1
+            if (counts := label_counts(batch)) is not None:
+                self._labels.append(counts)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -344,7 +346,11 @@ class TrainingInvariants(DiagnosticCallback):
             for name, value in values.items():
                 if metric_bound(name, self.percent_metrics) is not None:
                     self._readings.setdefault(name, []).append(value)
-            found, self._percent = check_metric_ranges(self._readings, self.percent_metrics)
+            steps, initial = self._epochs.get(epoch), self._initial()
+            ratio = (steps.reductions()["mean"] / initial if steps is not None and initial
+                     else None)
+            found, self._percent = check_metric_ranges(
+                self._readings, self.percent_metrics, known_classes(self._labels), ratio)
             self._counts["metric_out_of_range"] = len(self._readings)
             for f in found:
                 self._publish_once(trainer, dataclasses.replace(f, epoch=epoch))
@@ -356,7 +362,7 @@ class TrainingInvariants(DiagnosticCallback):
                       and self._end_metrics.get(k) is not metrics[k]]
             for name in at_end:
                 self._check_epoch_loss(trainer, name, values[name], steps)
-        if self._on["target_leak"] and epoch < _LEAK_EPOCHS:
+        if self._on["target_leak"]:
             self._check_leak(trainer, metrics, epoch, steps)
 
     def _check_epoch_loss(self, trainer: pl.Trainer, name: str, value: float,
@@ -383,19 +389,24 @@ class TrainingInvariants(DiagnosticCallback):
 
     def _check_leak(self, trainer: pl.Trainer, metrics: dict[str, Any], epoch: int,
                     steps: EpochSteps) -> None:
-        evidence = strongest_leak(self._leak.values())
-        if evidence is None or not self._first_losses:
+        initial, early = self._initial(), epoch < _LEAK_EPOCHS
+        if not self._leak.strong(early) or initial is None:
             return
-        initial = float(torch.stack(self._first_losses).double().mean())
         val = find_metric(list(metrics), "val_loss")
         if val is not None and _scalar(metrics[val]):
             reached, source = float(metrics[val]), val
         else:
             reached, source = steps.reductions()["mean"], "the training steps' mean loss"
         self._counts["target_leak"] += 1
-        found = check_target_leak(evidence, initial, reached, source, epoch, self.leak_fraction)
+        found = self._leak.judge(initial, reached, source, epoch, self.leak_fraction, early)
         if found is not None:
             self._publish_once(trainer, found)
+
+    def _initial(self) -> float | None:
+        """The loss of the first steps (their mean), or None before any returned one."""
+        if not self._first_losses:
+            return None
+        return float(torch.stack(self._first_losses).double().mean())
 
     # -- reporting ---------------------------------------------------------------------------
     def _stand_down(self, checks: Sequence[str], why: str) -> None:
@@ -458,8 +469,9 @@ _NOTHING_TO_CHECK = {
     "metric_out_of_range": "no bounded metric (accuracy, F1, IoU...) was logged",
     "epoch_loss_inconsistent": "no epoch loss logged over at least two epochs, or no step "
                                "returned its loss",
-    "target_leak": "no integer input shaped like an integer target holds it (not a sequence "
-                   "model, or no leak)",
+    "target_leak": "no input holds the target (an integer input shaped like an integer target "
+                   "at its position or one before, or a float input a scalar float target at "
+                   "some position)",
 }
 
 

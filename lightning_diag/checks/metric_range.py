@@ -1,5 +1,6 @@
 """The training invariant about logged bounded metrics: an accuracy, precision, recall, F1,
-AUROC, IoU, Dice or mAP within [0, 1] (or [0, 100] as a percentage).
+AUROC, IoU, Dice or mAP within [0, 1] (or [0, 100] as a percentage; an accuracy that would be
+a percentage far below chance while the loss falls is none).
 ``invariants.metric_out_of_range``; the callback
 (:class:`~lightning_diag.callbacks.invariants.TrainingInvariants`) gathers the readings.
 
@@ -17,11 +18,16 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import torch
+
+from lightning_diag.batch import default_batch_to_target
 from lightning_diag.checks.invariants import CHECK, invariant_code
 from lightning_diag.findings import Finding, Severity
 
-__all__ = ["MetricBound", "check_metric_ranges", "metric_bound", "name_words"]
+__all__ = ["BELOW_CHANCE", "LEARNED", "MetricBound", "check_metric_ranges", "known_classes",
+           "label_counts", "metric_bound", "name_words"]
 
 _SPLIT = re.compile(r"[/_.\-\s]+")
 
@@ -91,8 +97,16 @@ def metric_bound(name: str, percent: Iterable[str] = ()) -> MetricBound | None:
     return MetricBound(kind, 100.0 if on_percent else 1.0)
 
 
-def check_metric_ranges(readings: Mapping[str, Sequence[float]],
-                        percent: Iterable[str] = ()) -> tuple[list[Finding], list[str]]:
+#: A percentage reading below this share of chance (1 / classes), while the loss fell, is
+#: not a percentage.
+BELOW_CHANCE = 0.5
+#: The training loss fell: its epoch mean at or below this share of the first steps' loss.
+LEARNED = 0.9
+
+
+def check_metric_ranges(readings: Mapping[str, Sequence[float]], percent: Iterable[str] = (),
+                        classes: int | None = None, loss_ratio: float | None = None,
+                        ) -> tuple[list[Finding], list[str]]:
     """``invariants.metric_out_of_range`` (WARN, one per metric) for bounded metrics logged
     outside their range; also the names read on the percent scale without saying so.
 
@@ -100,8 +114,18 @@ def check_metric_ranges(readings: Mapping[str, Sequence[float]],
     or above 1 on a metric whose name does not say percent while a metric of the same kind
     logged by the run reads within [0, 1] (e.g. ``train_acc`` 0.93 and ``val_acc`` 29.4: one
     of them is on the wrong scale, or a sum). Above 1 with no such sibling: the metric is read
-    as a percentage logged on purpose. NaN (a metric undefined on this data, e.g. AUROC on
-    one class) is not judged.
+    as a percentage logged on purpose, unless it is an accuracy that, read so, stays far below
+    chance (below :data:`BELOW_CHANCE` of ``100 / classes`` percent, the accuracy of a uniform
+    guess) while the training loss fell (``loss_ratio``, its latest epoch mean over the first
+    steps' loss, at or below :data:`LEARNED`): a 4-class accuracy that reads 2.8 is not 2.8%
+    but a wrong divisor. NaN (a metric undefined on this data, e.g. AUROC on one class) is not
+    judged.
+
+    Args:
+        readings: Every reading of each logged name.
+        percent: Names on the 0-100 scale on purpose.
+        classes: The number of classes of the labels (:func:`known_classes`), if known.
+        loss_ratio: The training loss of the latest epoch over that of the first steps.
 
     Example:
         >>> found, percent = check_metric_ranges({"train_acc": [0.5, 0.9], "val_acc": [45.0]})
@@ -109,6 +133,9 @@ def check_metric_ranges(readings: Mapping[str, Sequence[float]],
         ([('invariants.metric_out_of_range', 'val_acc')], [])
         >>> check_metric_ranges({"val_acc": [12.5, 87.5]})
         ([], ['val_acc'])
+        >>> [f.subject for f in check_metric_ranges({"val_acc": [2.4, 2.8]}, classes=4,
+        ...                                         loss_ratio=0.7)[0]]
+        ['val_acc']
     """
     percent = list(percent)
     bounds = {n: b for n in readings if (b := metric_bound(n, percent)) is not None}
@@ -119,18 +146,19 @@ def check_metric_ranges(readings: Mapping[str, Sequence[float]],
     for name, bound in bounds.items():
         values = [v for v in readings[name] if not math.isnan(v)]
         outside = [v for v in values if v < 0.0 or v > 100.0 or math.isinf(v)]
-        why = "no scale explains it"
+        why, high = "no scale explains it", 100.0
         if not outside and bound.high == 1.0 and any(v > 1.0 for v in values):
+            below = _below_chance(bound, values, classes, loss_ratio)
             if bound.kind in fraction_kinds:
                 outside = [v for v in values if v > 1.0]
-                why = f"another {bound.kind} of this run reads within [0, 1]"
+                why, high = f"another {bound.kind} of this run reads within [0, 1]", 1.0
+            elif below is not None:
+                outside, why, high = [v for v in values if v > 1.0], below, 1.0
             else:
                 read_as_percent.append(name)
         if not outside:
             continue
         worst = max(outside, key=lambda v: max(-v, v - bound.high))
-        # the scale the metric is read on: the fraction scale when a sibling says so
-        high = 1.0 if bound.kind in fraction_kinds and bound.high == 1.0 else 100.0
         found.append(Finding(
             CHECK, invariant_code("metric_out_of_range"), Severity.WARN,
             f"`{name}` ({bound.kind}) was logged at {worst:.4g}, outside [0, {high:g}] "
@@ -141,5 +169,63 @@ def check_metric_ranges(readings: Mapping[str, Sequence[float]],
                    "on purpose: put `pct` in the name or pass "
                    "`TrainingInvariants(percent_metrics=[...])`.",
             value=worst, expected=(0.0, high), subject=name,
-            details={"metric": name, "kind": bound.kind, "readings": list(values)}))
+            details={"metric": name, "kind": bound.kind, "readings": list(values),
+                     "classes": classes, "loss_ratio": loss_ratio}))
     return found, sorted(read_as_percent)
+
+
+def _below_chance(bound: MetricBound, values: Sequence[float], classes: int | None,
+                  loss_ratio: float | None) -> str | None:
+    """Why an accuracy above 1 is no percentage: read so, it stays far below chance while the
+    loss fell; None when that is not shown."""
+    if bound.kind != "accuracy" or classes is None or classes < 2 or loss_ratio is None:
+        return None
+    chance = 100.0 / classes
+    best = max(values)
+    if loss_ratio > LEARNED or best >= BELOW_CHANCE * chance:
+        return None
+    return (f"read as a percentage, at most {best:.3g}%, far below the {chance:.3g}% of a "
+            f"uniform guess among the {classes} classes of the labels, while the training loss "
+            f"fell to {loss_ratio:.0%} of its first steps': not a percentage")
+
+
+def label_counts(batch: Any) -> torch.Tensor | None:
+    """How many samples of each class a batch holds, when its target is one integer class per
+    sample (``batch[1]``, or a label key of a dict); else None.
+
+    Example:
+        >>> label_counts((torch.zeros(4, 2), torch.tensor([0, 2, 2, 1]))).tolist()
+        [1, 1, 2]
+        >>> label_counts((torch.zeros(4, 2), torch.zeros(4))) is None  # a regression target
+        True
+    """
+    target = default_batch_to_target(batch)
+    if not (isinstance(target, torch.Tensor) and target.dim() == 1 and target.numel()
+            and not target.is_floating_point() and not target.is_complex()
+            and target.dtype != torch.bool):
+        return None
+    target = target.detach()
+    if bool((target < 0).any()):
+        return None
+    return torch.bincount(target.cpu())
+
+
+def known_classes(counts: Sequence[torch.Tensor], min_count: int = 2) -> int | None:
+    """The number of classes, when the labels of the batches read (their
+    :func:`label_counts`) cover every class from 0 to the largest seen, each at least
+    ``min_count`` times (no class seen once or never: few classes are likely left unseen);
+    else None.
+
+    Example:
+        >>> known_classes([torch.tensor([12, 11, 13]), torch.tensor([12, 12, 11, 2])])
+        4
+        >>> known_classes([torch.tensor([40, 0, 30])]) is None  # class 1 never seen
+        True
+    """
+    if not counts:
+        return None
+    size = max(len(c) for c in counts)
+    total = sum(torch.nn.functional.pad(c, (0, size - len(c))) for c in counts)
+    if size < 2 or not isinstance(total, torch.Tensor) or int(total.min()) < min_count:
+        return None
+    return size
