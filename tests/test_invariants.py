@@ -899,6 +899,9 @@ def test_leak_rules():
     watch.add((seq[:, 1:], seq[:, 1:]))
     assert [e.shifted_inside for e in watch.strong()] == [True, False]
     assert [e.shifted_inside for e in watch.strong(early=False)] == [True]
+    features = torch.randn(16, 4, generator=torch.Generator().manual_seed(1))
+    watch.add((features, features[:, 2].clone()))  # a float feature that is the target
+    assert [e.position for e in watch.strong(early=False)] == [None, (2,)]
     assert watch.judge(2.0, 0.05, "val_loss", 7, 0.05, early=False).details["input"] == (
         "input_ids")
     # a float input holding a scalar float target, within float rounding

@@ -62,8 +62,8 @@ CHECKS = ("grad_not_zeroed", "param_not_in_optimizer", "param_not_updated",
 #: Step losses kept before they are summed (one small device op per this many steps).
 _FOLD = 256
 #: Training batches whose inputs are compared with the target (and whose labels counted),
-#: and epochs a leak is sought in by the loss's collapse (one a Hugging Face batch's own bound
-#: confirms is sought in every epoch).
+#: and epochs a leak is sought in by the loss's collapse (but for evidence judged at any epoch:
+#: ``LeakEvidence.any_epoch``).
 _LEAK_BATCHES, _LEAK_EPOCHS = 3, 3
 
 

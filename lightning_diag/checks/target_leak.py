@@ -87,6 +87,14 @@ class LeakEvidence:
         return self.matches / self.compared if self.compared else 0.0
 
     @property
+    def any_epoch(self) -> bool:
+        """Judged at every epoch, not only the first ones: a Hugging Face batch (by its own
+        bound, however long the model trains) and a float input holding a scalar float target
+        within float rounding (no honest window or feature holds it exactly: once the loss
+        collapses, the model found it, however late)."""
+        return self.shifted_inside or self.position is not None
+
+    @property
     def key(self) -> tuple[str, int, tuple[int, ...] | None]:
         return self.input, self.lag, self.position
 
@@ -121,7 +129,8 @@ def check_target_leak(evidence: LeakEvidence | None, initial: float, reached: fl
     batch at lag 0 (``evidence.shifted_inside``) is judged by a bound of its own data instead
     of ``fraction``: the loss below :data:`FLOOR_SHARE` of
     :meth:`LeakEvidence.next_token_floor`, at any epoch (a model that shifts inside cannot go
-    below it however long it trains, one scored on the token it reads can).
+    below it however long it trains, one scored on the token it reads can). The callback
+    judges only the first epochs, but for :attr:`LeakEvidence.any_epoch` evidence.
 
     Args:
         evidence: Every target position equal to the input at lag 0 or 1 (or a float input
@@ -162,7 +171,8 @@ def check_target_leak(evidence: LeakEvidence | None, initial: float, reached: fl
            f"cross-entropy with which any model predicts each label of the first "
            f"{evidence.batches} batch(es) from the tokens before it (their entropy given "
            "those tokens)" if floor is not None else
-           f"a model that learns the task is not expected below {fraction:.0%} this early")
+           f"a model that learns the task is not expected below {fraction:.0%}"
+           + ("" if evidence.any_epoch else " this early"))
         + "): the output predicts the target far better than the data allows.",
         advice=_advice(evidence), value=ratio,
         expected=(FLOOR_SHARE * floor / initial if floor is not None else fraction, 1.0),
@@ -329,9 +339,8 @@ class LeakWatch:
 
     def strong(self, early: bool = True) -> list[LeakEvidence]:
         """The strong evidence (:func:`strong_leaks`); after the first epochs (``early``
-        False) only that judged by its own data's bound (``shifted_inside``), which does not
-        depend on how early the loss fell."""
-        return [e for e in strong_leaks(self.evidence.values()) if early or e.shifted_inside]
+        False) only that judged at any epoch (:attr:`LeakEvidence.any_epoch`)."""
+        return [e for e in strong_leaks(self.evidence.values()) if early or e.any_epoch]
 
     def judge(self, initial: float, reached: float, source: str, epoch: int,
               fraction: float, early: bool = True) -> Finding | None:
