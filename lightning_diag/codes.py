@@ -302,7 +302,7 @@ def _declarations() -> tuple[CodeSpec, ...]:
         c("ensemble.no_monitor", ens, INFO, INFO, "the monitored metric was never logged", "7.3"),
         c("ensemble.ignored_paths", ens, INFO, INFO, "the kept list of the checkpoint resumed "
           "from names files outside this callback's directory: left alone", "7.3"),
-        *generic(ens, "ensemble", "7.3", "user_error", "skipped"),
+        *generic(ens, "ensemble", "7.3", "user_error", "skipped", "no_tensorboard"),
         c("ema.summary", ema, INFO, INFO, "the averaged weights against the trained ones", "7.4",
           value="EMA minus raw"),
         c("ema.non_finite", ema, W, W, "a non-finite loss or weight: EMA updates skipped", "7.4",

@@ -13,8 +13,8 @@ The diagnostic callbacks hand their findings to the record of their trainer
 - prints one line per new or worse finding (:mod:`lightning_diag.terminal`);
 - keeps TensorBoard's view of them (:mod:`lightning_diag.tensorboard.findings_table`): the
   findings table, written again only when a finding is new or worse and at the end of the fit,
-  never twice with the same content, and the number of FAIL and WARN findings on the first
-  cards TensorBoard opens on;
+  never twice with the same content, and the card with the number of FAIL, WARN and INFO
+  findings on the page TensorBoard opens on, written likewise;
 - makes the run's diagnosis once per fit, after every diagnostic callback's ``on_fit_end``
   whatever their order, and also when one of them stepped aside
   (:func:`~lightning_diag.checks.diagnosis.diagnose`);
@@ -52,10 +52,9 @@ from lightning_diag.findings import (
     update_record,
 )
 from lightning_diag.guard import ConfigurationError
-from lightning_diag.presentation import counts
-from lightning_diag.tensorboard.findings_table import findings_table, table_rows
-from lightning_diag.tensorboard.tags import FINDINGS_TABLE, findings_count
-from lightning_diag.tensorboard.writer import log_dir, tensorboard_writer
+from lightning_diag.tensorboard.findings_table import findings_card, findings_table, table_rows
+from lightning_diag.tensorboard.tags import FINDINGS_CARD, FINDINGS_TABLE
+from lightning_diag.tensorboard.writer import log_dir, log_image, tensorboard_writer
 
 __all__ = ["RunRecord"]
 
@@ -106,6 +105,7 @@ class RunRecord:
         self._diagnosed = False
         self._written: dict[tuple[int, tuple[str, str, str]], Finding] = {}
         self._shown = ""  # the table last written to TensorBoard
+        self._card = ""  # the card last written to TensorBoard
         self._said_unwritable = False
         self._said_budget = False
         self._budget: ByteBudget | None = None
@@ -190,8 +190,8 @@ class RunRecord:
                                      directory / FINDINGS_FILE, err)
 
     def _show(self, trainer: pl.Trainer, final: bool = False) -> None:
-        """Write the findings table to TensorBoard if it changed, and the counts (always at the
-        end of the fit, so that their chart reaches the last step)."""
+        """Write the findings table and the card to TensorBoard where they changed (the card
+        always changes at the end of the fit: it says so)."""
         writer = tensorboard_writer(trainer)
         if writer is None:
             return
@@ -208,10 +208,10 @@ class RunRecord:
                 return
             self._shown = rows
             writer.add_text(FINDINGS_TABLE, text, global_step=step)
-        if budget.charge(64):
-            for severity, n in counts(every).items():
-                if severity is not Severity.INFO:
-                    writer.add_scalar(findings_count(severity.value), n, global_step=step)
+        card = findings_card(every, final)
+        if card.text != self._card:
+            self._card = card.text
+            log_image(trainer, FINDINGS_CARD, card.image(), step, text=card.metadata)
 
     # -- the end of the fit ----------------------------------------------------------------
     def fit_ending(self) -> None:

@@ -132,6 +132,16 @@ def text_events(acc: Any, tag: str) -> list[str]:
     return [e.tensor_proto.string_val[0].decode() for e in acc.Tensors(f"{tag}/text_summary")]
 
 
+def card_counts(image_event: Any, key: str = "counts") -> str:
+    """The counts a findings card carries in its PNG (``fail=2 warn=7 info=14``), or its
+    ``text``."""
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(image_event.encoded_image_string)).text[key]
+
+
 def codes(findings: list[Any], min_severity: str = "warn") -> set[str]:
     from lightning_diag.findings import Severity
 

@@ -61,7 +61,8 @@ def test_one_findings_table_for_every_callback_fail_first_rewritten(tmp_path):
     last = texts[-1].tensor_proto.string_val[0].decode()
     assert last.startswith("**2 findings** (1 fail, 0 warn, 1 info) at step 0.")
     rows = [r for r in last.splitlines() if r.startswith("| ") and "`" in r]
-    assert [r.split(" | ")[1] for r in rows] == ["`other.broken`", "`probe.result`"]
+    assert [r.split(" | ")[0] for r in rows] == ["| **FAIL**<br>`other.broken`",
+                                                 "| INFO<br>`probe.result`"]
     assert [t for t in acc.Tags()["tensors"] if t.endswith("/text_summary")] == [
         f"{FINDINGS_TABLE}/text_summary"]
 

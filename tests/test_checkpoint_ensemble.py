@@ -13,12 +13,7 @@ import torch.nn.functional as F
 from lightning_diag.callbacks.checkpoint_ensemble import CheckpointEnsemble
 from lightning_diag.findings import load_findings
 from lightning_diag.inference.ensemble import EnsembleModel, evaluate_members
-from lightning_diag.tensorboard.tags import (
-    COMBINED_RUN,
-    ENSEMBLE,
-    MEMBERS_RUN,
-    ensemble_comparison,
-)
+from lightning_diag.tensorboard.tags import ENSEMBLE, ENSEMBLE_FIGURE
 from tests.families import FAMILIES
 from tests.helpers import Classifier, codes, digits, events, loader, mlp, trainer
 
@@ -77,16 +72,13 @@ def test_last_k_kept_and_ensemble_reported(tmp_path: Path) -> None:
     best = max(r["val_acc"] for r in want["members"])
     assert gain.value == pytest.approx(want["ensemble"]["val_acc"] - best)
     assert "gain on `val_acc`" in gain.message and "10-class logits" in gain.message
-    # one chart per metric: the members at their checkpoints' epochs, the ensemble beside them
+    # one image of bars at the end (a line chart would smooth the members into one line), no
+    # scalars and no sibling runs
     run = tmp_path / "tb" / "version_0"
-    for name in ("val_acc", "val_loss"):
-        members = events(run / MEMBERS_RUN).Scalars(ensemble_comparison(name))
-        assert [e.step for e in members] == [2, 3]
-        assert [e.value for e in members] == pytest.approx([r[name] for r in want["members"]])
-        ensemble = events(run / COMBINED_RUN).Scalars(ensemble_comparison(name))
-        assert [e.step for e in ensemble] == [2, 3]
-        assert [e.value for e in ensemble] == pytest.approx([want["ensemble"][name]] * 2)
-    assert not [t for t in events(run).Tags()["scalars"] if t.startswith(ENSEMBLE.prefix)]
+    acc = events(run)
+    assert [e.step for e in acc.Images(ENSEMBLE_FIGURE)] == [t.global_step]
+    assert not [t for t in acc.Tags()["scalars"] if t.startswith(ENSEMBLE.prefix)]
+    assert not [d for d in run.iterdir() if d.is_dir() and any(d.glob("*tfevents*"))]
     assert t.lightning_module.training and len(cb.hooks) == 0
 
 
@@ -115,9 +107,7 @@ def test_any_family_gets_its_ensemble_table(tmp_path: Path, name: str) -> None:
     assert kind in cb.results["combined"], cb.results["combined"]
     records = {f.code: f for f in load_findings(tmp_path / "tb" / "version_0")}
     assert records["ensemble.gain"].details["ensemble"] == pytest.approx(cb.results["ensemble"])
-    for run in (MEMBERS_RUN, COMBINED_RUN):
-        tags = set(events(tmp_path / "tb" / "version_0" / run).Tags()["scalars"])
-        assert tags == {ensemble_comparison(n) for n in logged}
+    assert len(events(tmp_path / "tb" / "version_0").Images(ENSEMBLE_FIGURE)) == 1
 
 
 def test_step_without_a_single_prediction_module_is_skipped(tmp_path: Path) -> None:

@@ -20,8 +20,8 @@ from lightning_diag.findings import FINDINGS_FILE, Finding, Severity
 from lightning_diag.tensorboard.tags import (
     DATA_CLASS_COUNTS,
     DATA_SUMMARY,
+    FINDINGS_CARD,
     data_grid,
-    data_labels,
 )
 from tests.helpers import Classifier, codes, events, loader, mlp, text_events, trainer
 
@@ -268,7 +268,7 @@ def test_callback_leaves_the_main_run_unchanged_and_logs(tmp_path: Path, split: 
     images = set(acc.Tags()["images"])
     assert {DATA_CLASS_COUNTS, data_grid("samples_per_class"), data_grid("exact_duplicates"),
             data_grid("leakage_train_vs_validation")} <= images
-    assert {data_labels("train"), data_labels("validation")} <= set(acc.Tags()["histograms"])
+    assert not acc.Tags()["histograms"]  # the labels are the class counts' bars
     assert "exact_duplicate_groups | 1" in text_events(acc, DATA_SUMMARY)[0]
     leftovers = {p.name for p in (tmp_path / "cb").rglob("*") if p.is_file()}
     assert all(name.startswith("events.out.tfevents") or name in ("hparams.yaml", FINDINGS_FILE)
@@ -420,6 +420,8 @@ def _tile_rows(image: Any, left: int) -> list[tuple[int, int]]:
 
 def test_grids_label_every_class_and_mark_split_index_and_label(
         tmp_path: Path, split: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+
     from lightning_diag.callbacks import data_inspection
     from lightning_diag.tensorboard.figures import CARD_WIDTH
     from lightning_diag.tensorboard.tags import data_grid
@@ -437,12 +439,17 @@ def test_grids_label_every_class_and_mark_split_index_and_label(
 
     per_class = _image(acc, data_grid("samples_per_class"))
     rows = _tile_rows(per_class, left=120)
-    assert per_class.shape[1] == CARD_WIDTH and len(rows) == 10  # every class, a row each
-    for first, end in rows:  # each row labelled ("class k") left of its images
-        tiles_start = (per_class[first:end] == 0).all(2).any(0).tolist().index(True)
-        assert tiles_start > 30 and (per_class[first:end, :tiles_start] < 100).any()
+    # every class a row of its own, labelled ("class k") left of its images; the rows flow
+    # into columns side by side (a landscape card), each column's rows labelled alike
+    tiles = [*(per_class[rows[0][0]:rows[0][1]] == 0).all(2).any(0).tolist(), False]
+    starts = [i for i, t in enumerate(tiles) if t and not any(tiles[max(0, i - 25):i])]
+    assert per_class.shape[1] == CARD_WIDTH and len(rows) * len(starts) >= 10 > (
+        len(rows) - 1) * len(starts)
+    for first, end in rows:
+        for start in starts:
+            assert (per_class[first:end, start - 24:start - 2] < 100).any()  # its label
     pitch = rows[1][0] - rows[0][0]
-    assert per_class.shape[0] >= rows[0][0] + 10 * pitch - 8  # the height holds the 10 rows
+    assert per_class.shape[0] >= rows[0][0] + len(rows) * pitch - 8  # the height holds them
 
     def red(image: Any) -> Any:
         return (image[..., 0] > 150) & (image[..., 1] < 90) & (image[..., 2] < 90)
@@ -450,13 +457,14 @@ def test_grids_label_every_class_and_mark_split_index_and_label(
     dup = _image(acc, data_grid("exact_duplicates"))
     assert len(_tile_rows(dup, left=10)) == 1 and red(dup).sum() > 100  # conflicting: red
     leak = _image(acc, data_grid("leakage_train_vs_validation"))
-    (a_first, a_end), (b_first, _) = _tile_rows(leak, left=10)
-    assert red(leak[:a_end + 2]).sum() > 100  # the pair whose labels differ comes first, red
-    assert not red(leak[b_first:]).any()  # the agreeing pair is not
-    caption = leak[a_end + 2:b_first - 2]  # split, index and label under each sample
-    columns = (leak[a_first:a_end] == 0).all(2).any(0).tolist()  # the two samples' columns
-    split_at = columns.index(False, columns.index(True))  # where the training sample ends
-    assert red(caption[:, :split_at]).any() and red(caption[:, split_at:]).any()
+    # two pairs: side by side (a landscape image for Time Series), the one whose labels
+    # differ first, framed and captioned in red; the agreeing one right of it, not red
+    (first, end), = _tile_rows(leak, left=10)
+    reds = np.flatnonzero(red(leak).any(0))
+    assert red(leak).sum() > 100 and (leak[first:end, reds[-1] + 5:] == 0).all(2).any()
+    captions = np.flatnonzero(red(leak[end + 2:]).any(0))  # index and label under each sample
+    middle = (reds[0] + reds[-1]) // 2
+    assert (captions < middle).any() and (captions > middle).any()
 
     # a cap on classes says how many are left out
     monkeypatch.setattr(data_inspection, "_MAX_CLASSES", 4)
@@ -467,7 +475,7 @@ def test_grids_label_every_class_and_mark_split_index_and_label(
     writer.flush()
     capped = _image(events(tmp_path / "tb" / "version_0"), data_grid("samples_per_class"))
     brown = (abs(capped.astype(int) - (140, 75, 0)).sum(2) < 60)
-    assert len(_tile_rows(capped, left=120)) == 4 and brown[: rows[0][0]].any()
+    assert len(_tile_rows(capped, left=120)) in (2, 4) and brown[: rows[0][0]].any()
     assert not (abs(per_class.astype(int) - (140, 75, 0)).sum(2) < 60).any()  # no note
 
 
@@ -660,7 +668,8 @@ def test_token_classifier_fit_is_quiet(tmp_path: Path) -> None:
     assert codes(check.findings) == set(), [f.format() for f in check.findings]
     assert "3 classes, the model's output width" in one(check.findings, "data.summary").message
     images = events(tmp_path / "tb" / "version_0").Tags()["images"]
-    assert images == [DATA_CLASS_COUNTS]  # the counts chart; text makes no image grid
+    # the counts chart (and the findings card); text makes no image grid
+    assert set(images) == {DATA_CLASS_COUNTS, FINDINGS_CARD}
 
 
 def closest_distinct_pair(a: torch.Tensor, b: torch.Tensor | None = None) -> float:

@@ -15,7 +15,7 @@ from lightning_diag.callbacks.ema import EMAWeights
 from lightning_diag.functional.ema import all_finite, ema_update_, warmup_decay
 from lightning_diag.inference.checkpoints import CheckpointLoadError
 from lightning_diag.inference.ema import load_ema_weights
-from lightning_diag.tensorboard.tags import EMA_RUN, RAW_RUN, ema_comparison
+from lightning_diag.tensorboard.tags import EMA_RUN, VALIDATION_RUN, ema_comparison
 from tests.helpers import Classifier, cnn, codes, digits, events, loader, mlp, trainer
 
 
@@ -182,8 +182,9 @@ def test_both_logs_ema_metrics(tmp_path: Path) -> None:
     assert float(m["val_loss_ema"]) != pytest.approx(float(m["val_loss"]), rel=1e-6)
     run = tmp_path / "tb" / "version_0"
     assert "val_acc_ema" in events(run).Tags()["scalars"]
-    # raw and EMA of each metric on one chart: one tag, two sibling runs, step = epoch
-    for sibling, key in ((RAW_RUN, "val_loss"), (EMA_RUN, "val_loss_ema")):
+    # the trained weights (the validation run, as the curves') and EMA of each metric on one
+    # chart: one tag, two sibling runs, step = epoch
+    for sibling, key in ((VALIDATION_RUN, "val_loss"), (EMA_RUN, "val_loss_ema")):
         (*_, last) = events(run / sibling).Scalars(ema_comparison("val_loss"))
         assert last.step == t.current_epoch - 1 or last.step == t.current_epoch
         assert last.value == pytest.approx(float(m[key]), rel=1e-6)

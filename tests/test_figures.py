@@ -13,6 +13,7 @@ from lightning_diag.tensorboard.figures import (
     annotated_grid,
     class_counts_figure,
     curves_figure,
+    ensemble_figure,
     layer_label,
     layer_summary_figure,
 )
@@ -68,13 +69,45 @@ def test_grid_grows_one_row_per_label_and_marks_alerts_in_red() -> None:
                                  + [f"encoder.layers.{k}.self_attn.out_proj" for k in range(6)])},
         bins=8),
     lambda: class_counts_figure({"train": [150] * 10, "validation": [40] * 10}),
+    lambda: ensemble_figure([(7, {"val_loss": 1.24, "val_acc": 0.467}),
+                             (8, {"val_loss": 1.12, "val_acc": 0.547})],
+                            {"val_loss": 1.13, "val_acc": 0.575}),
 ])
 def test_figures_are_card_wide_and_nothing_touches_the_edge(draw) -> None:
     image = figure_to_array(draw())
-    assert image.shape[1] == 2 * CARD_WIDTH  # drawn at the card's width, twice the pixels
+    assert image.shape[1] >= 2 * CARD_WIDTH  # drawn at the card's width (or wider), 2x pixels
+    # landscape: Time Series fits an image into a box 1.5 to 2.1 times as wide as high
+    assert image.shape[1] >= 1.45 * image.shape[0]
     edge = np.concatenate([image[:3].reshape(-1, 3), image[-3:].reshape(-1, 3),
                            image[:, :3].reshape(-1, 3), image[:, -3:].reshape(-1, 3)])
     assert (edge >= 250).all()  # a clipped label would reach the border
     dark = (image < 128).any(2)
     assert dark[:, : image.shape[1] // 8].any()  # y labels / layer names on the left
     assert dark.mean() > 0.01
+
+
+def test_the_ensemble_is_bars_with_their_values_never_a_line() -> None:
+    members = [(7, {"val_acc": 0.467, "val_loss": 63.0}), (8, {"val_acc": 0.547, "val_loss": 1.2}),
+               (9, {"val_acc": 0.514, "val_loss": 1.1})]
+    fig = ensemble_figure(members, {"val_acc": 0.575, "val_loss": 1.13})
+    for ax, name in zip(fig.axes, ("val_acc", "val_loss"), strict=True):
+        want = [row[name] for _, row in members] + [{"val_acc": 0.575, "val_loss": 1.13}[name]]
+        assert [p.get_height() for p in ax.patches] == pytest.approx(want)
+        assert [t.get_text() for t in ax.texts] == [f"{v:.3g}" for v in want]
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["7", "8", "9", "ens."]
+        assert ax.get_ylim()[1] > max(want)  # the first epoch's 63 is on the chart, not cut
+
+
+def test_many_rows_flow_into_columns_side_by_side() -> None:
+    """Eight duplicate pairs: a strip of eight rows was a 55 x 215 thumbnail in Time Series;
+    side by side they make a card about as wide as high, within the card's width."""
+    sample = torch.zeros(8, 8)
+    pairs = [[Cell(sample, (f"#{k}", "label 3")), Cell(sample, (f"#{k + 1000}", "label 3"))]
+             for k in range(8)]
+    image = annotated_grid(pairs, "8 groups of identical inputs in train")
+    bands = [*(image == 0).all(2).any(1).tolist(), False]
+    rows = sum(1 for i, b in enumerate(bands) if b and (i == 0 or not bands[i - 1]))
+    assert image.shape[1] == CARD_WIDTH and image.shape[1] >= image.shape[0]
+    assert rows <= 4  # 8 rows in 2 or more columns
+    one = annotated_grid(pairs[:1], "1 group")  # a single row stays one column, card wide
+    assert one.shape[1] == CARD_WIDTH and one.shape[1] >= 1.4 * one.shape[0]

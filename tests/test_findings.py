@@ -256,16 +256,17 @@ def test_published_record_and_tensorboard_table_carry_value_expected_and_step(tm
     mismatch = next(f for f in cb.findings if f.code == "initial_loss.mismatch")
     (table,) = text_events(events(run), FINDINGS_TABLE)
     _, _, header, _, *rows = table.splitlines()
-    assert header == "| severity | code | message | advice | value | expected | step |"
+    assert header == "| finding | message | advice | measured |"
     cells = next(r for r in rows if "initial_loss.mismatch" in r).strip("| ").split(" | ")
     low, high = mismatch.expected  # type: ignore[misc]
-    assert cells[4:] == [f"{mismatch.value:.4g}", f"[{low:.4g}, {high:.4g}]", "0"]
+    assert cells[3].split("<br>") == [
+        f"initial loss: {mismatch.value:.4g}", "expected", f"[{low:.4g}, {high:.4g}]", "step 0"]
 
 
 def test_table_rows_escape_pipes_and_newlines():
     f = Finding("X", "x.a", Severity.INFO, "a|b", advice="do\nthis", value=math.nan)
     _, _, row = markdown_table(TABLE_HEADER, [table_row(f)]).splitlines()
-    assert row == "| INFO | `x.a` | a\\|b | do this | NaN | - | - |"
+    assert row == "| INFO<br>`x.a` | a\\|b | do this | NaN |"
 
 
 class _EveryStep(DiagnosticCallback):

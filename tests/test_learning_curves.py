@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 import torch.nn.functional as F
 
 from lightning_diag.callbacks.learning_curves import LearningCurves
@@ -11,6 +12,7 @@ from lightning_diag.tensorboard.tags import (
     TRAIN_RUN,
     VALIDATION_RUN,
     curve,
+    learning_rate,
 )
 from tests.families import FAMILIES
 from tests.helpers import Classifier, codes, digits, events, loader, mlp, trainer
@@ -143,3 +145,26 @@ def test_an_explicit_name_wins_and_a_missing_one_is_named(tmp_path):
     (missing,) = [f for f in cb.findings if f.code == "curves.missing_keys"]
     assert missing.details["missing"] == ["val/top5"] and "`val/top5` (given)" in missing.message
     assert "accuracy/val" not in cb.history
+
+
+def test_the_learning_rate_of_every_param_group_per_epoch(tmp_path):
+    class TwoGroups(Classifier):
+        """Two parameter groups and a schedule halving the rate every epoch."""
+
+        def configure_optimizers(self):
+            first, *rest = list(self.parameters())
+            opt = torch.optim.SGD([{"params": [first], "lr": 0.1},
+                                   {"params": rest, "lr": 0.01}])
+            return [opt], [torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)]
+
+    t = _fit(tmp_path, TwoGroups(mlp()), [LearningCurves()])
+    acc = events(t.logger.log_dir)
+    for group, start in (("SGD.group0", 0.1), ("SGD.group1", 0.01)):
+        points = acc.Scalars(learning_rate(group))
+        # the rate each epoch trained with (the epoch's scheduler step comes after)
+        assert [e.step for e in points] == [0, 1, 2]
+        assert [e.value for e in points] == pytest.approx([start * 0.5 ** k for k in range(3)])
+    # one optimizer, one group: named by its class alone
+    plain = _fit(tmp_path / "plain", Classifier(mlp(), lr=3e-3), [LearningCurves()], epochs=1)
+    assert [e.value for e in events(plain.logger.log_dir).Scalars(learning_rate("Adam"))] == \
+        pytest.approx([3e-3])

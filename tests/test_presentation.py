@@ -39,8 +39,8 @@ def test_one_number_one_step_form_one_name_everywhere(tmp_path):
     assert headline(DEAD) == (f"[WARN] activations.dead_units net.5: dead units {value} "
                               f"(expected 0% to 50%) at steps {steps}")
     row = table_row(DEAD)  # TensorBoard
-    assert row[1] == "`activations.dead_units`<br>net.5" and row[4:] == [value, "[0%, 50%]",
-                                                                          steps]
+    assert row[0] == "WARN<br>`activations.dead_units`<br>net.5"
+    assert row[3] == f"dead units: {value}<br>expected [0%, 50%]<br>steps {steps}"
     listing = format_findings([DEAD])  # lightning-diag check, the demo
     assert f"[WARN] activations.dead_units net.5  (ActivationHistogram, seen at steps {steps})" \
         in listing

@@ -25,8 +25,17 @@ from lightning_diag.findings import (
 from lightning_diag.guard import ConfigurationError
 from lightning_diag.presentation import counts
 from lightning_diag.record import RunRecord
-from lightning_diag.tensorboard.tags import FINDINGS_TABLE, findings_count
-from tests.helpers import Classifier, digits, events, loader, mlp, text_events, trainer
+from lightning_diag.tensorboard.tags import FINDINGS_CARD, FINDINGS_TABLE
+from tests.helpers import (
+    Classifier,
+    card_counts,
+    digits,
+    events,
+    loader,
+    mlp,
+    text_events,
+    trainer,
+)
 
 
 class Every(DiagnosticCallback):
@@ -186,11 +195,13 @@ def test_one_table_version_per_content_and_the_counts_on_the_first_cards(tmp_pat
     assert "diagnosis.summary" in {f.code for f in every}  # two checks with problems
     n = counts(every)
     assert (n[Severity.FAIL], n[Severity.WARN]) == (1, 1)  # the diagnosis is not counted
-    for severity in ("fail", "warn"):
-        points = acc.Scalars(findings_count(severity))
-        assert points[-1].value == n[Severity(severity)] and points[-1].step == t.global_step
     assert tables[-1].startswith("**4 findings** (1 fail, 1 warn, 1 info, and the diagnosis)")
-    assert acc.Scalars(findings_count("fail"))[0].step == 1  # when first found
+    # the card: the counts when first found (each callback's first finding), and at the end
+    cards = acc.Images(FINDINGS_CARD)
+    assert [(e.step, card_counts(e)) for e in cards] == [
+        (1, "fail=1 warn=0 info=0"), (1, "fail=1 warn=0 info=1"), (1, "fail=1 warn=1 info=1"),
+        (t.global_step, "fail=1 warn=1 info=1")]
+    assert card_counts(cards[-1]) == " ".join(f"{s.value}={k}" for s, k in n.items())
 
 
 # -- the fit-end diagnosis ----------------------------------------------------------------------

@@ -4,10 +4,10 @@ At the end of each ``every_n_epochs``-th training epoch (after validation) the w
 (``Trainer.save_checkpoint(weights_only=True)``); the last ``k``, or the best ``k`` by ``monitor``,
 are kept. At fit end every kept checkpoint and their ensemble run the module's own
 ``validation_step`` on the validation data (:func:`~lightning_diag.inference.ensemble.
-evaluate_members`), for any task: every metric it logs goes to TensorBoard under
-``7.3_ensemble/<metric>``, each member at its epoch in the sibling run ``members`` and the ensemble
-at the same epochs in ``combined`` (one chart, two colours), and an info finding ``ensemble.gain``
-compares the ensemble with each member.
+evaluate_members`), for any task: every metric it logs goes to TensorBoard as bars with their
+values, each member by its epoch next to the ensemble (the image ``7.3_ensemble/members_vs_
+ensemble``: a few numbers measured once, which a line chart would smooth into one), and an info
+finding ``ensemble.gain`` compares the ensemble with each member.
 
 It deletes only checkpoints it wrote itself in this process, in its own directory. The kept list
 of a checkpoint it resumes from is trusted only for plain files directly in that directory (no
@@ -40,8 +40,9 @@ from lightning_diag.functional.ensemble import COMBINE
 from lightning_diag.inference.checkpoints import check_state_dict, load_checkpoint, state_dict_of
 from lightning_diag.inference.ensemble import EnsembleError, evaluate_members
 from lightning_diag.isolation import clone_module, preserved_rng
-from lightning_diag.tensorboard.tags import COMBINED_RUN, MEMBERS_RUN, ensemble_comparison
-from lightning_diag.tensorboard.writer import SiblingRuns, log_dir
+from lightning_diag.tensorboard.figures import ensemble_figure
+from lightning_diag.tensorboard.tags import ENSEMBLE_FIGURE
+from lightning_diag.tensorboard.writer import log_dir, log_figure
 from lightning_diag.validation import (
     check_callable,
     check_choice,
@@ -104,7 +105,6 @@ class CheckpointEnsemble(DiagnosticCallback):
         self.results: dict[str, Any] = {}
         self._written: set[str] = set()  # the files this callback wrote in this fit
         self._refused: list[tuple[str, str]] = []  # restored entries not followed, and why
-        self._runs = SiblingRuns()
 
     @property
     @override
@@ -277,18 +277,12 @@ class CheckpointEnsemble(DiagnosticCallback):
 
     def _log_comparison(self, trainer: pl.Trainer, ens: dict[str, float],
                         rows: list[dict[str, float]]) -> None:
-        """Each member's metrics at its checkpoint's epoch (run ``members``), the ensemble's at
-        the same epochs (run ``combined``): a flat line to compare the members' curve with."""
+        """Each member's metrics by its checkpoint's epoch and the ensemble's, as bars."""
+        if not ens or not self.require_tensorboard(trainer, "the ensemble's chart"):
+            return
         epochs = [int(m["epoch"]) for m in sorted(self.kept, key=lambda m: m["step"])]
-        for epoch, row in zip(epochs, rows, strict=True):
-            self._runs.log(trainer, {
-                MEMBERS_RUN: {ensemble_comparison(name): v for name, v in row.items()},
-                COMBINED_RUN: {ensemble_comparison(name): v for name, v in ens.items()}}, epoch)
-
-    @override
-    def _release(self) -> None:
-        super()._release()
-        self._runs.close()
+        log_figure(trainer, ENSEMBLE_FIGURE, ensemble_figure(list(zip(epochs, rows, strict=True)),
+                                                             ens), trainer.global_step)
 
     def _say(self, trainer: pl.Trainer, code: str, message: str) -> None:
         if not any(f.code == code for f in self.findings):

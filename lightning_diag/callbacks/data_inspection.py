@@ -49,11 +49,11 @@ from lightning_diag.isolation import (
     side_experiment,
     train_dataloader_of,
 )
-from lightning_diag.tensorboard.figures import Cell, annotated_grid, class_counts_figure
-from lightning_diag.tensorboard.tags import DATA_CLASS_COUNTS, DATA_SUMMARY, data_grid, data_labels
+from lightning_diag.tensorboard.figures import class_counts_figure
+from lightning_diag.tensorboard.grids import Cell, annotated_grid
+from lightning_diag.tensorboard.tags import DATA_CLASS_COUNTS, DATA_SUMMARY, data_grid
 from lightning_diag.tensorboard.writer import (
     log_figure,
-    log_histogram_counts,
     log_image,
     tensorboard_writer,
 )
@@ -69,7 +69,6 @@ _MAX_CLASSES = 100
 #: Samples per row of the grids of flagged samples (and per duplicate group): their captions
 #: must fit TensorBoard's card side by side.
 _PER_ROW = 4
-_SHORT = {"validation": "val"}
 
 
 class DataInspection(FitStartCheck):
@@ -296,14 +295,12 @@ class _TensorBoardView:
         self.writer.add_text(DATA_SUMMARY, "\n".join(lines), global_step=self.step)
 
     def _class_counts(self) -> None:
-        known = {s.name: (s, c) for s in self.report.scans()
-                 if (c := self.report.counts(s)) is not None}
+        """The labels of each split as bars, one per class (a histogram of one step would head
+        the Histograms dashboard and draw an empty chart in Distributions)."""
+        known = {s.name: c for s in self.report.scans() if (c := self.report.counts(s)) is not None}
         if not known:
             return
-        for name, (scan, c) in known.items():
-            log_histogram_counts(self.writer, data_labels(name), scan.label_tensor().float(),
-                                 self.step, bins=len(c))
-        figure = class_counts_figure({name: c.tolist() for name, (_, c) in known.items()})
+        figure = class_counts_figure({name: c.tolist() for name, c in known.items()})
         log_figure(self.trainer, DATA_CLASS_COUNTS, figure, self.step)
 
     def _per_class(self) -> None:
@@ -347,7 +344,7 @@ class _TensorBoardView:
         self._add(data_grid(name, scan.name),
                   [[self._cell(scan, i, labels[i], conflict(g)) for i in g[:_PER_ROW]]
                    for g in shown],
-                  f"{len(groups)} groups of {what} inputs in {scan.name}, one per row", notes)
+                  f"{len(groups)} groups of {what} inputs in {scan.name}", notes)
 
     def _samples(self, scan: SplitScan, name: str, indices: list[int], what: str) -> None:
         if not indices:
@@ -383,12 +380,13 @@ class _TensorBoardView:
 
     @staticmethod
     def _cell(scan: SplitScan, index: int, label: Any = None, alert: bool = False) -> Cell | None:
-        """Sample ``index`` of ``scan`` captioned with its split, index and label; None when it
-        is no image."""
+        """Sample ``index`` of ``scan`` captioned with its index and label (the grid's title
+        names the split: short captions let the groups stand side by side); None when it is
+        no image."""
         image = _as_image(scan.sample(index))
         if image is None:
             return None
-        where = f"{_SHORT.get(scan.name, scan.name)} #{index}"
+        where = f"#{index}"
         caption = (where, f"label {label}") if isinstance(label, int) else (where,)
         return Cell(image, caption if label is not None else (), alert)
 

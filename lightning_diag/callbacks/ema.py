@@ -34,7 +34,7 @@ from lightning_diag.callbacks._metric_keys import find_metric
 from lightning_diag.callbacks._validate_copy import validate_copy
 from lightning_diag.findings import Finding, Severity
 from lightning_diag.functional.ema import warmup_decay
-from lightning_diag.tensorboard.tags import EMA_RUN, RAW_RUN, ema_comparison, ema_metric
+from lightning_diag.tensorboard.tags import EMA_RUN, VALIDATION_RUN, ema_comparison, ema_metric
 from lightning_diag.tensorboard.writer import SiblingRuns
 from lightning_diag.validation import check_choice, check_flag, check_int, check_number, require
 
@@ -178,11 +178,12 @@ class EMAWeights(DiagnosticCallback):
             self._log_comparison(trainer, averaged)
 
     def _log_comparison(self, trainer: pl.Trainer, averaged: dict[str, float]) -> None:
-        """Each metric of the raw weights (as the validation loop just logged it, run ``raw``)
-        and of the average (run ``ema``) under one tag per epoch: one chart, two colours."""
+        """Each metric of the trained weights (as the validation loop just logged it, in the run
+        ``validation`` that holds the validation curves) and of the average (run ``ema``) under
+        one tag per epoch: one chart, two colours."""
         logged = trainer.callback_metrics
         raw = {key: float(logged[key]) for key in averaged if key in logged}
-        self._runs.log(trainer, {RAW_RUN: {ema_comparison(k): v for k, v in raw.items()},
+        self._runs.log(trainer, {VALIDATION_RUN: {ema_comparison(k): v for k, v in raw.items()},
                                  EMA_RUN: {ema_comparison(k): v for k, v in averaged.items()}},
                        trainer.current_epoch)
 

@@ -29,6 +29,7 @@ from lightning_diag.tensorboard.tags import (
     TRAIN_RUN,
     VALIDATION_RUN,
     curve,
+    learning_rate,
 )
 from lightning_diag.tensorboard.writer import SiblingRuns, log_figure, log_scalars
 from lightning_diag.validation import from_arguments
@@ -49,9 +50,11 @@ class LearningCurves(ConfiguredCallback):
     ``0_curves/loss`` and ``0_curves/accuracy`` with ``step = epoch``, the training value in the
     sibling run ``train`` and the validation value in ``validation`` (sub-directories of the log
     directory), so that every TensorBoard dashboard draws train and val on one chart in two
-    colours; and ``0_curves/train_minus_val_accuracy`` in the run itself. A matplotlib figure of
-    both (``0_curves/overview`` and ``learning_curves.png``) is drawn at the end of training and
-    every ``figure_every_n_epochs``. Each metric is found among the logged names
+    colours; ``0_curves/train_minus_val_accuracy`` in the run itself; and the learning rate of
+    each optimizer's parameter group as each epoch starts,
+    ``0_curves/learning_rate/<optimizer>``. A matplotlib figure of both (``0_curves/overview``
+    and ``learning_curves.png``) is drawn at the end of training and every
+    ``figure_every_n_epochs``. Each metric is found among the logged names
     by the usual conventions (``_`` or ``/`` separators, ``val``/``valid``/``validation``,
     ``acc``/``accuracy``, an ``_epoch`` suffix), unless its name is given. One INFO finding
     ``curves.keys`` says which names were used; the ones no convention finds give one INFO
@@ -96,6 +99,28 @@ class LearningCurves(ConfiguredCallback):
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._record(trainer)
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log_learning_rates(trainer)
+
+    def _log_learning_rates(self, trainer: pl.Trainer) -> None:
+        """The learning rate of every optimizer's parameter group as the epoch starts (step =
+        epoch; an epoch's scheduler step comes before its end), beside the curves: what the
+        diagnosis often blames, as the run set it."""
+        rates, seen = {}, dict[str, int]()
+        optimizers = trainer.optimizers
+        for optimizer in optimizers:
+            kind = type(optimizer).__name__
+            same = sum(type(o).__name__ == kind for o in optimizers)
+            name = f"{kind}_{seen.get(kind, 0)}" if same > 1 else kind
+            seen[kind] = seen.get(kind, 0) + 1
+            groups = optimizer.param_groups
+            for j, group in enumerate(groups):
+                if isinstance(group.get("lr"), (int, float, torch.Tensor)):
+                    rates[learning_rate(f"{name}.group{j}" if len(groups) > 1 else name)] = (
+                        float(group["lr"]))
+        log_scalars(trainer, rates, trainer.current_epoch)
 
     def _lookup(self, metrics: dict[str, Any], series: str) -> float | None:
         value = metrics.get(self.keys.used.get(SERIES[series], ""))

@@ -35,7 +35,7 @@ from lightning_diag.report import sections
 from lightning_diag.report.canvas import Canvas
 from lightning_diag.report.html import CSS, section
 from lightning_diag.tensorboard.events import load_runs
-from lightning_diag.tensorboard.tags import DATA, FINDINGS, FIRST_LAYER, TUNING
+from lightning_diag.tensorboard.tags import DATA, FINDINGS, FINDINGS_CARD, FIRST_LAYER, TUNING
 
 __all__ = ["build_report"]
 
@@ -176,9 +176,11 @@ def _findings(c: Canvas, by_run: dict[str, list[Finding]]) -> str:
     samples lists a few indices under its message and counts the rest. Cells are
     :func:`lightning_diag.presentation.cells`, as every other view shows a finding.
     """
-    # TensorBoard's copies of the findings (tables, values) say nothing the records do not.
+    # TensorBoard's copies of the findings (tables, values, the first screen's card) say
+    # nothing the records do not.
     tables = c.take(c.data.texts, lambda t: t.startswith(FINDINGS.prefix))
     c.take(c.data.scalars, lambda t: t.startswith(FINDINGS.prefix))
+    c.take(c.data.images, lambda t: t == FINDINGS_CARD)
     unrecorded = sorted({t.run for tag in tables for t in c.data.texts[tag]} - set(by_run))
     note = (f"<p class='note'>Run(s) {', '.join(html.escape(r) for r in unrecorded)} logged "
             "findings tables to TensorBoard but have no findings.jsonl (runs from before "

@@ -22,7 +22,6 @@ from lightning_diag.report.canvas import Canvas
 from lightning_diag.report.html import img
 from lightning_diag.tensorboard.tags import (
     ACTIVATIONS,
-    COMBINED_RUN,
     CURVES,
     CURVES_GAP,
     EMA,
@@ -134,42 +133,15 @@ def ema(c: Canvas) -> str:
     # per-epoch charts below hold them next to the raw weights'.
     c.take(c.data.scalars, lambda t: raw_metric(t) is not None)
     panels = [(t[len(EMA.prefix):], [t]) for t in scalars]
-    return (c.panels(panels, EMA.prefix, "epoch") + "<p class='note'>Per epoch: <b>raw</b> the "
-            "trained weights, <b>ema</b> their moving average (also logged as "
-            "<code>&lt;metric&gt;_ema</code>).</p>" + c.images(images) + c.texts(texts))
+    return (c.panels(panels, EMA.prefix, "epoch") + "<p class='note'>Per epoch: "
+            "<b>validation</b> the trained weights, <b>ema</b> their moving average (also "
+            "logged as <code>&lt;metric&gt;_ema</code>).</p>" + c.images(images) + c.texts(texts))
 
 
 def ensemble(c: Canvas) -> str:
-    prefix = ENSEMBLE.prefix
-    scalars, texts, images, _ = c.prefixed(prefix)
-    groups: dict[str, list[tuple[str, float]]] = {"accuracy": [], "loss": [], "other": []}
-    for tag in scalars:
-        name = tag[len(prefix):]
-        key = "loss" if "loss" in name else "accuracy" if "acc" in name else "other"
-        # members (a point per kept checkpoint, at its epoch) first, then their ensemble
-        for s in sorted(c.data.scalars[tag], key=lambda s: s.series == COMBINED_RUN):
-            run = f" ({s.run})" if c.multi else ""
-            if s.series == COMBINED_RUN:
-                groups[key].append((f"{name}: ensemble{run}", s.values[-1]))
-            else:
-                groups[key] += [(f"{name}: epoch {e}{run}", v)
-                                for e, v in zip(s.steps, s.values, strict=True)]
-    panels = [(k, rows) for k, rows in groups.items() if rows]
-    out = ""
-    if panels:
-        height = max(2.5, 0.3 * max(len(rows) for _, rows in panels) + 1)
-        fig = Figure(figsize=(6 * len(panels), height))
-        axes = fig.subplots(1, len(panels), squeeze=False)[0]
-        for ax, (title, rows) in zip(axes, panels, strict=True):
-            colors = ["tab:red" if "ensemble" in n else "tab:blue" for n, _ in rows]
-            ax.barh([n for n, _ in rows], [v for _, v in rows], color=colors)
-            for i, (_, v) in enumerate(rows):
-                ax.text(v, i, f" {v:.4g}", va="center", fontsize=8)
-            ax.invert_yaxis()
-            ax.set_title(f"{title}: each kept checkpoint (blue) and their ensemble (red)",
-                         fontsize=9)
-        out = img(fig, "ensemble vs members")
-    return out + c.images(images) + c.texts(texts)
+    """The members against their ensemble: CheckpointEnsemble's bars, as TensorBoard shows them."""
+    _, texts, images, _ = c.prefixed(ENSEMBLE.prefix)
+    return c.images(images) + c.texts(texts)
 
 
 def other(c: Canvas, as_curves: Collection[str] = ()) -> str:

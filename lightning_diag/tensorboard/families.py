@@ -11,12 +11,13 @@ they are what to read first: ``0_curves`` (the learning curves of step 5.1-5.2: 
 going down, do train and validation part, and next to them the number of FAIL and WARN findings)
 and ``0_findings`` (the one table of every finding).
 
-Series to compare (train vs validation, EMA vs raw weights, the ensemble vs its members, a
-ratio vs the recipe's healthy value) are the same tag written in *sibling runs*: sub-directories
-of the run's log directory named in :data:`SIBLING_RUNS`, as Keras' TensorBoard callback writes
+Series to compare (train vs validation, the EMA weights vs the trained ones, a ratio vs the
+recipe's healthy value) are the same tag written in *sibling runs*: sub-directories of the
+run's log directory named in :data:`SIBLING_RUNS`, as Keras' TensorBoard callback writes
 ``train/`` and ``validation/``. TensorBoard draws each run in its own colour on one chart, on
 every dashboard; :mod:`~lightning_diag.tensorboard.events` reads them back as series of their
-parent run.
+parent run. There are at most four, so that two runs side by side (ten runs) get distinct
+colours on every chart (:class:`~lightning_diag.tensorboard.writer.SiblingRuns`).
 
 Example:
     >>> curve("loss"), TRAIN_RUN, VALIDATION_RUN
@@ -30,18 +31,17 @@ from dataclasses import dataclass
 from typing import Literal
 
 __all__ = [
-    "ACTIVATIONS", "ACTIVATIONS_SUMMARY", "COMBINED_RUN", "CURVES", "CURVES_FIGURE",
-    "CURVES_GAP", "DATA", "DATA_CLASS_COUNTS", "DATA_SUMMARY", "EMA", "EMA_RUN", "EMA_SUFFIX",
-    "ENSEMBLE", "EVERY_DIAGNOSTIC", "FINDINGS", "FINDINGS_TABLE", "FIRST_LAYER",
-    "FIRST_LAYER_FILTERS", "Family", "GRADIENT_CHECK", "GRADIENT_CHECK_ERRORS", "GUIDE_RUN",
-    "Kind", "MEMBERS_RUN", "OVERFIT", "OVERFIT_ACCURACY", "OVERFIT_LOSS", "RAW_RUN", "ROOTS",
-    "SIBLING_RUNS", "TRAIN_RUN", "TUNING", "TUNING_SUMMARY", "TUNING_SWEEP_CHART",
-    "TUNING_SWEEP_TABLE", "TUNING_TRIAL_ENDED", "UPDATE_RATIO", "UPDATE_RATIO_MEDIAN",
-    "VALIDATION_RUN", "WRITERS", "activation_histogram", "activation_stat", "curve",
-    "data_grid", "data_labels", "ema_comparison", "ema_metric", "ensemble_comparison",
-    "findings_count", "overfit_ladder", "overfit_ladder_layout", "raw_metric", "refine_curve",
-    "refine_layout", "sweep_curve", "sweep_layout", "typed_layer", "update_ratio_layer",
-    "update_ratio_layout",
+    "ACTIVATIONS", "ACTIVATIONS_SUMMARY", "CURVES", "CURVES_FIGURE", "CURVES_GAP", "DATA",
+    "DATA_CLASS_COUNTS", "DATA_SUMMARY", "EMA", "EMA_RUN", "EMA_SUFFIX", "ENSEMBLE",
+    "ENSEMBLE_FIGURE", "EVERY_DIAGNOSTIC", "FINDINGS", "FINDINGS_CARD", "FINDINGS_TABLE",
+    "FIRST_LAYER", "FIRST_LAYER_FILTERS", "Family", "GRADIENT_CHECK", "GRADIENT_CHECK_ERRORS",
+    "GUIDE_RUN", "Kind", "OVERFIT", "OVERFIT_ACCURACY", "OVERFIT_LOSS", "ROOTS", "SIBLING_RUNS",
+    "TRAIN_RUN", "TUNING", "TUNING_SUMMARY", "TUNING_SWEEP_CHART", "TUNING_SWEEP_TABLE",
+    "TUNING_TRIAL_ENDED", "UPDATE_RATIO", "UPDATE_RATIO_MEDIAN", "VALIDATION_RUN", "WRITERS",
+    "activation_histogram", "activation_stat", "curve", "data_grid", "ema_comparison",
+    "ema_metric", "learning_rate", "overfit_ladder", "overfit_ladder_layout", "raw_metric",
+    "refine_curve", "refine_layout", "sweep_curve", "sweep_layout", "typed_layer",
+    "update_ratio_layer", "update_ratio_layout",
 ]
 
 Kind = Literal["scalar", "histogram", "image", "text", "layout"]
@@ -92,13 +92,18 @@ EMA = Family("EMAWeights", "7.4_ema")
 ROOTS = tuple(f.root for f in (CURVES, FINDINGS, DATA, GRADIENT_CHECK, OVERFIT, ACTIVATIONS,
                                FIRST_LAYER, UPDATE_RATIO, TUNING, ENSEMBLE, EMA))
 
-#: The sibling runs (sub-directories of the run's log directory) series to compare go to.
-TRAIN_RUN, VALIDATION_RUN = "train", "validation"
-RAW_RUN, EMA_RUN = "raw", "ema"
-MEMBERS_RUN, COMBINED_RUN = "members", "combined"
+#: The sibling runs (sub-directories of the run's log directory) series to compare go to. The
+#: trained weights' validation metrics are the ``validation`` run's, next to the EMA weights'.
+TRAIN_RUN, VALIDATION_RUN, EMA_RUN = "train", "validation", "ema"
 #: The recipe's healthy update ratio, drawn as a line of its own on each update-ratio chart.
 GUIDE_RUN = "healthy_1e-3"
-SIBLING_RUNS = (TRAIN_RUN, VALIDATION_RUN, GUIDE_RUN, MEMBERS_RUN, COMBINED_RUN, RAW_RUN, EMA_RUN)
+#: In the order TensorBoard lists them after their run (each dated a millisecond after the
+#: one before: :func:`~lightning_diag.tensorboard.writer.sibling_start`). TensorBoard colours
+#: the runs it lists from a palette of 7, in that order; two runs of ``1 + k`` runs each give
+#: the same colour to places ``i`` and ``i + 7 - (1 + k)``, so the runs that share a chart
+#: (the run and the guide, train and validation, validation and EMA) stand next to each other:
+#: never ``6 - k`` places apart.
+SIBLING_RUNS = (GUIDE_RUN, TRAIN_RUN, VALIDATION_RUN, EMA_RUN)
 
 
 # -- the builders the writers call ------------------------------------------------------------
@@ -106,24 +111,13 @@ SIBLING_RUNS = (TRAIN_RUN, VALIDATION_RUN, GUIDE_RUN, MEMBERS_RUN, COMBINED_RUN,
 FINDINGS_TABLE = FINDINGS.tag("table")
 
 
-def findings_count(severity: str) -> str:
-    """The number of the run's ``fail`` or ``warn`` findings (the diagnosis left out), as a
-    scalar in the first group TensorBoard opens on: the curves' (what to read first), sorted
-    next to the accuracy chart.
-
-    Example:
-        >>> findings_count("fail")
-        '0_curves/findings_fail'
-    """
-    return CURVES.tag(f"findings_{severity}")
+#: The card that says whether anything failed (an image: Time Series does not smooth it),
+#: in the first group TensorBoard opens on, the curves' (what to read first), sorted next to
+#: the accuracy chart.
+FINDINGS_CARD = CURVES.tag("findings")
 
 DATA_SUMMARY = DATA.tag("summary")
 DATA_CLASS_COUNTS = DATA.tag("class_counts")
-
-
-def data_labels(split: str) -> str:
-    """The label histogram of one split (``train``, ``validation``)."""
-    return DATA.tag("labels", split)
 
 
 def data_grid(name: str, split: str = "train") -> str:
@@ -165,6 +159,17 @@ def curve(quantity: str) -> str:
 
 
 CURVES_GAP = CURVES.tag("train_minus_val_accuracy")
+
+
+def learning_rate(group: str) -> str:
+    """The learning rate of one optimizer's parameter group per epoch, next to the curves it
+    explains (the diagnosis often blames it).
+
+    Example:
+        >>> learning_rate("Adam"), learning_rate("SGD_1.group2")
+        ('0_curves/learning_rate/Adam', '0_curves/learning_rate/SGD_1.group2')
+    """
+    return CURVES.tag("learning_rate", group)
 # Sorted after the curves (TensorBoard sorts a group's cards by tag): the charts come first.
 CURVES_FIGURE = CURVES.tag("overview")
 
@@ -235,7 +240,7 @@ def raw_metric(tag: str) -> str | None:
 
 
 def ema_comparison(metric: str) -> str:
-    """A validation metric per epoch, in :data:`RAW_RUN` (the trained weights) and
+    """A validation metric per epoch, in :data:`VALIDATION_RUN` (the trained weights) and
     :data:`EMA_RUN` (their average).
 
     Example:
@@ -245,10 +250,9 @@ def ema_comparison(metric: str) -> str:
     return EMA.tag(metric)
 
 
-def ensemble_comparison(metric: str) -> str:
-    """A metric ``validation_step`` logs, in :data:`MEMBERS_RUN` (each kept checkpoint at its
-    epoch) and :data:`COMBINED_RUN` (their ensemble, at the same epochs)."""
-    return ENSEMBLE.tag(metric)
+#: Every metric ``validation_step`` logs, each kept checkpoint against their ensemble, as bars
+#: (a few numbers measured once: a line chart would smooth them into one).
+ENSEMBLE_FIGURE = ENSEMBLE.tag("members_vs_ensemble")
 
 
 def sweep_curve(lr: float | str) -> str:

@@ -1,9 +1,11 @@
-"""Figures and annotated images of the monitors and the data inspection.
+"""Figures of the monitors, the data inspection and the ensemble (matplotlib, imported lazily).
 
 TensorBoard's Images dashboard scales every image to the width of its card (:data:`CARD_WIDTH`
-pixels) and shows no caption, so everything here is drawn for that width, with its own text:
-images at least that wide, text about :data:`TEXT_PX` pixels high once scaled to the card (and at
-their natural size in the HTML report). matplotlib and Pillow are imported lazily.
+pixels), Time Series fits it into a landscape box (about 330 x 215 pixels in a 1280-pixel
+window, 450 x 215 in a 1600-pixel one), and neither shows a caption: so every figure here is
+drawn at the card's width and about half as high, with its own text (and reads at its natural
+size in the HTML report). The captioned image grids are :mod:`~lightning_diag.tensorboard.grids`
+(re-exported here).
 
 Example:
     >>> import torch
@@ -16,33 +18,28 @@ Example:
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
-from lightning_diag.functional.data import image_grid
+from lightning_diag.tensorboard.grids import CARD_WIDTH, TEXT_PX, Cell, annotated_grid, font
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
-    from PIL import ImageDraw, ImageFont
 
 __all__ = ["CARD_WIDTH", "TEXT_PX", "Cell", "annotated_grid", "class_counts_figure",
-           "curves_figure", "filter_grid", "layer_label", "layer_summary_figure"]
+           "curves_figure", "ensemble_figure", "filter_grid", "font", "layer_label",
+           "layer_summary_figure"]
 
-#: Pixels: the width TensorBoard's Images dashboard scales every image to (its card, measured on
-#: TensorBoard 2.x in a 1600-pixel-wide window; the cards have a fixed width).
-CARD_WIDTH = 345
-#: Pixels: the height text should have once the image is scaled to the card.
-TEXT_PX = 13
 # matplotlib figures are laid out at the card's size (96 CSS pixels per inch) and rendered at
 # twice that, so that a 9-point font reads as 12 pixels on the card and stays sharp
 _FIG_WIDTH_IN, _FIG_DPI = CARD_WIDTH / 96, 192
-_RED, _INK, _NOTE = (200, 30, 30), (25, 25, 25), (140, 75, 0)
+#: Inches: the height of a landscape figure, about half its width, as Time Series' image box
+#: (measured at 330 x 215 pixels in a 1280-pixel window, 450 x 215 in a 1600-pixel one)
+_FIG_HEIGHT_IN = 1.95
 
 
 def layer_label(name: str, module: torch.nn.Module | str) -> str:
@@ -98,6 +95,8 @@ class _Panel:
     xlabel: str
     ylabel: str = ""
     integer_x: bool = False  # whole-number x ticks (epochs)
+    log_y: bool = False  # a log10 y axis, ticked in plain numbers (positive values only)
+    title_left: float | None = None  # where the title starts; default: left of the y ticks
 
 
 def _panel(fig: Figure, at: _Panel, series: list[Series],
@@ -111,15 +110,17 @@ def _panel(fig: Figure, at: _Panel, series: list[Series],
     bottom) instead of numeric y ticks. ``legend``: (label, line style) entries drawn at the
     right end of the title's line.
     """
-    from matplotlib.font_manager import FontProperties
     from matplotlib.lines import Line2D
     from matplotlib.patches import Rectangle
 
     fw, fh = fig.get_figwidth(), fig.get_figheight()
     left, bottom, width, height = at.left / fw, at.bottom / fh, at.width / fw, at.height / fh
     x0, x1, xticks = _limits((v for xs, _, _ in series for v in xs), at.integer_x)
+    if at.log_y:  # drawn as log10 of the values, the ticks labelled with the values
+        series = [(xs, [math.log10(v) if v > 0 else math.nan for v in ys], style)
+                  for xs, ys, style in series]
     if ylabels is None:
-        y0, y1, yticks = _limits(v for _, ys, _ in series for v in ys)
+        y0, y1, yticks = _limits((v for _, ys, _ in series for v in ys), at.log_y)
     else:  # category rows, the first at the top
         y0, y1, yticks = len(ylabels) - 0.5, -0.5, list(range(len(ylabels)))
 
@@ -135,50 +136,67 @@ def _panel(fig: Figure, at: _Panel, series: list[Series],
     for t in xticks:
         fig.text(fx(t), bottom - 0.04 / fh, f"{t:.3g}", ha="center", va="top", fontsize=8)
     for i, t in enumerate(yticks):
-        label = ylabels[i] if ylabels is not None else f"{t:.3g}"
+        label = (ylabels[i] if ylabels is not None else f"{10 ** t:.3g}" if at.log_y
+                 else f"{t:.3g}")
         fig.text(left - 0.04 / fw, fy(t), label, ha="right", va="center", fontsize=8.5)
     top = bottom + height + 0.06 / fh
-    fig.text(0.06 / fw, top, at.title, ha="left", va="bottom", fontsize=9.5)
+    title_left = at.title_left if at.title_left is not None else max(0.06, at.left - 0.56)
+    fig.text(title_left / fw, top, at.title, ha="left", va="bottom", fontsize=9.5)
     fig.text(left + width / 2, bottom - 0.22 / fh, at.xlabel, ha="center", va="top", fontsize=9)
     if at.ylabel:
         fig.text(0.04 / fw, bottom + height / 2, at.ylabel, rotation=90, ha="left",
                  va="center", fontsize=9)
-    x, font = left + width, FontProperties(size=8.5)
+    _legend(fig, left + width, top, legend)
+
+
+def _legend(fig: Figure, right: float, bottom: float,
+            entries: Sequence[tuple[str, dict[str, Any]]]) -> None:
+    """(label, line style) entries in one line, right-aligned at ``right``, its text's bottom
+    at ``bottom`` (figure fractions)."""
+    from matplotlib.font_manager import FontProperties
+    from matplotlib.lines import Line2D
+
+    fw, fh = fig.get_figwidth(), fig.get_figheight()
+    x, props = right, FontProperties(size=8.5)
     renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
-    for label, style in reversed(legend):  # right-aligned, the last entry at the right edge
-        fig.text(x, top, label, ha="right", va="bottom", fontproperties=font)
-        x -= renderer.get_text_width_height_descent(label, font, ismath=False)[0] / (
+    for label, style in reversed(entries):  # right-aligned, the last entry at the right edge
+        fig.text(x, bottom, label, ha="right", va="bottom", fontproperties=props)
+        x -= renderer.get_text_width_height_descent(label, props, ismath=False)[0] / (
             fig.dpi * fw) + 0.05 / fw
-        fig.add_artist(Line2D([x - 0.24 / fw, x - 0.12 / fw, x], [top + 0.06 / fh] * 3,
+        fig.add_artist(Line2D([x - 0.24 / fw, x - 0.12 / fw, x], [bottom + 0.06 / fh] * 3,
                               **{**style, "markevery": [1]}))
         x -= 0.4 / fw
 
 
 def layer_summary_figure(stats: dict[str, dict[str, Any]], bins: int) -> Figure:
-    """CS231n-style summary: each layer's output mean and std, then its value distribution.
+    """CS231n-style summary: each layer's output mean and std, beside its value distribution.
 
-    Two panels, one row per layer (first layer at the top, labelled by the keys of ``stats``,
-    e.g. :func:`layer_label`): the mean and std of its output, and the distribution of its
-    values (log(1 + count), scaled to the peak bin) on one shared value axis so that layers
-    compare at a glance. Plain artists, no Axes (see :func:`_panel`): ~30-60 ms.
+    Two panels side by side, one row per layer (first layer at the top, labelled by the keys
+    of ``stats``, e.g. :func:`layer_label`): the mean and std of its output, and the
+    distribution of its values (log(1 + count), scaled to the peak bin) on one shared value
+    axis so that layers compare at a glance. Landscape (at least 1.7 times as wide as high,
+    wider than the card for many layers), for Time Series' image box. Plain artists, no Axes
+    (see :func:`_panel`): ~30-60 ms.
     """
     names = list(stats)
     longest = max((len(n) for n in names), default=4)
-    left = min(0.12 + 0.066 * longest, _FIG_WIDTH_IN * 0.45)  # room for the layer labels
+    left = min(0.12 + 0.066 * longest, _FIG_WIDTH_IN * 0.4)  # room for the layer labels
     fit = int((left - 0.12) / 0.066)  # ~0.066 in per character at 8.5 points
     # a name too long loses its middle, keeping the module's path start and its type's end
     labels = [n if len(n) <= fit else f"{n[:fit // 2]}\u2026{n[fit // 2 + 1 - fit:]}"
               for n in names]
     rows = 0.17 * len(names) + 0.2
-    width = _FIG_WIDTH_IN - left - 0.1
-    fig = _figure(2 * rows + 1.45)
+    height = rows + 1.05
+    width = max(_FIG_WIDTH_IN - left - 0.25, 1.7 * height - left - 0.25) / 2
+    fig = _figure(height, left + 2 * width + 0.25)
     moments: list[Series] = [
         ([stats[n][key] for n in names], list(range(len(names))),
          {"marker": marker, "ls": "none", "ms": 4, "color": color})
         for key, marker, color in (("mean", "o", "C0"), ("std", "x", "C3"))]
-    _panel(fig, _Panel(left, rows + 1.05, width, rows, "each layer's output",
-                       "mean and std of the output"), moments, ylabels=labels,
-           legend=[("mean", moments[0][2]), ("std", moments[1][2])])
+    _panel(fig, _Panel(left, 0.45, width, rows, "each layer's output", "mean and std",
+                       title_left=0.06), moments, ylabels=labels)
+    _legend(fig, (left + width) / fig.get_figwidth(), 1 - 0.2 / height,
+            [("mean", moments[0][2]), ("std", moments[1][2])])
     ridges: list[Series] = []
     for i, name in enumerate(names):
         lo, hi, num, _, _, *counts = stats[name]["act_hist"]
@@ -188,24 +206,37 @@ def layer_summary_figure(stats: dict[str, dict[str, Any]], bins: int) -> Figure:
             ridges.append(([lo + step * (k + 0.5) for k in range(bins)],
                            [i + 0.4 - 0.8 * math.log1p(c) / peak for c in counts],
                            {"lw": 1, "color": f"C{i % 10}"}))
-    _panel(fig, _Panel(left, 0.45, width, rows, "distribution of each layer's output "
-                       "(log counts)", "output value"), ridges, ylabels=labels)
+    right = left + width + 0.15
+    _panel(fig, _Panel(right, 0.45, width, rows, "distribution (log counts)", "output value",
+                       title_left=right), ridges, ylabels=[""] * len(names))
     return fig
 
 
 def curves_figure(history: dict[str, list[tuple[int, float]]]) -> Figure:
-    """Loss above accuracy against epochs, train and val in each panel (no Axes, ~30 ms)."""
-    fig = _figure(4.1)
+    """Loss beside accuracy against epochs, train and val in each panel (no Axes, ~30 ms).
+
+    Landscape, for Time Series' image box (about twice as wide as high). A loss that spans
+    more than a decade (a first epoch of 63, then 2) is drawn on a log scale, so that every
+    epoch is on the chart.
+    """
+    height = _FIG_HEIGHT_IN + 0.2
+    fig = _figure(height)
     styles = {"train": {"marker": "o", "ls": "-", "color": "C0", "ms": 3},
               "val": {"marker": "s", "ls": "--", "color": "C1", "ms": 3}}
-    for bottom, what in ((2.45, "loss"), (0.45, "accuracy")):
+    width = (_FIG_WIDTH_IN - 1.25) / 2
+    for left, what in ((0.5, "loss"), (0.5 + width + 0.7, "accuracy")):
         series: list[Series] = [([e for e, _ in pts], [v for _, v in pts], styles[split])
                                 for split in ("train", "val")
                                 if (pts := history.get(f"{what}/{split}", []))]
-        _panel(fig, _Panel(0.62, bottom, _FIG_WIDTH_IN - 0.72, 1.3, f"{what} per epoch", "epoch",
-                           what, integer_x=True), series,
-               legend=[(split, styles[split]) for split in ("train", "val")
-                       if history.get(f"{what}/{split}")])
+        values = [v for _, ys, _ in series for v in ys if math.isfinite(v)]
+        log = what == "loss" and bool(values) and min(values) > 0 and max(values) > 10 * min(
+            values)
+        _panel(fig, _Panel(left, 0.42, width, height - 0.95,
+                           f"{what}{' (log scale)' if log else ''}", "epoch", integer_x=True,
+                           log_y=log), series)
+    splits = [s for s in ("train", "val") if any(k.endswith(f"/{s}") for k in history)]
+    _legend(fig, 1 - 0.1 / _FIG_WIDTH_IN, 1 - 0.2 / height,
+            [(split, styles[split]) for split in splits])
     return fig
 
 
@@ -234,6 +265,42 @@ def class_counts_figure(counts: dict[str, Sequence[int]]) -> Figure:
     return fig
 
 
+def ensemble_figure(members: Sequence[tuple[int, dict[str, float]]],
+                    ensemble: dict[str, float]) -> Figure:
+    """Each metric of each kept checkpoint (blue, by its epoch) and of their ensemble (red) as
+    bars with their values, one panel per metric, up to three side by side.
+
+    Example:
+        >>> fig = ensemble_figure([(1, {"val_acc": 0.5}), (2, {"val_acc": 0.6})], {"val_acc": 0.7})
+        >>> [ax.get_title(loc="left") for ax in fig.axes]
+        ['val_acc']
+    """
+    names = list(ensemble)
+    cols = min(len(names), 3) or 1
+    rows = math.ceil(len(names) / cols) or 1
+    fig = _figure(1.9 * rows, _FIG_WIDTH_IN)
+    fig.set_layout_engine("constrained")
+    labels = [str(epoch) for epoch, _ in members] + ["ens."]
+    colours = ["C0"] * len(members) + ["C3"]
+    for k, name in enumerate(names):
+        ax = fig.add_subplot(rows, cols, k + 1)
+        values = [row.get(name, math.nan) for _, row in members] + [ensemble[name]]
+        ax.bar(range(len(values)), values, color=colours, width=0.7)
+        finite = [v for v in values if math.isfinite(v)]
+        top = max(finite, default=1.0)
+        ax.set_ylim(min(0.0, min(finite, default=0.0)), top * 1.3 if top > 0 else 1.0)
+        for i, v in enumerate(values):
+            ax.text(i, v if math.isfinite(v) else 0.0, f"{v:.3g}", ha="center", va="bottom",
+                    fontsize=7)
+        ax.set_xticks(range(len(values)), labels, fontsize=7.5)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.set_title(name, fontsize=8.5, loc="left")
+        if k % cols == 0:
+            ax.set_ylabel("value", fontsize=8)
+    fig.supxlabel("kept checkpoints by epoch (blue), their ensemble (red)", fontsize=8)
+    return fig
+
+
 def filter_grid(weight: torch.Tensor, pad: int = 1) -> torch.Tensor:
     """Tile ``(out, channels, h, w)`` filters into one image, each filter min-max normalized.
 
@@ -256,147 +323,3 @@ def filter_grid(weight: torch.Tensor, pad: int = 1) -> torch.Tensor:
     grid = torch.nn.functional.pad(grid.reshape(c, rows * (h + pad), cols * (wd + pad)),
                                    (pad, 0, pad, 0), value=1.0)
     return grid[0] if c == 1 else grid.permute(1, 2, 0)
-
-
-# -- annotated images ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Cell:
-    """One image of :func:`annotated_grid` and the lines of text drawn under it.
-
-    Attributes:
-        image: ``(H, W)``, ``(1, H, W)`` or ``(3, H, W)``, min-max scaled on its own.
-        caption: Lines under the image (split, dataset index, label, ...).
-        alert: Frame the image and write its caption in red (a conflicting label, say).
-    """
-
-    image: torch.Tensor
-    caption: tuple[str, ...] = ()
-    alert: bool = False
-
-
-@functools.lru_cache(maxsize=16)
-def _font(px: int, bold: bool = False) -> ImageFont.FreeTypeFont:
-    """DejaVu Sans, the font matplotlib ships (so no system font is needed)."""
-    from pathlib import Path
-
-    import matplotlib
-    from PIL import ImageFont
-
-    name = "DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf"
-    return ImageFont.truetype(str(Path(matplotlib.get_data_path(), "fonts", "ttf", name)), px)
-
-
-def _wrap(text: str, font: ImageFont.FreeTypeFont, width: float) -> list[str]:
-    lines: list[str] = []
-    for word in text.split(" "):
-        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
-            lines[-1] = f"{lines[-1]} {word}"
-        else:
-            lines.append(word)
-    return lines
-
-
-@dataclass(frozen=True)
-class _Layout:
-    px: int  # text height
-    scale: int  # image enlargement
-    label_w: int  # row-label column
-    cell_w: int
-    cell_h: int
-    width: int
-
-    @property
-    def line(self) -> int:
-        return round(self.px * 1.25)
-
-    @property
-    def margin(self) -> int:
-        return max(4, self.px // 3)
-
-
-def _layout(rows: list[list[Cell]], row_labels: Sequence[str], px: int,
-            scale: int | None) -> _Layout:
-    font, gap = _font(px), max(3, px // 4)
-    h, w = next(c.image.shape[-2:] for row in rows for c in row)
-    ncol = max((len(row) for row in rows), default=1) or 1
-    lines = max((len(c.caption) for row in rows for c in row), default=0)
-    caption_w = max((font.getlength(t) for row in rows for c in row for t in c.caption),
-                    default=0.0)
-    label_w = math.ceil(max((font.getlength(t) for t in row_labels), default=0.0))
-    label_w += 2 * gap if label_w else 0
-    margin = max(4, px // 3)
-    if scale is None:  # enlarge small images until the grid fills the card
-        scale = max(1, (CARD_WIDTH - 2 * margin - label_w) // (ncol * (w + gap)))
-    cell_w = max(w * scale, math.ceil(caption_w)) + gap
-    cell_h = h * scale + lines * round(px * 1.25) + gap + (gap if lines else 0)
-    return _Layout(px, scale, label_w, cell_w, cell_h, 2 * margin + label_w + ncol * cell_w)
-
-
-def annotated_grid(rows: Sequence[Sequence[Cell]], title: str, row_labels: Sequence[str] = (),
-                   notes: Sequence[str] = ()) -> np.ndarray:
-    """Images in rows with their captions, row labels, a title and notes, as one image.
-
-    Small images are enlarged (nearest neighbour) until the grid fills :data:`CARD_WIDTH`;
-    the text is :data:`TEXT_PX` pixels high, more when the grid is wider than the card so that
-    it reads the same once TensorBoard scales the image down. Rows may be empty (a class
-    without samples keeps its labelled row).
-
-    Args:
-        rows: The cells of each row; every image of the same size.
-        title: What the image shows, wrapped to its width.
-        row_labels: One label per row, drawn left of it (none when empty).
-        notes: Lines drawn in brown under the title (what is not shown, what red means).
-
-    Returns:
-        ``(H, W, 3)`` uint8, ``W >= CARD_WIDTH``.
-
-    Example:
-        >>> cells = [[Cell(torch.rand(8, 8), ("train #3", "label 1"))]]
-        >>> image = annotated_grid(cells, "one sample", row_labels=["class 1"])
-        >>> image.shape[1] == CARD_WIDTH, image.dtype
-        (True, dtype('uint8'))
-    """
-    from PIL import Image, ImageDraw
-
-    grid = [list(row) for row in rows]
-    labels = list(row_labels) or [""] * len(grid)
-    if not any(grid):
-        raise ValueError("annotated_grid needs at least one image.")
-    fit = _layout(grid, row_labels, TEXT_PX, None)
-    if fit.width > CARD_WIDTH:  # too wide: the card shrinks it, so the text grows to match
-        fit = _layout(grid, row_labels, math.ceil(TEXT_PX * fit.width / CARD_WIDTH), fit.scale)
-    width, margin, line = max(fit.width, CARD_WIDTH), fit.margin, fit.line
-    head = [(t, _font(fit.px, bold=True), _INK) for t in _wrap(title, _font(fit.px, True),
-                                                               width - 2 * margin)]
-    head += [(t, _font(fit.px), _NOTE) for note in notes
-             for t in _wrap(note, _font(fit.px), width - 2 * margin)]
-    top = margin + len(head) * line + margin
-    canvas = Image.new("RGB", (width, top + len(grid) * fit.cell_h + margin), "white")
-    draw = ImageDraw.Draw(canvas)
-    for k, (text, font, colour) in enumerate(head):
-        draw.text((margin, margin + k * line), text, fill=colour, font=font)
-    for r, (row, label) in enumerate(zip(grid, labels, strict=True)):
-        y = top + r * fit.cell_h
-        image_h = row[0].image.shape[-2] * fit.scale if row else line
-        draw.text((margin, y + image_h // 2), label, fill=_INK, font=_font(fit.px), anchor="lm")
-        for c, cell in enumerate(row):
-            x = margin + fit.label_w + c * fit.cell_w
-            _paste(canvas, draw, cell, (x, y), fit)
-    return np.asarray(canvas)
-
-
-def _paste(canvas: Any, draw: ImageDraw.ImageDraw, cell: Cell, at: tuple[int, int],
-           fit: _Layout) -> None:
-    from PIL import Image
-
-    x, y = at
-    rgb = image_grid([[cell.image]], pad=0, scale=fit.scale)
-    tile = Image.fromarray((rgb * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
-    canvas.paste(tile, (x, y))
-    colour = _RED if cell.alert else _INK
-    if cell.alert:
-        frame = max(2, fit.px // 6)
-        draw.rectangle((x - 1, y - 1, x + tile.width, y + tile.height), outline=_RED, width=frame)
-    for k, text in enumerate(cell.caption):
-        draw.text((x, y + tile.height + max(3, fit.px // 4) + k * fit.line), text, fill=colour,
-                  font=_font(fit.px))

@@ -14,8 +14,8 @@ Example:
     ('ActivationHistogram', '5.3_activations/dead_fraction/<layer>', False)
     >>> find(curve("loss"), "scalar", run="train").runs
     ('train', 'validation')
-    >>> [s.pattern for s in declared("InitialLossCheck")]  # only the findings table and counts
-    ['0_findings/table', '0_curves/findings_<severity>']
+    >>> [s.pattern for s in declared("InitialLossCheck")]  # only the findings table and card
+    ['0_findings/table', '0_curves/findings']
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from lightning_diag.markdown import markdown_table, replace_between
 from lightning_diag.tensorboard.families import (
     ACTIVATIONS,
     ACTIVATIONS_SUMMARY,
-    COMBINED_RUN,
     CURVES,
     CURVES_FIGURE,
     CURVES_GAP,
@@ -42,19 +41,19 @@ from lightning_diag.tensorboard.families import (
     EMA_RUN,
     EMA_SUFFIX,
     ENSEMBLE,
+    ENSEMBLE_FIGURE,
     EVERY_DIAGNOSTIC,
     FINDINGS,
+    FINDINGS_CARD,
     FINDINGS_TABLE,
     FIRST_LAYER,
     FIRST_LAYER_FILTERS,
     GRADIENT_CHECK,
     GRADIENT_CHECK_ERRORS,
     GUIDE_RUN,
-    MEMBERS_RUN,
     OVERFIT,
     OVERFIT_ACCURACY,
     OVERFIT_LOSS,
-    RAW_RUN,
     ROOTS,
     SIBLING_RUNS,
     TRAIN_RUN,
@@ -73,11 +72,9 @@ from lightning_diag.tensorboard.families import (
     activation_stat,
     curve,
     data_grid,
-    data_labels,
     ema_comparison,
     ema_metric,
-    ensemble_comparison,
-    findings_count,
+    learning_rate,
     overfit_ladder,
     overfit_ladder_layout,
     raw_metric,
@@ -91,16 +88,15 @@ from lightning_diag.tensorboard.families import (
 )
 
 __all__ = [
-    "ACTIVATIONS", "ACTIVATIONS_SUMMARY", "COMBINED_RUN", "CURVES", "CURVES_FIGURE",
-    "CURVES_GAP", "DATA", "DATA_CLASS_COUNTS", "DATA_SUMMARY", "EMA", "EMA_RUN", "EMA_SUFFIX",
-    "ENSEMBLE", "EVERY_DIAGNOSTIC", "FINDINGS", "FINDINGS_TABLE", "FIRST_LAYER",
-    "FIRST_LAYER_FILTERS", "Family", "GRADIENT_CHECK", "GRADIENT_CHECK_ERRORS", "GUIDE_RUN",
-    "Kind", "MEMBERS_RUN", "OVERFIT", "OVERFIT_ACCURACY", "OVERFIT_LOSS", "RAW_RUN", "ROOTS",
-    "SIBLING_RUNS", "TAGS", "TRAIN_RUN", "TUNING", "TUNING_SUMMARY", "TUNING_SWEEP_CHART",
-    "TUNING_SWEEP_TABLE", "TUNING_TRIAL_ENDED", "TagSpec", "UPDATE_RATIO",
-    "UPDATE_RATIO_MEDIAN", "VALIDATION_RUN", "WRITERS", "activation_histogram",
-    "activation_stat", "curve", "data_grid", "data_labels", "declared", "ema_comparison",
-    "ema_metric", "ensemble_comparison", "find", "findings_count", "overfit_ladder",
+    "ACTIVATIONS", "ACTIVATIONS_SUMMARY", "CURVES", "CURVES_FIGURE", "CURVES_GAP", "DATA",
+    "DATA_CLASS_COUNTS", "DATA_SUMMARY", "EMA", "EMA_RUN", "EMA_SUFFIX", "ENSEMBLE",
+    "ENSEMBLE_FIGURE", "EVERY_DIAGNOSTIC", "FINDINGS", "FINDINGS_CARD", "FINDINGS_TABLE",
+    "FIRST_LAYER", "FIRST_LAYER_FILTERS", "Family", "GRADIENT_CHECK", "GRADIENT_CHECK_ERRORS",
+    "GUIDE_RUN", "Kind", "OVERFIT", "OVERFIT_ACCURACY", "OVERFIT_LOSS", "ROOTS", "SIBLING_RUNS",
+    "TAGS", "TRAIN_RUN", "TUNING", "TUNING_SUMMARY", "TUNING_SWEEP_CHART", "TUNING_SWEEP_TABLE",
+    "TUNING_TRIAL_ENDED", "TagSpec", "UPDATE_RATIO", "UPDATE_RATIO_MEDIAN", "VALIDATION_RUN",
+    "WRITERS", "activation_histogram", "activation_stat", "curve", "data_grid", "declared",
+    "ema_comparison", "ema_metric", "find", "learning_rate", "overfit_ladder",
     "overfit_ladder_layout", "raw_metric", "refine_curve", "refine_layout", "replace_table",
     "sweep_curve", "sweep_layout", "tag_table", "typed_layer", "update_ratio_layer",
     "update_ratio_layout", "write_table",
@@ -188,10 +184,11 @@ def _specs() -> tuple[TagSpec, ...]:
              "expected range, step and advice; written again at the step of a new or worse "
              "finding and at the end of the fit, never twice the same (the Text dashboard shows "
              "the latest step on top)", "when there are findings"),
-        TagSpec(FINDINGS.writer, "scalar", findings_count("<severity>"), "the number of the "
-                "run's `fail` or `warn` findings, the diagnosis left out: the first cards "
-                "TensorBoard opens on say whether anything failed", "when the fit ends, and "
-                "when a finding is new or worse"),
+        TagSpec(FINDINGS.writer, "image", FINDINGS_CARD, "the number of FAIL, WARN and INFO "
+                "findings (the diagnosis left out), the diagnosis' likely causes and the FAIL "
+                "and WARN codes: the first cards TensorBoard opens on say whether anything "
+                "failed; written again when it changes, and at the end of the fit",
+                "when the fit ends, and when a finding is new or worse"),
         spec(CURVES, "scalar", curve("loss"), "loss per epoch (step = epoch): training in run "
              "`train`, validation in run `validation`", "the module logs `train_loss` and/or "
              f"`val_loss` (any common name; validation {validation})", runs=split_runs),
@@ -200,14 +197,15 @@ def _specs() -> tuple[TagSpec, ...]:
              runs=split_runs),
         spec(CURVES, "scalar", CURVES_GAP, "training minus validation accuracy; step = epoch",
              "both accuracies are logged"),
+        spec(CURVES, "scalar", learning_rate("<group>"), "the learning rate of each "
+             "optimizer's parameter group as each epoch starts (step = epoch); `<group>`: "
+             "the optimizer's class (`_<k>` for the k-th of one class), `.group<j>` when it "
+             "has several groups"),
         spec(CURVES, "image", CURVES_FIGURE, "loss and accuracy, train and val on one panel "
              "each (also `learning_curves.png`)"),
         spec(DATA, "text", DATA_SUMMARY, "every count of the inspection, per set"),
         spec(DATA, "image", DATA_CLASS_COUNTS, "bar chart of the samples per class, train "
              "next to validation", labelled),
-        spec(DATA, "histogram", data_labels("train"), "the training labels", labelled),
-        spec(DATA, "histogram", data_labels("validation"), "the validation labels",
-             f"{labelled}, a validation set"),
         spec(DATA, "image", data_grid("samples_per_class"), "one row of training samples per "
              "class", f"{labelled}, {image_like}"),
         *(spec(DATA, "image", data_grid(name, split), f"{what}, one group per row",
@@ -264,13 +262,12 @@ def _specs() -> tuple[TagSpec, ...]:
         spec(TUNING, "text", TUNING_TRIAL_ENDED, "the finding that ended a search trial early; "
              "run `<run_dir>/search/trial_<n>`", "`random_search(diagnose=True)` pruned it"),
         layout(TUNING, refine_layout("<monitor>", []), "`tune`"),
-        spec(ENSEMBLE, "scalar", ensemble_comparison("<metric>"), "every metric "
-             "`validation_step` logs: each kept checkpoint at its epoch (run `members`, oldest "
-             "first) and their ensemble at the same epochs (run `combined`), at fit end",
-             ensemble, runs=(MEMBERS_RUN, COMBINED_RUN)),
+        spec(ENSEMBLE, "image", ENSEMBLE_FIGURE, "every metric `validation_step` logs, as "
+             "bars with their values: each kept checkpoint (by its epoch, oldest first) and "
+             "their ensemble, at fit end", ensemble),
         spec(EMA, "scalar", ema_comparison("<metric>"), "every validation metric per epoch: "
-             "the trained weights in run `raw`, their average in run `ema`",
-             f"`evaluate=\"both\"`, {validation}", runs=(RAW_RUN, EMA_RUN)),
+             "the trained weights in run `validation` (as the curves), their average in run "
+             "`ema`", f"`evaluate=\"both\"`, {validation}", runs=(VALIDATION_RUN, EMA_RUN)),
         TagSpec(EMA.writer, "scalar", ema_metric("<metric>"), "the same average's metric, "
                 "logged through Lightning (every logger; `ModelCheckpoint` can monitor it)",
                 f"`evaluate=\"both\"`, {validation}"),
