@@ -73,7 +73,8 @@ CASES: dict[str, Case] = {
         lambda cb: cb.streak["too_low"], None),
     "TrainingInvariants": (
         lambda d: (TrainingInvariants(patience=2), TrainingInvariants(patience=3)),
-        lambda cb: cb._streaks, lambda cb: cb._streaks.setdefault("optimizer 0 (Adam)", {})
+        lambda cb: cb._optim.streaks,
+        lambda cb: cb._optim.streaks.setdefault("optimizer 0 (Adam)", {})
         .update({"net.1.weight": 1})),
     "FirstLayerVisualization": (
         lambda d: (FirstLayerVisualization(every_n_epochs=1, input_shape=(8, 8)),
