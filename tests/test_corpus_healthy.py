@@ -23,12 +23,7 @@ from tests.corpus.runner import describe, ground_truth, run
 pytestmark = pytest.mark.slow
 
 #: Today's false alarms: program -> (the alarm, its cause, the fix that owns it).
-FALSE_ALARMS = {
-    "batch_size_1": "activations.dead_units WARN 0.69 (expected <= 0.5) at step 200: on one "
-                    "sample about half the ReLU units are off, which is not dead (4 of 4 "
-                    "seeds). No owner in this round: batch-size-aware monitors (issue 20.6), a "
-                    "later batch-size task",
-}
+FALSE_ALARMS: dict[str, str] = {}
 
 
 def _params() -> list[object]:
