@@ -274,11 +274,13 @@ BAD_ARGUMENTS: dict[type[DiagnosticCallback], list[tuple[str, Any, type[Exceptio
         ("dead_fraction", 2, V), ("dead_fraction", 0, V), ("saturated_fraction", 0.0, V),
         ("vanishing_ratio", 2, V), ("exploding_ratio", 1, V), ("figure_every_n_logs", -1, V),
         ("figure_every_n_logs", True, T), ("log_charts", 1, T), ("strict", 0, T),
-        ("bins", 10**6, V), ("early_steps", 1, T)],
+        ("bins", 10**6, V), ("early_steps", 1, T), ("min_samples", 0, V),
+        ("min_samples", 2.5, T)],
     UpdateRatioMonitor: [
         ("every_n_steps", True, T), ("low", 0, V), ("low", "a", T), ("high", 1e-6, V),
         ("extreme", 0.01, V), ("patience", True, T), ("patience", 0, V), ("log_charts", "no", T),
-        ("strict", "x", T), ("early_steps", None, T)],
+        ("strict", "x", T), ("early_steps", None, T), ("min_samples", 0, V),
+        ("min_samples", True, T)],
     TrainingInvariants: [
         ("every_n_steps", 0, V), ("every_n_steps", 2.0, T), ("patience", True, T),
         ("patience", 0, V), ("percent_metrics", "val_acc", T), ("percent_metrics", [""], V),
@@ -302,7 +304,8 @@ BAD_ARGUMENTS: dict[type[DiagnosticCallback], list[tuple[str, Any, type[Exceptio
         ("jump_factor", 1.0, V), ("min_jump_fraction", -0.5, V), ("window", 0, V),
         ("window", 10**6, V),
         ("min_history", 60, V), ("save_batch", None, T), ("stall_steps", 5, V),
-        ("stall_steps", 30.0, T), ("strict", 1, T)],
+        ("stall_steps", 30.0, T), ("strict", 1, T), ("min_samples", -1, V),
+        ("min_samples", "32", T)],
     EMAWeights: [
         ("decay", 1.0, V), ("decay", -0.1, V), ("decay", True, T), ("warmup", 1, T),
         ("update_every_n_steps", 0, V), ("update_every_n_steps", True, T), ("start_step", -1, V),

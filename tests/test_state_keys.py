@@ -64,8 +64,8 @@ CASES: dict[str, Case] = {
                    DataInspection(max_samples=60, max_images=1)),
         lambda cb: cb.done, lambda cb: setattr(cb, "done", False)),
     "ActivationHistogram": (
-        lambda d: (ActivationHistogram(every_n_steps=1, layers=["net.1"]),
-                   ActivationHistogram(every_n_steps=2, layers=["net.3"])),
+        lambda d: (ActivationHistogram(every_n_steps=1, layers=["net.1"], min_samples=1),
+                   ActivationHistogram(every_n_steps=2, layers=["net.3"], min_samples=1)),
         lambda cb: cb._logs, None),
     "UpdateRatioMonitor": (
         lambda d: (UpdateRatioMonitor(every_n_steps=1),
@@ -73,7 +73,8 @@ CASES: dict[str, Case] = {
         lambda cb: cb.streak["too_low"], None),
     "TrainingInvariants": (
         lambda d: (TrainingInvariants(patience=2), TrainingInvariants(patience=3)),
-        lambda cb: cb._streaks, lambda cb: cb._streaks.setdefault("optimizer 0 (Adam)", {})
+        lambda cb: cb._optim.streaks,
+        lambda cb: cb._optim.streaks.setdefault("optimizer 0 (Adam)", {})
         .update({"net.1.weight": 1})),
     "FirstLayerVisualization": (
         lambda d: (FirstLayerVisualization(every_n_epochs=1, input_shape=(8, 8)),

@@ -105,9 +105,9 @@ def test_exact_ratio_once_per_optimizer_step_with_accumulation_and_clipping(tmp_
     ratios = []
 
     class Spy(UpdateRatioMonitor):
-        def _check(self, trainer, median, still, grad_norm):
-            ratios.append(dict(self.last))
-            return super()._check(trainer, median, still, grad_norm)
+        def _judge(self, trainer, reading, window):
+            ratios.append(dict(reading.last))
+            super()._judge(trainer, reading, window)
 
     pl.seed_everything(0)
     model = Classifier(mlp(), lr=0.1, optimizer="sgd")
