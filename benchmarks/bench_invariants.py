@@ -35,7 +35,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-import lightning_diag.callbacks.invariants as invariants
+from lightning_diag.callbacks._optimizer_watch import OptimizerSteps
 from lightning_diag.callbacks.invariants import TrainingInvariants
 from lightning_diag.examples.digits import DigitsClassifier, DigitsDataModule
 
@@ -79,13 +79,12 @@ def attributed(every_n_steps: int, epochs: int) -> tuple[float, float, int]:
     cb = TrainingInvariants(every_n_steps=every_n_steps)
     for hook in HOOKS:
         setattr(cb, hook, _timed(getattr(cb, hook), spent))
-    real = TrainingInvariants._on_backward
-    invariants.TrainingInvariants._on_backward = staticmethod(  # type: ignore[method-assign]
-        _timed(real, spent))
+    real = OptimizerSteps._on_backward
+    OptimizerSteps._on_backward = staticmethod(_timed(real, spent))  # type: ignore[method-assign]
     try:
         _, _, thread, steps, _ = fit([cb], epochs)
     finally:
-        invariants.TrainingInvariants._on_backward = staticmethod(real)  # type: ignore
+        OptimizerSteps._on_backward = staticmethod(real)  # type: ignore[method-assign]
     return spent[0] / 1e9 / thread, spent[0] / 1e9, steps
 
 

@@ -30,6 +30,7 @@ from typing_extensions import override
 from lightning_diag.batch import NoLossError, UserCodeError
 from lightning_diag.findings import DiagnosticError, Finding, Severity, merge
 from lightning_diag.guard import (
+    BATCH_HOOKS,
     LIGHTNING_HOOKS,
     SHARDED_STRATEGIES,
     ConfigurationError,
@@ -37,6 +38,7 @@ from lightning_diag.guard import (
     guard_hooks,
     refuse_sharded,
     stable,
+    unused_batch_hooks,
 )
 from lightning_diag.hooks import HookRegistry
 from lightning_diag.isolation import first_batches, preserved_rng, train_dataloader_of
@@ -45,8 +47,8 @@ from lightning_diag.tensorboard.writer import tensorboard_writer
 from lightning_diag.terminal import log, say
 from lightning_diag.validation import check_flag
 
-__all__ = ["LIGHTNING_HOOKS", "SHARDED_STRATEGIES", "ConfigurationError", "DiagnosticCallback",
-           "FitStartCheck", "HookRegistry", "findings", "refuse_sharded"]
+__all__ = ["BATCH_HOOKS", "LIGHTNING_HOOKS", "SHARDED_STRATEGIES", "ConfigurationError",
+           "DiagnosticCallback", "FitStartCheck", "HookRegistry", "findings", "refuse_sharded"]
 
 
 class DiagnosticCallback(pl.Callback):
@@ -94,6 +96,8 @@ class DiagnosticCallback(pl.Callback):
 
     def __init__(self, strict: bool = False) -> None:
         check_flag("strict", strict)
+        # per-batch hooks this class does not implement: None, so Lightning skips them
+        self.__dict__.update(dict.fromkeys(unused_batch_hooks(type(self))))
         self.strict = strict
         self.findings: list[Finding] = []
         self.hooks = HookRegistry(strict)
@@ -109,7 +113,7 @@ class DiagnosticCallback(pl.Callback):
     def __setattr__(self, name: str, value: Any) -> None:
         # an argument the state key was built from changes: the key is built again
         if name in self.__dict__.get("_state_key_args", ()):
-            self.__dict__.pop("_state_key", None)
+            self.__dict__.pop("state_key", None)
         object.__setattr__(self, name, value)
 
     @property

@@ -62,7 +62,12 @@ class CodeSpec:
             (an INFO reading, a check that could not run), never part of the diagnosis.
         fix: What to do, as the diagnosis' next step lists it (data and implementation causes).
         ends_trial: Why a search trial that meets it as a WARN is hopeless; empty: it does not
-            end one (any FAIL does).
+            end one (any FAIL does). Irreversible evidence only, each measured to end no trial
+            that finishes within 1 point of its search's best
+            (``benchmarks/results/pruning_rules.md``).
+        reasons: ``(reason, cause, fix)`` for findings of this code whose
+            ``details["reason"]`` is ``reason``: they point at that cause instead
+            (:meth:`routed`), e.g. an initial loss below 0 is no initialization problem.
     """
 
     code: str
@@ -76,10 +81,24 @@ class CodeSpec:
     cause: str = ""
     fix: str = ""
     ends_trial: str = ""
+    reasons: tuple[tuple[str, str, str], ...] = ()
 
     def allows(self, severity: Severity) -> bool:
         """Whether ``severity`` is within the declared range."""
         return self.lowest <= severity <= self.highest
+
+    def routed(self, reason: object = None) -> tuple[str, str]:
+        """The cause and fix of a finding of this code whose ``details["reason"]`` is
+        ``reason``: those of :attr:`reasons` when it names it, else :attr:`cause` and
+        :attr:`fix`.
+
+        Example:
+            >>> spec("initial_loss.mismatch").routed("negative")[0]
+            'implementation'
+            >>> spec("initial_loss.mismatch").routed()[0]
+            'initialization'
+        """
+        return next(((c, f) for r, c, f in self.reasons if r == reason), (self.cause, self.fix))
 
 
 #: The codes every callback may have, by suffix: (severity, meaning). Not training problems.
@@ -97,7 +116,7 @@ _RATE = "median update ratio"
 
 def _declarations() -> tuple[CodeSpec, ...]:
     def c(code: str, check: str, lowest: Severity, highest: Severity, meaning: str, step: str,
-          **kw: str | bool) -> CodeSpec:
+          **kw: str | bool | tuple[tuple[str, str, str], ...]) -> CodeSpec:
         return CodeSpec(code, check, lowest, highest, meaning, step, **kw)  # type: ignore[arg-type]
 
     def generic(check: str, slug: str, step: str, *suffixes: str) -> list[CodeSpec]:
@@ -163,7 +182,10 @@ def _declarations() -> tuple[CodeSpec, ...]:
         c("initial_loss.ok", init, INFO, INFO, "the initial loss is the expected one", "3",
           value="initial loss"),
         c("initial_loss.mismatch", init, F, F, "the initial loss is far from the expected one",
-          "3", value="initial loss", cause="initialization"),
+          "3", value="initial loss", cause="initialization",
+          reasons=(("negative", "implementation", "the loss at a uniform prediction is below 0: "
+                    "no cross-entropy (`nll_loss` given probabilities, not log-probabilities)"),
+                   )),
         c("initial_loss.collapsed", init, W, W, "every initial prediction is one class", "3",
           value="mean max-probability", cause="initialization"),
         c("initial_loss.non_finite", init, F, F, "the initial loss is NaN or Inf", "3",
@@ -209,27 +231,40 @@ def _declarations() -> tuple[CodeSpec, ...]:
         c("activations.summary", act, INFO, INFO, "the worst dead and saturated fractions and the "
           "gradient ratio", "5.3", value="worst dead fraction", percent=True),
         c("gradients.vanishing", act, W, W, "the gradient vanishes before the first layers",
-          "5.3", value="gradient RMS ratio first/last layer", cause="gradient_flow",
-          ends_trial="the gradients vanish before the first layers"),
+          "5.3", value="gradient RMS ratio first/last layer", cause="gradient_flow"),
         c("gradients.exploding", act, W, W, "the gradient grows towards the first layers",
-          "5.3", value="gradient RMS ratio first/last layer", cause="lr_high",
-          ends_trial="the gradients explode"),
+          "5.3", value="gradient RMS ratio first/last layer", cause="lr_high"),
         *generic(act, "activations", "5.3", "no_tensorboard"),
         c("invariants.grad_not_zeroed", inv, W, F, "the gradient is not cleared between two "
           "optimizer steps (FAIL: it still holds the previous step's)", "5",
-          value="gradient norm carried over", cause="other"),
+          value="gradient norm carried over", cause="implementation",
+          fix="the gradients pile up across optimizer steps: call `optimizer.zero_grad()` once "
+              "per step"),
         c("invariants.param_not_in_optimizer", inv, W, W, "trainable parameters that get a "
-          "gradient but are in no optimizer", "5", value="parameters", cause="other"),
+          "gradient but are in no optimizer", "5", value="parameters", cause="implementation",
+          fix="trainable parameters are in no optimizer: pass them in `configure_optimizers` "
+              "(or freeze them with `requires_grad_(False)`)"),
         c("invariants.param_not_updated", inv, W, W, "parameters with a gradient that the "
-          "optimizer step leaves unchanged", "5", value="parameters", cause="other"),
+          "optimizer step leaves unchanged", "5", value="parameters", cause="implementation",
+          fix="the optimizer step leaves parameters with a gradient unchanged (a hand-written "
+              "update that rebinds a name, a weight reassigned after each step)"),
         c("invariants.eval_mode_in_training", inv, W, W, "the trained part of the model is in "
-          "eval mode at an optimizer step", "5", value="layers", cause="other"),
+          "eval mode at an optimizer step", "5", value="layers", cause="implementation",
+          fix="the model trains in eval mode: call `self.train()` after evaluating inside "
+              "training code"),
         c("invariants.metric_out_of_range", inv, W, W, "a logged bounded metric outside its "
-          "range", "5", value="worst value", cause="other"),
+          "range", "5", value="worst value", cause="implementation",
+          fix="a logged accuracy or other bounded metric is outside [0, 1]: divide by the "
+              "number of samples, on one scale"),
         c("invariants.epoch_loss_inconsistent", inv, W, W, "a logged epoch loss no longer the "
-          "mean of its step losses", "5", value="epoch loss", cause="other"),
+          "mean of its step losses", "5", value="epoch loss", cause="implementation",
+          fix="the logged epoch loss is not the mean of its step losses: reset a running sum "
+              "each epoch (or log the step loss with `on_epoch=True`)"),
         c("invariants.target_leak", inv, W, W, "the input holds the target and the loss "
-          "collapsed early", "5", value="loss / initial loss", percent=True, cause="other"),
+          "collapsed early", "5", value="loss / initial loss", percent=True, cause="data",
+          fix="the inputs hold the target: feed the model what precedes it (a window or "
+              "sequence shifted by one, a feature that is the target, or a loss that scores a "
+              "position on the token it reads)"),
         c("invariants.summary", inv, INFO, INFO, "what each invariant looked at, and which "
           "stepped aside", "5", value="problems found"),
         *generic(inv, "invariants", "5"),
@@ -240,7 +275,7 @@ def _declarations() -> tuple[CodeSpec, ...]:
         c("update_ratio.too_high", ratio, W, W, "updates too large for the weights", "5.5",
           value=_RATE, cause="lr_high", ends_trial="an update as large as the weights"),
         c("update_ratio.too_low", ratio, W, W, "updates too small for the weights", "5.5",
-          value=_RATE, cause="lr_low", ends_trial="updates far below the weights' scale"),
+          value=_RATE, cause="lr_low"),
         c("update_ratio.zero_updates", ratio, W, W, "no weight moves", "5.5",
           value="weight tensors without an update", cause="implementation",
           fix="no weight moves: check `requires_grad`, the optimizer's parameters and "
@@ -252,8 +287,7 @@ def _declarations() -> tuple[CodeSpec, ...]:
         c("advisor.divergence", adv, W, F, "the step loss jumped (WARN) or became NaN/Inf "
           "(FAIL)", "6.4", value="step loss", cause="lr_high"),
         c("advisor.stalled", adv, W, W, "the step loss does not move", "6.4",
-          value="drop of the step loss", percent=True, cause="other",
-          ends_trial="the step loss does not move"),
+          value="drop of the step loss", percent=True, cause="other"),
         c("advisor.plateau", adv, W, W, "the loss plateaus while still high", "6.4",
           value="best loss", cause="plateau"),
         c("advisor.underfit", adv, W, W, "both curves high and close", "6.4", cause="underfit"),
@@ -340,8 +374,12 @@ def code_table() -> str:
     def severity(s: CodeSpec) -> str:
         return s.lowest.name if s.lowest == s.highest else f"{s.lowest.name}-{s.highest.name}"
 
+    def cause(s: CodeSpec) -> str:
+        routed = "".join(f"; {c} when the reason is `{r}`" for r, c, _ in s.reasons)
+        return (s.cause or "-") + routed
+
     rows = [[f"`{s.code}`", f"`{s.check}`", severity(s), s.step, s.meaning,
-             s.value + (" (%)" if s.percent else "") or "-", s.cause or "-",
+             s.value + (" (%)" if s.percent else "") or "-", cause(s),
              s.ends_trial or "-"] for s in CODES]
     return markdown_table(["code", "check", "severity", "recipe step", "meaning", "value",
                            "diagnosis cause", "ends a search trial"], rows)

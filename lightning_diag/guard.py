@@ -25,8 +25,8 @@ import lightning.pytorch as pl
 from lightning_diag.batch import UserCodeError
 from lightning_diag.findings import DiagnosticError, DiagnosticWarning
 
-__all__ = ["LIGHTNING_HOOKS", "SHARDED_STRATEGIES", "ConfigurationError", "cache_state_key",
-           "guard_hooks", "refuse_sharded", "stable"]
+__all__ = ["BATCH_HOOKS", "LIGHTNING_HOOKS", "SHARDED_STRATEGIES", "ConfigurationError",
+           "cache_state_key", "guard_hooks", "refuse_sharded", "stable", "unused_batch_hooks"]
 
 SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
 
@@ -128,24 +128,53 @@ def _guarded(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 def cache_state_key(cls: type) -> None:
     """Keep the ``state_key`` property ``cls`` defines once built.
 
-    Lightning reads every callback's ``state_key`` around each hook call, a dozen times per
-    training step, and building it from twenty arguments costs ~10 us. The key is dropped
-    (and built again) when an attribute named like one of its arguments is set (the callback's
+    Lightning reads every callback's ``state_key`` around each hook call, and building it from
+    twenty arguments costs ~10 us. The key is kept in the instance's dict, where a read finds
+    it with no Python call (:class:`_StateKey`), and dropped (built again at the next read)
+    when an attribute named like one of its arguments is set (the callback's
     ``__setattr__``).
     """
     prop = vars(cls).get("state_key")
-    if not isinstance(prop, property) or prop.fget is None:
-        return
-    build = prop.fget
+    if isinstance(prop, property) and prop.fget is not None:
+        cls.state_key = _StateKey(prop.fget)  # type: ignore[attr-defined]
 
-    @functools.wraps(build)
-    def state_key(self: Any) -> str:
-        key = self.__dict__.get("_state_key")
-        if key is None:
-            key = self.__dict__["_state_key"] = build(self)
-        return str(key)
 
-    cls.state_key = property(state_key)  # type: ignore[attr-defined]
+class _StateKey:
+    """A non-data descriptor (as :func:`functools.cached_property`) that builds the state key
+    and stores it in the instance's ``__dict__``: later reads find it there, as a plain
+    attribute (measured: ~0.08 us a read, against 0.2-0.4 us for a property returning a kept
+    value)."""
+
+    def __init__(self, build: Callable[[Any], Any]) -> None:
+        self.build = build
+        self.__doc__ = build.__doc__
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        key = obj.__dict__["state_key"] = str(self.build(obj))
+        return key
+
+
+#: Hooks Lightning calls on every batch, only through its ``_call_callback_hooks``.
+BATCH_HOOKS = tuple(name for name in LIGHTNING_HOOKS
+                    if "_batch_" in name or name.startswith(("on_before_", "on_after_")))
+
+
+def unused_batch_hooks(cls: type) -> tuple[str, ...]:
+    """The per-batch hooks ``cls`` leaves as Lightning's no-ops, found once per class.
+
+    A diagnostic callback holds None for each on its instances: Lightning skips a hook
+    attribute that is not callable, where each call of an empty hook costs ~3-5 us (a profiler
+    context and a name built from the state key, per callback and hook, on every batch). The
+    class keeps the no-op, so a subclass's ``super()`` call still finds it.
+    """
+    found = cls.__dict__.get("_unused_hooks")
+    if found is None:
+        found = tuple(name for name in BATCH_HOOKS
+                      if getattr(cls, name) is getattr(pl.Callback, name))
+        type.__setattr__(cls, "_unused_hooks", found)
+    return found
 
 
 def stable(value: Any) -> Any:

@@ -244,8 +244,9 @@ SHARED = Shared(
          ("bins", 1.5, T), ("dead_fraction", 2, V), ("dead_fraction", 0, V),
          ("saturated_fraction", 0.0, V), ("vanishing_ratio", 2, V), ("exploding_ratio", 1, V),
          ("figure_every_n_logs", -1, V), ("figure_every_n_logs", True, T),
-         ("log_charts", 1, T), ("strict", 0, T), ("bins", 10**6, V), ("early_steps", 1, T)],
-    state=(lambda d: (ActivationHistogram(every_n_steps=1, layers=["net.1"]),
-                      ActivationHistogram(every_n_steps=2, layers=["net.3"])),
+         ("log_charts", 1, T), ("strict", 0, T), ("bins", 10**6, V), ("early_steps", 1, T),
+         ("min_samples", 0, V), ("min_samples", 2.5, T)],
+    state=(lambda d: (ActivationHistogram(every_n_steps=1, layers=["net.1"], min_samples=1),
+                      ActivationHistogram(every_n_steps=2, layers=["net.3"], min_samples=1)),
            lambda cb: cb._logs, None),
 )

@@ -10,7 +10,7 @@ import pytest
 
 import lightning_diag.callbacks
 from lightning_diag.base import DiagnosticCallback, FitStartCheck
-from lightning_diag.checks.diagnosis import CAUSES, _kind
+from lightning_diag.checks.diagnosis import CAUSES, _kind, causes
 from lightning_diag.codes import CODES, FAMILIES, GENERIC, declared_codes, spec
 from lightning_diag.findings import Finding, Severity
 from lightning_diag.tuning.pruning import PRUNING_CODES, DiagnosisPruning
@@ -130,16 +130,31 @@ def test_the_diagnosis_reads_each_code_as_declared():
     ladder = Finding("OverfitSmallBatch", "overfit.not_reached", Severity.WARN, "m",
                      details={"ladder": {"verdict": "lr_too_high"}})
     assert (_kind(flagged), _kind(ladder)) == ("data", "lr_high")
+    # a code routed by its finding's reason: an initial loss below 0 is no initialization
+    negative = Finding("InitialLossCheck", "initial_loss.mismatch", Severity.FAIL, "m",
+                       details={"reason": "negative"})
+    assert _kind(negative) == "implementation"
+    (cause,) = causes([negative])
+    assert "log-probabilities" in cause.next_step()
+    for s in CODES:
+        for reason, routed_to, fix in s.reasons:
+            assert routed_to in CAUSES and fix and s.routed(reason) == (routed_to, fix), s
+
+
+def test_the_invariants_point_at_the_implementation_or_the_data_with_a_fix():
+    for s in declared_codes("TrainingInvariants"):
+        if s.highest >= Severity.WARN and s.code.rpartition(".")[2] not in GENERIC:
+            assert s.cause in ("implementation", "data") and s.fix, s.code
+    leak = Finding("TrainingInvariants", "invariants.target_leak", Severity.WARN, "m")
+    (cause,) = causes([leak])
+    assert cause.key == "data" and "feed the model what precedes it" in cause.next_step()
 
 
 def test_pruning_codes_are_derived_and_unchanged():
-    assert PRUNING_CODES == {
-        "advisor.stalled": "the step loss does not move",
+    # issue 24: irreversible evidence only (benchmarks/results/pruning_rules.md)
+    assert PRUNING_CODES == {s.code: s.ends_trial for s in CODES if s.ends_trial} == {
         "update_ratio.too_high": "an update as large as the weights",
-        "update_ratio.too_low": "updates far below the weights' scale",
         "update_ratio.zero_updates": "no weight moves",
-        "gradients.vanishing": "the gradients vanish before the first layers",
-        "gradients.exploding": "the gradients explode",
     }
 
 

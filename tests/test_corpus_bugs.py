@@ -20,21 +20,7 @@ from tests.corpus.runner import describe, run
 pytestmark = pytest.mark.slow
 
 #: Today's misses: bug -> (what was raised instead, its cause, the fix that owns it).
-MISSED = {
-    "target_leak_shift": "nothing raised: TrainingInvariants' target-leak rule exempts labels "
-                         "== input_ids as a Hugging Face causal-LM look-alike (the model may "
-                         "shift inside), though the loss here never shifts and falls far below "
-                         "the chain's entropy. No owner (issue 20.5's invariants, merged)",
-    "forecast_window_leak": "nothing raised: the target-leak rule looks for the target in "
-                            "integer inputs only; a float window that ends with its target is "
-                            "not sought. No owner (issue 20.5's invariants, merged)",
-    "accuracy_above_one": "nothing raised: values of 1-4 are read as a percentage (2.8%), "
-                          "though a 4-class accuracy of 2.8% is far below chance (25%). No "
-                          "owner (issue 20.5's invariants, merged)",
-    "binary_label_2": "nothing raised: three classes inferred from the labels {0, 1, 2}; the "
-                      "single-logit (binary) output is not read as two classes. No owner "
-                      "(issue 20.7's class count, merged)",
-}
+MISSED: dict[str, str] = {}
 
 
 def _params() -> list[object]:

@@ -23,18 +23,7 @@ from tests.corpus.runner import describe, ground_truth, run
 pytestmark = pytest.mark.slow
 
 #: Today's false alarms: program -> (the alarm, its cause, the fix that owns it).
-FALSE_ALARMS = {
-    "vae": "overfit.not_reached FAIL 22.8 vs 2.26 after the whole ladder (5 rates): the task is "
-           "read as 64-class logits against the digit labels in batch[1], which the VAE "
-           "ignores (best accuracy 5.6%), so the floor of its own loss (the BCE of grey pixels "
-           "against themselves) is never measured; and data.class_imbalance WARN on both "
-           "splits: the 64-wide reconstruction read as 64 classes (classes 10-63 'have no "
-           "sample'). No owner (issue 20.2's floor and 20.7's class count, both merged)",
-    "batch_size_1": "activations.dead_units WARN 0.69 (expected <= 0.5) at step 200: on one "
-                    "sample about half the ReLU units are off, which is not dead (4 of 4 "
-                    "seeds). No owner in this round: batch-size-aware monitors (issue 20.6), a "
-                    "later batch-size task",
-}
+FALSE_ALARMS: dict[str, str] = {}
 
 
 def _params() -> list[object]:

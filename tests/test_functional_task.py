@@ -9,13 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lightning_diag.functional.output_form import OutputForm, memorising_output, output_form
 from lightning_diag.functional.task import (
-    OutputForm,
     Task,
     accuracy,
     infer_task,
-    memorising_output,
-    output_form,
     regression_references,
     select_output,
 )

@@ -506,6 +506,40 @@ def test_a_model_computing_its_own_loss_is_judged_through_its_head():
     assert "initial_loss.mismatch" in codes(check_initial_loss(WithItsLoss(30.0), batches()))
 
 
+def test_an_unlucky_default_draw_is_judged_against_the_spread_of_default_inits():
+    # seed 8 of the segmentation family: its biases disfavour the commonest class, +0.176
+    # over log 3 against the recipe's ±0.160 (1 in 30 seeds); 10 default initializations of
+    # the same network move it by -0.03 to +0.18, so the band widens to their mean + 3 sd
+    fam, batches = family_batches("segmentation", seed=8)
+    found = check_initial_loss(fam.module, batches, **target_of(fam))
+    assert codes(found) == set(), [f.format() for f in found]
+    (ok,) = [f for f in found if f.code == "initial_loss.ok"]
+    (head,) = ok.details["heads"]
+    assert head["recipe_tolerance"] < head["delta"] < head["tolerance"]
+    assert "10 default initializations of this network" in ok.message
+    assert "accepted within" in head["init_spread"]
+    # the same network with its last layer scaled 30x lies far outside that spread
+    fam, batches = family_batches("segmentation", "scaled_last_layer", 0)
+    found = check_initial_loss(fam.module, batches, **target_of(fam))
+    (bad,) = [f for f in found if f.code == "initial_loss.mismatch"]
+    (head,) = bad.details["heads"]
+    assert head["delta"] > 10 * head["tolerance"] and head["init_spread"]
+
+
+def test_a_network_whose_default_inits_miss_the_band_keeps_the_band():
+    class LargeInputs(Classifier):  # unscaled inputs: every default draw starts far above log 10
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self(x * 40), y)
+
+    torch.manual_seed(0)
+    found = check_initial_loss(LargeInputs(mlp(width=8)), batches(flatten=True))
+    (bad,) = [f for f in found if f.code == "initial_loss.mismatch"]
+    (head,) = bad.details["heads"]
+    assert head["tolerance"] == head["recipe_tolerance"] < head["delta"]
+    assert "missing the band themselves" in head["init_spread"]
+
+
 SHARED = Shared(
     InitialLossCheck,
     run={"num_batches": 1},

@@ -19,26 +19,35 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_diag.callbacks.invariants import CHECKS, TrainingInvariants
-from lightning_diag.checks.invariants import (
+from lightning_diag.checks.epoch_loss import (
     EpochSteps,
-    LeakEvidence,
     check_epoch_loss,
-    check_metric_ranges,
-    check_modes,
-    check_target_leak,
     epoch_loss_names,
-    leak_counts,
     matching_reductions,
+)
+from lightning_diag.checks.invariants import check_modes, mode_layers
+from lightning_diag.checks.metric_range import (
+    check_metric_ranges,
+    known_classes,
+    label_counts,
     metric_bound,
-    mode_layers,
-    strongest_leak,
+)
+from lightning_diag.checks.target_leak import (
+    LeakEvidence,
+    LeakWatch,
+    check_target_leak,
+    leak_counts,
 )
 from lightning_diag.findings import Severity
 from lightning_diag.functional.invariants import (
     carried_over,
     collision_rate,
+    conditional_entropy,
+    float_position,
     movable,
     moved,
+    prefix_keys,
+    repeat_share,
     target_matches,
 )
 from tests.families import FAMILIES, Family
@@ -174,7 +183,7 @@ def test_gan_with_two_optimizers_is_sound(tmp_path, detach):
     pl.seed_everything(0)
     cb = fit(tmp_path, GAN(detach=detach), TrainingInvariants(every_n_steps=1), val=False)
     assert problems(cb) == set()
-    assert cb._counts["grad_not_zeroed"] >= 10 and len(cb._watches) == 2
+    assert cb._counts["grad_not_zeroed"] >= 10 and len(cb._optim.watches) == 2
 
 
 def test_gan_missing_generator_zero_grad_is_flagged_on_its_optimizer(tmp_path):
@@ -338,7 +347,7 @@ class Clipped(pl.LightningModule):
 
 
 def test_weights_clipped_at_their_bound_are_not_judged(tmp_path, monkeypatch):
-    import lightning_diag.callbacks.invariants as module
+    import lightning_diag.callbacks._optimizer_watch as module
 
     seen: list[bool] = []
     real = module._at_a_bound
@@ -453,6 +462,48 @@ def test_metric_range_rules():
     found, _ = check_metric_ranges({"train_acc": [0.4], "val_acc": [31.0], "val_f1": [44.0]})
     assert [f.subject for f in found] == ["val_acc"] and found[0].expected == (0.0, 1.0)
     assert check_metric_ranges({"val_acc": [31.0]}, percent=["val_acc"]) == ([], [])
+
+
+def test_an_accuracy_far_below_chance_as_a_percentage_is_no_percentage():
+    # 4 classes: chance 25%, so 2.8 is no percentage once the loss fell (a wrong divisor)
+    (f,), _ = check_metric_ranges({"val_acc": [1.9, 2.8]}, classes=4, loss_ratio=0.6)
+    assert f.subject == "val_acc" and f.value == 2.8 and f.expected == (0.0, 1.0)
+    assert f.details["classes"] == 4 and "25%" in f.message
+    # each condition alone is no evidence: a percentage is read, as before
+    assert check_metric_ranges({"val_acc": [2.8]}, classes=4, loss_ratio=0.95) == (
+        [], ["val_acc"])  # the loss did not fall: an untrained model may be below chance
+    assert check_metric_ranges({"val_acc": [2.8]}, loss_ratio=0.6) == ([], ["val_acc"])
+    assert check_metric_ranges({"val_acc": [13.0]}, classes=4, loss_ratio=0.6) == (
+        [], ["val_acc"])  # below chance, above half of it: a weak model on the 0-100 scale
+    assert check_metric_ranges({"val_acc": [0.1]}, classes=4, loss_ratio=0.6) == ([], [])
+    assert check_metric_ranges({"val_f1": [2.8]}, classes=4, loss_ratio=0.6) == (
+        [], ["val_f1"])  # an F1 has no chance level of 1 / classes
+    # the class count: every class from 0 to the largest seen, each at least twice
+    assert label_counts((torch.zeros(3, 2), torch.tensor([2, 0, 2]))).tolist() == [1, 0, 2]
+    assert label_counts((torch.zeros(3, 2), torch.tensor([-1, 0, 2]))) is None
+    assert label_counts({"x": torch.zeros(2, 3), "labels": torch.zeros(2, 3).long()}) is None
+    assert known_classes([torch.tensor([2, 1]), torch.tensor([1, 3, 2])]) == 3
+    assert known_classes([torch.tensor([2, 1, 2])]) is None  # class 1 seen once
+    assert known_classes([]) is None
+
+
+class DividedAccuracy(Classifier):
+    """Accuracy divided by a hard-coded 8 on batches of 32 (up to 4: issue 20's accuracy
+    above 1, which would read as a percentage far below chance)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        self.log("train_acc", (logits.argmax(1) == y).float().sum() / 8, on_epoch=True,
+                 on_step=False)
+        return F.cross_entropy(logits, y)
+
+
+def test_an_accuracy_with_a_wrong_divisor_is_out_of_range(tmp_path):
+    cb = fit(tmp_path, DividedAccuracy(mlp(), lr=1e-2), epochs=3)
+    f = only(cb, "invariants.metric_out_of_range")
+    assert f.subject == "train_acc" and 1 < f.value <= 4 and f.details["classes"] == 10
+    assert f.details["loss_ratio"] <= 0.9
 
 
 class SummedAccuracy(Classifier):
@@ -691,8 +742,136 @@ def test_hugging_face_labels_equal_to_the_inputs_are_no_leak(tmp_path):
     t.fit(HFStyleLM(), DataLoader(_Dicts(seqs), batch_size=32, shuffle=True),
           DataLoader(_Dicts(seqs[:64]), batch_size=64))
     assert problems(cb) == set()
-    assert cb._leak[("input_ids", 1)].share < 0.5  # compared one position earlier only
-    assert ("input_ids", 0) not in cb._leak
+    assert cb._leak.evidence[("input_ids", 1, None)].share < 0.5
+    # lag 0 holds every label, but the data allows the collapse: 4 sequences known by heart
+    same = cb._leak.evidence[("input_ids", 0, None)]
+    assert same.share == 1.0 and same.shifted_inside
+    assert same.next_token_floor() < 0.05
+
+
+class ScoredOnItsOwnToken(HFStyleLM):
+    """Hugging Face's batches, but the loss never shifts: position t is scored on label t,
+    the token it reads (issue 20's off-by-one, whether or not a model would shift)."""
+
+    def _loss(self, batch: Any) -> torch.Tensor:
+        return F.cross_entropy(self(batch["input_ids"]).flatten(0, 1),
+                               batch["labels"].flatten())
+
+
+def _markov(n: int, seed: int, successors: int = 3) -> torch.Tensor:
+    """Sequences of a Markov chain where each token has ``successors`` equally likely next
+    tokens: next-token prediction cannot go below log(successors) nats."""
+    g = torch.Generator().manual_seed(seed)
+    succ = torch.randint(0, VOCAB, (VOCAB, successors), generator=torch.Generator().manual_seed(9))
+    seqs = torch.zeros(n, SEQ + 1, dtype=torch.long)
+    seqs[:, 0] = torch.randint(0, VOCAB, (n,), generator=g)
+    for t in range(1, SEQ + 1):
+        pick = torch.randint(0, successors, (n,), generator=g)
+        seqs[:, t] = succ[seqs[:, t - 1], pick]
+    return seqs
+
+
+@pytest.mark.parametrize("model,leak", [(ScoredOnItsOwnToken, True), (HFStyleLM, False)])
+def test_labels_equal_to_the_inputs_leak_when_the_loss_beats_next_token_prediction(
+        tmp_path, model, leak):
+    torch.manual_seed(0)
+    cb = TrainingInvariants()
+    t = trainer(tmp_path, [cb], max_epochs=2, logger=False)
+    t.fit(model(), DataLoader(_Dicts(_markov(640, 0)), batch_size=32, shuffle=True),
+          DataLoader(_Dicts(_markov(128, 1)), batch_size=64))
+    same = cb._leak.evidence[("input_ids", 0, None)]
+    floor = same.next_token_floor()
+    assert same.shifted_inside and 0.1 < floor < math.log(3)  # a sample: below the entropy
+    if leak:
+        f = only(cb, "invariants.target_leak")
+        assert f.details["next_token_floor"] == floor and f.details["loss"] < 0.5 * floor
+        assert "`labels[:, 1:]`" in f.advice and "Hugging Face" in f.message
+    else:
+        assert problems(cb) == set()
+
+
+WINDOW = 8
+
+
+class WindowRegressor(pl.LightningModule):
+    """An MLP forecasting a float series from a window of it (or regressing a target from
+    features), MSE."""
+
+    def __init__(self, width: int = WINDOW) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(width, 32), nn.Tanh(), nn.Linear(32, 1))
+
+    def _loss(self, batch: Any) -> torch.Tensor:
+        x, y = batch
+        return F.mse_loss(self.net(x).squeeze(-1), y)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        self.log("train_loss", loss, on_epoch=True, on_step=False)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val_loss", self._loss(batch))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def _windows(series: torch.Tensor, late: bool) -> TensorDataset:
+    """Windows of ``series`` with the value after each; ``late``: the windows start one step
+    late and end with their own target (issue 20's "fed x[t + 1]")."""
+    n = len(series) - WINDOW - 1
+    first = torch.arange(n) + int(late)
+    x = series[first[:, None] + torch.arange(WINDOW)]
+    return TensorDataset(x[..., None], series[torch.arange(n) + WINDOW])
+
+
+def _window_fit(tmp_path: Path, series: torch.Tensor, late: bool) -> TrainingInvariants:
+    cb = TrainingInvariants()
+    t = trainer(tmp_path, [cb], max_epochs=3, logger=False)
+    t.fit(WindowRegressor(), DataLoader(_windows(series[:600], late), batch_size=32,
+                                        shuffle=True),
+          DataLoader(_windows(series[600:], late), batch_size=64))
+    return cb
+
+
+def _noisy_series(n: int = 760) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    t = torch.arange(n, dtype=torch.float32)
+    return torch.sin(0.3 * t) + 0.5 * torch.sin(0.07 * t) + 0.2 * torch.randn(n, generator=g)
+
+
+def test_a_window_that_ends_with_its_target_is_a_leak(tmp_path):
+    torch.manual_seed(0)
+    cb = _window_fit(tmp_path, _noisy_series(), late=True)
+    f = only(cb, "invariants.target_leak")
+    assert f.details["position"] == [WINDOW - 1, 0] and f.details["share"] == 1.0
+    assert f.value < 0.05 and "series[i + w]" in f.advice
+
+
+def test_honest_and_periodic_windows_are_no_leak(tmp_path):
+    torch.manual_seed(0)
+    assert problems(_window_fit(tmp_path, _noisy_series(), late=False)) == set()
+    # a clean series of period 4: each window holds its target's value one period back, and
+    # the loss collapses honestly; the window's own repetition explains the match
+    periodic = torch.tensor([0.0, 1.0, 3.0, 2.0]).repeat(190)
+    cb = _window_fit(tmp_path, periodic, late=False)
+    assert problems(cb) == set()
+    (e,) = cb._leak.evidence.values()
+    assert e.position == (WINDOW - 4, 0) and e.share == 1.0 and e.chance == 1.0
+
+
+def test_a_feature_that_is_the_target_is_a_leak(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(760, 6, generator=g)
+    y = x[:, :5].sum(1) / 5**0.5 + 0.5 * torch.randn(760, generator=g)
+    x[:, 3] = y  # the target left among the features
+    torch.manual_seed(0)
+    cb = TrainingInvariants()
+    t = trainer(tmp_path, [cb], max_epochs=3, logger=False)
+    t.fit(WindowRegressor(6), DataLoader(TensorDataset(x[:600], y[:600]), batch_size=32),
+          DataLoader(TensorDataset(x[600:], y[600:]), batch_size=64))
+    assert only(cb, "invariants.target_leak").details["position"] == [3]
 
 
 def test_leak_rules():
@@ -702,9 +881,44 @@ def test_leak_rules():
     labels = seq.clone()
     labels[:, :3] = -100
     assert target_matches(seq, labels, 0) == (20, 20)  # ignored positions skipped
-    # Hugging Face's causal-LM batches: labels == input_ids is the honest pairing
-    assert leak_counts({"input_ids": seq, "labels": seq.clone()})[0].lag == 1
-    assert strongest_leak(leak_counts({"input_ids": seq, "labels": seq.clone()})) is None
+    # Hugging Face's causal-LM batches: labels == input_ids is the honest pairing when the
+    # model shifts inside, a leak only with a loss below half the data's next-token floor
+    hf = leak_counts({"input_ids": seq, "labels": seq.clone()})
+    assert [(e.lag, e.shifted_inside) for e in hf] == [(0, True), (1, False)]
+    assert hf[0].next_token_floor() == 0.0  # two distinct sequences: known by heart
+    assert check_target_leak(hf[0], 2.0, 1e-4, "val_loss", 0, 0.05) is None
+    forks = torch.tensor([[1, 2, 3], [1, 2, 4], [1, 5, 6], [1, 5, 7]])  # every label: 50/50
+    (fork,) = [e for e in leak_counts({"input_ids": forks, "labels": forks.clone()})
+               if e.lag == 0]
+    assert fork.next_token_floor() == pytest.approx(math.log(2))
+    assert check_target_leak(fork, 2.0, 0.1, "val_loss", 0, 0.05) is not None  # 0.1 < 0.35
+    assert check_target_leak(fork, 2.0, 0.4, "val_loss", 0, 0.5) is None  # 0.4 > 0.35
+    # judged by its own bound, not by how early the loss fell (15% of the initial loss)
+    assert check_target_leak(fork, 2.0, 0.3, "val_loss", 7, 0.05) is not None
+    watch = LeakWatch()
+    watch.add({"input_ids": forks, "labels": forks.clone()})
+    watch.add((seq[:, 1:], seq[:, 1:]))
+    assert [e.shifted_inside for e in watch.strong()] == [True, False]
+    assert [e.shifted_inside for e in watch.strong(early=False)] == [True]
+    features = torch.randn(16, 4, generator=torch.Generator().manual_seed(1))
+    watch.add((features, features[:, 2].clone()))  # a float feature that is the target
+    assert [e.position for e in watch.strong(early=False)] == [None, (2,)]
+    assert watch.judge(2.0, 0.05, "val_loss", 7, 0.05, early=False).details["input"] == (
+        "input_ids")
+    # a float input holding a scalar float target, within float rounding
+    x = torch.randn(16, 5, 2, generator=torch.Generator().manual_seed(0))
+    y = x[:, 3, 1].double() * (1 + 1e-8)  # a float64 target, its float32 copy in the input
+    assert float_position(x, y) == (7, 16, 16)  # step 3, channel 1
+    assert float_position(x, y * (1 + 1e-6)) is None  # beyond float32's rounding
+    (e,) = leak_counts((x, y))
+    assert e.position == (3, 1) and e.chance == 1 / 16  # 16 distinct values
+    assert repeat_share(x, 7) == 0.0  # the window does not repeat itself at distance 2
+    assert leak_counts((x, x.clone())) == []  # a target per sample that is not a scalar
+    # the entropy of each label given its prefix, reference values
+    keys = prefix_keys(torch.tensor([[4, 4], [4, 9], [7, 4]]))
+    assert keys[0, 0] == keys[1, 0] != keys[2, 0] and len(set(keys[:, 1].tolist())) == 3
+    assert conditional_entropy(torch.tensor([0, 0, 0, 1]), torch.tensor([1, 2, 3, 1])) == (
+        pytest.approx(3 * math.log(3) / 4))
     # a float image and an integer label: nothing to compare
     assert leak_counts((torch.zeros(4, 1, 8, 8), torch.arange(4))) == []
     assert collision_rate(torch.tensor([1, 1, 2, 2])) == 0.5
@@ -752,7 +966,7 @@ def test_bad_arguments_are_refused():
 def test_disabled_checks_do_not_run(tmp_path):
     cb = fit(tmp_path, Manual(zero=None), TrainingInvariants(disable=["grad_not_zeroed"]),
              epochs=1)
-    assert problems(cb) == set() and not cb._watches.get(0)
+    assert problems(cb) == set() and not cb._optim.watches.get(0)
     assert only(cb, "invariants.summary").details["stepped_aside"]["grad_not_zeroed"] == (
         "disabled (`disable=`)")
 
@@ -837,6 +1051,7 @@ SHARED = Shared(
          ("leak_fraction", "0.05", T), ("disable", ["zero_grad"], V),
          ("disable", "target_leak", T), ("disable", [None], T), ("strict", "no", T)],
     state=(lambda d: (TrainingInvariants(patience=2), TrainingInvariants(patience=3)),
-           lambda cb: cb._streaks, lambda cb: cb._streaks.setdefault("optimizer 0 (Adam)", {})
+           lambda cb: cb._optim.streaks,
+           lambda cb: cb._optim.streaks.setdefault("optimizer 0 (Adam)", {})
            .update({"net.1.weight": 1})),
 )

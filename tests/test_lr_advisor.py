@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -12,9 +13,15 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_diag.callbacks.data_inspection import DataInspection
 from lightning_diag.callbacks.lr_advisor import LRPlateauAdvisor
-from lightning_diag.checks.advisor import Curves, GapRule, fit_gap_verdict
+from lightning_diag.checks.advisor import (
+    Curves,
+    GapRule,
+    fit_gap_verdict,
+    loss_floor,
+    plateau_verdict,
+)
 from lightning_diag.checks.divergence import batch_indices
-from lightning_diag.findings import Severity
+from lightning_diag.findings import Finding, Severity
 from lightning_diag.functional.curves import (
     diverged,
     is_jump,
@@ -156,6 +163,75 @@ def test_underfit_and_overfit_from_the_loss_curves_alone():
     assert fit_gap_verdict(tight, GapRule(start_loss=2.3), set()) is None
 
 
+#: The healthy corpus' two-tower InfoNCE (batch 32, temperature 0.5) at seed 1, measured: its
+#: epoch losses, its first step loss, and the floor the overfit test reached on its batches.
+INFONCE_SEED_1 = Curves([3.3832, 2.9851, 2.623, 2.4921, 2.4099, 2.3641],
+                        [3.2537, 2.8052, 2.5768, 2.505, 2.4416, 2.414])
+INFONCE_START, INFONCE_FLOOR = 3.4798, 1.705
+
+
+def _overfit(code: str, value: float, floor: dict[str, Any] | None = None) -> Finding:
+    return Finding("OverfitSmallBatch", code, Severity.INFO, "...", value=value,
+                   details={} if floor is None else {"floor": floor})
+
+
+def test_the_loss_floor_is_what_the_overfit_test_measured_and_nothing_else():
+    assert loss_floor([_overfit("overfit.floor", 1.705)]) == 1.705
+    smoothing = {"value": 0.5, "squashed": False, "margins": [0.0], "losses": [0.5]}
+    assert loss_floor([_overfit("overfit.reached", 0.52, smoothing)]) == 0.5
+    # a squashed output's loss, a failed overfit test, a reached one without a measured floor:
+    # no floor (measured from 0, as without the overfit test)
+    assert loss_floor([_overfit("overfit.reached", 1.5, {**smoothing, "squashed": True})]) is None
+    assert loss_floor([_overfit("overfit.not_reached", 1.5)]) is None
+    assert loss_floor([_overfit("overfit.reached", 0.01)]) is None
+    assert loss_floor([_overfit("overfit.floor", math.nan)]) is None
+
+
+def test_underfit_and_plateau_are_judged_above_the_loss_floor():
+    # InfoNCE's floor is far above 0 (cosines bounded by the temperature, 31 negatives): from 0
+    # its loss, 68% of its start and falling 3.4% an epoch, read as underfitting; above the
+    # floor the overfit test reached on its batches it is 37% of the way and falls 10% an epoch
+    from_zero = fit_gap_verdict(INFONCE_SEED_1, GapRule(start_loss=INFONCE_START), set())
+    assert from_zero is not None and from_zero.code == "advisor.underfit"
+    rule = GapRule(start_loss=INFONCE_START, floor=INFONCE_FLOOR)
+    assert fit_gap_verdict(INFONCE_SEED_1, rule, set()) is None
+    # the same slow fall above a floor near 0 is still underfitting, said with the floor
+    slow = Curves([2.37, 2.34, 2.29, 2.24, 2.20, 2.16], [2.40, 2.35, 2.29, 2.25, 2.22, 2.18])
+    under = fit_gap_verdict(slow, GapRule(floor=0.05), set())
+    assert under is not None and under.code == "advisor.underfit"
+    assert "floor 0.05 (measured by the overfit test)" in under.message
+    assert under.details["floor"] == 0.05 and under.expected == (0.0, pytest.approx(0.514, 1e-3))
+    # a floor at or above the start loss says nothing: measured from 0
+    assert fit_gap_verdict(slow, GapRule(floor=3.0), set()) == fit_gap_verdict(slow, GapRule(),
+                                                                               set())
+    # a plateau just above the floor is the end of training; far above it, a plateau
+    flat = [3.4, 1.76, 1.75, 1.75, 1.75]
+    args: dict[str, Any] = dict(plateau_from=0, start_loss=3.48, patience=3, min_rel_delta=0.01,
+                                high_fraction=0.2)
+    assert plateau_verdict("val_loss", flat, **args) is not None
+    assert plateau_verdict("val_loss", flat, **args, floor=1.705) is None
+    high = plateau_verdict("val_loss", [3.4, 3.0, 3.0, 3.0, 3.0], **args, floor=1.705)
+    assert high is not None and "73% as far above the loss's floor 1.705" in high.message
+
+
+@pytest.mark.slow
+def test_the_advisor_reads_the_floor_the_overfit_test_measured_in_the_same_run(tmp_path):
+    """The healthy InfoNCE program at seed 1: underfitting for the advisor alone (it measures
+    from 0), silent with the overfit test in the same Trainer (it measures from its floor)."""
+    from lightning_diag.callbacks.overfit import OverfitSmallBatch
+    from tests.corpus.healthy import HEALTHY
+
+    program = dataclasses.replace(HEALTHY["infonce"], seed=1)
+    found = {}
+    for arm, extra in (("alone", []), ("with_overfit", [OverfitSmallBatch()])):
+        module, train, val = program.build()
+        advisor = LRPlateauAdvisor()
+        program.trainer_for(tmp_path / arm, [*extra, advisor]).fit(module, train, val)
+        found[arm] = {f.code for f in advisor.findings}
+    assert "advisor.underfit" in found["alone"]
+    assert not {"advisor.underfit", "advisor.plateau"} & found["with_overfit"]
+
+
 @pytest.mark.parametrize("name", ["fast", "slow"])
 def test_healthy_runs_that_converge_fast_or_slow_are_silent(tmp_path, name):
     streams = {
@@ -232,7 +308,7 @@ def test_overfit(tmp_path):
 def test_scripted_divergence_jump_and_nan(tmp_path):
     losses = [2.3, 2.2, 2.1, 2.0, 1.9, 1.8, 1.8, 1.7, 1.7, 1.6, 1.6, 1.5, 30.0, 1.5, 1.4, 1.4]
     epochs = _stream([1.0] * 4, [1.0] * 4, [0.5] * 4, [0.5] * 4)
-    adv = LRPlateauAdvisor(min_epochs=99, patience=9)
+    adv = LRPlateauAdvisor(min_epochs=99, patience=9, min_samples=1)  # batches of 1 sample
     _run(tmp_path, epochs, adv, step_losses=losses)
     (f,) = [f for f in adv.findings if f.code == "advisor.divergence"]
     assert f.step == 12 and f.details["batch_idx"] == 0 and f.epoch == 3
@@ -241,7 +317,7 @@ def test_scripted_divergence_jump_and_nan(tmp_path):
     assert torch.equal(saved[0], torch.zeros(1, 1))
     # noise near zero loss (0.01 -> 0.2) is no divergence; a NaN is, at once
     assert not is_jump(0.2, [0.01] * 20, 5.0, 0.5 * 2.3)
-    adv = LRPlateauAdvisor(min_epochs=99, patience=9, save_batch=False)
+    adv = LRPlateauAdvisor(min_epochs=99, patience=9, save_batch=False, min_samples=1)
     _run(tmp_path / "nan", epochs, adv, step_losses=[2.3, float("nan")] + [1.0] * 14)
     (f,) = _verdicts(adv)
     assert f.severity == "fail" and f.step == 1 and math.isnan(f.value)
@@ -271,7 +347,7 @@ def test_loss_at_exactly_zero_then_a_jump_reads_well_and_never_divides_by_zero(t
     # a median of 0 used to raise ZeroDivisionError inside on_train_batch_end (5.0 / 0), and a
     # start loss of 0 inside the plateau verdict at epoch end (0 / 0)
     epochs = _stream([0.0] * 4, [0.0] * 4, [1.0] * 4, [1.0] * 4)
-    adv = LRPlateauAdvisor(min_epochs=99, patience=2, save_batch=False)
+    adv = LRPlateauAdvisor(min_epochs=99, patience=2, save_batch=False, min_samples=1)
     _run(tmp_path, epochs, adv, step_losses=[0.0] * 12 + [5.0] + [0.0] * 3)
     (f,) = _verdicts(adv)  # no plateau: a loss that sits at 0 has converged
     assert f.code == "advisor.divergence" and f.severity == "warn" and f.step == 12
@@ -470,7 +546,8 @@ SHARED = Shared(
          ("overfit_gap", "x", T), ("rel_gap", 1.5, V), ("halving_epochs", 0, V),
          ("jump_factor", 1.0, V), ("min_jump_fraction", -0.5, V), ("window", 0, V),
          ("window", 10**6, V), ("min_history", 60, V), ("save_batch", None, T),
-         ("stall_steps", 5, V), ("stall_steps", 30.0, T), ("strict", 1, T)],
+         ("stall_steps", 5, V), ("stall_steps", 30.0, T), ("strict", 1, T),
+         ("min_samples", -1, V), ("min_samples", "32", T)],
     state=(lambda d: (LRPlateauAdvisor(window=2, min_history=1, save_batch=False),
                       LRPlateauAdvisor(window=50, save_batch=False)),
            lambda cb: len(cb.step_losses), None),

@@ -87,7 +87,8 @@ def test_one_schedule_each_default_keeps_its_steps_and_early_steps_adds_the_powe
     relu = activation_histogram("act", typed_layer("net.2", "ReLU"))
     assert [h.step for h in acc.Histograms(relu)] == [0, 5, 10]
     assert [e.step for e in acc.Scalars(UPDATE_RATIO_MEDIAN)] == [0, 1, 2, 4, 5, 10]
-    cbs = [ActivationHistogram(every_n_steps=5, early_steps=True),
+    # batches of 16 measured alone (the default min_samples would pool two, over steps 1-2)
+    cbs = [ActivationHistogram(every_n_steps=5, early_steps=True, min_samples=16),
            UpdateRatioMonitor(every_n_steps=5, early_steps=False)]
     t = _fit(tmp_path / "swapped", cbs)
     acc = events(t.logger.log_dir)

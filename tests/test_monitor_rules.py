@@ -4,6 +4,7 @@ curves.py): hand-made statistics in, the expected verdicts out."""
 from __future__ import annotations
 
 import math
+import random
 from typing import Any
 
 import pytest
@@ -21,8 +22,8 @@ from lightning_diag.checks.activations import (
 )
 from lightning_diag.checks.advisor import (
     AdvisorConfig,
+    JumpWindow,
     advisor_summary,
-    divergence_history,
     stall_verdict,
 )
 from lightning_diag.checks.curves import curves_summary
@@ -34,6 +35,7 @@ from lightning_diag.checks.update_ratio import (
     read_ratios,
 )
 from lightning_diag.findings import Severity
+from lightning_diag.functional.curves import is_jump, jump_threshold
 
 NAN = math.nan
 
@@ -159,9 +161,34 @@ def test_ratio_reading_leaves_biases_out_and_nan_wins():
 
 
 def test_advisor_step_rules():
-    assert divergence_history([2.3] * 3, 2.3, min_history=10) == [2.3]
-    assert divergence_history([2.3] * 10, 2.3, min_history=10) == [2.3] * 10
-    assert divergence_history([], None, min_history=10) == []
+    jumps = JumpWindow(window=50, min_history=10, min_samples=1)
+    assert jumps.reference() is None  # nothing known yet
+    assert jumps.add(2.3, samples=8) == (2.3, 8, 1)  # a batch of enough samples: judged alone
+    for _ in range(3):
+        jumps.push(2.3)
+    assert jumps.reference() == 2.3  # fewer than min_history: the first group's mean
+    for v in (1.0, 3.0, 2.0, 5.0, 4.0, 0.5, 6.0):
+        jumps.push(v)
+    assert jumps.reference() == 2.3  # the lower median of the 10 kept
+
+
+def test_the_sorted_jump_window_judges_as_is_jump_on_the_losses_it_keeps():
+    """The advisor reads the window's median instead of computing it each step: the same
+    verdicts as ``is_jump`` on the same history, through windows that fill and slide."""
+    gen = random.Random(0)
+    jumps = JumpWindow(window=20, min_history=5, min_samples=1)
+    kept: list[float] = []
+    for _ in range(200):
+        loss = gen.choice([gen.uniform(0.1, 2.0), gen.uniform(5.0, 30.0)])
+        mean, _, _ = jumps.add(loss, samples=1) or (math.nan, 0, 0)
+        history = kept[-20:] if len(kept) >= 5 else [kept[0] if kept else mean]
+        min_jump = 0.5 * abs(jumps.start or 0.0)
+        reference = jumps.reference()
+        assert reference is not None
+        assert (mean > jump_threshold(reference, 5.0, min_jump)) == is_jump(
+            mean, history, 5.0, min_jump)
+        jumps.push(mean)
+        kept.append(mean)
     config = AdvisorConfig(stall_steps=20)
     falling = [2.3 - 0.1 * i for i in range(20)]
     assert stall_verdict(falling[:10], falling, 20, config) is None

@@ -106,9 +106,9 @@ def test_exact_ratio_once_per_optimizer_step_with_accumulation_and_clipping(tmp_
     ratios = []
 
     class Spy(UpdateRatioMonitor):
-        def _check(self, trainer, median, still, grad_norm):
-            ratios.append(dict(self.last))
-            return super()._check(trainer, median, still, grad_norm)
+        def _judge(self, trainer, reading, window):
+            ratios.append(dict(reading.last))
+            super()._judge(trainer, reading, window)
 
     pl.seed_everything(0)
     model = Classifier(mlp(), lr=0.1, optimizer="sgd")
@@ -196,7 +196,8 @@ SHARED = Shared(
     guard={"every_n_steps": 1},
     bad=[("every_n_steps", True, T), ("low", 0, V), ("low", "a", T), ("high", 1e-6, V),
          ("extreme", 0.01, V), ("patience", True, T), ("patience", 0, V),
-         ("log_charts", "no", T), ("strict", "x", T), ("early_steps", None, T)],
+         ("log_charts", "no", T), ("strict", "x", T), ("early_steps", None, T),
+         ("min_samples", 0, V), ("min_samples", True, T)],
     state=(lambda d: (UpdateRatioMonitor(every_n_steps=1),
                       UpdateRatioMonitor(every_n_steps=1, low=0.5, high=0.9, patience=100)),
            lambda cb: cb.streak["too_low"], None),

@@ -14,6 +14,8 @@ again). A field renamed in the state key (the advisor's ``train_loss_key``) is r
    (steps 0, n, 2n, ... with ``n = every_n_steps``; with ``early_steps`` also 1, 2, 4, ... below
    n): the step is *armed* and :meth:`~MonitorCallback._arm` runs once (module hooks go on).
    With gradient accumulation the later micro-batches of an armed step do not arm it again.
+   Each batch of the armed step adds its samples to :attr:`~MonitorCallback.seen_samples`
+   (and one to ``seen_batches``), for rules judged over ``min_samples``.
 2. ``on_before_optimizer_step`` while armed: :meth:`~MonitorCallback._optimizer_step`.
 3. ``on_train_batch_end`` while armed: :meth:`~MonitorCallback._finish` measures what the
    step left pending and returns True when it is complete (False: it waits for another
@@ -24,8 +26,12 @@ again). A field renamed in the state key (the advisor's ``train_loss_key``) is r
    moved on before its measurement completed: :meth:`~MonitorCallback._abandon` disarms and
    drops what is pending, module hooks included (subclasses extend it).
 
-On a step that is not logged every hook returns after one comparison: no allocation, no loop
-over parameters or layers, no tensor operation.
+On a step that is not logged only ``on_train_batch_start`` runs, and returns after one
+comparison: no allocation, no loop over parameters or layers, no tensor operation. The hooks a
+logging step needs (``on_before_optimizer_step``, ``on_train_batch_end``) are shadowed on the
+instance by None while no step is armed and no work waits to be taken in: Lightning skips a
+hook that is not callable, so an idle monitor costs one hook call per batch (each one costs
+~5 us in Lightning's dispatch: a profiler context and a name built per call).
 
 Example:
     >>> from lightning_diag.callbacks.update_ratio import UpdateRatioMonitor
@@ -51,12 +57,16 @@ import torch
 from typing_extensions import override
 
 from lightning_diag.base import DiagnosticCallback
+from lightning_diag.batch import _batch_size
 from lightning_diag.checks.verdict import Verdict
 from lightning_diag.findings import Finding
 from lightning_diag.functional.monitors import is_logging_step
 from lightning_diag.validation import key_arguments
 
 __all__ = ["ConfiguredCallback", "MonitorCallback"]
+
+#: The hooks a monitor needs only while a logging step is armed or work waits to be taken in.
+ARMED_HOOKS = ("on_before_optimizer_step", "on_train_batch_end")
 
 
 class _Setting:
@@ -130,6 +140,11 @@ class MonitorCallback(ConfiguredCallback):
         super().__init__(config, strict=strict)
         self._armed = False  # a logging step is being measured
         self._logging_step = -1  # the optimizer step armed last
+        #: Samples (the batches' first dimension) and batches the armed logging step has seen.
+        self.seen_samples = self.seen_batches = 0
+        # the armed-step hooks this class leaves to the base (a subclass's own run every batch)
+        self._idle_hooks = tuple(name for name in ARMED_HOOKS
+                                 if getattr(type(self), name) is getattr(MonitorCallback, name))
 
     def is_logging_step(self, step: int) -> bool:
         """Whether optimizer step ``step`` is measured (the schedule in the module docstring)."""
@@ -145,14 +160,26 @@ class MonitorCallback(ConfiguredCallback):
                              batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
         if step == self._logging_step:  # another micro-batch of the step armed last
+            if self._armed:
+                self._count(batch)
             return
         if self._armed:  # the step moved on without completing its measurement
             if self._keeps_measuring():
+                self._count(batch)
                 return
             self._abandon()
         if self.is_logging_step(step):
             self._armed, self._logging_step = True, step
+            self.seen_samples = self.seen_batches = 0
+            self._count(batch)
+            self._listen(True)
             self._arm(trainer, pl_module)
+
+    def _count(self, batch: Any) -> None:
+        """Add a batch of the armed step to :attr:`seen_samples` and :attr:`seen_batches`."""
+        size = _batch_size(batch)
+        self.seen_samples += self._unknown_size if size is None else size
+        self.seen_batches += 1
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -166,6 +193,16 @@ class MonitorCallback(ConfiguredCallback):
         self._poll(trainer)
         if self._armed and self._finish(trainer, pl_module):
             self._armed = False
+        self._listen(self._armed or self._waiting())
+
+    def _listen(self, on: bool) -> None:
+        """Put the armed-step hooks back (``on``), or shadow them with None on the instance
+        (Lightning then skips them; the class keeps them, so a ``super()`` call still works)."""
+        if on:
+            for name in self._idle_hooks:
+                self.__dict__.pop(name, None)
+        else:
+            self.__dict__.update(dict.fromkeys(self._idle_hooks))
 
     def _arm(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Start measuring the logging step :attr:`logging_step` (e.g. put module hooks on)."""
@@ -178,6 +215,12 @@ class MonitorCallback(ConfiguredCallback):
         """Measure what the armed step left pending; True when its measurement is complete."""
         return True
 
+    @property
+    def _unknown_size(self) -> int:
+        """The samples a batch of unknown size counts for: enough for any rule (it is judged
+        alone, as when batches were not counted)."""
+        return int(getattr(self.config, "min_samples", 1))
+
     def _keeps_measuring(self) -> bool:
         """Whether an armed logging step whose measurement is not complete goes on into the
         next optimizer steps (a rule that judges over several batches, e.g. enough samples when
@@ -185,20 +228,27 @@ class MonitorCallback(ConfiguredCallback):
         return False
 
     def _poll(self, trainer: pl.Trainer) -> None:
-        """At every batch end: take in work finished off the training thread (must return at
-        once when there is none)."""
+        """At every batch end while :meth:`_waiting` or armed: take in work finished off the
+        training thread (must return at once when there is none)."""
+
+    def _waiting(self) -> bool:
+        """Whether work started on a logging step is still to be taken in by :meth:`_poll`
+        (``on_train_batch_end`` runs on every batch until it is)."""
+        return False
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
             self._armed, self._logging_step = False, -1
+            self._listen(False)
 
     def _abandon(self) -> None:
         """Disarm and drop what the armed step left pending, its module hooks included
         (subclasses extend it with what else they keep)."""
         self._armed = False
         self.hooks.remove_all()
+        self._listen(self._waiting())
 
     @override
     def _release(self) -> None:

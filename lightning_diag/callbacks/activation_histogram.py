@@ -25,6 +25,7 @@ from typing_extensions import override
 from lightning_diag.callbacks._monitor import MonitorCallback
 from lightning_diag.checks.activations import (
     MAX_BINS,
+    MIN_SAMPLES,
     PASS_THROUGH,
     ActivationConfig,
     LayerFilter,
@@ -40,6 +41,7 @@ from lightning_diag.functional.monitors import (
     STAT_NAMES,
     layer_summary,
     parse_summary_row,
+    pool_batches,
 )
 from lightning_diag.tensorboard.figures import layer_label, layer_summary_figure
 from lightning_diag.tensorboard.tags import (
@@ -74,12 +76,14 @@ _Copies = dict[tuple[str, str], tuple[torch.Tensor, Any]]
 
 class _Event(NamedTuple):
     """A logging step: its global step and epoch, its number among the fit's logging steps
-    (from 1), and each hooked layer's name in the tags (its module type added)."""
+    (from 1), each hooked layer's name in the tags (its module type added), and the samples
+    and batches it measured."""
 
     step: int
     epoch: int
     number: int
     typed: dict[str, str]
+    samples: tuple[int, int]
 
 
 def _loss_scale(trainer: pl.Trainer) -> torch.Tensor | float:
@@ -97,7 +101,7 @@ class ActivationHistogram(MonitorCallback):
     optimizer step 0 and every ``every_n_steps``-th step (training only), forward hooks on
     the chosen layers compute, on the tensors' device and in one fused pass per tensor
     (:func:`~lightning_diag.functional.monitors.layer_summary`): mean, std, zero fraction, dead
-    fraction (units zero on the whole batch), saturated fraction (bounded activations: tanh,
+    fraction (units zero on every sample measured), saturated fraction (bounded activations: tanh,
     sigmoid, hardtanh, ...), a 64-bin histogram, and for the gradient flowing back into the
     output its norm and histogram, unscaled under mixed precision. Everything is copied to the
     host once per logging step and written to TensorBoard as one event, each layer named with
@@ -137,6 +141,9 @@ class ActivationHistogram(MonitorCallback):
         strict: Raise on FAIL findings (these findings are WARN).
         early_steps: Also log steps 1, 2, 4, ... below ``every_n_steps`` (default False: a
             logging step here costs ~10x one of ``UpdateRatioMonitor``).
+        min_samples: Keyword-only. A logging step measures at least this many samples (default
+            32): on smaller batches it keeps its hooks over the next batches and pools them
+            (``docs/callbacks/schedule.md``), so that one sample does not make a unit dead.
 
     Example:
         >>> cb = ActivationHistogram(every_n_steps=100, layers=["net.1", "net.3"])
@@ -150,7 +157,8 @@ class ActivationHistogram(MonitorCallback):
                  bins: int = 64, dead_fraction: float = 0.5, saturated_fraction: float = 0.5,
                  vanishing_ratio: float = 1e-3, exploding_ratio: float = 1e3,
                  figure_every_n_logs: int = 0, log_charts: bool = True,
-                 strict: bool = False, *, early_steps: bool = False) -> None:
+                 strict: bool = False, *, early_steps: bool = False,
+                 min_samples: int = MIN_SAMPLES) -> None:
         super().__init__(from_arguments(ActivationConfig, locals()), strict=strict)
         self.last: dict[str, dict[str, Any]] = {}
         #: The module type of each hooked layer (``"net.3"`` -> ``"Conv2d"``), to name it.
@@ -166,17 +174,24 @@ class ActivationHistogram(MonitorCallback):
         self._copies: _Copies = {}
         self._copied = 0  # values in `_copies`
         self._order: list[str] = []  # the layers hooked at this logging step, in forward order
-        self._seen: set[str] = set()
+        self._seen: set[str] = set()  # the layers measured in this batch
+        #: A window's captures, (kind, layer) -> (copies of each batch, bounds): a logging step
+        #: on fewer than ``min_samples`` samples goes on over the next batches.
+        self._parts: dict[tuple[str, str], tuple[list[torch.Tensor], Any]] = {}
+        self._windowed = False
         self._event_step = self._event_epoch = -1  # the logging step `last` measured
         self._worker = EventWorker(depth=2)
+        self._queued = 0  # logging steps handed to the worker, not yet applied
 
     def _chosen(self, pl_module: nn.Module) -> list[tuple[str, nn.Module]]:
         return chosen_layers(pl_module, self.config.layers)
 
     @override
     def _arm(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Forward hooks on the chosen layers, for this training batch only."""
+        """Forward hooks on the chosen layers, for this training batch only (and the next ones
+        while fewer than ``min_samples`` samples were seen: a window)."""
         self._charts = self.config.log_charts and tensorboard_writer(trainer) is not None
+        self._windowed = self.seen_samples < self.config.min_samples
         scale_grads = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
         for name, module in self._chosen(pl_module):
             self.layer_types[name] = type(module).__name__
@@ -191,7 +206,8 @@ class ActivationHistogram(MonitorCallback):
             if not isinstance(out, torch.Tensor) or name in self._seen or not trainer.training:
                 return
             self._seen.add(name)
-            self._order.append(name)
+            if name not in self._order:
+                self._order.append(name)
             self._capture("act", name, out, bounds)
             if out.requires_grad and torch.is_grad_enabled():
                 self.hooks.tensor(out, grad_hook)
@@ -210,9 +226,18 @@ class ActivationHistogram(MonitorCallback):
         """Summarize ``x`` now, in one fused pass on its device; or, on CPU with TensorBoard
         charts, copy it for the worker, which computes the same row off the training thread (a
         copy costs the training thread ~0.03 ms, the row ~0.5 ms on the digits CNN). At most
-        :data:`COPY_BUDGET` values are copied per logging step; the rest is summarized here."""
+        :data:`COPY_BUDGET` values are copied per logging step; the rest is summarized here.
+        In a window, every batch's ``x`` is copied, to be pooled when the window closes."""
+        if self._windowed:
+            self._parts.setdefault((kind, name), ([], bounds))[0].append(x.detach().clone())
+            return
+        self._keep(kind, name, x, bounds, copy=True)
+
+    def _keep(self, kind: str, name: str, x: torch.Tensor, bounds: tuple[float, float] | None,
+              copy: bool = False) -> None:
+        """``x`` to the worker's copies (copied first with ``copy``) or summarized now."""
         if self._charts and x.device.type == "cpu" and self._copied + x.numel() <= COPY_BUDGET:
-            self._copies[(kind, name)] = (x.detach().clone(), bounds)
+            self._copies[(kind, name)] = (x.detach().clone() if copy else x, bounds)
             self._copied += x.numel()
             return
         rows = self._act if kind == "act" else self._grad
@@ -226,23 +251,43 @@ class ActivationHistogram(MonitorCallback):
     @override
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
         """The hooked batch is over: hooks off, and the step's rows to the worker (on CPU with
-        TensorBoard) or stacked, copied to the host and judged here."""
+        TensorBoard) or stacked, copied to the host and judged here. In a window that has not
+        seen ``min_samples`` samples yet the hooks stay for the next batch; once it has, each
+        layer's batches are pooled (:func:`~lightning_diag.functional.monitors.pool_batches`)
+        and measured as one batch of them."""
+        if self._windowed and self.seen_samples < self.config.min_samples:
+            self._seen, self._numel = set(), {}  # the next batch is measured as well
+            return False
+        self._complete(trainer)
+        return True
+
+    def _complete(self, trainer: pl.Trainer) -> None:
+        """Measure the logging step (its window's batches pooled) and hand it on."""
+        if self._windowed:
+            self._windowed = False
+            for (kind, name), (parts, bounds) in self._parts.items():
+                pooled = pool_batches(parts)
+                if kind == "grad":
+                    self._numel[name] = pooled.numel()
+                self._keep(kind, name, pooled, bounds)
+            self._parts = {}
         self.hooks.remove_all()
         order, acts, grads = self._order, self._act, self._grad
         numel, copies = self._numel, self._copies
         self._abandon()
         if not order:
-            return True
+            return
         self._logs += 1
         event = _Event(self.logging_step, trainer.current_epoch, self._logs,
-                       {n: typed_layer(n, self.layer_types[n]) for n in order})
+                       {n: typed_layer(n, self.layer_types[n]) for n in order},
+                       (self.seen_samples, self.seen_batches))
         if copies:  # there is a TensorBoard writer (`_charts`): the worker finishes the step
+            self._queued += 1
             self._worker.submit(functools.partial(
                 self._summarize, event, tensorboard_writer(trainer), order, acts, grads, numel,
                 copies))
         else:
             self._apply(trainer, event, self._rows(order, acts, grads, numel, {}), None)
-        return True
 
     def _rows(self, order: list[str], acts: dict[str, torch.Tensor],
               grads: dict[str, torch.Tensor], numel: dict[str, int], copies: _Copies
@@ -273,7 +318,16 @@ class ActivationHistogram(MonitorCallback):
     def _collect(self, trainer: pl.Trainer, wait: bool = False) -> None:
         """Apply the logging steps the worker finished, in order (every one with ``wait``)."""
         for event, last, scalars in self._worker.drain() if wait else self._worker.ready():
+            self._queued -= 1
             self._apply(trainer, event, last, scalars)
+
+    @override
+    def _waiting(self) -> bool:
+        return self._queued > 0
+
+    @override
+    def _keeps_measuring(self) -> bool:
+        return self._windowed  # the next optimizer steps' batches join the window
 
     def _apply(self, trainer: pl.Trainer, event: _Event, last: dict[str, dict[str, Any]],
                scalars: dict[str, float] | None) -> None:
@@ -281,10 +335,12 @@ class ActivationHistogram(MonitorCallback):
         self.last, self._event_step, self._event_epoch = last, event.step, event.epoch
         if self.config.log_charts:
             self._log(trainer, event, scalars)
-        self._worst = worst_readings(self._worst, last, event.step)
-        self._ratio = gradient_ratio(last)
+        if event.samples[0] >= self.config.min_samples:  # else a window cut short by the end
+            self._worst = worst_readings(self._worst, last, event.step)
+            self._ratio = gradient_ratio(last)
         self.publish_verdicts(
-            trainer, activation_verdicts(last, self._parametric, self.config, self.layer_types),
+            trainer, activation_verdicts(last, self._parametric, self.config, self.layer_types,
+                                         event.samples),
             step=event.step, epoch=event.epoch)
 
     def _chart_values(self, last: dict[str, dict[str, Any]], typed: dict[str, str]
@@ -320,6 +376,8 @@ class ActivationHistogram(MonitorCallback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._armed and self._windowed:  # training ended inside a window: what it has
+            self._complete(trainer)
         self._collect(trainer, wait=True)  # every logging step applied and written
         self.publish_verdicts(trainer, [activation_summary(
             self._logs, self._worst, self._ratio, self.config, self.layer_types)])
@@ -347,12 +405,15 @@ class ActivationHistogram(MonitorCallback):
     def _abandon(self) -> None:
         super()._abandon()
         self._act, self._grad, self._numel, self._order, self._seen = {}, {}, {}, [], set()
-        self._copies, self._copied = {}, 0
+        self._copies, self._copied, self._parts, self._windowed = {}, 0, {}, False
 
     @override
     def _release(self) -> None:
         super()._release()
-        self._worker.close()  # what was queued is still written; a job's error is reported
+        try:
+            self._worker.close()  # what was queued is still written; a job's error is reported
+        finally:
+            self._queued = 0
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -20,7 +20,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from typing import TYPE_CHECKING, Any
@@ -33,7 +32,6 @@ from typing_extensions import override
 from lightning_diag.base import SHARDED_STRATEGIES, FitStartCheck
 from lightning_diag.batch import (
     BatchFn,
-    OutputCapture,
     UserCodeError,
     call_user,
     default_batch_to_input,
@@ -41,14 +39,9 @@ from lightning_diag.batch import (
 )
 from lightning_diag.checks.data.inspect import InspectionConfig, run_inspection
 from lightning_diag.checks.data.scan import DataReport, NotInspectable, SplitScan
+from lightning_diag.checks.label_use import output_classes
 from lightning_diag.findings import Finding, Severity
-from lightning_diag.functional.task import select_output
-from lightning_diag.isolation import (
-    first_loader,
-    preserved_rng,
-    side_experiment,
-    train_dataloader_of,
-)
+from lightning_diag.isolation import first_loader, preserved_rng, train_dataloader_of
 from lightning_diag.tensorboard.figures import class_counts_figure
 from lightning_diag.tensorboard.grids import Cell, annotated_grid
 from lightning_diag.tensorboard.tags import DATA_CLASS_COUNTS, DATA_SUMMARY, data_grid
@@ -148,12 +141,13 @@ class DataInspection(FitStartCheck):
             found = trainer.strategy.broadcast(found, src=0)
         return found or []
 
-    def _output_classes(self, trainer: pl.Trainer) -> int | None:
-        """The model's output width when its step scores ``(N, C)`` classes for ``(N,)``
-        integer targets on the first training batch (run on a copy, its output captured), else
-        None: the class count then comes from the labels of every split. A step that fails on
-        the copy before its output leaves it to the labels too (the side experiments report
-        such a failure)."""
+    def _output_classes(self, trainer: pl.Trainer) -> tuple[int, str] | None:
+        """The class count the model's output gives the first training batch's labels, from
+        one step of a copy (:func:`lightning_diag.checks.label_use.output_classes`: the width
+        ``C`` of ``(N, C)`` scores for ``(N,)`` integer labels the loss reads, 2 for one value
+        per sample scored as a binary classifier), and how it was read; else None: the class
+        count then comes from the labels of every split. A step that fails on the copy before
+        its output leaves it to the labels too (the side experiments report such a failure)."""
         module = trainer.lightning_module
         if _sharded(trainer):
             return None
@@ -166,15 +160,10 @@ class DataInspection(FitStartCheck):
         batch = batches[0]
         try:
             target = call_user("`batch_to_target`", self.config.batch_to_target, batch)
-            with side_experiment(module) as clone, torch.no_grad(), OutputCapture(clone) as cap:
-                # the loss may fail on the very label out of range: the output came before it
-                with contextlib.suppress(UserCodeError):
-                    call_user(f"`{type(module).__name__}.training_step`", clone.training_step,
-                              batch, 0)
+            return output_classes(module, batch, target)
         # the user's reader failing on a batch, or a module deepcopy refuses
         except (UserCodeError, RuntimeError):
             return None
-        return _output_width(select_output(cap.output), target)
 
     def _inspect(self, trainer: pl.Trainer) -> list[Finding]:
         with preserved_rng():  # the user's dataloader hooks and `__getitem__` may draw numbers
@@ -189,10 +178,11 @@ class DataInspection(FitStartCheck):
             workers = self.num_workers
             if workers is None:  # the user's loader says how many processes decoding needs
                 workers = getattr(train_loader, "num_workers", 0)
+            read = None if self.config.num_classes is not None else self._output_classes(trainer)
             config = dataclasses.replace(
                 self.config, progress=trainer.progress_bar_callback is not None,
-                num_workers=workers, output_classes=None if self.config.num_classes is not None
-                else self._output_classes(trainer))
+                num_workers=workers, output_classes=None if read is None else read[0],
+                output_source=self.config.output_source if read is None else read[1])
 
             def make(code: str, severity: Severity, message: str, **kw: Any) -> Finding:
                 return self.finding(trainer, code, severity, message, **kw)
@@ -209,16 +199,6 @@ class DataInspection(FitStartCheck):
 
 def _sharded(trainer: pl.Trainer) -> bool:
     return bool({c.__name__ for c in type(trainer.strategy).__mro__} & set(SHARDED_STRATEGIES))
-
-
-def _output_width(output: Any, target: Any) -> int | None:
-    """``C`` when ``output`` scores ``(N, C)`` classes for ``(N,)`` integer targets, else None."""
-    if not (isinstance(output, torch.Tensor) and isinstance(target, torch.Tensor)):
-        return None
-    per_sample = (output.is_floating_point() and output.dim() == 2 and target.dim() == 1
-                  and not target.is_floating_point() and target.dtype != torch.bool
-                  and len(output) == len(target))
-    return int(output.shape[1]) if per_sample and output.shape[1] >= 2 else None
 
 
 def _map_dataset(loader: Any) -> Any:

@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -116,9 +117,10 @@ class EMAWeights(DiagnosticCallback):
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
-        if trainer.global_step > self._last_step:  # an optimizer step happened (accumulation)
-            self._last_step = trainer.global_step
-            self._maybe_update(trainer, outputs)
+        step = trainer.global_step  # a chain of Lightning properties: read once a batch
+        if step > self._last_step:  # an optimizer step happened (accumulation)
+            self._last_step = step
+            self._maybe_update(trainer, outputs, step - 1)
 
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -208,8 +210,8 @@ class EMAWeights(DiagnosticCallback):
         if pending is not None:
             self._slots.load(pending["ema"])
 
-    def _maybe_update(self, trainer: pl.Trainer, outputs: Any) -> None:
-        step = trainer.global_step - 1
+    def _maybe_update(self, trainer: pl.Trainer, outputs: Any, step: int) -> None:
+        """Update the average after optimizer step ``step`` (0-based) when it is due."""
         if step < self.start_step or (step - self.start_step) % self.update_every_n_steps:
             return
         slots = self._built()
@@ -320,5 +322,7 @@ def _finite_loss(outputs: Any) -> bool:
         loss = loss_from_output(outputs)
     except ValueError:  # manual optimization or a step returning None: weights are checked anyway
         return True
-    return bool(torch.isfinite(loss.detach()).all())
+    loss = loss.detach()
+    # one op for the usual scalar loss (isfinite, all and bool are three): run on every step
+    return math.isfinite(loss.item()) if loss.numel() == 1 else bool(torch.isfinite(loss).all())
 

@@ -11,10 +11,8 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import lightning.pytorch as pl
@@ -25,27 +23,27 @@ from typing_extensions import override
 
 from lightning_diag.base import SHARDED_STRATEGIES, DiagnosticCallback
 from lightning_diag.callbacks._metric_keys import find_metric
-from lightning_diag.checks.invariants import (
+from lightning_diag.callbacks._optimizer_watch import OptimizerSteps, Watch
+from lightning_diag.checks.epoch_loss import (
     EpochSteps,
-    GradWindow,
-    LeakEvidence,
-    ModeLayer,
     check_epoch_loss,
-    check_grad_window,
-    check_metric_ranges,
+    epoch_loss_names,
+    matching_reductions,
+)
+from lightning_diag.checks.invariants import (
+    ModeLayer,
     check_modes,
     check_optimizer_coverage,
-    check_target_leak,
-    check_updates,
-    epoch_loss_names,
-    leak_counts,
-    matching_reductions,
-    metric_bound,
     mode_layers,
-    strongest_leak,
 )
+from lightning_diag.checks.metric_range import (
+    check_metric_ranges,
+    known_classes,
+    label_counts,
+    metric_bound,
+)
+from lightning_diag.checks.target_leak import LeakWatch
 from lightning_diag.findings import Finding, Severity
-from lightning_diag.functional.invariants import carried_over, movable, moved
 from lightning_diag.functional.monitors import is_logging_step
 from lightning_diag.validation import (
     check_choice,
@@ -63,36 +61,10 @@ CHECKS = ("grad_not_zeroed", "param_not_in_optimizer", "param_not_updated",
           "target_leak")
 #: Step losses kept before they are summed (one small device op per this many steps).
 _FOLD = 256
-#: Training batches whose inputs are compared with the target, and epochs a leak is sought in.
+#: Training batches whose inputs are compared with the target (and whose labels counted),
+#: and epochs a leak is sought in by the loss's collapse (but for evidence judged at any epoch:
+#: ``LeakEvidence.any_epoch``).
 _LEAK_BATCHES, _LEAK_EPOCHS = 3, 3
-
-
-@dataclass
-class _Watch:
-    """One optimizer: its step count and the parameter whose gradient is watched."""
-
-    label: str
-    count: int = 0
-    name: str = ""
-    param: torch.Tensor | None = None
-    armed: bool = False
-    previous: torch.Tensor | None = None  # the watched gradient at the last armed step
-    first: torch.Tensor | None = None  # what the first backward after it found
-    later: list[torch.Tensor] = field(default_factory=list)  # nonzero counts found after
-    backwards: int = 0
-    cleared: bool = False
-    step: int = 0
-
-
-@dataclass
-class _Pending:
-    """Weights copied before a checked optimizer step, compared after it."""
-
-    watch: _Watch
-    names: list[str]
-    params: list[torch.Tensor]
-    before: list[torch.Tensor]
-    judged: int
 
 
 class TrainingInvariants(DiagnosticCallback):
@@ -167,10 +139,7 @@ class TrainingInvariants(DiagnosticCallback):
         self._on = {c: c not in self.disable for c in CHECKS}
         self._aside: dict[str, str] = {}  # check -> why it stepped aside
         self._counts: dict[str, int] = dict.fromkeys(CHECKS, 0)  # what was checked
-        self._watches: dict[int, _Watch] = {}
-        self._pending: list[_Pending] = []
-        self._streaks: dict[str, dict[str, int]] = {}
-        self._names: dict[int, str] = {}
+        self._optim = OptimizerSteps(self.hooks, self.patience, self._counts, self._aside)
         self._uncovered: list[tuple[str, torch.Tensor]] = []
         self._unused: list[str] = []
         self._trainable, self._flagged = 0, 0
@@ -191,8 +160,9 @@ class TrainingInvariants(DiagnosticCallback):
         self._readings: dict[str, list[float]] = {}
         self._series: dict[str, tuple[list[str], list[float], list[EpochSteps]]] = {}
         self._not_loss: dict[str, str] = {}
-        self._leak: dict[tuple[str, int], LeakEvidence] = {}
-        self._leak_batches = 0
+        self._leak = LeakWatch()
+        self._labels: list[torch.Tensor] = []  # class counts of the first batches' labels
+        self._label_batches = 0
         self._percent: list[str] = []
         self._resumed_epoch: int | None = None  # its steps are not all seen: not compared
         self._ended: int | None = None  # the last epoch whose end was seen, until it is read
@@ -216,7 +186,7 @@ class TrainingInvariants(DiagnosticCallback):
         elif not optimizers:
             self._stand_down(params, "no optimizer (`configure_optimizers` returned none)")
         held = {id(p) for opt in optimizers for g in opt.param_groups for p in g["params"]}
-        self._names = {id(p): n for n, p in pl_module.named_parameters()}
+        self._optim.names = {id(p): n for n, p in pl_module.named_parameters()}
         trainable = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
         self._uncovered = [(n, p) for n, p in trainable if id(p) not in held]
         self._trainable = len(trainable)
@@ -238,16 +208,16 @@ class TrainingInvariants(DiagnosticCallback):
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
-        watch = self._watches.get(id(optimizer))
+        watch = self._optim.watches.get(id(optimizer))
         if watch is None:
-            watch = self._watches[id(optimizer)] = _Watch(self._label(trainer, optimizer))
-        if watch.armed:
-            self._close_window(trainer, watch)
+            watch = self._optim.watches[id(optimizer)] = Watch(self._label(trainer, optimizer))
+        if watch.armed and (found := self._optim.close_window(watch)) is not None:
+            self._publish_once(trainer, found)
         if is_logging_step(watch.count, self.every_n_steps):
             if self._on["grad_not_zeroed"]:
-                self._open_window(watch, optimizer)
+                self._optim.open_window(watch, optimizer)
             if self._on["param_not_updated"]:
-                self._snapshot(watch, optimizer)
+                self._optim.snapshot(watch, optimizer)
             if self._on["eval_mode_in_training"]:
                 self._counts["eval_mode_in_training"] += 1
                 found = check_modes(pl_module, self._layers, self._seen_training, self._modules)
@@ -258,8 +228,9 @@ class TrainingInvariants(DiagnosticCallback):
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._pending:
-            self._compare(trainer)
+        if self._optim.pending:
+            for found in self._optim.compare():
+                self._publish_once(trainer, found)
         if self._uncovered and self._on["param_not_in_optimizer"] and not self._counts[
                 "param_not_in_optimizer"]:
             self._coverage(trainer)  # the first batch's backward has run
@@ -273,13 +244,12 @@ class TrainingInvariants(DiagnosticCallback):
                 self._first_losses.append(loss)
             if len(self._losses) >= _FOLD:
                 self._fold()
-        if self._leak_batches < _LEAK_BATCHES and self._on["target_leak"]:
-            self._leak_batches += 1
-            for e in leak_counts(batch):
-                old = self._leak.get((e.input, e.lag))
-                self._leak[e.input, e.lag] = e if old is None else LeakEvidence(
-                    e.input, e.lag, old.matches + e.matches, old.compared + e.compared,
-                    max(old.chance, e.chance), old.batches + 1)
+        if self._leak.batches < _LEAK_BATCHES and self._on["target_leak"]:
+            self._leak.add(batch)
+        if self._label_batches < _LEAK_BATCHES and self._on["metric_out_of_range"]:
+            self._label_batches += 1
+            if (counts := label_counts(batch)) is not None:
+                self._labels.append(counts)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -308,15 +278,15 @@ class TrainingInvariants(DiagnosticCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"streaks": {k: dict(v) for k, v in self._streaks.items()},
+        return {"streaks": {k: dict(v) for k, v in self._optim.streaks.items()},
                 "readings": {k: list(v) for k, v in self._readings.items()},
                 "series": {k: [list(r), list(logged), [dataclasses.asdict(h) for h in hist]]
                            for k, (r, logged, hist) in self._series.items()}}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._streaks = {str(k): {str(n): int(c) for n, c in v.items()}
-                         for k, v in state_dict.get("streaks", {}).items()}
+        self._optim.streaks = {str(k): {str(n): int(c) for n, c in v.items()}
+                               for k, v in state_dict.get("streaks", {}).items()}
         self._readings = {str(k): [float(x) for x in v]
                           for k, v in state_dict.get("readings", {}).items()}
         self._series = {str(k): ([str(r) for r in red], [float(x) for x in logged],
@@ -327,118 +297,14 @@ class TrainingInvariants(DiagnosticCallback):
     def _release(self) -> None:
         super()._release()
         # what refers to the model's tensors and modules: nothing is kept past the fit
-        self._pending, self._uncovered, self._modules = [], [], {}
+        self._optim.release()
+        self._uncovered, self._modules = [], {}
         self._losses, self._first_losses, self._sums = [], [], None
-        for watch in self._watches.values():
-            watch.armed, watch.param, watch.previous, watch.first = False, None, None, None
-            watch.later = []
 
-    # -- gradients zeroed between steps ------------------------------------------------------
+    # -- gradients and updates -----------------------------------------------------------------
     def _label(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> str:
         index = next((i for i, o in enumerate(trainer.optimizers) if o is optimizer), None)
         return f"optimizer {index if index is not None else '?'} ({type(optimizer).__name__})"
-
-    def _open_window(self, watch: _Watch, optimizer: torch.optim.Optimizer) -> None:
-        if watch.param is None:
-            self._choose(watch, optimizer)
-        if watch.param is None or watch.param.grad is None:
-            return
-        watch.previous = watch.param.grad.detach().clone()
-        watch.first, watch.later, watch.backwards, watch.cleared = None, [], 0, False
-        watch.step, watch.armed = watch.count + 1, True
-
-    def _choose(self, watch: _Watch, optimizer: torch.optim.Optimizer) -> None:
-        """Watch the smallest parameter with a non-zero, finite, dense gradient."""
-        candidates = sorted((p for g in optimizer.param_groups for p in g["params"]
-                             if p.requires_grad and p.grad is not None and not p.grad.is_sparse),
-                            key=lambda p: p.numel())
-        for p in candidates[:8]:
-            g = p.grad
-            if g is not None and bool(torch.isfinite(g).all()) and bool(g.count_nonzero()):
-                watch.param, watch.name = p, self._names.get(id(p), "a parameter")
-                self.hooks.tensor(p, functools.partial(self._on_backward, watch))
-                return
-        self._aside.setdefault("grad_not_zeroed", "no parameter with a non-zero gradient to "
-                               "watch yet")
-
-    @staticmethod
-    def _on_backward(watch: _Watch, grad: torch.Tensor) -> None:
-        """Inside the user's backward pass: what the watched parameter's gradient holds before
-        this pass adds to it. Small device ops only, read at the next step."""
-        if not watch.armed or watch.param is None:
-            return
-        watch.backwards += 1
-        found = watch.param.grad
-        if found is None:
-            watch.cleared = True
-        elif watch.first is None:
-            watch.first = found.detach().clone()
-        else:
-            watch.later.append(torch.count_nonzero(found))
-
-    def _close_window(self, trainer: pl.Trainer, watch: _Watch) -> None:
-        watch.armed = False
-        if watch.backwards == 0 or watch.previous is None:
-            return
-        self._counts["grad_not_zeroed"] += 1
-        first = watch.first
-        cleared = watch.cleared or (first is not None and not bool(first.count_nonzero())) or any(
-            int(n) == 0 for n in watch.later)
-        norm = 0.0 if first is None else float(first.double().norm())
-        proven = (not cleared and first is not None
-                  and carried_over(first, watch.previous))
-        found = check_grad_window(GradWindow(watch.label, watch.name, watch.step,
-                                             watch.backwards, cleared, norm, proven))
-        watch.first, watch.later, watch.previous = None, [], None
-        if found is not None:
-            self._publish_once(trainer, found)
-
-    # -- parameters change after optimizer.step ----------------------------------------------
-    def _snapshot(self, watch: _Watch, optimizer: torch.optim.Optimizer) -> None:
-        params, lrs = [], []
-        for group in optimizer.param_groups:
-            lr = group.get("lr")
-            if not isinstance(lr, (float, int, torch.Tensor)):
-                continue
-            for p in group["params"]:
-                if p.requires_grad and p.grad is not None and not p.grad.is_sparse and p.numel():
-                    params.append(p)
-                    lrs.append(float(lr))
-        if not params:
-            return
-        grads = [p.grad for p in params]
-        # the 2-norm: non-finite with any non-finite element, 0 with no element above ~1e-19
-        gnorm = torch.stack([n.float() for n in torch._foreach_norm(grads)])
-        able = movable([p.detach() for p in params], grads, lrs)  # type: ignore[arg-type]
-        flags = torch.stack([gnorm.isfinite().all().expand(len(params)), gnorm > 0, able]).cpu()
-        finite, nonzero, can_move = (row.tolist() for row in flags)
-        if not all(finite):  # a step AMP's scaler skips, or a divergence: not judged
-            return
-        keep = [i for i in range(len(params)) if nonzero[i] and can_move[i]]
-        if not keep:
-            self._aside.setdefault("param_not_updated", "no parameter whose step can move it "
-                                   "(learning rate 0 or below float precision)")
-            return
-        chosen = [params[i] for i in keep]
-        before = list(torch._foreach_mul([p.detach() for p in chosen], 1.0))
-        self._pending.append(_Pending(watch, [self._names.get(id(p), "?") for p in chosen],
-                                      chosen, before, len(chosen)))
-
-    def _compare(self, trainer: pl.Trainer) -> None:
-        pending, self._pending = self._pending, []
-        for item in pending:
-            changed = moved(item.before, [p.detach() for p in item.params]).tolist()
-            still = [i for i, c in enumerate(changed) if not c]
-            # weights clamped after the step (WGAN clipping) stay at the bound: not judged
-            still = [i for i in still if not _at_a_bound(item.params[i])]
-            self._counts["param_not_updated"] += 1
-            streaks = self._streaks.setdefault(item.watch.label, {})
-            stuck = {item.names[i] for i in still}
-            for name in item.names:
-                streaks[name] = streaks.get(name, 0) + 1 if name in stuck else 0
-            found = check_updates(streaks, self.patience, item.watch.label, item.judged)
-            if found is not None:
-                self._publish_once(trainer, found)
 
     # -- every trainable parameter in an optimizer -------------------------------------------
     def _coverage(self, trainer: pl.Trainer) -> None:
@@ -480,7 +346,11 @@ class TrainingInvariants(DiagnosticCallback):
             for name, value in values.items():
                 if metric_bound(name, self.percent_metrics) is not None:
                     self._readings.setdefault(name, []).append(value)
-            found, self._percent = check_metric_ranges(self._readings, self.percent_metrics)
+            steps, initial = self._epochs.get(epoch), self._initial()
+            ratio = (steps.reductions()["mean"] / initial if steps is not None and initial
+                     else None)
+            found, self._percent = check_metric_ranges(
+                self._readings, self.percent_metrics, known_classes(self._labels), ratio)
             self._counts["metric_out_of_range"] = len(self._readings)
             for f in found:
                 self._publish_once(trainer, dataclasses.replace(f, epoch=epoch))
@@ -492,7 +362,7 @@ class TrainingInvariants(DiagnosticCallback):
                       and self._end_metrics.get(k) is not metrics[k]]
             for name in at_end:
                 self._check_epoch_loss(trainer, name, values[name], steps)
-        if self._on["target_leak"] and epoch < _LEAK_EPOCHS:
+        if self._on["target_leak"]:
             self._check_leak(trainer, metrics, epoch, steps)
 
     def _check_epoch_loss(self, trainer: pl.Trainer, name: str, value: float,
@@ -519,19 +389,24 @@ class TrainingInvariants(DiagnosticCallback):
 
     def _check_leak(self, trainer: pl.Trainer, metrics: dict[str, Any], epoch: int,
                     steps: EpochSteps) -> None:
-        evidence = strongest_leak(self._leak.values())
-        if evidence is None or not self._first_losses:
+        initial, early = self._initial(), epoch < _LEAK_EPOCHS
+        if not self._leak.strong(early) or initial is None:
             return
-        initial = float(torch.stack(self._first_losses).double().mean())
         val = find_metric(list(metrics), "val_loss")
         if val is not None and _scalar(metrics[val]):
             reached, source = float(metrics[val]), val
         else:
             reached, source = steps.reductions()["mean"], "the training steps' mean loss"
         self._counts["target_leak"] += 1
-        found = check_target_leak(evidence, initial, reached, source, epoch, self.leak_fraction)
+        found = self._leak.judge(initial, reached, source, epoch, self.leak_fraction, early)
         if found is not None:
             self._publish_once(trainer, found)
+
+    def _initial(self) -> float | None:
+        """The loss of the first steps (their mean), or None before any returned one."""
+        if not self._first_losses:
+            return None
+        return float(torch.stack(self._first_losses).double().mean())
 
     # -- reporting ---------------------------------------------------------------------------
     def _stand_down(self, checks: Sequence[str], why: str) -> None:
@@ -594,8 +469,9 @@ _NOTHING_TO_CHECK = {
     "metric_out_of_range": "no bounded metric (accuracy, F1, IoU...) was logged",
     "epoch_loss_inconsistent": "no epoch loss logged over at least two epochs, or no step "
                                "returned its loss",
-    "target_leak": "no integer input shaped like an integer target holds it (not a sequence "
-                   "model, or no leak)",
+    "target_leak": "no input holds the target (an integer input shaped like an integer target "
+                   "at its position or one before, or a float input a scalar float target at "
+                   "some position)",
 }
 
 
@@ -615,9 +491,3 @@ def _scalar(value: Any) -> bool:
     return isinstance(value, (int, float)) or (isinstance(value, torch.Tensor)
                                                and value.numel() == 1)
 
-
-def _at_a_bound(p: torch.Tensor) -> bool:
-    """Whether several elements sit exactly at the tensor's largest magnitude: a clamp bound
-    (weights drawn at random never tie)."""
-    a = p.detach().abs()
-    return bool((a == a.max()).sum() >= 2)

@@ -18,28 +18,29 @@ from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from typing_extensions import override
 
 from lightning_diag.base import findings as trainer_findings
-from lightning_diag.batch import loss_from_output
+from lightning_diag.batch import _batch_size, loss_from_output
 from lightning_diag.callbacks._metric_keys import DESCRIPTIONS, ROLES, MetricKeys
 from lightning_diag.callbacks._monitor import ConfiguredCallback
 from lightning_diag.checks.advisor import (
+    MIN_SAMPLES,
     AdvisorConfig,
     Curves,
+    JumpWindow,
     Verdict,
     advice_for,
     advisor_summary,
-    divergence_history,
     fit_gap_verdict,
+    loss_floor,
     plateau_verdict,
     scale_lr,
     stall_verdict,
 )
 from lightning_diag.checks.divergence import data_link, describe_divergence
 from lightning_diag.findings import Finding, Severity
-from lightning_diag.functional.curves import is_jump, jump_threshold
+from lightning_diag.functional.curves import jump_threshold
 from lightning_diag.validation import from_arguments
 
 __all__ = ["LRPlateauAdvisor"]
@@ -82,6 +83,11 @@ class LRPlateauAdvisor(ConfiguredCallback):
             every step); before ``min_history`` are known, the median is replaced by the start
             loss (the first finite step loss).
         save_batch: Save the offending batch with ``torch.save`` to the run's log directory.
+        min_samples: Keyword-only. A jump is judged over at least this many samples (default
+            32): consecutive step losses of smaller batches are pooled (their mean, weighted by
+            samples) into groups, and ``jump_factor``, ``min_jump_fraction``, ``window`` and
+            ``min_history`` then count groups; a batch of ``min_samples`` or more is a group on
+            its own, as before. A non-finite loss is reported at once.
         stall_steps: Off by default (None). At this many finite step losses, a loss whose
             median over the last ``min_history`` steps has not fallen by ``min_rel_delta`` (of
             its size) below the median of the first ``min_history`` is reported (checked once
@@ -105,7 +111,7 @@ class LRPlateauAdvisor(ConfiguredCallback):
                  halving_epochs: float = 20.0, jump_factor: float = 5.0,
                  min_jump_fraction: float = 0.5, window: int = 50, min_history: int = 10,
                  save_batch: bool = True, stall_steps: int | None = None,
-                 strict: bool = False) -> None:
+                 strict: bool = False, *, min_samples: int = MIN_SAMPLES) -> None:
         super().__init__(from_arguments(AdvisorConfig, locals()), strict=strict)
         self._reset()
 
@@ -118,14 +124,21 @@ class LRPlateauAdvisor(ConfiguredCallback):
         self.keys = MetricKeys(self.given)
         self._keys_said = False
         self.history: dict[str, list[float]] = {}
-        self.step_losses: deque[float] = deque(maxlen=self.config.window)
+        c = self.config
+        self.jumps = JumpWindow(c.window, c.min_history, c.min_samples)
+        #: The group means a step loss is judged against (each step's loss when batches hold
+        #: ``min_samples`` or more; see :class:`~lightning_diag.checks.advisor.JumpWindow`).
+        self.step_losses = self.jumps.values
         self.first_losses: list[float] = []  # the first `min_history` finite step losses
+        self._recent: deque[float] = deque(maxlen=c.min_history)  # the last ones
+        self._group: list[tuple[Any, int]] = []  # (batch, batch_idx) of the group being filled
         self.finite_steps = 0
         self.start_loss: float | None = None
         self.plateau_from = 0
         self.reported: set[str] = set()
         self.lr_changes: list[dict[str, Any]] = []
-        self._batch_step = 0
+        self._batch_step = 0  # the step of the batch being judged
+        self._next_step = 0  # the step of the next batch
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -135,13 +148,15 @@ class LRPlateauAdvisor(ConfiguredCallback):
 
     # ---- per step: divergence -------------------------------------------------------------
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                             batch: Any, batch_idx: int) -> None:
-        self._batch_step = trainer.global_step
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._next_step = trainer.global_step  # after a checkpoint was restored
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
+        # A batch's step is the global step at its start, which is the one at the previous
+        # batch's end: one hook a batch, not two (each costs ~5 us in Lightning's dispatch).
+        self._batch_step, self._next_step = self._next_step, trainer.global_step
         try:
             loss = float(loss_from_output(outputs).detach())
         except ValueError:  # manual optimization or a step that skipped the batch
@@ -149,47 +164,68 @@ class LRPlateauAdvisor(ConfiguredCallback):
         self._check_step(trainer, loss, batch, batch_idx)
 
     def _check_step(self, trainer: pl.Trainer, loss: float, batch: Any, batch_idx: int) -> None:
-        c = self.config
-        if self.start_loss is None and math.isfinite(loss):
+        c, jumps = self.config, self.jumps
+        reported = "advisor.divergence" in self.reported
+        if not math.isfinite(loss):  # judged at once: one batch is enough to be non-finite
+            if not reported:
+                self._report(trainer, loss, jumps.reference(), [(batch, batch_idx)],
+                             (_samples(batch, 0), 1))
+            return
+        if self.start_loss is None:
             self.start_loss = loss
-        history = divergence_history(self.step_losses, self.start_loss, c.min_history)
-        if "advisor.divergence" not in self.reported and is_jump(
-                loss, history, c.jump_factor, self._min_jump()):
-            self.reported.add("advisor.divergence")
-            self.publish(trainer, [self._divergence(trainer, loss, history, batch, batch_idx)])
-        if math.isfinite(loss):
-            self.step_losses.append(loss)
-            self.finite_steps += 1
-            if len(self.first_losses) < c.min_history:
-                self.first_losses.append(loss)
-            if self.finite_steps == c.stall_steps:
-                self._check_stall(trainer)
+        if not reported:
+            self._group.append((batch, batch_idx))
+        done = jumps.add(loss, _samples(batch, c.min_samples))
+        if done is not None:
+            mean, pooled, batches = done
+            reference = jumps.reference()
+            if (not reported and reference is not None
+                    and mean > jump_threshold(reference, c.jump_factor, self._min_jump())):
+                self._report(trainer, mean, reference, self._group, (pooled, batches))
+            jumps.push(mean)
+            self._group = []
+        self.finite_steps += 1
+        self._recent.append(loss)
+        if len(self.first_losses) < c.min_history:
+            self.first_losses.append(loss)
+        if self.finite_steps == c.stall_steps:
+            self._check_stall(trainer)
+
+    def _report(self, trainer: pl.Trainer, loss: float, reference: float | None,
+                group: list[tuple[Any, int]], pooled: tuple[int, int]) -> None:
+        self.reported.add("advisor.divergence")
+        self.publish(trainer, [self._divergence(trainer, loss, reference, group, pooled)])
 
     def _check_stall(self, trainer: pl.Trainer) -> None:
         """``advisor.stalled`` (:func:`~lightning_diag.checks.advisor.stall_verdict`), checked
         once, at the ``stall_steps``-th finite step loss."""
-        verdict = stall_verdict(self.first_losses, self.step_losses, self.finite_steps,
+        verdict = stall_verdict(self.first_losses, self._recent, self.finite_steps,
                                 self.config)
         if verdict is not None:
             self.reported.add(verdict.code)
             self.publish_verdicts(trainer, [verdict], step=self._batch_step)
 
-    def _divergence(self, trainer: pl.Trainer, loss: float, history: list[float], batch: Any,
-                    batch_idx: int) -> Finding:
-        median = float(torch.tensor(history).median()) if history else float("nan")
+    def _divergence(self, trainer: pl.Trainer, loss: float, reference: float | None,
+                    group: list[tuple[Any, int]], pooled: tuple[int, int]) -> Finding:
+        """The ``advisor.divergence`` finding of a non-finite step loss or of a group mean
+        (``pooled``: its samples and batches; the group's batches in ``group``) that jumped
+        above ``reference``."""
+        median = math.nan if reference is None else reference
         message, indices, details = describe_divergence(
-            trainer, loss, median, batch, batch_idx, self._batch_step, self.config.save_batch)
+            trainer, loss, median, group, self._batch_step, self.config.save_batch, pooled)
         # The data inspection ran at fit start: its flagged samples are known by now.
         link, advice, linked = data_link(indices, trainer_findings(trainer))
         return self.finding(
             trainer, "advisor.divergence", Severity.WARN if math.isfinite(loss) else Severity.FAIL,
             f"{message} {link}", advice=advice, value=loss,
             expected=(0.0, jump_threshold(median, self.config.jump_factor, self._min_jump()))
-            if history else None,
+            if reference is not None else None,
             step=self._batch_step, indices=indices, details={**details, **linked})
 
     def _min_jump(self) -> float:
-        return self.config.min_jump_fraction * abs(self.start_loss or 0.0)
+        """The smallest jump that counts: ``min_jump_fraction`` of the first group's mean (the
+        first step loss when batches hold ``min_samples``)."""
+        return self.config.min_jump_fraction * abs(self.jumps.start or 0.0)
 
     # ---- per epoch: plateau, underfit, overfit --------------------------------------------
     @override
@@ -244,7 +280,7 @@ class LRPlateauAdvisor(ConfiguredCallback):
         c, key = self.config, self._monitor_key()
         curve = self.history.get(key, [])
         verdict = plateau_verdict(key, curve, self.plateau_from, self.start_loss, c.patience,
-                                  c.min_rel_delta, c.high_fraction)
+                                  c.min_rel_delta, c.high_fraction, self._floor(trainer))
         if verdict is None:
             return None
         self.plateau_from = len(curve) - 1
@@ -262,8 +298,16 @@ class LRPlateauAdvisor(ConfiguredCallback):
                      max(len(curves.val_loss), len(curves.val_acc)))
         if epochs < self.config.min_epochs:
             return None
-        verdict = fit_gap_verdict(curves, self.config.gap_rule(self.start_loss), self.reported)
+        verdict = fit_gap_verdict(curves, self.config.gap_rule(self.start_loss,
+                                                               self._floor(trainer)),
+                                  self.reported)
         return None if verdict is None else self._verdict_finding(trainer, verdict)
+
+    @staticmethod
+    def _floor(trainer: pl.Trainer | None) -> float | None:
+        """The loss's floor the overfit test measured in this run, if it ran (it runs at fit
+        start: known by the first epoch's end)."""
+        return None if trainer is None else loss_floor(trainer_findings(trainer))
 
     def _verdict_finding(self, trainer: pl.Trainer | None, verdict: Verdict) -> Finding:
         diverged = next((f for f in self.findings if f.code == "advisor.divergence"), None)
@@ -281,20 +325,32 @@ class LRPlateauAdvisor(ConfiguredCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        # the group being filled is not saved: a resumed fit starts a new one
         return {"history": {k: list(v) for k, v in self.history.items()},
                 "step_losses": list(self.step_losses), "start_loss": self.start_loss,
                 "plateau_from": self.plateau_from, "reported": sorted(self.reported),
                 "lr_changes": list(self.lr_changes), "first_losses": list(self.first_losses),
-                "finite_steps": self.finite_steps}
+                "finite_steps": self.finite_steps, "recent": list(self._recent),
+                "jump_start": self.jumps.start}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._reset()
         self.history = {k: list(v) for k, v in state_dict.get("history", {}).items()}
-        self.step_losses.extend(state_dict.get("step_losses", []))
         self.start_loss = state_dict.get("start_loss")
+        losses = [float(v) for v in state_dict.get("step_losses", [])]
+        self.jumps.load(losses, state_dict.get("jump_start", self.start_loss))
+        # an older checkpoint kept no `recent`: its step losses were those
+        self._recent.extend(state_dict.get("recent", losses[-self.config.min_history:]))
         self.plateau_from = int(state_dict.get("plateau_from", 0))
         self.reported = set(state_dict.get("reported", []))
         self.lr_changes = list(state_dict.get("lr_changes", []))
         self.first_losses = [float(v) for v in state_dict.get("first_losses", [])]
         self.finite_steps = int(state_dict.get("finite_steps", 0))
+
+
+def _samples(batch: Any, unknown: int) -> int:
+    """The samples of a training batch (its first dimension), ``unknown`` when none is found
+    (judged as a batch of enough samples, as it always was)."""
+    size = _batch_size(batch)
+    return unknown if size is None else size

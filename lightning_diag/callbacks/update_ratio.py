@@ -18,6 +18,7 @@ from typing_extensions import override
 from lightning_diag.callbacks._monitor import MonitorCallback
 from lightning_diag.checks.update_ratio import (
     GUIDE,
+    MIN_SAMPLES,
     RatioReading,
     UpdateRatioConfig,
     new_streak,
@@ -25,7 +26,6 @@ from lightning_diag.checks.update_ratio import (
     ratio_verdicts,
     read_ratios,
 )
-from lightning_diag.findings import Finding
 from lightning_diag.functional.monitors import update_ratios
 from lightning_diag.tensorboard.tags import (
     GUIDE_RUN,
@@ -84,6 +84,10 @@ class UpdateRatioMonitor(MonitorCallback):
             the findings table); the search's trials run so.
         strict: Raise on FAIL findings (these findings are WARN).
         early_steps: Also measure steps 1, 2, 4, ... below ``every_n_steps``.
+        min_samples: Keyword-only. Weights that did not move at all on a logging step of fewer
+            samples (default 32) are measured again over the next steps, against the same
+            copies, until that many samples were seen: ``zero_updates`` needs them still over
+            all of them (one sample beyond a hinge's margin moves nothing).
 
     Example:
         >>> cb = UpdateRatioMonitor(every_n_steps=10, patience=2)
@@ -95,7 +99,8 @@ class UpdateRatioMonitor(MonitorCallback):
 
     def __init__(self, every_n_steps: int = 100, low: float = 1e-5, high: float = 0.2,
                  extreme: float = 1.0, patience: int = 3, log_charts: bool = True,
-                 strict: bool = False, *, early_steps: bool = True) -> None:
+                 strict: bool = False, *, early_steps: bool = True,
+                 min_samples: int = MIN_SAMPLES) -> None:
         super().__init__(from_arguments(UpdateRatioConfig, locals()), strict=strict)
         self.streak = new_streak()
         self.medians: list[tuple[int, float]] = []  # (step, median ratio) of this fit
@@ -103,18 +108,26 @@ class UpdateRatioMonitor(MonitorCallback):
         #: Each parameter as its tags name it, with its layer's type (``net.1_Linear.weight``).
         self.tag_names: dict[str, str] = {}
         self._pending: list[_Pending] = []
+        self._optimizers: list[int] = []  # id() of the optimizer of each pending entry
+        self._first: RatioReading | None = None  # the logging step's ratios, in a window
+        self._window_grads: dict[int, torch.Tensor] = {}  # summed squared gradient norms
         self._runs = SiblingRuns()
 
     @override
     def _optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                         optimizer: torch.optim.Optimizer) -> None:
-        """Copy the weights of ``optimizer`` (one foreach op) and note their gradient norms."""
-        names = {id(p): n for n, p in pl_module.named_parameters()}
+        """Copy the weights of ``optimizer`` (one foreach op) and note their gradient norms;
+        on the later steps of a window, only add up the gradient norms."""
         params = [p for g in optimizer.param_groups for p in g["params"]]
         if not params:
             return
         grads = [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in params]
         gnorm = torch.stack([n.float() for n in torch._foreach_norm(grads)])
+        if self._first is not None:  # a window: the weights were copied at its first step
+            grads_so_far = self._window_grads.get(id(optimizer), 0)
+            self._window_grads[id(optimizer)] = grads_so_far + gnorm ** 2
+            return
+        names = {id(p): n for n, p in pl_module.named_parameters()}
         snapshot = list(torch._foreach_mul([p.detach() for p in params], 1.0))
         labels = [names.get(id(p), f"optimizer_param_{i}") for i, p in enumerate(params)]
         for name in names.values():
@@ -123,28 +136,59 @@ class UpdateRatioMonitor(MonitorCallback):
                 self.tag_names[name] = typed_layer(
                     layer, type(pl_module.get_submodule(layer)).__name__, leaf)
         self._pending.append((labels, params, snapshot, gnorm))
+        self._optimizers.append(id(optimizer))
 
     @override
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
         """After the step: the ratios of every optimizer that stepped (none yet: an accumulating
-        micro-batch, the step is still pending)."""
+        micro-batch, the step is still pending). A weight that did not move at all on fewer
+        than ``min_samples`` samples is measured again over the next steps (a window) before
+        the step is judged."""
         if not self._pending:
             return False
-        pending, self._pending = self._pending, []
+        if self._first is None:  # the logging step itself
+            reading = self._read(self._pending, squared=False)
+            if reading.median == 0.0 and self.seen_samples < self.config.min_samples:
+                self._first = reading  # too few samples to call a weight still: a window
+                return False
+            self._judge(trainer, reading, None)
+        elif self.seen_samples < self.config.min_samples:
+            return False
+        else:  # the window is complete: which weights moved at all since its first step
+            window = [(labels, params, snap, gnorm ** 2 + self._window_grads.get(opt, 0))
+                      for (labels, params, snap, gnorm), opt
+                      in zip(self._pending, self._optimizers, strict=True)]
+            self._judge(trainer, self._first, self._read(window, squared=True))
+        self._abandon()
+        return True
+
+    def _read(self, pending: list[_Pending], squared: bool) -> RatioReading:
+        """The ratios of ``pending`` (the weights now against their copies), one host sync;
+        its gradient norms are ``squared`` sums over a window's steps, or norms."""
         device = pending[0][2][0].device
         parts = [update_ratios(snap, params).to(device) for _, params, snap, _ in pending]
         parts += [g.to(device) for *_, g in pending]
         values = torch.cat(parts).cpu().tolist()  # the one host sync
         labels = [n for names, *_ in pending for n in names]
         dims = [p.dim() for _, params, *_ in pending for p in params]
-        reading = read_ratios(labels, dims, values[:len(labels)], values[len(labels):])
+        norms = [math.sqrt(v) if squared else v for v in values[len(labels):]]
+        return read_ratios(labels, dims, values[:len(labels)], norms)
+
+    def _judge(self, trainer: pl.Trainer, reading: RatioReading,
+               window: RatioReading | None, judged: bool = True) -> None:
+        """Log and judge a logging step: its ratios, and over a window (None: none was
+        needed) which weights moved at all; not ``judged``: logged only."""
         self.last = reading.last
         if self.config.log_charts:
             self._log(trainer, reading.median)
         self.medians.append((self.logging_step, reading.median))
-        self.publish(trainer, self._check(trainer, reading.median, reading.still,
-                                          reading.grad_norm))
-        return True
+        if not judged:
+            return
+        samples = (self.seen_samples, self.seen_batches)
+        self.streak, verdicts = ratio_verdicts(self.streak, reading, self.config, window,
+                                               samples)
+        self.publish(trainer, [self.verdict_finding(trainer, v, step=self.logging_step)
+                               for v in verdicts])
 
     def _log(self, trainer: pl.Trainer, median: float) -> None:
         step = self.logging_step
@@ -157,13 +201,6 @@ class UpdateRatioMonitor(MonitorCallback):
         if writer is not None:
             merge_custom_scalars(writer, *update_ratio_layout())
 
-    def _check(self, trainer: pl.Trainer, median: float, still: int,
-               grad_norm: float) -> list[Finding]:
-        """The findings of a logging step whose ratios are in :attr:`last`."""
-        reading = RatioReading(self.last, median, still, grad_norm)
-        self.streak, verdicts = ratio_verdicts(self.streak, reading, self.config)
-        return [self.verdict_finding(trainer, v, step=self.logging_step) for v in verdicts]
-
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -173,12 +210,20 @@ class UpdateRatioMonitor(MonitorCallback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._first is not None:  # training ended inside a window: too few samples to judge
+            self._judge(trainer, self._first, None, judged=False)
+            self._abandon()
         self.publish_verdicts(trainer, [ratio_summary(self.medians, self.config)])
+
+    @override
+    def _keeps_measuring(self) -> bool:
+        return self._first is not None  # a window: the next steps' batches count
 
     @override
     def _abandon(self) -> None:
         super()._abandon()
-        self._pending = []  # the weight snapshots of a pending step
+        self._pending, self._optimizers = [], []  # the weight copies of a pending step
+        self._first, self._window_grads = None, {}
 
     @override
     def _release(self) -> None:

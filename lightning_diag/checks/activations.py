@@ -42,11 +42,15 @@ from lightning_diag.validation import (
     validate_arguments,
 )
 
-__all__ = ["MAX_BINS", "PASS_THROUGH", "ActivationConfig", "LayerFilter", "activation_bounds",
-           "activation_summary", "activation_verdicts", "chosen_layers", "dead_layers",
-           "default_layer", "gradient_ratio", "worst_readings"]
+__all__ = ["MAX_BINS", "MIN_SAMPLES", "PASS_THROUGH", "ActivationConfig", "LayerFilter",
+           "activation_bounds", "activation_summary", "activation_verdicts", "chosen_layers",
+           "dead_layers", "default_layer", "gradient_ratio", "measured", "worst_readings"]
 
 LayerFilter = Callable[[str, nn.Module], bool]
+#: Samples a logging step measures at least (consecutive small batches pooled) before a unit
+#: is called dead or the gradient flow judged: see ``docs/callbacks/activation_histogram.md``
+#: for the measurements behind it.
+MIN_SAMPLES = 32
 #: Histogram bins at most: TensorBoard's histogram cards rebin every histogram to 30 bins, the
 #: summary figure's distribution panel is ~650 pixels wide, and each bin adds 16 bytes per
 #: histogram (2 per layer) to every logging step's event.
@@ -106,6 +110,8 @@ class ActivationConfig:
     figure_every_n_logs: int = argument(0, partial(check_int, low=0), key=False)
     log_charts: bool = argument(True, check_flag, key=False)
     early_steps: bool = argument(False, check_flag, key=False)
+    # left out of the state key: the saved logging-step count stays valid whatever it is
+    min_samples: int = argument(MIN_SAMPLES, check_int, key=False)
 
     def __post_init__(self) -> None:
         validate_arguments(self)
@@ -182,7 +188,8 @@ def _layer_verdict(code: str, layer: str, value: float, message: str, advice: st
 
 
 def activation_verdicts(last: Stats, parametric: set[str], config: ActivationConfig,
-                        layer_types: Mapping[str, str]) -> list[Verdict]:
+                        layer_types: Mapping[str, str], samples: tuple[int, int] | None = None
+                        ) -> list[Verdict]:
     """The WARN verdicts of one logging step: ``activations.dead_units`` per dead layer,
     ``activations.saturation`` per saturated bounded layer, then ``gradients.vanishing`` or
     ``gradients.exploding`` for the first/last-layer gradient RMS ratio.
@@ -192,9 +199,14 @@ def activation_verdicts(last: Stats, parametric: set[str], config: ActivationCon
         parametric: The layers with weights of their own.
         config: The thresholds.
         layer_types: Each layer's module type, to name it (``net.3 (Conv2d)``).
+        samples: The samples and batches measured (None: one batch, not counted), said in
+            the messages and kept in the details. Fewer than ``config.min_samples`` (a window
+            cut short by the end of training): dead units and the gradient flow are not
+            judged.
     """
-    out = [_dead_verdict(last, name, after, config.dead_fraction, layer_types)
-           for name, after in dead_layers(last, parametric, config.dead_fraction)]
+    enough = samples is None or samples[0] >= config.min_samples
+    out = [_dead_verdict(last, name, after, config.dead_fraction, layer_types, samples)
+           for name, after in dead_layers(last, parametric, config.dead_fraction) if enough]
     for name, s in last.items():
         sat = s["saturated_fraction"]
         if sat > config.saturated_fraction:
@@ -205,25 +217,44 @@ def activation_verdicts(last: Stats, parametric: set[str], config: ActivationCon
                 "near zero.", _SATURATION_ADVICE, (0.0, config.saturated_fraction)))
     kind, ratio = gradient_flow([s["grad_rms"] for s in last.values()],
                                 config.vanishing_ratio, config.exploding_ratio)
-    if kind is not None:
-        out.append(_gradient_verdict(last, kind, ratio, config, layer_types))
+    if kind is not None and enough:
+        out.append(_gradient_verdict(last, kind, ratio, config, layer_types, samples))
     return out
 
 
+def measured(samples: tuple[int, int] | None) -> str:
+    """The samples a logging step measured, in words (``the batch`` when not counted).
+
+    Example:
+        >>> measured(None), measured((64, 1)), measured((32, 8))
+        ('the batch', 'the batch of 64 samples', 'the 32 samples of 8 batches measured together')
+    """
+    if samples is None:
+        return "the batch"
+    n, batches = samples
+    return (f"the batch of {n} samples" if batches <= 1 else
+            f"the {n} samples of {batches} batches measured together")
+
+
+def _counted(samples: tuple[int, int] | None) -> dict[str, int]:
+    return {} if samples is None else {"samples": samples[0], "batches": samples[1]}
+
+
 def _dead_verdict(last: Stats, name: str, after: list[str], threshold: float,
-                  layer_types: Mapping[str, str]) -> Verdict:
+                  layer_types: Mapping[str, str], samples: tuple[int, int] | None) -> Verdict:
     fraction = last[name]["dead_fraction"]
     passed = (f"; {', '.join(_label(layer_types, n) for n in after)} after it only "
               f"pass{'es' if len(after) == 1 else ''} those zeros on" if after else "")
     return _layer_verdict(
         "activations.dead_units", name, fraction,
         f"{fraction:.0%} of the units of {_label(layer_types, name)} are zero on every sample "
-        f"of the batch (expected <= {threshold:.0%}){passed}.", _DEAD_ADVICE, (0.0, threshold),
-        passed_on_by=after)
+        f"of {measured(samples)} (expected <= {threshold:.0%}){passed}.", _DEAD_ADVICE,
+        (0.0, threshold), passed_on_by=after, **_counted(samples))
 
 
 def _gradient_verdict(last: Stats, kind: str, ratio: float, config: ActivationConfig,
-                      layer_types: Mapping[str, str]) -> Verdict:
+                      layer_types: Mapping[str, str], samples: tuple[int, int] | None
+                      ) -> Verdict:
     expected = (config.vanishing_ratio, config.exploding_ratio)
     reached = [n for n, s in last.items() if not math.isnan(s["grad_rms"])]
     blocked = []
@@ -232,31 +263,33 @@ def _gradient_verdict(last: Stats, kind: str, ratio: float, config: ActivationCo
             break
         blocked.append(name)
     if kind == "vanishing" and blocked:
-        return _blocked_verdict(last, blocked, reached[len(blocked)], expected, layer_types)
+        return _blocked_verdict(last, blocked, reached[len(blocked)], expected, layer_types,
+                                samples)
     first, end = _label(layer_types, reached[0]), _label(layer_types, reached[-1])
     return Verdict(
         f"gradients.{kind}",
         f"Gradient {kind}: per-element gradient RMS at the first layer {first} is {ratio:.3g}x "
-        f"that at the last layer {end} (expected within {expected}).", float(ratio), expected,
-        {}, _FLOW_ADVICE)
+        f"that at the last layer {end} over {measured(samples)} (expected within "
+        f"{expected}).", float(ratio), expected, _counted(samples), _FLOW_ADVICE)
 
 
 def _blocked_verdict(last: Stats, blocked: list[str], blocker: str,
-                     expected: tuple[float, float], layer_types: Mapping[str, str]) -> Verdict:
+                     expected: tuple[float, float], layer_types: Mapping[str, str],
+                     samples: tuple[int, int] | None) -> Verdict:
     """``gradients.vanishing`` when the first layers get no gradient at all (exactly 0)."""
     label = partial(_label, layer_types)
     layers = (label(blocked[0]) if len(blocked) == 1 else
               f"{len(blocked)} layers, {label(blocked[0])} to {label(blocked[-1])}")
     dead = last[blocker]["dead_fraction"]
-    why = ("every one of its units is dead (zero on every sample of the batch), so it "
-           "passes no gradient back" if dead == 1.0 else
+    why = (f"every one of its units is dead (zero on every sample of {measured(samples)}), "
+           "so it passes no gradient back" if dead == 1.0 else
            f"it passes no gradient back although {1 - dead:.0%} of its units are alive: "
            "look for a `detach()`, an integer cast or a non-differentiable operation there")
     return Verdict(
         "gradients.vanishing",
         f"No gradient reaches {layers}: their gradient is exactly 0, so they cannot learn. "
         f"{label(blocker)} blocks it: {why}.", 0.0, expected,
-        {"blocked": blocked, "blocker": blocker},
+        {"blocked": blocked, "blocker": blocker, **_counted(samples)},
         _BLOCKED_ADVICE if dead == 1.0 else _DETACHED_ADVICE)
 
 

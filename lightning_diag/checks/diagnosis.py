@@ -121,7 +121,7 @@ class Cause:
 
     def _parts(self) -> str:
         if self.key == "data":
-            parts = [_fix(f) for f in self.evidence if f.code.startswith("data.")]
+            parts = [_fix(f) for f in self.evidence if f.code != "advisor.divergence"]
             if any(f.code == "advisor.divergence" for f in self.evidence):
                 parts.append("the loss diverged on flagged samples (see `advisor.divergence`)")
         elif self.key == "implementation":
@@ -148,7 +148,8 @@ class Cause:
 def _fix(f: Finding) -> str:
     """What to do about ``f``, as its code's declaration says (:attr:`CodeSpec.fix`)."""
     declared = spec(f.code)
-    return declared.fix if declared is not None and declared.fix else f"see `{f.code}`"
+    fix = declared.routed(f.details.get("reason"))[1] if declared is not None else ""
+    return fix or f"see `{f.code}`"
 
 
 def problems(found: Iterable[Finding]) -> list[Finding]:
@@ -160,7 +161,8 @@ def problems(found: Iterable[Finding]) -> list[Finding]:
 
 
 def _kind(f: Finding) -> str:
-    """The cause a finding points at on its own: its code's declared cause, but for a
+    """The cause a finding points at on its own: its code's declared cause (the one its
+    ``details["reason"]`` routes to, :meth:`~lightning_diag.codes.CodeSpec.routed`), but for a
     divergence on samples the data inspection flagged (the data) and an overfit test whose
     ladder of learning rates found the rate off (that rate); ``""``: not a problem."""
     if f.code == "advisor.divergence" and f.details.get("flagged_in_batch"):
@@ -170,7 +172,7 @@ def _kind(f: Finding) -> str:
         if verdict in ("lr_too_low", "lr_too_high"):
             return {"lr_too_low": "lr_low", "lr_too_high": "lr_high"}[verdict]
     declared = spec(f.code)
-    return "other" if declared is None else declared.cause
+    return "other" if declared is None else declared.routed(f.details.get("reason"))[0]
 
 
 def causes(found: Iterable[Finding]) -> list[Cause]:

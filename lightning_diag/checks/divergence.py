@@ -103,30 +103,41 @@ def _jump_text(loss: float, median: float) -> str:
     return f"jumped to {loss:.4g} from a running median of {median:.4g}"  # no ratio to 0
 
 
-def describe_divergence(trainer: pl.Trainer, loss: float, median: float, batch: Any,
-                        batch_idx: int, step: int, save: bool
-                        ) -> tuple[str, tuple[int, ...], dict[str, Any]]:
-    """The finding's message, the batch's dataset indices and details of a diverging step.
+def describe_divergence(trainer: pl.Trainer, loss: float, median: float,
+                        group: list[tuple[Any, int]], step: int, save: bool,
+                        pooled: tuple[int, int]) -> tuple[str, tuple[int, ...], dict[str, Any]]:
+    """The finding's message, the batches' dataset indices and details of a diverging step.
 
     Args:
         trainer: The trainer running the step.
-        loss: The step loss (non-finite or a jump).
-        median: Running median of the step losses before it (NaN when none).
-        batch, batch_idx: The offending batch and its index in the epoch.
-        step: Global step of the batch.
-        save: Also save the batch with :func:`save_batch`.
+        loss: The step loss (non-finite or a jump), or the mean loss of a group of small
+            batches judged together.
+        median: Running median of the step losses (or group means) before it (NaN when none).
+        group: The offending batch and its index in the epoch, ``(batch, batch_idx)``; several
+            when small batches were judged together (the last one is the step's).
+        step: Global step of the (last) batch.
+        save: Also save the batch (the list of batches of a group) with :func:`save_batch`.
+        pooled: The samples and batches the loss was judged over.
     """
-    indices, source = batch_indices(trainer, batch, batch_idx)
+    samples, batches = pooled
+    found = [batch_indices(trainer, batch, i) for batch, i in group]
+    indices = tuple(i for idx, _ in found for i in idx) if all(idx for idx, _ in found) else ()
+    source = found[-1][1] if indices else ""
     what = _jump_text(loss, median) if math.isfinite(loss) else f"is {loss}"
-    where = f"global step {step}, batch {batch_idx} of epoch {trainer.current_epoch}"
+    where = f"global step {step}, batch {group[-1][1]} of epoch {trainer.current_epoch}"
     idx_text = (f"dataset indices {list(indices[:16])}{'...' if len(indices) > 16 else ''} "
                 f"({source})" if indices else "dataset indices unknown (make the dataset "
                 "return its index as a third element, or use a sequential loader)")
-    path = save_batch(trainer, batch, f"advisor_divergence_step{step}.pt") if save else None
-    saved = f" Batch saved to {path}." if path else ""
-    return (f"Step loss {what} at {where}; {idx_text}.{saved}", indices,
-            {"batch_idx": batch_idx, "indices_source": source,
-             "batch_path": str(path) if path else None})
+    kept: Any = group[0][0] if len(group) == 1 else [batch for batch, _ in group]
+    path = save_batch(trainer, kept, f"advisor_divergence_step{step}.pt") if save else None
+    saved = f" {'Batch' if len(group) == 1 else 'Batches'} saved to {path}." if path else ""
+    head = ("Step loss" if batches <= 1 else
+            f"Mean loss of the last {batches} batches ({samples} samples, judged together: "
+            "one small batch is too few to judge a jump)")
+    return (f"{head} {what} at {where}; {idx_text}.{saved}", indices,
+            {"batch_idx": group[-1][1], "indices_source": source,
+             "batch_path": str(path) if path else None, "samples": samples,
+             "batches": batches, "batch_indices": [i for _, i in group]})
 
 
 def data_link(indices: tuple[int, ...], found: list[Finding]

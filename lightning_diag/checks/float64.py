@@ -14,8 +14,8 @@ does. What still runs in lower precision (an operation returning a lower precisi
 inputs, or receiving a lower-precision tensor that depends on the weights: a NumPy or C kernel
 in float32 inside an autograd Function) is recorded: :attr:`Float64Step.lost` names it, and the
 check says it cannot judge rather than report a mismatch. Only the first evaluation is
-watched; later ones run under the mode only if it rewrote a cast, so a step without casts runs
-at full speed.
+watched; later ones run under the mode only if it rewrote a cast that reaches the loss, so a
+step without casts runs at full speed.
 
 Example:
     >>> import torch
@@ -57,10 +57,14 @@ class Float64Step:
 
     The first evaluation is watched with every cast rewritten. When it found casts, the
     second (:attr:`deciding`) is watched without rewriting them: if nothing then runs below
-    float64 (a cast of a comparison for an accuracy, ``(pred == y).float()``), the casts do not
-    touch the loss and later evaluations run plain, at full speed; else (or when the step
-    raises without them: a ``x.float()`` fed to a float64 layer) every later evaluation
-    rewrites them. The deciding evaluation's value (or error) is to be discarded.
+    float64 and its loss is the first one bit for bit (a cast of a comparison for an accuracy,
+    ``(pred == y).float()``), the casts do not touch the loss and later evaluations run plain,
+    at full speed; else (or when the step raises without them: a ``x.float()`` fed to a
+    float64 layer) every later evaluation rewrites them, so that every evaluation compared
+    computes alike. A cast can reach the loss with nothing running below float64 on float64
+    inputs: mixup's ``lam * F.one_hot(y).float()`` rounds the Python float ``lam`` to float32,
+    and the float32 targets then meet float64 logits in a float64 loss. The deciding
+    evaluation's value (or error) is to be discarded.
 
     Attributes:
         casts: Casts to a lower precision turned into float64, by name, counted over the
@@ -80,6 +84,8 @@ class Float64Step:
         self._plain: Counter[str] = Counter()  # what runs below float64 when not rewritten
         self._count = 0
         self._record: Counter[str] | None = None
+        self._first: float | None = None  # the first evaluation's loss
+        self._differs = False  # the deciding evaluation's loss is not the first's
 
     @property
     def deciding(self) -> bool:
@@ -108,14 +114,25 @@ class Float64Step:
         finally:
             torch.set_default_dtype(previous)
             if self._record is self._plain:  # a step that fails without them needs them too
-                self.rewrite = failed or bool(self._plain)
+                self.rewrite = failed or bool(self._plain) or self._differs
             self._count += 1
             self._record = None
 
     def check_loss(self, loss: torch.Tensor) -> None:
-        """Record a loss that is not float64 (inside :meth:`evaluation`)."""
-        if self._record is not None and loss.is_floating_point() and loss.dtype != torch.float64:
+        """Record a loss that is not float64, and in the deciding evaluation one that is not
+        the first evaluation's (inside :meth:`evaluation`)."""
+        if self._record is None:
+            return
+        if loss.is_floating_point() and loss.dtype != torch.float64:
             self._record[f"the loss -> {_short(loss.dtype)}"] += 1
+        if loss.numel() != 1:
+            return
+        value = float(loss.detach())
+        if self._count == 0:
+            self._first = value
+        elif self._record is self._plain and self._first is not None:
+            # NaN is not equal to itself: a NaN loss rewrites, as a loss that moved would
+            self._differs = value != self._first
 
     def describe_casts(self) -> str:
         """The casts that mattered, in words, for findings (empty when none did)."""

@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning.pytorch as pl
@@ -40,26 +40,33 @@ import torch
 
 from lightning_diag.batch import (
     BatchFn,
-    NoLossError,
     OutputCapture,
     RefusedOnACopy,
     UserCodeError,
-    _batch_size,
     call_user,
     default_batch_to_target,
-    select_samples,
     step_loss,
 )
+from lightning_diag.checks.know_nothing import (
+    CHECK,
+    MISMATCH_ADVICE,
+    REGRESSION_FACTOR,
+    SUM_RATIO_TOL,
+    KnowNothingRuns,
+    Summed,
+    loss_tolerance,
+    own_loss_findings,
+)
+from lightning_diag.checks.label_use import StepProbe, step_task
 from lightning_diag.checks.reference_outputs import (
     Prediction,
     PredictionTap,
-    Substitution,
     main_prediction,
     record_predictions,
 )
 from lightning_diag.findings import Finding, Severity
 from lightning_diag.functional.checks import expected_initial_loss
-from lightning_diag.functional.task import Task, infer_task, regression_references, select_output
+from lightning_diag.functional.task import Task, select_output
 from lightning_diag.isolation import (
     RNGState,
     StepState,
@@ -80,48 +87,6 @@ from lightning_diag.validation import (
 __all__ = ["REGRESSION_FACTOR", "SUM_RATIO_TOL", "check_initial_loss", "loss_tolerance",
            "validate_arguments"]
 
-CHECK = "InitialLossCheck"
-MISMATCH_ADVICE = (
-    "With small weights a network starts at the loss of a know-nothing prediction (log C for a "
-    "C-class softmax classifier, recipe step 3.1): scale down the initialization (especially "
-    "the last layer), and check the loss itself (softmax applied twice, wrong labels)."
-)
-REGRESSION_ADVICE = (
-    "With small weights a network's values start near 0, so the loss starts near its value at a "
-    "zero output (for a mean squared error, mean(y^2); recipe step 3.1); far above it the "
-    "initial outputs are larger than the targets themselves: scale down the initialization "
-    "(especially the last layer), or standardize the targets."
-)
-NEGATIVE_ADVICE = (
-    "A cross-entropy is never below 0: look for `nll_loss` given probabilities instead of "
-    "log-probabilities (a softmax where a log-softmax belongs)."
-)
-#: A head with values (regression, embeddings, distribution parameters) may raise the loss by
-#: up to this many times, minus one, its know-nothing value (plus ``abs_tol``): a regression's
-#: initial MSE up to 3x ``mean(y^2)``. Measured: default-initialized MLPs (depth 1-4, ReLU/tanh,
-#: width 16/256, 4-64 standardized inputs; 320 models) started at 0.96-1.73 times mean(y^2) for
-#: standardized targets, 0.72-1.32 for targets of mean 3; the tests' regression family at
-#: 0.91-1.16 (5 seeds); its last layer scaled 30x at 4.6-17.2. 3 means initial predictions
-#: whose mean square is about twice the targets' own. The healthy loss programs' margins are in
-#: docs/callbacks/initial_loss.md.
-REGRESSION_FACTOR = 3.0
-#: The loss of the batch repeated twice, over the loss of the batch, at the know-nothing
-#: output: 1 for a mean over the samples, 2 for a sum. Within this of 2 is a sum.
-SUM_RATIO_TOL = 0.05
-
-
-def loss_tolerance(expected: float, rel_tol: float = 0.1, abs_tol: float = 0.05) -> float:
-    """Half-width of the accepted band around the expected initial loss.
-
-    Default-initialized digits CNNs measured 2.30-2.39 against ``log 10 = 2.303``; 10 % plus
-    0.05 nats accepts them (band ``[2.02, 2.58]``) while a last layer scaled up 10x lands far out.
-
-    Example:
-        >>> round(loss_tolerance(2.302585), 3)
-        0.28
-    """
-    return rel_tol * abs(expected) + abs_tol
-
 
 def check_initial_loss(
     module: pl.LightningModule,
@@ -139,13 +104,14 @@ def check_initial_loss(
 
     The data loss is the mean ``training_step`` loss with ``reg_attr`` (if given) set to 0. The
     expectation is ``expected_loss``, else ``log C`` with C from ``num_classes``, else the
-    user's own loss at the know-nothing prediction (see the module docstring). The model's
-    output is recorded inside that step (forward hooks, never a call on a guessed input) and,
-    with the batch's target, gives the task: the closed form named in the message, and the
-    collapse check of multi-class outputs (over every position: pixel, token). The same RNG
-    state is replayed before each evaluation, and a state the step carries between calls
-    starts each pass from the live value; ``module`` (BatchNorm buffers included) and every RNG
-    stream are left untouched.
+    user's own loss at the know-nothing prediction (see the module docstring and
+    :mod:`lightning_diag.checks.know_nothing`). The model's output is recorded inside that step
+    (forward hooks, never a call on a guessed input) and, with the batch's target, gives the
+    task (:func:`lightning_diag.checks.label_use.step_task`): the closed form named in the
+    message, and the collapse check of multi-class outputs (over every position: pixel,
+    token). The same RNG state is replayed before each evaluation, and a state the step
+    carries between calls starts each pass from the live value; ``module`` (BatchNorm buffers
+    included) and every RNG stream are left untouched.
 
     Args:
         module: The LightningModule, as initialized.
@@ -175,29 +141,12 @@ def check_initial_loss(
         strength = get_reg_strength(clone, reg_attr) if reg_attr else 0.0
         if reg_attr:
             set_reg_strength(clone, reg_attr, 0.0)
-        runs = _Runs(clone, list(batches), rng, state)
-        losses, outputs, targets = [], [], []
-        predictions: list[Prediction] = []
-        main: int | None = None
-        with OutputCapture(clone) as capture:
-            for i, batch in enumerate(batches):
-                rng.restore()
-                capture.clear()
-                if i == 0:  # the predictions, from the autograd history of one step
-                    step, predictions, tensors = record_predictions(clone, batch, i)
-                    main = main_prediction(predictions, tensors, select_output(capture.output))
-                    output = tensors[main] if main is not None else None
-                else:
-                    step, output = _tapped_step(clone, batch, i, predictions, main)
-                if output is None:  # no prediction: the outermost module output
-                    output = select_output(capture.output)
-                losses.append(float(step))
-                outputs.append(output.detach() if isinstance(output, torch.Tensor) else output)
-                targets.append(call_user("`batch_to_target`", batch_to_target, batch))
-        state.restore()
-        loss = sum(losses) / len(losses)
-        found = _loss_findings(runs, loss, outputs, targets, predictions, main, num_classes,
-                               expected_loss, rel_tol, abs_tol)
+        runs = KnowNothingRuns(clone, list(batches), rng, state)
+        first = _FirstPass.run(runs, batch_to_target)
+        # the task the shapes say, unless the loss ignores the labels it reads as classes
+        task = step_task(StepProbe(clone, rng, state), batches[0], first.outputs[0],
+                         first.targets[0], first.tensors)
+        found = _loss_findings(runs, first, task, num_classes, expected_loss, rel_tol, abs_tol)
         if reg_attr:
             found.append(_reg_finding(clone, batches[0], rng, state, reg_attr, strength,
                                       reg_strengths))
@@ -242,105 +191,63 @@ def _tapped_step(module: pl.LightningModule, batch: Any, batch_idx: int,
 
 
 @dataclass
-class _Runs:
-    """The copy and its batches: the mean loss of a pass with the predictions replaced."""
+class _FirstPass:
+    """The step on every batch as the model computes it: the losses, the main prediction of
+    each (the output the task is read from), the targets; and the predictions, recorded on
+    the first batch from the autograd history of its step."""
 
-    clone: pl.LightningModule
-    batches: list[Any]
-    rng: RNGState
-    state: StepState
-
-    def mean_loss(self, predictions: list[Prediction],
-                  replace: Callable[[int, torch.Tensor], torch.Tensor | None]) -> float:
-        """Every batch through ``training_step``, from the same state and RNG as the real pass.
-
-        Raises:
-            UserCodeError, NoLossError: the step failed on the replaced prediction.
-        """
-        self.state.restore()
-        losses = []
-        with torch.no_grad(), Substitution(predictions, replace) as sub:
-            for i, batch in enumerate(self.batches):
-                self.rng.restore()
-                losses.append(float(sub.step(self.clone, batch, i)))
-        self.state.restore()
-        return sum(losses) / len(losses)
-
-    def mean_batch_size(self) -> float | None:
-        """The mean sample count of the batches (None when one cannot be read): a loss summed
-        over the samples, averaged over the batches, divided by it is the loss per sample."""
-        sizes = [_batch_size(b) for b in self.batches]
-        if not sizes or any(not s for s in sizes):
-            return None
-        return sum(s or 0 for s in sizes) / len(sizes)
-
-    def doubled_ratio(self, predictions: list[Prediction]) -> float | None:
-        """The know-nothing loss of the first batch repeated twice over that of the batch
-        itself (1 for a mean over samples, 2 for a sum); None where it cannot be measured."""
-        batch = self.batches[0]
-        size = _batch_size(batch)
-        if not size:
-            return None
-        doubled = select_samples(batch, torch.arange(size).repeat(2))
-        losses = []
-        try:
-            for b in (batch, doubled):
-                self.state.restore()
-                with torch.no_grad(), Substitution(predictions, _know_nothing(predictions)) as sub:
-                    self.rng.restore()
-                    losses.append(float(sub.step(self.clone, b, 0)))
-        except (UserCodeError, NoLossError):  # a step written for one batch size
-            return None
-        finally:
-            self.state.restore()
-        return losses[1] / losses[0] if losses[0] and math.isfinite(losses[0]) else None
-
-
-def _know_nothing(predictions: list[Prediction],
-                  keep: int | None = None) -> Callable[[int, torch.Tensor], torch.Tensor | None]:
-    """Replace every prediction (but ``keep``) by its know-nothing output."""
-    def replace(j: int, actual: torch.Tensor) -> torch.Tensor | None:
-        return None if j == keep else predictions[j].form.know_nothing(actual)
-    return replace
-
-
-@dataclass
-class _Head:
-    """One prediction's share of the initial loss: how far its actual output moves the loss
-    from the know-nothing one, and how far it may."""
-
-    prediction: Prediction
-    scores: bool
-    delta: float
-    tolerance: float
+    losses: list[float] = field(default_factory=list)
+    outputs: list[Any] = field(default_factory=list)
+    targets: list[Any] = field(default_factory=list)
+    predictions: list[Prediction] = field(default_factory=list)
+    tensors: list[torch.Tensor] = field(default_factory=list)
+    main: int | None = None
 
     @property
-    def ok(self) -> bool:
-        return (abs(self.delta) <= self.tolerance if self.scores
-                else self.delta <= self.tolerance)
+    def loss(self) -> float:
+        return sum(self.losses) / len(self.losses)
 
-    def describe(self) -> str:
-        kind = "scores" if self.scores else "values"
-        bound = f"±{self.tolerance:.3g}" if self.scores else f"up to +{self.tolerance:.3g}"
-        return f"`{self.prediction.name}` ({kind}) {self.delta:+.4g}, {bound}"
+    @classmethod
+    def run(cls, runs: KnowNothingRuns, batch_to_target: BatchFn) -> _FirstPass:
+        out = cls()
+        clone = runs.clone
+        with OutputCapture(clone) as capture:
+            for i, batch in enumerate(runs.batches):
+                runs.rng.restore()
+                capture.clear()
+                if i == 0:
+                    step, out.predictions, out.tensors = record_predictions(clone, batch, i)
+                    out.main = main_prediction(out.predictions, out.tensors,
+                                               select_output(capture.output))
+                    output = out.tensors[out.main] if out.main is not None else None
+                else:
+                    step, output = _tapped_step(clone, batch, i, out.predictions, out.main)
+                if output is None:  # no prediction: the outermost module output
+                    output = select_output(capture.output)
+                out.losses.append(float(step))
+                out.outputs.append(output.detach() if isinstance(output, torch.Tensor)
+                                   else output)
+                out.targets.append(call_user("`batch_to_target`", batch_to_target, batch))
+        runs.state.restore()
+        return out
 
 
-def _loss_findings(runs: _Runs, loss: float, outputs: list[Any], targets: list[Any],
-                   predictions: list[Prediction], main: int | None, num_classes: int | None,
-                   expected_loss: float | None, rel_tol: float, abs_tol: float) -> list[Finding]:
+def _loss_findings(runs: KnowNothingRuns, first: _FirstPass, task: Task,
+                   num_classes: int | None, expected_loss: float | None, rel_tol: float,
+                   abs_tol: float) -> list[Finding]:
+    loss = first.loss
     if not math.isfinite(loss):
         return [Finding(CHECK, "initial_loss.non_finite", Severity.FAIL,
                         f"The initial loss is {loss} before any training step.",
                         advice="Look for log(0), division by zero, NaN/Inf inputs or an "
                         "exploding initialization.", value=loss)]
-    task = infer_task(outputs[0], targets[0])
-    found = [_collapse(task, outputs)] if task.kind == "multiclass" else []
+    found = [_collapse(task, first.outputs)] if task.kind == "multiclass" else []
     if expected_loss is not None:  # the user's own expectation, for the loss as it is
         found.append(_band_finding(loss, expected_loss, "given", task, rel_tol, abs_tol))
     elif num_classes is not None:  # log C per sample: a loss summed over them is divided
         expected = expected_initial_loss(num_classes)
-        summed = _Summed.of(runs.doubled_ratio(predictions) if predictions else None,
-                            runs.mean_batch_size(), loss)
+        summed = Summed.of(runs.doubled_ratio(first.predictions) if first.predictions
+                           else None, runs.mean_batch_size(), loss)
         if summed is not None:
             found.append(summed.finding(expected))
             loss *= summed.per_sample
@@ -348,8 +255,8 @@ def _loss_findings(runs: _Runs, loss: float, outputs: list[Any], targets: list[A
                                    abs_tol, per_sample=summed is not None and summed.per_sample
                                    != 1.0))
     else:
-        found += _own_loss_finding(runs, loss, task, targets, predictions, main, rel_tol,
-                                   abs_tol)
+        found += own_loss_findings(runs, loss, task, first.targets, first.predictions,
+                                   first.main, rel_tol, abs_tol)
     return [f for f in found if f is not None]
 
 
@@ -366,172 +273,6 @@ def _band_finding(loss: float, expected: float, source: str, task: Task, rel_tol
                        details=details)
     return Finding(CHECK, "initial_loss.mismatch", Severity.FAIL, text, advice=MISMATCH_ADVICE,
                    value=loss, expected=band, details=details)
-
-
-def _closed_form(task: Task, targets: list[Any], single: bool,
-                 ) -> tuple[float, str, dict[str, float]] | None:
-    """The recipe's closed form of the know-nothing loss for this task, its name, and the
-    regression references; None where there is none."""
-    if not single:
-        return None
-    if task.kind == "multiclass":
-        return float(task.expected_initial_loss() or 0.0), f"log {task.num_classes}", {}
-    if task.kind == "multilabel":
-        return math.log(2), "log 2 per label", {}
-    if task.kind == "regression":
-        zero, mean = regression_references(torch.cat([t.reshape(-1) for t in targets]))
-        return zero, "mean(y^2)", {"mean_square": zero, "variance": mean}
-    return None
-
-
-def _own_loss_finding(runs: _Runs, loss: float, task: Task, targets: list[Any],
-                      predictions: list[Prediction], main: int | None, rel_tol: float,
-                      abs_tol: float) -> list[Finding]:
-    """The data loss against the user's own loss at the know-nothing prediction; per sample
-    (and said, ``initial_loss.summed``) when the loss sums over the samples."""
-    if not predictions:
-        why = (f" ({task.reason})" if task.kind == "unknown" else "")
-        return [_no_expectation(loss, "no output of a module with trainable parameters enters "
-                                f"the loss, so there is no prediction to replace{why}")]
-    try:
-        expected = runs.mean_loss(predictions, _know_nothing(predictions))
-        deltas = ([loss - expected] if len(predictions) == 1 else
-                  [runs.mean_loss(predictions, _know_nothing(predictions, keep=j)) - expected
-                   for j in range(len(predictions))])
-    except (UserCodeError, NoLossError) as err:
-        return [_no_expectation(loss, f"the step fails when the prediction is replaced by a "
-                                f"know-nothing output: {err}")]
-    if not math.isfinite(expected):
-        return [_no_expectation(loss, f"the loss at the know-nothing output is {expected} (a "
-                                "log of 0 or a division by 0 where the output is 0 or uniform)")]
-    ratio = runs.doubled_ratio(predictions)
-    summed = _Summed.of(ratio, runs.mean_batch_size(), loss)
-    # a loss summed over the samples is judged per sample, as the recipe's expectation is
-    per = summed.per_sample if summed is not None else 1.0
-    loss_s, expected_s, deltas = loss * per, expected * per, [d * per for d in deltas]
-    outputs = ", ".join(f"{p.form.describe()} for `{p.name}`" for p in predictions)
-    heads = [_head(p, j == main and task.is_classification, d, expected_s, rel_tol, abs_tol)
-             for j, (p, d) in enumerate(zip(predictions, deltas, strict=True))]
-    closed = _closed_form(task, targets, len(predictions) == 1)
-    source = f"your loss at a know-nothing output: {outputs}"
-    details: dict[str, Any] = {"task": task.kind, "task_reason": task.reason,
-                               "know_nothing_loss": expected,
-                               "heads": [{"name": h.prediction.name, "scores": h.scores,
-                                          "activation": h.prediction.form.activation,
-                                          "delta": h.delta, "tolerance": h.tolerance}
-                                         for h in heads],
-                               "doubled_batch_ratio": ratio}
-    if closed is not None:
-        value, name, references = closed
-        details.update(references)
-        details["closed_form"] = value
-        if math.isclose(expected_s, value, rel_tol=1e-3, abs_tol=1e-6):
-            source += f" (= {name}: {_closed_name(task, references)})"
-    found = []
-    unit = ""
-    if summed is not None:
-        found.append(summed.finding(expected_s))
-        details.update(summed.details(expected_s))
-        unit = " per sample" if summed.size else ""
-    scores = [h for h in heads if h.scores]
-    high = expected_s + sum(h.tolerance for h in heads)
-    low = (expected_s - sum(h.tolerance for h in scores) if len(scores) == len(heads)
-           else -math.inf)
-    bound = (f"[{low:.4g}, {high:.4g}]" if math.isfinite(low) else f"up to {high:.4g}")
-    per_head = (f" Per output: {'; '.join(h.describe() for h in heads)}."
-                if len(heads) > 1 else "")
-    text = (f"Initial data loss {loss_s:.4f}{unit} vs expected {expected_s:.4f}{unit} "
-            f"({source}); accepted {bound}.{per_head}")
-    if task.is_classification and expected_s < 0:
-        return [*found, Finding(
-            CHECK, "initial_loss.mismatch", Severity.FAIL,
-            f"The loss at a uniform prediction is {expected_s:.4g}{unit}, below 0, for "
-            f"{task.describe()}: no cross-entropy. {text}", advice=NEGATIVE_ADVICE,
-            value=loss_s, expected=(low, high), details={**details, "reason": "negative"})]
-    bad = [h for h in heads if not h.ok]
-    if not bad:
-        return [*found, Finding(CHECK, "initial_loss.ok", Severity.INFO, text, value=loss_s,
-                                expected=(low, high), details=details)]
-    advice = MISMATCH_ADVICE if any(h.scores for h in bad) else REGRESSION_ADVICE
-    where = "; ".join(h.describe() for h in bad)
-    return [*found, Finding(CHECK, "initial_loss.mismatch", Severity.FAIL,
-                            f"{text} Off: {where}." if per_head else text, advice=advice,
-                            value=loss_s, expected=(low, high), details=details)]
-
-
-@dataclass(frozen=True)
-class _Summed:
-    """A loss summed over the samples: the batch repeated twice doubles it at the know-nothing
-    output (a mean keeps it). ``size`` is the mean batch size (None when a batch's size cannot
-    be read: the sum is then judged as it is)."""
-
-    ratio: float
-    size: float | None
-    loss: float
-
-    @classmethod
-    def of(cls, ratio: float | None, size: float | None, loss: float) -> _Summed | None:
-        """The sum ``ratio`` (:meth:`_Runs.doubled_ratio`) shows, else None."""
-        if ratio is None or abs(ratio - 2.0) > SUM_RATIO_TOL:
-            return None
-        return cls(ratio, size, loss)
-
-    @property
-    def per_sample(self) -> float:
-        """The factor from the loss to the loss per sample."""
-        return 1.0 / self.size if self.size else 1.0
-
-    def details(self, expected: float) -> dict[str, Any]:
-        """``expected``: the expectation per sample."""
-        return {"summed": True, "doubled_batch_ratio": self.ratio, "batch_size": self.size,
-                "loss": self.loss, "per_sample_loss": self.loss * self.per_sample,
-                "per_sample_expected": expected}
-
-    def finding(self, expected: float) -> Finding:
-        """The info ``initial_loss.summed``; ``expected``: the expectation per sample."""
-        twice = (f"the batch repeated twice gives {self.ratio:.3f} times its loss at the "
-                 "know-nothing output (a mean gives 1)")
-        if not self.size:
-            return Finding(CHECK, "initial_loss.summed", Severity.INFO,
-                           f"The loss sums over the samples ({twice}); the batch size could "
-                           "not be read, so the sum itself is judged.", value=self.ratio,
-                           details=self.details(expected))
-        return Finding(CHECK, "initial_loss.summed", Severity.INFO,
-                       f"The loss sums over the {self.size:g} samples of a batch ({twice}): "
-                       f"{self.loss:.4g} in all, {self.loss * self.per_sample:.4g} per sample "
-                       f"against {expected:.4g} expected per sample, which is what is judged. "
-                       "A correct choice (PyTorch's VAE example sums); the gradient, and so "
-                       "the learning rate that suits it, then scales with the batch size.",
-                       value=self.ratio,
-                       advice="Scale the learning rate with the batch size if you change "
-                              "it, or average the loss (reduction='mean') to decouple them.",
-                       details=self.details(expected))
-
-
-def _head(prediction: Prediction, classification: bool, delta: float, expected: float,
-          rel_tol: float, abs_tol: float) -> _Head:
-    """Scores (the task's classes, or probabilities) move a loss little at small weights; values
-    (regression, embeddings) may raise it by a factor (see REGRESSION_FACTOR)."""
-    if classification or prediction.form.bounded:
-        return _Head(prediction, True, delta, loss_tolerance(expected, rel_tol, abs_tol))
-    return _Head(prediction, False, delta, (REGRESSION_FACTOR - 1) * abs(expected) + abs_tol)
-
-
-def _closed_name(task: Task, references: dict[str, float]) -> str:
-    if task.kind == "regression":
-        return (f"the mean squared error of predicting 0; predicting the mean gives Var(y) = "
-                f"{references['variance']:.4g}")
-    if task.kind == "multilabel":
-        return f"the binary cross-entropy of a uniform guess, {task.describe()}"
-    return f"the cross-entropy of a uniform prediction, {task.describe()}"
-
-
-def _no_expectation(loss: float, reason: str) -> Finding:
-    return Finding(CHECK, "initial_loss.no_expectation", Severity.INFO,
-                   f"Initial loss {loss:.4g}: no expectation can be computed ({reason}).",
-                   value=loss, details={"reason": reason},
-                   advice="Pass `expected_loss=`: the loss a model with small weights should "
-                   "start at for your loss function.")
 
 
 def _collapse(task: Task, outputs: list[torch.Tensor]) -> Finding | None:

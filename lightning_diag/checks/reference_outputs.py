@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from lightning_diag.batch import step_loss
-from lightning_diag.functional.task import OutputForm, output_form
+from lightning_diag.functional.output_form import OutputForm, output_form
 
 __all__ = ["Prediction", "PredictionRecorder", "PredictionTap", "Replay", "ReplayMiss",
            "Substitution", "main_prediction", "record_predictions"]
@@ -70,7 +70,7 @@ class Prediction:
         module: The module whose call returned it.
         call: Which call of that module in the step (0 for the first).
         path: Where the tensor sits inside that call's output (``()`` for the output itself).
-        form: Its last activation (:func:`~lightning_diag.functional.task.output_form`).
+        form: Its last activation (:func:`~lightning_diag.functional.output_form.output_form`).
         name: For messages, e.g. ``"output[1]"`` or ``"encoder output (call 2)"``.
         shape: Its shape in the recorded step.
         inputs: The tensors the call was given, in the recorded step (detached).

@@ -32,11 +32,15 @@ from lightning_diag.validation import (
     validate_arguments,
 )
 
-__all__ = ["CODES", "GUIDE", "RatioReading", "UpdateRatioConfig", "new_streak", "ratio_summary",
-           "ratio_verdicts", "read_ratios"]
+__all__ = ["CODES", "GUIDE", "MIN_SAMPLES", "RatioReading", "UpdateRatioConfig", "new_streak",
+           "ratio_summary", "ratio_verdicts", "read_ratios"]
 
 #: The recipe's healthy update ratio.
 GUIDE = 1e-3
+#: Samples over which a weight must not have moved at all to count as still: a logging step
+#: on fewer samples goes on over the next optimizer steps (see
+#: ``docs/callbacks/update_ratio.md`` for the measurements behind it).
+MIN_SAMPLES = 32
 #: The codes judged over a streak of logging steps (``update_ratio.<code>``).
 CODES = ("too_low", "too_high", "zero_updates")
 _POSITIVE = partial(check_number, low=0, low_open=True)
@@ -54,6 +58,8 @@ class UpdateRatioConfig:
     patience: int = argument(3, check_int)
     log_charts: bool = argument(True, check_flag, key=False)
     early_steps: bool = argument(True, check_flag, key=False)
+    # left out of the state key: the saved streaks stay valid whatever it is
+    min_samples: int = argument(MIN_SAMPLES, check_int, key=False)
 
     def __post_init__(self) -> None:
         validate_arguments(self)
@@ -101,7 +107,8 @@ def new_streak() -> dict[str, int]:
     return dict.fromkeys(CODES, 0)
 
 
-def ratio_verdicts(streak: dict[str, int], reading: RatioReading, config: UpdateRatioConfig
+def ratio_verdicts(streak: dict[str, int], reading: RatioReading, config: UpdateRatioConfig,
+                   window: RatioReading | None = None, samples: tuple[int, int] | None = None
                    ) -> tuple[dict[str, int], list[Verdict]]:
     """The streaks after one logging step, and the WARN verdicts they reach.
 
@@ -109,10 +116,20 @@ def ratio_verdicts(streak: dict[str, int], reading: RatioReading, config: Update
     ``patience`` logging steps; ``too_low``: below ``low`` for ``patience`` steps; ``too_high``:
     above ``high`` for ``patience`` steps, or at once at ``extreme`` or non-finite. A verdict is
     given when its streak reaches its length (once per streak).
+
+    Args:
+        streak: Each code's run of logging steps so far (:func:`new_streak`).
+        reading: The logging step's ratios.
+        config: The thresholds.
+        window: Where the logging step held fewer than ``min_samples`` samples and some weight
+            did not move, the ratios from its first step to the end of the window of steps
+            that gathered them: whether the weights did not move is read from it.
+        samples: The samples and batches the logging step (its window) held, for the message.
     """
     median, p = reading.median, config.patience
-    zero = median == 0.0
-    state = {"zero_updates": zero, "too_low": not zero and median < config.low,
+    still = reading if window is None else window
+    zero = still.median == 0.0
+    state = {"zero_updates": zero, "too_low": median != 0.0 and median < config.low,
              "too_high": math.isnan(median) or median > config.high}
     streak = {code: streak.get(code, 0) + 1 if state[code] else 0 for code in CODES}
     extreme = math.isnan(median) or median >= config.extreme
@@ -120,35 +137,53 @@ def ratio_verdicts(streak: dict[str, int], reading: RatioReading, config: Update
     if streak["zero_updates"] == p:
         cause = ("their gradients are zero: the network is dead (e.g. its ReLUs died after a "
                  "divergence) or the loss does not depend on those weights"
-                 if reading.grad_norm == 0 else
-                 f"their gradients are non-zero (norm {reading.grad_norm:.3g}) but the optimizer "
+                 if still.grad_norm == 0 else
+                 f"their gradients are non-zero (norm {still.grad_norm:.3g}) but the optimizer "
                  "did not move them: learning rate 0 or skipped steps")
+        over = "" if samples is None else _over(samples)
         found.append(_verdict(
-            "zero_updates", 0.0, reading, config,
-            f"{reading.still} of {len(reading.last)} weight tensors did not change at all in {p} "
-            f"logged optimizer steps: {cause}. This is not a learning rate that is merely too "
-            "low.", "If the loss diverged earlier, restart with a lower learning rate; check "
-            "that the loss is connected to the parameters and the learning-rate schedule."))
+            "zero_updates", 0.0, still, config,
+            f"{still.still} of {len(still.last)} weight tensors did not change at all in {p} "
+            f"logged optimizer steps{over}: {cause}. This is not a learning rate that is "
+            "merely too low.", "If the loss diverged earlier, restart with a lower learning "
+            "rate; check that the loss is connected to the parameters and the learning-rate "
+            "schedule.", samples))
     if streak["too_low"] == p:
         found.append(_verdict(
             "too_low", median, reading, config,
             f"Median update ratio ||dw||/||w|| is {median:.3g} for {p} logged steps, below "
             f"{config.low:g} (healthy: around {GUIDE:g}).",
-            "The learning rate is probably too low: raise it (try 10x)."))
+            "The learning rate is probably too low: raise it (try 10x).", samples))
     if (extreme and streak["too_high"] == 1) or streak["too_high"] == p:
         what = "a single update as large as the weights" if extreme else f"for {p} logged steps"
         found.append(_verdict(
             "too_high", median, reading, config,
             f"Median update ratio ||dw||/||w|| is {median:.3g} ({what}), above {config.high:g} "
             f"(healthy: around {GUIDE:g}).",
-            "The learning rate is probably too high: lower it (try 10x), or clip gradients."))
+            "The learning rate is probably too high: lower it (try 10x), or clip gradients.",
+            samples))
     return streak, found
 
 
+def _over(samples: tuple[int, int]) -> str:
+    """Where a logging step's weights were judged still: over how many samples and steps.
+
+    Example:
+        >>> _over((64, 1)), _over((32, 8))
+        (' (each on a batch of 64 samples)', ' (each over 8 batches, 32 samples)')
+    """
+    n, batches = samples
+    return (f" (each on a batch of {n} samples)" if batches <= 1 else
+            f" (each over {batches} batches, {n} samples)")
+
+
 def _verdict(code: str, value: float, reading: RatioReading, config: UpdateRatioConfig,
-             message: str, advice: str) -> Verdict:
-    return Verdict(f"update_ratio.{code}", message, value, (config.low, config.high),
-                   {"ratios": dict(reading.last)}, advice)
+             message: str, advice: str, samples: tuple[int, int] | None) -> Verdict:
+    details: dict[str, object] = {"ratios": dict(reading.last)}
+    if samples is not None:
+        details["samples"], details["batches"] = samples
+    return Verdict(f"update_ratio.{code}", message, value, (config.low, config.high), details,
+                   advice)
 
 
 def ratio_summary(medians: Sequence[tuple[int, float]], config: UpdateRatioConfig) -> Verdict:

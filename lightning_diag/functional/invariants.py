@@ -1,5 +1,7 @@
 """The tensor maths of the training invariants: did a weight move, could its step have moved
-it, is a gradient the previous step's gradient carried over, does the input hold the target.
+it, is a gradient the previous step's gradient carried over, does the input hold the target
+(integer sequences at a lag, a float input at some position), how well can the next token of
+a sequence be predicted from the tokens before it at all.
 
 Example:
     >>> import torch
@@ -15,7 +17,8 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["carried_over", "collision_rate", "movable", "moved", "target_matches"]
+__all__ = ["carried_over", "collision_rate", "conditional_entropy", "float_position",
+           "movable", "moved", "prefix_keys", "repeat_share", "rounding", "target_matches"]
 
 
 def moved(before: Sequence[torch.Tensor], after: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -141,3 +144,124 @@ def collision_rate(target: torch.Tensor, ignore_index: int = -100) -> float:
     _, counts = torch.unique(values, return_counts=True)
     p = counts.double() / values.numel()
     return float((p * p).sum())
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rtol: float) -> torch.Tensor:
+    """Elementwise ``|a - b| <= rtol * max(|a|, |b|)`` in float64 (equal zeros included)."""
+    a, b = a.double(), b.double()
+    return (a - b).abs() <= rtol * torch.maximum(a.abs(), b.abs())
+
+
+def rounding(*tensors: torch.Tensor) -> float:
+    """The relative tolerance of "equal within float rounding" for these tensors: twice the
+    resolution of the coarsest float dtype among them (a float64 target copied into a float32
+    input differs by at most half float32's resolution)."""
+    return 2.0 * max(torch.finfo(t.dtype).eps for t in tensors if t.is_floating_point())
+
+
+def float_position(inputs: torch.Tensor, target: torch.Tensor,
+                   probe_rows: int = 8) -> tuple[int, int, int] | None:
+    """The position of a float input (per sample, flattened) that holds a scalar target most
+    often, within float rounding: ``(position, matches, compared)``, or None when no position
+    holds it in all but one of the first ``probe_rows`` samples (the candidates: the full
+    comparison runs on them only, so an image costs little).
+
+    Example:
+        >>> x = torch.tensor([[0.1, 0.7, 0.3], [0.9, 0.2, 0.5], [0.4, 0.6, 0.8]])
+        >>> float_position(x, x[:, 2].double())  # the last column is the target
+        (2, 3, 3)
+        >>> float_position(x, torch.tensor([0.5, 0.5, 0.5])) is None
+        True
+    """
+    n = inputs.shape[0]
+    if n == 0 or target.shape[0] != n or target[0].numel() != 1:
+        return None
+    x = inputs.reshape(n, -1)
+    y = target.reshape(n, 1)
+    rtol = rounding(inputs, target)
+    rows = min(n, probe_rows)
+    candidates = (_close(x[:rows], y[:rows], rtol).sum(0) >= rows - 1).nonzero().flatten()
+    if candidates.numel() == 0:
+        return None
+    counts = _close(x[:, candidates], y, rtol).sum(0)
+    best = int(counts.flip(0).argmax())  # ties: the last position (the most recent)
+    index = len(counts) - 1 - best
+    return int(candidates[index]), int(counts[index]), n
+
+
+def repeat_share(inputs: torch.Tensor, position: int) -> float:
+    """How often a float input repeats itself at the distance from ``position`` to the value
+    after its last one, within float rounding: the share of a target found at ``position``
+    that the input's own repetition explains (a window of a periodic series holds the value
+    one period back; a piecewise-constant one holds the last value).
+
+    ``inputs`` is read as windows ``(N, W, C)`` (3 dimensions) or ``(N, W)`` (other shapes,
+    flattened): ``position`` is step ``w`` of channel ``c``, the distance ``p = W - w``, and
+    the share is that of ``x[:, t, c] == x[:, t + p, c]``; 0.0 when the window is not longer
+    than ``p``.
+
+    Example:
+        >>> t = torch.arange(24.0)
+        >>> periodic = torch.stack([(t[i:i + 6] % 3) for i in range(10)])  # period 3
+        >>> repeat_share(periodic, 3)  # y = x[t + 6] = x[t + 3]: the period explains it
+        1.0
+        >>> repeat_share(torch.rand(10, 6, generator=torch.Generator().manual_seed(0)), 5)
+        0.0
+    """
+    n = inputs.shape[0]
+    x = inputs.reshape(n, inputs.shape[1], inputs.shape[2]) if inputs.dim() == 3 else \
+        inputs.reshape(n, -1, 1)
+    steps, channels = x.shape[1], x.shape[2]
+    step, channel = divmod(position, channels)
+    p = steps - step
+    if p >= steps:
+        return 0.0
+    series = x[:, :, channel]
+    same = _close(series[:, : steps - p], series[:, p:], rounding(inputs))
+    return float(same.double().mean())
+
+
+_HASH = ((1_000_003, 2_147_483_647), (1_000_033, 1_000_000_007))  # (multiplier, prime)
+
+
+def prefix_keys(ids: torch.Tensor) -> torch.Tensor:
+    """One int64 key per prefix of each row: ``keys[:, t]`` identifies ``ids[:, : t + 1]``
+    (two rolling hashes modulo primes below 2**31, combined; a collision would merge two
+    prefixes, with odds near 1e-18 per pair).
+
+    Example:
+        >>> ids = torch.tensor([[1, 2, 3], [1, 2, 4], [5, 2, 3]])
+        >>> keys = prefix_keys(ids)
+        >>> bool(keys[0, 1] == keys[1, 1]), bool(keys[0, 2] == keys[1, 2])
+        (True, False)
+    """
+    ids = ids.long()
+    h = [torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device) for _ in _HASH]
+    out = torch.empty_like(ids)
+    for t in range(ids.shape[1]):
+        for i, (mult, prime) in enumerate(_HASH):
+            h[i] = torch.remainder(h[i] * mult + ids[:, t] + 1, prime)
+        out[:, t] = h[0] * _HASH[1][1] + h[1]
+    return out
+
+
+def conditional_entropy(keys: torch.Tensor, values: torch.Tensor) -> float:
+    """The empirical entropy of ``values`` given ``keys`` (nats per value), the mean of
+    ``log(n_key / n_key,value)``: the least mean cross-entropy any predictor that sees only the
+    key can reach on these very pairs (it could learn every pair by heart, and no more).
+
+    Example:
+        >>> keys = torch.tensor([0, 0, 1, 1])
+        >>> round(conditional_entropy(keys, torch.tensor([5, 6, 7, 7])), 4)  # log(2) / 2
+        0.3466
+        >>> conditional_entropy(keys, torch.tensor([5, 5, 7, 7]))
+        0.0
+    """
+    if keys.numel() == 0:
+        return 0.0
+    pairs, pair_counts = torch.unique(torch.stack([keys.flatten(), values.flatten()]), dim=1,
+                                      return_counts=True)
+    unique_keys, key_counts = torch.unique(keys.flatten(), return_counts=True)
+    totals = key_counts[torch.searchsorted(unique_keys, pairs[0].contiguous())].double()
+    n = pair_counts.double()
+    return float((n * (totals / n).log()).sum() / keys.numel())

@@ -31,6 +31,7 @@ __all__ = [
     "layer_stats",
     "layer_summary",
     "parse_summary_row",
+    "pool_batches",
     "update_ratios",
 ]
 
@@ -121,6 +122,29 @@ def _saturated_fraction(flat: torch.Tensor, n: torch.Tensor, bounds: tuple[float
     thr = half - saturation_tol * (bounds[1] - bounds[0])
     dist = flat.nan_to_num(mid, mid, mid).sub_(mid).abs_().sub_(thr)
     return dist.sign_().add_(1).clamp_(max=1).sum() / n  # 1 where |x - mid| >= thr
+
+
+def pool_batches(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One layer's outputs (or gradients) of several batches as one batch of all their samples.
+
+    Concatenated along dimension 0 when the other dimensions agree, so that every statistic
+    of :func:`layer_summary` is that of one batch of all the samples; when only the units
+    (dimension 1) agree, as ``(samples x positions, units)`` rows (a unit is dead when zero on
+    every row, as on every sample and position); otherwise the values alone (one unit).
+
+    Example:
+        >>> pool_batches([torch.ones(1, 3), torch.zeros(2, 3)]).shape
+        torch.Size([3, 3])
+        >>> pool_batches([torch.ones(1, 2, 5), torch.zeros(1, 2, 7)]).shape
+        torch.Size([12, 2])
+        >>> pool_batches([torch.ones(1, 2), torch.zeros(1, 3)]).shape
+        torch.Size([5])
+    """
+    if len({p.shape[1:] for p in parts}) == 1:
+        return torch.cat(list(parts))
+    if all(p.dim() >= 2 for p in parts) and len({p.shape[1] for p in parts}) == 1:
+        return torch.cat([p.movedim(1, -1).reshape(-1, p.shape[1]) for p in parts])
+    return torch.cat([p.reshape(-1) for p in parts])
 
 
 def histogram_row(x: torch.Tensor, bins: int = 64) -> torch.Tensor:

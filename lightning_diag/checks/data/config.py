@@ -13,7 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lightning_diag.batch import BatchFn, default_batch_to_input, default_batch_to_target
-from lightning_diag.validation import check_callable, check_flag, check_int, check_number
+from lightning_diag.validation import (
+    check_callable,
+    check_flag,
+    check_int,
+    check_number,
+    check_str,
+)
 
 __all__ = ["InspectionConfig"]
 
@@ -23,9 +29,11 @@ class InspectionConfig:
     """Validated settings of a data inspection (see :func:`inspect_dataset` for their meaning)."""
 
     num_classes: int | None = None
-    #: The model's output width for one class per sample (set by the callback from the
-    #: captured output), used when ``num_classes`` is None.
+    #: The class count the model's output gives (set by the callback from one step of a
+    #: copy: the width of ``(N, C)`` scores, or 2 for a single binary logit), used when
+    #: ``num_classes`` is None; ``output_source`` says how it was read, for messages.
     output_classes: int | None = None
+    output_source: str = "the model's output width"
     max_samples: int = 100_000
     near_threshold: float = 0.997
     token_threshold: float = 0.8
@@ -43,6 +51,7 @@ class InspectionConfig:
     def __post_init__(self) -> None:
         check_int("num_classes", self.num_classes, optional=True)
         check_int("output_classes", self.output_classes, optional=True)
+        check_str("output_source", self.output_source)
         for name, low in (("max_samples", 2), ("dim", 8), ("chunk_size", 1), ("progress_min", 0)):
             check_int(name, getattr(self, name), low=low)
         check_int("seed", self.seed, low=None)

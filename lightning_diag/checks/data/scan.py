@@ -443,7 +443,7 @@ class DataReport:
         if self.config.num_classes is not None:
             return "given"
         if self.config.output_classes is not None:
-            return "the model's output width"
+            return self.config.output_source
         return ("inferred from the labels of both splits" if self.val is not None
                 else "inferred from the labels")
 
