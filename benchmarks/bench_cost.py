@@ -195,7 +195,7 @@ def attributed(data: dict[str, list[dict[str, Attribution]]],
     and the callbacks' and hooks' largest shares per epoch."""
     plain = statistics.median(slope_and_fixed(r, "thread", short, long)[0]
                               for r in timed["plain"])
-    rows, parts = [], []
+    rows, parts, fixed_lines = [], [], []
     for arm, runs in data.items():
         slopes, fixed = [], []
         for run in runs:  # hooks called once per fit are fixed: kept out of the slope
@@ -216,11 +216,23 @@ def attributed(data: dict[str, list[dict[str, Attribution]]],
         parts.append(f"- {arm}: " + "; ".join(
             f"{cb}.{hook} {s * 1e3:.2f} ms ({runs[0][str(long)].calls[(cb, hook)] / long:.1f} "
             "calls)" for (cb, hook), s in top if s > 0))
+        fixed_lines.append(f"- {arm}: " + "; ".join(
+            f"{cb}.{hook} {s * 1e3:.0f} ms" for (cb, hook), s in fixed_items(runs)[:10]))
     return ["| arm | per-epoch ratio attributed | time in the callbacks per epoch, of the plain "
             "Trainer's training-thread CPU per epoch | time in the callbacks once per fit "
             "and its intercept (fixed) |", "|---|---|---|---|", *rows, "",
             "Largest per-epoch items (hook: training-thread CPU per epoch, calls per epoch):",
-            "", *parts]
+            "", *parts, "",
+            "Largest fixed items (hooks called once per fit: training-thread CPU, median over "
+            "the attributed runs of both lengths):", "", *fixed_lines]
+
+
+def fixed_items(runs: list[dict[str, Attribution]]) -> list[tuple[tuple[str, str], float]]:
+    """The hooks called once per fit, by their median training-thread CPU, largest first."""
+    keys = {k for run in runs for a in run.values() for k in a.seconds if k[1] in ONCE}
+    items = {k: statistics.median(a.seconds.get(k, 0.0) for run in runs for a in run.values())
+             for k in keys}
+    return sorted(items.items(), key=lambda kv: -kv[1])
 
 
 def slope_and_fixed(run: dict[str, dict[str, float]], clock: str, short: int, long: int

@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from lightning_diag.callbacks.checkpoint_ensemble import CheckpointEnsemble
 from lightning_diag.findings import load_findings
@@ -268,6 +269,65 @@ def test_a_second_fit_starts_a_new_kept_list(tmp_path: Path) -> None:
     assert len(cb.results["members"]) == 2
     (gain,) = [f for f in cb.findings if f.code == "ensemble.gain"]
     assert "Ensemble of 2 checkpoints" in gain.message
+
+
+class _SaveBoth(pl.Callback):
+    """At each epoch end, after the ensemble's save: Lightning's own save of the same moment."""
+
+    def __init__(self, cb: CheckpointEnsemble) -> None:
+        self.cb, self.pairs = cb, []
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        ours = Path(self.cb.kept[-1]["path"])
+        theirs = ours.with_name(f"lightning-{trainer.current_epoch}.bin")
+        trainer.save_checkpoint(theirs, weights_only=True)
+        self.pairs.append((ours.read_bytes(), theirs.read_bytes(), ours.stat().st_mode,
+                           theirs.stat().st_mode))
+        theirs.unlink()
+
+
+def test_each_checkpoint_is_lightnings_byte_for_byte_and_no_temporary_file_is_left(
+        tmp_path: Path) -> None:
+    cb = CheckpointEnsemble(k=2)
+    both = _SaveBoth(cb)
+    _fit(tmp_path, [cb, both], max_epochs=3)
+    assert len(both.pairs) == 3
+    for ours, theirs, mode, their_mode in both.pairs:
+        assert ours == theirs and mode == their_mode
+    assert sorted(p.name for p in Path(cb.paths[0]).parent.iterdir()) == [
+        Path(p).name for p in cb.paths]  # no temporary file
+
+
+class _CountingIO(TorchCheckpointIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.saved: list[str] = []
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any,
+                        storage_options: Any = None) -> None:
+        self.saved.append(Path(path).name)
+        super().save_checkpoint(checkpoint, path, storage_options)
+
+
+def test_a_custom_checkpoint_writer_still_writes_every_checkpoint(tmp_path: Path) -> None:
+    cb, io = CheckpointEnsemble(k=2), _CountingIO()
+    _fit(tmp_path, [cb], max_epochs=3, plugins=[io])
+    assert io.saved == [f"epoch={e}-step={2 * e + 2}.ckpt" for e in range(3)]
+    assert [Path(p).name for p in cb.paths] == io.saved[1:]
+
+
+def test_a_failed_save_leaves_no_temporary_file(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr("lightning_diag.callbacks.checkpoint_ensemble.torch.save", fail)
+    cb = CheckpointEnsemble(k=2)
+    _fit(tmp_path, [cb], max_epochs=2)
+    (error,) = [f for f in cb.findings if f.code == "ensemble.error"]
+    assert "disk full" in error.message
+    directory = tmp_path / "tb" / "version_0" / "ensemble"
+    assert not list(directory.iterdir())
 
 
 SHARED = Shared(

@@ -72,14 +72,16 @@ class EMASlots:
 
     def update(self, decay: float) -> None:
         """``ema = decay * ema + (1 - decay) * live`` for floats; integer tensors are copied."""
+        # Run on every step, so no `torch.no_grad()` block (~5 us a step with cold caches): no
+        # tensor here requires grad (the live ones are detached, the slots and stage were made
+        # from them), so autograd records nothing.
         live = self._live_f
-        with torch.no_grad():
-            if self._stage is not None:
-                torch._foreach_copy_(self._stage, live)
-                live = self._stage
-            ema_update_(self._ema_f, live, decay)
-            if self._ema_i:
-                torch._foreach_copy_(self._ema_i, self._live_i)
+        if self._stage is not None:
+            torch._foreach_copy_(self._stage, live)
+            live = self._stage
+        ema_update_(self._ema_f, live, decay)
+        if self._ema_i:
+            torch._foreach_copy_(self._ema_i, self._live_i)
 
     @property
     def swapped_in(self) -> bool:

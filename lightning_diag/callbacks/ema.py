@@ -322,7 +322,8 @@ def _finite_loss(outputs: Any) -> bool:
         loss = loss_from_output(outputs)
     except ValueError:  # manual optimization or a step returning None: weights are checked anyway
         return True
-    loss = loss.detach()
-    # one op for the usual scalar loss (isfinite, all and bool are three): run on every step
-    return math.isfinite(loss.item()) if loss.numel() == 1 else bool(torch.isfinite(loss).all())
+    # one op for the usual scalar loss (isfinite, all and bool are three): run on every step;
+    # `item()` needs no `detach()`
+    return math.isfinite(loss.item()) if loss.numel() == 1 else bool(
+        torch.isfinite(loss.detach()).all())
 

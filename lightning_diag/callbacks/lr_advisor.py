@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from typing_extensions import override
 
 from lightning_diag.base import findings as trainer_findings
@@ -158,12 +159,15 @@ class LRPlateauAdvisor(ConfiguredCallback):
         # batch's end: one hook a batch, not two (each costs ~5 us in Lightning's dispatch).
         self._batch_step, self._next_step = self._next_step, trainer.global_step
         try:
-            loss = float(loss_from_output(outputs).detach())
+            loss = loss_from_output(outputs)
         except ValueError:  # manual optimization or a step that skipped the batch
             return
-        self._check_step(trainer, loss, batch, batch_idx)
+        # `item()`: a float without `detach()` (float() of a tensor that requires grad warns)
+        self._check_step(trainer, float(loss.item()), batch, batch_idx)
 
     def _check_step(self, trainer: pl.Trainer, loss: float, batch: Any, batch_idx: int) -> None:
+        """Judge one step loss (run on every step: the common path is a few comparisons and
+        appends; the divergence's finding is built only when one is seen)."""
         c, jumps = self.config, self.jumps
         reported = "advisor.divergence" in self.reported
         if not math.isfinite(loss):  # judged at once: one batch is enough to be non-finite
@@ -177,18 +181,18 @@ class LRPlateauAdvisor(ConfiguredCallback):
             self._group.append((batch, batch_idx))
         done = jumps.add(loss, _samples(batch, c.min_samples))
         if done is not None:
-            mean, pooled, batches = done
+            mean = done[0]
             reference = jumps.reference()
             if (not reported and reference is not None
                     and mean > jump_threshold(reference, c.jump_factor, self._min_jump())):
-                self._report(trainer, mean, reference, self._group, (pooled, batches))
+                self._report(trainer, mean, reference, self._group, done[1:])
             jumps.push(mean)
-            self._group = []
-        self.finite_steps += 1
+            self._group.clear()  # a report keeps none of it
+        finite = self.finite_steps = self.finite_steps + 1
         self._recent.append(loss)
         if len(self.first_losses) < c.min_history:
             self.first_losses.append(loss)
-        if self.finite_steps == c.stall_steps:
+        if finite == c.stall_steps:
             self._check_stall(trainer)
 
     def _report(self, trainer: pl.Trainer, loss: float, reference: float | None,
@@ -352,5 +356,9 @@ class LRPlateauAdvisor(ConfiguredCallback):
 def _samples(batch: Any, unknown: int) -> int:
     """The samples of a training batch (its first dimension), ``unknown`` when none is found
     (judged as a batch of enough samples, as it always was)."""
+    # read on every step: the usual ``(inputs, targets)`` batch without the general search
+    first = batch[0] if type(batch) in (tuple, list) and batch else None
+    if isinstance(first, torch.Tensor) and first.dim() > 0:
+        return int(first.shape[0])
     size = _batch_size(batch)
     return unknown if size is None else size
