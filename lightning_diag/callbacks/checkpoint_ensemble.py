@@ -354,7 +354,7 @@ def _untrusted(path: str, directory: Path) -> str:
     a symbolic link, or a file elsewhere once symbolic links and ``..`` are resolved.
 
     Example:
-        >>> import uuid
+        >>> import tempfile
         >>> d = Path(tempfile.mkdtemp()); (d / "a.ckpt").write_bytes(b"")
         0
         >>> _untrusted(str(d / "a.ckpt"), d), _untrusted(str(d / ".." / "a.ckpt"), d)[:7]
