@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv browser postgres demo test lint bench clean tag-table code-table
+.PHONY: venv browser postgres demo test lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -47,15 +47,8 @@ lint: $(STAMP)
 	$(BIN)/ruff check lightning_diag tests benchmarks notebooks
 	$(BIN)/mypy lightning_diag
 
-# docs/tensorboard.md's tag table, generated from lightning_diag/tensorboard/tags.py.
-tag-table:
-	$(BIN)/python -c "from lightning_diag.tensorboard.tags import write_table; \
-	  write_table('docs/tensorboard.md')"
-
-# docs/codes.md's code table, generated from lightning_diag/codes.py.
-code-table:
-	$(BIN)/python -c "from lightning_diag.codes import write_code_table; \
-	  write_code_table('docs/codes.md')"
+# docs/codes.md's and docs/tensorboard.md's tables are generated when the docs are built
+# (docs/hooks/generated.py): nothing to regenerate by hand.
 
 # Cost and quality figures for docs/performance.md (minutes; not part of the tests).
 bench: $(STAMP)

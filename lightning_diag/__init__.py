@@ -13,44 +13,31 @@ Example:
 
 from __future__ import annotations
 
+import ast
 import importlib
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from lightning_diag.base import DiagnosticCallback, findings
-    from lightning_diag.callbacks import (
-        ActivationHistogram,
-        CheckpointEnsemble,
-        DataInspection,
-        EMAWeights,
-        FirstLayerVisualization,
-        GradientCheck,
-        InitialLossCheck,
-        LearningCurves,
-        LRPlateauAdvisor,
-        OverfitSmallBatch,
-        TrainingInvariants,
-        UpdateRatioMonitor,
-    )
-    from lightning_diag.checks.data.inspect import inspect_dataset
-    from lightning_diag.checks.diagnosis import diagnose
-    from lightning_diag.checks.gradients import check_gradients
-    from lightning_diag.checks.initial_loss import check_initial_loss
-    from lightning_diag.checks.overfit import OverfitResult, overfit_small_batch
-    from lightning_diag.findings import (
-        DiagnosticError,
-        DiagnosticWarning,
-        Finding,
-        Severity,
-        load_findings,
-    )
-    from lightning_diag.inference import (
-        CheckpointLoadError,
-        EnsembleModel,
-        load_ema_weights,
-        train_ensemble,
-        train_top_configs,
-    )
+if TYPE_CHECKING:  # `X as X`: re-exported for type checkers (the star: callbacks.__all__)
+    from lightning_diag.base import DiagnosticCallback as DiagnosticCallback
+    from lightning_diag.base import findings as findings
+    from lightning_diag.callbacks import *  # noqa: F403
+    from lightning_diag.checks.data.inspect import inspect_dataset as inspect_dataset
+    from lightning_diag.checks.diagnosis import diagnose as diagnose
+    from lightning_diag.checks.gradients import check_gradients as check_gradients
+    from lightning_diag.checks.initial_loss import check_initial_loss as check_initial_loss
+    from lightning_diag.checks.overfit import OverfitResult as OverfitResult
+    from lightning_diag.checks.overfit import overfit_small_batch as overfit_small_batch
+    from lightning_diag.findings import DiagnosticError as DiagnosticError
+    from lightning_diag.findings import DiagnosticWarning as DiagnosticWarning
+    from lightning_diag.findings import Finding as Finding
+    from lightning_diag.findings import Severity as Severity
+    from lightning_diag.findings import load_findings as load_findings
+    from lightning_diag.inference import CheckpointLoadError as CheckpointLoadError
+    from lightning_diag.inference import EnsembleModel as EnsembleModel
+    from lightning_diag.inference import load_ema_weights as load_ema_weights
+    from lightning_diag.inference import train_ensemble as train_ensemble
+    from lightning_diag.inference import train_top_configs as train_top_configs
 
 import lightning_diag.findings  # noqa: F401  (light; loaded now for the name below)
 
@@ -62,12 +49,8 @@ del globals()["findings"]
 __version__ = "0.1.0"
 
 #: Where each public name lives.
-_SOURCES = {
+_SOURCES: dict[str, tuple[str, ...]] = {
     "lightning_diag.base": ("DiagnosticCallback", "findings"),
-    "lightning_diag.callbacks": (
-        "ActivationHistogram", "CheckpointEnsemble", "DataInspection", "EMAWeights",
-        "FirstLayerVisualization", "GradientCheck", "InitialLossCheck", "LearningCurves",
-        "LRPlateauAdvisor", "OverfitSmallBatch", "TrainingInvariants", "UpdateRatioMonitor"),
     "lightning_diag.checks.data.inspect": ("inspect_dataset",),
     "lightning_diag.checks.diagnosis": ("diagnose",),
     "lightning_diag.checks.gradients": ("check_gradients",),
@@ -78,40 +61,23 @@ _SOURCES = {
     "lightning_diag.inference": ("CheckpointLoadError", "EnsembleModel", "load_ema_weights",
                                  "train_ensemble", "train_top_configs"),
 }
+
+
+def _callback_names() -> tuple[str, ...]:
+    """``lightning_diag.callbacks.__all__``, read from its source without importing it (that
+    would load torch and Lightning): adding a callback there exports it here too."""
+    source = Path(__file__).with_name("callbacks") / "__init__.py"
+    for node in ast.parse(source.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Assign) and any(
+                isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
+            return tuple(ast.literal_eval(node.value))
+    raise ImportError(f"{source} declares no __all__")
+
+
+_SOURCES["lightning_diag.callbacks"] = _callback_names()
 _LAZY = {name: module for module, names in _SOURCES.items() for name in names}
 
-__all__ = [
-    "ActivationHistogram",
-    "CheckpointEnsemble",
-    "CheckpointLoadError",
-    "DataInspection",
-    "DiagnosticCallback",
-    "DiagnosticError",
-    "DiagnosticWarning",
-    "EMAWeights",
-    "EnsembleModel",
-    "Finding",
-    "FirstLayerVisualization",
-    "GradientCheck",
-    "InitialLossCheck",
-    "LRPlateauAdvisor",
-    "LearningCurves",
-    "OverfitResult",
-    "OverfitSmallBatch",
-    "Severity",
-    "TrainingInvariants",
-    "UpdateRatioMonitor",
-    "check_gradients",
-    "check_initial_loss",
-    "diagnose",
-    "findings",
-    "inspect_dataset",
-    "load_ema_weights",
-    "load_findings",
-    "overfit_small_batch",
-    "train_ensemble",
-    "train_top_configs",
-]
+__all__ = sorted(_LAZY)
 
 
 def __getattr__(name: str) -> Any:

@@ -62,7 +62,9 @@ class CodeSpec:
             (an INFO reading, a check that could not run), never part of the diagnosis.
         fix: What to do, as the diagnosis' next step lists it (data and implementation causes).
         ends_trial: Why a search trial that meets it as a WARN is hopeless; empty: it does not
-            end one (any FAIL does).
+            end one (any FAIL does). Irreversible evidence only, each measured to end no trial
+            that finishes within 1 point of its search's best
+            (``benchmarks/results/pruning_rules.md``).
         reasons: ``(reason, cause, fix)`` for findings of this code whose
             ``details["reason"]`` is ``reason``: they point at that cause instead
             (:meth:`routed`), e.g. an initial loss below 0 is no initialization problem.
@@ -232,11 +234,9 @@ def _declarations() -> tuple[CodeSpec, ...]:
         c("activations.summary", act, INFO, INFO, "the worst dead and saturated fractions and the "
           "gradient ratio", "5.3", value="worst dead fraction", percent=True),
         c("gradients.vanishing", act, W, W, "the gradient vanishes before the first layers",
-          "5.3", value="gradient RMS ratio first/last layer", cause="gradient_flow",
-          ends_trial="the gradients vanish before the first layers"),
+          "5.3", value="gradient RMS ratio first/last layer", cause="gradient_flow"),
         c("gradients.exploding", act, W, W, "the gradient grows towards the first layers",
-          "5.3", value="gradient RMS ratio first/last layer", cause="lr_high",
-          ends_trial="the gradients explode"),
+          "5.3", value="gradient RMS ratio first/last layer", cause="lr_high"),
         *generic(act, "activations", "5.3", "no_tensorboard"),
         c("invariants.grad_not_zeroed", inv, W, F, "the gradient is not cleared between two "
           "optimizer steps (FAIL: it still holds the previous step's)", "5",
@@ -278,7 +278,7 @@ def _declarations() -> tuple[CodeSpec, ...]:
         c("update_ratio.too_high", ratio, W, W, "updates too large for the weights", "5.5",
           value=_RATE, cause="lr_high", ends_trial="an update as large as the weights"),
         c("update_ratio.too_low", ratio, W, W, "updates too small for the weights", "5.5",
-          value=_RATE, cause="lr_low", ends_trial="updates far below the weights' scale"),
+          value=_RATE, cause="lr_low"),
         c("update_ratio.zero_updates", ratio, W, W, "no weight moves", "5.5",
           value="weight tensors without an update", cause="implementation",
           fix="no weight moves: check `requires_grad`, the optimizer's parameters and "
@@ -290,8 +290,7 @@ def _declarations() -> tuple[CodeSpec, ...]:
         c("advisor.divergence", adv, W, F, "the step loss jumped (WARN) or became NaN/Inf "
           "(FAIL)", "6.4", value="step loss", cause="lr_high"),
         c("advisor.stalled", adv, W, W, "the step loss does not move", "6.4",
-          value="drop of the step loss", percent=True, cause="other",
-          ends_trial="the step loss does not move"),
+          value="drop of the step loss", percent=True, cause="other"),
         c("advisor.plateau", adv, W, W, "the loss plateaus while still high", "6.4",
           value="best loss", cause="plateau"),
         c("advisor.underfit", adv, W, W, "both curves high and close", "6.4", cause="underfit"),
@@ -363,8 +362,8 @@ def declared_codes(check: str) -> list[CodeSpec]:
 
 
 # -- the generated documentation --------------------------------------------------------------
-_BEGIN = ("<!-- code table: generated from lightning_diag/codes.py by `make code-table`; "
-          "do not edit -->")
+_BEGIN = ("<!-- code table: generated from lightning_diag/codes.py when the docs are built "
+          "(docs/hooks/generated.py) -->")
 _END = "<!-- end of code table -->"
 
 

@@ -16,22 +16,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from lightning_diag.base import DiagnosticCallback
-from lightning_diag.callbacks import (
-    ActivationHistogram,
-    CheckpointEnsemble,
-    DataInspection,
-    EMAWeights,
-    FirstLayerVisualization,
-    GradientCheck,
-    InitialLossCheck,
-    LearningCurves,
-    LRPlateauAdvisor,
-    OverfitSmallBatch,
-    TrainingInvariants,
-    UpdateRatioMonitor,
-)
 from lightning_diag.findings import DiagnosticWarning
 from tests.helpers import Classifier, cnn, digits, loader, trainer
+from tests.shared_cases import run_callbacks
 
 #: The planted problems: the training index a validation sample copies, and the blank ones.
 LEAKED_TRAIN_INDEX = 20
@@ -61,22 +48,9 @@ def _planted() -> tuple[TensorDataset, TensorDataset]:
 
 
 def callbacks() -> list[DiagnosticCallback]:
-    """Every callback of lightning_diag.callbacks, set for a run of a few steps."""
-    return [
-        DataInspection(),
-        GradientCheck(num_samples=2, coords_per_tensor=2),
-        InitialLossCheck(num_batches=1),
-        OverfitSmallBatch(num_batches=1, max_steps=10, progress_bar=False),
-        LearningCurves(),
-        ActivationHistogram(every_n_steps=2),
-        FirstLayerVisualization(every_n_epochs=1),
-        UpdateRatioMonitor(every_n_steps=2),
-        TrainingInvariants(every_n_steps=2),
-        # thresholds no short run meets, so that it finds underfitting
-        LRPlateauAdvisor(min_epochs=2, low_acc=0.999, close_gap=1.0),
-        EMAWeights(decay=0.9, evaluate="both"),
-        CheckpointEnsemble(k=2),
-    ]
+    """Every callback of lightning_diag.callbacks, set for a run of a few steps (the ``run``
+    arguments its test file declares in ``SHARED``)."""
+    return run_callbacks()
 
 
 def real_run(root: Path) -> RealRun:

@@ -13,6 +13,7 @@ from lightning_diag.tensorboard.tags import (
     typed_layer,
 )
 from tests.helpers import Classifier, cnn, codes, digits, events, loader, mlp, trainer
+from tests.shared_cases import Shared, T, V
 
 
 def _fit(tmp_path, model, cb, epochs=2, n=256, val=False, **kw):
@@ -232,3 +233,20 @@ def test_layer_filter_and_state_dict():
 def test_arguments_are_validated(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         ActivationHistogram(**kwargs)
+
+
+SHARED = Shared(
+    ActivationHistogram,
+    run={"every_n_steps": 2},
+    guard={"every_n_steps": 1, "figure_every_n_logs": 1},
+    bad=[("every_n_steps", True, T), ("every_n_steps", 0, V), ("layers", 3, T),
+         ("layers", "net.1", T), ("layers", [], V), ("layers", ["net.1", 2], T),
+         ("bins", 1.5, T), ("dead_fraction", 2, V), ("dead_fraction", 0, V),
+         ("saturated_fraction", 0.0, V), ("vanishing_ratio", 2, V), ("exploding_ratio", 1, V),
+         ("figure_every_n_logs", -1, V), ("figure_every_n_logs", True, T),
+         ("log_charts", 1, T), ("strict", 0, T), ("bins", 10**6, V), ("early_steps", 1, T),
+         ("min_samples", 0, V), ("min_samples", 2.5, T)],
+    state=(lambda d: (ActivationHistogram(every_n_steps=1, layers=["net.1"], min_samples=1),
+                      ActivationHistogram(every_n_steps=2, layers=["net.3"], min_samples=1)),
+           lambda cb: cb._logs, None),
+)

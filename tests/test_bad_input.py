@@ -46,6 +46,7 @@ from lightning_diag.checks.overfit import overfit_batches
 from lightning_diag.findings import Severity
 from lightning_diag.functional.monitors import histogram_row, layer_stats
 from tests.helpers import Classifier, digits, mlp, trainer
+from tests.shared_cases import declared
 
 FIT_START = ("InitialLossCheck", "GradientCheck", "OverfitSmallBatch", "DataInspection")
 
@@ -245,77 +246,10 @@ def test_activation_histogram_on_bad_activations(value: float, tmp_path: Path) -
     assert hist.last and len(hist.hooks) == 0
 
 
-T, V = TypeError, ValueError
-#: For each callback, bad values of every constructor argument and the exception each must raise.
+#: For each callback, bad values of every constructor argument and the exception each must
+#: raise: the ``bad`` its test file declares in ``SHARED``.
 BAD_ARGUMENTS: dict[type[DiagnosticCallback], list[tuple[str, Any, type[Exception]]]] = {
-    InitialLossCheck: [
-        ("num_batches", 0, V), ("num_batches", True, T), ("num_classes", 1, V),
-        ("num_classes", 2.5, T), ("expected_loss", math.nan, V), ("expected_loss", "2.3", T),
-        ("rel_tol", -0.1, V), ("abs_tol", "x", T), ("reg_attr", "", V), ("reg_attr", 3, T),
-        ("reg_strengths", [0.0, 0.0], V), ("reg_strengths", [1.0], V), ("reg_strengths", 0.1, T),
-        ("batch_to_target", None, T), ("strict", "no", T)],
-    GradientCheck: [
-        ("num_samples", 0, V), ("coords_per_tensor", 1.5, T), ("direction", 1, T), ("h", 0.0, V),
-        ("h", 1.0, V), ("tolerance", -1.0, V), ("tolerance", math.inf, V), ("kinks", "yes", T),
-        ("seed", "a", T), ("seed", True, T), ("reset", 1, T), ("strict", 1, T)],
-    OverfitSmallBatch: [
-        ("num_batches", 0, V), ("max_steps", 2.5, T), ("loss_fraction", 1.0, V),
-        ("loss_fraction", 0, V), ("reg_attr", 3, T), ("batch_to_target", 1, T),
-        ("progress_bar", 1, T), ("lr_ladder", "yes", T), ("strict", None, T)],
-    DataInspection: [
-        ("num_classes", 0, V), ("max_samples", 1.5, T), ("max_samples", 1, V),
-        ("near_threshold", 1.0, V), ("imbalance_ratio", 1, V), ("batch_to_input", 3, T),
-        ("batch_to_target", "y", T), ("max_images", 0, V), ("seed", 0.5, T),
-        ("num_threads", 0, V), ("num_workers", -1, V), ("num_workers", 1.5, T),
-        ("token_threshold", 1.0, V), ("token_threshold", "0.8", T), ("strict", "x", T)],
-    ActivationHistogram: [
-        ("every_n_steps", True, T), ("every_n_steps", 0, V), ("layers", 3, T),
-        ("layers", "net.1", T), ("layers", [], V), ("layers", ["net.1", 2], T), ("bins", 1.5, T),
-        ("dead_fraction", 2, V), ("dead_fraction", 0, V), ("saturated_fraction", 0.0, V),
-        ("vanishing_ratio", 2, V), ("exploding_ratio", 1, V), ("figure_every_n_logs", -1, V),
-        ("figure_every_n_logs", True, T), ("log_charts", 1, T), ("strict", 0, T),
-        ("bins", 10**6, V), ("early_steps", 1, T), ("min_samples", 0, V),
-        ("min_samples", 2.5, T)],
-    UpdateRatioMonitor: [
-        ("every_n_steps", True, T), ("low", 0, V), ("low", "a", T), ("high", 1e-6, V),
-        ("extreme", 0.01, V), ("patience", True, T), ("patience", 0, V), ("log_charts", "no", T),
-        ("strict", "x", T), ("early_steps", None, T), ("min_samples", 0, V),
-        ("min_samples", True, T)],
-    TrainingInvariants: [
-        ("every_n_steps", 0, V), ("every_n_steps", 2.0, T), ("patience", True, T),
-        ("patience", 0, V), ("percent_metrics", "val_acc", T), ("percent_metrics", [""], V),
-        ("percent_metrics", [3], T), ("leak_fraction", 0.0, V), ("leak_fraction", 1.0, V),
-        ("leak_fraction", "0.05", T), ("disable", ["zero_grad"], V), ("disable", "target_leak", T),
-        ("disable", [None], T), ("strict", "no", T)],
-    FirstLayerVisualization: [
-        ("every_n_epochs", 0, V), ("every_n_epochs", True, T), ("input_shape", (8,), V),
-        ("input_shape", (8, 0), V), ("input_shape", "8x8", T), ("input_shape", (8.0, 8), T),
-        ("layer", 3, T), ("layer", "", V), ("strict", 1, T)],
-    LearningCurves: [
-        ("train_loss", 1.0, T), ("val_loss", "", V), ("train_acc", 3, T), ("val_acc", "", V),
-        ("figure_every_n_epochs", -2, V), ("figure_every_n_epochs", True, T), ("strict", 1, T)],
-    LRPlateauAdvisor: [
-        ("monitor", "", V), ("monitor", 3, T), ("train_loss_key", 0, T), ("val_loss_key", "", V),
-        ("train_acc_key", 1, T), ("val_acc_key", "", V), ("patience", 0, V),
-        ("min_rel_delta", -0.1, V), ("high_fraction", 1.5, V), ("act", "yes", T),
-        ("factor", 0.0, V), ("factor", 1.0, V), ("factor", 2.0, V), ("min_lr", -1.0, V),
-        ("min_epochs", 0, V), ("low_acc", 2, V), ("close_gap", -1, V), ("overfit_gap", "x", T),
-        ("rel_gap", 1.5, V), ("halving_epochs", 0, V),
-        ("jump_factor", 1.0, V), ("min_jump_fraction", -0.5, V), ("window", 0, V),
-        ("window", 10**6, V),
-        ("min_history", 60, V), ("save_batch", None, T), ("stall_steps", 5, V),
-        ("stall_steps", 30.0, T), ("strict", 1, T), ("min_samples", -1, V),
-        ("min_samples", "32", T)],
-    EMAWeights: [
-        ("decay", 1.0, V), ("decay", -0.1, V), ("decay", True, T), ("warmup", 1, T),
-        ("update_every_n_steps", 0, V), ("update_every_n_steps", True, T), ("start_step", -1, V),
-        ("device", "gpu", V), ("device", 0, T), ("evaluate", "best", V), ("evaluate", None, T),
-        ("check_weights", "no", T), ("strict", 1, T)],
-    CheckpointEnsemble: [
-        ("k", 0, V), ("k", True, T), ("monitor", 3, T), ("monitor", "", V), ("mode", "avg", V),
-        ("every_n_epochs", 0, V), ("combine", "median", V), ("dirpath", 3, T), ("dirpath", "", V),
-        ("batch_to_target", "labels", T), ("strict", 1, T)],
-}
+    shared.cls: shared.bad for shared in declared().values()}
 CASES = [(cls, name, value, error) for cls, cases in BAD_ARGUMENTS.items()
          for name, value, error in cases]
 

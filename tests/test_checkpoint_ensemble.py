@@ -16,6 +16,7 @@ from lightning_diag.inference.ensemble import EnsembleModel, evaluate_members
 from lightning_diag.tensorboard.tags import ENSEMBLE, ENSEMBLE_FIGURE
 from tests.families import FAMILIES
 from tests.helpers import Classifier, codes, digits, events, loader, mlp, trainer
+from tests.shared_cases import Shared, T, V
 
 
 def _fit(tmp_path: Path, callbacks: list[pl.Callback], val: bool = True,
@@ -267,3 +268,17 @@ def test_a_second_fit_starts_a_new_kept_list(tmp_path: Path) -> None:
     assert len(cb.results["members"]) == 2
     (gain,) = [f for f in cb.findings if f.code == "ensemble.gain"]
     assert "Ensemble of 2 checkpoints" in gain.message
+
+
+SHARED = Shared(
+    CheckpointEnsemble,
+    run={"k": 2},
+    guard={"k": 2},
+    bad=[("k", 0, V), ("k", True, T), ("monitor", 3, T), ("monitor", "", V),
+         ("mode", "avg", V), ("every_n_epochs", 0, V), ("combine", "median", V),
+         ("dirpath", 3, T), ("dirpath", "", V), ("batch_to_target", "labels", T),
+         ("strict", 1, T)],
+    state=(lambda d: (CheckpointEnsemble(k=2, every_n_epochs=2, dirpath=d / "a"),
+                      CheckpointEnsemble(k=2, dirpath=d / "b")),
+           lambda cb: len(cb.kept), None),
+)

@@ -24,6 +24,7 @@ from lightning_diag.tensorboard.tags import (
     data_grid,
 )
 from tests.helpers import Classifier, codes, events, loader, mlp, text_events, trainer
+from tests.shared_cases import Shared, T, V
 
 
 def by_code(found: list[Finding], code: str) -> list[Finding]:
@@ -722,3 +723,18 @@ def test_margin_of_the_token_threshold_on_healthy_text() -> None:
                                 TensorDataset(val, torch.zeros(len(val), dtype=torch.long)),
                                 progress=False)
         assert codes(found) == set() and not by_code(found, "data.near_duplicates_skipped")
+
+
+SHARED = Shared(
+    DataInspection,
+    run={},
+    guard={"num_classes": 10, "max_images": 2},
+    bad=[("num_classes", 0, V), ("max_samples", 1.5, T), ("max_samples", 1, V),
+         ("near_threshold", 1.0, V), ("imbalance_ratio", 1, V), ("batch_to_input", 3, T),
+         ("batch_to_target", "y", T), ("max_images", 0, V), ("seed", 0.5, T),
+         ("num_threads", 0, V), ("num_workers", -1, V), ("num_workers", 1.5, T),
+         ("token_threshold", 1.0, V), ("token_threshold", "0.8", T), ("strict", "x", T)],
+    state=(lambda d: (DataInspection(max_samples=50, max_images=1),
+                      DataInspection(max_samples=60, max_images=1)),
+           lambda cb: cb.done, lambda cb: setattr(cb, "done", False)),
+)

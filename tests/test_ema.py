@@ -17,6 +17,7 @@ from lightning_diag.inference.checkpoints import CheckpointLoadError
 from lightning_diag.inference.ema import load_ema_weights
 from lightning_diag.tensorboard.tags import EMA_RUN, VALIDATION_RUN, ema_comparison
 from tests.helpers import Classifier, cnn, codes, digits, events, loader, mlp, trainer
+from tests.shared_cases import Shared, T, V
 
 
 def _model(net: Any = cnn, lr: float = 0.05, opt: str = "sgd", dropout: float = 0.0) -> Classifier:
@@ -332,3 +333,24 @@ def test_a_second_fit_starts_a_new_average(tmp_path: Path) -> None:
     assert all(torch.equal(reused.ema_state_dict()[k], v)
                for k, v in fresh.ema_state_dict().items())
     assert [f.code for f in reused.findings] == [f.code for f in fresh.findings]
+
+
+def _ema_sum(cb: Any) -> float:
+    return sum(float(t.double().sum()) for t in cb.ema_state_dict().values()
+               if t.is_floating_point())
+
+
+SHARED = Shared(
+    EMAWeights,
+    run={"decay": 0.9, "evaluate": "both"},
+    guard={"decay": 0.9, "evaluate": "ema"},  # swaps its average in for validation
+    bad=[("decay", 1.0, V), ("decay", -0.1, V), ("decay", True, T), ("warmup", 1, T),
+         ("update_every_n_steps", 0, V), ("update_every_n_steps", True, T),
+         ("start_step", -1, V), ("device", "gpu", V), ("device", 0, T),
+         ("evaluate", "best", V), ("evaluate", None, T), ("check_weights", "no", T),
+         ("strict", 1, T)],
+    # without warm-up: with it, the first updates of both use the same ramped decay
+    state=(lambda d: (EMAWeights(decay=0.5, warmup=False),
+                      EMAWeights(decay=0.9, warmup=False, evaluate="raw")),
+           _ema_sum, None),
+)

@@ -6,6 +6,7 @@ from lightning_diag.callbacks.first_layer import FirstLayerVisualization
 from lightning_diag.tensorboard.figures import filter_grid
 from lightning_diag.tensorboard.tags import FIRST_LAYER_FILTERS
 from tests.helpers import Classifier, cnn, digits, events, loader, mlp, trainer
+from tests.shared_cases import Shared, T, V
 
 
 def _fit(tmp_path, model, cb, epochs=2, flatten=False, **kw):
@@ -89,3 +90,16 @@ def test_named_layer_and_argument_validation():
     other = FirstLayerVisualization()
     other.load_state_dict(cb.state_dict())
     assert other._drawn_step == 7
+
+
+SHARED = Shared(
+    FirstLayerVisualization,
+    run={"every_n_epochs": 1},
+    guard={"every_n_epochs": 1, "input_shape": (8, 8)},
+    bad=[("every_n_epochs", 0, V), ("every_n_epochs", True, T), ("input_shape", (8,), V),
+         ("input_shape", (8, 0), V), ("input_shape", "8x8", T), ("input_shape", (8.0, 8), T),
+         ("layer", 3, T), ("layer", "", V), ("strict", 1, T)],
+    state=(lambda d: (FirstLayerVisualization(every_n_epochs=1, input_shape=(8, 8)),
+                      FirstLayerVisualization(every_n_epochs=2, input_shape=(8, 8))),
+           lambda cb: cb._drawn_step, lambda cb: setattr(cb, "_drawn_step", 1234)),
+)

@@ -17,6 +17,7 @@ from lightning_diag.tensorboard.tags import GRADIENT_CHECK_ERRORS
 from tests.corpus.healthy import HEALTHY
 from tests.families import FAMILIES
 from tests.helpers import Classifier, cnn, codes, digits, events, loader, mlp, text_events, trainer
+from tests.shared_cases import Shared, T, V
 
 
 class WrongSquare(torch.autograd.Function):
@@ -430,3 +431,17 @@ def test_every_family_casting_its_batch_is_judged(name):
     batch = first_batches(family.train, 1, torch.device("cpu"))[0]
     (f,) = check_gradients(module, batch, num_samples=2, coords_per_tensor=3)
     assert f.code == "gradient_check.ok", f.message
+
+
+SHARED = Shared(
+    GradientCheck,
+    run={"num_samples": 2, "coords_per_tensor": 2},
+    guard={"num_samples": 2, "coords_per_tensor": 2},
+    bad=[("num_samples", 0, V), ("coords_per_tensor", 1.5, T), ("direction", 1, T),
+         ("h", 0.0, V), ("h", 1.0, V), ("tolerance", -1.0, V), ("tolerance", float("inf"), V),
+         ("kinks", "yes", T), ("seed", "a", T), ("seed", True, T), ("reset", 1, T),
+         ("strict", 1, T)],
+    state=(lambda d: (GradientCheck(num_samples=2, coords_per_tensor=1),
+                      GradientCheck(num_samples=2, coords_per_tensor=2)),
+           lambda cb: cb.done, lambda cb: setattr(cb, "done", False)),
+)

@@ -27,36 +27,18 @@ import lightning_diag.callbacks as callbacks
 from lightning_diag.base import LIGHTNING_HOOKS, DiagnosticCallback
 from lightning_diag.callbacks import (
     ActivationHistogram,
-    CheckpointEnsemble,
-    DataInspection,
     EMAWeights,
-    FirstLayerVisualization,
     GradientCheck,
     InitialLossCheck,
-    LearningCurves,
-    LRPlateauAdvisor,
     OverfitSmallBatch,
-    TrainingInvariants,
-    UpdateRatioMonitor,
 )
 from lightning_diag.findings import DiagnosticError, Severity
 from tests.helpers import Classifier, digits, loader, mlp, trainer
+from tests.shared_cases import declared
 
+#: Each callback's arguments here: the ``guard`` its test file declares in ``SHARED``.
 ARGS: dict[type[DiagnosticCallback], dict[str, Any]] = {
-    InitialLossCheck: {"num_batches": 1},
-    GradientCheck: {"num_samples": 2, "coords_per_tensor": 2},
-    OverfitSmallBatch: {"num_batches": 1, "max_steps": 50, "loss_fraction": 0.5,
-                        "progress_bar": False},
-    DataInspection: {"num_classes": 10, "max_images": 2},
-    ActivationHistogram: {"every_n_steps": 1, "figure_every_n_logs": 1},
-    UpdateRatioMonitor: {"every_n_steps": 1},
-    TrainingInvariants: {"every_n_steps": 1},
-    FirstLayerVisualization: {"every_n_epochs": 1, "input_shape": (8, 8)},
-    LearningCurves: {},
-    LRPlateauAdvisor: {"patience": 1, "min_epochs": 1, "min_history": 2, "save_batch": False},
-    EMAWeights: {"decay": 0.9, "evaluate": "ema"},  # swaps its average in for validation
-    CheckpointEnsemble: {"k": 2},
-}
+    shared.cls: shared.guard for shared in declared().values()}
 #: The hooks that run only when a fit resumes, or only when it raises; all others run in a
 #: plain fit that writes a checkpoint each epoch.
 SCENARIO = {"load_state_dict": "resume", "on_load_checkpoint": "resume", "on_exception": "crash"}

@@ -16,6 +16,7 @@ from lightning_diag.isolation import first_batches
 from lightning_diag.tensorboard.tags import FINDINGS_TABLE
 from tests.families import FAMILIES
 from tests.helpers import Classifier, cnn, codes, digits, events, loader, mlp, text_events, trainer
+from tests.shared_cases import Shared, T, V
 
 
 def batches(n=2, size=64, flatten=False):
@@ -537,3 +538,17 @@ def test_a_network_whose_default_inits_miss_the_band_keeps_the_band():
     (head,) = bad.details["heads"]
     assert head["tolerance"] == head["recipe_tolerance"] < head["delta"]
     assert "missing the band themselves" in head["init_spread"]
+
+
+SHARED = Shared(
+    InitialLossCheck,
+    run={"num_batches": 1},
+    guard={"num_batches": 1},
+    bad=[("num_batches", 0, V), ("num_batches", True, T), ("num_classes", 1, V),
+         ("num_classes", 2.5, T), ("expected_loss", math.nan, V), ("expected_loss", "2.3", T),
+         ("rel_tol", -0.1, V), ("abs_tol", "x", T), ("reg_attr", "", V), ("reg_attr", 3, T),
+         ("reg_strengths", [0.0, 0.0], V), ("reg_strengths", [1.0], V),
+         ("reg_strengths", 0.1, T), ("batch_to_target", None, T), ("strict", "no", T)],
+    state=(lambda d: (InitialLossCheck(num_batches=1), InitialLossCheck(num_batches=2)),
+           lambda cb: cb.done, lambda cb: setattr(cb, "done", False)),
+)

@@ -52,6 +52,7 @@ from lightning_diag.functional.invariants import (
 )
 from tests.families import FAMILIES, Family
 from tests.helpers import Classifier, cnn, codes, digits, events, loader, mlp, text_events, trainer
+from tests.shared_cases import Shared, T, V
 
 
 def fit(tmp_path: Path, model: pl.LightningModule, cb: TrainingInvariants | None = None,
@@ -1038,3 +1039,19 @@ def test_families_healthy_and_planted(tmp_path, name, bug):
         PLANTED[bug](family)
     cb = _family_fit(tmp_path, family)
     assert problems(cb) == (set() if bug is None else {f"invariants.{bug}"})
+
+
+SHARED = Shared(
+    TrainingInvariants,
+    run={"every_n_steps": 2},
+    guard={"every_n_steps": 1},
+    bad=[("every_n_steps", 0, V), ("every_n_steps", 2.0, T), ("patience", True, T),
+         ("patience", 0, V), ("percent_metrics", "val_acc", T), ("percent_metrics", [""], V),
+         ("percent_metrics", [3], T), ("leak_fraction", 0.0, V), ("leak_fraction", 1.0, V),
+         ("leak_fraction", "0.05", T), ("disable", ["zero_grad"], V),
+         ("disable", "target_leak", T), ("disable", [None], T), ("strict", "no", T)],
+    state=(lambda d: (TrainingInvariants(patience=2), TrainingInvariants(patience=3)),
+           lambda cb: cb._optim.streaks,
+           lambda cb: cb._optim.streaks.setdefault("optimizer 0 (Adam)", {})
+           .update({"net.1.weight": 1})),
+)

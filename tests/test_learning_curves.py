@@ -16,6 +16,7 @@ from lightning_diag.tensorboard.tags import (
 )
 from tests.families import FAMILIES
 from tests.helpers import Classifier, codes, digits, events, loader, mlp, trainer
+from tests.shared_cases import Shared, T, V
 
 
 def _fit(tmp_path, model, cbs, epochs=3, val=True, **kw):
@@ -168,3 +169,15 @@ def test_the_learning_rate_of_every_param_group_per_epoch(tmp_path):
     plain = _fit(tmp_path / "plain", Classifier(mlp(), lr=3e-3), [LearningCurves()], epochs=1)
     assert [e.value for e in events(plain.logger.log_dir).Scalars(learning_rate("Adam"))] == \
         pytest.approx([3e-3])
+
+
+SHARED = Shared(
+    LearningCurves,
+    run={},
+    guard={},
+    bad=[("train_loss", 1.0, T), ("val_loss", "", V), ("train_acc", 3, T), ("val_acc", "", V),
+         ("figure_every_n_epochs", -2, V), ("figure_every_n_epochs", True, T),
+         ("strict", 1, T)],
+    state=(lambda d: (LearningCurves(), LearningCurves(train_loss="train_acc")),
+           lambda cb: cb.history.get("loss/train"), None),
+)

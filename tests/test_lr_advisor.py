@@ -33,6 +33,7 @@ from lightning_diag.functional.curves import (
 from lightning_diag.tensorboard.tags import FINDINGS_TABLE
 from tests.families import FAMILIES
 from tests.helpers import Classifier, codes, digits, events, loader, mlp, text_events, trainer
+from tests.shared_cases import Shared, T, V
 
 N_BATCHES = 4
 
@@ -530,3 +531,24 @@ def test_a_divergence_on_a_clean_batch_points_at_the_model_and_the_learning_rate
                                      loader(digits(256), batch_size=32, shuffle=False))
     (f,) = [f for f in adv.findings if f.code == "advisor.divergence"]
     assert "No data inspection ran in this fit" in f.message and not f.details["data_checked"]
+
+
+SHARED = Shared(
+    LRPlateauAdvisor,
+    # thresholds no short run meets, so that the real run finds underfitting
+    run={"min_epochs": 2, "low_acc": 0.999, "close_gap": 1.0},
+    guard={"patience": 1, "min_epochs": 1, "min_history": 2, "save_batch": False},
+    bad=[("monitor", "", V), ("monitor", 3, T), ("train_loss_key", 0, T),
+         ("val_loss_key", "", V), ("train_acc_key", 1, T), ("val_acc_key", "", V),
+         ("patience", 0, V), ("min_rel_delta", -0.1, V), ("high_fraction", 1.5, V),
+         ("act", "yes", T), ("factor", 0.0, V), ("factor", 1.0, V), ("factor", 2.0, V),
+         ("min_lr", -1.0, V), ("min_epochs", 0, V), ("low_acc", 2, V), ("close_gap", -1, V),
+         ("overfit_gap", "x", T), ("rel_gap", 1.5, V), ("halving_epochs", 0, V),
+         ("jump_factor", 1.0, V), ("min_jump_fraction", -0.5, V), ("window", 0, V),
+         ("window", 10**6, V), ("min_history", 60, V), ("save_batch", None, T),
+         ("stall_steps", 5, V), ("stall_steps", 30.0, T), ("strict", 1, T),
+         ("min_samples", -1, V), ("min_samples", "32", T)],
+    state=(lambda d: (LRPlateauAdvisor(window=2, min_history=1, save_batch=False),
+                      LRPlateauAdvisor(window=50, save_batch=False)),
+           lambda cb: len(cb.step_losses), None),
+)

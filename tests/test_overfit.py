@@ -18,6 +18,7 @@ from lightning_diag.isolation import OptimizationSettings, first_batches
 from lightning_diag.tensorboard.tags import OVERFIT_ACCURACY, OVERFIT_LOSS, overfit_ladder
 from tests.families import FAMILIES
 from tests.helpers import Classifier, cnn, codes, digits, events, loader, mlp, trainer
+from tests.shared_cases import Shared, T, V
 
 
 class Regressor(pl.LightningModule):
@@ -496,3 +497,16 @@ def test_a_sigmoid_before_a_regression_loss_is_shown_squashed():
     assert f.code == "overfit.not_reached" and f.severity == "fail" and not result.ladder
     assert result.squashed and not result.natural_floor
     assert "comes out of a sigmoid, in (0, 1)" in f.message and "remove it" in f.advice
+
+
+SHARED = Shared(
+    OverfitSmallBatch,
+    run={"num_batches": 1, "max_steps": 10, "progress_bar": False},
+    guard={"num_batches": 1, "max_steps": 50, "loss_fraction": 0.5, "progress_bar": False},
+    bad=[("num_batches", 0, V), ("max_steps", 2.5, T), ("loss_fraction", 1.0, V),
+         ("loss_fraction", 0, V), ("reg_attr", 3, T), ("batch_to_target", 1, T),
+         ("progress_bar", 1, T), ("lr_ladder", "yes", T), ("strict", None, T)],
+    state=(lambda d: (OverfitSmallBatch(num_batches=1, max_steps=2, progress_bar=False),
+                      OverfitSmallBatch(num_batches=1, max_steps=3, progress_bar=False)),
+           lambda cb: cb.done, lambda cb: setattr(cb, "done", False)),
+)

@@ -22,81 +22,20 @@ from lightning_diag.base import DiagnosticCallback, FitStartCheck
 from lightning_diag.callbacks import (
     ActivationHistogram,
     CheckpointEnsemble,
-    DataInspection,
     EMAWeights,
-    FirstLayerVisualization,
-    GradientCheck,
     InitialLossCheck,
     LearningCurves,
     LRPlateauAdvisor,
-    OverfitSmallBatch,
-    TrainingInvariants,
     UpdateRatioMonitor,
 )
 from lightning_diag.inference import CheckpointLoadError, load_ema_weights
 from tests.helpers import Classifier, digits, loader, mlp, trainer
+from tests.shared_cases import StateCase, declared
 
-Pair = tuple[DiagnosticCallback, DiagnosticCallback]
-
-
-def _ema_sum(cb: Any) -> float:
-    return sum(float(t.double().sum()) for t in cb.ema_state_dict().values()
-               if t.is_floating_point())
-
-
-# name -> (a pair configured differently, the value that differs, a state planted when the runs
-# themselves leave both equal)
-Case = tuple[Callable[[Path], Pair], Callable[[Any], Any], Callable[[Any], None] | None]
-CASES: dict[str, Case] = {
-    "InitialLossCheck": (
-        lambda d: (InitialLossCheck(num_batches=1), InitialLossCheck(num_batches=2)),
-        lambda cb: cb.done, lambda cb: setattr(cb, "done", False)),
-    "GradientCheck": (
-        lambda d: (GradientCheck(num_samples=2, coords_per_tensor=1),
-                   GradientCheck(num_samples=2, coords_per_tensor=2)),
-        lambda cb: cb.done, lambda cb: setattr(cb, "done", False)),
-    "OverfitSmallBatch": (
-        lambda d: (OverfitSmallBatch(num_batches=1, max_steps=2, progress_bar=False),
-                   OverfitSmallBatch(num_batches=1, max_steps=3, progress_bar=False)),
-        lambda cb: cb.done, lambda cb: setattr(cb, "done", False)),
-    "DataInspection": (
-        lambda d: (DataInspection(max_samples=50, max_images=1),
-                   DataInspection(max_samples=60, max_images=1)),
-        lambda cb: cb.done, lambda cb: setattr(cb, "done", False)),
-    "ActivationHistogram": (
-        lambda d: (ActivationHistogram(every_n_steps=1, layers=["net.1"], min_samples=1),
-                   ActivationHistogram(every_n_steps=2, layers=["net.3"], min_samples=1)),
-        lambda cb: cb._logs, None),
-    "UpdateRatioMonitor": (
-        lambda d: (UpdateRatioMonitor(every_n_steps=1),
-                   UpdateRatioMonitor(every_n_steps=1, low=0.5, high=0.9, patience=100)),
-        lambda cb: cb.streak["too_low"], None),
-    "TrainingInvariants": (
-        lambda d: (TrainingInvariants(patience=2), TrainingInvariants(patience=3)),
-        lambda cb: cb._optim.streaks,
-        lambda cb: cb._optim.streaks.setdefault("optimizer 0 (Adam)", {})
-        .update({"net.1.weight": 1})),
-    "FirstLayerVisualization": (
-        lambda d: (FirstLayerVisualization(every_n_epochs=1, input_shape=(8, 8)),
-                   FirstLayerVisualization(every_n_epochs=2, input_shape=(8, 8))),
-        lambda cb: cb._drawn_step, lambda cb: setattr(cb, "_drawn_step", 1234)),
-    "LearningCurves": (
-        lambda d: (LearningCurves(), LearningCurves(train_loss="train_acc")),
-        lambda cb: cb.history.get("loss/train"), None),
-    "LRPlateauAdvisor": (
-        lambda d: (LRPlateauAdvisor(window=2, min_history=1, save_batch=False),
-                   LRPlateauAdvisor(window=50, save_batch=False)),
-        lambda cb: len(cb.step_losses), None),
-    "EMAWeights": (
-        # without warm-up: with it, the first updates of both use the same ramped decay
-        lambda d: (EMAWeights(decay=0.5, warmup=False),
-                   EMAWeights(decay=0.9, warmup=False, evaluate="raw")),
-        _ema_sum, None),
-    "CheckpointEnsemble": (
-        lambda d: (CheckpointEnsemble(k=2, every_n_epochs=2, dirpath=d / "a"),
-                   CheckpointEnsemble(k=2, dirpath=d / "b")),
-        lambda cb: len(cb.kept), None),
-}
+#: name -> (a pair configured differently, the value that differs, a state planted when the
+#: runs themselves leave both equal): the ``state`` its test file declares in ``SHARED``.
+CASES: dict[str, StateCase] = {
+    name: shared.state for name, shared in declared().items() if shared.state is not None}
 
 
 class ValuesAtTrainStart(pl.Callback):

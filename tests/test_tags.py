@@ -183,15 +183,6 @@ def test_tuning_writes_what_it_declares(tune_dir):
 
 
 # -- the documentation -----------------------------------------------------------------------
-def test_docs_hold_the_generated_tag_table():
-    page = ROOT / "docs" / "tensorboard.md"
-    doc = page.read_text(encoding="utf-8")
-    assert tags.replace_table(doc) == doc, (
-        "docs/tensorboard.md's tag table differs from lightning_diag/tensorboard/tags.py; "
-        "regenerate it with `make tag-table` (or call "
-        "lightning_diag.tensorboard.tags.write_table('docs/tensorboard.md'))")
-
-
 def test_no_writer_spells_a_tag():
     literal = re.compile(r"""\bf?["'](""" + "|".join(map(re.escape, tags.ROOTS)) + ")/")
     package = ROOT / "lightning_diag"

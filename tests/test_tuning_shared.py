@@ -8,6 +8,7 @@ no cluster can be started. The driver comes with the ``postgres`` extra (part of
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
@@ -238,3 +239,87 @@ def test_a_trial_trains_under_ddp_and_reports_one_value(tmp_path: Path) -> None:
         for rank in (0, 1):
             fit = tmp_path / "fits" / f"rank{rank}_lr{t.params['lr']!r}"
             assert fit.exists() and fit.read_text() == "2", fit
+
+
+HOLDER = textwrap.dedent("""
+    import functools, pathlib, sys, time
+    sys.path.insert(0, {root!r})
+    from lightning_diag.examples.digits import DigitsClassifier
+    from lightning_diag.tuning.search import random_search
+    from tests.helpers import digits, loader
+
+    run_dir = pathlib.Path(sys.argv[1])
+
+    class Waiting(DigitsClassifier):
+        def on_train_start(self):  # holds its trial RUNNING until the test says go on
+            (run_dir / "training").touch()
+            deadline = time.monotonic() + 120
+            while not (run_dir / "go").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+    factory = functools.partial(Waiting, arch="mlp", width=16, dropout=0.0)
+    data = (loader(digits(128), 32), loader(digits(64), 64, shuffle=False))
+    random_search(factory, data, center_lr=1e-2, n_trials=2, epochs=(1, 1), run_dir=run_dir,
+                  accelerator="cpu", limit_train_batches=2, enable_model_summary=False)
+""")
+
+
+@pytest.mark.slow
+def test_a_second_process_on_an_embedded_study_is_refused(
+        tmp_path: Path, spawned: list[subprocess.Popen], capsys: pytest.CaptureFixture) -> None:
+    # Before: the second process took the first one's running trial for a crash's leftover and
+    # failed it; the first then died with "Cannot tell a FAIL trial" (2 of 3 in a rerun).
+    from lightning_diag.cli import main
+    from lightning_diag.examples.digits import DigitsClassifier
+    from lightning_diag.tuning.search import random_search
+    from lightning_diag.tuning.study import RunDirInUseError
+    from tests.helpers import digits, loader
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with open(tmp_path / "stderr", "wb") as err:
+        first = subprocess.Popen([sys.executable, "-c", HOLDER.format(root=str(ROOT)),
+                                  str(run_dir)], cwd=tmp_path, stderr=err,
+                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
+    spawned.append(first)
+    deadline = time.monotonic() + 120
+    while not (run_dir / "training").exists():
+        assert first.poll() is None, (tmp_path / "stderr").read_text()[-2000:]
+        assert time.monotonic() < deadline, "the first search never started its trial"
+        time.sleep(0.05)
+    factory = functools.partial(DigitsClassifier, arch="mlp", width=16, dropout=0.0)
+    data = (loader(digits(128), 32), loader(digits(64), 64, shuffle=False))
+    with pytest.raises(RunDirInUseError, match=r"one process per run_dir\. To search with "
+                       r"several processes, give each the same storage URL \(`storage=` / "
+                       r"`--storage`"):
+        random_search(factory, data, center_lr=1e-2, n_trials=3, epochs=(1, 1),
+                      run_dir=run_dir, accelerator="cpu")
+    assert main(["tune", "--run-dir", str(run_dir), "--accelerator", "cpu"]) == 2
+    said = capsys.readouterr().err
+    assert said.startswith("lightning-diag tune: Another process is searching in run_dir")
+    assert said.count("\n") == 1 and "--storage" in said
+    (run_dir / "go").touch()
+    assert first.wait(timeout=240) == 0, (tmp_path / "stderr").read_text()[-2000:]
+    study = optuna.load_study(study_name="lightning_diag_search",
+                              storage=f"sqlite:///{run_dir / 'study.db'}")
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    # the lock went with the process: the run_dir is free again
+    again = random_search(factory, data, center_lr=1e-2, n_trials=3, epochs=(1, 1),
+                          run_dir=run_dir, accelerator="cpu", limit_train_batches=2)
+    assert len(again.rows) == 3
+
+
+@pytest.mark.slow
+def test_workers_starting_at_once_on_a_fresh_sqlite_study(
+        tmp_path: Path, spawned: list[subprocess.Popen]) -> None:
+    # Before: they raced to create the study's tables (IntegrityError on the schema's version
+    # row; 1-2 of 3 workers died in 2 of 4 runs). Nothing creates the study beforehand here.
+    storage = f"sqlite:///{tmp_path / 'fresh.db'}"
+    code = WORKER.format(root=str(ROOT), storage=storage, heartbeat=60)
+    procs = [_worker(spawned, code, tmp_path / f"w{i}", 6, "together") for i in range(3)]
+    for p in procs:
+        p.wait(timeout=240)
+    assert [p.returncode for p in procs] == [0, 0, 0], [_stderr(p) for p in procs]
+    study = optuna.load_study(study_name="shared", storage=storage)
+    assert 6 <= len(_finished(study)) <= 8
+    assert all(t.state.name != "FAIL" for t in study.get_trials())

@@ -17,6 +17,7 @@ from lightning_diag.tensorboard.tags import (
     update_ratio_layer,
 )
 from tests.helpers import Classifier, cnn, codes, digits, events, loader, mlp, trainer
+from tests.shared_cases import Shared, T, V
 
 
 def _fit(tmp_path, model, cb, epochs=2, n=256, logger=False, **kw):
@@ -187,3 +188,17 @@ def test_state_dict_keeps_streaks():
 def test_arguments_are_validated(kwargs, error, match):
     with pytest.raises(error, match=match):
         UpdateRatioMonitor(**kwargs)
+
+
+SHARED = Shared(
+    UpdateRatioMonitor,
+    run={"every_n_steps": 2},
+    guard={"every_n_steps": 1},
+    bad=[("every_n_steps", True, T), ("low", 0, V), ("low", "a", T), ("high", 1e-6, V),
+         ("extreme", 0.01, V), ("patience", True, T), ("patience", 0, V),
+         ("log_charts", "no", T), ("strict", "x", T), ("early_steps", None, T),
+         ("min_samples", 0, V), ("min_samples", True, T)],
+    state=(lambda d: (UpdateRatioMonitor(every_n_steps=1),
+                      UpdateRatioMonitor(every_n_steps=1, low=0.5, high=0.9, patience=100)),
+           lambda cb: cb.streak["too_low"], None),
+)

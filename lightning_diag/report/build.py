@@ -35,7 +35,15 @@ from lightning_diag.report import sections
 from lightning_diag.report.canvas import Canvas
 from lightning_diag.report.html import CSS, section
 from lightning_diag.tensorboard.events import load_runs
-from lightning_diag.tensorboard.tags import DATA, FINDINGS, FINDINGS_CARD, FIRST_LAYER, TUNING
+from lightning_diag.tensorboard.tags import (
+    DATA,
+    FINDINGS,
+    FINDINGS_CARD,
+    FIRST_LAYER,
+    ROOTS,
+    TAGS,
+    TUNING,
+)
 
 __all__ = ["build_report"]
 
@@ -116,6 +124,7 @@ def _render(c: Canvas, found: dict[str, list[Finding]]) -> tuple[str, list[tuple
         ("ema", "EMA vs raw weights", sections.ema),
         ("ensemble", "Ensemble vs members", sections.ensemble),
         ("tuning", "Tuning", lambda c: c.slug(TUNING.prefix)),
+        *_group_sections(),
         ("other", "Other scalars",
          lambda c: sections.other(c, read if "curves" in dict(toc) else ())),
     ]
@@ -127,6 +136,17 @@ def _render(c: Canvas, found: dict[str, list[Finding]]) -> tuple[str, list[tuple
             toc.append((anchor, title))
             out.append(section(anchor, title, content))
     return "".join(out), toc
+
+
+def _group_sections() -> list[tuple[str, str, Callable[[Canvas], str]]]:
+    """A section for each tag group (root of :data:`ROOTS`) that no section above showed, say
+    a new check's: everything under its root, titled by its writer."""
+    writers = {s.pattern.split("/", 1)[0]: s.writer for s in TAGS}
+    return [(root, writers.get(root, root), _everything_under(root + "/")) for root in ROOTS]
+
+
+def _everything_under(prefix: str) -> Callable[[Canvas], str]:
+    return lambda c: c.slug(prefix)
 
 
 def _read_as_curves(c: Canvas, found: dict[str, list[Finding]]) -> set[str]:

@@ -296,8 +296,8 @@ def find(tag: str, kind: Kind, writer: str | None = None, run: str = "") -> TagS
 
 
 # -- the generated documentation --------------------------------------------------------------
-_BEGIN = ("<!-- tag table: generated from lightning_diag/tensorboard/tags.py by `make tag-table`; "
-          "do not edit -->")
+_BEGIN = ("<!-- tag table: generated from lightning_diag/tensorboard/tags.py when the docs are "
+          "built (docs/hooks/generated.py) -->")
 _END = "<!-- end of tag table -->"
 
 

@@ -14,7 +14,10 @@ from lightning_diag.tuning.pruning import (
     ends_trial,
     trial_monitors,
 )
-from lightning_diag.tuning.search import RefineResult, SearchResult, random_search, refine
+from lightning_diag.tuning.records import RefinedConfig, RefineResult, SearchResult, TrialRecord
+from lightning_diag.tuning.refine import refine
+from lightning_diag.tuning.search import random_search
+from lightning_diag.tuning.study import RunDirInUseError, StorageError
 from lightning_diag.tuning.sweep import (
     LRComparison,
     ModelFactory,
@@ -29,8 +32,12 @@ __all__ = [
     "LRComparison",
     "ModelFactory",
     "RefineResult",
+    "RefinedConfig",
+    "RunDirInUseError",
     "SearchResult",
+    "StorageError",
     "SweepResult",
+    "TrialRecord",
     "TuneSummary",
     "compare_with_lr_find",
     "describe_end",

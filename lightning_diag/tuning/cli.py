@@ -15,6 +15,7 @@ import argparse
 import importlib
 import json
 import logging
+import re
 import sys
 from typing import Any
 
@@ -85,9 +86,11 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_tune(args: argparse.Namespace) -> int:
-    """Run ``tune`` from parsed arguments; print the summary. Returns the exit status."""
-    from lightning_diag.tuning.pipeline import tune
-    from lightning_diag.tuning.search import require_optuna
+    """Run ``tune`` from parsed arguments; print the summary. Returns the exit status: 0, or 2
+    with one line on stderr for a usage error (a bad number, class, JSON or storage URL, a
+    run directory another search holds), before any training."""
+    from lightning_diag.tuning.pipeline import check_tune_arguments, tune
+    from lightning_diag.tuning.study import RunDirInUseError, StorageError, require_optuna
 
     try:
         require_optuna()  # before the sweep, not after it
@@ -98,19 +101,40 @@ def run_tune(args: argparse.Namespace) -> int:
         dm_kwargs = json.loads(args.datamodule_kwargs)
         if not isinstance(model_kwargs, dict) or not isinstance(dm_kwargs, dict):
             raise ValueError("--model-kwargs and --datamodule-kwargs must be JSON objects.")
-    except (ImportError, ValueError, json.JSONDecodeError) as err:
-        print(f"lightning-diag tune: {err}", file=sys.stderr)
-        return 2
 
-    def factory(lr: float, weight_decay: float) -> Any:
-        return model_cls(lr=lr, weight_decay=weight_decay, **model_kwargs)
+        def factory(lr: float, weight_decay: float) -> Any:
+            return model_cls(lr=lr, weight_decay=weight_decay, **model_kwargs)
 
+        kwargs: dict[str, Any] = dict(
+            lrs=tuple(args.lrs), sweep_steps=args.sweep_steps, n_trials=args.trials,
+            epochs=(args.epochs[0], args.epochs[1]), weight_decays=tuple(args.weight_decays),
+            top_k=args.top_k, refine_epochs=args.refine_epochs, study_name=args.study_name,
+            monitor=args.monitor, direction=args.direction, seed=args.seed,
+            heartbeat=args.heartbeat or None, diagnose=args.diagnose)
+        check_tune_arguments(model_factory=factory, **kwargs)
+    except (ImportError, ValueError, TypeError) as err:  # JSONDecodeError is a ValueError
+        return _usage_error(err)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    tune(factory, dm_cls(**dm_kwargs), lrs=tuple(args.lrs), sweep_steps=args.sweep_steps,
-         n_trials=args.trials, epochs=(args.epochs[0], args.epochs[1]),
-         weight_decays=tuple(args.weight_decays), top_k=args.top_k,
-         refine_epochs=args.refine_epochs, run_dir=args.run_dir, storage=args.storage,
-         study_name=args.study_name, monitor=args.monitor, direction=args.direction,
-         seed=args.seed, verbose=True, heartbeat=args.heartbeat or None, diagnose=args.diagnose,
-         accelerator=args.accelerator)
+    try:
+        tune(factory, dm_cls(**dm_kwargs), run_dir=args.run_dir, storage=args.storage,
+             verbose=True, accelerator=args.accelerator, **kwargs)
+    except (StorageError, RunDirInUseError) as err:  # raised before any training
+        return _usage_error(err)
     return 0
+
+
+def _usage_error(err: BaseException) -> int:
+    """One line naming the mistake by its command-line option; exit status 2."""
+    text = re.sub(r"`(\w+)(\[\d+\])?`",
+                  lambda m: f"`{_OPTIONS.get(m[1], m[1])}`" + (f" (value {int(m[2][1:-1]) + 1})"
+                                                             if m[2] else ""),
+                  " ".join(str(err).split()))
+    print(f"lightning-diag tune: {text}", file=sys.stderr)
+    return 2
+
+
+#: The arguments of ``tune`` the checks name, and the options that set them.
+_OPTIONS = {"lrs": "--lrs", "sweep_steps": "--sweep-steps", "n_trials": "--trials",
+            "epochs": "--epochs", "weight_decays": "--weight-decays", "top_k": "--top-k",
+            "refine_epochs": "--refine-epochs", "study_name": "--study-name",
+            "monitor": "--monitor", "heartbeat": "--heartbeat", "seed": "--seed"}

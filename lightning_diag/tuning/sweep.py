@@ -207,37 +207,17 @@ def lr_sweep(model_factory: ModelFactory, train_dataloaders: Any = None,
     check_number("weight_decay", weight_decay, low=0)
     check_number("alpha", alpha, low=0, high=1, low_open=True)
     check_flag("extend_edge", extend_edge)
-    if settings is not None:
-        both = sorted(set(settings.trainer_kwargs()) & set(trainer_kwargs))
-        if both:
-            raise ValueError(f"`settings` already sets {both}: give them in one place.")
-        trainer_kwargs = {**settings.trainer_kwargs(), **trainer_kwargs}
+    trainer_kwargs = _merged(settings, trainer_kwargs)
     init = build_model(model_factory, float(lrs[0]), weight_decay, seed).state_dict()
     init = {k: v.detach().clone() for k, v in init.items()}
-    generators = _generators(train_dataloaders)
-    saved = [g.get_state() for g in generators]
-    curves: dict[float, list[float]] = {}
-
-    def sweep(rates: Sequence[float]) -> None:
-        try:
-            for lr in rates:
-                for g, state in zip(generators, saved, strict=True):
-                    g.set_state(state)  # a loader's own shuffling generator: same order
-                model = build_model(model_factory, float(lr), weight_decay, seed, init)
-                recorder = _StepLosses()
-                trainer = quiet_trainer(max_steps=steps, max_epochs=-1, limit_val_batches=0,
-                                        callbacks=[recorder], **trainer_kwargs)
-                trainer.fit(model, train_dataloaders=train_dataloaders, datamodule=datamodule)
-                curves[float(lr)] = recorder.losses
-        finally:
-            for g, state in zip(generators, saved, strict=True):
-                g.set_state(state)
-
-    sweep(lrs)
+    run = partial(_train_rates, model_factory, init=init, steps=steps, weight_decay=weight_decay,
+                  seed=seed, train_dataloaders=train_dataloaders, datamodule=datamodule,
+                  trainer_kwargs=trainer_kwargs)
+    curves = run(lrs)
     best, scores, bad = pick_learning_rate(curves, alpha=alpha)
     extended = beyond_edge(best, list(curves)) if extend_edge else None
     if extended is not None:
-        sweep([extended])
+        curves.update(run([extended]))
         best, scores, bad = pick_learning_rate(curves, alpha=alpha)
     smoothed = {lr: smooth_ema(c, alpha).tolist() if c else [] for lr, c in curves.items()}
     edge = _edge(best, list(curves))
@@ -246,6 +226,47 @@ def lr_sweep(model_factory: ModelFactory, train_dataloaders: Any = None,
     if run_dir is not None:
         result.png_path = _write_charts(result, Path(run_dir))
     return result
+
+
+def _merged(settings: OptimizationSettings | None, trainer_kwargs: dict[str, Any]
+            ) -> dict[str, Any]:
+    """The main run's ``settings`` as Trainer arguments, with ``trainer_kwargs``; one place each.
+
+    Raises:
+        ValueError: an argument is given both ways.
+    """
+    if settings is None:
+        return trainer_kwargs
+    both = sorted(set(settings.trainer_kwargs()) & set(trainer_kwargs))
+    if both:
+        raise ValueError(f"`settings` already sets {both}: give them in one place.")
+    return {**settings.trainer_kwargs(), **trainer_kwargs}
+
+
+def _train_rates(model_factory: ModelFactory, rates: Sequence[float], *,
+                 init: Mapping[str, torch.Tensor], steps: int, weight_decay: float, seed: int,
+                 train_dataloaders: Any, datamodule: pl.LightningDataModule | None,
+                 trainer_kwargs: dict[str, Any]) -> dict[float, list[float]]:
+    """Each rate's step losses over ``steps`` optimizer steps, from the weights ``init``, every
+    rate on the same batches in the same order (a loader's own shuffling generator is rewound
+    before each run and after the last)."""
+    generators = _generators(train_dataloaders)
+    saved = [g.get_state() for g in generators]
+    curves: dict[float, list[float]] = {}
+    try:
+        for lr in rates:
+            for g, state in zip(generators, saved, strict=True):
+                g.set_state(state)
+            model = build_model(model_factory, float(lr), weight_decay, seed, init)
+            recorder = _StepLosses()
+            trainer = quiet_trainer(max_steps=steps, max_epochs=-1, limit_val_batches=0,
+                                    callbacks=[recorder], **trainer_kwargs)
+            trainer.fit(model, train_dataloaders=train_dataloaders, datamodule=datamodule)
+            curves[float(lr)] = recorder.losses
+    finally:
+        for g, state in zip(generators, saved, strict=True):
+            g.set_state(state)
+    return curves
 
 
 def _edge(best: float, lrs: list[float]) -> str:
