@@ -62,8 +62,9 @@ from lightning_diag.functional.output_form import memorising_output
 from lightning_diag.functional.task import Task, infer_task, select_output
 from lightning_diag.isolation import RNGState, StepState, side_experiment
 
-__all__ = ["BINARY", "BINARY_MARGIN", "ROLLS", "SAME_LOSS_TOL", "WIDTH", "StepProbe", "binary_scores",
-           "labels_ignored", "output_classes", "output_width", "replace_leaf", "step_task"]
+__all__ = ["BINARY", "BINARY_MARGIN", "ROLLS", "SAME_LOSS_TOL", "WIDTH", "StepProbe",
+           "binary_scores", "labels_ignored", "output_classes", "output_width", "replace_leaf",
+           "step_task"]
 
 #: Two losses within this (relative) of each other are the same: float rounding of the same
 #: computation, far below any change a label makes in a loss that reads it.

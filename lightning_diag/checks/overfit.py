@@ -166,16 +166,12 @@ def overfit_batches(
     short, the loss of the best output shared by every sample (fitted through the user's step)
     tells a floor of the data from a failure (:data:`BEYOND_CONSTANT`).
 
-    A run that missed the target, with no floor to explain it, has the loss's recent trend
-    fitted (:meth:`OverfitResult.judge_trend`): ``slow`` when it reaches the target within one
-    more budget of steps with the predictions nearly all right (``overfit.slow``, INFO).
-
-    When the configured learning rate does not overfit (the loss target missed, or a NaN) and
-    neither a floor nor a slow fall explains it, ``lr_ladder`` tries the rates of
-    :func:`ladder_rates` in order, each on a fresh copy with the same ``max_steps`` budget, and
-    stops at the first that overfits; not when the initial loss itself is not finite or not
-    positive, nor when the output is squashed (no rate changes those). The cost: at most ``len(ladder_rates(lr))`` (5 or fewer)
-    more runs of up to ``max_steps`` steps, paid only when the test fails.
+    A run that missed the target with no floor to explain it, but whose loss still falls
+    steadily towards it, is ``slow`` (:meth:`OverfitResult.judge_trend`, ``overfit.slow``).
+    Otherwise, when the configured learning rate does not overfit (the target missed, or a
+    NaN), ``lr_ladder`` tries :func:`ladder_rates` in order, each on a fresh copy with the same
+    budget, up to the first that overfits (at most 5 more runs, paid only on a failure); not
+    when the initial loss is not finite or not positive, nor for a squashed output.
 
     Args:
         module: The LightningModule, as initialized.
