@@ -169,8 +169,8 @@ def summarize(rows: list[dict[str, Any]], seeds: int) -> str:
     for r in rows:
         by_case[(r["source"], r["name"])].append(r)
     lines = ["| source | program | seeds | false alarms (healthy) / caught (bug) | codes | "
-             "initial loss: value range (expected range) | CPU s per fit |",
-             "|---|---|---|---|---|---|---|"]
+             "overfit verdicts | initial loss: value range (expected range) | CPU s per fit |",
+             "|---|---|---|---|---|---|---|---|"]
     totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for (source, name), rs in sorted(by_case.items()):
         codes: dict[str, int] = defaultdict(int)
@@ -189,16 +189,23 @@ def summarize(rows: list[dict[str, Any]], seeds: int) -> str:
             totals[source][1] += len(rs)
         values = [r["initial"]["value"] for r in rs if r["initial"]
                   and isinstance(r["initial"]["value"], float)]
-        lows = [r["initial"]["expected"][0] for r in rs if r["initial"]
+        # float(): a bound written as "-inf" on some seeds, a number on others
+        lows = [float(r["initial"]["expected"][0]) for r in rs if r["initial"]
                 and isinstance(r["initial"]["expected"], list)]
-        highs = [r["initial"]["expected"][1] for r in rs if r["initial"]
+        highs = [float(r["initial"]["expected"][1]) for r in rs if r["initial"]
                  and isinstance(r["initial"]["expected"], list)]
         rng = (f"{min(values):.4g}-{max(values):.4g}" if values else "-") + (
             f" ({_fmt(min(lows))}-{_fmt(max(lows))} to {_fmt(min(highs))}-{_fmt(max(highs))})"
             if lows else "")
         cpu = sum(r["cpu_s"] for r in rs) / len(rs)
+        # every verdict of the overfit test, INFO included (reached, floor, slow)
+        overfit: dict[str, int] = defaultdict(int)
+        for r in rs:
+            if r["overfit"]:
+                overfit[r["overfit"]["code"].removeprefix("overfit.")] += 1
         lines.append(f"| {source} | `{name}` | {len(rs)} | {verdict} | "
                      + (", ".join(f"`{c}` x{k}" for c, k in sorted(codes.items())) or "-")
+                     + " | " + (", ".join(f"{c} {k}" for c, k in sorted(overfit.items())) or "-")
                      + f" | {rng} | {cpu:.1f} |")
     head = [f"Seeds 0-{seeds - 1}. Fits with a false alarm, per source: "
             + "; ".join(f"{s} {b} of {n}" for s, (b, n) in sorted(totals.items())

@@ -217,6 +217,9 @@ def _declarations() -> tuple[CodeSpec, ...]:
               "cross-entropy), the labels and the data pipeline"),
         c("overfit.floor", over, INFO, INFO, "the loss stops at a floor of the data or of the "
           "capacity, after learning from the inputs: not a bug", "4", value="best loss"),
+        c("overfit.slow", over, INFO, INFO, "the sample is not memorized within the budget, but "
+          "the loss still falls steadily and its trend reaches the target within one more "
+          "budget: slow, not stuck", "4", value="best loss"),
         *generic(over, "overfit", "4", "user_error", "skipped"),
         c("curves.keys", curves, INFO, INFO, "the metric names the curves are read from", "5.1"),
         c("curves.missing_keys", curves, INFO, INFO, "curves skipped: their metric is not logged",

@@ -52,9 +52,14 @@ from lightning_diag.findings import (
     update_record,
 )
 from lightning_diag.guard import ConfigurationError
-from lightning_diag.tensorboard.findings_table import findings_card, findings_table, table_rows
+from lightning_diag.tensorboard.findings_table import (
+    FindingsCard,
+    findings_card,
+    findings_table,
+    table_rows,
+)
 from lightning_diag.tensorboard.tags import FINDINGS_CARD, FINDINGS_TABLE
-from lightning_diag.tensorboard.writer import log_dir, log_image, tensorboard_writer
+from lightning_diag.tensorboard.writer import encode_png, log_dir, log_png, tensorboard_writer
 
 __all__ = ["RunRecord"]
 
@@ -211,7 +216,8 @@ class RunRecord:
         card = findings_card(every, final)
         if card.text != self._card:
             self._card = card.text
-            log_image(trainer, FINDINGS_CARD, card.image(), step, text=card.metadata)
+            png, shape = _card_png(card)
+            log_png(trainer, FINDINGS_CARD, png, shape, step)
 
     # -- the end of the fit ----------------------------------------------------------------
     def fit_ending(self) -> None:
@@ -275,6 +281,22 @@ class RunRecord:
                    "`RunRecord.of(trainer).max_bytes` (docs/reliability.md).",
             value=float(budget.spent))
         self.publish(self._own, trainer, [notice], forced=True)
+
+
+#: The cards last encoded, by what they show: many runs of one process (a search's trials)
+#: end on the same card ("nothing to fix"), drawn and encoded once (~4 ms each).
+_CARD_PNGS: dict[str, tuple[bytes, tuple[int, ...]]] = {}
+
+
+def _card_png(card: FindingsCard) -> tuple[bytes, tuple[int, ...]]:
+    """``card`` as PNG bytes (its numbers in text chunks) and its image's shape."""
+    key = repr((card.lines, card.metadata))
+    if key not in _CARD_PNGS:
+        if len(_CARD_PNGS) >= 16:
+            _CARD_PNGS.pop(next(iter(_CARD_PNGS)))
+        image = card.image()
+        _CARD_PNGS[key] = encode_png(image, card.metadata), image.shape
+    return _CARD_PNGS[key]
 
 
 def _stamped(trainer: pl.Trainer, f: Finding) -> Finding:

@@ -261,3 +261,30 @@ def test_an_error_of_the_pruning_callback_is_a_finding_and_the_trial_trains_on(
     (error,) = [f for f in load_findings(tmp_path / "search" / "trial_0")
                 if f.code == "trial_pruning.error"]
     assert "planted in the pruning callback" in error.message
+
+
+def test_trials_ending_on_the_same_card_draw_it_once(tmp_path: Path, monkeypatch) -> None:
+    # a search's healthy trials end on the same findings card ("nothing to fix"): it is drawn
+    # and encoded once per process, and every trial's run still holds it, the same bytes
+    import io
+
+    from PIL import Image
+
+    import lightning_diag.record as record
+    from lightning_diag.tensorboard.findings_table import FindingsCard
+    from lightning_diag.tensorboard.tags import FINDINGS_CARD
+
+    drawn = []
+    real = FindingsCard.image
+    monkeypatch.setattr(record, "_CARD_PNGS", {})
+    monkeypatch.setattr(FindingsCard, "image", lambda card: drawn.append(card.text) or real(card))
+    found = random_search(FACTORY, TinyDigits(), center_lr=1e-3, lr_span=1.5, n_trials=2,
+                          epochs=(1, 1), run_dir=tmp_path, accelerator="cpu")
+    assert [r["state"] for r in found.rows] == ["complete", "complete"]
+    cards = [events(tmp_path / "search" / f"trial_{n}").Images(FINDINGS_CARD)[-1]
+             for n in (0, 1)]
+    assert cards[0].encoded_image_string == cards[1].encoded_image_string
+    png = Image.open(io.BytesIO(cards[1].encoded_image_string))
+    assert "nothing to fix" in png.text["text"] and png.size == (690, 380)
+    assert sorted(drawn) == sorted(set(drawn))  # each card drawn once, though logged twice
+    assert drawn.count(png.text["text"]) == 1

@@ -42,8 +42,10 @@ class OverfitSmallBatch(FitStartCheck):
     shows while it runs unless the trainer's progress bar is off or ``progress_bar=False``.
     The loss's own floor is measured at memorising outputs (a squashed output is shown, label
     smoothing accounted for) and a loss that stops far below the best constant output has met
-    a floor of the data (``overfit.floor``, INFO). When the configured learning rate cannot
-    overfit the sample and no floor explains it, the ladder of other rates (``lr_ladder``, see
+    a floor of the data (``overfit.floor``, INFO); a run that ends just short of the target with
+    its loss still falling steadily is slow, not stuck (``overfit.slow``, INFO: the projected
+    steps). When the configured learning rate cannot overfit the sample and neither explains
+    it, the ladder of other rates (``lr_ladder``, see
     :func:`~lightning_diag.checks.overfit.ladder_rates`) writes one loss curve per rate, drawn
     on one chart with the configured rate's.
 

@@ -19,9 +19,11 @@ is the criterion, a loss that stopped far below the best constant output has met
 data or of the model (noise, random tokens), not a bug. Training reproduces the main run's
 optimization when given its :class:`~lightning_diag.isolation.OptimizationSettings` (clipping,
 accumulation, precision) and uses the learning rate the module's ``configure_optimizers`` sets
-(schedulers included). When the sample cannot be overfit at that rate and no floor explains it,
-a short ladder of other rates (recipe 4.2: :func:`ladder_rates`) tells a learning rate that is
-off from a bug no rate fixes.
+(schedulers included). A run that spends its budget just short of the target while its loss
+still falls steadily is slow, not stuck (:mod:`lightning_diag.checks.overfit_trend`:
+``overfit.slow``). When the sample cannot be overfit at that rate and neither a floor nor a
+slow fall explains it, a short ladder of other rates (recipe 4.2: :func:`ladder_rates`) tells
+a learning rate that is off from a bug no rate fixes.
 """
 
 from __future__ import annotations
@@ -164,12 +166,12 @@ def overfit_batches(
     short, the loss of the best output shared by every sample (fitted through the user's step)
     tells a floor of the data from a failure (:data:`BEYOND_CONSTANT`).
 
-    When the configured learning rate does not overfit (the loss target missed, or a NaN) and
-    no floor explains it, ``lr_ladder`` tries the rates of :func:`ladder_rates` in order, each
-    on a fresh copy with the same ``max_steps`` budget, and stops at the first that overfits;
-    not when the initial loss itself is not finite or not positive, nor when the output is
-    squashed (no rate changes those). The cost: at most ``len(ladder_rates(lr))`` (5 or fewer)
-    more runs of up to ``max_steps`` steps, paid only when the test fails.
+    A run that missed the target with no floor to explain it, but whose loss still falls
+    steadily towards it, is ``slow`` (:meth:`OverfitResult.judge_trend`, ``overfit.slow``).
+    Otherwise, when the configured learning rate does not overfit (the target missed, or a
+    NaN), ``lr_ladder`` tries :func:`ladder_rates` in order, each on a fresh copy with the same
+    budget, up to the first that overfits (at most 5 more runs, paid only on a failure); not
+    when the initial loss is not finite or not positive, nor for a squashed output.
 
     Args:
         module: The LightningModule, as initialized.
@@ -199,7 +201,8 @@ def overfit_batches(
                        settings if settings is not None else OptimizationSettings())
     result = attempt.run(module, None, progress_bar, on_pass, judge_floor=True)
     if (lr_ladder and not result.reached and not result.natural_floor and not result.squashed
-            and result.lr and math.isfinite(result.initial_loss) and result.initial_loss > 0):
+            and not result.slow and result.lr and math.isfinite(result.initial_loss)
+            and result.initial_loss > 0):
         for lr in ladder_rates(result.lr):
             hook = None if on_ladder_pass is None else _bound(on_ladder_pass, lr)
             rung = attempt.run(module, lr, False, hook, judge_floor=False)
@@ -273,6 +276,8 @@ class _Attempt:
                     result.constant_loss = run.constant_loss()
                     share = result.beyond_constant()
                     result.natural_floor = share is not None and share >= BEYOND_CONSTANT
+                if judge_floor and not result.squashed and not result.natural_floor:
+                    result.judge_trend()
         return result
 
 
