@@ -316,20 +316,6 @@ def test_a_custom_checkpoint_writer_still_writes_every_checkpoint(tmp_path: Path
     assert [Path(p).name for p in cb.paths] == io.saved[1:]
 
 
-def test_a_failed_save_leaves_no_temporary_file(tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    def fail(*args: Any, **kwargs: Any) -> None:
-        raise OSError("disk full")
-
-    monkeypatch.setattr("lightning_diag.callbacks.checkpoint_ensemble.torch.save", fail)
-    cb = CheckpointEnsemble(k=2)
-    _fit(tmp_path, [cb], max_epochs=2)
-    (error,) = [f for f in cb.findings if f.code == "ensemble.error"]
-    assert "disk full" in error.message
-    directory = tmp_path / "tb" / "version_0" / "ensemble"
-    assert not list(directory.iterdir())
-
-
 SHARED = Shared(
     CheckpointEnsemble,
     run={"k": 2},

@@ -26,14 +26,10 @@ from __future__ import annotations
 
 import math
 import os
-import uuid
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
-from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.strategies import Strategy
 from typing_extensions import override
 
 from lightning_diag.base import ConfigurationError, DiagnosticCallback
@@ -56,41 +52,6 @@ from lightning_diag.validation import (
 )
 
 __all__ = ["CheckpointEnsemble"]
-
-
-def _save_weights(trainer: pl.Trainer, path: str) -> None:
-    """``trainer.save_checkpoint(path, weights_only=True)``: the same checkpoint, the same bytes.
-
-    Run at every epoch end, so the plain case (one process, Lightning's own strategy and
-    checkpoint writer) skips Lightning's detour through an in-memory copy and fsspec's
-    transaction (~0.3 ms of the ~1.5 ms a save costs here): the checkpoint Lightning builds is
-    written to a temporary file in the same directory, which then replaces ``path`` (atomic, as
-    Lightning's). Any other setup (several processes, a custom ``CheckpointIO`` or strategy
-    writer) goes through ``trainer.save_checkpoint``.
-    """
-    strategy = trainer.strategy
-    if (trainer.world_size > 1 or type(trainer).save_checkpoint is not pl.Trainer.save_checkpoint
-            or type(strategy).save_checkpoint is not Strategy.save_checkpoint
-            or type(strategy.checkpoint_io) is not TorchCheckpointIO):
-        trainer.save_checkpoint(path, weights_only=True)
-        return
-    with trainer.profiler.profile("save_checkpoint"):  # type: ignore[attr-defined]
-        checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=True)
-        directory = os.path.dirname(path)
-        os.makedirs(directory, exist_ok=True)
-        # a name of its own (its permissions follow the umask, as Lightning's file's do)
-        temporary = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-        # "x": the file is this callback's own (removed if the save fails); a file object, not
-        # a name: torch then names the archive's records "archive/", as for Lightning's
-        # in-memory copy (a name would give them the file's stem)
-        fh = open(temporary, "xb")  # noqa: SIM115 (closed by the `with` below)
-        try:
-            with fh:
-                torch.save(checkpoint, fh)
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
 
 
 def _headline(metrics: dict[str, float]) -> tuple[str, float] | None:
@@ -232,7 +193,7 @@ class CheckpointEnsemble(DiagnosticCallback):
             score = float(value) if value is not None else None
         name = f"epoch={trainer.current_epoch}-step={trainer.global_step}.ckpt"
         path = str(self._directory(trainer) / name)
-        _save_weights(trainer, path)
+        trainer.save_checkpoint(path, weights_only=True)
         self._written.add(path)
         self.kept = [m for m in self.kept if m["path"] != path]  # a restored entry overwritten
         self.kept.append({"path": path, "score": score, "epoch": trainer.current_epoch,
