@@ -5,9 +5,9 @@ Codes are a public contract: the diagnosis (:mod:`lightning_diag.checks.diagnosi
 cause each code points at, :attr:`CodeSpec.cause`), the search's pruning
 (:data:`lightning_diag.tuning.pruning.PRUNING_CODES`: :attr:`CodeSpec.ends_trial`), the
 presentation of a finding (:mod:`lightning_diag.presentation`: :attr:`CodeSpec.value` and
-:attr:`CodeSpec.percent`), ``docs/codes.md`` (:func:`code_table`, ``make code-table``) and users'
-CI gates read them. ``tests/test_codes.py`` runs every callback and checks that each code it
-emits is declared here, for its check, within the declared severities.
+:attr:`CodeSpec.percent`), ``docs/codes.md`` (:func:`code_table`, filled in at the docs build)
+and users' CI gates read them. ``tests/test_codes.py`` runs every callback and checks that each
+code it emits is declared here, for its check, within the declared severities.
 
 A check owns one family of codes, ``<slug>.<what>`` (:data:`FAMILIES`); ``ActivationHistogram``
 owns two, ``activations.*`` and ``gradients.*``. Every callback also has some of the
@@ -29,13 +29,12 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from lightning_diag.markdown import markdown_table, replace_between
 from lightning_diag.severity import Severity
 
 __all__ = ["CODES", "DIAGNOSIS_PREFIX", "FAMILIES", "GENERIC", "CodeSpec", "code_table",
-           "declared_codes", "spec", "write_code_table"]
+           "declared_codes", "replace_table", "spec"]
 
 INFO, W, F = Severity.INFO, Severity.WARN, Severity.FAIL
 
@@ -388,8 +387,11 @@ def code_table() -> str:
                            "diagnosis cause", "ends a search trial"], rows)
 
 
-def write_code_table(page: str | Path) -> None:
-    """Regenerate the code table of a doc page in place (``make code-table``)."""
-    path = Path(page)
-    text = path.read_text(encoding="utf-8")
-    path.write_text(replace_between(text, _BEGIN, _END, code_table()), encoding="utf-8")
+def replace_table(doc: str) -> str:
+    """``doc`` with the text between the code-table markers replaced by :func:`code_table`
+    (the docs build's hook fills ``docs/codes.md`` with it).
+
+    Raises:
+        ValueError: the markers are missing.
+    """
+    return replace_between(doc, _BEGIN, _END, code_table())

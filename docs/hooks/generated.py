@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from lightning_diag import codes
-from lightning_diag.markdown import markdown_table, replace_between
+from lightning_diag.markdown import markdown_table
 from lightning_diag.tensorboard import tags
 
 SECTION = "Callbacks"
@@ -62,7 +62,7 @@ def generated_page(name: str) -> str:
 def fill_tables(src_uri: str, markdown: str) -> str:
     """``markdown`` of the page ``src_uri`` with its generated table filled in, if it has one."""
     if src_uri == "codes.md":
-        return replace_between(markdown, codes._BEGIN, codes._END, codes.code_table())
+        return codes.replace_table(markdown)
     if src_uri == "tensorboard.md":
         return tags.replace_table(markdown)
     return markdown

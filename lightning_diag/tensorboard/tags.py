@@ -24,7 +24,6 @@ import dataclasses
 import re
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 
 from lightning_diag.functional.monitors import STAT_NAMES
 from lightning_diag.markdown import markdown_table, replace_between
@@ -99,7 +98,7 @@ __all__ = [
     "ema_comparison", "ema_metric", "find", "learning_rate", "overfit_ladder",
     "overfit_ladder_layout", "raw_metric", "refine_curve", "refine_layout", "replace_table",
     "sweep_curve", "sweep_layout", "tag_table", "typed_layer", "update_ratio_layer",
-    "update_ratio_layout", "write_table",
+    "update_ratio_layout",
 ]
 
 # -- the declarations -------------------------------------------------------------------------
@@ -317,7 +316,8 @@ def tag_table() -> str:
 
 
 def replace_table(doc: str) -> str:
-    """``doc`` with the text between the tag-table markers replaced by :func:`tag_table`.
+    """``doc`` with the text between the tag-table markers replaced by :func:`tag_table` (the
+    docs build's hook fills ``docs/tensorboard.md`` with it).
 
     Raises:
         ValueError: the markers are missing.
@@ -325,7 +325,3 @@ def replace_table(doc: str) -> str:
     return replace_between(doc, _BEGIN, _END, tag_table())
 
 
-def write_table(page: str | Path) -> None:
-    """Regenerate the tag table of a doc page in place (``make tag-table``)."""
-    path = Path(page)
-    path.write_text(replace_table(path.read_text(encoding="utf-8")), encoding="utf-8")
