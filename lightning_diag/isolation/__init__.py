@@ -5,16 +5,8 @@ A side experiment (gradient check, overfit test, LR sweep) works on a deep copy 
 through its own sequential loader over the training *dataset* (:mod:`.batches`: the user's
 sampler and its generator are never advanced), optimizes the copy as the main run does
 (:mod:`.optimization`) and restores every RNG stream in ``finally`` (:mod:`.rng`). Anything the
-copy's ``training_step`` logs with ``self.log`` is dropped.
-
-Example:
-    >>> import torch
-    >>> from lightning_diag.isolation import preserved_rng
-    >>> before = torch.get_rng_state()
-    >>> with preserved_rng():
-    ...     _ = torch.rand(3)
-    >>> torch.equal(before, torch.get_rng_state())
-    True
+copy's ``training_step`` logs with ``self.log`` is dropped. Each module's docstring has a
+runnable example.
 """
 
 from lightning_diag.isolation.batches import first_batches, first_loader, train_dataloader_of
