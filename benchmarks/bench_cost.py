@@ -24,10 +24,12 @@ Whole-run slopes on a busy machine vary by more than the 2 % they are to resolve
 script also attributes: in separate runs of each arm, Lightning's hook dispatch is timed around
 every call of a callback's hook (training-thread CPU), and the slope of that time against the
 plain Trainer's per-epoch CPU gives the per-epoch ratio the callbacks account for, with the
-largest items by callback and hook.
+largest items by callback and hook. With ``--pairs 0`` only the attribution runs (and, as
+its reference, ``--attribution-pairs`` pairs of plain Trainer runs) are made.
 
 Usage:
     python benchmarks/bench_cost.py --pairs 5
+    python benchmarks/bench_cost.py --pairs 0 --attribution-pairs 2 --arms eleven
 """
 
 from __future__ import annotations
@@ -279,11 +281,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="benchmarks/results/cost.md")
     args = parser.parse_args()
+    if args.pairs < 0 or args.attribution_pairs < 0 or not args.pairs + args.attribution_pairs:
+        parser.error("--pairs and --attribution-pairs: >= 0, and not both 0")
     arms = ["plain", *(a for a in args.arms if a != "plain")]
     # One intra-op thread: on a shared machine, spinning OpenMP workers make timings meaningless.
     torch.set_num_threads(args.threads)
     load, start = os.getloadavg(), time.perf_counter()
-    data = measure(arms, args.short, args.long, args.pairs)
+    # attribution alone: its reference, the plain Trainer's CPU per epoch, is measured as many times
+    data = (measure(arms, args.short, args.long, args.pairs) if args.pairs else
+            measure(["plain"], args.short, args.long, args.attribution_pairs))
     credit = attribute(arms, args.short, args.long, args.attribution_pairs)
     load_end, took = os.getloadavg(), time.perf_counter() - start
     plain = {str(n): statistics.median(r[str(n)]["wall"] for r in data["plain"])
@@ -305,9 +311,11 @@ def main() -> None:
         f"intercept; median and range over {args.pairs} pairs. Targets: <= {TARGET_RATIO}x per "
         f"epoch, <= {TARGET_FIXED} s fixed. Clocks: wall, process CPU (`cpu`, background "
         "threads included), the training thread's CPU (`thread`).", "",
-        "| arm | clock | per-epoch ratio (median) | range | extra per epoch (median) | "
-        "fixed (median) | range | verdict (wall) |",
-        "|---|---|---|---|---|---|---|---|", *summarize(data, args.short, args.long)]
+        *(["| arm | clock | per-epoch ratio (median) | range | extra per epoch (median) | "
+           "fixed (median) | range | verdict (wall) |", "|---|---|---|---|---|---|---|---|",
+           *summarize(data, args.short, args.long)] if args.pairs else
+          [f"No whole-run pairs (`--pairs 0`): the plain Trainer alone was run "
+           f"{args.attribution_pairs} time(s) at both lengths, as the attribution's reference."])]
     if args.attribution_pairs:
         lines += ["", "Attributed (less sensitive to the machine's load than the whole run): "
                   "the training thread's CPU time inside every call Lightning makes to a "

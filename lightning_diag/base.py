@@ -38,7 +38,7 @@ from lightning_diag.guard import (
     guard_hooks,
     refuse_sharded,
     stable,
-    unused_batch_hooks,
+    unused_hooks,
 )
 from lightning_diag.hooks import HookRegistry
 from lightning_diag.isolation import first_batches, preserved_rng, train_dataloader_of
@@ -96,8 +96,8 @@ class DiagnosticCallback(pl.Callback):
 
     def __init__(self, strict: bool = False) -> None:
         check_flag("strict", strict)
-        # per-batch hooks this class does not implement: None, so Lightning skips them
-        self.__dict__.update(dict.fromkeys(unused_batch_hooks(type(self))))
+        # hooks this class does not implement: None, so Lightning skips them
+        self.__dict__.update(dict.fromkeys(unused_hooks(type(self))))
         self.strict = strict
         self.findings: list[Finding] = []
         self.hooks = HookRegistry(strict)

@@ -25,8 +25,9 @@ import lightning.pytorch as pl
 from lightning_diag.batch import UserCodeError
 from lightning_diag.findings import DiagnosticError, DiagnosticWarning
 
-__all__ = ["BATCH_HOOKS", "LIGHTNING_HOOKS", "SHARDED_STRATEGIES", "ConfigurationError",
-           "cache_state_key", "guard_hooks", "refuse_sharded", "stable", "unused_batch_hooks"]
+__all__ = ["BATCH_HOOKS", "DISPATCHED_HOOKS", "LIGHTNING_HOOKS", "SHARDED_STRATEGIES",
+           "ConfigurationError", "cache_state_key", "guard_hooks", "refuse_sharded", "stable",
+           "unused_hooks"]
 
 SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
 
@@ -160,18 +161,26 @@ class _StateKey:
 BATCH_HOOKS = tuple(name for name in LIGHTNING_HOOKS
                     if "_batch_" in name or name.startswith(("on_before_", "on_after_")))
 
+#: Hooks Lightning calls only through its ``_call_callback_hooks``, which skips an attribute
+#: that is not callable: every ``on_*`` hook but the checkpoint ones (called directly), and
+#: ``setup`` / ``teardown``. The per-epoch ones among them are called ~6 times an epoch.
+DISPATCHED_HOOKS = tuple(name for name in LIGHTNING_HOOKS if name in ("setup", "teardown") or (
+    name.startswith("on_") and name not in ("on_save_checkpoint", "on_load_checkpoint")))
 
-def unused_batch_hooks(cls: type) -> tuple[str, ...]:
-    """The per-batch hooks ``cls`` leaves as Lightning's no-ops, found once per class.
+
+def unused_hooks(cls: type) -> tuple[str, ...]:
+    """The hooks of :data:`DISPATCHED_HOOKS` ``cls`` leaves as Lightning's no-ops, found once
+    per class.
 
     A diagnostic callback holds None for each on its instances: Lightning skips a hook
-    attribute that is not callable, where each call of an empty hook costs ~3-5 us (a profiler
-    context and a name built from the state key, per callback and hook, on every batch). The
-    class keeps the no-op, so a subclass's ``super()`` call still finds it.
+    attribute that is not callable, where each call of an empty hook costs ~2-5 us (a profiler
+    context and a name built from the state key, per callback and hook: on every batch for the
+    per-batch hooks, ~6 times an epoch for the per-epoch ones, per callback). The class keeps
+    the no-op, so a subclass's ``super()`` call still finds it.
     """
     found = cls.__dict__.get("_unused_hooks")
     if found is None:
-        found = tuple(name for name in BATCH_HOOKS
+        found = tuple(name for name in DISPATCHED_HOOKS
                       if getattr(cls, name) is getattr(pl.Callback, name))
         type.__setattr__(cls, "_unused_hooks", found)
     return found

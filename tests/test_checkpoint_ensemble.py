@@ -316,6 +316,29 @@ def test_a_custom_checkpoint_writer_still_writes_every_checkpoint(tmp_path: Path
     assert [Path(p).name for p in cb.paths] == io.saved[1:]
 
 
+
+def test_a_checkpoint_ranked_below_the_k_kept_is_not_written(tmp_path: Path) -> None:
+    """Issue 23 part 1: a new checkpoint the monitor ranks below ``k`` kept ones would be
+    deleted as soon as written; it is not saved, and the kept files are those of before."""
+    cb, io, seen = CheckpointEnsemble(k=2, monitor="val_loss", mode="max"), _CountingIO(), []
+
+    class Watch(pl.Callback):
+        def on_validation_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+            seen.append(float(trainer.callback_metrics["val_loss"]))
+
+        def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+            files = sorted(p.name for p in Path(cb.paths[0]).parent.iterdir())
+            assert files == sorted(Path(p).name for p in cb.paths)  # no file but the kept
+
+    _fit(tmp_path, [cb, Watch()], max_epochs=5, plugins=[io])
+    ranked = sorted(range(5), key=lambda e: (-seen[e], -e))  # the worst dropped first
+    best_two = sorted(ranked[:2])
+    assert sorted(m["epoch"] for m in cb.kept) == best_two
+    entered = [e for e in range(5) if e < 2 or seen[e] > sorted(seen[:e], reverse=True)[1]]
+    assert io.saved == [f"epoch={e}-step={2 * e + 2}.ckpt" for e in entered]
+    assert len(io.saved) < 5  # the loss fell: some were not written
+
+
 SHARED = Shared(
     CheckpointEnsemble,
     run={"k": 2},

@@ -102,6 +102,22 @@ def test_ema_equals_hand_computed_reference(tmp_path: Path, warmup: bool, every:
     assert not codes(ema.findings, "warn") and len(ema.hooks) == 0
 
 
+def test_defaults_give_the_average_of_a_plain_torch_reference_bit_for_bit(tmp_path: Path) -> None:
+    """At its defaults (decay 0.999 with warm-up, every step) the average is, bit for bit,
+    each step's ``torch.lerp`` of the last one towards the weights (what the fused update
+    computes tensor by tensor), integer buffers copied."""
+    rec, ema = Recorder(), EMAWeights(evaluate="raw")
+    _fit(tmp_path, _model(), [rec, ema], n=192, max_steps=6)
+    ref = {k: v.clone() for k, v in rec.states[0].items()}
+    for n, state in enumerate(rec.states[1:]):
+        d = min(0.999, (1.0 + n) / (10.0 + n))
+        ref = {k: torch.lerp(ref[k], w, 1.0 - d) if w.is_floating_point() else w.clone()
+               for k, w in state.items()}
+    got = ema.ema_state_dict()
+    assert ema.num_updates == 6 and list(got) == list(ref)
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+
+
 class SwapProbe(pl.Callback):
     """Placed before EMAWeights: raw weights at validation start must come back at its end."""
 

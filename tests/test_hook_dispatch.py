@@ -1,9 +1,10 @@
 """Issue 23 part 1: what Lightning dispatches to the callbacks on a step on which nothing logs.
 
-Lightning calls every callable hook attribute of every callback on every batch, each call in a
-profiler context with a name built from the callback's ``state_key`` (~5 us); it skips an
-attribute that is not callable. So a per-batch hook a diagnostic callback does not implement is
-None on its instances, and a monitor's armed-step hooks are None while no step is armed.
+Lightning calls every callable hook attribute of every callback on every batch (the per-epoch
+ones ~6 times an epoch), each call in a profiler context with a name built from the callback's
+``state_key`` (~3-5 us); it skips an attribute that is not callable. So a hook a diagnostic
+callback does not implement (but the checkpoint ones, which Lightning calls directly) is None on
+its instances, and a monitor's armed-step hooks are None while no step is armed.
 """
 
 from __future__ import annotations
@@ -66,6 +67,11 @@ def test_on_a_step_on_which_nothing_logs_each_monitor_gets_one_call(
         ("LRPlateauAdvisor", "on_train_batch_end"): steps,
         ("EMAWeights", "on_train_batch_end"): steps,
     }  # no validation-batch hook, no backward hook, nothing for the per-epoch callbacks
+    # nor, once an epoch, a hook a callback leaves as Lightning's no-op (~6 an epoch each)
+    idle = {(name, hook) for (name, hook) in counts
+            if getattr(type(next(cb for cb in cbs if type(cb).__name__ == name)), hook)
+            is getattr(pl.Callback, hook)}
+    assert not idle and ("LearningCurves", "on_train_epoch_end") in counts
     assert all(f.severity < "warn" for cb in cbs for f in cb.findings)
     assert len(cbs[1].medians) == logged  # the monitors measured what they measured before
 
@@ -90,9 +96,11 @@ class CallsSuper(OnlyBatchEnd):
         super().on_before_backward(*args)  # the class's no-op, though the base's is None
 
 
-def test_a_per_batch_hook_not_implemented_is_none_on_the_instance_only() -> None:
+def test_a_hook_not_implemented_is_none_on_the_instance_only() -> None:
     cb = CallsSuper()
     assert cb.on_validation_batch_end is None and cb.on_after_backward is None
+    assert cb.on_train_epoch_end is None and cb.on_validation_end is None  # per-epoch ones too
+    assert callable(cb.on_save_checkpoint) and callable(cb.state_dict)  # called directly
     assert callable(cb.on_train_batch_end) and callable(cb.on_before_backward)
     assert "on_validation_batch_end" not in vars(CallsSuper)  # the classes keep their hooks
     assert DiagnosticCallback.on_after_backward is pl.Callback.on_after_backward

@@ -197,6 +197,37 @@ def test_the_sorted_jump_window_judges_as_is_jump_on_the_losses_it_keeps():
     assert flat.value == pytest.approx(-0.01 / 2.3) and flat.expected == (0.01, 1.0)
 
 
+def test_the_lazy_jump_window_gives_the_verdicts_of_the_sorted_one():
+    """Issue 23 part 1: the advisor judges a group mean against the threshold of the window's
+    lower bound first and reads the median only above it. On falling, noisy, spiking and
+    negative losses, through windows that fill and slide, the bound never hides a jump, the
+    verdicts are those of ``is_jump`` on the same history, and the window keeps the same means."""
+    gen = random.Random(1)
+    jumps = JumpWindow(window=20, min_history=5, min_samples=1)
+    kept: list[float] = []
+    median_reads = 0
+    for i in range(600):
+        base = 2.3 * 0.99 ** i - (1.0 if i > 400 else 0.0)  # falls, then below zero
+        loss = base + gen.gauss(0, 0.05) + (gen.choice([0.0] * 30 + [8.0]) if i > 20 else 0.0)
+        mean = jumps.add(loss, samples=1)[0]  # type: ignore[index]
+        history = kept[-20:] if len(kept) >= 5 else [kept[0] if kept else mean]
+        min_jump = 0.5 * abs(jumps.start or 0.0)
+        truth = is_jump(mean, history, 5.0, min_jump)
+        low = jumps.lower()
+        assert low is not None
+        gate = mean > jump_threshold(low, 5.0, min_jump)
+        assert gate or not truth  # the bound never hides a jump
+        if gate:
+            median_reads += 1
+            reference = jumps.reference()
+            assert reference is not None and reference >= low
+            assert (mean > jump_threshold(reference, 5.0, min_jump)) == truth
+        jumps.push(mean)
+        kept.append(mean)
+    assert list(jumps.values) == kept[-20:]
+    assert median_reads < 100  # the common step reads no median
+
+
 def test_advisor_and_curves_summaries():
     config = AdvisorConfig(patience=3)
     v = advisor_summary("val_loss", [2.0, 1.5, 1.5, NAN], 0, 0, {"advisor.divergence"}, 0,

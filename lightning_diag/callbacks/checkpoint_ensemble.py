@@ -193,16 +193,28 @@ class CheckpointEnsemble(DiagnosticCallback):
             score = float(value) if value is not None else None
         name = f"epoch={trainer.current_epoch}-step={trainer.global_step}.ckpt"
         path = str(self._directory(trainer) / name)
+        entry = {"path": path, "score": score, "epoch": trainer.current_epoch,
+                 "step": trainer.global_step}
+        if self._dropped_at_once(entry):
+            return  # ranked below the k kept: its file would be deleted as soon as written
         trainer.save_checkpoint(path, weights_only=True)
         self._written.add(path)
         self.kept = [m for m in self.kept if m["path"] != path]  # a restored entry overwritten
-        self.kept.append({"path": path, "score": score, "epoch": trainer.current_epoch,
-                          "step": trainer.global_step})
+        self.kept.append(entry)
         if len(self.kept) > self.k:
             drop = self._worst()
             self.kept.remove(drop)
             if trainer.is_global_zero:
                 self._delete(drop["path"], self._directory(trainer))
+
+    def _dropped_at_once(self, entry: dict[str, Any]) -> bool:
+        """Whether ``entry``, ranked by ``monitor``, would leave the kept list as soon as it
+        joined it (the list holds ``k`` better ones, none at its path): then it is not saved.
+        The last ``k`` (``monitor=None``) keep every new checkpoint."""
+        if self.monitor is None or len(self.kept) < self.k or any(
+                m["path"] == entry["path"] for m in self.kept):
+            return False
+        return self._worst([*self.kept, entry]) is entry
 
     def _delete(self, path: str, directory: Path) -> None:
         """Delete ``path`` only if this callback wrote it in this fit and it is still a plain
@@ -211,12 +223,14 @@ class CheckpointEnsemble(DiagnosticCallback):
             self._written.discard(path)
             Path(path).unlink(missing_ok=True)
 
-    def _worst(self) -> dict[str, Any]:
+    def _worst(self, kept: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """The entry of ``kept`` (default: the kept list) dropped first."""
+        kept = self.kept if kept is None else kept
         if self.monitor is None:
-            return min(self.kept, key=lambda m: m["step"])
+            return min(kept, key=lambda m: m["step"])
         sign = 1.0 if self.mode == "min" else -1.0
-        return max(self.kept, key=lambda m: (m["score"] is None,
-                                             sign * (m["score"] or 0.0), -m["step"]))
+        return max(kept, key=lambda m: (m["score"] is None,
+                                        sign * (m["score"] or 0.0), -m["step"]))
 
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         loaders = trainer.val_dataloaders

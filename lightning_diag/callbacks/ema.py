@@ -212,15 +212,16 @@ class EMAWeights(DiagnosticCallback):
 
     def _maybe_update(self, trainer: pl.Trainer, outputs: Any, step: int) -> None:
         """Update the average after optimizer step ``step`` (0-based) when it is due."""
-        if step < self.start_step or (step - self.start_step) % self.update_every_n_steps:
+        start = self.start_step
+        if step < start or (step - start) % self.update_every_n_steps:
             return
-        slots = self._built()
+        slots = self._slots if self._slots is not None else self._built()
         if not (_finite_loss(outputs) and (not self.check_weights or slots.weights_finite())):
             self._skip(trainer)
             return
-        restart = self.num_updates == 0 and self.start_step > 0
-        slots.update(0.0 if restart else warmup_decay(self.decay, self.num_updates, self.warmup))
-        self.num_updates += 1
+        n = self.num_updates
+        slots.update(0.0 if not n and start > 0 else warmup_decay(self.decay, n, self.warmup))
+        self.num_updates = n + 1
 
     def _skip(self, trainer: pl.Trainer) -> None:
         self.num_skipped += 1
@@ -318,12 +319,15 @@ def _in_fit(trainer: pl.Trainer) -> bool:
 
 
 def _finite_loss(outputs: Any) -> bool:
-    try:
-        loss = loss_from_output(outputs)
-    except ValueError:  # manual optimization or a step returning None: weights are checked anyway
-        return True
-    # one op for the usual scalar loss (isfinite, all and bool are three): run on every step;
-    # `item()` needs no `detach()`
+    # run on every step: Lightning hands `on_train_batch_end` a dict holding the loss, read
+    # without the general search of `loss_from_output`
+    loss = outputs.get("loss") if type(outputs) is dict else None
+    if not isinstance(loss, torch.Tensor):
+        try:
+            loss = loss_from_output(outputs)
+        except ValueError:  # manual optimization or a step returning None: weights checked anyway
+            return True
+    # one op for the usual scalar loss (isfinite, all and bool are three); `item()` needs no
+    # `detach()`
     return math.isfinite(loss.item()) if loss.numel() == 1 else bool(
         torch.isfinite(loss.detach()).all())
-

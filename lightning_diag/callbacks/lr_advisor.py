@@ -121,15 +121,18 @@ class LRPlateauAdvisor(ConfiguredCallback):
         """The metric names given, by role (``train_loss``, ...; None: found by convention)."""
         return self.config.given
 
+    @property
+    def step_losses(self) -> deque[float]:
+        """The group means a step loss is judged against (each step's loss when batches hold
+        ``min_samples`` or more; see :class:`~lightning_diag.checks.advisor.JumpWindow`)."""
+        return self.jumps.values
+
     def _reset(self) -> None:
         self.keys = MetricKeys(self.given)
         self._keys_said = False
         self.history: dict[str, list[float]] = {}
         c = self.config
         self.jumps = JumpWindow(c.window, c.min_history, c.min_samples)
-        #: The group means a step loss is judged against (each step's loss when batches hold
-        #: ``min_samples`` or more; see :class:`~lightning_diag.checks.advisor.JumpWindow`).
-        self.step_losses = self.jumps.values
         self.first_losses: list[float] = []  # the first `min_history` finite step losses
         self._recent: deque[float] = deque(maxlen=c.min_history)  # the last ones
         self._group: list[tuple[Any, int]] = []  # (batch, batch_idx) of the group being filled
@@ -137,6 +140,7 @@ class LRPlateauAdvisor(ConfiguredCallback):
         self.start_loss: float | None = None
         self.plateau_from = 0
         self.reported: set[str] = set()
+        self._diverged = False  # "advisor.divergence" in `reported`: read on every step
         self.lr_changes: list[dict[str, Any]] = []
         self._batch_step = 0  # the step of the batch being judged
         self._next_step = 0  # the step of the next batch
@@ -167,9 +171,11 @@ class LRPlateauAdvisor(ConfiguredCallback):
 
     def _check_step(self, trainer: pl.Trainer, loss: float, batch: Any, batch_idx: int) -> None:
         """Judge one step loss (run on every step: the common path is a few comparisons and
-        appends; the divergence's finding is built only when one is seen)."""
+        appends; the window's median is read only for a group mean above the threshold of its
+        lower bound, :meth:`~lightning_diag.checks.advisor.JumpWindow.lower`, and the
+        divergence's finding is built only when one is seen)."""
         c, jumps = self.config, self.jumps
-        reported = "advisor.divergence" in self.reported
+        reported = self._diverged
         if not math.isfinite(loss):  # judged at once: one batch is enough to be non-finite
             if not reported:
                 self._report(trainer, loss, jumps.reference(), [(batch, batch_idx)],
@@ -182,10 +188,12 @@ class LRPlateauAdvisor(ConfiguredCallback):
         done = jumps.add(loss, _samples(batch, c.min_samples))
         if done is not None:
             mean = done[0]
-            reference = jumps.reference()
-            if (not reported and reference is not None
-                    and mean > jump_threshold(reference, c.jump_factor, self._min_jump())):
-                self._report(trainer, mean, reference, self._group, done[1:])
+            low = None if reported else jumps.lower()
+            if low is not None and mean > jump_threshold(low, c.jump_factor, self._min_jump()):
+                reference = jumps.reference()  # the exact threshold: the median's
+                if reference is not None and mean > jump_threshold(
+                        reference, c.jump_factor, self._min_jump()):
+                    self._report(trainer, mean, reference, self._group, done[1:])
             jumps.push(mean)
             self._group.clear()  # a report keeps none of it
         finite = self.finite_steps = self.finite_steps + 1
@@ -198,6 +206,7 @@ class LRPlateauAdvisor(ConfiguredCallback):
     def _report(self, trainer: pl.Trainer, loss: float, reference: float | None,
                 group: list[tuple[Any, int]], pooled: tuple[int, int]) -> None:
         self.reported.add("advisor.divergence")
+        self._diverged = True
         self.publish(trainer, [self._divergence(trainer, loss, reference, group, pooled)])
 
     def _check_stall(self, trainer: pl.Trainer) -> None:
@@ -348,6 +357,7 @@ class LRPlateauAdvisor(ConfiguredCallback):
         self._recent.extend(state_dict.get("recent", losses[-self.config.min_history:]))
         self.plateau_from = int(state_dict.get("plateau_from", 0))
         self.reported = set(state_dict.get("reported", []))
+        self._diverged = "advisor.divergence" in self.reported
         self.lr_changes = list(state_dict.get("lr_changes", []))
         self.first_losses = [float(v) for v in state_dict.get("first_losses", [])]
         self.finite_steps = int(state_dict.get("finite_steps", 0))

@@ -37,8 +37,9 @@ def ema_update_(ema: Sequence[torch.Tensor], new: Sequence[torch.Tensor], decay:
     ``torch._foreach_lerp_`` computes ``ema + (1 - decay) * (new - ema)``: one multi-tensor kernel,
     no Python loop over parameters and no allocation.
     """
-    if ema:
-        torch._foreach_lerp_(list(ema), list(new), 1.0 - decay)
+    if ema:  # run on every step: lists are passed as they are
+        torch._foreach_lerp_(ema if type(ema) is list else list(ema),
+                             new if type(new) is list else list(new), 1.0 - decay)
 
 
 def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
