@@ -17,9 +17,14 @@ from lightning_diag.callbacks import (
     LRPlateauAdvisor,
     UpdateRatioMonitor,
 )
-from lightning_diag.callbacks._monitor import ConfiguredCallback, MonitorCallback
+from lightning_diag.callbacks._monitor import (
+    ConfiguredCallback,
+    MonitorCallback,
+    next_logging_step,
+)
 from lightning_diag.checks.activations import MAX_BINS
 from lightning_diag.checks.advisor import MAX_WINDOW
+from lightning_diag.functional.monitors import is_logging_step
 from lightning_diag.tensorboard.tags import UPDATE_RATIO_MEDIAN, activation_histogram, typed_layer
 from lightning_diag.validation import argument, check_flag, check_int, validate_arguments
 from tests.helpers import Classifier, digits, events, loader, mlp, trainer
@@ -142,6 +147,34 @@ def test_a_step_that_moves_on_unmeasured_is_abandoned() -> None:
     fake.global_step = 1
     cb.on_train_batch_start(fake, None, None, 1)  # type: ignore[arg-type]
     assert cb._armed and cb.logging_step == 1 and cb._pending == []
+
+
+@pytest.mark.parametrize("early", [True, False])
+def test_the_next_logging_step_is_the_schedule_s(early: bool) -> None:
+    for n in range(1, 34):
+        for step in range(130):
+            want = next(s for s in range(step + 1, 10**4) if is_logging_step(s, n, early))
+            assert next_logging_step(step, n, early) == want, (n, step)
+
+
+def test_steps_skipped_by_the_arming_check_are_those_the_schedule_does_not_log() -> None:
+    """Two optimizers step the global step by 2; a schedule changed mid-fit is followed at
+    once: the monitor arms on the steps ``is_logging_step`` logs, and only on them."""
+
+    class Fake:
+        global_step = 0
+
+    cb, fake = UpdateRatioMonitor(every_n_steps=5, early_steps=True), Fake()
+    armed = []
+    for step in range(0, 40, 2):
+        if step == 22:  # the old schedule's next logging step was 25
+            cb.every_n_steps = 3
+        fake.global_step = step
+        cb.on_train_batch_start(fake, None, None, 0)  # type: ignore[arg-type]
+        if cb._armed:
+            armed.append(step)
+            cb._abandon()
+    assert armed == [0, 2, 4, 10, 20, 24, 30, 36]
 
 
 def test_the_monitors_share_one_base() -> None:

@@ -26,12 +26,14 @@ again). A field renamed in the state key (the advisor's ``train_loss_key``) is r
    moved on before its measurement completed: :meth:`~MonitorCallback._abandon` disarms and
    drops what is pending, module hooks included (subclasses extend it).
 
-On a step that is not logged only ``on_train_batch_start`` runs, and returns after one
-comparison: no allocation, no loop over parameters or layers, no tensor operation. The hooks a
-logging step needs (``on_before_optimizer_step``, ``on_train_batch_end``) are shadowed on the
-instance by None while no step is armed and no work waits to be taken in: Lightning skips a
-hook that is not callable, so an idle monitor costs one hook call per batch (each one costs
-~5 us in Lightning's dispatch: a profiler context and a name built per call).
+On a step that is not logged only ``on_train_batch_start`` runs, and returns after two
+comparisons (the step is below the next logging step, :func:`next_logging_step`, found when the
+schedule was last checked; and no step is armed): no allocation, no loop over parameters or
+layers, no tensor operation. The hooks a logging step needs (``on_before_optimizer_step``,
+``on_train_batch_end``) are shadowed on the instance by None while no step is armed and no work
+waits to be taken in: Lightning skips a hook that is not callable, so an idle monitor costs one
+hook call per batch (each one costs ~5 us in Lightning's dispatch: a profiler context and a
+name built per call).
 
 Example:
     >>> from lightning_diag.callbacks.update_ratio import UpdateRatioMonitor
@@ -63,10 +65,24 @@ from lightning_diag.findings import Finding
 from lightning_diag.functional.monitors import is_logging_step
 from lightning_diag.validation import key_arguments
 
-__all__ = ["ConfiguredCallback", "MonitorCallback"]
+__all__ = ["ConfiguredCallback", "MonitorCallback", "next_logging_step"]
 
 #: The hooks a monitor needs only while a logging step is armed or work waits to be taken in.
 ARMED_HOOKS = ("on_before_optimizer_step", "on_train_batch_end")
+
+
+def next_logging_step(step: int, every_n_steps: int, early_steps: bool) -> int:
+    """The first step after ``step`` that :func:`~lightning_diag.functional.monitors.
+    is_logging_step` logs: the next multiple of ``every_n_steps`` or, with ``early_steps``, the
+    next power of two below it. A monitor checks the schedule again only from there.
+
+    Example:
+        >>> [next_logging_step(s, 10, True) for s in (0, 1, 2, 3, 8, 9, 10, 25)]
+        [1, 2, 4, 4, 10, 10, 20, 30]
+    """
+    after = (step // every_n_steps + 1) * every_n_steps
+    power = 1 << step.bit_length()  # the first power of two above step (0: 1)
+    return power if early_steps and power < min(after, every_n_steps) else after
 
 
 class _Setting:
@@ -140,6 +156,7 @@ class MonitorCallback(ConfiguredCallback):
         super().__init__(config, strict=strict)
         self._armed = False  # a logging step is being measured
         self._logging_step = -1  # the optimizer step armed last
+        self._next_check = 0  # no logging step below it after the last step checked
         #: Samples (the batches' first dimension) and batches the armed logging step has seen.
         self.seen_samples = self.seen_batches = 0
         # the armed-step hooks this class leaves to the base (a subclass's own run every batch)
@@ -155,10 +172,17 @@ class MonitorCallback(ConfiguredCallback):
         """The optimizer step being measured, or measured last (-1: none yet in this fit)."""
         return self._logging_step
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name == "config":  # another schedule: the next logging step is found again
+            self.__dict__["_next_check"] = 0
+
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                              batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
+        if step < self._next_check and not self._armed:  # the usual step: nothing to do
+            return
         if step == self._logging_step:  # another micro-batch of the step armed last
             if self._armed:
                 self._count(batch)
@@ -168,6 +192,8 @@ class MonitorCallback(ConfiguredCallback):
                 self._count(batch)
                 return
             self._abandon()
+        c = self.config
+        self._next_check = next_logging_step(step, c.every_n_steps, c.early_steps)
         if self.is_logging_step(step):
             self._armed, self._logging_step = True, step
             self.seen_samples = self.seen_batches = 0
@@ -240,7 +266,7 @@ class MonitorCallback(ConfiguredCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
-            self._armed, self._logging_step = False, -1
+            self._armed, self._logging_step, self._next_check = False, -1, 0
             self._listen(False)
 
     def _abandon(self) -> None:

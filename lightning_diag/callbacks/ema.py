@@ -319,14 +319,10 @@ def _in_fit(trainer: pl.Trainer) -> bool:
 
 
 def _finite_loss(outputs: Any) -> bool:
-    # run on every step: Lightning hands `on_train_batch_end` a dict holding the loss, read
-    # without the general search of `loss_from_output`
-    loss = outputs.get("loss") if type(outputs) is dict else None
-    if not isinstance(loss, torch.Tensor):
-        try:
-            loss = loss_from_output(outputs)
-        except ValueError:  # manual optimization or a step returning None: weights checked anyway
-            return True
+    try:
+        loss = loss_from_output(outputs)
+    except ValueError:  # manual optimization or a step returning None: weights are checked anyway
+        return True
     # one op for the usual scalar loss (isfinite, all and bool are three); `item()` needs no
     # `detach()`
     return math.isfinite(loss.item()) if loss.numel() == 1 else bool(
