@@ -96,16 +96,12 @@ _ROUNDOFF_ULPS = 4.0
 #: with probability 0.67^10 = 2 %; the default (10 coordinates and a direction per tensor) makes
 #: 11 per tensor, so a model with one parameter tensor reaches it.
 MIN_JUDGED = 10
-#: ``coords_per_tensor=None``: the coordinates are spread so that about this many comparisons
-#: (coordinates and directions) are made in all ...
-AUTO_COMPARED = 36
-#: ... with at least this many and at most this many coordinates per tensor (at most: the
-#: fixed default before the spread, so that a model of one to three tensors is checked as
-#: before); the per-tensor direction covers the rest of each tensor.
-AUTO_MIN_COORDS, AUTO_MAX_COORDS = 3, 10
-#: ... and one more coordinate per tensor in turn while fewer than this many comparisons are
-#: judged (twice :data:`MIN_JUDGED`: an "ok" rests on twice the least it may rest on, where
-#: many gradients are both near zero, as in an embedding's unused rows).
+#: ``coords_per_tensor=None``: about this many comparisons in all, spread over the tensors, with
+#: between these many coordinates per tensor (at most: the fixed default before, so that a model
+#: of one to three tensors is checked as before; the direction covers the rest of each tensor),
+#: one more per tensor in turn while fewer than twice :data:`MIN_JUDGED` are judged (many both
+#: near zero, as in an embedding's unused rows).
+AUTO_COMPARED, AUTO_MIN_COORDS, AUTO_MAX_COORDS = 36, 3, 10
 AUTO_JUDGED = 2 * MIN_JUDGED
 #: Default steps. Measured on digits nets in float64: 1e-6 puts roundoff errors of ~2e-6 on
 #: small coordinates of smooth nets (over their 1e-6 tolerance), so they use 1e-5; with kinks
@@ -384,9 +380,9 @@ def _check_tensors(clone: torch.nn.Module, run: _Evaluator, probe: _Probe,
     for t in tensors:
         t.run(run.loss_at, probe, coords)
     if coords_per_tensor is None:
-        while (sum(t.judged for t in tensors) < AUTO_JUDGED
-               and any(t.left for t in tensors)):
-            for t in (t for t in tensors if t.left):
+        while (left := [t for t in tensors if t.done < len(t.picks)]) and sum(
+                t.judged for t in tensors) < AUTO_JUDGED:
+            for t in left:
                 t.run(run.loss_at, probe, 1)
     return [t.result(probe) for t in tensors]
 
@@ -411,10 +407,6 @@ class _TensorProbes:
         self.done = 0  # coordinates run
         self.rows: list[tuple[float, float, bool]] = []
         self.judged = 0  # comparisons neither both near zero nor across a kink
-
-    @property
-    def left(self) -> int:
-        return len(self.picks) - self.done
 
     def run(self, loss_at: Callable[[], float], probe: _Probe, count: int) -> None:
         """Run the next ``count`` coordinates (the direction with the first ones)."""
