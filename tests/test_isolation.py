@@ -168,6 +168,30 @@ def test_step_state_puts_back_what_a_step_carries():
     assert state.changed() == []
 
 
+
+def test_step_state_scanned_once_still_sees_every_way_a_step_changes_state():
+    """restore() looks only at what a step can change: each way is seen, in a submodule too."""
+    module = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+    inner = module[0]
+    inner.hidden, inner.count, inner.history, inner.shape = torch.zeros(2), 3, [], (1, 2)
+    state = StepState(module)
+    inner.hidden.add_(1.0)  # in place, on the value restore put there
+    inner.count = torch.ones(1)  # a number become a tensor: carried now
+    inner.history.append(torch.ones(1))  # a list filled in place
+    inner.shape = (torch.ones(1),)  # a tuple replaced by one holding a tensor
+    inner.steps = 4  # added, not carried: the step's own bookkeeping, kept
+    inner.extra = [torch.ones(1)]  # added, carried
+    del inner.hidden  # a captured attribute removed
+    assert state.changed() == ["0.count", "0.extra", "0.hidden", "0.history", "0.shape"]
+    state.restore()
+    assert torch.equal(inner.hidden, torch.zeros(2)) and inner.steps == 4
+    assert not any(hasattr(inner, k) for k in ("count", "history", "shape", "extra"))
+    assert state.changed() == []
+    inner.hidden.add_(1.0)
+    state.restore()  # the clone it put back, changed in place: a fresh one again
+    assert torch.equal(inner.hidden, torch.zeros(2)) and state.changed() == []
+    assert inner.weight.shape == (2, 2) and "weight" not in vars(inner)  # parameters untouched
+
 def test_clone_copies_a_state_still_attached_to_the_graph_detached():
     model = Classifier(mlp(width=8))
     out = model(torch.ones(2, 64))
