@@ -126,8 +126,8 @@ class _Scan:
 
     A step can make an attribute carried only by adding it, or by setting (or filling) a
     public one: the names are compared as a set, and a public value still the very object it
-    was, and immutable without a tensor (a number, a string, a tuple of them), is skipped
-    without a look inside. A captured value goes back into the instance's ``__dict__``, as
+    was, and no container that can be filled in place (a number, a string, a function, a
+    tuple of them), is skipped without a look inside. A captured value goes back into the instance's ``__dict__``, as
     deepcopy puts it there (``setattr`` where the step removed it: a name it may have made a
     parameter or a buffer of); a None still in place is left as it is.
     """
@@ -159,14 +159,14 @@ class _Scan:
 
 
 _MISSING = object()
-#: Values that hold no tensor and cannot come to hold one while they are the same object.
-_ATOMS = (bool, int, float, complex, str, bytes, type(None))
 
 
 def _frozen(value: Any, depth: int = 0) -> bool:
-    if type(value) in _ATOMS:
-        return True
-    return depth < 4 and type(value) is tuple and all(_frozen(v, depth + 1) for v in value)
+    """Whether ``value`` cannot come to hold a tensor while it stays the same object: anything
+    but a list or a mapping (filled in place), or a tuple holding one."""
+    if isinstance(value, tuple):
+        return depth < 4 and all(_frozen(v, depth + 1) for v in value)
+    return not isinstance(value, (list, Mapping))
 
 
 def _graph_tensors(value: Any, depth: int = 0) -> Iterator[torch.Tensor]:
