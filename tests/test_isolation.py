@@ -29,6 +29,23 @@ def test_preserved_rng_restores_every_stream_even_on_error():
     assert (torch.rand(1), np.random.rand(), random.random()) == expected
 
 
+def test_rng_state_puts_numpy_back_exactly_with_its_cached_gaussian():
+    from lightning_diag.isolation import RNGState
+
+    np.random.seed(3)
+    np.random.randn(1)  # the legacy generator now holds a second Gaussian
+    before = np.random.get_state()
+    state = RNGState.capture()
+    expected = (np.random.rand(4), np.random.randn(3))
+    np.random.seed(9)
+    state.restore()
+    after = np.random.get_state()
+    assert after[0] == before[0] and np.array_equal(after[1], before[1])
+    assert after[2:] == before[2:] and before[3] == 1
+    got = (np.random.rand(4), np.random.randn(3))
+    assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
 def test_first_batches_do_not_advance_the_users_sampler_generator():
     data = digits(100)
     dl = loader(data, batch_size=16)

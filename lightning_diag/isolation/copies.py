@@ -127,9 +127,10 @@ class _Scan:
     A step can make an attribute carried only by adding it, or by setting (or filling) a
     public one: the names are compared as a set, and a public value still the very object it
     was, and no container that can be filled in place (a number, a string, a function, a
-    tuple of them), is skipped without a look inside. A captured value goes back into the instance's ``__dict__``, as
-    deepcopy puts it there (``setattr`` where the step removed it: a name it may have made a
-    parameter or a buffer of); a None still in place is left as it is.
+    tuple of them), is skipped without a look inside. A captured value goes back into the
+    instance's ``__dict__``, as deepcopy puts it there (``setattr`` where the step removed it:
+    a name it may have made a parameter or a buffer of); a None still in place is left as it
+    is.
     """
 
     def __init__(self, module: torch.nn.Module, saved: dict[str, Any]) -> None:
