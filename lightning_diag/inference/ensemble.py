@@ -256,7 +256,7 @@ def evaluate_members(models: Sequence[pl.LightningModule], batches: Iterable[Any
                 merge.step(host, batch, idx, logs[-1])
         finally:
             if merge is not None:
-                merge.handle.remove()
+                merge.remove()
             for m, mode in zip(members, modes, strict=True):
                 m.train(mode)
     if merge is None:
@@ -267,35 +267,115 @@ def evaluate_members(models: Sequence[pl.LightningModule], batches: Iterable[Any
 
 class _Merge:
     """Where the members' predictions are merged: the module making the step's prediction in
-    the host copy (``site``, "" for the module itself) hands back the ensemble's output."""
+    the host copy (``site``, "" for the module itself) hands back the ensemble's output.
 
-    def __init__(self, site: str, task: Task, handle: Any) -> None:
-        self.site, self.task, self.handle = site, task, handle
+    Each other member's prediction at the site, made in that member's own step of the batch,
+    is kept (not copied) with the arguments it was made from; the host's call with the same
+    arguments (the same tensors unchanged since, or equal ones) takes it instead of running
+    the member again, and any other call runs the member on the host's arguments.
+    """
+
+    def __init__(self, site: str, task: Task, ensemble: EnsembleModel,
+                 host_site: nn.Module) -> None:
+        self.site, self.task, self.ensemble = site, task, ensemble
+        self.others = list(ensemble.members)[1:]
+        self.seen: list[list[tuple[list[Any], list[int], Any]]] = [[] for _ in self.others]
+        self.calls, self.recording = 0, True
+        self.handles = [host_site.register_forward_hook(self._merged, with_kwargs=True)]
+        self.handles += [m.register_forward_hook(partial(self._record, k), with_kwargs=True)
+                         for k, m in enumerate(self.others)]
 
     @classmethod
     def locate(cls, members: list[pl.LightningModule], host: pl.LightningModule,
                first_step: Callable[[], None], combine: str, task: Task | None,
                target: Callable[[], Any]) -> _Merge:
         """Run the first member's ``first_step`` to find the site and the task, and hook the
-        host's module there."""
+        host's module there (and the other members', to keep their predictions)."""
         site, output = _locate(members[0], first_step)
         chosen = task or infer_task(select_output(output), target())
         ensemble = EnsembleModel([_submodule(m, site) for m in members], combine, chosen)
-        handle = _submodule(host, site).register_forward_hook(_merging(ensemble),
-                                                              with_kwargs=True)
-        return cls(site, chosen, handle)
+        return cls(site, chosen, ensemble, _submodule(host, site))
+
+    def _record(self, k: int, module: nn.Module, args: tuple[Any, ...],
+                kwargs: dict[str, Any], output: Any) -> None:
+        if self.recording:
+            leaves = _leaves((args, kwargs))
+            prediction = select_output(output)
+            self.seen[k].append((leaves, [_version(v) for v in leaves],
+                                 None if prediction is None else
+                                 (prediction, prediction._version)))
+
+    def _merged(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                output: Any) -> Any:
+        # the host holds the first member's weights: its own output stands for that member's
+        call, self.calls = self.calls, self.calls + 1
+        leaves = _leaves((args, kwargs))
+        others = []
+        for member, seen in zip(self.others, self.seen, strict=True):
+            kept = seen[call] if call < len(seen) else None
+            if (kept is not None and kept[2] is not None and kept[2][0]._version == kept[2][1]
+                    and _same(leaves, *kept[:2])):
+                others.append(kept[2][0])
+            else:
+                others.append(member(*args, **kwargs))
+        return self.ensemble.merge([output, *others])
 
     def step(self, host: pl.LightningModule, batch: Any, idx: int, log: LoggedMetrics) -> None:
-        """The host's step, its prediction the ensemble's."""
+        """The host's step, its prediction the ensemble's; the batch's kept predictions are
+        dropped after it."""
+        self.recording = False
         try:
             _step(host, batch, idx, log)
         except UserCodeError as err:  # the merge, not the user's code, failed in there
             if isinstance(err.error, EnsembleError):
                 raise err.error from None
             raise
+        finally:
+            self.recording, self.calls = True, 0
+            for seen in self.seen:
+                seen.clear()
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
     def describe(self, combine: str) -> str:
         return f"{_describe(self.task, combine)}, at {_site_name(self.site)}"
+
+
+def _leaves(value: Any) -> list[Any]:
+    """The arguments of a call flattened: containers' types, lengths and keys, then leaves."""
+    if isinstance(value, (tuple, list)):
+        return [type(value), len(value), *(x for v in value for x in _leaves(v))]
+    if isinstance(value, dict):
+        return [dict, tuple(value), *(x for v in value.values() for x in _leaves(v))]
+    return [value]
+
+
+def _version(value: Any) -> int:
+    """A tensor's count of in-place changes (-1 for anything else)."""
+    return value._version if isinstance(value, torch.Tensor) else -1
+
+
+def _same(now: list[Any], then: list[Any], versions: list[int]) -> bool:
+    """Whether the arguments ``now`` are those a kept call got (``then``, each tensor at the
+    recorded ``versions``): the same objects (tensors unchanged since) or equal tensors, and
+    equal plain values (numbers, strings, None, types)."""
+    if len(now) != len(then):
+        return False
+    for a, b, version in zip(now, then, versions, strict=True):
+        if isinstance(b, torch.Tensor):
+            if b._version != version or not isinstance(a, torch.Tensor):
+                return False
+            if a is not b and (a.shape != b.shape or a.dtype != b.dtype
+                               or a.device != b.device or not torch.equal(a, b)):
+                return False
+        elif a is not b and not (type(a) is type(b) and isinstance(a, _PLAIN) and a == b):
+            return False
+    return True
+
+
+_PLAIN = (int, float, complex, str, bytes, type, type(None))
 
 
 def _check_members(members: list[Any]) -> None:
@@ -348,18 +428,6 @@ def _submodule(module: nn.Module, name: str) -> nn.Module:
 
 def _site_name(site: str) -> str:
     return "the module's forward" if not site else f"`self.{site}`"
-
-
-def _merging(ensemble: EnsembleModel) -> Callable[..., Any]:
-    """A forward hook handing back the ensemble's output for the arguments a module got."""
-
-    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
-             output: Any) -> Any:
-        # the host holds the first member's weights: its own output stands for that member's
-        others = [m(*args, **kwargs) for m in list(ensemble.members)[1:]]
-        return ensemble.merge([output, *others])
-
-    return hook
 
 
 def _fit_one(model: pl.LightningModule, data: Any, trainer_kwargs: Mapping[str, Any]) -> None:
