@@ -231,10 +231,10 @@ class _Counted(Classifier):
 
 @pytest.mark.parametrize("scales", [(1.0, 1.0, 1.0), (1.0, 0.5, 2.0)])
 def test_the_ensemble_reuses_a_members_prediction_only_for_the_same_arguments(scales) -> None:
-    """Each member runs once a batch in its own step; the ensemble's step takes the other
-    members' predictions of that step when its call got the same arguments, and runs them on
-    its own arguments when not (a step whose input depends on the member): the metrics are
-    those of the ensemble's own arguments either way."""
+    """Each member runs once a batch in its own step; the ensemble's step merges the members'
+    outputs of those steps when its call got the same arguments, and runs the members on its
+    own arguments when not (a step whose input depends on the member): the metrics are those
+    of the ensemble's own arguments either way, the members' their own."""
     pl.seed_everything(0, verbose=False)
     members = [_Counted(scale) for scale in scales]
     counts = [m.calls for m in members]  # deepcopy gives the host a list of its own

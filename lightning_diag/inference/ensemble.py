@@ -40,6 +40,7 @@ from lightning_diag.inference.checkpoints import (
     module_from_checkpoint,
     state_dict_of,
 )
+from lightning_diag.inference.kept_calls import KeptCall, leaves
 from lightning_diag.inference.logged import LoggedMetrics, reset_metrics
 from lightning_diag.isolation import clone_module, preserved_rng
 
@@ -201,7 +202,8 @@ def evaluate_members(models: Sequence[pl.LightningModule], batches: Iterable[Any
     runs it again as the ensemble: the module that computes the step's prediction (the
     LightningModule itself when the step calls ``self(...)``, else the one direct submodule with
     parameters it calls, such as ``self.net``) returns the members' combined output
-    (:class:`EnsembleModel`), computed from the same arguments. What the steps log is reduced as
+    (:class:`EnsembleModel`), computed from the same arguments (the other members' predictions
+    of their own steps reused when those got the same arguments). What the steps log is reduced as
     Lightning reduces it at epoch end (batch-size-weighted means, ``compute()`` of torchmetrics
     objects), so the ensemble is scored by the user's own loss and metrics, for any task.
 
@@ -267,61 +269,53 @@ def evaluate_members(models: Sequence[pl.LightningModule], batches: Iterable[Any
 
 class _Merge:
     """Where the members' predictions are merged: the module making the step's prediction in
-    the host copy (``site``, "" for the module itself) hands back the ensemble's output.
+    the host copy (``site``, "" for the module itself) returns the ensemble's output instead
+    of its own.
 
-    Each other member's prediction at the site, made in that member's own step of the batch,
-    is kept (not copied) with the arguments it was made from; the host's call with the same
-    arguments (the same tensors unchanged since, or equal ones) takes it instead of running
-    the member again, and any other call runs the member on the host's arguments.
+    Each member's output at the site in its own step of the batch is kept (not copied) with
+    the arguments it was made from. The host's call with the same arguments (the same tensors
+    unchanged since, or equal ones) merges those outputs; any other call runs the members on
+    the host's arguments. So each member runs once per batch, and the host's module not at all.
     """
 
-    def __init__(self, site: str, task: Task, ensemble: EnsembleModel,
-                 host_site: nn.Module) -> None:
-        self.site, self.task, self.ensemble = site, task, ensemble
-        self.others = list(ensemble.members)[1:]
-        self.seen: list[list[tuple[list[Any], list[int], Any]]] = [[] for _ in self.others]
+    def __init__(self, site: str, task: Task, ensemble: EnsembleModel, host_site: nn.Module,
+                 first: list[KeptCall]) -> None:
+        self.site, self.task, self.ensemble, self.host_site = site, task, ensemble, host_site
+        self.members = list(ensemble.members)
+        self.seen: list[list[KeptCall]] = [first, *[[] for _ in self.members[1:]]]
         self.calls, self.recording = 0, True
-        self.handles = [host_site.register_forward_hook(self._merged, with_kwargs=True)]
-        self.handles += [m.register_forward_hook(partial(self._record, k), with_kwargs=True)
-                         for k, m in enumerate(self.others)]
+        self.handles = [m.register_forward_hook(partial(self._record, k), with_kwargs=True)
+                        for k, m in enumerate(self.members)]
+        host_site.forward = self._forward  # type: ignore[method-assign]
 
     @classmethod
     def locate(cls, members: list[pl.LightningModule], host: pl.LightningModule,
                first_step: Callable[[], None], combine: str, task: Task | None,
                target: Callable[[], Any]) -> _Merge:
-        """Run the first member's ``first_step`` to find the site and the task, and hook the
-        host's module there (and the other members', to keep their predictions)."""
-        site, output = _locate(members[0], first_step)
-        chosen = task or infer_task(select_output(output), target())
+        """Run the first member's ``first_step`` to find the site and the task, and set the
+        host's module there to return the ensemble's output."""
+        site, first = _locate(members[0], first_step)
+        chosen = task or infer_task(select_output(first[0].output), target())
         ensemble = EnsembleModel([_submodule(m, site) for m in members], combine, chosen)
-        return cls(site, chosen, ensemble, _submodule(host, site))
+        return cls(site, chosen, ensemble, _submodule(host, site), first)
 
     def _record(self, k: int, module: nn.Module, args: tuple[Any, ...],
                 kwargs: dict[str, Any], output: Any) -> None:
         if self.recording:
-            leaves = _leaves((args, kwargs))
-            prediction = select_output(output)
-            self.seen[k].append((leaves, [_version(v) for v in leaves],
-                                 None if prediction is None else
-                                 (prediction, prediction._version)))
+            self.seen[k].append(KeptCall.of(args, kwargs, output))
 
-    def _merged(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
-                output: Any) -> Any:
-        # the host holds the first member's weights: its own output stands for that member's
+    def _forward(self, *args: Any, **kwargs: Any) -> Any:
         call, self.calls = self.calls, self.calls + 1
-        leaves = _leaves((args, kwargs))
-        others = []
-        for member, seen in zip(self.others, self.seen, strict=True):
+        now = leaves((args, kwargs))
+        outputs = []
+        for member, seen in zip(self.members, self.seen, strict=True):
             kept = seen[call] if call < len(seen) else None
-            if (kept is not None and kept[2] is not None and kept[2][0]._version == kept[2][1]
-                    and _same(leaves, *kept[:2])):
-                others.append(kept[2][0])
-            else:
-                others.append(member(*args, **kwargs))
-        return self.ensemble.merge([output, *others])
+            outputs.append(kept.output if kept is not None and kept.same(now)
+                           else member(*args, **kwargs))
+        return self.ensemble.merge(outputs)
 
     def step(self, host: pl.LightningModule, batch: Any, idx: int, log: LoggedMetrics) -> None:
-        """The host's step, its prediction the ensemble's; the batch's kept predictions are
+        """The host's step, its prediction the ensemble's; the batch's kept outputs are
         dropped after it."""
         self.recording = False
         try:
@@ -338,44 +332,10 @@ class _Merge:
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
+        del self.host_site.forward
 
     def describe(self, combine: str) -> str:
         return f"{_describe(self.task, combine)}, at {_site_name(self.site)}"
-
-
-def _leaves(value: Any) -> list[Any]:
-    """The arguments of a call flattened: containers' types, lengths and keys, then leaves."""
-    if isinstance(value, (tuple, list)):
-        return [type(value), len(value), *(x for v in value for x in _leaves(v))]
-    if isinstance(value, dict):
-        return [dict, tuple(value), *(x for v in value.values() for x in _leaves(v))]
-    return [value]
-
-
-def _version(value: Any) -> int:
-    """A tensor's count of in-place changes (-1 for anything else)."""
-    return value._version if isinstance(value, torch.Tensor) else -1
-
-
-def _same(now: list[Any], then: list[Any], versions: list[int]) -> bool:
-    """Whether the arguments ``now`` are those a kept call got (``then``, each tensor at the
-    recorded ``versions``): the same objects (tensors unchanged since) or equal tensors, and
-    equal plain values (numbers, strings, None, types)."""
-    if len(now) != len(then):
-        return False
-    for a, b, version in zip(now, then, versions, strict=True):
-        if isinstance(b, torch.Tensor):
-            if b._version != version or not isinstance(a, torch.Tensor):
-                return False
-            if a is not b and (a.shape != b.shape or a.dtype != b.dtype
-                               or a.device != b.device or not torch.equal(a, b)):
-                return False
-        elif a is not b and not (type(a) is type(b) and isinstance(a, _PLAIN) and a == b):
-            return False
-    return True
-
-
-_PLAIN = (int, float, complex, str, bytes, type, type(None))
 
 
 def _check_members(members: list[Any]) -> None:
@@ -398,14 +358,16 @@ def _target(batch_to_target: BatchFn, batch: Any) -> Any:
     return call_user("`batch_to_target`", batch_to_target, batch)
 
 
-def _locate(module: pl.LightningModule, run: Callable[[], None]) -> tuple[str, Any]:
+def _locate(module: pl.LightningModule, run: Callable[[], None]) -> tuple[str, list[KeptCall]]:
     """Run ``run`` (a step of ``module``) and return the name of the module that made its
-    prediction ("" for ``module`` itself) and the prediction it made."""
-    calls: list[tuple[str, Any]] = []
+    prediction ("" for ``module`` itself) and that module's calls in the step."""
+    calls: list[tuple[str, KeptCall]] = []
     candidates = {"": module, **{name: child for name, child in module.named_children()
                                  if next(child.parameters(), None) is not None}}
-    handles = [m.register_forward_hook(lambda _m, _a, out, name=name: calls.append((name, out)))
-               for name, m in candidates.items()]
+    handles = [m.register_forward_hook(
+        lambda _m, args, kwargs, out, name=name: calls.append(
+            (name, KeptCall.of(args, kwargs, out))), with_kwargs=True)
+        for name, m in candidates.items()]
     try:
         run()
     finally:
@@ -419,7 +381,7 @@ def _locate(module: pl.LightningModule, run: Callable[[], None]) -> tuple[str, A
             f"parameters ({called}) and never the module itself, so no single module makes its "
             "prediction: define `forward` and call `self(...)` in the step to have the ensemble "
             "combine whole predictions.")
-    return site, next(out for name, out in calls if name == site)
+    return site, [call for name, call in calls if name == site]
 
 
 def _submodule(module: nn.Module, name: str) -> nn.Module:

@@ -4,8 +4,10 @@ TensorBoard's Images dashboard scales every image to the width of its card (:dat
 pixels), Time Series fits it into a landscape box (about 330 x 215 pixels in a 1280-pixel
 window, 450 x 215 in a 1600-pixel one), and neither shows a caption: so every figure here is
 drawn at the card's width and about half as high, with its own text (and reads at its natural
-size in the HTML report). The captioned image grids are :mod:`~lightning_diag.tensorboard.grids`
-(re-exported here).
+size in the HTML report). Every figure is drawn with plain artists placed in figure
+coordinates, no Axes (see :func:`_frame`), and rendered by
+:func:`~lightning_diag.tensorboard.raster.render` (its text drawn by Pillow): a few ms each.
+The captioned image grids are :mod:`~lightning_diag.tensorboard.grids` (re-exported here).
 
 Example:
     >>> import torch
@@ -131,11 +133,12 @@ class _Scale:
         return cls(lo, hi, list(range(n)), list(labels))
 
 
-Mapping2D = tuple[Callable[[float], float], Callable[[float], float]]
+#: The maps from a panel's data to figure fractions, x then y.
+_ToFigure = tuple[Callable[[float], float], Callable[[float], float]]
 
 
 def _frame(fig: Figure, at: _Panel, x: _Scale, y: _Scale,
-           legend: Sequence[tuple[str, dict[str, Any]]] = ()) -> Mapping2D:
+           legend: Sequence[tuple[str, dict[str, Any]]] = ()) -> _ToFigure:
     """A panel's frame, tick labels, title and axis labels drawn straight onto the figure with
     plain artists, no Axes; returns the maps from data to figure fractions.
 
@@ -289,7 +292,7 @@ def curves_figure(history: dict[str, list[tuple[int, float]]]) -> Figure:
     return fig
 
 
-def _bars(fig: Figure, to: Mapping2D, xs: Sequence[float], heights: Sequence[float],
+def _bars(fig: Figure, to: _ToFigure, xs: Sequence[float], heights: Sequence[float],
           colours: Sequence[str], width: float) -> None:
     """Bars of ``heights`` centred on ``xs`` (data units), from zero, as one collection (one
     draw for any number of bars); a NaN height draws none."""
@@ -370,7 +373,7 @@ def ensemble_figure(members: Sequence[tuple[int, dict[str, float]]],
     return fig
 
 
-def _bar_values(fig: Figure, to: Mapping2D, values: Sequence[float], slot: float) -> None:
+def _bar_values(fig: Figure, to: _ToFigure, values: Sequence[float], slot: float) -> None:
     """Each value written above its bar (at zero for NaN or a negative value), fitted to the
     bars' ``slot`` (inches each): smaller, then staggered."""
     fx, fy = to
