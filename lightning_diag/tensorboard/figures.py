@@ -359,7 +359,8 @@ def ensemble_figure(members: Sequence[tuple[int, dict[str, float]]],
         values = [r.get(name, math.nan) for _, r in members] + [ensemble[name]]
         finite = [v for v in values if math.isfinite(v)]
         top = max(finite, default=1.0)
-        lo, hi = min(0.0, min(finite, default=0.0)), top * 1.3 if top > 0 else 1.0
+        # room above the bars for their values, below for a negative one
+        lo, hi = min(0.0, 1.15 * min(finite, default=0.0)), top * 1.3 if top > 0 else 1.0
         ticks = _nice(lo, hi, 4)
         left = first + col * (width + gap)
         to = _frame(fig, _Panel(left, 0.42 + (rows - 1 - row) * 1.9, width, 1.4, name, "",
