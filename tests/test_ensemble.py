@@ -213,12 +213,12 @@ def test_evaluate_members_on_torchmetrics_and_a_submodule_prediction() -> None:
 
 
 class _Counted(Classifier):
-    """A classifier counting its forward calls (by instance: the ensemble's host is a copy)
-    and scaling its input by its own ``scale`` in the step."""
+    """A classifier counting its forward calls (by instance: the ensemble's host is a copy),
+    its step scaling the input by its own ``scale`` and calling the model ``repeats`` times."""
 
-    def __init__(self, scale: float = 1.0) -> None:
+    def __init__(self, scale: float = 1.0, repeats: int = 1) -> None:
         super().__init__(mlp())
-        self.scale, self.calls = scale, [0]
+        self.scale, self.repeats, self.calls = scale, repeats, [0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls[0] += 1
@@ -226,17 +226,23 @@ class _Counted(Classifier):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x, y = batch
-        self.log("val_loss", F.cross_entropy(self(x if self.scale == 1 else x * self.scale), y))
+        inputs = x if self.scale == 1 else x * self.scale
+        self.log("val_loss", sum(F.cross_entropy(self(inputs), y) for _ in range(self.repeats))
+                 / self.repeats)
 
 
-@pytest.mark.parametrize("scales", [(1.0, 1.0, 1.0), (1.0, 0.5, 2.0)])
-def test_the_ensemble_reuses_a_members_prediction_only_for_the_same_arguments(scales) -> None:
+@pytest.mark.parametrize(("scales", "repeats", "runs"), [
+    ((1.0, 1.0, 1.0), 1, [2, 2, 2]),  # 2 batches: each member's own steps only
+    ((1.0, 0.5, 2.0), 1, [2, 4, 4]),  # other arguments: run again on the ensemble's
+    ((1.0, 1.0, 1.0), 10, [24] * 3)])  # 8 calls a batch kept, the 2 others run again
+def test_the_ensemble_reuses_a_members_prediction_only_for_the_same_arguments(
+        scales, repeats, runs) -> None:
     """Each member runs once a batch in its own step; the ensemble's step merges the members'
     outputs of those steps when its call got the same arguments, and runs the members on its
     own arguments when not (a step whose input depends on the member): the metrics are those
     of the ensemble's own arguments either way, the members' their own."""
     pl.seed_everything(0, verbose=False)
-    members = [_Counted(scale) for scale in scales]
+    members = [_Counted(scale, repeats) for scale in scales]
     counts = [m.calls for m in members]  # deepcopy gives the host a list of its own
     ds = digits(64)
     res = evaluate_members(members, loader(ds, 32, shuffle=False))
@@ -247,8 +253,7 @@ def test_the_ensemble_reuses_a_members_prediction_only_for_the_same_arguments(sc
     assert res["ensemble"]["val_loss"] == pytest.approx(float(F.nll_loss(probs.log(), y)),
                                                         rel=1e-5)
     assert [r["val_loss"] for r in res["members"]] == pytest.approx([float(v) for v in own])
-    same = len(set(scales)) == 1
-    assert [c[0] for c in counts] == [2, *[2 if same else 4] * 2]  # 2 batches; rerun if not
+    assert [c[0] for c in counts] == runs
     assert all(not m._forward_hooks for m in members)
 
 

@@ -202,8 +202,8 @@ def evaluate_members(models: Sequence[pl.LightningModule], batches: Iterable[Any
     runs it again as the ensemble: the module that computes the step's prediction (the
     LightningModule itself when the step calls ``self(...)``, else the one direct submodule with
     parameters it calls, such as ``self.net``) returns the members' combined output
-    (:class:`EnsembleModel`), computed from the same arguments (the other members' predictions
-    of their own steps reused when those got the same arguments). What the steps log is reduced as
+    (:class:`EnsembleModel`), computed from the same arguments (the members' outputs of their
+    own steps of the batch, when those got the same arguments). What the steps log is reduced as
     Lightning reduces it at epoch end (batch-size-weighted means, ``compute()`` of torchmetrics
     objects), so the ensemble is scored by the user's own loss and metrics, for any task.
 
@@ -267,22 +267,28 @@ def evaluate_members(models: Sequence[pl.LightningModule], batches: Iterable[Any
     return {"members": rows[:-1], "ensemble": rows[-1], "combined": merge.describe(combine)}
 
 
+#: Calls of a member's module per batch whose outputs are kept for the ensemble's step.
+_KEEP = 8
+
+
 class _Merge:
     """Where the members' predictions are merged: the module making the step's prediction in
     the host copy (``site``, "" for the module itself) returns the ensemble's output instead
     of its own.
 
     Each member's output at the site in its own step of the batch is kept (not copied) with
-    the arguments it was made from. The host's call with the same arguments (the same tensors
-    unchanged since, or equal ones) merges those outputs; any other call runs the members on
-    the host's arguments. So each member runs once per batch, and the host's module not at all.
+    the arguments it was made from, for its first :data:`_KEEP` calls (a step generating a
+    sequence token by token would hold every step's output). The host's call with the same
+    arguments (the same tensors unchanged since, or equal ones) merges those outputs; any other
+    call runs the members on the host's arguments. So each member runs once per batch, and
+    the host's module not at all.
     """
 
     def __init__(self, site: str, task: Task, ensemble: EnsembleModel, host_site: nn.Module,
                  first: list[KeptCall]) -> None:
         self.site, self.task, self.ensemble, self.host_site = site, task, ensemble, host_site
         self.members = list(ensemble.members)
-        self.seen: list[list[KeptCall]] = [first, *[[] for _ in self.members[1:]]]
+        self.seen: list[list[KeptCall]] = [first[:_KEEP], *[[] for _ in self.members[1:]]]
         self.calls, self.recording = 0, True
         self.handles = [m.register_forward_hook(partial(self._record, k), with_kwargs=True)
                         for k, m in enumerate(self.members)]
@@ -301,7 +307,7 @@ class _Merge:
 
     def _record(self, k: int, module: nn.Module, args: tuple[Any, ...],
                 kwargs: dict[str, Any], output: Any) -> None:
-        if self.recording:
+        if self.recording and len(self.seen[k]) < _KEEP:
             self.seen[k].append(KeptCall.of(args, kwargs, output))
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
