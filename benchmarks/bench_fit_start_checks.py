@@ -65,7 +65,7 @@ def main() -> None:
     t, found = timed(lambda: check_initial_loss(model, batches[:3]), args.repeats)
     rows.append(("InitialLossCheck (3 batches of 64, forward only)", t, found[0].message))
     t, found = timed(lambda: check_gradients(model, batches[0]), args.repeats)
-    rows.append(("GradientCheck (4 samples, 10 coords + 1 direction per tensor)", t,
+    rows.append(("GradientCheck (4 samples, 3-10 coords + 1 direction per tensor)", t,
                  found[0].message))
     t, result = timed(lambda: overfit_small_batch(model, loader), args.repeats)
     rows.append(("OverfitSmallBatch (5 batches of 64, up to 1000 steps)", t,

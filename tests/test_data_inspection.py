@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset, Subset, TensorDataset
 
 from lightning_diag.callbacks.data_inspection import DataInspection
 from lightning_diag.checks.data.inspect import InspectionConfig, inspect_dataset, run_inspection
@@ -52,6 +52,37 @@ def test_clean_digits_as_shipped_are_quiet() -> None:
     assert summary.details["train"]["class_counts"] is not None
     assert summary.details["train"]["exact_duplicate_groups"] == 0
 
+
+
+class OneByOne(TensorDataset):
+    """A TensorDataset the inspection reads sample by sample (a subclass may change
+    ``__getitem__``: only the exact classes are read all at once)."""
+
+
+@pytest.mark.parametrize("targets", ["classes", "bool", "float", "multilabel", "none"])
+def test_tensors_read_at_once_give_what_one_by_one_gives(targets):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3000, 6, generator=g)
+    x[7, 2] = float("nan")
+    x[9] = 1.0
+    x[100:130] = x[:30]
+    x[200] = x[201] * 1.0001
+    y = {"classes": torch.randint(0, 3, (3000,), generator=g),
+         "bool": torch.randint(0, 2, (3000,), generator=g).bool(),
+         "float": torch.randn(3000, generator=g),
+         "multilabel": torch.randint(0, 2, (3000, 4), generator=g)}.get(targets)
+    parts = (x,) if y is None else (x, y)
+    whole, one_by_one = TensorDataset(*parts), OneByOne(*parts)
+    split = torch.randperm(3000, generator=g)
+    for train, val in [(whole, None), (Subset(whole, split[:2000]), Subset(whole, split[2000:]))]:
+        slow = (one_by_one if val is None else Subset(one_by_one, split[:2000]),
+                None if val is None else Subset(one_by_one, split[2000:]))
+        fast_found = inspect_dataset(train, val, max_samples=2500)
+        slow_found = inspect_dataset(*slow, max_samples=2500)
+        assert [(f.code, f.message, f.details) for f in fast_found] == [
+            (f.code, f.message, f.details) for f in slow_found]
+    assert {"data.non_finite", "data.constant_input", "data.exact_duplicate"} <= {
+        f.code for f in fast_found}
 
 def test_exact_duplicates_and_conflicting_labels(split: Any) -> None:
     x, y, _, _ = split

@@ -10,7 +10,16 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_diag.batch import map_floats
 from lightning_diag.callbacks import GradientCheck
-from lightning_diag.checks.gradients import MIN_JUDGED, check_gradients, error_table
+from lightning_diag.checks.gradients import (
+    AUTO_COMPARED,
+    AUTO_JUDGED,
+    AUTO_MAX_COORDS,
+    AUTO_MIN_COORDS,
+    MIN_JUDGED,
+    check_gradients,
+    error_table,
+)
+from lightning_diag.examples.digits import DigitsClassifier
 from lightning_diag.findings import DiagnosticError
 from lightning_diag.isolation import first_batches
 from lightning_diag.tensorboard.tags import GRADIENT_CHECK_ERRORS
@@ -130,6 +139,50 @@ def test_cost_is_bounded_by_the_sample():
                            direction=False)
     assert all(t.checked == 2 for t in f.details["table"])
     assert f.details["samples"] == 4
+
+
+class FewUsed(pl.LightningModule):
+    """Twelve tensors of 20 weights; the loss (smooth) depends on the first ``used`` only: the
+    others' comparisons are all both zero."""
+
+    def __init__(self, used):
+        super().__init__()
+        self.used = used
+        self.ws = nn.ParameterList(nn.Parameter(torch.linspace(0.1, 2.0, 20) * (i + 1))
+                                   for i in range(12))
+
+    def training_step(self, batch, batch_idx):
+        return sum((w**2 * batch[0].mean()).sum() for w in self.ws[:self.used])
+
+
+def test_default_spreads_the_coordinates_over_the_tensors():
+    # twelve tensors: the fewest coordinates each (the direction covers the rest of each one)
+    (f,) = check_gradients(DigitsClassifier(arch="cnn"), batch_of())
+    assert len(f.details["table"]) * (AUTO_MIN_COORDS + 1) >= AUTO_COMPARED
+    assert {t.checked for t in f.details["table"]} == {AUTO_MIN_COORDS + 1}
+    assert f.code == "gradient_check.ok" and f.details["judged"] >= AUTO_JUDGED
+    # four tensors: AUTO_COMPARED comparisons in all; one tensor: the most coordinates
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10))
+    (f,) = check_gradients(Classifier(net), batch_of())
+    assert [t.checked for t in f.details["table"]] == [AUTO_COMPARED // 4] * 4
+    (f,) = check_gradients(NearKink(), (torch.ones(4, 1),))
+    assert f.details["compared"] == AUTO_MAX_COORDS + 1
+
+
+def test_default_adds_coordinates_while_too_few_are_judged():
+    # 2 tensors of 12 used: 8 judged at first, then one coordinate more per tensor in turn
+    # until 20 are judged (6 rounds)
+    (f,) = check_gradients(FewUsed(2), (torch.ones(4, 1),))
+    assert f.code == "gradient_check.ok" and f.details["judged"] == AUTO_JUDGED
+    assert {t.checked for t in f.details["table"]} == {AUTO_MIN_COORDS + 1 + 6}
+    # 1 used: never 20 judged; every tensor at the most coordinates, 11 judged: still ok
+    (f,) = check_gradients(FewUsed(1), (torch.ones(4, 1),))
+    assert {t.checked for t in f.details["table"]} == {AUTO_MAX_COORDS + 1}
+    assert f.code == "gradient_check.ok" and f.details["judged"] == AUTO_MAX_COORDS + 1
+    # a number of coordinates given is what is checked, judged or not
+    (f,) = check_gradients(FewUsed(1), (torch.ones(4, 1),), coords_per_tensor=3)
+    assert {t.checked for t in f.details["table"]} == {4}
+    assert f.code == "gradient_check.inconclusive" and f.details["judged"] == 4
 
 
 def test_nan_loss_and_regression():
@@ -272,7 +325,8 @@ def test_carried_state_is_put_back_so_the_recurrent_lm_gets_a_real_check():
     fam, batch = recurrent_lm()
     (f,) = check_gradients(fam.module, batch)
     assert f.code == "gradient_check.ok" and f.details["restored_state"] == ["hidden"]
-    assert f.details["judged"] >= 60 and "carries `hidden` between calls" in f.message
+    # a real check: at least the judged comparisons the default spread guarantees
+    assert f.details["judged"] >= AUTO_JUDGED and "carries `hidden` between calls" in f.message
     assert fam.module.hidden is None  # the live module never ran
     torch.manual_seed(0)
     (bad,) = check_gradients(FAMILIES["recurrent_lm"]("detached_layer").module, batch)

@@ -29,6 +29,23 @@ def test_preserved_rng_restores_every_stream_even_on_error():
     assert (torch.rand(1), np.random.rand(), random.random()) == expected
 
 
+def test_rng_state_puts_numpy_back_exactly_with_its_cached_gaussian():
+    from lightning_diag.isolation import RNGState
+
+    np.random.seed(3)
+    np.random.randn(1)  # the legacy generator now holds a second Gaussian
+    before = np.random.get_state()
+    state = RNGState.capture()
+    expected = (np.random.rand(4), np.random.randn(3))
+    np.random.seed(9)
+    state.restore()
+    after = np.random.get_state()
+    assert after[0] == before[0] and np.array_equal(after[1], before[1])
+    assert after[2:] == before[2:] and before[3] == 1
+    got = (np.random.rand(4), np.random.randn(3))
+    assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
 def test_first_batches_do_not_advance_the_users_sampler_generator():
     data = digits(100)
     dl = loader(data, batch_size=16)
@@ -167,6 +184,30 @@ def test_step_state_puts_back_what_a_step_carries():
     assert torch.equal(module.cache["h"], torch.zeros(2, dtype=torch.float64))
     assert state.changed() == []
 
+
+
+def test_step_state_scanned_once_still_sees_every_way_a_step_changes_state():
+    """restore() looks only at what a step can change: each way is seen, in a submodule too."""
+    module = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+    inner = module[0]
+    inner.hidden, inner.count, inner.history, inner.shape = torch.zeros(2), 3, [], (1, 2)
+    state = StepState(module)
+    inner.hidden.add_(1.0)  # in place, on the value restore put there
+    inner.count = torch.ones(1)  # a number become a tensor: carried now
+    inner.history.append(torch.ones(1))  # a list filled in place
+    inner.shape = (torch.ones(1),)  # a tuple replaced by one holding a tensor
+    inner.steps = 4  # added, not carried: the step's own bookkeeping, kept
+    inner.extra = [torch.ones(1)]  # added, carried
+    del inner.hidden  # a captured attribute removed
+    assert state.changed() == ["0.count", "0.extra", "0.hidden", "0.history", "0.shape"]
+    state.restore()
+    assert torch.equal(inner.hidden, torch.zeros(2)) and inner.steps == 4
+    assert not any(hasattr(inner, k) for k in ("count", "history", "shape", "extra"))
+    assert state.changed() == []
+    inner.hidden.add_(1.0)
+    state.restore()  # the clone it put back, changed in place: a fresh one again
+    assert torch.equal(inner.hidden, torch.zeros(2)) and state.changed() == []
+    assert inner.weight.shape == (2, 2) and "weight" not in vars(inner)  # parameters untouched
 
 def test_clone_copies_a_state_still_attached_to_the_graph_detached():
     model = Classifier(mlp(width=8))

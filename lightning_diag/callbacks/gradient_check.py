@@ -40,9 +40,10 @@ class GradientCheck(FitStartCheck):
 
     slug = "gradient_check"
 
-    def __init__(self, num_samples: int = 4, coords_per_tensor: int = 10, direction: bool = True,
-                 h: float | None = None, tolerance: float | None = None, kinks: bool | None = None,
-                 seed: int = 0, reset: Callable[[pl.LightningModule], Any] | None = None,
+    def __init__(self, num_samples: int = 4, coords_per_tensor: int | None = None,
+                 direction: bool = True, h: float | None = None,
+                 tolerance: float | None = None, kinks: bool | None = None, seed: int = 0,
+                 reset: Callable[[pl.LightningModule], Any] | None = None,
                  strict: bool = False) -> None:
         super().__init__(strict=strict)
         self.options: dict[str, Any] = {

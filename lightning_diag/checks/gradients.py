@@ -6,6 +6,14 @@ stream are left untouched. For each trainable tensor, ``coords_per_tensor`` rand
 step ``h`` (default: 1e-5 when the tolerance is below 1e-4, else 1e-6). The same RNG state is
 replayed before every loss evaluation, so dropout draws the same mask each time.
 
+- **How many coordinates** (``coords_per_tensor=None``, the default): about
+  :data:`AUTO_COMPARED` comparisons spread over the tensors, at least :data:`AUTO_MIN_COORDS`
+  and at most :data:`AUTO_MAX_COORDS` coordinates per tensor (a model of up to three tensors
+  gets ten each, a CNN of twelve three), then one more coordinate per tensor in turn (up to
+  :data:`AUTO_MAX_COORDS`) while fewer than :data:`AUTO_JUDGED` comparisons are judged. The
+  direction covers every coordinate of its tensor at once: a bug in any of them moves
+  ``grad . v``, so the coordinates need not find it by chance.
+
 - **Set aside, not judged**: a coordinate whose analytic and numeric values are both below the
   resolution of float64 differences at this tolerance (``4 ulp(loss) / (2 h) / tolerance``) is
   counted as "both zero": roundoff alone could give it any relative error. A coordinate over
@@ -88,6 +96,13 @@ _ROUNDOFF_ULPS = 4.0
 #: with probability 0.67^10 = 2 %; the default (10 coordinates and a direction per tensor) makes
 #: 11 per tensor, so a model with one parameter tensor reaches it.
 MIN_JUDGED = 10
+#: ``coords_per_tensor=None``: about this many comparisons in all, spread over the tensors, with
+#: between these many coordinates per tensor (at most: the fixed default before, so that a model
+#: of one to three tensors is checked as before; the direction covers the rest of each tensor),
+#: one more per tensor in turn while fewer than twice :data:`MIN_JUDGED` are judged (many both
+#: near zero, as in an embedding's unused rows).
+AUTO_COMPARED, AUTO_MIN_COORDS, AUTO_MAX_COORDS = 36, 3, 10
+AUTO_JUDGED = 2 * MIN_JUDGED
 #: Default steps. Measured on digits nets in float64: 1e-6 puts roundoff errors of ~2e-6 on
 #: small coordinates of smooth nets (over their 1e-6 tolerance), so they use 1e-5; with kinks
 #: (tolerance 1e-4) 1e-6 is accurate enough and crosses ten times fewer kinks than 1e-5.
@@ -118,7 +133,7 @@ def check_gradients(
     batch: Any,
     *,
     num_samples: int = 4,
-    coords_per_tensor: int = 10,
+    coords_per_tensor: int | None = None,
     direction: bool = True,
     h: float | None = None,
     tolerance: float | None = None,
@@ -133,7 +148,8 @@ def check_gradients(
         module: The LightningModule, as initialized.
         batch: One training batch; its first ``num_samples`` samples are used.
         num_samples: Samples kept (the cost grows with them).
-        coords_per_tensor: Random coordinates checked per parameter tensor.
+        coords_per_tensor: Random coordinates checked per parameter tensor; None (default):
+            spread over the tensors (see the module docstring).
         direction: Also check one random unit direction per tensor.
         h: The centered-difference step (default: 1e-5 below a 1e-4 tolerance, else 1e-6).
         tolerance: Overrides the recipe's tolerance.
@@ -171,10 +187,7 @@ def check_gradients(
                             "log of zero, division by zero).", value=value)]
         kinky = has_kinks(clone) if kinks is None else kinks
         probe = _Probe.of(clone, value, run.loss_at(), kinky, h, tolerance)
-        gen = torch.Generator().manual_seed(seed)
-        table = [_check_tensor(name, p, run.gradients[name], run.loss_at, probe,
-                               coords_per_tensor, direction, gen)
-                 for name, p in clone.named_parameters() if p.requires_grad]
+        table = _check_tensors(clone, run, probe, coords_per_tensor, direction, seed)
     return [_summarize(table, probe.tol, kinky, run.samples, run.restored, run.float64)]
 
 
@@ -312,7 +325,7 @@ def validate_arguments(*, num_samples: Any, coords_per_tensor: Any, direction: A
         ValueError: `h` must be a number in (0, 1) or None, got 1.0.
     """
     check_int("num_samples", num_samples)
-    check_int("coords_per_tensor", coords_per_tensor)
+    check_int("coords_per_tensor", coords_per_tensor, optional=True)
     check_flag("direction", direction)
     check_number("h", h, low=0, high=1, low_open=True, high_open=True, optional=True)
     check_number("tolerance", tolerance, low=0, low_open=True, optional=True)
@@ -350,29 +363,81 @@ class _Probe:
         return cls(step, eps, tol, f_zero)
 
 
-def _check_tensor(name: str, p: torch.Tensor, grad: torch.Tensor, loss_at: Callable[[], float],
-                  probe: _Probe, coords: int, direction: bool,
-                  gen: torch.Generator) -> TensorGradientError:
-    numel = p.numel()
-    picks = (torch.randperm(numel, generator=gen)[:coords] if numel <= 100 * coords
-             else torch.randint(numel, (coords,), generator=gen).unique())
-    basis = torch.zeros(p.shape, dtype=p.dtype, device=p.device)
-    flat_grad = grad.reshape(-1)
-    rows: list[tuple[float, float, bool]] = []
-    for i in picks.tolist():
-        basis.view(-1)[i] = 1.0
-        rows.append(_probe(loss_at, p.data, basis, float(flat_grad[i]), probe))
-        basis.view(-1)[i] = 0.0
-    if direction:
-        v = torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device)  # CPU generator
-        v /= v.norm()
-        rows.append(_probe(loss_at, p.data, v, float((grad * v).sum()), probe))
-    a, n, kink = (torch.tensor(col, dtype=torch.float64) for col in zip(*rows, strict=True))
-    err, both_zero = relative_error(a, n, probe.eps)
-    err = torch.where(kink.bool(), torch.zeros_like(err), err)
-    worst = int(err.argmax())
-    return TensorGradientError(name, numel, len(rows), int(both_zero.sum()), int(kink.sum()),
-                               float(err[worst]), float(a[worst]), float(n[worst]))
+def _check_tensors(clone: torch.nn.Module, run: _Evaluator, probe: _Probe,
+                   coords_per_tensor: int | None, direction: bool,
+                   seed: int) -> list[TensorGradientError]:
+    """Every trainable tensor's comparisons (how many: see the module docstring)."""
+    params = [(name, p) for name, p in clone.named_parameters() if p.requires_grad]
+    if coords_per_tensor is None:
+        per_tensor = math.ceil(AUTO_COMPARED / max(len(params), 1)) - int(direction)
+        coords = min(max(per_tensor, AUTO_MIN_COORDS), AUTO_MAX_COORDS)
+        most = AUTO_MAX_COORDS
+    else:
+        coords = most = coords_per_tensor
+    gen = torch.Generator().manual_seed(seed)
+    tensors = [_TensorProbes(name, p, run.gradients[name], most, direction, gen)
+               for name, p in params]
+    for t in tensors:
+        t.run(run.loss_at, probe, coords)
+    if coords_per_tensor is None:
+        while (left := [t for t in tensors if t.done < len(t.picks)]) and sum(
+                t.judged for t in tensors) < AUTO_JUDGED:
+            for t in left:
+                t.run(run.loss_at, probe, 1)
+    return [t.result(probe) for t in tensors]
+
+
+class _TensorProbes:
+    """The comparisons of one tensor: its coordinates (drawn up front, up to ``most``, run a
+    few at a time) and its direction (run with the first coordinates)."""
+
+    def __init__(self, name: str, p: torch.Tensor, grad: torch.Tensor, most: int,
+                 direction: bool, gen: torch.Generator) -> None:
+        self.name, self.p, self.grad = name, p, grad
+        numel = p.numel()
+        self.drawn = numel > 100 * most  # drawn with replacement (a big tensor)
+        if not self.drawn:
+            self.picks = torch.randperm(numel, generator=gen)[:most].tolist()
+        else:  # distinct draws, in the order drawn (the first few are as random as all)
+            self.picks = list(dict.fromkeys(torch.randint(numel, (most,), generator=gen).tolist()))
+        self.direction: torch.Tensor | None = None
+        if direction:
+            v = torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device)  # CPU generator
+            self.direction = v / v.norm()
+        self.done = 0  # coordinates run
+        self.rows: list[tuple[float, float, bool]] = []
+        self.judged = 0  # comparisons neither both near zero nor across a kink
+
+    def run(self, loss_at: Callable[[], float], probe: _Probe, count: int) -> None:
+        """Run the next ``count`` coordinates (the direction with the first ones)."""
+        basis = torch.zeros(self.p.shape, dtype=self.p.dtype, device=self.p.device)
+        flat_grad = self.grad.reshape(-1)
+        chosen = self.picks[self.done:self.done + count]
+        for i in sorted(chosen) if self.drawn else chosen:  # drawn ones in index order
+            basis.view(-1)[i] = 1.0
+            self._add(_probe(loss_at, self.p.data, basis, float(flat_grad[i]), probe), probe)
+            basis.view(-1)[i] = 0.0
+        self.done = min(self.done + count, len(self.picks))
+        if self.direction is not None:
+            v, self.direction = self.direction, None
+            self._add(_probe(loss_at, self.p.data, v, float((self.grad * v).sum()), probe),
+                      probe)
+
+    def _add(self, row: tuple[float, float, bool], probe: _Probe) -> None:
+        self.rows.append(row)
+        a, n, kink = row
+        both_zero = max(abs(a), abs(n)) <= probe.eps  # as relative_error counts it
+        self.judged += not (kink or both_zero)
+
+    def result(self, probe: _Probe) -> TensorGradientError:
+        a, n, kink = (torch.tensor(col, dtype=torch.float64)
+                      for col in zip(*self.rows, strict=True))
+        err, both_zero = relative_error(a, n, probe.eps)
+        err = torch.where(kink.bool(), torch.zeros_like(err), err)
+        worst = int(err.argmax())
+        return TensorGradientError(self.name, self.p.numel(), len(self.rows),
+                                   int(both_zero.sum()), int(kink.sum()), float(err[worst]),
+                                   float(a[worst]), float(n[worst]))
 
 
 def _probe(loss_at: Callable[[], float], param: torch.Tensor, direction: torch.Tensor,

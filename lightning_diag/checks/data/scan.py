@@ -32,6 +32,7 @@ from lightning_diag.batch import (
     default_batch_to_input,
     default_batch_to_target,
 )
+from lightning_diag.checks.data.at_once import read_at_once
 from lightning_diag.checks.data.config import InspectionConfig
 from lightning_diag.findings import Finding
 from lightning_diag.functional.data import (
@@ -155,6 +156,11 @@ class _ChunkReader(TorchDataset):
         lo = self.start + c * _CHUNK
         hi = min(lo + _CHUNK, len(self.indices))
         chunk = _Chunk(size=hi - lo)
+        at_once = None if self.tokens else read_at_once(self.dataset, self.config,
+                                                        self.indices[lo:hi], self.shape)
+        if at_once is not None:
+            self._read_tensors(chunk, *at_once, lo)
+            return chunk
         same: list[tuple[int, torch.Tensor]] = []
         for pos in range(lo, hi):
             idx = self.indices[pos]
@@ -183,17 +189,28 @@ class _ChunkReader(TorchDataset):
                     chunk.non_finite.append(idx)
                 continue
             same.append((pos, x))
-        if same:
-            self._compare_form(chunk, same)
+        if same and self.tokens:
+            self._compare_tokens(chunk, same)
+        elif same:
+            self._compare_form(chunk, torch.tensor([p for p, _ in same]),
+                               torch.stack([t for _, t in same]))
         return chunk
 
-    def _compare_form(self, chunk: _Chunk, same: list[tuple[int, torch.Tensor]]) -> None:
-        """Hashes and reduced representations of the finite samples; the others named."""
-        if self.tokens:
-            self._compare_tokens(chunk, same)
-            return
-        pos = torch.tensor([p for p, _ in same])
-        x = torch.stack([t for _, t in same]).reshape(len(same), -1).float()
+    def _read_tensors(self, chunk: _Chunk, x: torch.Tensor, y: torch.Tensor | None,
+                      lo: int) -> None:
+        """Positions ``lo`` on, read at once (:func:`read_at_once`): the labels and
+        comparisons the loop of :meth:`__getitem__` makes one sample at a time."""
+        if y is not None:
+            labels = (y.tolist() if y.dim() == 1 and y.dtype in _INT_TYPES
+                      else [_label(t) for t in y])
+            chunk.labels = [(lo + k, label) for k, label in enumerate(labels)
+                            if isinstance(label, int)]
+        self._compare_form(chunk, torch.arange(lo, lo + len(x)), x)
+
+    def _compare_form(self, chunk: _Chunk, pos: torch.Tensor, x: torch.Tensor) -> None:
+        """Hashes and reduced representations of the finite samples (``x``, stacked, at
+        positions ``pos``); the others named."""
+        x = x.reshape(len(x), -1).float()
         finite = torch.isfinite(x).all(dim=1)
         chunk.non_finite.extend(self.indices[p] for p in pos[~finite].tolist())
         pos, x = pos[finite], x[finite]
