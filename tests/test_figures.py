@@ -169,6 +169,7 @@ def test_texts_pillow_cannot_draw_are_left_to_agg() -> None:
     for k, text in enumerate(["$x^2$", "two\nlines", "tilted"]):
         fig.text(0.1 + 0.3 * k, 0.5, text, rotation=30 if text == "tilted" else 0)
     fig.text(0.95, 0.5, "up", rotation=90, va="baseline")
+    fig.text(0.5, 0.9, "wrapped at the figure's edge " * 3, wrap=True)
     ax = fig.add_axes((0.1, 0.1, 0.8, 0.2))
     ax.set_title("in an axes")
     image = render(fig)

@@ -8,8 +8,8 @@ text. :func:`render` hides the figure's own plain text artists (``fig.text``) wh
 the rest, then draws them with Pillow where matplotlib would have put them: same font file
 (whatever matplotlib resolves for the artist), size, colour, alignment and 0 or 90 degree
 rotation, on top of everything else. Texts Pillow cannot stand in for (math, several lines,
-a box, other angles, transparency), every text inside an Axes and every text of a figure with
-a layout engine (which places them while Agg draws) are left to Agg.
+wrapped, a box, other angles, transparency), every text inside an Axes and every text of a
+figure with a layout engine (which places them while Agg draws) are left to Agg.
 
 Example:
     >>> from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -83,7 +83,7 @@ def _plain(text: Text) -> bool:
     s = text.get_text()
     return (type(text) is PlainText and text.get_visible() and bool(s) and "\n" not in s
             and "$" not in s and text.get_bbox_patch() is None and text.get_alpha() is None
-            and not text.get_usetex() and text.get_rotation() in _ANGLES
+            and not text.get_usetex() and not text.get_wrap() and text.get_rotation() in _ANGLES
             and text.get_horizontalalignment() in _HA and text.get_verticalalignment() in _VA
             and not (text.get_rotation() and text.get_verticalalignment() == "baseline")
             and text.get_path_effects() == [] and text.get_clip_path() is None
