@@ -292,6 +292,9 @@ class _Merge:
         self.calls, self.recording = 0, True
         self.handles = [m.register_forward_hook(partial(self._record, k), with_kwargs=True)
                         for k, m in enumerate(self.members)]
+        # an instance attribute, not a hook: the host's own forward never runs (a compiled
+        # module keeps its forward there: put back on removal)
+        self.own_forward = vars(host_site).get("forward")
         host_site.forward = self._forward  # type: ignore[method-assign]
 
     @classmethod
@@ -338,7 +341,10 @@ class _Merge:
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
-        del self.host_site.forward
+        if self.own_forward is None:
+            del self.host_site.forward
+        else:
+            self.host_site.forward = self.own_forward  # type: ignore[method-assign]
 
     def describe(self, combine: str) -> str:
         return f"{_describe(self.task, combine)}, at {_site_name(self.site)}"
