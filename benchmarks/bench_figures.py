@@ -5,7 +5,8 @@ Times, in one process and interleaved, this tree's code against a baseline tree'
 
 - each figure of the eleven callbacks' defaults on the digits CNN, built and rendered as
   ``log_figure`` renders it (the class counts of DataInspection, the ensemble's bars, the
-  activation summary of 10 layers, the learning curves of 10 epochs);
+  activation summary of 10 layers, the learning curves of 10 epochs), and DataInspection's
+  grid of 8 samples per class (``annotated_grid``; new captions each time);
 - ``CheckpointEnsemble.on_fit_end`` on one trainer fitted for ``--epochs`` epochs (3 kept
   checkpoints): the members loaded, evaluated with the ensemble, the figure and the finding.
 
@@ -28,19 +29,21 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import lightning.pytorch as pl
 import matplotlib
+import torch
 
 matplotlib.use("Agg")
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_diag.callbacks import checkpoint_ensemble
 from lightning_diag.examples.digits import DigitsClassifier, DigitsDataModule
-from lightning_diag.tensorboard import figures, writer
+from lightning_diag.tensorboard import figures, grids, writer
 
 
 def _load(tree: Path, relative: str, name: str) -> ModuleType:
@@ -83,6 +86,14 @@ def _inputs() -> dict[str, tuple[str, tuple[Any, ...]]]:
     }
 
 
+def _grid(module: ModuleType, repeat: int) -> Any:
+    """DataInspection's samples per class: 10 rows of 8 digits, captioned by index."""
+    rows = [[module.Cell(torch.rand(1, 8, 8), (f"#{repeat * 1000 + 8 * i + j}",))
+             for j in range(8)] for i in range(10)]
+    return module.annotated_grid(rows, "training samples per class: one row per class, up to "
+                                 "8 samples", [f"class {i}" for i in range(10)])
+
+
 def _clock(run: Callable[[], Any]) -> tuple[float, float]:
     wall, cpu = time.perf_counter(), time.thread_time()
     run()
@@ -108,6 +119,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
+    old_grids = _load(args.baseline, "lightning_diag/tensorboard/grids.py", "_old_grids")
     old_figures = _load(args.baseline, "lightning_diag/tensorboard/figures.py", "_old_figures")
     old_writer = _load(args.baseline, "lightning_diag/tensorboard/writer.py", "_old_writer")
     old_ens = _load(args.baseline, "lightning_diag/inference/ensemble.py", "_old_ensemble")
@@ -118,6 +130,8 @@ def main() -> None:
         trainer, tag, old_writer.figure_to_array(fig), step, png_name)
     arms = {"baseline": (old_figures, old_writer.figure_to_array),
             "this tree": (figures, writer.figure_to_array)}
+    grid_modules = {"baseline": old_grids, "this tree": grids}
+    grid_item = "samples per class grid (DataInspection)"
     inputs = _inputs()
     times: dict[tuple[str, str], list[tuple[float, float]]] = {}
     print("first draw in this process (thread CPU, wall):")
@@ -130,16 +144,18 @@ def main() -> None:
         old = old_cb.CheckpointEnsemble()
         old.kept = [dict(m) for m in new.kept]
         ends = {"baseline": old, "this tree": new}
-        for _ in range(args.repeats):
+        for repeat in range(args.repeats):
             for arm, (module, render) in arms.items():
                 for item, (name, fargs) in inputs.items():
                     times.setdefault((item, arm), []).append(
                         _clock(lambda: render(getattr(module, name)(*fargs))))  # noqa: B023
+                times.setdefault((grid_item, arm), []).append(
+                    _clock(partial(_grid, grid_modules[arm], repeat)))
                 times.setdefault(("CheckpointEnsemble.on_fit_end", arm), []).append(
                     _clock(lambda: ends[arm].on_fit_end(trainer, model)))  # noqa: B023
     print(f"\nmedian of {args.repeats}, interleaved (thread CPU ms, wall ms):\n")
     print("| item | baseline | this tree | ratio (CPU) |\n|---|---|---|---|")
-    for item in [*inputs, "CheckpointEnsemble.on_fit_end"]:
+    for item in [*inputs, grid_item, "CheckpointEnsemble.on_fit_end"]:
         base, mine = (times[(item, arm)] for arm in arms)
         b_cpu, m_cpu = (statistics.median(c for c, _ in t) for t in (base, mine))
         b_wall, m_wall = (statistics.median(w for _, w in t) for t in (base, mine))
