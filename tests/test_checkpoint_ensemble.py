@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from PIL import Image
 
 from lightning_diag.callbacks.checkpoint_ensemble import CheckpointEnsemble
 from lightning_diag.findings import load_findings
 from lightning_diag.inference.ensemble import EnsembleModel, evaluate_members
+from lightning_diag.tensorboard.figures import CARD_WIDTH
 from lightning_diag.tensorboard.tags import ENSEMBLE, ENSEMBLE_FIGURE
 from tests.families import FAMILIES
 from tests.helpers import Classifier, codes, digits, events, loader, mlp, trainer
@@ -79,6 +83,10 @@ def test_last_k_kept_and_ensemble_reported(tmp_path: Path) -> None:
     run = tmp_path / "tb" / "version_0"
     acc = events(run)
     assert [e.step for e in acc.Images(ENSEMBLE_FIGURE)] == [t.global_step]
+    image = np.asarray(Image.open(io.BytesIO(acc.Images(ENSEMBLE_FIGURE)[0].encoded_image_string)))
+    colours = {tuple(c) for c in image.reshape(-1, 3).tolist()}
+    assert image.shape[1] >= 2 * CARD_WIDTH  # card-wide, at twice its pixels
+    assert {(31, 119, 180), (214, 39, 40)} <= colours  # the members' blue, the ensemble's red
     assert not [t for t in acc.Tags()["scalars"] if t.startswith(ENSEMBLE.prefix)]
     assert not [d for d in run.iterdir() if d.is_dir() and any(d.glob("*tfevents*"))]
     assert t.lightning_module.training and len(cb.hooks) == 0

@@ -212,6 +212,51 @@ def test_evaluate_members_on_torchmetrics_and_a_submodule_prediction() -> None:
     assert "at `self.net`" in res["combined"]
 
 
+class _Counted(Classifier):
+    """A classifier counting its forward calls (by instance: the ensemble's host is a copy),
+    its step scaling the input by its own ``scale`` and calling the model ``repeats`` times."""
+
+    def __init__(self, scale: float = 1.0, repeats: int = 1) -> None:
+        super().__init__(mlp())
+        self.scale, self.repeats, self.calls = scale, repeats, [0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls[0] += 1
+        return self.net(x)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        inputs = x if self.scale == 1 else x * self.scale
+        self.log("val_loss", sum(F.cross_entropy(self(inputs), y) for _ in range(self.repeats))
+                 / self.repeats)
+
+
+@pytest.mark.parametrize(("scales", "repeats", "runs"), [
+    ((1.0, 1.0, 1.0), 1, [2, 2, 2]),  # 2 batches: each member's own steps only
+    ((1.0, 0.5, 2.0), 1, [2, 4, 4]),  # other arguments: run again on the ensemble's
+    ((1.0, 1.0, 1.0), 10, [24] * 3)])  # 8 calls a batch kept, the 2 others run again
+def test_the_ensemble_reuses_a_members_prediction_only_for_the_same_arguments(
+        scales, repeats, runs) -> None:
+    """Each member runs once a batch in its own step; the ensemble's step merges the members'
+    outputs of those steps when its call got the same arguments, and runs the members on its
+    own arguments when not (a step whose input depends on the member): the metrics are those
+    of the ensemble's own arguments either way, the members' their own."""
+    pl.seed_everything(0, verbose=False)
+    members = [_Counted(scale, repeats) for scale in scales]
+    counts = [m.calls for m in members]  # deepcopy gives the host a list of its own
+    ds = digits(64)
+    res = evaluate_members(members, loader(ds, 32, shuffle=False))
+    x, y = ds.tensors
+    with torch.no_grad():  # the host is a copy of the first member: its arguments count
+        probs = torch.stack([m.net(x * scales[0]).softmax(1) for m in members]).mean(0)
+        own = [F.cross_entropy(m.net(x * m.scale), y) for m in members]
+    assert res["ensemble"]["val_loss"] == pytest.approx(float(F.nll_loss(probs.log(), y)),
+                                                        rel=1e-5)
+    assert [r["val_loss"] for r in res["members"]] == pytest.approx([float(v) for v in own])
+    assert [c[0] for c in counts] == runs
+    assert all(not m._forward_hooks for m in members)
+
+
 class _NetStep(Classifier):
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self.log("val_loss", F.cross_entropy(self.net(batch[0]), batch[1]))

@@ -5,6 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from matplotlib.collections import PolyCollection
+from matplotlib.colors import to_rgb
+from matplotlib.lines import Line2D
+from matplotlib.patches import Rectangle
 from torch import nn
 
 from lightning_diag.tensorboard.figures import (
@@ -89,13 +93,23 @@ def test_figures_are_card_wide_and_nothing_touches_the_edge(draw) -> None:
 def test_the_ensemble_is_bars_with_their_values_never_a_line() -> None:
     members = [(7, {"val_acc": 0.467, "val_loss": 63.0}), (8, {"val_acc": 0.547, "val_loss": 1.2}),
                (9, {"val_acc": 0.514, "val_loss": 1.1})]
-    fig = ensemble_figure(members, {"val_acc": 0.575, "val_loss": 1.13})
-    for ax, name in zip(fig.axes, ("val_acc", "val_loss"), strict=True):
-        want = [row[name] for _, row in members] + [{"val_acc": 0.575, "val_loss": 1.13}[name]]
-        assert [p.get_height() for p in ax.patches] == pytest.approx(want)
-        assert [t.get_text() for t in ax.texts] == [f"{v:.3g}" for v in want]
-        assert [t.get_text() for t in ax.get_xticklabels()] == ["7", "8", "9", "ens."]
-        assert ax.get_ylim()[1] > max(want)  # the first epoch's 63 is on the chart, not cut
+    ensemble = {"val_acc": 0.575, "val_loss": 1.13}
+    fig = ensemble_figure(members, ensemble)
+    frames = [a for a in fig.artists if type(a) is Rectangle]  # one panel per metric
+    bars = [a for a in fig.artists if isinstance(a, PolyCollection)]
+    assert not [a for a in fig.artists if isinstance(a, Line2D)]
+    texts = [t.get_text() for t in fig.texts]
+    for frame, panel, name in zip(frames, bars, ("val_acc", "val_loss"), strict=True):
+        want = [row[name] for _, row in members] + [ensemble[name]]
+        tops = [p.vertices[:, 1].max() for p in panel.get_paths()]
+        heights = [top - p.vertices[:, 1].min() for top, p in zip(tops, panel.get_paths(),
+                                                                 strict=True)]
+        assert heights == pytest.approx([v * heights[-1] / want[-1] for v in want])  # from 0
+        assert max(tops) < frame.get_y() + frame.get_height()  # the first epoch's 63 not cut
+        assert name in texts and all(f"{v:.3g}" in texts for v in want)  # each bar's value
+        assert [tuple(c[:3]) for c in panel.get_facecolor()] == [to_rgb("C0")] * 3 + [
+            to_rgb("C3")]  # members blue, the ensemble red
+    assert all(texts.count(label) == 2 for label in ("7", "8", "9", "ens."))  # under each
 
 
 def test_many_rows_flow_into_columns_side_by_side() -> None:
@@ -111,3 +125,59 @@ def test_many_rows_flow_into_columns_side_by_side() -> None:
     assert rows <= 4  # 8 rows in 2 or more columns
     one = annotated_grid(pairs[:1], "1 group")  # a single row stays one column, card wide
     assert one.shape[1] == CARD_WIDTH and one.shape[1] >= 1.4 * one.shape[0]
+
+
+def _ink_box(image: np.ndarray) -> tuple[int, int, int, int]:
+    rows, cols = np.nonzero((image < 160).any(2))
+    return int(rows.min()), int(rows.max()), int(cols.min()), int(cols.max())
+
+
+@pytest.mark.parametrize("rotation", [0, 90])
+@pytest.mark.parametrize("ha", ["left", "center", "right"])
+@pytest.mark.parametrize("va", ["top", "center", "bottom", "baseline"])
+def test_pillow_draws_the_figures_text_where_agg_would(rotation, ha, va) -> None:
+    """render() draws a figure's plain texts with Pillow: same font, size and colour, and
+    each where matplotlib's Agg puts it (its ink within 2 pixels at 192 dpi)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from lightning_diag.tensorboard.raster import render
+
+    def drawn(fast: bool) -> np.ndarray:
+        fig = Figure(figsize=(2, 2), dpi=192)
+        FigureCanvasAgg(fig)
+        fig.text(0.5, 0.5, "net.3 (Conv2d) 0.1", rotation=rotation, ha=ha, va=va, fontsize=8,
+                 color="C3")
+        if fast:
+            return render(fig)
+        fig.canvas.draw()
+        return np.asarray(fig.canvas.buffer_rgba())[..., :3]
+
+    fast, agg = drawn(True), drawn(False)  # (rotated on its baseline: left to Agg)
+    assert np.abs(np.array(_ink_box(fast)) - np.array(_ink_box(agg))).max() <= 2
+    assert red(fast).sum() == pytest.approx(red(agg).sum(), rel=0.25)  # same colour, weight
+
+
+def test_texts_pillow_cannot_draw_are_left_to_agg() -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from lightning_diag.tensorboard.raster import render
+
+    fig = Figure(figsize=(2, 1), dpi=100)
+    FigureCanvasAgg(fig)
+    for k, text in enumerate(["$x^2$", "two\nlines", "tilted"]):
+        fig.text(0.1 + 0.3 * k, 0.5, text, rotation=30 if text == "tilted" else 0)
+    fig.text(0.95, 0.5, "up", rotation=90, va="baseline")
+    fig.text(0.5, 0.9, "wrapped at the figure's edge " * 3, wrap=True)
+    ax = fig.add_axes((0.1, 0.1, 0.8, 0.2))
+    ax.set_title("in an axes")
+    image = render(fig)
+    fig.canvas.draw()
+    assert np.array_equal(image, np.asarray(fig.canvas.buffer_rgba())[..., :3])
+    laid_out = Figure(figsize=(2, 1), dpi=100, layout="constrained")  # it places the texts
+    FigureCanvasAgg(laid_out)
+    laid_out.suptitle("placed by the layout")
+    image = render(laid_out)
+    laid_out.canvas.draw()
+    assert np.array_equal(image, np.asarray(laid_out.canvas.buffer_rgba())[..., :3])

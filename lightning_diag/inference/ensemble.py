@@ -40,6 +40,7 @@ from lightning_diag.inference.checkpoints import (
     module_from_checkpoint,
     state_dict_of,
 )
+from lightning_diag.inference.kept_calls import KeptCall, leaves
 from lightning_diag.inference.logged import LoggedMetrics, reset_metrics
 from lightning_diag.isolation import clone_module, preserved_rng
 
@@ -201,7 +202,8 @@ def evaluate_members(models: Sequence[pl.LightningModule], batches: Iterable[Any
     runs it again as the ensemble: the module that computes the step's prediction (the
     LightningModule itself when the step calls ``self(...)``, else the one direct submodule with
     parameters it calls, such as ``self.net``) returns the members' combined output
-    (:class:`EnsembleModel`), computed from the same arguments. What the steps log is reduced as
+    (:class:`EnsembleModel`), computed from the same arguments (the members' outputs of their
+    own steps of the batch, when those got the same arguments). What the steps log is reduced as
     Lightning reduces it at epoch end (batch-size-weighted means, ``compute()`` of torchmetrics
     objects), so the ensemble is scored by the user's own loss and metrics, for any task.
 
@@ -256,7 +258,7 @@ def evaluate_members(models: Sequence[pl.LightningModule], batches: Iterable[Any
                 merge.step(host, batch, idx, logs[-1])
         finally:
             if merge is not None:
-                merge.handle.remove()
+                merge.remove()
             for m, mode in zip(members, modes, strict=True):
                 m.train(mode)
     if merge is None:
@@ -265,34 +267,84 @@ def evaluate_members(models: Sequence[pl.LightningModule], batches: Iterable[Any
     return {"members": rows[:-1], "ensemble": rows[-1], "combined": merge.describe(combine)}
 
 
+#: Calls of a member's module per batch whose outputs are kept for the ensemble's step.
+_KEEP = 8
+
+
 class _Merge:
     """Where the members' predictions are merged: the module making the step's prediction in
-    the host copy (``site``, "" for the module itself) hands back the ensemble's output."""
+    the host copy (``site``, "" for the module itself) returns the ensemble's output instead
+    of its own.
 
-    def __init__(self, site: str, task: Task, handle: Any) -> None:
-        self.site, self.task, self.handle = site, task, handle
+    Each member's output at the site in its own step of the batch is kept (not copied) with
+    the arguments it was made from, for its first :data:`_KEEP` calls (a step generating a
+    sequence token by token would hold every step's output). The host's call with the same
+    arguments (the same tensors unchanged since, or equal ones) merges those outputs; any other
+    call runs the members on the host's arguments. So each member runs once per batch, and
+    the host's module not at all.
+    """
+
+    def __init__(self, site: str, task: Task, ensemble: EnsembleModel, host_site: nn.Module,
+                 first: list[KeptCall]) -> None:
+        self.site, self.task, self.ensemble, self.host_site = site, task, ensemble, host_site
+        self.members = list(ensemble.members)
+        self.seen: list[list[KeptCall]] = [first[:_KEEP], *[[] for _ in self.members[1:]]]
+        self.calls, self.recording = 0, True
+        self.handles = [m.register_forward_hook(partial(self._record, k), with_kwargs=True)
+                        for k, m in enumerate(self.members)]
+        # an instance attribute, not a hook: the host's own forward never runs (a compiled
+        # module keeps its forward there: put back on removal)
+        self.own_forward = vars(host_site).get("forward")
+        host_site.forward = self._forward  # type: ignore[method-assign]
 
     @classmethod
     def locate(cls, members: list[pl.LightningModule], host: pl.LightningModule,
                first_step: Callable[[], None], combine: str, task: Task | None,
                target: Callable[[], Any]) -> _Merge:
-        """Run the first member's ``first_step`` to find the site and the task, and hook the
-        host's module there."""
-        site, output = _locate(members[0], first_step)
-        chosen = task or infer_task(select_output(output), target())
+        """Run the first member's ``first_step`` to find the site and the task, and set the
+        host's module there to return the ensemble's output."""
+        site, first = _locate(members[0], first_step)
+        chosen = task or infer_task(select_output(first[0].output), target())
         ensemble = EnsembleModel([_submodule(m, site) for m in members], combine, chosen)
-        handle = _submodule(host, site).register_forward_hook(_merging(ensemble),
-                                                              with_kwargs=True)
-        return cls(site, chosen, handle)
+        return cls(site, chosen, ensemble, _submodule(host, site), first)
+
+    def _record(self, k: int, module: nn.Module, args: tuple[Any, ...],
+                kwargs: dict[str, Any], output: Any) -> None:
+        if self.recording and len(self.seen[k]) < _KEEP:
+            self.seen[k].append(KeptCall.of(args, kwargs, output))
+
+    def _forward(self, *args: Any, **kwargs: Any) -> Any:
+        call, self.calls = self.calls, self.calls + 1
+        now = leaves((args, kwargs))
+        outputs = []
+        for member, seen in zip(self.members, self.seen, strict=True):
+            kept = seen[call] if call < len(seen) else None
+            outputs.append(kept.output if kept is not None and kept.same(now)
+                           else member(*args, **kwargs))
+        return self.ensemble.merge(outputs)
 
     def step(self, host: pl.LightningModule, batch: Any, idx: int, log: LoggedMetrics) -> None:
-        """The host's step, its prediction the ensemble's."""
+        """The host's step, its prediction the ensemble's; the batch's kept outputs are
+        dropped after it."""
+        self.recording = False
         try:
             _step(host, batch, idx, log)
         except UserCodeError as err:  # the merge, not the user's code, failed in there
             if isinstance(err.error, EnsembleError):
                 raise err.error from None
             raise
+        finally:
+            self.recording, self.calls = True, 0
+            for seen in self.seen:
+                seen.clear()
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        if self.own_forward is None:
+            del self.host_site.forward
+        else:
+            self.host_site.forward = self.own_forward  # type: ignore[method-assign]
 
     def describe(self, combine: str) -> str:
         return f"{_describe(self.task, combine)}, at {_site_name(self.site)}"
@@ -318,14 +370,16 @@ def _target(batch_to_target: BatchFn, batch: Any) -> Any:
     return call_user("`batch_to_target`", batch_to_target, batch)
 
 
-def _locate(module: pl.LightningModule, run: Callable[[], None]) -> tuple[str, Any]:
+def _locate(module: pl.LightningModule, run: Callable[[], None]) -> tuple[str, list[KeptCall]]:
     """Run ``run`` (a step of ``module``) and return the name of the module that made its
-    prediction ("" for ``module`` itself) and the prediction it made."""
-    calls: list[tuple[str, Any]] = []
+    prediction ("" for ``module`` itself) and that module's calls in the step."""
+    calls: list[tuple[str, KeptCall]] = []
     candidates = {"": module, **{name: child for name, child in module.named_children()
                                  if next(child.parameters(), None) is not None}}
-    handles = [m.register_forward_hook(lambda _m, _a, out, name=name: calls.append((name, out)))
-               for name, m in candidates.items()]
+    handles = [m.register_forward_hook(
+        lambda _m, args, kwargs, out, name=name: calls.append(
+            (name, KeptCall.of(args, kwargs, out))), with_kwargs=True)
+        for name, m in candidates.items()]
     try:
         run()
     finally:
@@ -339,7 +393,7 @@ def _locate(module: pl.LightningModule, run: Callable[[], None]) -> tuple[str, A
             f"parameters ({called}) and never the module itself, so no single module makes its "
             "prediction: define `forward` and call `self(...)` in the step to have the ensemble "
             "combine whole predictions.")
-    return site, next(out for name, out in calls if name == site)
+    return site, [call for name, call in calls if name == site]
 
 
 def _submodule(module: nn.Module, name: str) -> nn.Module:
@@ -348,18 +402,6 @@ def _submodule(module: nn.Module, name: str) -> nn.Module:
 
 def _site_name(site: str) -> str:
     return "the module's forward" if not site else f"`self.{site}`"
-
-
-def _merging(ensemble: EnsembleModel) -> Callable[..., Any]:
-    """A forward hook handing back the ensemble's output for the arguments a module got."""
-
-    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
-             output: Any) -> Any:
-        # the host holds the first member's weights: its own output stands for that member's
-        others = [m(*args, **kwargs) for m in list(ensemble.members)[1:]]
-        return ensemble.merge([output, *others])
-
-    return hook
 
 
 def _fit_one(model: pl.LightningModule, data: Any, trainer_kwargs: Mapping[str, Any]) -> None:

@@ -4,8 +4,10 @@ TensorBoard's Images dashboard scales every image to the width of its card (:dat
 pixels), Time Series fits it into a landscape box (about 330 x 215 pixels in a 1280-pixel
 window, 450 x 215 in a 1600-pixel one), and neither shows a caption: so every figure here is
 drawn at the card's width and about half as high, with its own text (and reads at its natural
-size in the HTML report). The captioned image grids are :mod:`~lightning_diag.tensorboard.grids`
-(re-exported here).
+size in the HTML report). Every figure is drawn with plain artists placed in figure
+coordinates, no Axes (see :func:`_frame`), and rendered by
+:func:`~lightning_diag.tensorboard.raster.render` (its text drawn by Pillow): a few ms each.
+The captioned image grids are :mod:`~lightning_diag.tensorboard.grids` (re-exported here).
 
 Example:
     >>> import torch
@@ -19,13 +21,14 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lightning_diag.tensorboard.grids import CARD_WIDTH, TEXT_PX, Cell, annotated_grid, font
+from lightning_diag.tensorboard.raster import text_width
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -70,17 +73,21 @@ def _figure(height: float, width: float = _FIG_WIDTH_IN) -> Figure:
     return fig
 
 
-def _limits(values: Iterable[float], integer: bool = False) -> tuple[float, float, list[float]]:
-    """Data range padded by 5 %, and its "nice" ticks (at most 5, all inside the range)."""
+def _nice(lo: float, hi: float, bins: int = 4, integer: bool = False) -> list[float]:
+    """"Nice" ticks between ``lo`` and ``hi`` (at most ``bins + 1``, all inside the range)."""
     from matplotlib.ticker import MaxNLocator
 
+    return [float(t) for t in MaxNLocator(bins, integer=integer).tick_values(lo, hi)
+            if lo <= t <= hi]
+
+
+def _limits(values: Iterable[float], integer: bool = False) -> tuple[float, float, list[float]]:
+    """Data range padded by 5 %, and its "nice" ticks (at most 5, all inside the range)."""
     finite = [v for v in values if math.isfinite(v)]
     lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
     pad = (hi - lo) * 0.05 if hi > lo else max(abs(lo) * 0.05, 0.5)
     lo, hi = lo - pad, hi + pad
-    locator = MaxNLocator(4, integer=integer)
-    ticks = [float(t) for t in locator.tick_values(lo, hi) if lo <= t <= hi]
-    return lo, hi, ticks
+    return lo, hi, _nice(lo, hi, 4, integer)
 
 
 @dataclass(frozen=True)
@@ -97,74 +104,119 @@ class _Panel:
     integer_x: bool = False  # whole-number x ticks (epochs)
     log_y: bool = False  # a log10 y axis, ticked in plain numbers (positive values only)
     title_left: float | None = None  # where the title starts; default: left of the y ticks
+    title_size: float = 9.5
+    tick_size: float = 8.5  # of the y ticks (x ticks: half a point less)
+
+
+@dataclass(frozen=True)
+class _Scale:
+    """An axis of a panel: its data range and its ticks, where they go and what they say."""
+
+    lo: float
+    hi: float
+    ticks: Sequence[float]
+    labels: Sequence[str]
+
+    @classmethod
+    def numeric(cls, values: Iterable[float], integer: bool = False,
+                log: bool = False) -> _Scale:
+        """The range of ``values`` padded by 5 %, ticked in "nice" numbers (``log``: the values
+        are log10 of what the labels say)."""
+        lo, hi, ticks = _limits(values, integer or log)
+        return cls(lo, hi, ticks, [f"{10 ** t:.3g}" if log else f"{t:.3g}" for t in ticks])
+
+    @classmethod
+    def categories(cls, labels: Sequence[str], reverse: bool = False) -> _Scale:
+        """One place per label at 0, 1, ... (``reverse``: the first at the top or right end)."""
+        n = len(labels)
+        lo, hi = (n - 0.5, -0.5) if reverse else (-0.5, n - 0.5)
+        return cls(lo, hi, list(range(n)), list(labels))
+
+
+#: The maps from a panel's data to figure fractions, x then y.
+_ToFigure = tuple[Callable[[float], float], Callable[[float], float]]
+
+
+def _frame(fig: Figure, at: _Panel, x: _Scale, y: _Scale,
+           legend: Sequence[tuple[str, dict[str, Any]]] = ()) -> _ToFigure:
+    """A panel's frame, tick labels, title and axis labels drawn straight onto the figure with
+    plain artists, no Axes; returns the maps from data to figure fractions.
+
+    An Axes costs ~20 ms to build and ~30-100 ms to draw here (dozens of tick objects, text
+    laid out twice for tight bounding boxes, a layout engine); a frame and ~10 tick labels
+    drawn as plain artists cost a few ms (their text drawn by Pillow, see
+    :mod:`~lightning_diag.tensorboard.raster`). ``legend``: (label, line style) entries drawn
+    at the right end of the title's line.
+    """
+    from matplotlib.patches import Rectangle
+
+    fw, fh = fig.get_figwidth(), fig.get_figheight()
+    left, bottom, width, height = at.left / fw, at.bottom / fh, at.width / fw, at.height / fh
+
+    def fx(v: float) -> float:
+        return left + width * (v - x.lo) / (x.hi - x.lo)
+
+    def fy(v: float) -> float:
+        return bottom + height * (v - y.lo) / (y.hi - y.lo)
+
+    fig.add_artist(Rectangle((left, bottom), width, height, fill=False, lw=0.8))
+    for t, label in zip(x.ticks, x.labels, strict=True):
+        if label:
+            fig.text(fx(t), bottom - 0.04 / fh, label, ha="center", va="top",
+                     fontsize=at.tick_size - 0.5)
+    for t, label in zip(y.ticks, y.labels, strict=True):
+        if label:
+            fig.text(left - 0.04 / fw, fy(t), label, ha="right", va="center",
+                     fontsize=at.tick_size)
+    top = bottom + height + 0.06 / fh
+    title_left = at.title_left if at.title_left is not None else max(0.06, at.left - 0.56)
+    fig.text(title_left / fw, top, at.title, ha="left", va="bottom", fontsize=at.title_size)
+    if at.xlabel:
+        fig.text(left + width / 2, bottom - 0.22 / fh, at.xlabel, ha="center", va="top",
+                 fontsize=9)
+    if at.ylabel:
+        fig.text(0.04 / fw, bottom + height / 2, at.ylabel, rotation=90, ha="left",
+                 va="center", fontsize=9)
+    _legend(fig, left + width, top, legend)
+    return fx, fy
 
 
 def _panel(fig: Figure, at: _Panel, series: list[Series],
            ylabels: Sequence[str] | None = None,
            legend: Sequence[tuple[str, dict[str, Any]]] = ()) -> None:
-    """Line plots drawn straight onto the figure with plain artists, no Axes.
-
-    An Axes costs ~20 ms to build and ~30 ms to draw here (dozens of tick objects, text
-    layout done twice for tight bounding boxes); a frame, the lines and ~10 tick labels drawn
-    as plain artists cost a few ms. ``ylabels``: category labels at y = 0, 1, ... (top to
-    bottom) instead of numeric y ticks. ``legend``: (label, line style) entries drawn at the
-    right end of the title's line.
-    """
+    """Line plots in a :func:`_frame`. ``ylabels``: category labels at y = 0, 1, ... (top to
+    bottom) instead of numeric y ticks."""
     from matplotlib.lines import Line2D
-    from matplotlib.patches import Rectangle
 
-    fw, fh = fig.get_figwidth(), fig.get_figheight()
-    left, bottom, width, height = at.left / fw, at.bottom / fh, at.width / fw, at.height / fh
-    x0, x1, xticks = _limits((v for xs, _, _ in series for v in xs), at.integer_x)
     if at.log_y:  # drawn as log10 of the values, the ticks labelled with the values
         series = [(xs, [math.log10(v) if v > 0 else math.nan for v in ys], style)
                   for xs, ys, style in series]
-    if ylabels is None:
-        y0, y1, yticks = _limits((v for _, ys, _ in series for v in ys), at.log_y)
-    else:  # category rows, the first at the top
-        y0, y1, yticks = len(ylabels) - 0.5, -0.5, list(range(len(ylabels)))
-
-    def fx(v: float) -> float:
-        return left + width * (v - x0) / (x1 - x0)
-
-    def fy(v: float) -> float:
-        return bottom + height * (v - y0) / (y1 - y0)
-
-    fig.add_artist(Rectangle((left, bottom), width, height, fill=False, lw=0.8))
+    x = _Scale.numeric((v for xs, _, _ in series for v in xs), at.integer_x)
+    y = (_Scale.categories(ylabels, reverse=True) if ylabels is not None
+         else _Scale.numeric((v for _, ys, _ in series for v in ys), log=at.log_y))
+    fx, fy = _frame(fig, at, x, y, legend)
     for xs, ys, style in series:
         fig.add_artist(Line2D([fx(v) for v in xs], [fy(v) for v in ys], **style))
-    for t in xticks:
-        fig.text(fx(t), bottom - 0.04 / fh, f"{t:.3g}", ha="center", va="top", fontsize=8)
-    for i, t in enumerate(yticks):
-        label = (ylabels[i] if ylabels is not None else f"{10 ** t:.3g}" if at.log_y
-                 else f"{t:.3g}")
-        fig.text(left - 0.04 / fw, fy(t), label, ha="right", va="center", fontsize=8.5)
-    top = bottom + height + 0.06 / fh
-    title_left = at.title_left if at.title_left is not None else max(0.06, at.left - 0.56)
-    fig.text(title_left / fw, top, at.title, ha="left", va="bottom", fontsize=9.5)
-    fig.text(left + width / 2, bottom - 0.22 / fh, at.xlabel, ha="center", va="top", fontsize=9)
-    if at.ylabel:
-        fig.text(0.04 / fw, bottom + height / 2, at.ylabel, rotation=90, ha="left",
-                 va="center", fontsize=9)
-    _legend(fig, left + width, top, legend)
 
 
 def _legend(fig: Figure, right: float, bottom: float,
             entries: Sequence[tuple[str, dict[str, Any]]]) -> None:
     """(label, line style) entries in one line, right-aligned at ``right``, its text's bottom
     at ``bottom`` (figure fractions)."""
-    from matplotlib.font_manager import FontProperties
     from matplotlib.lines import Line2D
+    from matplotlib.patches import Rectangle
 
     fw, fh = fig.get_figwidth(), fig.get_figheight()
-    x, props = right, FontProperties(size=8.5)
-    renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
+    x = right
     for label, style in reversed(entries):  # right-aligned, the last entry at the right edge
-        fig.text(x, bottom, label, ha="right", va="bottom", fontproperties=props)
-        x -= renderer.get_text_width_height_descent(label, props, ismath=False)[0] / (
-            fig.dpi * fw) + 0.05 / fw
-        fig.add_artist(Line2D([x - 0.24 / fw, x - 0.12 / fw, x], [bottom + 0.06 / fh] * 3,
-                              **{**style, "markevery": [1]}))
+        fig.text(x, bottom, label, ha="right", va="bottom", fontsize=8.5)
+        x -= text_width(label, 8.5, fig.dpi) / (fig.dpi * fw) + 0.05 / fw
+        if style.get("patch"):  # a bar's colour
+            fig.add_artist(Rectangle((x - 0.2 / fw, bottom + 0.01 / fh), 0.18 / fw, 0.1 / fh,
+                                     color=style["color"], lw=0))
+        else:
+            fig.add_artist(Line2D([x - 0.24 / fw, x - 0.12 / fw, x], [bottom + 0.06 / fh] * 3,
+                                  **{**style, "markevery": [1]}))
         x -= 0.4 / fw
 
 
@@ -240,28 +292,43 @@ def curves_figure(history: dict[str, list[tuple[int, float]]]) -> Figure:
     return fig
 
 
+def _bars(fig: Figure, to: _ToFigure, xs: Sequence[float], heights: Sequence[float],
+          colours: Sequence[str], width: float) -> None:
+    """Bars of ``heights`` centred on ``xs`` (data units), from zero, as one collection (one
+    draw for any number of bars); a NaN height draws none."""
+    from matplotlib.collections import PolyCollection
+
+    fx, fy = to
+    kept = [(x, h, c) for x, h, c in zip(xs, heights, colours, strict=True) if math.isfinite(h)]
+    verts = [[(fx(x - width / 2), fy(0.0)), (fx(x + width / 2), fy(0.0)),
+              (fx(x + width / 2), fy(h)), (fx(x - width / 2), fy(h))] for x, h, _ in kept]
+    fig.add_artist(PolyCollection(verts, facecolors=[c for _, _, c in kept], linewidths=0))
+
+
 def class_counts_figure(counts: dict[str, Sequence[int]]) -> Figure:
-    """Samples per class, one bar per class and split (``{"train": [...], ...}``).
+    """Samples per class, one bar per class and split (``{"train": [...], ...}``), the splits
+    side by side in each class's place and named by colour above the chart.
 
-    Drawn once per fit, so with an Axes (a legend, integer class ticks, nothing clipped).
+    Plain artists, no Axes (see :func:`_frame`): a few ms for 10 or 1000 classes.
     """
-    from matplotlib.ticker import MaxNLocator
-
-    fig = _figure(2.4)
-    fig.set_layout_engine("constrained")
-    ax = fig.add_subplot()
+    height = 2.4
+    fig = _figure(height)
+    classes = max((len(c) for c in counts.values()), default=0)
+    hi = max((float(v) for c in counts.values() for v in c), default=0.0) * 1.05 or 1.0
+    ticks = _nice(0.0, hi, 5, integer=True)
+    y = _Scale(0.0, hi, ticks, [f"{t:.0f}" for t in ticks])
+    xticks = _nice(-0.5, classes - 0.5, 12, integer=True)
+    x = _Scale(-0.5, max(classes, 1) - 0.5, xticks, [f"{t:.0f}" for t in xticks])
+    left = 0.62
+    legend = [(name, {"patch": True, "color": f"C{k}"}) for k, name in enumerate(counts)]
+    to = _frame(fig, _Panel(left, 0.42, _FIG_WIDTH_IN - left - 0.1, height - 0.74,
+                            "samples per class", "class", "samples", title_left=0.06),
+                x, y, legend if len(counts) > 1 else ())
     width = 0.8 / max(len(counts), 1)
-    for k, (name, c) in enumerate(counts.items()):
-        ax.bar([i + (k - (len(counts) - 1) / 2) * width for i in range(len(c))], list(c), width,
-               label=name)
-    ax.set_xlabel("class", fontsize=9)
-    ax.set_ylabel("samples", fontsize=9)
-    ax.set_title("samples per class", fontsize=9.5, loc="left")
-    ax.tick_params(labelsize=8)
-    ax.xaxis.set_major_locator(MaxNLocator(nbins=12, integer=True))
-    if len(counts) > 1:  # above the bars, right of the title: never over a bar
-        ax.legend(fontsize=8, loc="lower right", bbox_to_anchor=(1, 1), ncols=len(counts),
-                  frameon=False, borderaxespad=0.2)
+    for k, c in enumerate(counts.values()):
+        offset = (k - (len(counts) - 1) / 2) * width
+        _bars(fig, to, [i + offset for i in range(len(c))], [float(v) for v in c],
+              [f"C{k}"] * len(c), width)
     return fig
 
 
@@ -270,35 +337,56 @@ def ensemble_figure(members: Sequence[tuple[int, dict[str, float]]],
     """Each metric of each kept checkpoint (blue, by its epoch) and of their ensemble (red) as
     bars with their values, one panel per metric, up to three side by side.
 
+    Plain artists, no Axes (see :func:`_frame`). A value is written above its bar, smaller
+    (down to 5.5 points) when the values are wider than the bars, every other one a line
+    higher when even that is too wide.
+
     Example:
         >>> fig = ensemble_figure([(1, {"val_acc": 0.5}), (2, {"val_acc": 0.6})], {"val_acc": 0.7})
-        >>> [ax.get_title(loc="left") for ax in fig.axes]
-        ['val_acc']
+        >>> [t.get_text() for t in fig.texts if t.get_text() in ("val_acc", "0.7", "ens.")]
+        ['ens.', 'val_acc', '0.7']
     """
     names = list(ensemble)
     cols = min(len(names), 3) or 1
     rows = math.ceil(len(names) / cols) or 1
-    fig = _figure(1.9 * rows, _FIG_WIDTH_IN)
-    fig.set_layout_engine("constrained")
+    fig = _figure(1.9 * rows + 0.2)
     labels = [str(epoch) for epoch, _ in members] + ["ens."]
     colours = ["C0"] * len(members) + ["C3"]
+    first, gap = 0.62, 0.45
+    width = (_FIG_WIDTH_IN - first - gap * (cols - 1) - 0.08) / cols
     for k, name in enumerate(names):
-        ax = fig.add_subplot(rows, cols, k + 1)
-        values = [row.get(name, math.nan) for _, row in members] + [ensemble[name]]
-        ax.bar(range(len(values)), values, color=colours, width=0.7)
+        row, col = divmod(k, cols)
+        values = [r.get(name, math.nan) for _, r in members] + [ensemble[name]]
         finite = [v for v in values if math.isfinite(v)]
         top = max(finite, default=1.0)
-        ax.set_ylim(min(0.0, min(finite, default=0.0)), top * 1.3 if top > 0 else 1.0)
-        for i, v in enumerate(values):
-            ax.text(i, v if math.isfinite(v) else 0.0, f"{v:.3g}", ha="center", va="bottom",
-                    fontsize=7)
-        ax.set_xticks(range(len(values)), labels, fontsize=7.5)
-        ax.tick_params(axis="y", labelsize=7)
-        ax.set_title(name, fontsize=8.5, loc="left")
-        if k % cols == 0:
-            ax.set_ylabel("value", fontsize=8)
-    fig.supxlabel("kept checkpoints by epoch (blue), their ensemble (red)", fontsize=8)
+        # room above the bars for their values, below for a negative one
+        lo, hi = min(0.0, 1.15 * min(finite, default=0.0)), top * 1.3 if top > 0 else 1.0
+        ticks = _nice(lo, hi, 4)
+        left = first + col * (width + gap)
+        to = _frame(fig, _Panel(left, 0.42 + (rows - 1 - row) * 1.9, width, 1.4, name, "",
+                                "value" if col == 0 else "", title_left=left, title_size=8.5,
+                                tick_size=7.5),
+                    _Scale.categories(labels), _Scale(lo, hi, ticks, [f"{t:.3g}" for t in ticks]))
+        _bars(fig, to, range(len(values)), values, colours, 0.7)
+        _bar_values(fig, to, values, width / len(values))
+    fig.text(0.5, 0.04 / fig.get_figheight(), "kept checkpoints by epoch (blue), their "
+             "ensemble (red)", ha="center", va="bottom", fontsize=8)
     return fig
+
+
+def _bar_values(fig: Figure, to: _ToFigure, values: Sequence[float], slot: float) -> None:
+    """Each value written above its bar (at zero for NaN or a negative value), fitted to the
+    bars' ``slot`` (inches each): smaller, then staggered."""
+    fx, fy = to
+    texts = [f"{v:.3g}" for v in values]
+    widest = max(text_width(t, 7.0, fig.dpi) for t in texts) / fig.dpi  # inches at 7 points
+    size = max(5.5, min(7.0, 7.0 * 0.92 * slot / widest))
+    stagger = widest * size / 7.0 > 0.95 * slot
+    fh = fig.get_figheight()
+    for i, (v, t) in enumerate(zip(values, texts, strict=True)):
+        base = fy(max(v, 0.0) if math.isfinite(v) else 0.0) + 0.02 / fh
+        raised = (i % 2) * size * 1.2 / 72 / fh if stagger else 0.0
+        fig.text(fx(i), base + raised, t, ha="center", va="bottom", fontsize=size)
 
 
 def filter_grid(weight: torch.Tensor, pad: int = 1) -> torch.Tensor:

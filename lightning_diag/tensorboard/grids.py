@@ -17,7 +17,7 @@ import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -62,6 +62,13 @@ def font(px: int, bold: bool = False) -> ImageFont.FreeTypeFont:
 
     name = "DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf"
     return ImageFont.truetype(str(Path(matplotlib.get_data_path(), "fonts", "ttf", name)), px)
+
+
+@functools.lru_cache(maxsize=4096)
+def _length(text: str, px: int) -> float:
+    """The width of ``text`` in :func:`font` ``(px)``: a grid is laid out for several column
+    counts, each measuring every caption (~1000 measures for 80 samples, ~7 ms, uncached)."""
+    return float(font(px).getlength(text))
 
 
 def _wrap(text: str, face: ImageFont.FreeTypeFont, width: float) -> list[str]:
@@ -118,13 +125,13 @@ def _layout(rows: list[list[Cell]], row_labels: Sequence[str], px: int,
             scale: int | None, columns: int = 1) -> _Layout:
     """The grid's layout; ``scale`` None: the largest enlargement that keeps it within the
     card (1 when none does)."""
-    face, gap = font(px), max(3, px // 4)
+    gap = max(3, px // 4)
     h, w = next(c.image.shape[-2:] for row in rows for c in row)
     ncol = max((len(row) for row in rows), default=1) or 1
     lines = max((len(c.caption) for row in rows for c in row), default=0)
-    caption_w = math.ceil(max((face.getlength(t) for row in rows for c in row
+    caption_w = math.ceil(max((_length(t, px) for row in rows for c in row
                                for t in c.caption), default=0.0))
-    label_w = math.ceil(max((face.getlength(t) for t in row_labels), default=0.0))
+    label_w = math.ceil(max((_length(t, px) for t in row_labels), default=0.0))
     label_w += 2 * gap if label_w else 0
 
     def made(s: int) -> _Layout:
@@ -208,32 +215,43 @@ def annotated_grid(rows: Sequence[Sequence[Cell]], title: str, row_labels: Seque
     (width, height), margin, line = shape(fit), fit.margin, fit.line
     head = _head(title, notes, fit, width)
     top = margin + len(head) * line + margin
-    canvas = Image.new("RGB", (width, height), "white")
+    spots = [(margin + (r // fit.per_column) * (fit.block_w + fit.gap),
+              top + (r % fit.per_column) * fit.cell_h) for r in range(len(grid))]
+    cells = [(cell, (left + fit.label_w + c * fit.cell_w, y))
+             for row, (left, y) in zip(grid, spots, strict=True) for c, cell in enumerate(row)]
+    pixels = np.full((height, width, 3), 255, dtype=np.uint8)
+    for tile, (_, (x, y)) in zip(_tiles([c.image for c, _ in cells], fit.scale), cells,
+                                 strict=True):
+        pixels[y:y + tile.shape[0], x:x + tile.shape[1]] = tile
+    canvas = Image.fromarray(pixels)
     draw = ImageDraw.Draw(canvas)
     for k, (text, face, colour) in enumerate(head):
         draw.text((margin, margin + k * line), text, fill=colour, font=face)
-    for r, (row, label) in enumerate(zip(grid, labels, strict=True)):
-        left = margin + (r // fit.per_column) * (fit.block_w + fit.gap)
-        y = top + (r % fit.per_column) * fit.cell_h
+    for row, label, (left, y) in zip(grid, labels, spots, strict=True):
         image_h = row[0].image.shape[-2] * fit.scale if row else line
         draw.text((left, y + image_h // 2), label, fill=_INK, font=font(fit.px), anchor="lm")
-        for c, cell in enumerate(row):
-            _paste(canvas, draw, cell, (left + fit.label_w + c * fit.cell_w, y), fit)
+    for cell, at in cells:
+        _annotate(draw, cell, at, fit)
     return np.asarray(canvas)
 
 
-def _paste(canvas: Any, draw: ImageDraw.ImageDraw, cell: Cell, at: tuple[int, int],
-           fit: _Layout) -> None:
-    from PIL import Image
+def _tiles(images: list[torch.Tensor], scale: int) -> list[np.ndarray]:
+    """Every image as :func:`~lightning_diag.functional.data.image_grid` draws it, ``(H, W, 3)``
+    uint8, made as one strip (one conversion instead of one per image, 80 in a grid)."""
+    strip = image_grid([images], pad=0, scale=scale)
+    pixels = (strip * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    width = pixels.shape[1] // len(images)
+    return [pixels[:, k * width:(k + 1) * width] for k in range(len(images))]
 
+
+def _annotate(draw: ImageDraw.ImageDraw, cell: Cell, at: tuple[int, int], fit: _Layout) -> None:
+    """A cell's caption under its image, and a red frame around an alert's."""
     x, y = at
-    rgb = image_grid([[cell.image]], pad=0, scale=fit.scale)
-    tile = Image.fromarray((rgb * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
-    canvas.paste(tile, (x, y))
+    h, w = (n * fit.scale for n in cell.image.shape[-2:])
     colour = _RED if cell.alert else _INK
     if cell.alert:
         frame = max(2, fit.px // 6)
-        draw.rectangle((x - 1, y - 1, x + tile.width, y + tile.height), outline=_RED, width=frame)
+        draw.rectangle((x - 1, y - 1, x + w, y + h), outline=_RED, width=frame)
     for k, text in enumerate(cell.caption):
-        draw.text((x, y + tile.height + max(3, fit.px // 4) + k * fit.line), text, fill=colour,
+        draw.text((x, y + h + max(3, fit.px // 4) + k * fit.line), text, fill=colour,
                   font=font(fit.px))

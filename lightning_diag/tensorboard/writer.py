@@ -226,13 +226,15 @@ class _EventFile:
 
 
 def figure_to_array(fig: Figure) -> np.ndarray:
-    """Render a matplotlib figure to an ``(H, W, 3)`` uint8 array and close it."""
+    """Render a matplotlib figure to an ``(H, W, 3)`` uint8 array and close it (its plain
+    figure texts drawn by Pillow: :func:`~lightning_diag.tensorboard.raster.render`)."""
     import matplotlib.pyplot as plt
 
-    fig.canvas.draw()
-    rgba = np.asarray(fig.canvas.buffer_rgba())  # type: ignore[attr-defined]
+    from lightning_diag.tensorboard.raster import render
+
+    image = render(fig)
     plt.close(fig)
-    return rgba[..., :3].copy()
+    return image
 
 
 def log_figure(
