@@ -324,7 +324,6 @@ def test_a_custom_checkpoint_writer_still_writes_every_checkpoint(tmp_path: Path
     assert [Path(p).name for p in cb.paths] == io.saved[1:]
 
 
-
 def test_a_checkpoint_ranked_below_the_k_kept_is_not_written(tmp_path: Path) -> None:
     """Issue 23 part 1: a new checkpoint the monitor ranks below ``k`` kept ones would be
     deleted as soon as written; it is not saved, and the kept files are those of before."""
