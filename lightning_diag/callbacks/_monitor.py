@@ -26,14 +26,14 @@ again). A field renamed in the state key (the advisor's ``train_loss_key``) is r
    moved on before its measurement completed: :meth:`~MonitorCallback._abandon` disarms and
    drops what is pending, module hooks included (subclasses extend it).
 
-On a step that is not logged only ``on_train_batch_start`` runs, and returns after two
+On a step that is not logged only ``on_train_batch_start`` runs, and returns after three
 comparisons (the step is below the next logging step, :func:`next_logging_step`, found when the
-schedule was last checked; and no step is armed): no allocation, no loop over parameters or
-layers, no tensor operation. The hooks a logging step needs (``on_before_optimizer_step``,
-``on_train_batch_end``) are shadowed on the instance by None while no step is armed and no work
-waits to be taken in: Lightning skips a hook that is not callable, so an idle monitor costs one
-hook call per batch (each one costs ~5 us in Lightning's dispatch: a profiler context and a
-name built per call).
+schedule was last checked; no step is armed; the schedule is the one checked): no allocation, no
+loop over parameters or layers, no tensor operation. The hooks a logging step needs
+(``on_before_optimizer_step``, ``on_train_batch_end``) are shadowed on the instance by None
+while no step is armed and no work waits to be taken in: Lightning skips a hook that is not
+callable, so an idle monitor costs one hook call per batch (each one costs ~5 us in Lightning's
+dispatch: a profiler context and a name built per call).
 
 Example:
     >>> from lightning_diag.callbacks.update_ratio import UpdateRatioMonitor
@@ -157,6 +157,7 @@ class MonitorCallback(ConfiguredCallback):
         self._armed = False  # a logging step is being measured
         self._logging_step = -1  # the optimizer step armed last
         self._next_check = 0  # no logging step below it after the last step checked
+        self._checked: Any = None  # the config `_next_check` was found with
         #: Samples (the batches' first dimension) and batches the armed logging step has seen.
         self.seen_samples = self.seen_batches = 0
         # the armed-step hooks this class leaves to the base (a subclass's own run every batch)
@@ -172,16 +173,12 @@ class MonitorCallback(ConfiguredCallback):
         """The optimizer step being measured, or measured last (-1: none yet in this fit)."""
         return self._logging_step
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        super().__setattr__(name, value)
-        if name == "config":  # another schedule: the next logging step is found again
-            self.__dict__["_next_check"] = 0
-
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                              batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
-        if step < self._next_check and not self._armed:  # the usual step: nothing to do
+        # the usual step: nothing to do (unless the schedule was replaced since)
+        if step < self._next_check and not self._armed and self._checked is self.config:
             return
         if step == self._logging_step:  # another micro-batch of the step armed last
             if self._armed:
@@ -192,7 +189,7 @@ class MonitorCallback(ConfiguredCallback):
                 self._count(batch)
                 return
             self._abandon()
-        c = self.config
+        c = self._checked = self.config
         self._next_check = next_logging_step(step, c.every_n_steps, c.early_steps)
         if self.is_logging_step(step):
             self._armed, self._logging_step = True, step

@@ -426,8 +426,9 @@ class _TensorProbes:
     def _add(self, row: tuple[float, float, bool], probe: _Probe) -> None:
         self.rows.append(row)
         a, n, kink = row
-        both_zero = max(abs(a), abs(n)) <= probe.eps  # as relative_error counts it
-        self.judged += not (kink or both_zero)
+        both_zero = relative_error(torch.tensor([a], dtype=torch.float64),
+                                   torch.tensor([n], dtype=torch.float64), probe.eps)[1]
+        self.judged += not (kink or bool(both_zero))
 
     def result(self, probe: _Probe) -> TensorGradientError:
         a, n, kink = (torch.tensor(col, dtype=torch.float64)
